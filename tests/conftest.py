@@ -1,0 +1,42 @@
+"""Shared fixtures: devices, the `gpu` marker, and the `distributed` helper."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run through the interpreter on CPU tensors; the variable must
+# be set before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from eplb_triton.launch import run_ranks
+
+torch.set_num_threads(1)  # forked ranks must not inherit a live OpenMP pool
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def distributed():
+    """``distributed(world_size, fn, *args)`` runs ``fn(rank, world_size, *args)`` on gloo ranks."""
+
+    def launch(world_size, fn, *args, timeout_s: float = 120.0):
+        return run_ranks(world_size, fn, *args, backend="gloo", timeout_s=timeout_s, group_timeout_s=60.0)
+
+    return launch

@@ -1,0 +1,167 @@
+"""Blocking rearrangement over gloo ranks, compared bit for bit with the expected experts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eplb_triton import plan_rearrangement, rearrange_expert_weights_inplace
+from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+
+MIXED_SPECS = [
+    TensorSpec((3, 5), torch.bfloat16),  # 30 bytes: odd row size
+    TensorSpec((7,), torch.float32),
+    TensorSpec((2, 3, 3), torch.uint8),  # 18 bytes, 3-D row
+    TensorSpec((1,), torch.int32),  # a per-expert scale
+    TensorSpec((5,), torch.float8_e4m3fn),
+]
+
+
+def random_maps(rng, layers, ep, num_local, logical, empty_frac=0.1):
+    """Old/new maps where every logical expert is held somewhere and some slots are empty."""
+    slots = ep * num_local
+    maps = []
+    for _ in range(2):
+        layer_maps = []
+        for _ in range(layers):
+            m = np.concatenate([rng.permutation(logical), rng.integers(0, logical, slots - logical)])[:slots]
+            m = rng.permutation(m)
+            empty = rng.random(slots) < empty_frac
+            m[empty] = -1
+            layer_maps.append(m)
+        maps.append(np.stack(layer_maps))
+    old, new = maps
+    # new may only name experts the old layer holds
+    for l in range(layers):
+        held = np.unique(old[l][old[l] >= 0])
+        bad = (new[l] >= 0) & ~np.isin(new[l], held)
+        new[l][bad] = rng.choice(held, bad.sum())
+    return old, new
+
+
+def _rank_transfer(rank, world, old, new, specs, max_buffer_bytes, seed):
+    weights = make_rank_weights(specs, old.shape[0], old.shape[1] // world)
+    fill_rank_weights(weights, old, rank, seed)
+    stats = rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=max_buffer_bytes)
+    return row_mismatches(weights, old, new, rank, seed), stats
+
+
+def check_transfer(distributed, world, old, new, specs=MIXED_SPECS, max_buffer_bytes=None, seed=0):
+    results = distributed(world, _rank_transfer, old, new, specs, max_buffer_bytes, seed)
+    for rank, (bad, _) in enumerate(results):
+        assert bad == [], f"rank {rank}: rows with wrong bytes (layer, tensor, row): {bad[:10]}"
+    return [stats for _, stats in results]
+
+
+@pytest.mark.parametrize(
+    "world,layers,num_local,logical",
+    [
+        pytest.param(2, 1, 2, 3, id="W2-L1-N2-E3"),
+        pytest.param(2, 2, 3, 4, id="W2-L2-N3-E4"),
+        pytest.param(2, 4, 8, 16, id="W2-L4-N8-E16"),
+        pytest.param(4, 1, 2, 6, id="W4-L1-N2-E6"),
+        pytest.param(4, 2, 2, 5, id="W4-L2-N2-E5"),
+        pytest.param(4, 8, 8, 16, id="W4-L8-N8-E16"),
+        pytest.param(8, 2, 4, 20, id="W8-L2-N4-E20"),
+    ],
+)
+def test_random_rearrangement(distributed, world, layers, num_local, logical):
+    rng = np.random.default_rng(world * 100 + layers * 10 + num_local)
+    old, new = random_maps(rng, layers, world, num_local, logical)
+    stats = check_transfer(distributed, world, old, new)
+    plan = plan_rearrangement(old, new, world)
+    sent = sum(s.bytes_sent.sum() for s in stats)
+    received = sum(s.bytes_received.sum() for s in stats)
+    assert sent == received
+    for s in stats:  # never more than 2 * (ep_size - 1) ops per exchange
+        assert s.p2p_ops <= 2 * (world - 1) * s.rounds
+    big = check_transfer(distributed, world, old, new, max_buffer_bytes=1 << 30)
+    off_diagonal = plan.traffic * (1 - np.eye(world, dtype=np.int64))
+    # one round per layer: one isend and one irecv per (sender, receiver) pair with traffic
+    assert sum(s.p2p_ops for s in big) == 2 * int(np.count_nonzero(off_diagonal))
+    assert sum(s.total_bytes_sent for s in stats) > 0
+
+
+def test_no_change_is_untouched_and_silent(distributed):
+    rng = np.random.default_rng(1)
+    old, _ = random_maps(rng, 3, 4, 4, 10)
+    stats = check_transfer(distributed, 4, old, old.copy())
+    assert all(s.total_bytes_sent == 0 and s.p2p_ops == 0 and s.local_copies == 0 for s in stats)
+    assert plan_rearrangement(old, old, 4).traffic.sum() == 0
+
+
+def test_full_swap_between_two_ranks(distributed):
+    old = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])
+    new = np.array([[4, 5, 6, 7, 0, 1, 2, 3]])
+    plan = plan_rearrangement(old, new, 2)
+    assert plan.layers[0].traffic.tolist() == [[0, 4], [4, 0]]
+    # default budget = one layer (4 experts): 4 sent + 4 received need two rounds
+    stats = check_transfer(distributed, 2, old, new)
+    assert [s.rounds for s in stats] == [2, 2]
+    stats = check_transfer(distributed, 2, old, new, max_buffer_bytes=1 << 20)
+    assert [s.p2p_ops for s in stats] == [2, 2]
+
+
+def test_hot_expert_fans_out_to_every_rank(distributed):
+    world, num_local = 8, 2
+    old = np.arange(world * num_local)[None, :]
+    new = old.copy()
+    new[0, 1::num_local] = 0  # every rank's row 1 now holds expert 0
+    check_transfer(distributed, world, old, new)
+    traffic = plan_rearrangement(old, new, world).layers[0].traffic
+    assert traffic[0, 1:].tolist() == [1] * (world - 1)  # expert 0 is received once per rank
+
+
+def test_replicas_received_once_and_duplicated(distributed):
+    # rank 1 needs expert 0 in all four rows: one network copy, three duplicate fills.
+    old = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])
+    new = np.array([[0, 1, 2, 3, 0, 0, 0, 0]])
+    stats = check_transfer(distributed, 2, old, new)
+    layer = plan_rearrangement(old, new, 2).layers[0]
+    assert layer.traffic.tolist() == [[0, 1], [0, 3]]
+    assert stats[1].local_copies == 3
+
+
+def test_empty_slots(distributed):
+    old = np.array([[0, -1, 1, 2, -1, 3]])
+    new = np.array([[3, 0, -1, -1, 1, 2]])
+    check_transfer(distributed, 3, old, new)
+
+
+def test_single_expert_single_rank_pair(distributed):
+    old = np.array([[0, -1]])
+    new = np.array([[-1, 0]])
+    check_transfer(distributed, 2, old, new)
+
+
+def test_budget_forces_rounds(distributed):
+    rng = np.random.default_rng(7)
+    old, new = random_maps(rng, 3, 4, 6, 12, empty_frac=0.0)
+    specs = [TensorSpec((13,), torch.uint8)]  # 16 packed bytes per expert
+    stats = check_transfer(distributed, 4, old, new, specs=specs, max_buffer_bytes=4 * 16)
+    assert max(s.rounds for s in stats) > 3
+    assert all(s.peak_staging_bytes <= 4 * 16 for s in stats)
+
+
+def test_budget_rounds_swap_cycles(distributed):
+    # a 4-rank rotation: every row is both a source and a destination.
+    old = np.arange(16)[None, :]
+    new = np.roll(old, 4, axis=1)
+    specs = [TensorSpec((16,), torch.uint8)]
+    stats = check_transfer(distributed, 4, old, new, specs=specs, max_buffer_bytes=2 * 16)
+    assert min(s.rounds for s in stats) == 4
+
+
+def _rank_single(rank, world, old, new):
+    return _rank_transfer(rank, world, old, new, MIXED_SPECS, None, 3)
+
+
+def test_world_size_one_without_process_group():
+    old = np.array([[0, 1, 2, 3]])
+    new = np.array([[3, 3, 1, -1]])
+    weights = make_rank_weights(MIXED_SPECS, 1, 4)
+    fill_rank_weights(weights, old, 0)
+    stats = rearrange_expert_weights_inplace(old, new, weights)
+    assert row_mismatches(weights, old, new, 0) == []
+    assert stats.p2p_ops == 0 and stats.local_copies == 3
