@@ -3,20 +3,78 @@
 NCCL on GPUs, gloo on CPU. Peers are ranks *of the EP group*; they are translated to global
 ranks for ``torch.distributed``. Ops are issued in a deterministic order (ascending peer,
 receive before send) so that every backend pairs them the same way.
+
+Deadlines (``timeout_s``): :meth:`Communicator.wait` bounds how long one exchange may wait
+for its peers, independently of the process group's own (usually much longer) timeout.
+
+* gloo: ``Work.wait(timeout)`` on each request with the time left. A gloo timeout (or a
+  peer's closed connection) fails every pending op of that rank's gloo context, so after a
+  :class:`PeerError` the group must be considered broken and be re-created.
+* NCCL (untested here: no GPU in CI): requests are polled with ``is_completed()`` until the
+  deadline; on expiry the group's NCCL communicator is aborted (``backend.abort()``) so no
+  kernel keeps spinning on a dead peer, and :class:`PeerTimeoutError` is raised. The group
+  cannot be used afterwards. When NCCL coalesces a batch into one request the error names
+  every peer of the batch.
+* other backends: like gloo.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Communicator", "InputError"]
+__all__ = [
+    "ChecksumMismatchError",
+    "Communicator",
+    "InputError",
+    "PeerError",
+    "PeerFailedError",
+    "PeerTimeoutError",
+    "TransferError",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class InputError(Exception):
     """Internal carrier of a rank's input verdict; surfaces as ValueError/TypeError."""
+
+
+class TransferError(RuntimeError):
+    """A rearrangement failed after it started. ``layer`` / ``peer`` name where, when known."""
+
+    def __init__(self, message: str, *, layer: int | None = None, peer: int | None = None):
+        super().__init__(message)
+        self.layer = layer
+        self.peer = peer
+
+
+class PeerError(TransferError):
+    """An exchange with ``peer`` failed; the process group must be considered broken."""
+
+
+class PeerTimeoutError(PeerError):
+    """``peer`` did not complete an exchange before the deadline."""
+
+
+class PeerFailedError(PeerError):
+    """The backend reported an error for an exchange with ``peer`` (e.g. its connection closed)."""
+
+
+class ChecksumMismatchError(TransferError):
+    """``verify=True`` found received bytes that differ from what the sender packed.
+
+    ``expert`` is the logical expert id. The group itself is healthy: the exchanges completed.
+    """
+
+    def __init__(self, message: str, *, layer: int | None = None, peer: int | None = None, expert: int | None = None):
+        super().__init__(message, layer=layer, peer=peer)
+        self.expert = expert
 
 
 @dataclass
@@ -67,13 +125,130 @@ class Communicator:
         return dist.batch_isend_irecv(ops)
 
     @staticmethod
-    def wait(requests: list) -> None:
-        for request in requests:
-            request.wait()
+    def op_labels(sends: dict, recvs: dict) -> list[tuple[int, str]]:
+        """``(peer, "recv"|"send")`` of each op :meth:`exchange` issues, in its order."""
+        labels = []
+        for peer in sorted(set(sends) | set(recvs)):
+            if peer in recvs:
+                labels.append((peer, "recv"))
+            if peer in sends:
+                labels.append((peer, "send"))
+        return labels
 
-    def all_reduce_max(self, values: torch.Tensor) -> torch.Tensor:
+    def wait(
+        self,
+        requests: list,
+        *,
+        timeout_s: float | None = None,
+        labels: list[tuple[int, str]] | None = None,
+        where: str = "exchange",
+    ) -> None:
+        """Wait for ``requests``; with ``timeout_s``, raise :class:`PeerError` past the deadline.
+
+        ``labels`` (from :meth:`op_labels`) lets the error name the peer; ``where`` prefixes
+        its message (e.g. ``"layer 3, round 1/2"``). Without ``timeout_s`` this is a plain
+        wait under the process group's own timeout, but backend errors still come back as
+        :class:`PeerFailedError` naming the peer.
+        """
+        if not requests:
+            return
+        if labels is not None and len(labels) != len(requests):
+            labels = None  # coalesced (NCCL): one request covers every peer of the batch
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if self.backend == "nccl" and deadline is not None:
+            self._poll_until(requests, deadline, labels, where, timeout_s)
+        for index, request in enumerate(requests):
+            try:
+                if deadline is None or self.backend == "nccl":
+                    request.wait()  # NCCL: already complete; this only orders the current stream
+                else:
+                    left = max(deadline - time.monotonic(), 1e-3)
+                    request.wait(timeout=datetime.timedelta(seconds=left))
+            except Exception as exc:  # noqa: BLE001 - backend errors have no common type
+                raise self._peer_error(exc, index, labels, where, timeout_s) from exc
+
+    def _poll_until(self, requests, deadline, labels, where, timeout_s) -> None:
+        pending = list(range(len(requests)))
+        while pending:
+            pending = [i for i in pending if not requests[i].is_completed()]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                self.abort()
+                peers = sorted({labels[i][0] for i in pending}) if labels else None
+                who = f"peers {peers}" if peers else "its peers"
+                raise PeerTimeoutError(
+                    f"{where}: rank {self.rank} waited {timeout_s:g} s (timeout_s) for {who}; "
+                    "the NCCL communicator was aborted",
+                    peer=peers[0] if peers else None,
+                )
+            time.sleep(2e-4)
+
+    def _peer_error(self, exc, index, labels, where, timeout_s) -> PeerError:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        peer, kind = labels[index] if labels else (None, "op")
+        who = f"peer {peer}" if peer is not None else "a peer"
+        # gloo says "Timed out waiting ...ms for recv/send"; later ops of a broken context
+        # report "Application timeout caused pair closure".
+        timed_out = timeout_s is not None and "timed out" in text.lower()
+        if timed_out:
+            message = f"{where}: rank {self.rank} got no {kind} completion from {who} within {timeout_s:g} s (timeout_s)"
+            error = PeerTimeoutError(message, peer=peer)
+        else:
+            message = f"{where}: rank {self.rank}: {kind} with {who} failed: {text}"
+            error = PeerFailedError(message, peer=peer)
+        logger.error("%s", message)
+        return error
+
+    def abort(self) -> None:
+        """Abort the NCCL communicator of this group (no-op elsewhere); the group is unusable after."""
+        if self.backend != "nccl" or self.group is None:
+            return
+        try:
+            self.group._get_backend(torch.device("cuda")).abort()
+        except Exception:  # noqa: BLE001 - best effort: we are already failing
+            logger.exception("aborting the NCCL communicator failed")
+
+    def confirm(self, failed: bool, *, timeout_s: float | None = None, where: str = "confirmation") -> list[int]:
+        """Tell every peer whether this rank failed and learn theirs; returns failed ranks.
+
+        One tiny isend + irecv per peer (``2 * (world_size - 1)`` ops), waited on with
+        ``timeout_s``: a rank that died or stalled is named by a :class:`PeerError` on every
+        rank that reaches this point, even ranks that never exchanged data with it.
+        """
+        if self.group is None or self.world_size == 1:
+            return [self.rank] if failed else []
+        device = self.collective_device
+        mine = torch.tensor([int(failed)], dtype=torch.int64, device=device)
+        theirs = {p: torch.full((1,), -1, dtype=torch.int64, device=device) for p in range(self.world_size) if p != self.rank}
+        sends = {p: mine for p in theirs}
+        requests = self.exchange(sends, theirs)
+        self.wait(requests, timeout_s=timeout_s, labels=self.op_labels(sends, theirs), where=where)
+        flags = {p: int(t.item()) for p, t in theirs.items()}
+        flags[self.rank] = int(failed)
+        return sorted(p for p, flag in flags.items() if flag)
+
+    def all_reduce_max(self, values: torch.Tensor, *, timeout_s: float | None = None) -> torch.Tensor:
+        """In-place MAX all-reduce. With ``timeout_s`` the collective is polled against a
+        deadline and :class:`PeerTimeoutError` (no peer named) is raised on expiry; on gloo its
+        worker thread stays blocked until the group's own timeout (the group is broken anyway)."""
         if self.group is not None and self.world_size > 1:
-            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+            if timeout_s is None:
+                dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+                return values
+            work = dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+            deadline = time.monotonic() + timeout_s
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    self.abort()
+                    raise PeerTimeoutError(
+                        f"input agreement: rank {self.rank} waited {timeout_s:g} s (timeout_s) for the other ranks"
+                    )
+                time.sleep(2e-4)
+            try:
+                work.wait()
+            except Exception as exc:  # noqa: BLE001
+                raise PeerFailedError(f"input agreement: rank {self.rank}: {exc}") from exc
         return values
 
     def all_gather_object(self, obj) -> list:
@@ -83,7 +258,7 @@ class Communicator:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def agree(self, error: BaseException | None, fingerprint: int = 0) -> None:
+    def agree(self, error: BaseException | None, fingerprint: int = 0, *, timeout_s: float | None = None) -> None:
         """Agree on the input verdict before any weight is touched.
 
         Every rank calls this with its local verdict (``None`` if fine) and a fingerprint of
@@ -93,7 +268,7 @@ class Communicator:
         """
         code = 0 if error is None else (2 if isinstance(error, TypeError) else 1)
         payload = torch.tensor([code, fingerprint, -fingerprint], dtype=torch.int64)
-        worst, high, neg_low = self.all_reduce_max(payload.to(self.collective_device)).cpu().tolist()
+        worst, high, neg_low = self.all_reduce_max(payload.to(self.collective_device), timeout_s=timeout_s).cpu().tolist()
         if worst:
             messages = self.all_gather_object(None if error is None else str(error))
             failing = [(r, m) for r, m in enumerate(messages) if m is not None]

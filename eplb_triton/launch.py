@@ -66,12 +66,14 @@ def run_ranks(
     timeout_s: float = 120.0,
     group_timeout_s: float = 60.0,
     start_method: str | None = None,
+    allow_missing: bool = False,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` local processes; return results by rank.
 
     ``start_method`` defaults to ``fork`` for gloo (fast: torch is already imported) and
     ``spawn`` for NCCL (CUDA cannot be used after fork); with ``spawn``, ``fn`` must be
-    importable by name.
+    importable by name. ``allow_missing=True`` (fault tests: a rank that exits on purpose)
+    returns ``None`` for ranks that exited without a result instead of raising.
     """
     if start_method is None:
         start_method = "spawn" if backend == "nccl" else "fork"
@@ -114,6 +116,8 @@ def run_ranks(
     if failures:
         raise RuntimeError("distributed run failed:\n" + "\n".join(failures))
     missing = [r for r in range(world_size) if r not in outcome]
+    if missing and allow_missing:
+        return [outcome[r][1] if r in outcome else None for r in range(world_size)]
     if missing:
         raise RuntimeError(f"ranks {missing} did not finish within {timeout_s}s (exit codes {[p.exitcode for p in procs]})")
     return [outcome[r][1] for r in range(world_size)]

@@ -3,41 +3,73 @@
 Per layer and round, on one rank::
 
     staging = [ packed sends, peer by peer | receive buffers, peer by peer | local scratch ]
-    pack(send rows)  ->  one irecv + one isend per peer (batch_isend_irecv)
-    local moves (copy_rows, reads old rows)  ->  wait  ->  unpack(received)  ->  duplicate fills
+    pack(send rows), stage(local sources)  ->  one irecv + one isend per peer (batch_isend_irecv)
+    ->  wait (deadline: timeout_s)  ->  verify checksums  ->  write: local moves, received, duplicates
 
 Every row a round reads is read before that round writes anything, so a row may be both a
 source and a destination. When a layer does not fit in ``max_buffer_bytes`` it runs in
 rounds; rounds are ordered so that a row is never overwritten before the last round that
 reads its old contents (see :func:`schedule_rounds`).
 
-The building blocks (:func:`prepare_layers`, :class:`RoundWork`) are what the background
-worker drives; :func:`rearrange_expert_weights_inplace` is the blocking API.
+Reliability (see :func:`rearrange_expert_weights_inplace`):
+
+* no row is written before the receives of its round completed; a layer that needs several
+  rounds saves the old contents of what it overwrites (undo buffer) and is rolled back on
+  failure, so after any failure each layer on each rank is entirely old or entirely new;
+* ``timeout_s`` bounds every wait on peers (:meth:`Communicator.wait`), and a final tiny
+  all-to-all (:meth:`Communicator.confirm`) makes every rank learn about a failure anywhere;
+* ``verify=True`` sends a checksum per expert (:mod:`eplb_triton.checksum`) and checks it
+  before anything is written.
+
+The building blocks (:func:`prepare_layers`, :class:`LayerWork`, :class:`RoundWork`,
+:func:`finish_transfer`) are what the background worker drives;
+:func:`rearrange_expert_weights_inplace` is the blocking API.
+
+Testing hook: :data:`fault_hook`, when set, is called as ``fault_hook(point, **info)`` at the
+named points ``layer_start``, ``before_send``, ``in_flight`` (``info["received"]``: the
+received messages, by peer, before they are checked), ``round_applied`` and
+``before_confirm``. It may raise, sleep, exit or corrupt ``received`` to simulate failures.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .comm import Communicator
+from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
+from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
 from .layout import ExpertLayout, check_layer_tensors
 from .maps import ExpertMaps, normalize_maps
 from .plan import LayerPlan, RankPlan, plan_from_maps
 
 __all__ = [
+    "ChecksumMismatchError",
     "LayerWork",
+    "PeerError",
     "RoundWork",
+    "TransferError",
     "TransferStats",
+    "finish_transfer",
     "prepare_layers",
     "rearrange_expert_weights_inplace",
     "schedule_rounds",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: Test-only fault injection: ``fault_hook(point, **info)`` at named points (module docstring).
+fault_hook: Callable[..., None] | None = None
+
+
+def _fault(point: str, **info) -> None:
+    if fault_hook is not None:
+        fault_hook(point, **info)
 
 
 @dataclass
@@ -48,6 +80,10 @@ class TransferStats:
     ``p2p_ops``: isend + irecv ops issued. ``layer_times_s[l]``: wall time of layer ``l``.
     ``peak_staging_bytes``: the largest staging buffer used at once. ``rounds``: exchange
     rounds over all layers. ``local_copies``: rows written by local moves and duplicate fills.
+    ``peak_undo_bytes``: the rollback buffer (layers that run in several rounds).
+    ``verified_experts``: received experts whose checksum was checked. ``rollbacks``: layers
+    rolled back after a failure. ``failed_layers``: layers left old on this rank.
+    ``control_ops``: ops of the final confirmation (not counted in ``p2p_ops``).
     """
 
     rank: int
@@ -59,6 +95,11 @@ class TransferStats:
     peak_staging_bytes: int = 0
     rounds: int = 0
     local_copies: int = 0
+    peak_undo_bytes: int = 0
+    verified_experts: int = 0
+    rollbacks: int = 0
+    failed_layers: list[int] = field(default_factory=list)
+    control_ops: int = 0
 
     @classmethod
     def empty(cls, rank: int, ep_size: int) -> "TransferStats":
@@ -76,6 +117,16 @@ class TransferStats:
     @property
     def total_time_s(self) -> float:
         return float(sum(self.layer_times_s))
+
+    def traffic_summary(self) -> str:
+        """One line: bytes sent / received per peer (peers with traffic only)."""
+        sent = {p: int(b) for p, b in enumerate(self.bytes_sent) if b}
+        received = {p: int(b) for p, b in enumerate(self.bytes_received) if b}
+        return (
+            f"rank {self.rank}: sent {self.total_bytes_sent} B {sent}, received {self.total_bytes_received} B "
+            f"{received}, {len(self.layer_times_s)} layers in {self.total_time_s:.4f} s, {self.rounds} rounds, "
+            f"{self.p2p_ops} p2p ops"
+        )
 
 
 def schedule_rounds(layer: LayerPlan, expert_bytes: int, budget_bytes: int) -> list[np.ndarray]:
@@ -167,7 +218,22 @@ def _functional_graph_order(nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class RoundWork:
-    """One exchange round of one layer on one rank, with its staging slices."""
+    """One exchange round of one layer on one rank, with its staging slices.
+
+    Staging layout of a round (bytes)::
+
+        | sends, peer by peer | receives, peer by peer | local scratch |
+
+    Each peer's message is its packed experts (``count * expert_bytes``); with ``verify`` it
+    is followed by a trailer of one int64 checksum per expert padded to 16 bytes
+    (:func:`~eplb_triton.checksum.trailer_bytes`), so a peer still gets one isend and one
+    irecv per round. Without ``verify`` every send row is packed by one launch; with it,
+    one launch per peer (the trailers split the buffer).
+
+    Sync-path order (see :meth:`LayerWork.run`): :meth:`pack_sends` and :meth:`stage_local`
+    only *read* rows; :meth:`post` starts the exchange; after the wait, :meth:`verify_received`
+    and :meth:`apply` write rows. So nothing is written before the round's receives are in.
+    """
 
     view: RankPlan
     expert_bytes: int
@@ -177,9 +243,10 @@ class RoundWork:
     recv_counts: list[int]
     send_rows: np.ndarray
     recv_rows: np.ndarray
+    verify: bool = False
 
     @classmethod
-    def from_view(cls, view: RankPlan, expert_bytes: int) -> "RoundWork":
+    def from_view(cls, view: RankPlan, expert_bytes: int, *, verify: bool = False) -> "RoundWork":
         send_peers = sorted(view.send_rows)
         recv_peers = sorted(view.recv_rows)
         cat = lambda rows: np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)  # noqa: E731
@@ -192,58 +259,141 @@ class RoundWork:
             recv_counts=[len(view.recv_rows[p]) for p in recv_peers],
             send_rows=cat([view.send_rows[p] for p in send_peers]),
             recv_rows=cat([view.recv_rows[p] for p in recv_peers]),
+            verify=verify,
         )
+
+    def _message_bytes(self, count: int) -> int:
+        return count * self.expert_bytes + (trailer_bytes(count) if self.verify else 0)
+
+    @property
+    def _sends_bytes(self) -> int:
+        return sum(self._message_bytes(c) for c in self.send_counts)
+
+    @property
+    def _recvs_bytes(self) -> int:
+        return sum(self._message_bytes(c) for c in self.recv_counts)
 
     @property
     def staging_bytes(self) -> int:
-        rows = self.send_rows.size + self.recv_rows.size + self.view.local_dst_rows.size
-        return rows * self.expert_bytes
+        return self._sends_bytes + self._recvs_bytes + self.view.local_dst_rows.size * self.expert_bytes
+
+    @property
+    def written_rows(self) -> np.ndarray:
+        """Rows this round writes on this rank (distinct): received, local moves, duplicate fills."""
+        view = self.view
+        return np.concatenate([self.recv_rows, view.local_dst_rows, view.dup_dst_rows]).astype(np.int64)
 
     def _slices(self, staging: torch.Tensor):
-        eb = self.expert_bytes
-        sends_end = self.send_rows.size * eb
-        recvs_end = sends_end + self.recv_rows.size * eb
+        sends_end = self._sends_bytes
+        recvs_end = sends_end + self._recvs_bytes
         return staging[:sends_end], staging[sends_end:recvs_end], staging[recvs_end : self.staging_bytes]
 
-    @staticmethod
-    def _per_peer(buf: torch.Tensor, peers: list[int], counts: list[int], eb: int) -> dict[int, torch.Tensor]:
+    def _per_peer(self, buf: torch.Tensor, peers: list[int], counts: list[int]) -> dict[int, torch.Tensor]:
+        """Each peer's whole message (data, then the checksum trailer when verifying)."""
         out, offset = {}, 0
         for peer, count in zip(peers, counts):
-            out[peer] = buf[offset : offset + count * eb]
-            offset += count * eb
+            size = self._message_bytes(count)
+            out[peer] = buf[offset : offset + size]
+            offset += size
         return out
 
-    def start(self, layout: ExpertLayout, staging: torch.Tensor, comm: Communicator, backend: str | None) -> list:
-        """Pack every peer's rows (one launch) and start the exchange; returns requests."""
-        send_buf, recv_buf, _ = self._slices(staging)
-        if self.send_rows.size:
-            layout.pack(self.send_rows, send_buf, backend=backend)
-        sends = self._per_peer(send_buf, self.send_peers, self.send_counts, self.expert_bytes)
-        recvs = self._per_peer(recv_buf, self.recv_peers, self.recv_counts, self.expert_bytes)
-        return comm.exchange(sends, recvs)
+    def _split(self, message: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(packed experts, int64 checksums or None) of one peer's message."""
+        data_end = count * self.expert_bytes
+        if not self.verify:
+            return message[:data_end], None
+        return message[:data_end], message[data_end : data_end + count * CHECKSUM_BYTES].view(torch.int64)
 
-    def apply_local(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
-        """Local moves; they read old rows, so they run before any received row is written."""
-        _, _, scratch = self._slices(staging)
+    def send_messages(self, staging: torch.Tensor) -> dict[int, torch.Tensor]:
+        return self._per_peer(self._slices(staging)[0], self.send_peers, self.send_counts)
+
+    def recv_messages(self, staging: torch.Tensor) -> dict[int, torch.Tensor]:
+        return self._per_peer(self._slices(staging)[1], self.recv_peers, self.recv_counts)
+
+    @property
+    def op_labels(self) -> list[tuple[int, str]]:
+        """``(peer, kind)`` of each request :meth:`post` returns (for error messages)."""
+        return Communicator.op_labels(dict.fromkeys(self.send_peers), dict.fromkeys(self.recv_peers))
+
+    # -- steps -------------------------------------------------------------------------------
+    def pack_sends(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
+        """Pack every peer's rows (reads rows only); with ``verify`` also their checksums."""
+        if not self.send_rows.size:
+            return
+        send_buf = self._slices(staging)[0]
+        if not self.verify:
+            layout.pack(self.send_rows, send_buf, backend=backend)  # one launch for all peers
+            return
+        for peer, message in self.send_messages(staging).items():
+            data, sums = self._split(message, len(self.view.send_rows[peer]))
+            layout.pack(self.view.send_rows[peer], data, backend=backend)
+            expert_checksums(data, self.expert_bytes, out=sums)
+
+    def stage_local(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
+        """Copy the old rows that local moves read into scratch (reads rows only)."""
+        if self.view.local_src_rows.size:
+            layout.pack(self.view.local_src_rows, self._slices(staging)[2], backend=backend)
+
+    def post(self, staging: torch.Tensor, comm: Communicator) -> list:
+        """Start one irecv + one isend per peer; returns the requests (order: :attr:`op_labels`)."""
+        return comm.exchange(self.send_messages(staging), self.recv_messages(staging))
+
+    def start(self, layout: ExpertLayout, staging: torch.Tensor, comm: Communicator, backend: str | None) -> list:
+        """Pack every peer's rows, stage local sources and start the exchange; returns requests."""
+        self.pack_sends(layout, staging, backend)
+        self.stage_local(layout, staging, backend)
+        return self.post(staging, comm)
+
+    def verify_received(self, staging: torch.Tensor) -> list[tuple[int, int]]:
+        """``(peer, index in that peer's message)`` of every received expert whose checksum
+        differs from the sender's (empty without ``verify``)."""
+        if not self.verify:
+            return []
+        bad = []
+        for peer, message in self.recv_messages(staging).items():
+            count = len(self.view.recv_rows[peer])
+            data, sums = self._split(message, count)
+            mismatch = (expert_checksums(data, self.expert_bytes) != sums).nonzero().flatten().tolist()
+            bad.extend((peer, k) for k in mismatch)
+        return bad
+
+    def apply(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
+        """Write the round: staged local moves, received rows, then duplicate fills."""
+        _, recv_buf, scratch = self._slices(staging)
         view = self.view
         if view.local_dst_rows.size:
-            layout.copy_rows(view.local_src_rows, view.local_dst_rows, backend=backend, scratch=scratch)
+            layout.unpack(scratch, view.local_dst_rows, backend=backend)
+        if self.recv_rows.size:
+            if not self.verify:
+                layout.unpack(recv_buf, self.recv_rows, backend=backend)  # one launch for all peers
+            else:
+                for peer, message in self.recv_messages(staging).items():
+                    rows = view.recv_rows[peer]
+                    layout.unpack(self._split(message, len(rows))[0], rows, backend=backend)
+        if view.dup_dst_rows.size:
+            layout.copy_rows(view.dup_src_rows, view.dup_dst_rows, backend=backend)
+
+    def apply_local(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
+        """Local moves straight from rows (writes before the receives are in: not atomic;
+        kept for callers of the first API; :meth:`stage_local` + :meth:`apply` replace it)."""
+        view = self.view
+        if view.local_dst_rows.size:
+            layout.copy_rows(view.local_src_rows, view.local_dst_rows, backend=backend, scratch=self._slices(staging)[2])
 
     def apply_received(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
-        """Unpack received rows (one launch), then duplicate fills from delivered rows."""
-        _, recv_buf, _ = self._slices(staging)
-        if self.recv_rows.size:
-            layout.unpack(recv_buf, self.recv_rows, backend=backend)
+        """Unpack received rows, then duplicate fills (pairs with :meth:`apply_local`)."""
         view = self.view
+        for peer, message in self.recv_messages(staging).items():
+            rows = view.recv_rows[peer]
+            layout.unpack(self._split(message, len(rows))[0], rows, backend=backend)
         if view.dup_dst_rows.size:
             layout.copy_rows(view.dup_src_rows, view.dup_dst_rows, backend=backend)
 
     def count_into(self, stats: TransferStats, ops: int) -> None:
-        eb = self.expert_bytes
         for peer, count in zip(self.send_peers, self.send_counts):
-            stats.bytes_sent[peer] += count * eb
+            stats.bytes_sent[peer] += self._message_bytes(count)
         for peer, count in zip(self.recv_peers, self.recv_counts):
-            stats.bytes_received[peer] += count * eb
+            stats.bytes_received[peer] += self._message_bytes(count)
         stats.p2p_ops += ops
         stats.rounds += 1
         stats.local_copies += int(self.view.local_dst_rows.size + self.view.dup_dst_rows.size)
@@ -251,33 +401,153 @@ class RoundWork:
 
 @dataclass
 class LayerWork:
-    """One layer on one rank: its layout, plan and rounds."""
+    """One layer on one rank: its layout, plan and rounds.
+
+    ``expert_ids`` (the layer's new map, optional) lets errors name logical experts.
+    """
 
     index: int
     layout: ExpertLayout
     plan: LayerPlan
     rounds: list[RoundWork]
+    expert_ids: np.ndarray | None = None
 
     @property
     def staging_bytes(self) -> int:
         return max((r.staging_bytes for r in self.rounds), default=0)
 
-    def run(self, staging: torch.Tensor, comm: Communicator, backend: str | None, stats: TransferStats) -> None:
-        """Run every round of this layer, blocking until its rows are in place."""
-        for work in self.rounds:
-            requests = work.start(self.layout, staging, comm, backend)
-            work.apply_local(self.layout, staging, backend)
-            comm.wait(requests)
-            work.apply_received(self.layout, staging, backend)
-            work.count_into(stats, len(requests))
+    @property
+    def undo_bytes(self) -> int:
+        """Bytes needed to roll this layer back: old contents of the rows written by every
+        round but the last (a single-round layer needs none)."""
+        return sum(r.written_rows.size for r in self.rounds[:-1]) * self.layout.expert_bytes
+
+    @property
+    def has_network(self) -> bool:
+        return self.plan.num_network > 0
+
+    def expert_at(self, rank: int, row: int) -> int | None:
+        if self.expert_ids is None:
+            return None
+        return int(self.expert_ids[rank * self.layout.num_local + row])
+
+    def run(
+        self,
+        staging: torch.Tensor,
+        comm: Communicator,
+        backend: str | None,
+        stats: TransferStats,
+        *,
+        timeout_s: float | None = None,
+        undo: torch.Tensor | None = None,
+    ) -> None:
+        """Run every round of this layer, blocking until its rows are in place.
+
+        Atomic on this rank: a round writes rows only after its receives completed (and
+        passed ``verify``); when the layer has several rounds, the old contents of the rows
+        each round but the last overwrites are saved in ``undo`` (``>= undo_bytes`` bytes;
+        ``None`` = no rollback, a failure may leave the layer half-applied). On any failure
+        before the last round is applied, the rows written so far are restored and the
+        layer is entirely old again.
+
+        Raises:
+            PeerError: a peer failed or missed the deadline (``.layer`` set); rolled back.
+            ChecksumMismatchError: received bytes differ from the sender's; every round's
+                exchange still completed (peers are not left waiting) and the layer was
+                rolled back, so the group is still usable.
+        """
+        layout, eb = self.layout, self.layout.expert_bytes
+        if self.rounds and undo is None and len(self.rounds) > 1:
+            logger.debug("layer %d runs in %d rounds without an undo buffer: not atomic", self.index, len(self.rounds))
+        saved_rows: list[np.ndarray] = []
+        saved_bytes = 0
+        committed = False
+        mismatch: ChecksumMismatchError | None = None
+        last = len(self.rounds) - 1
+
+        def rollback() -> None:
+            nonlocal saved_bytes
+            if saved_rows:
+                layout.unpack(undo[:saved_bytes], np.concatenate(saved_rows), backend=backend)
+                saved_rows.clear()
+                saved_bytes = 0
+                stats.rollbacks += 1
+
+        _fault("layer_start", rank=comm.rank, layer=self.index)
+        try:
+            for i, work in enumerate(self.rounds):
+                where = f"layer {self.index}, round {i + 1}/{len(self.rounds)}"
+                work.pack_sends(layout, staging, backend)
+                work.stage_local(layout, staging, backend)
+                _fault("before_send", rank=comm.rank, layer=self.index, round=i)
+                requests = work.post(staging, comm)
+                try:
+                    comm.wait(requests, timeout_s=timeout_s, labels=work.op_labels, where=where)
+                except PeerError as exc:
+                    exc.layer = self.index
+                    raise
+                work.count_into(stats, len(requests))
+                _fault("in_flight", rank=comm.rank, layer=self.index, round=i, received=work.recv_messages(staging))
+                if mismatch is None:
+                    bad = work.verify_received(staging)
+                    stats.verified_experts += int(work.recv_rows.size) if work.verify else 0
+                    if bad:
+                        mismatch = self._mismatch_error(work, bad, comm.rank, where)
+                        rollback()  # keep exchanging: the later rounds' peers are waiting for us
+                if mismatch is not None:
+                    continue
+                if undo is not None and i < last:
+                    rows = work.written_rows
+                    if rows.size:
+                        layout.pack(rows, undo[saved_bytes : saved_bytes + rows.size * eb], backend=backend)
+                        saved_rows.append(rows)
+                        saved_bytes += rows.size * eb
+                work.apply(layout, staging, backend)
+                committed = i == last
+                _fault("round_applied", rank=comm.rank, layer=self.index, round=i)
+        except BaseException:
+            if not committed:
+                rollback()
+            raise
+        if mismatch is not None:
+            raise mismatch
+
+    def _mismatch_error(self, work: RoundWork, bad: list[tuple[int, int]], rank: int, where: str) -> ChecksumMismatchError:
+        peer, k = bad[0]
+        row = int(work.view.recv_rows[peer][k])
+        expert = self.expert_at(rank, row)
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        message = (
+            f"{where}: rank {rank}: checksum mismatch for expert {expert} received from peer {peer} "
+            f"(row {row}){more}; layer {self.index} was not applied on rank {rank}"
+        )
+        logger.error("%s", message)
+        return ChecksumMismatchError(message, layer=self.index, peer=peer, expert=expert)
 
 
-def _fingerprint(maps: ExpertMaps, layouts: Sequence[ExpertLayout], budget: int | None) -> int:
+def _fingerprint(maps: ExpertMaps, layouts: Sequence[ExpertLayout], budget: int | None, verify: bool = False) -> int:
     crc = zlib.crc32(maps.old.tobytes())
     crc = zlib.crc32(maps.new.tobytes(), crc)
-    sizes = np.array([maps.ep_size, budget or 0] + [b for lay in layouts for b in lay.row_bytes], dtype=np.int64)
+    sizes = np.array(
+        [maps.ep_size, budget or 0, int(verify)] + [b for lay in layouts for b in lay.row_bytes], dtype=np.int64
+    )
     crc = zlib.crc32(sizes.tobytes(), crc)
     return crc
+
+
+def _row_cost(layout: ExpertLayout, verify: bool) -> int:
+    """Staging bytes one row costs a round: with ``verify`` at most 16 more per row (the
+    per-peer checksum trailer is ``align16(8 * count) <= 16 * count``)."""
+    return layout.expert_bytes + (16 if verify else 0)
+
+
+def _check_timeout(timeout_s) -> None:
+    if timeout_s is None:
+        return
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float, np.integer, np.floating)):
+        raise TypeError(f"timeout_s must be a number of seconds or None, got {type(timeout_s).__name__}")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
 
 
 def prepare_layers(
@@ -286,39 +556,50 @@ def prepare_layers(
     expert_weights: Sequence[Sequence[torch.Tensor]],
     comm: Communicator,
     max_buffer_bytes: int | None = None,
+    *,
+    verify: bool = False,
+    timeout_s: float | None = None,
 ) -> list[LayerWork]:
     """Validate everything, agree with every rank, plan and schedule; touches no weight.
+
+    ``verify`` must be the same on every rank (it changes the wire format; the agreement
+    checks it). ``timeout_s`` bounds the agreement collective.
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
     error, maps, layouts, fingerprint = None, None, [], 0
     try:
+        _check_timeout(timeout_s)
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
         maps = normalize_maps(old_global_expert_indices, new_global_expert_indices, comm.world_size)
         layouts = _check_weights(expert_weights, maps)
         _check_backend_device(comm, layouts[0].device)
         if max_buffer_bytes is not None:
             if isinstance(max_buffer_bytes, bool) or not isinstance(max_buffer_bytes, (int, np.integer)):
                 raise TypeError(f"max_buffer_bytes must be an int, got {type(max_buffer_bytes).__name__}")
-            largest = max(lay.expert_bytes for lay in layouts)
+            largest = max(_row_cost(lay, verify) for lay in layouts)
             if max_buffer_bytes < largest:
-                raise ValueError(
-                    f"max_buffer_bytes={max_buffer_bytes} is smaller than one packed expert ({largest} bytes)"
-                )
-        fingerprint = _fingerprint(maps, layouts, max_buffer_bytes)
+                what = "one packed expert and its checksum" if verify else "one packed expert"
+                raise ValueError(f"max_buffer_bytes={max_buffer_bytes} is smaller than {what} ({largest} bytes)")
+        fingerprint = _fingerprint(maps, layouts, max_buffer_bytes, verify)
     except (TypeError, ValueError) as exc:
         error = exc
-    comm.agree(error, fingerprint)
+    comm.agree(error, fingerprint, timeout_s=timeout_s)
 
     plan = plan_from_maps(maps)
     layers = []
     for index, (layout, layer_plan) in enumerate(zip(layouts, plan.layers)):
-        budget = max_buffer_bytes if max_buffer_bytes is not None else layout.num_local * layout.expert_bytes
+        cost = _row_cost(layout, verify)
+        budget = max_buffer_bytes if max_buffer_bytes is not None else layout.num_local * cost
         try:
-            rounds = schedule_rounds(layer_plan, layout.expert_bytes, budget)
+            rounds = schedule_rounds(layer_plan, cost, budget)
         except ValueError as exc:
             raise ValueError(f"layer {index}: {exc}") from None
-        works = [RoundWork.from_view(layer_plan.restrict(r).rank(comm.rank), layout.expert_bytes) for r in rounds]
-        layers.append(LayerWork(index=index, layout=layout, plan=layer_plan, rounds=works))
+        works = [
+            RoundWork.from_view(layer_plan.restrict(r).rank(comm.rank), layout.expert_bytes, verify=verify) for r in rounds
+        ]
+        layers.append(LayerWork(index=index, layout=layout, plan=layer_plan, rounds=works, expert_ids=maps.new[index]))
     return layers
 
 
@@ -354,6 +635,51 @@ def _check_backend_device(comm: Communicator, device: torch.device) -> None:
         raise ValueError(f"the NCCL backend moves CUDA tensors; weights are on {device} (use gloo for CPU)")
 
 
+def finish_transfer(
+    comm: Communicator,
+    layers: Sequence[LayerWork],
+    stats: TransferStats,
+    errors: Sequence[ChecksumMismatchError] = (),
+    *,
+    timeout_s: float | None = None,
+) -> None:
+    """The last step of a rearrangement: every rank learns whether every rank succeeded.
+
+    Runs :meth:`Communicator.confirm` (a tiny all-to-all bounded by ``timeout_s``) when any
+    layer moves data over the network, so a rank that died or stalled is named on every rank,
+    and a checksum failure on one rank (``errors``: this rank's, its layers already rolled
+    back) is raised on all of them. Without network traffic no rank depends on another and
+    nothing is exchanged.
+
+    Raises:
+        PeerError: a peer did not confirm (dead, stalled, or failed earlier).
+        ChecksumMismatchError: some rank's ``verify`` failed; the message lists every
+            failing rank's first error (``.layer``/``.peer``/``.expert`` are this rank's own,
+            if it failed).
+    """
+    failed = bool(errors)
+    if any(layer.has_network for layer in layers) and comm.world_size > 1:
+        _fault("before_confirm", rank=comm.rank)
+        failed_ranks = comm.confirm(failed, timeout_s=timeout_s, where="final confirmation")
+        stats.control_ops += 2 * (comm.world_size - 1)
+    else:
+        failed_ranks = [comm.rank] if failed else []
+    if not failed_ranks:
+        return
+    mine = "; ".join(str(e) for e in errors) if errors else None
+    messages = comm.all_gather_object(mine) if comm.world_size > 1 else [mine]
+    text = " | ".join(m for m in messages if m)
+    first = errors[0] if errors else None
+    if first is None:
+        text = f"rank {comm.rank} applied all its layers, but: {text}"
+    raise ChecksumMismatchError(
+        text,
+        layer=first.layer if first else None,
+        peer=first.peer if first else None,
+        expert=first.expert if first else None,
+    )
+
+
 def rearrange_expert_weights_inplace(
     old_global_expert_indices,
     new_global_expert_indices,
@@ -362,6 +688,10 @@ def rearrange_expert_weights_inplace(
     *,
     max_buffer_bytes: int | None = None,
     backend: str | None = None,
+    timeout_s: float | None = None,
+    verify: bool = False,
+    atomic: bool = True,
+    log_traffic: bool = False,
 ) -> TransferStats:
     """Rearrange this rank's expert weights in place so every row holds its new expert.
 
@@ -376,15 +706,43 @@ def rearrange_expert_weights_inplace(
         max_buffer_bytes: staging memory bound per rank (default: one layer's local weights,
             packed); a layer that needs more runs in rounds.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack/copy.
+        timeout_s: the longest any wait on peers may take (each exchange, the input
+            agreement and the final confirmation); ``None`` = the process group's timeout.
+            When a peer dies or stalls, every surviving rank raises :class:`PeerError`
+            naming the layer (if any) and the peer within about ``timeout_s`` (up to twice
+            that when the failure cascades through a rank that was itself waiting).
+        verify: send a checksum with every expert and check it before writing; a mismatch
+            leaves that layer old on the receiving rank and raises
+            :class:`ChecksumMismatchError` on every rank after all layers were exchanged.
+            Costs one checksum pass over the sent and the received bytes and 8 bytes per
+            expert on the wire (trailer padded to 16 per peer).
+        atomic: keep an undo copy for layers that run in several rounds, so a failure rolls
+            the layer back (memory: the rows written by all rounds but the last, at most one
+            layer's local rows, on the weights' device, on top of ``max_buffer_bytes``;
+            reported as ``peak_undo_bytes``). Single-round layers need no copy. With
+            ``atomic=False`` such layers may be left half-applied by a failure.
+        log_traffic: log this rank's per-peer bytes at INFO on logger ``eplb_triton.transfer``
+            (otherwise at DEBUG).
 
     Returns:
         This rank's :class:`TransferStats`.
 
     Raises:
         ValueError, TypeError: bad input, raised on every rank before any weight is touched.
+        PeerError: a peer failed or missed ``timeout_s``; the process group must be
+            re-created. Each layer on each rank is entirely old or entirely new.
+        ChecksumMismatchError: ``verify`` failed somewhere (the group is still usable).
     """
     comm = Communicator.from_group(ep_group)
-    layers = prepare_layers(old_global_expert_indices, new_global_expert_indices, expert_weights, comm, max_buffer_bytes)
+    layers = prepare_layers(
+        old_global_expert_indices,
+        new_global_expert_indices,
+        expert_weights,
+        comm,
+        max_buffer_bytes,
+        verify=verify,
+        timeout_s=timeout_s,
+    )
     stats = TransferStats.empty(comm.rank, comm.world_size)
     if not layers:
         return stats
@@ -392,10 +750,32 @@ def rearrange_expert_weights_inplace(
     peak = max(layer.staging_bytes for layer in layers)
     staging = torch.empty(peak, dtype=torch.uint8, device=device)
     stats.peak_staging_bytes = peak
+    undo = None
+    if atomic:
+        undo_bytes = max(layer.undo_bytes for layer in layers)
+        if undo_bytes:
+            undo = torch.empty(undo_bytes, dtype=torch.uint8, device=device)
+            stats.peak_undo_bytes = undo_bytes
+    errors: list[ChecksumMismatchError] = []
     for layer in layers:
         begin = time.perf_counter()
-        layer.run(staging, comm, backend, stats)
+        try:
+            layer.run(staging, comm, backend, stats, timeout_s=timeout_s, undo=undo)
+        except ChecksumMismatchError as exc:
+            errors.append(exc)  # exchanges completed: carry on, report after the confirmation
+            stats.failed_layers.append(layer.index)
+        except TransferError as exc:
+            stats.failed_layers.extend(range(layer.index, len(layers)))
+            logger.error("rank %d: rearrangement stopped at layer %d: %s", comm.rank, layer.index, exc)
+            exc.stats = stats  # which layers are new on this rank: those not in failed_layers
+            raise
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
         stats.layer_times_s.append(time.perf_counter() - begin)
+    try:
+        finish_transfer(comm, layers, stats, errors, timeout_s=timeout_s)
+    except TransferError as exc:
+        exc.stats = stats
+        raise
+    logger.log(logging.INFO if log_traffic else logging.DEBUG, "%s", stats.traffic_summary())
     return stats

@@ -1,0 +1,432 @@
+"""Reliability of the blocking path: checksums, verify mode, timeouts, layer atomicity, logging.
+
+Faults are injected through ``eplb_triton.transfer.fault_hook`` inside forked gloo ranks:
+a rank raises, exits (``os._exit``), stalls, or corrupts a received buffer at a named point.
+After every failure, each layer on each rank must be entirely old or entirely new.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from eplb_triton import transfer
+from eplb_triton.checksum import P1, expert_checksums, trailer_bytes
+from eplb_triton.comm import ChecksumMismatchError, PeerError, PeerFailedError, PeerTimeoutError
+from eplb_triton.launch import run_ranks
+from eplb_triton.plan import plan_rearrangement
+from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton.transfer import rearrange_expert_weights_inplace, schedule_rounds
+
+SPECS = [
+    TensorSpec((3, 5), torch.bfloat16),  # 30 bytes: odd row size
+    TensorSpec((7,), torch.float32),
+    TensorSpec((2, 3, 3), torch.uint8),  # 3-D row
+]
+EXPERT_BYTES = 96  # 3 segments of 32 (16-aligned)
+TIMEOUT_S = 2.0
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def all_to_all_maps(world: int, layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank sends to and receives from every other rank in every layer (plus local moves).
+
+    Layer ``l``: row ``i`` of rank ``r`` gets the expert of row ``r`` of rank ``(i + l) % world``.
+    """
+    n = world
+    old = np.tile(np.arange(world * n), (layers, 1))
+    new = np.empty_like(old)
+    for l in range(layers):
+        for r in range(world):
+            for i in range(n):
+                new[l, r * n + i] = old[l, ((i + l) % world) * n + r]
+    return old, new
+
+
+def layer_states(weights, old, new, rank, seed=0) -> list[str]:
+    """Per layer: "old", "new", "unchanged" (old == new on this rank) or "MIXED"."""
+    not_old = {l for l, _, _ in row_mismatches(weights, old, old, rank, seed)}
+    not_new = {l for l, _, _ in row_mismatches(weights, old, new, rank, seed)}
+    states = []
+    for l in range(len(weights)):
+        is_old, is_new = l not in not_old, l not in not_new
+        states.append("unchanged" if is_old and is_new else "old" if is_old else "new" if is_new else "MIXED")
+    return states
+
+
+def _rank_run(rank, world, old, new, hook, kwargs, seed=0):
+    """Run one rearrangement with ``hook`` installed; return (error or None, states, seconds, stats)."""
+    weights = make_rank_weights(SPECS, old.shape[0], old.shape[1] // world)
+    fill_rank_weights(weights, old, rank, seed)
+    transfer.fault_hook = hook  # hooks read info["rank"]
+    begin = time.monotonic()
+    error, stats = None, None
+    try:
+        stats = rearrange_expert_weights_inplace(old, new, weights, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        error = exc
+        stats = getattr(exc, "stats", None)
+    elapsed = time.monotonic() - begin
+    transfer.fault_hook = None
+    if error is not None:
+        time.sleep(0.5)  # let peers see the original failure before this rank tears its group down
+    summary = None if error is None else (type(error).__name__, str(error), getattr(error, "layer", None), getattr(error, "peer", None), getattr(error, "expert", None))
+    return summary, layer_states(weights, old, new, rank, seed), elapsed, stats
+
+
+def run_with_faults(world, old, new, hook, **kwargs):
+    return run_ranks(world, _rank_run, old, new, hook, kwargs, backend="gloo", timeout_s=60.0, group_timeout_s=30.0, allow_missing=True)
+
+
+# -- checksum --------------------------------------------------------------------------------
+def _python_checksum(data: bytes) -> int:
+    words = np.frombuffer(data, dtype="<u4").astype(object)
+    w = len(words)
+    a = sum(int(u) % P1 * (j + 1) for j, u in enumerate(words)) % P1
+    b = sum(int(u) % 2_147_483_629 * (w - j) for j, u in enumerate(words)) % 2_147_483_629
+    return a * (1 << 31) + b
+
+
+@pytest.mark.parametrize("expert_bytes,count", [pytest.param(16, 1, id="EB16-K1"), pytest.param(96, 5, id="EB96-K5"), pytest.param(1024, 3, id="EB1024-K3")])
+def test_checksum_matches_plain_python(expert_bytes, count):
+    rng = np.random.default_rng(expert_bytes + count)
+    raw = rng.integers(0, 256, count * expert_bytes, dtype=np.uint8)
+    raw[:4] = 255  # a word >= 2**31: must be read unsigned
+    sums = expert_checksums(torch.from_numpy(raw.copy()), expert_bytes)
+    want = [_python_checksum(raw[k * expert_bytes : (k + 1) * expert_bytes].tobytes()) for k in range(count)]
+    assert sums.tolist() == want
+
+
+def test_checksum_chunking_is_invisible(monkeypatch):
+    rng = np.random.default_rng(5)
+    packed = torch.from_numpy(rng.integers(0, 256, 7 * 4096, dtype=np.uint8))
+    whole = expert_checksums(packed, 4096)
+    monkeypatch.setattr("eplb_triton.checksum._CHUNK_WORDS", 96)  # splits rows and columns
+    assert torch.equal(expert_checksums(packed, 4096), whole)
+
+
+def test_checksum_catches_single_word_changes_and_swaps():
+    rng = np.random.default_rng(11)
+    base = torch.from_numpy(rng.integers(0, 256, 256, dtype=np.uint8))
+    ref = int(expert_checksums(base, 256)[0])
+    words = base.view(torch.int32)
+    for j in range(words.numel()):
+        for delta in (1, -1, P1, 1 << 31, 12345):  # P1: invisible to one modulus alone
+            bad = base.clone()
+            value = (int(words[j]) & 0xFFFFFFFF) + delta
+            bad.view(torch.int32)[j] = int(np.uint32(value % (1 << 32)).view(np.int32))
+            if int(bad.view(torch.int32)[j]) == int(words[j]):
+                continue
+            assert int(expert_checksums(bad, 256)[0]) != ref, (j, delta)
+    swapped = base.clone()
+    w = swapped.view(torch.int32)
+    w[[3, 40]] = w[[40, 3]].clone()
+    assert int(expert_checksums(swapped, 256)[0]) != ref
+
+
+def test_checksum_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="uint8"):
+        expert_checksums(torch.zeros(16, dtype=torch.int32), 16)
+    with pytest.raises(ValueError, match="multiple of expert_bytes"):
+        expert_checksums(torch.zeros(20, dtype=torch.uint8), 16)
+    with pytest.raises(ValueError, match="backend"):
+        expert_checksums(torch.zeros(16, dtype=torch.uint8), 16, backend="cuda-magic")
+    assert trailer_bytes(1) == 16 and trailer_bytes(2) == 16 and trailer_bytes(3) == 32
+
+
+# -- one rank: rollback of a multi-round layer -----------------------------------------------
+def _local_maps():
+    # one rank, 6 rows: cycles of local moves, one round per layer
+    old = np.tile(np.arange(6), (3, 1))
+    new = np.stack([np.roll(old[0], 1), np.roll(old[0], 2), old[0][::-1].copy()])
+    return old, new
+
+
+@pytest.mark.parametrize(
+    "point,states",
+    [
+        pytest.param("layer_start", ["new", "old", "old"], id="between-layers"),
+        pytest.param("before_send", ["new", "old", "old"], id="before-send"),
+        # after the last (here: only) round is written the layer is committed: no rollback
+        pytest.param("round_applied", ["new", "new", "old"], id="after-commit"),
+    ],
+)
+def test_single_rank_failure_rolls_layer_back(point, states):
+    old, new = _local_maps()
+    weights = make_rank_weights(SPECS, 3, 6)
+    fill_rank_weights(weights, old, 0)
+    hits = []
+
+    def hook(where, **info):
+        if where == point and info.get("layer") == 1 and info.get("round", 0) == 0:
+            hits.append(info)
+            raise RuntimeError(f"injected at {where}")
+
+    transfer.fault_hook = hook
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=6 * EXPERT_BYTES)
+    finally:
+        transfer.fault_hook = None
+    assert hits
+    assert layer_states(weights, old, new, 0) == states
+
+
+def test_single_rank_mid_layer_failure_in_rounds_is_rolled_back():
+    old = np.tile(np.arange(8), (2, 1))
+    new = np.stack([old[0][::-1].copy(), old[0][::-1].copy()])  # four 2-cycles per layer
+    weights = make_rank_weights(SPECS, 2, 8)
+    fill_rank_weights(weights, old, 0)
+    rounds_seen = []
+
+    def hook(where, **info):
+        if where == "round_applied" and info["layer"] == 1:
+            rounds_seen.append(info["round"])
+            if info["round"] == 2:
+                raise RuntimeError("injected mid-layer")
+
+    transfer.fault_hook = hook
+    try:
+        with pytest.raises(RuntimeError, match="mid-layer"):
+            rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=2 * EXPERT_BYTES)
+    finally:
+        transfer.fault_hook = None
+    assert rounds_seen == [0, 1, 2]  # rounds 0-2 of 4 were written, then undone
+    assert layer_states(weights, old, new, 0) == ["new", "old"]
+    # without atomic the same failure leaves the layer half-applied: the undo copy is what helps
+    fill_rank_weights(weights, old, 0)
+    transfer.fault_hook = hook
+    try:
+        with pytest.raises(RuntimeError):
+            rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=2 * EXPERT_BYTES, atomic=False)
+    finally:
+        transfer.fault_hook = None
+    assert layer_states(weights, old, new, 0) == ["new", "MIXED"]
+
+
+def test_undo_buffer_is_reported_and_only_for_multi_round_layers():
+    old = np.tile(np.arange(8), (2, 1))
+    new = np.stack([old[0][::-1].copy(), old[0]])
+    weights = make_rank_weights(SPECS, 2, 8)
+    fill_rank_weights(weights, old, 0)
+    stats = rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=2 * EXPERT_BYTES)
+    assert row_mismatches(weights, old, new, 0) == []
+    assert stats.rounds == 4
+    assert stats.peak_undo_bytes == 6 * EXPERT_BYTES  # rows of rounds 1-3; the last round needs none
+    assert stats.peak_staging_bytes <= 2 * EXPERT_BYTES
+    fill_rank_weights(weights, old, 0)
+    stats = rearrange_expert_weights_inplace(old, new, weights)  # default budget: one round
+    assert stats.rounds == 1 and stats.peak_undo_bytes == 0
+
+
+@pytest.mark.parametrize("bad,error", [(0, ValueError), (-1.0, ValueError), ("2", TypeError)])
+def test_bad_timeout_is_rejected_before_any_write(bad, error):
+    old, new = _local_maps()
+    weights = make_rank_weights(SPECS, 3, 6)
+    fill_rank_weights(weights, old, 0)
+    with pytest.raises(error, match="timeout_s"):
+        rearrange_expert_weights_inplace(old, new, weights, timeout_s=bad)
+    assert layer_states(weights, old, new, 0) == ["old"] * 3
+
+
+# -- verify ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [pytest.param(None, id="one-round"), pytest.param(4 * (EXPERT_BYTES + 16), id="rounds")])
+def test_verify_moves_the_right_bytes(budget):
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    results = run_with_faults(world, old, new, None, verify=True, max_buffer_bytes=budget, timeout_s=10.0)
+    plan = plan_rearrangement(old, new, world)
+    for rank, (error, states, _, stats) in enumerate(results):
+        assert error is None, error
+        assert states == ["new", "new", "new"]
+        received = sum(int(np.sum(layer.traffic[:, rank])) - int(layer.traffic[rank, rank]) for layer in plan.layers)
+        assert stats.verified_experts == received
+        assert stats.control_ops == 2 * (world - 1)
+        if budget is not None:
+            assert stats.rounds > 3 and stats.peak_staging_bytes <= budget
+    sent = sum(r[3].total_bytes_sent for r in results)
+    assert sent == sum(r[3].total_bytes_received for r in results)
+    # wire bytes: 96 per expert + a 16-byte trailer per (layer, round, peer) message
+    experts = int(sum((layer.traffic * (1 - np.eye(world, dtype=np.int64))).sum() for layer in plan.layers))
+    assert sent > experts * EXPERT_BYTES
+
+
+def _corrupt(at_layer, at_round, where, **info):
+    if info["rank"] == 1 and where == "in_flight" and info["layer"] == at_layer and info["round"] == at_round:
+        peer, message = sorted(info["received"].items())[-1]
+        message[7] ^= 0x40  # one bit of the first expert's data
+
+
+@pytest.mark.parametrize(
+    "layer,round_index,budget",
+    [
+        pytest.param(1, 0, None, id="single-round"),
+        pytest.param(1, 1, 4 * (EXPERT_BYTES + 16), id="second-round"),
+    ],
+)
+def test_corruption_in_flight_is_caught_and_layer_not_applied(layer, round_index, budget):
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    hook = partial(_corrupt, layer, round_index)
+    results = run_with_faults(world, old, new, hook, verify=True, max_buffer_bytes=budget, timeout_s=10.0)
+    for rank, (error, states, _, _) in enumerate(results):
+        assert error is not None and error[0] == "ChecksumMismatchError", (rank, error)
+        assert f"layer {layer}" in error[1] and "rank 1" in error[1]  # every rank hears about it
+        if rank == 1:
+            kind, text, err_layer, peer, expert = error
+            # the hook corrupted the first expert of the last peer's message in that round
+            plan = plan_rearrangement(old, new, world).layers[layer]
+            cost = EXPERT_BYTES + 16
+            rounds = schedule_rounds(plan, cost, budget if budget is not None else world * cost)
+            view = plan.restrict(rounds[round_index]).rank(1)
+            want_peer = max(view.recv_rows)
+            want_expert = int(new[layer, world + view.recv_rows[want_peer][0]])
+            assert (err_layer, peer, expert) == (layer, want_peer, want_expert)
+            assert f"expert {want_expert}" in text and f"peer {want_peer}" in text
+            assert states == ["new" if l != layer else "old" for l in range(3)]
+        else:
+            assert states == ["new", "new", "new"]
+
+
+def test_without_verify_corruption_goes_through():
+    # the hook really corrupts: without checksums the bad byte lands in the weights
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    results = run_with_faults(world, old, new, partial(_corrupt, 1, 0), timeout_s=10.0)
+    assert [r[0] for r in results] == [None] * world
+    assert results[1][1][1] == "MIXED"
+
+
+# -- peer failures ---------------------------------------------------------------------------
+def _exit_at(point, at_layer, victim, where, **info):
+    if info["rank"] == victim and where == point and info.get("layer", at_layer) == at_layer:
+        os._exit(7)
+
+
+def _stall_at(point, at_layer, victim, seconds, where, **info):
+    if info["rank"] == victim and where == point and info.get("layer", at_layer) == at_layer:
+        time.sleep(seconds)
+        raise RuntimeError("stalled rank gives up")
+
+
+@pytest.mark.parametrize("point", ["before_send", "layer_start"])
+def test_peer_exits_every_survivor_names_layer_and_peer(point):
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    results = run_with_faults(world, old, new, partial(_exit_at, point, 1, 3), timeout_s=TIMEOUT_S)
+    assert results[3] is None  # it exited
+    for rank in range(3):
+        error, states, elapsed, _ = results[rank]
+        assert error is not None, rank
+        kind, text, layer, peer, _ = error
+        assert kind in ("PeerFailedError", "PeerTimeoutError"), text
+        assert (layer, peer) == (1, 3), text
+        assert "layer 1" in text and "peer 3" in text
+        assert elapsed < TIMEOUT_S + 3.0
+        assert states == ["new", "old", "old"], (rank, states)
+
+
+def test_stalled_peer_times_out_within_timeout():
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    results = run_with_faults(world, old, new, partial(_stall_at, "before_send", 1, 3, 1.5 * TIMEOUT_S), timeout_s=TIMEOUT_S)
+    for rank in range(3):
+        error, states, elapsed, _ = results[rank]
+        kind, text, layer, peer, _ = error
+        assert kind == "PeerTimeoutError", text
+        assert (layer, peer) == (1, 3) and "timeout_s" in text
+        assert 0.8 * TIMEOUT_S < elapsed < 2 * TIMEOUT_S + 2.0, elapsed  # not the group's 30 s
+        assert states == ["new", "old", "old"]
+    assert results[3][0][1] == "stalled rank gives up"
+    assert results[3][1] == ["new", "old", "old"]
+
+
+def test_peer_dying_before_confirmation_is_reported_everywhere():
+    world = 4
+    old, new = all_to_all_maps(world, 2)
+    results = run_with_faults(world, old, new, partial(_exit_at, "before_confirm", None, 3), timeout_s=TIMEOUT_S)
+    for rank in range(3):
+        error, states, elapsed, _ = results[rank]
+        kind, text, layer, peer, _ = error
+        assert kind in ("PeerFailedError", "PeerTimeoutError") and peer == 3 and layer is None, text
+        assert "final confirmation" in text
+        assert states == ["new", "new"]  # all layers completed here before the peer vanished
+
+
+def _raise_at(point, at_layer, at_round, victim, where, **info):
+    if info["rank"] == victim and where == point and info.get("layer") == at_layer and info.get("round", 0) == at_round:
+        raise RuntimeError(f"injected at {where}")
+
+
+@pytest.mark.parametrize(
+    "point,round_index,budget,victim_states",
+    [
+        pytest.param("layer_start", 0, None, ["new", "old", "old"], id="between-layers"),
+        pytest.param("before_send", 0, None, ["new", "old", "old"], id="before-send"),
+        pytest.param("in_flight", 0, None, ["new", "old", "old"], id="after-receive"),
+        pytest.param("round_applied", 0, 4 * EXPERT_BYTES, ["new", "old", "old"], id="mid-layer-rounds"),
+        pytest.param("before_send", 1, 4 * EXPERT_BYTES, ["new", "old", "old"], id="second-round-before-send"),
+    ],
+)
+def test_injected_failure_leaves_every_layer_old_or_new(point, round_index, budget, victim_states):
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    hook = partial(_raise_at, point, 1, round_index, 2)
+    results = run_with_faults(world, old, new, hook, timeout_s=TIMEOUT_S, max_buffer_bytes=budget)
+    victim_error, victim_layers, _, victim_stats = results[2]
+    assert victim_error[1] == f"injected at {point}"
+    assert victim_layers == victim_states
+    named = []
+    for rank, (error, states, elapsed, _) in enumerate(results):
+        assert "MIXED" not in states, (rank, states)
+        if rank != 2:
+            # every survivor fails, naming the peer it was waiting on: rank 2, or a survivor
+            # that already gave up because of rank 2 (a cascade)
+            assert error is not None and error[0] in ("PeerFailedError", "PeerTimeoutError"), error
+            assert error[3] is not None and f"peer {error[3]}" in error[1], error
+            assert error[2] is None or error[2] >= 1, error  # layer 0 had completed
+            assert elapsed < 2 * TIMEOUT_S + 3.0
+            named.append(error[3])
+    assert 2 in named
+
+
+# -- logging ---------------------------------------------------------------------------------
+def _rank_logged(rank, world, old, new):
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append((record.name, record.levelname, record.getMessage()))
+
+    logger = logging.getLogger("eplb_triton")
+    handler = Keep(level=logging.DEBUG)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        weights = make_rank_weights(SPECS, old.shape[0], old.shape[1] // world)
+        fill_rank_weights(weights, old, rank)
+        stats = rearrange_expert_weights_inplace(old, new, weights, log_traffic=True, max_buffer_bytes=1 << 20)
+        quiet = len(records)
+        fill_rank_weights(weights, old, rank)
+        rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=1 << 20)
+        return records, quiet, stats
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_log_traffic_logs_per_peer_bytes_at_info(distributed):
+    world = 2
+    old, new = all_to_all_maps(world, 2)
+    for rank, (records, quiet, stats) in enumerate(distributed(world, _rank_logged, old, new)):
+        infos = [m for name, level, m in records[:quiet] if level == "INFO" and name.startswith("eplb_triton")]
+        assert len(infos) == 1 and f"rank {rank}: sent {stats.total_bytes_sent} B" in infos[0]
+        peer = 1 - rank
+        assert f"{{{peer}: {int(stats.bytes_sent[peer])}}}" in infos[0]
+        assert len(records) == quiet  # without log_traffic nothing at INFO
+        assert len(stats.layer_times_s) == 2 and all(t > 0 for t in stats.layer_times_s)
