@@ -595,7 +595,12 @@ def prepare_layers(
         try:
             rounds = schedule_rounds(layer_plan, cost, budget)
         except ValueError as exc:
-            raise ValueError(f"layer {index}: {exc}") from None
+            if max_buffer_bytes is not None:
+                raise ValueError(f"layer {index}: {exc}") from None
+            # The default budget is a target, not a limit the caller set: a cycle of moves
+            # that needs more runs in one round with the staging it needs.
+            whole = int(_rank_load(layer_plan, np.arange(layer_plan.num_deliveries)).sum(axis=0).max()) * cost
+            rounds = schedule_rounds(layer_plan, cost, whole)
         works = [
             RoundWork.from_view(layer_plan.restrict(r).rank(comm.rank), layout.expert_bytes, verify=verify) for r in rounds
         ]
@@ -704,7 +709,8 @@ def rearrange_expert_weights_inplace(
         ep_group: the EP process group (default: the world group; none initialised = a
             single rank).
         max_buffer_bytes: staging memory bound per rank (default: one layer's local weights,
-            packed); a layer that needs more runs in rounds.
+            packed, grown for a layer whose cycles of moves need more); a layer that needs
+            more runs in rounds.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack/copy.
         timeout_s: the longest any wait on peers may take (each exchange, the input
             agreement and the final confirmation); ``None`` = the process group's timeout.

@@ -235,6 +235,24 @@ def test_bad_timeout_is_rejected_before_any_write(bad, error):
     assert layer_states(weights, old, new, 0) == ["old"] * 3
 
 
+def _rank_default_budget(rank, world, old, new):
+    weights = make_rank_weights(SPECS, 1, old.shape[1] // world)
+    fill_rank_weights(weights, old, rank)
+    stats = rearrange_expert_weights_inplace(old, new, weights)
+    return row_mismatches(weights, old, new, rank), stats.rounds, stats.peak_staging_bytes
+
+
+def test_default_budget_grows_for_a_cycle_larger_than_one_layer(distributed):
+    # slot 0 <- 2 (network), 2 <- 1 (network), 1 <- 0 (local): one cycle costing rank 0
+    # three staging rows while a layer has two; the default budget must not reject it.
+    old, new = np.array([[0, 1, 2, 3]]), np.array([[2, 0, 1, 3]])
+    with pytest.raises(ValueError, match="too small"):
+        schedule_rounds(plan_rearrangement(old, new, 2).layers[0], EXPERT_BYTES, 2 * EXPERT_BYTES)
+    for bad, rounds, peak in distributed(2, _rank_default_budget, old, new):
+        assert bad == [] and rounds == 1
+    assert peak > 0
+
+
 # -- verify ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("budget", [pytest.param(None, id="one-round"), pytest.param(4 * (EXPERT_BYTES + 16), id="rounds")])
 def test_verify_moves_the_right_bytes(budget):
