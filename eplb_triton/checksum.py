@@ -15,8 +15,11 @@ with probability about ``2**-62``. All arithmetic stays below ``2**63`` (every p
 reduced before it is summed), so the torch reference, a Triton kernel and any other
 implementation get the same bits, with no reliance on signed overflow.
 
-Backends: ``"torch"`` (any device; the reference) and ``"auto"`` (= torch for now; a Triton
-reduction for CUDA can slot in behind the same switch).
+Backends: ``"torch"`` (any device; the reference), ``"triton"`` (one program per
+(expert, block of words) writes reduced partial sums, torch adds the partials: same bits as
+the reference) and ``"auto"`` (Triton for CUDA tensors, torch otherwise). The kernel lives
+here rather than in ``kernels/`` only to keep this module self-contained while the kernels
+package is being reworked; it can move there unchanged.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ __all__ = ["CHECKSUM_BYTES", "CHECKSUM_BACKENDS", "P1", "P2", "expert_checksums"
 P1 = 2_147_483_647  # 2**31 - 1, prime
 P2 = 2_147_483_629  # 2**31 - 19, prime
 CHECKSUM_BYTES = 8  # one int64 per expert
-CHECKSUM_BACKENDS = ("auto", "torch")
+CHECKSUM_BACKENDS = ("auto", "torch", "triton")
+_BLOCK_WORDS = 1024  # words per Triton program
 _CHUNK_WORDS = 1 << 21  # bounds the int64 temporaries to a few tens of MiB
 
 
@@ -46,7 +50,7 @@ def expert_checksums(
         packed: contiguous 1-D ``torch.uint8`` tensor, ``k * expert_bytes`` bytes.
         expert_bytes: bytes per packed expert, a positive multiple of 4.
         out: optional ``(k,)`` int64 tensor on ``packed``'s device to write into.
-        backend: ``"auto"``/``None`` or ``"torch"``.
+        backend: ``"auto"``/``None`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
 
     Returns:
         ``(k,)`` int64 checksums (``out`` when given).
@@ -65,8 +69,49 @@ def expert_checksums(
     elif out.shape != (count,) or out.dtype != torch.int64:
         raise ValueError(f"out must be an int64 tensor of shape ({count},)")
     if count:
-        out.copy_(_checksums_torch(packed.view(count, expert_bytes)))
+        use_triton = backend == "triton" or (backend in (None, "auto") and packed.device.type == "cuda")
+        table = packed.view(count, expert_bytes)
+        out.copy_(_checksums_triton(table) if use_triton else _checksums_torch(table))
     return out
+
+
+_KERNEL = None
+
+
+def _kernel():
+    """Build the Triton kernel on first use (importing triton is slow and optional on CPU)."""
+    global _KERNEL
+    if _KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def checksum_partials(words_ptr, part_a_ptr, part_b_ptr, num_words, num_blocks, BLOCK: tl.constexpr):
+            expert = tl.program_id(0).to(tl.int64)
+            block = tl.program_id(1)
+            j = block * BLOCK + tl.arange(0, BLOCK)
+            mask = j < num_words
+            u = tl.load(words_ptr + expert * num_words + j, mask=mask, other=0).to(tl.int64) & 0xFFFFFFFF
+            jj = j.to(tl.int64)
+            # each term < 2**31 after reduction, so BLOCK of them sum far below 2**63
+            ta = tl.where(mask, ((u % 2147483647) * (jj + 1)) % 2147483647, 0)
+            tb = tl.where(mask, ((u % 2147483629) * (num_words - jj)) % 2147483629, 0)
+            tl.store(part_a_ptr + expert * num_blocks + block, tl.sum(ta, axis=0) % 2147483647)
+            tl.store(part_b_ptr + expert * num_blocks + block, tl.sum(tb, axis=0) % 2147483629)
+
+        _KERNEL = checksum_partials
+    return _KERNEL
+
+
+def _checksums_triton(table: torch.Tensor) -> torch.Tensor:
+    count, nbytes = table.shape
+    words = nbytes // 4
+    num_blocks = (words + _BLOCK_WORDS - 1) // _BLOCK_WORDS
+    part_a = torch.empty((count, num_blocks), dtype=torch.int64, device=table.device)
+    part_b = torch.empty_like(part_a)
+    _kernel()[(count, num_blocks)](table.view(torch.int32), part_a, part_b, words, num_blocks, BLOCK=_BLOCK_WORDS)
+    # partials < 2**31 each: their sum fits int64 for any realistic expert size
+    return (part_a.sum(dim=1) % P1) * (1 << 31) + part_b.sum(dim=1) % P2
 
 
 def _checksums_torch(table: torch.Tensor) -> torch.Tensor:

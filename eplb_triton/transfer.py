@@ -383,9 +383,12 @@ class RoundWork:
     def apply_received(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
         """Unpack received rows, then duplicate fills (pairs with :meth:`apply_local`)."""
         view = self.view
-        for peer, message in self.recv_messages(staging).items():
-            rows = view.recv_rows[peer]
-            layout.unpack(self._split(message, len(rows))[0], rows, backend=backend)
+        if self.recv_rows.size and not self.verify:
+            layout.unpack(self._slices(staging)[1], self.recv_rows, backend=backend)
+        elif self.recv_rows.size:
+            for peer, message in self.recv_messages(staging).items():
+                rows = view.recv_rows[peer]
+                layout.unpack(self._split(message, len(rows))[0], rows, backend=backend)
         if view.dup_dst_rows.size:
             layout.copy_rows(view.dup_src_rows, view.dup_dst_rows, backend=backend)
 

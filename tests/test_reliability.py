@@ -130,6 +130,17 @@ def test_checksum_catches_single_word_changes_and_swaps():
     assert int(expert_checksums(swapped, 256)[0]) != ref
 
 
+@pytest.mark.parametrize("expert_bytes,count", [pytest.param(16, 3, id="EB16-K3"), pytest.param(4096 + 48, 4, id="EB4144-K4-3blocks")])
+def test_checksum_triton_matches_torch(device, expert_bytes, count):
+    gen = torch.Generator().manual_seed(expert_bytes)
+    packed = torch.randint(0, 256, (count * expert_bytes,), generator=gen, dtype=torch.uint8).to(device)
+    want = expert_checksums(packed.cpu(), expert_bytes, backend="torch")
+    got = expert_checksums(packed, expert_bytes, backend="triton")
+    assert torch.equal(got.cpu(), want)
+    if device.type == "cuda":  # "auto" picks Triton on CUDA
+        assert torch.equal(expert_checksums(packed, expert_bytes).cpu(), want)
+
+
 def test_checksum_rejects_bad_arguments():
     with pytest.raises(TypeError, match="uint8"):
         expert_checksums(torch.zeros(16, dtype=torch.int32), 16)
@@ -251,6 +262,33 @@ def test_default_budget_grows_for_a_cycle_larger_than_one_layer(distributed):
     for bad, rounds, peak in distributed(2, _rank_default_budget, old, new):
         assert bad == [] and rounds == 1
     assert peak > 0
+
+
+def _rank_first_api(rank, world, old, new, verify):
+    """The building blocks in the order of the first API (start, apply_local, wait, apply_received):
+    still correct, for callers such as a worker written against it."""
+    from eplb_triton.comm import Communicator
+    from eplb_triton.transfer import prepare_layers
+
+    weights = make_rank_weights(SPECS, old.shape[0], old.shape[1] // world)
+    fill_rank_weights(weights, old, rank)
+    comm = Communicator.from_group()
+    layers = prepare_layers(old, new, weights, comm, 1 << 20, verify=verify)
+    staging = torch.empty(max(layer.staging_bytes for layer in layers), dtype=torch.uint8)
+    for layer in layers:
+        for work in layer.rounds:
+            requests = work.start(layer.layout, staging, comm, None)
+            work.apply_local(layer.layout, staging, None)
+            comm.wait(requests)
+            assert work.verify_received(staging) == []
+            work.apply_received(layer.layout, staging, None)
+    return row_mismatches(weights, old, new, rank)
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "verify"])
+def test_building_blocks_in_first_api_order(distributed, verify):
+    old, new = all_to_all_maps(4, 2)
+    assert distributed(4, _rank_first_api, old, new, verify) == [[]] * 4
 
 
 # -- verify ----------------------------------------------------------------------------------
