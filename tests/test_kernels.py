@@ -9,6 +9,7 @@ Sizes stay small so the interpreter stays fast.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -31,6 +32,15 @@ LAYERS = [
 # A tuning with tiny chunks and tiles: rows split into many chunks, many programs, each
 # program looping over several chunks (the grid-stride path).
 TINY_CHUNKS = KernelTuning(block_words=8, byte_block=16, programs_per_sm=3, waves=2, min_chunk=64, max_chunk=64)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_needs_interpreter(request):
+    """CPU cases run the kernels through the interpreter, which conftest turns on only on
+    machines without CUDA; on a GPU machine they are skipped (the cuda cases run instead)."""
+    if "device" in request.fixturenames and request.getfixturevalue("device").type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
 
 
 def _gen(seed: int) -> torch.Generator:
