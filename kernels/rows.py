@@ -93,7 +93,7 @@ def move_rows_kernel(
     n_chunks_v = (row_bytes_v + (CHUNK - 1)) // CHUNK
     cum_v = tl.cumsum(n_chunks_v, axis=0)
     chunks_per_expert = tl.sum(n_chunks_v, axis=0)
-    total = num_rows.to(tl.int64) * chunks_per_expert
+    total = chunks_per_expert * num_rows  # int64: chunks_per_expert is a sum of int64
 
     for j in range(pid, total, nprog):
         k = j // chunks_per_expert
