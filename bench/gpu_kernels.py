@@ -1,8 +1,10 @@
 """Tuning sweep on a GPU: each KernelTuning variant's pack / unpack bandwidth as % of a
 same-size copy_, on the issue's four configs, in one run (``python bench/gpu_kernels.py OUT_DIR``).
 
-Writes ``OUT_DIR/kernels-sweep.json`` and prints one line per variant. The default tuning is
-timed twice (first and last) so the spread between identical runs is visible.
+Usage: ``python bench/gpu_kernels.py OUT_DIR [variant,variant,...] [rounds]``. Writes
+``OUT_DIR/kernels-sweep.json`` (every call's median, p10 and p90) and prints, per variant, the
+median over rounds; rounds interleave the variants so that a slow spell of the machine does
+not land on one variant only. Also measures the host time of the public pack()/unpack().
 """
 
 from __future__ import annotations
@@ -22,45 +24,115 @@ from eplb_triton.layout import DEFAULT_TUNING, KernelTuning  # noqa: E402
 D = DEFAULT_TUNING
 VARIANTS = {
     "default": D,
-    "block2048": KernelTuning(block_words=2048),
-    "block8192-w8": KernelTuning(block_words=8192, num_warps=8),
-    "block4096-w8": KernelTuning(block_words=4096, num_warps=8),
-    "block1024-w2": KernelTuning(block_words=1024, num_warps=2),
+    "no-prefetch": KernelTuning(prefetch=False),
+    "w8": KernelTuning(num_warps=8),
+    "b8192-w8-c32k": KernelTuning(block_words=8192, num_warps=8, min_chunk=32 << 10),
+    "b2048": KernelTuning(block_words=2048),
     "pps4": KernelTuning(programs_per_sm=4),
     "pps16": KernelTuning(programs_per_sm=16),
-    "waves1": KernelTuning(waves=1),
-    "waves16": KernelTuning(waves=16),
-    "chunk64k": KernelTuning(min_chunk=64 << 10, max_chunk=64 << 10),
-    "chunk1m": KernelTuning(min_chunk=1 << 20, max_chunk=1 << 20, programs_per_sm=4),
-    "one-chunk-per-program": KernelTuning(programs_per_sm=1 << 20, min_chunk=64 << 10, max_chunk=64 << 10),
+    "pps12": KernelTuning(programs_per_sm=12),
+    "balance": KernelTuning(balance=True),
+    "waves2": KernelTuning(waves=2),
+    "waves8-c8k": KernelTuning(waves=8, min_chunk=8 << 10),
+    "c32k": KernelTuning(min_chunk=32 << 10, max_chunk=32 << 10),
+    "c64k-b8192-w8": KernelTuning(min_chunk=64 << 10, max_chunk=64 << 10, block_words=8192, num_warps=8),
     "streaming": KernelTuning(streaming=True),
-    "default-again": D,
+    "no-prefetch-w8": KernelTuning(prefetch=False, num_warps=8),
 }
+
+
+def distribution_timer(device, samples: list):
+    """Like kernel_table.timer, but also keeps each call's (median, p10, p90)."""
+    import triton.testing
+
+    def time_us(fn):
+        times = sorted(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all"))
+        q = lambda p: 1e3 * times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+        samples.append((q(0.5), q(0.1), q(0.9)))
+        return q(0.5)
+
+    return time_us
+
+
+def api_overhead(device) -> dict:
+    """Host microseconds per public pack() call (tiny config), rows from numpy: pinned vs pageable
+    host->device copy of the rows, against launch() alone."""
+    import numpy as np
+
+    import eplb_triton.layout as lay
+    from kernel_table import make_layer
+
+    layout, rows = make_layer(CONFIGS[3], device)
+    buf = torch.empty(len(rows) * layout.expert_bytes, dtype=torch.uint8, device=device)
+    rows_dev = torch.as_tensor(rows, device=device)
+    pinned = lay._as_index_tensor
+
+    def pageable(rows_in, host, dev):
+        if isinstance(rows_in, torch.Tensor):
+            return rows_in.to(device=dev, dtype=torch.int64, non_blocking=True)
+        return torch.from_numpy(np.ascontiguousarray(host)).to(dev, non_blocking=True)
+
+    def host_us(fn, n=300):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - begin) / n * 1e6
+        torch.cuda.synchronize()
+        return host
+
+    out = {"launch_only": host_us(lambda: layout.launch("pack", buf, src_rows=rows_dev))}
+    out["pack_pinned"] = host_us(lambda: layout.pack(rows, buf))
+    out["unpack_pinned"] = host_us(lambda: layout.unpack(buf, rows))
+    lay._as_index_tensor = pageable
+    try:
+        out["pack_pageable"] = host_us(lambda: layout.pack(rows, buf))
+        out["unpack_pageable"] = host_us(lambda: layout.unpack(buf, rows))
+    finally:
+        lay._as_index_tensor = pinned
+    out["index_select_ref"] = host_us(lambda: layout.pack_reference(rows_dev, buf))
+    return out
 
 
 def main() -> int:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
     names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(VARIANTS)
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
     device = torch.device("cuda")
-    time_us = timer(device)
+    samples: list = []
+    time_us = distribution_timer(device, samples)
     peak = peak_copy_gbs(device, time_us, 1 << 30)
     print(machine_line(device))
     print(f"large-copy peak {peak:.0f} GB/s")
-    report = {"machine": machine_line(device), "peak_copy_gbs": peak, "variants": {}}
+    report = {"machine": machine_line(device), "peak_copy_gbs": peak, "variants": {n: {"tuning": repr(VARIANTS[n]), "rounds": []} for n in names}}
+    report["api_overhead_us"] = api_overhead(device)
+    print("host us per call:", {k: round(v, 1) for k, v in report["api_overhead_us"].items()}, flush=True)
+    # Rounds interleave the variants, so a slow spell of the machine hits all of them alike.
+    for rnd in range(rounds):
+        for name in names:
+            tuning = VARIANTS[name]
+            results = []
+            for cfg in CONFIGS:
+                del samples[:]
+                r = measure(cfg, device, time_us, tuning=tuning, baselines=False)
+                r["copy_q"], r["pack_q"], r["unpack_q"] = samples[0], samples[1], samples[2]
+                results.append(r)
+            report["variants"][name]["rounds"].append(results)
+            with open(os.path.join(out_dir, "kernels-sweep.json"), "w") as fh:
+                json.dump(report, fh, indent=1)
+        print(f"round {rnd} done", flush=True)
+    print("median over rounds of % of same-size copy (pack / unpack):")
     for name in names:
-        tuning = VARIANTS[name]
-        begin = time.perf_counter()
-        results = [measure(cfg, device, time_us, tuning=tuning, baselines=False) for cfg in CONFIGS]
-        report["variants"][name] = {"tuning": repr(tuning), "results": results}
         cells = []
-        for r in results:
-            exact = "" if r["pack_exact"] else " NOT-EXACT"
-            cells.append(
-                f"{r['config'][:10]} p{100 * r['copy_us'] / r['pack_us']:5.1f} u{100 * r['copy_us'] / r['unpack_us']:5.1f}{exact}"
-            )
-        print(f"{name:22s} " + " | ".join(cells) + f"  ({time.perf_counter() - begin:.0f}s)", flush=True)
-        with open(os.path.join(out_dir, "kernels-sweep.json"), "w") as fh:
-            json.dump(report, fh, indent=1)
+        for c, cfg in enumerate(CONFIGS):
+            per = [rr[c] for rr in report["variants"][name]["rounds"]]
+            p = sorted(100 * r["copy_us"] / r["pack_us"] for r in per)
+            u = sorted(100 * r["copy_us"] / r["unpack_us"] for r in per)
+            exact = "" if all(r["pack_exact"] for r in per) else " NOT-EXACT"
+            cells.append(f"{cfg.name[:8]} p{p[len(p) // 2]:5.1f} u{u[len(u) // 2]:5.1f} [{min(p + u):4.0f}-{max(p + u):4.0f}]{exact}")
+        print(f"{name:16s} " + " | ".join(cells), flush=True)
     return 0
 
 

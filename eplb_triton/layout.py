@@ -138,6 +138,8 @@ class KernelTuning:
     min_chunk: int = 16 << 10
     max_chunk: int = 256 << 10
     streaming: bool = False  # evict-first loads and streaming stores
+    prefetch: bool = True  # load the next chunk's descriptor before copying the current one
+    balance: bool = False  # trim the grid so every program gets the same number of chunks
 
 
 DEFAULT_TUNING = KernelTuning()
@@ -159,6 +161,7 @@ class KernelPlan:
     byte_block: int
     num_warps: int
     streaming: bool
+    prefetch: bool
 
 
 def _interpreted(kernel) -> bool:
@@ -182,18 +185,19 @@ def _sm_count(device: torch.device) -> int:
 
 
 class _TritonState:
-    """Per-layout state of the Triton backend: the descriptor table, on the weights' device.
+    """Per-layout state of the Triton backend: chunk descriptor tables on the weights' device.
 
-    Built once per layout from the tensors' ``data_ptr``; a tensor whose storage is later
-    replaced (``set_``, ``resize_``) needs a new layout.
+    Built from the tensors' ``data_ptr`` once per layout, and a table once per chunk size
+    (powers of two, so a few per layout); a tensor whose storage is later replaced
+    (``set_``, ``resize_``) needs a new layout.
     """
 
     def __init__(self, layout: "ExpertLayout"):
         from .kernels import rows as kr
 
-        self.fields = {name: getattr(kr, name).value for name in ("F_BASE", "F_STRIDE", "F_ROW_BYTES", "F_SEGMENT", "F_ALIGNED")}
-        self.modes = {"pack": kr.MODE_PACK.value, "unpack": kr.MODE_UNPACK.value, "copy": kr.MODE_COPY.value}
         self.kernel = kr.move_rows_kernel
+        self.fields = {name: getattr(kr, name).value for name in ("C_BASE", "C_STRIDE", "C_PACKED", "C_LEN", "NUM_FIELDS")}
+        self.modes = {"pack": kr.MODE_PACK.value, "unpack": kr.MODE_UNPACK.value, "copy": kr.MODE_COPY.value}
         self.interpreted = _interpreted(self.kernel)
         if layout.device.type == "cuda" and self.interpreted:
             raise ValueError("backend='triton' with TRITON_INTERPRET=1 runs on CPU tensors only; these are on CUDA")
@@ -202,22 +206,39 @@ class _TritonState:
                 f"backend='triton' on {layout.device} tensors needs TRITON_INTERPRET=1 (set before triton is "
                 "imported); use backend='torch' or 'auto' there"
             )
-        count = len(layout.tensors)
-        self.t_pad = max(2, 1 << (count - 1).bit_length())
-        table = np.zeros((kr.NUM_FIELDS.value, self.t_pad), dtype=np.int64)
-        for t, (view, nbytes, seg) in enumerate(zip(layout._byte_views, layout.row_bytes, layout.segment_offsets)):
+        self.layout = layout
+        self.tensors = []  # (base address, row stride, row bytes, segment offset, aligned)
+        for view, nbytes, seg in zip(layout._byte_views, layout.row_bytes, layout.segment_offsets):
             base, stride = view.data_ptr(), view.stride(0)
-            f = self.fields
-            table[f["F_BASE"], t] = base
-            table[f["F_STRIDE"], t] = stride
-            table[f["F_ROW_BYTES"], t] = nbytes
-            table[f["F_SEGMENT"], t] = seg
-            table[f["F_ALIGNED"], t] = int(base % ALIGN_BYTES == 0 and stride % ALIGN_BYTES == 0 and nbytes % ALIGN_BYTES == 0)
-        self.all_aligned = bool(table[self.fields["F_ALIGNED"], :count].all())
-        self.desc = torch.from_numpy(table).to(layout.device)
+            aligned = base % ALIGN_BYTES == 0 and stride % ALIGN_BYTES == 0 and nbytes % ALIGN_BYTES == 0
+            self.tensors.append((base, stride, nbytes, seg, int(aligned)))
+        self.all_aligned = all(t[4] for t in self.tensors)
         self.row_bytes_total = sum(layout.row_bytes)
         self.sm_count = _sm_count(layout.device)
         self.tuning = INTERPRETER_TUNING if self.interpreted else DEFAULT_TUNING
+        self._tables: dict[int, torch.Tensor] = {}
+
+    def chunks_per_expert(self, chunk: int) -> int:
+        return sum(-(-nbytes // chunk) for _, _, nbytes, _, _ in self.tensors)
+
+    def chunk_table(self, chunk: int) -> torch.Tensor:
+        """``(chunks_per_expert, NUM_FIELDS)`` int64 chunk descriptors for ``chunk``-byte chunks."""
+        table = self._tables.get(chunk)
+        if table is None:
+            f = self.fields
+            rows = []
+            for base, stride, nbytes, seg, aligned in self.tensors:
+                for begin in range(0, nbytes, chunk):
+                    entry = [0] * f["NUM_FIELDS"]
+                    entry[f["C_BASE"]] = base + begin
+                    entry[f["C_STRIDE"]] = stride
+                    entry[f["C_PACKED"]] = seg + begin
+                    entry[f["C_LEN"]] = 2 * min(chunk, nbytes - begin) + aligned
+                    rows.append(entry)
+            host = np.array(rows, dtype=np.int64).reshape(-1, f["NUM_FIELDS"])
+            table = torch.from_numpy(host).to(self.layout.device)
+            self._tables[chunk] = table
+        return table
 
 
 class ExpertLayout:
@@ -360,14 +381,18 @@ class ExpertLayout:
         total = num_rows * state.row_bytes_total
         chunk = _pow2_floor(max(total // max(programs_cap * tuning.waves, 1), 1))
         chunk = max(ALIGN_BYTES, min(max(chunk, tuning.min_chunk), tuning.max_chunk))
-        chunks = num_rows * sum(-(-b // chunk) for b in self.row_bytes)
+        chunks = num_rows * state.chunks_per_expert(chunk)
+        programs = max(1, min(chunks, programs_cap))
+        if tuning.balance:  # the fewest programs that keep the same number of rounds: equal shares
+            programs = -(-chunks // -(-chunks // programs))
         return KernelPlan(
-            programs=max(1, min(chunks, programs_cap)),
+            programs=programs,
             chunk=chunk,
             block_words=min(tuning.block_words, chunk // 4),  # no tile wider than a chunk
             byte_block=tuning.byte_block,
             num_warps=tuning.num_warps,
             streaming=tuning.streaming,
+            prefetch=tuning.prefetch,
         )
 
     def launch(
@@ -392,21 +417,22 @@ class ExpertLayout:
         plan = self.kernel_plan(num_rows, tuning)
         buf_addr = buf.data_ptr() if buf is not None else 0
         buf_aligned = int(buf_addr % ALIGN_BYTES == 0)
+        table = state.chunk_table(plan.chunk)
         state.kernel[(plan.programs,)](
-            state.desc,
+            table,
             src_rows if src_rows is not None else rows,
             dst_rows if dst_rows is not None else rows,
             buf_addr,
             buf_aligned,
             num_rows,
+            table.shape[0],
             self.expert_bytes,
             MODE=state.modes[mode],
-            T_PAD=state.t_pad,
-            CHUNK=plan.chunk,
             BLOCK=plan.block_words,
             BYTE_BLOCK=plan.byte_block,
             HAS_UNALIGNED=not (state.all_aligned and (buf_aligned or mode == "copy")),
             STREAMING=plan.streaming,
+            PREFETCH=plan.prefetch,
             num_warps=plan.num_warps,
         )
 

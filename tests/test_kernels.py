@@ -32,6 +32,11 @@ LAYERS = [
 # A tuning with tiny chunks and tiles: rows split into many chunks, many programs, each
 # program looping over several chunks (the grid-stride path).
 TINY_CHUNKS = KernelTuning(block_words=8, byte_block=16, programs_per_sm=3, waves=2, min_chunk=64, max_chunk=64)
+TUNINGS = [
+    pytest.param(TINY_CHUNKS, id="64B-chunks"),
+    pytest.param(KernelTuning(block_words=4, byte_block=8, programs_per_sm=5, min_chunk=32, max_chunk=32, prefetch=False), id="32B-chunks-no-prefetch"),
+    pytest.param(KernelTuning(block_words=16, programs_per_sm=7, min_chunk=128, max_chunk=128, balance=True, streaming=True), id="128B-balanced-streaming"),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -123,10 +128,11 @@ def test_pack_leaves_spare_bytes_and_padding(device):
     assert bool((pad == POISON).all())
 
 
+@pytest.mark.parametrize("tuning", TUNINGS)
 @pytest.mark.parametrize("specs", LAYERS)
-def test_pack_many_chunks_per_row(device, specs):
-    """Rows split into 64-byte chunks over a persistent grid of several programs."""
-    out, ref, _ = pack_both(specs, 5, [4, 2, 2, 0, 3], device, tuning=TINY_CHUNKS)
+def test_pack_many_chunks_per_row(device, specs, tuning):
+    """Rows split into small chunks over a persistent grid of several programs."""
+    out, ref, _ = pack_both(specs, 5, [4, 2, 2, 0, 3], device, tuning=tuning)
     assert torch.equal(out.cpu(), ref.cpu())
 
 
@@ -179,9 +185,10 @@ def test_unpack_matches_reference(device, specs, rows_case):
     assert_same_bytes(tensors, expected)
 
 
+@pytest.mark.parametrize("tuning", TUNINGS)
 @pytest.mark.parametrize("specs", LAYERS)
-def test_unpack_many_chunks_per_row(device, specs):
-    tensors, expected = unpack_both(specs, 6, [5, 0, 3], device, tuning=TINY_CHUNKS)
+def test_unpack_many_chunks_per_row(device, specs, tuning):
+    tensors, expected = unpack_both(specs, 6, [5, 0, 3], device, tuning=tuning)
     assert_same_bytes(tensors, expected)
 
 
