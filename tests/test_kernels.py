@@ -34,7 +34,7 @@ LAYERS = [
 TINY_CHUNKS = KernelTuning(block_words=8, byte_block=16, programs_per_sm=3, waves=2, min_chunk=64, max_chunk=64)
 TUNINGS = [
     pytest.param(TINY_CHUNKS, id="64B-chunks"),
-    pytest.param(KernelTuning(block_words=4, byte_block=8, programs_per_sm=5, min_chunk=32, max_chunk=32, prefetch=False), id="32B-chunks-no-prefetch"),
+    pytest.param(KernelTuning(block_words=4, byte_block=8, programs_per_sm=5, min_chunk=256, max_chunk=256, prefetch=False), id="256B-chunks-16B-tiles-no-prefetch"),
     pytest.param(KernelTuning(block_words=16, programs_per_sm=7, min_chunk=128, max_chunk=128, balance=True, streaming=True), id="128B-balanced-streaming"),
 ]
 
