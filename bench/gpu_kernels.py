@@ -22,22 +22,20 @@ from kernel_table import CONFIGS, machine_line, measure, peak_copy_gbs, timer  #
 from eplb_triton.layout import DEFAULT_TUNING, KernelTuning  # noqa: E402
 
 D = DEFAULT_TUNING
+NP = dict(prefetch=False)
 VARIANTS = {
-    "default": D,
-    "no-prefetch": KernelTuning(prefetch=False),
-    "w8": KernelTuning(num_warps=8),
-    "b8192-w8-c32k": KernelTuning(block_words=8192, num_warps=8, min_chunk=32 << 10),
-    "b2048": KernelTuning(block_words=2048),
-    "pps4": KernelTuning(programs_per_sm=4),
+    "v2-default": KernelTuning(),
+    "no-prefetch": KernelTuning(**NP),
     "pps16": KernelTuning(programs_per_sm=16),
-    "pps12": KernelTuning(programs_per_sm=12),
-    "balance": KernelTuning(balance=True),
-    "waves2": KernelTuning(waves=2),
-    "waves8-c8k": KernelTuning(waves=8, min_chunk=8 << 10),
-    "c32k": KernelTuning(min_chunk=32 << 10, max_chunk=32 << 10),
-    "c64k-b8192-w8": KernelTuning(min_chunk=64 << 10, max_chunk=64 << 10, block_words=8192, num_warps=8),
-    "streaming": KernelTuning(streaming=True),
-    "no-prefetch-w8": KernelTuning(prefetch=False, num_warps=8),
+    "pps16-np": KernelTuning(programs_per_sm=16, **NP),
+    "pps12-np": KernelTuning(programs_per_sm=12, **NP),
+    "blocked": KernelTuning(blocked=True),
+    "blocked-np": KernelTuning(blocked=True, **NP),
+    "blocked-pps16": KernelTuning(blocked=True, programs_per_sm=16),
+    "blocked-pps16-np": KernelTuning(blocked=True, programs_per_sm=16, **NP),
+    "b8192-w8-c32k-np": KernelTuning(block_words=8192, num_warps=8, min_chunk=32 << 10, **NP),
+    "c64k-b8192-w8-np": KernelTuning(min_chunk=64 << 10, max_chunk=64 << 10, block_words=8192, num_warps=8, **NP),
+    "blocked-c64k-b8192-w8": KernelTuning(min_chunk=64 << 10, max_chunk=64 << 10, block_words=8192, num_warps=8, blocked=True),
 }
 
 
@@ -55,8 +53,9 @@ def distribution_timer(device, samples: list):
 
 
 def api_overhead(device) -> dict:
-    """Host microseconds per public pack() call (tiny config), rows from numpy: pinned vs pageable
-    host->device copy of the rows, against launch() alone."""
+    """Host microseconds per call (tiny config, rows from numpy): public pack()/unpack() with the
+    rows' pageable non-blocking copy (the library's choice) and with pinning first, against
+    launch() alone and the index_select reference."""
     import numpy as np
 
     import eplb_triton.layout as lay
@@ -65,12 +64,12 @@ def api_overhead(device) -> dict:
     layout, rows = make_layer(CONFIGS[3], device)
     buf = torch.empty(len(rows) * layout.expert_bytes, dtype=torch.uint8, device=device)
     rows_dev = torch.as_tensor(rows, device=device)
-    pinned = lay._as_index_tensor
+    pageable = lay._as_index_tensor
 
-    def pageable(rows_in, host, dev):
+    def pinned(rows_in, host, dev):
         if isinstance(rows_in, torch.Tensor):
             return rows_in.to(device=dev, dtype=torch.int64, non_blocking=True)
-        return torch.from_numpy(np.ascontiguousarray(host)).to(dev, non_blocking=True)
+        return torch.from_numpy(np.ascontiguousarray(host)).pin_memory().to(dev, non_blocking=True)
 
     def host_us(fn, n=300):
         for _ in range(20):
@@ -84,21 +83,23 @@ def api_overhead(device) -> dict:
         return host
 
     out = {"launch_only": host_us(lambda: layout.launch("pack", buf, src_rows=rows_dev))}
-    out["pack_pinned"] = host_us(lambda: layout.pack(rows, buf))
-    out["unpack_pinned"] = host_us(lambda: layout.unpack(buf, rows))
-    lay._as_index_tensor = pageable
+    out["pack_pageable"] = host_us(lambda: layout.pack(rows, buf))
+    out["unpack_pageable"] = host_us(lambda: layout.unpack(buf, rows))
+    lay._as_index_tensor = pinned
     try:
-        out["pack_pageable"] = host_us(lambda: layout.pack(rows, buf))
-        out["unpack_pageable"] = host_us(lambda: layout.unpack(buf, rows))
+        out["pack_pinned"] = host_us(lambda: layout.pack(rows, buf))
+        out["unpack_pinned"] = host_us(lambda: layout.unpack(buf, rows))
     finally:
-        lay._as_index_tensor = pinned
+        lay._as_index_tensor = pageable
     out["index_select_ref"] = host_us(lambda: layout.pack_reference(rows_dev, buf))
+    half = buf.numel() // 2
+    out["copy_only"] = host_us(lambda: buf[:half].copy_(buf[half : 2 * half]))
     return out
 
 
 def main() -> int:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
-    names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(VARIANTS)
+    names = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else list(VARIANTS)
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
     device = torch.device("cuda")
     samples: list = []
@@ -132,7 +133,25 @@ def main() -> int:
             u = sorted(100 * r["copy_us"] / r["unpack_us"] for r in per)
             exact = "" if all(r["pack_exact"] for r in per) else " NOT-EXACT"
             cells.append(f"{cfg.name[:8]} p{p[len(p) // 2]:5.1f} u{u[len(u) // 2]:5.1f} [{min(p + u):4.0f}-{max(p + u):4.0f}]{exact}")
-        print(f"{name:16s} " + " | ".join(cells), flush=True)
+        print(f"{name:22s} " + " | ".join(cells), flush=True)
+    # Pick the variant whose worst (config, op) median is best; ties go to the better mean.
+    scores = {}
+    for name in names:
+        meds = []
+        for c in range(len(CONFIGS)):
+            per = [rr[c] for rr in report["variants"][name]["rounds"]]
+            for op in ("pack", "unpack"):
+                vals = sorted(100 * r["copy_us"] / r[f"{op}_us"] for r in per)
+                meds.append(vals[len(vals) // 2])
+        scores[name] = (round(min(meds), 1), sum(meds) / len(meds))
+    best = max(names, key=lambda n: scores[n])
+    report["selected"] = best
+    report["scores"] = scores
+    with open(os.path.join(out_dir, "kernels-sweep.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+    with open(os.path.join(out_dir, "selected.txt"), "w") as fh:
+        fh.write(best + "\n")
+    print(f"selected: {best} (worst median {scores[best][0]:.1f}%, mean {scores[best][1]:.1f}%)")
     return 0
 
 

@@ -5,6 +5,7 @@ and a per-row copy_ loop, on the per-rank layer configs of issue 3.
     python bench/kernel_table.py --small    # anywhere (CPU: Triton interpreter, wall-clock medians)
 
 Prints a ``Machine:`` line and the table, and writes ``bench/results/kernels-<device>.json``.
+Each config is measured ``--repeat`` times (fresh buffers each time); the table shows medians.
 Bytes count read + written (2 x the packed payload, padding excluded). "% copy" is the
 bandwidth of one contiguous ``copy_`` of the same bytes measured in the same run; "% peak" is
 that of a 1 GiB copy. The Triton column times :meth:`ExpertLayout.launch` with the rows
@@ -31,7 +32,7 @@ if __name__ == "__main__" and "--small" in sys.argv and not __import__("torch").
 import numpy as np
 import torch
 
-from eplb_triton.layout import ExpertLayout, KernelTuning
+from eplb_triton.layout import DEFAULT_TUNING, ExpertLayout, KernelTuning
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def timer(device: torch.device):
     if device.type == "cuda":
         import triton.testing
 
-        return lambda fn: 1e3 * triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+        return lambda fn: 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
     def time_us(fn, reps: int = 5):
         fn()
@@ -154,6 +155,17 @@ def measure(cfg: Config, device: torch.device, time_us, tuning: KernelTuning | N
     return res
 
 
+def combine(runs: list[dict]) -> dict:
+    """One result from repeated measurements: the median of each time, the runs kept too."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if key.endswith("_us"):
+            out[key] = statistics.median(r[key] for r in runs)
+    out["pack_exact"] = all(r["pack_exact"] for r in runs)
+    out["runs"] = runs
+    return out
+
+
 def rows_of_table(results: list[dict], peak_gbs: float) -> list[list[str]]:
     table = []
     for r in results:
@@ -165,7 +177,7 @@ def rows_of_table(results: list[dict], peak_gbs: float) -> list[list[str]]:
                 [
                     r["config"],
                     op,
-                    f"{mb:.1f}",
+                    f"{mb:.1f}" if mb >= 1 else f"{mb:.3f}",
                     f"{gbs:.0f}",
                     f"{100 * r['copy_us'] / us:.1f}%",
                     f"{100 * gbs / peak_gbs:.1f}%",
@@ -188,6 +200,8 @@ def format_table(rows: list[list[str]]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU / interpreter)")
+    parser.add_argument("--repeat", type=int, default=3, help="measure each config this often; the table shows medians")
+    parser.add_argument("--tuning", default=None, help="a variant name of bench/gpu_kernels.py (default: the library's)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,10 +209,16 @@ def main(argv=None) -> int:
     time_us = timer(device)
     peak_bytes = (1 << 30) if device.type == "cuda" else (16 << 20)
     peak = peak_copy_gbs(device, time_us, peak_bytes)
-    results = [measure(cfg, device, time_us) for cfg in configs]
+    tuning = None
+    if args.tuning:
+        from gpu_kernels import VARIANTS
+
+        tuning = VARIANTS[args.tuning]
+    results = [combine([measure(cfg, device, time_us, tuning=tuning) for _ in range(args.repeat)]) for cfg in configs]
     machine = machine_line(device)
     table = format_table(rows_of_table(results, peak))
     print(machine)
+    print(f"tuning: {args.tuning or 'library default'} = {tuning or DEFAULT_TUNING}")
     print(f"large-copy peak: {peak:.0f} GB/s ({peak_bytes >> 20} MiB copy_, read + written)")
     print(table)
     bad = [r["config"] for r in results if not r["pack_exact"]]
@@ -208,7 +228,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"kernels-{slug}.json")
     with open(path, "w") as fh:
-        json.dump({"machine": machine, "peak_copy_gbs": peak, "peak_copy_bytes": peak_bytes, "results": results, "table": table}, fh, indent=1)
+        json.dump({"machine": machine, "tuning": repr(tuning or DEFAULT_TUNING), "peak_copy_gbs": peak, "peak_copy_bytes": peak_bytes, "results": results, "table": table}, fh, indent=1)
     print(f"wrote {path}")
     return 1 if bad else 0
 

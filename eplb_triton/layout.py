@@ -111,14 +111,16 @@ def _host_rows(rows) -> np.ndarray | None:
 
 
 def _as_index_tensor(rows, host: np.ndarray | None, device: torch.device) -> torch.Tensor:
-    """Rows as an int64 tensor on ``device``; host rows go through pinned memory, asynchronously."""
+    """Rows as an int64 tensor on ``device``, without waiting for the device.
+
+    A non-blocking copy from pageable memory is staged by the driver before the call returns
+    (the host array may go away) and does not synchronise the stream; on an H100 it cost less
+    host time than pinning first (bench/KERNEL_NOTES.md).
+    """
     if isinstance(rows, torch.Tensor):
         return rows.to(device=device, dtype=torch.int64, non_blocking=True)
     cpu = torch.from_numpy(np.ascontiguousarray(host))
-    if device.type == "cuda":
-        # A pageable copy would synchronise the stream; a pinned one is queued like a kernel.
-        return cpu.pin_memory().to(device, non_blocking=True)
-    return cpu
+    return cpu.to(device, non_blocking=True) if device.type == "cuda" else cpu
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class KernelTuning:
     streaming: bool = False  # evict-first loads and streaming stores
     prefetch: bool = True  # load the next chunk's descriptor before copying the current one
     balance: bool = False  # trim the grid so every program gets the same number of chunks
+    blocked: bool = False  # each program takes a contiguous run of chunks (else every nprog-th)
 
 
 DEFAULT_TUNING = KernelTuning()
@@ -162,6 +165,7 @@ class KernelPlan:
     num_warps: int
     streaming: bool
     prefetch: bool
+    blocked: bool
 
 
 def _interpreted(kernel) -> bool:
@@ -217,6 +221,7 @@ class _TritonState:
         self.sm_count = _sm_count(layout.device)
         self.tuning = INTERPRETER_TUNING if self.interpreted else DEFAULT_TUNING
         self._tables: dict[int, torch.Tensor] = {}
+        self.plans: dict[tuple, KernelPlan] = {}
 
     def chunks_per_expert(self, chunk: int) -> int:
         return sum(-(-nbytes // chunk) for _, _, nbytes, _, _ in self.tensors)
@@ -393,6 +398,7 @@ class ExpertLayout:
             num_warps=tuning.num_warps,
             streaming=tuning.streaming,
             prefetch=tuning.prefetch,
+            blocked=tuning.blocked,
         )
 
     def launch(
@@ -414,7 +420,11 @@ class ExpertLayout:
         num_rows = rows.numel()
         if num_rows == 0:
             return
-        plan = self.kernel_plan(num_rows, tuning)
+        plan = state.plans.get((num_rows, tuning))
+        if plan is None:  # cached: launches sit on the host's critical path
+            if len(state.plans) > 256:
+                state.plans.clear()
+            plan = state.plans[(num_rows, tuning)] = self.kernel_plan(num_rows, tuning)
         buf_addr = buf.data_ptr() if buf is not None else 0
         buf_aligned = int(buf_addr % ALIGN_BYTES == 0)
         table = state.chunk_table(plan.chunk)
@@ -433,6 +443,7 @@ class ExpertLayout:
             HAS_UNALIGNED=not (state.all_aligned and (buf_aligned or mode == "copy")),
             STREAMING=plan.streaming,
             PREFETCH=plan.prefetch,
+            BLOCKED=plan.blocked,
             num_warps=plan.num_warps,
         )
 

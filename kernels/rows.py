@@ -18,8 +18,9 @@ Tensors are reached through integer addresses cast to pointers, so one launch co
 tensor of a layer; this also works under ``TRITON_INTERPRET=1`` on CPU tensors.
 
 A launch moves ``num_rows * chunks_per_expert`` chunks on a persistent grid: program ``pid``
-takes chunks ``pid, pid + nprog, ...`` (large rows are split across programs, small rows
-batched in one), loading the next chunk's descriptor before copying the current one.
+takes chunks ``pid, pid + nprog, ...`` (or, with ``BLOCKED``, one contiguous run of chunks),
+so large rows are split across programs and small rows batched in one; with ``PREFETCH`` it
+loads the next chunk's descriptor before copying the current one.
 """
 
 import triton
@@ -107,16 +108,28 @@ def move_rows_kernel(
     BYTE_BLOCK: tl.constexpr,  # bytes per tile on the byte path
     HAS_UNALIGNED: tl.constexpr,  # False compiles the byte path out
     STREAMING: tl.constexpr,  # evict-first loads / streaming stores
-    PREFETCH: tl.constexpr,  # load chunk j + nprog's descriptor before copying chunk j
+    PREFETCH: tl.constexpr,  # load the next chunk's descriptor before copying the current one
+    BLOCKED: tl.constexpr,  # program pid takes a contiguous run of chunks instead of every nprog-th
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     total = num_rows * chunks_per_expert  # int32: < 2**31 chunks of >= 16 bytes
     last = total - 1
+    if BLOCKED:
+        # Consecutive chunks of one row: descriptors share cache lines, addresses stay close.
+        share = (total + nprog - 1) // nprog
+        j_begin = pid * share
+        j_end = tl.minimum(j_begin + share, total)
+        step = 1
+    else:
+        j_begin = pid
+        j_end = total
+        step = nprog
     src, dst, len2 = _chunk_ends(
-        tl.minimum(pid, last), chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes, MODE
+        tl.minimum(j_begin, last), chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes,
+        MODE,
     )
-    for j in range(pid, total, nprog):
+    for j in range(j_begin, j_end, step):
         if not PREFETCH:
             src, dst, len2 = _chunk_ends(
                 j, chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes, MODE
@@ -125,7 +138,7 @@ def move_rows_kernel(
         if PREFETCH:
             # Issued now, used next iteration: the loads overlap this chunk's copy.
             src, dst, len2 = _chunk_ends(
-                tl.minimum(j + nprog, last), chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert,
+                tl.minimum(j + step, last), chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert,
                 expert_bytes, MODE,
             )
         nbytes = cur_len2 // 2

@@ -34,8 +34,8 @@ LAYERS = [
 TINY_CHUNKS = KernelTuning(block_words=8, byte_block=16, programs_per_sm=3, waves=2, min_chunk=64, max_chunk=64)
 TUNINGS = [
     pytest.param(TINY_CHUNKS, id="64B-chunks"),
-    pytest.param(KernelTuning(block_words=4, byte_block=8, programs_per_sm=5, min_chunk=256, max_chunk=256, prefetch=False), id="256B-chunks-16B-tiles-no-prefetch"),
-    pytest.param(KernelTuning(block_words=16, programs_per_sm=7, min_chunk=128, max_chunk=128, balance=True, streaming=True), id="128B-balanced-streaming"),
+    pytest.param(KernelTuning(block_words=4, byte_block=8, programs_per_sm=5, min_chunk=256, max_chunk=256, prefetch=False, blocked=True), id="256B-chunks-16B-tiles-blocked-no-prefetch"),
+    pytest.param(KernelTuning(block_words=16, programs_per_sm=7, min_chunk=128, max_chunk=128, balance=True, streaming=True, blocked=True), id="128B-blocked-balanced-streaming"),
 ]
 
 
@@ -236,13 +236,16 @@ def test_copy_rows_matches_reference(device, specs, src, dst, with_scratch):
     assert_same_bytes(tensors, expected)
 
 
-def test_copy_rows_many_chunks(device):
+@pytest.mark.parametrize(
+    "tuning", [*TUNINGS, pytest.param(KernelTuning(min_chunk=64, max_chunk=64, prefetch=False), id="64B-cyclic-no-prefetch")]
+)
+def test_copy_rows_many_chunks(device, tuning):
     tensors = random_layer(MIXED_3D, 5, device, seed=6)
     expected = clone_layer(tensors)
     layout = ExpertLayout(tensors)
     src = torch.tensor([4, 4, 0], device=device)
     dst = torch.tensor([1, 2, 3], device=device)
-    layout.launch("copy", None, src_rows=src, dst_rows=dst, tuning=TINY_CHUNKS)
+    layout.launch("copy", None, src_rows=src, dst_rows=dst, tuning=tuning)
     ExpertLayout(expected).copy_rows_reference(src, dst)
     assert_same_bytes(tensors, expected)
 
