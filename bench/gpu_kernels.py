@@ -36,6 +36,8 @@ VARIANTS = {
     "b8192-w8-c32k-np": KernelTuning(block_words=8192, num_warps=8, min_chunk=32 << 10, **NP),
     "c64k-b8192-w8-np": KernelTuning(min_chunk=64 << 10, max_chunk=64 << 10, block_words=8192, num_warps=8, **NP),
     "blocked-c64k-b8192-w8": KernelTuning(min_chunk=64 << 10, max_chunk=64 << 10, block_words=8192, num_warps=8, blocked=True),
+    "pps24-np": KernelTuning(programs_per_sm=24, **NP),
+    "pps16-np-c32k": KernelTuning(programs_per_sm=16, min_chunk=32 << 10, **NP),
 }
 
 
