@@ -9,7 +9,8 @@ Per layer and round, on one rank::
 Every row a round reads is read before that round writes anything, so a row may be both a
 source and a destination. When a layer does not fit in ``max_buffer_bytes`` it runs in
 rounds; rounds are ordered so that a row is never overwritten before the last round that
-reads its old contents (see :func:`schedule_rounds`).
+reads its old contents; a cycle of moves too big for one round is broken by stashing one row
+(see :mod:`eplb_triton.schedule`).
 
 Reliability (see :func:`rearrange_expert_weights_inplace`):
 
@@ -47,6 +48,7 @@ from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
 from .layout import ExpertLayout, check_layer_tensors
 from .maps import ExpertMaps, normalize_maps
 from .plan import LayerPlan, RankPlan, plan_from_maps
+from .schedule import schedule_layer
 
 __all__ = [
     "ChecksumMismatchError",
@@ -58,7 +60,6 @@ __all__ = [
     "finish_transfer",
     "prepare_layers",
     "rearrange_expert_weights_inplace",
-    "schedule_rounds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,93 +130,6 @@ class TransferStats:
         )
 
 
-def schedule_rounds(layer: LayerPlan, expert_bytes: int, budget_bytes: int) -> list[np.ndarray]:
-    """Split a layer's deliveries into rounds whose staging fits ``budget_bytes`` on every rank.
-
-    A rank's staging in a round is ``expert_bytes`` per row it sends, receives or moves
-    locally. Delivery ``u`` reads an old row that delivery ``next(u)`` may overwrite, so
-    ``u`` must run no later than ``next(u)``; each delivery reads one row and each row has
-    at most one writer, so these constraints form a functional graph: chains run in order,
-    and a cycle (e.g. two ranks swapping rows) must share one round. Returns ascending
-    delivery indices per round; ``[all]`` when the layer fits at once.
-
-    Raises ValueError when one cycle of moves alone needs more than the budget on some rank.
-    """
-    count = layer.num_deliveries
-    if count == 0:
-        return []
-    capacity = budget_bytes // expert_bytes
-    load = _rank_load(layer, np.arange(count))
-    if load.sum(axis=0).max() <= capacity:
-        return [np.arange(count)]
-
-    writer = np.full(layer.route.size, -1, dtype=np.int64)
-    writer[layer.dst_slot] = np.arange(count)
-    writer[layer.dup_dst_slot] = layer.dup_delivery
-    nxt = writer[layer.src_slot]
-    unit, depth = _functional_graph_order(nxt)
-    order = np.lexsort((unit, -depth))
-    rounds, current, current_load = [], [], np.zeros(layer.ep_size, dtype=np.int64)
-    # Deliveries of one unit (a cycle) are adjacent in `order`; pack whole units greedily.
-    boundaries = np.flatnonzero(np.r_[True, unit[order][1:] != unit[order][:-1], True])
-    for start, stop in zip(boundaries[:-1], boundaries[1:]):
-        members = order[start:stop]
-        unit_load = load[members].sum(axis=0)
-        if unit_load.max() > capacity:
-            raise ValueError(
-                f"max_buffer_bytes={budget_bytes} is too small: a cycle of {members.size} moves that must run "
-                f"together needs {int(unit_load.max()) * expert_bytes} bytes of staging on one rank"
-            )
-        if (current_load + unit_load).max() > capacity:
-            rounds.append(np.sort(np.concatenate(current)))
-            current, current_load = [], np.zeros_like(current_load)
-        current.append(members)
-        current_load += unit_load
-    rounds.append(np.sort(np.concatenate(current)))
-    return rounds
-
-
-def _rank_load(layer: LayerPlan, deliveries: np.ndarray) -> np.ndarray:
-    """``(len(deliveries), ep_size)`` staging rows each delivery costs each rank."""
-    n = layer.num_local
-    load = np.zeros((deliveries.size, layer.ep_size), dtype=np.int64)
-    index = np.arange(deliveries.size)
-    net = layer.is_network[deliveries]
-    np.add.at(load, (index[net], layer.src_slot[deliveries[net]] // n), 1)
-    np.add.at(load, (index, layer.dst_slot[deliveries] // n), 1)
-    return load
-
-
-def _functional_graph_order(nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For a functional graph ``i -> nxt[i]`` (-1 = none): a unit id per node (the smallest
-    node of its cycle, or itself) and a depth such that depth[i] > depth[nxt[i]] off cycles."""
-    count = nxt.size
-    steps = max(1, int(np.ceil(np.log2(count + 1))) + 1)
-    # Nodes on cycles: the image of nxt^(2^steps) restricted to nodes that never reach -1.
-    ptr = np.where(nxt >= 0, nxt, np.arange(count))
-    ends = ~(nxt >= 0)
-    reach = ptr.copy()
-    for _ in range(steps):
-        reach = reach[reach]
-    on_cycle = np.zeros(count, dtype=bool)
-    lands = ~ends[reach]
-    on_cycle[reach[lands]] = True
-    label = np.arange(count)
-    jump = ptr.copy()
-    for _ in range(steps):
-        label = np.minimum(label, label[jump])
-        jump = jump[jump]
-    unit = np.where(on_cycle, label, np.arange(count))
-    depth = np.full(count, -1, dtype=np.int64)
-    depth[ends | on_cycle] = 0
-    for _ in range(count):
-        todo = (depth < 0) & (depth[ptr] >= 0)
-        if not todo.any():
-            break
-        depth[todo] = depth[ptr[todo]] + 1
-    return unit, depth
-
-
 @dataclass
 class RoundWork:
     """One exchange round of one layer on one rank, with its staging slices.
@@ -233,6 +147,12 @@ class RoundWork:
     Sync-path order (see :meth:`LayerWork.run`): :meth:`pack_sends` and :meth:`stage_local`
     only *read* rows; :meth:`post` starts the exchange; after the wait, :meth:`verify_received`
     and :meth:`apply` write rows. So nothing is written before the round's receives are in.
+
+    Rows listed in the layer's stash are read from the stash, not from the live weights:
+    ``stashed_sends`` are positions in ``send_rows`` whose packed expert is copied from stash
+    entry ``stashed_send_entries``; local moves from the stash write ``stash_local_dst_rows``
+    from entries ``stash_local_entries``. ``local_src_rows``/``local_dst_rows`` are the other
+    local moves.
     """
 
     view: RankPlan
@@ -243,13 +163,25 @@ class RoundWork:
     recv_counts: list[int]
     send_rows: np.ndarray
     recv_rows: np.ndarray
+    local_src_rows: np.ndarray
+    local_dst_rows: np.ndarray
+    stashed_sends: np.ndarray
+    stashed_send_entries: np.ndarray
+    stash_local_entries: np.ndarray
+    stash_local_dst_rows: np.ndarray
     verify: bool = False
 
     @classmethod
-    def from_view(cls, view: RankPlan, expert_bytes: int, *, verify: bool = False) -> "RoundWork":
+    def from_view(
+        cls, view: RankPlan, expert_bytes: int, stash_rows: np.ndarray | None = None, *, verify: bool = False
+    ) -> "RoundWork":
         send_peers = sorted(view.send_rows)
         recv_peers = sorted(view.recv_rows)
         cat = lambda rows: np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)  # noqa: E731
+        send_rows = cat([view.send_rows[p] for p in send_peers])
+        stash_rows = np.zeros(0, dtype=np.int64) if stash_rows is None else stash_rows
+        send_stashed = np.isin(send_rows, stash_rows)
+        local_stashed = np.isin(view.local_src_rows, stash_rows)
         return cls(
             view=view,
             expert_bytes=expert_bytes,
@@ -257,8 +189,14 @@ class RoundWork:
             send_counts=[len(view.send_rows[p]) for p in send_peers],
             recv_peers=recv_peers,
             recv_counts=[len(view.recv_rows[p]) for p in recv_peers],
-            send_rows=cat([view.send_rows[p] for p in send_peers]),
+            send_rows=send_rows,
             recv_rows=cat([view.recv_rows[p] for p in recv_peers]),
+            local_src_rows=view.local_src_rows[~local_stashed],
+            local_dst_rows=view.local_dst_rows[~local_stashed],
+            stashed_sends=np.flatnonzero(send_stashed),
+            stashed_send_entries=np.searchsorted(stash_rows, send_rows[send_stashed]),
+            stash_local_entries=np.searchsorted(stash_rows, view.local_src_rows[local_stashed]),
+            stash_local_dst_rows=view.local_dst_rows[local_stashed],
             verify=verify,
         )
 
@@ -275,7 +213,7 @@ class RoundWork:
 
     @property
     def staging_bytes(self) -> int:
-        return self._sends_bytes + self._recvs_bytes + self.view.local_dst_rows.size * self.expert_bytes
+        return self._sends_bytes + self._recvs_bytes + self.local_dst_rows.size * self.expert_bytes
 
     @property
     def written_rows(self) -> np.ndarray:
@@ -316,31 +254,50 @@ class RoundWork:
         return Communicator.op_labels(dict.fromkeys(self.send_peers), dict.fromkeys(self.recv_peers))
 
     # -- steps -------------------------------------------------------------------------------
-    def pack_sends(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
-        """Pack every peer's rows (reads rows only); with ``verify`` also their checksums."""
+    def pack_sends(
+        self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
+    ) -> None:
+        """Pack every peer's rows (reads rows and the stash only); with ``verify`` also their checksums."""
         if not self.send_rows.size:
             return
         send_buf = self._slices(staging)[0]
         if not self.verify:
             layout.pack(self.send_rows, send_buf, backend=backend)  # one launch for all peers
+            self._from_stash(send_buf, self.stashed_sends, self.stashed_send_entries, stash)
             return
+        offset = 0
         for peer, message in self.send_messages(staging).items():
-            data, sums = self._split(message, len(self.view.send_rows[peer]))
-            layout.pack(self.view.send_rows[peer], data, backend=backend)
+            rows = self.view.send_rows[peer]
+            data, sums = self._split(message, len(rows))
+            layout.pack(rows, data, backend=backend)
+            mine = (self.stashed_sends >= offset) & (self.stashed_sends < offset + len(rows))
+            self._from_stash(data, self.stashed_sends[mine] - offset, self.stashed_send_entries[mine], stash)
             expert_checksums(data, self.expert_bytes, out=sums)
+            offset += len(rows)
+
+    def _from_stash(self, packed: torch.Tensor, positions: np.ndarray, entries: np.ndarray, stash) -> None:
+        """Overwrite packed experts ``positions`` with stash entries (rows that may be overwritten already)."""
+        if positions.size:
+            eb = self.expert_bytes
+            table = packed.view(-1, eb)
+            table[torch.as_tensor(positions, device=table.device)] = stash.view(-1, eb)[
+                torch.as_tensor(entries, device=table.device)
+            ]
 
     def stage_local(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
         """Copy the old rows that local moves read into scratch (reads rows only)."""
-        if self.view.local_src_rows.size:
-            layout.pack(self.view.local_src_rows, self._slices(staging)[2], backend=backend)
+        if self.local_src_rows.size:
+            layout.pack(self.local_src_rows, self._slices(staging)[2], backend=backend)
 
     def post(self, staging: torch.Tensor, comm: Communicator) -> list:
         """Start one irecv + one isend per peer; returns the requests (order: :attr:`op_labels`)."""
         return comm.exchange(self.send_messages(staging), self.recv_messages(staging))
 
-    def start(self, layout: ExpertLayout, staging: torch.Tensor, comm: Communicator, backend: str | None) -> list:
+    def start(
+        self, layout: ExpertLayout, staging: torch.Tensor, comm: Communicator, backend: str | None, stash: torch.Tensor | None = None
+    ) -> list:
         """Pack every peer's rows, stage local sources and start the exchange; returns requests."""
-        self.pack_sends(layout, staging, backend)
+        self.pack_sends(layout, staging, backend, stash)
         self.stage_local(layout, staging, backend)
         return self.post(staging, comm)
 
@@ -357,12 +314,15 @@ class RoundWork:
             bad.extend((peer, k) for k in mismatch)
         return bad
 
-    def apply(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
-        """Write the round: staged local moves, received rows, then duplicate fills."""
+    def apply(
+        self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
+    ) -> None:
+        """Write the round: staged local moves, moves from the stash, received rows, then duplicate fills."""
         _, recv_buf, scratch = self._slices(staging)
         view = self.view
-        if view.local_dst_rows.size:
-            layout.unpack(scratch, view.local_dst_rows, backend=backend)
+        if self.local_dst_rows.size:
+            layout.unpack(scratch, self.local_dst_rows, backend=backend)
+        self._local_from_stash(layout, stash, backend)
         if self.recv_rows.size:
             if not self.verify:
                 layout.unpack(recv_buf, self.recv_rows, backend=backend)  # one launch for all peers
@@ -373,12 +333,20 @@ class RoundWork:
         if view.dup_dst_rows.size:
             layout.copy_rows(view.dup_src_rows, view.dup_dst_rows, backend=backend)
 
-    def apply_local(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
+    def _local_from_stash(self, layout: ExpertLayout, stash: torch.Tensor | None, backend: str | None) -> None:
+        if self.stash_local_dst_rows.size:
+            eb = self.expert_bytes
+            entries = torch.as_tensor(self.stash_local_entries, device=stash.device)
+            layout.unpack(stash.view(-1, eb)[entries].reshape(-1), self.stash_local_dst_rows, backend=backend)
+
+    def apply_local(
+        self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
+    ) -> None:
         """Local moves straight from rows (writes before the receives are in: not atomic;
         kept for callers of the first API; :meth:`stage_local` + :meth:`apply` replace it)."""
-        view = self.view
-        if view.local_dst_rows.size:
-            layout.copy_rows(view.local_src_rows, view.local_dst_rows, backend=backend, scratch=self._slices(staging)[2])
+        if self.local_dst_rows.size:
+            layout.copy_rows(self.local_src_rows, self.local_dst_rows, backend=backend, scratch=self._slices(staging)[2])
+        self._local_from_stash(layout, stash, backend)
 
     def apply_received(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
         """Unpack received rows, then duplicate fills (pairs with :meth:`apply_local`)."""
@@ -404,7 +372,7 @@ class RoundWork:
 
 @dataclass
 class LayerWork:
-    """One layer on one rank: its layout, plan and rounds.
+    """One layer on one rank: its layout, plan, rounds and the rows it stashes first.
 
     ``expert_ids`` (the layer's new map, optional) lets errors name logical experts.
     """
@@ -413,11 +381,17 @@ class LayerWork:
     layout: ExpertLayout
     plan: LayerPlan
     rounds: list[RoundWork]
+    stash_rows: np.ndarray
     expert_ids: np.ndarray | None = None
 
     @property
+    def stash_bytes(self) -> int:
+        return int(self.stash_rows.size) * self.layout.expert_bytes
+
+    @property
     def staging_bytes(self) -> int:
-        return max((r.staging_bytes for r in self.rounds), default=0)
+        """Stash plus the largest round's staging."""
+        return self.stash_bytes + max((r.staging_bytes for r in self.rounds), default=0)
 
     @property
     def undo_bytes(self) -> int:
@@ -460,6 +434,7 @@ class LayerWork:
                 rolled back, so the group is still usable.
         """
         layout, eb = self.layout, self.layout.expert_bytes
+        stash, staging = staging[: self.stash_bytes], staging[self.stash_bytes :]
         if self.rounds and undo is None and len(self.rounds) > 1:
             logger.debug("layer %d runs in %d rounds without an undo buffer: not atomic", self.index, len(self.rounds))
         saved_rows: list[np.ndarray] = []
@@ -477,10 +452,12 @@ class LayerWork:
                 stats.rollbacks += 1
 
         _fault("layer_start", rank=comm.rank, layer=self.index)
+        if self.stash_rows.size:  # reads only: old contents of rows that cycles overwrite early
+            layout.pack(self.stash_rows, stash, backend=backend)
         try:
             for i, work in enumerate(self.rounds):
                 where = f"layer {self.index}, round {i + 1}/{len(self.rounds)}"
-                work.pack_sends(layout, staging, backend)
+                work.pack_sends(layout, staging, backend, stash)
                 work.stage_local(layout, staging, backend)
                 _fault("before_send", rank=comm.rank, layer=self.index, round=i)
                 requests = work.post(staging, comm)
@@ -505,7 +482,7 @@ class LayerWork:
                         layout.pack(rows, undo[saved_bytes : saved_bytes + rows.size * eb], backend=backend)
                         saved_rows.append(rows)
                         saved_bytes += rows.size * eb
-                work.apply(layout, staging, backend)
+                work.apply(layout, staging, backend, stash)
                 committed = i == last
                 _fault("round_applied", rank=comm.rank, layer=self.index, round=i)
         except BaseException:
@@ -596,18 +573,24 @@ def prepare_layers(
         cost = _row_cost(layout, verify)
         budget = max_buffer_bytes if max_buffer_bytes is not None else layout.num_local * cost
         try:
-            rounds = schedule_rounds(layer_plan, cost, budget)
+            schedule = schedule_layer(layer_plan, cost, budget)
         except ValueError as exc:
-            if max_buffer_bytes is not None:
-                raise ValueError(f"layer {index}: {exc}") from None
-            # The default budget is a target, not a limit the caller set: a cycle of moves
-            # that needs more runs in one round with the staging it needs.
-            whole = int(_rank_load(layer_plan, np.arange(layer_plan.num_deliveries)).sum(axis=0).max()) * cost
-            rounds = schedule_rounds(layer_plan, cost, whole)
+            raise ValueError(f"layer {index}: {exc}") from None
+        stash_rows = schedule.stash_rows(comm.rank, layer_plan.num_local)
         works = [
-            RoundWork.from_view(layer_plan.restrict(r).rank(comm.rank), layout.expert_bytes, verify=verify) for r in rounds
+            RoundWork.from_view(layer_plan.restrict(r).rank(comm.rank), layout.expert_bytes, stash_rows, verify=verify)
+            for r in schedule.rounds
         ]
-        layers.append(LayerWork(index=index, layout=layout, plan=layer_plan, rounds=works, expert_ids=maps.new[index]))
+        layers.append(
+            LayerWork(
+                index=index,
+                layout=layout,
+                plan=layer_plan,
+                rounds=works,
+                stash_rows=stash_rows,
+                expert_ids=maps.new[index],
+            )
+        )
     return layers
 
 
@@ -712,8 +695,7 @@ def rearrange_expert_weights_inplace(
         ep_group: the EP process group (default: the world group; none initialised = a
             single rank).
         max_buffer_bytes: staging memory bound per rank (default: one layer's local weights,
-            packed, grown for a layer whose cycles of moves need more); a layer that needs
-            more runs in rounds.
+            packed); a layer that needs more runs in rounds.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack/copy.
         timeout_s: the longest any wait on peers may take (each exchange, the input
             agreement and the final confirmation); ``None`` = the process group's timeout.

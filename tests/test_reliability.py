@@ -22,7 +22,8 @@ from eplb_triton.comm import ChecksumMismatchError, PeerError, PeerFailedError, 
 from eplb_triton.launch import run_ranks
 from eplb_triton.plan import plan_rearrangement
 from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
-from eplb_triton.transfer import rearrange_expert_weights_inplace, schedule_rounds
+from eplb_triton.schedule import schedule_layer
+from eplb_triton.transfer import rearrange_expert_weights_inplace
 
 SPECS = [
     TensorSpec((3, 5), torch.bfloat16),  # 30 bytes: odd row size
@@ -246,22 +247,27 @@ def test_bad_timeout_is_rejected_before_any_write(bad, error):
     assert layer_states(weights, old, new, 0) == ["old"] * 3
 
 
-def _rank_default_budget(rank, world, old, new):
-    weights = make_rank_weights(SPECS, 1, old.shape[1] // world)
-    fill_rank_weights(weights, old, rank)
-    stats = rearrange_expert_weights_inplace(old, new, weights)
-    return row_mismatches(weights, old, new, rank), stats.rounds, stats.peak_staging_bytes
+def _rotation_maps(world=4, num_local=6, layers=2):
+    # every expert moves one rank and one row on: one long cycle through every row, which a
+    # small budget breaks by stashing a row (read later from the stash, after its row was
+    # overwritten by an earlier round)
+    old = np.tile(np.arange(world * num_local), (layers, 1))
+    return old, np.roll(old, num_local + 1, axis=1)
 
 
-def test_default_budget_grows_for_a_cycle_larger_than_one_layer(distributed):
-    # slot 0 <- 2 (network), 2 <- 1 (network), 1 <- 0 (local): one cycle costing rank 0
-    # three staging rows while a layer has two; the default budget must not reject it.
-    old, new = np.array([[0, 1, 2, 3]]), np.array([[2, 0, 1, 3]])
-    with pytest.raises(ValueError, match="too small"):
-        schedule_rounds(plan_rearrangement(old, new, 2).layers[0], EXPERT_BYTES, 2 * EXPERT_BYTES)
-    for bad, rounds, peak in distributed(2, _rank_default_budget, old, new):
-        assert bad == [] and rounds == 1
-    assert peak > 0
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "verify"])
+def test_stashed_cycle_in_rounds_verify_and_rollback(verify):
+    world, budget = 4, 2 * (EXPERT_BYTES + 16)
+    old, new = _rotation_maps()
+    ok = run_with_faults(world, old, new, None, max_buffer_bytes=budget, verify=verify, timeout_s=10.0)
+    for error, states, _, stats in ok:
+        assert error is None and states == ["new", "new"]
+        assert stats.rounds > 4 and stats.peak_staging_bytes <= budget and stats.peak_undo_bytes > 0
+    hook = partial(_raise_at, "round_applied", 1, 2, 0)  # rank 0, layer 1, after its third round
+    failed = run_with_faults(world, old, new, hook, max_buffer_bytes=budget, verify=verify, timeout_s=TIMEOUT_S)
+    assert failed[0][0][1] == "injected at round_applied"
+    for rank, (error, states, _, _) in enumerate(failed):
+        assert error is not None and states == ["new", "old"], (rank, error, states)
 
 
 def _rank_first_api(rank, world, old, new, verify):
@@ -339,7 +345,7 @@ def test_corruption_in_flight_is_caught_and_layer_not_applied(layer, round_index
             # the hook corrupted the first expert of the last peer's message in that round
             plan = plan_rearrangement(old, new, world).layers[layer]
             cost = EXPERT_BYTES + 16
-            rounds = schedule_rounds(plan, cost, budget if budget is not None else world * cost)
+            rounds = schedule_layer(plan, cost, budget if budget is not None else world * cost).rounds
             view = plan.restrict(rounds[round_index]).rank(1)
             want_peer = max(view.recv_rows)
             want_expert = int(new[layer, world + view.recv_rows[want_peer][0]])

@@ -20,7 +20,8 @@ import torch
 from eplb_triton.launch import run_ranks
 from eplb_triton.plan import plan_rearrangement
 from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
-from eplb_triton.transfer import rearrange_expert_weights_inplace, schedule_rounds
+from eplb_triton.schedule import schedule_layer
+from eplb_triton.transfer import rearrange_expert_weights_inplace
 
 SPECS = [TensorSpec((3, 5), torch.bfloat16), TensorSpec((9,), torch.float32), TensorSpec((1,), torch.int32)]
 EXPERT_BYTES = 32 + 48 + 16
@@ -51,7 +52,7 @@ def tight_budget(old, new, world, cost) -> int:
     for rows in range(1, 10 * NUM_LOCAL):
         try:
             for layer in layers:
-                schedule_rounds(layer, cost, rows * cost)
+                schedule_layer(layer, cost, rows * cost)
         except ValueError:
             continue
         return rows * cost
