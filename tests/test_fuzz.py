@@ -28,9 +28,9 @@ MODES = ["random", "all_same", "permutation", "replicas", "mostly_empty", "uncha
 
 
 @st.composite
-def examples(draw, world: int):
+def examples(draw, world: int, max_local: int = 4):
     """(old, new, specs, budget_rows, verify, seed) for ``world`` ranks."""
-    num_local = draw(st.integers(1, 4))
+    num_local = draw(st.integers(1, max_local))
     layers = draw(st.integers(1, 3))
     slots = world * num_local
     num_ids = draw(st.integers(1, slots + 2))
@@ -165,7 +165,70 @@ def test_fuzz_transfer_matches_gather_reference(world, max_examples):
 
 
 @settings(max_examples=150, deadline=None, database=None)
-@given(examples(1))
+@given(examples(1, max_local=10))
 def test_fuzz_single_rank_in_process(example):
     verdict = run_example(0, 1, example)
     assert verdict == "ok" or verdict.startswith("ValueError"), verdict
+
+
+class _Injected(Exception):
+    pass
+
+
+@st.composite
+def busy_examples(draw):
+    """Single-rank examples where most rows move (permutations of 4-10 rows): with small
+    budgets their layers run in several rounds, often with a stash."""
+    num_local = draw(st.integers(4, 10))
+    layers = draw(st.integers(1, 3))
+    old = np.array([draw(st.lists(st.integers(-1, num_local), min_size=num_local, max_size=num_local)) for _ in range(layers)])
+    new = np.array([draw(st.permutations(list(row))) for row in old])
+    specs = draw(st.lists(st.tuples(st.just((3,)), st.sampled_from(range(len(DTYPES)))), min_size=1, max_size=2))
+    return old.astype(np.int64), new.astype(np.int64), specs, None, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    st.one_of(examples(1, max_local=10), busy_examples()),
+    st.sampled_from(["layer_start", "before_send", "in_flight", "round_applied"]),
+    st.integers(0, 8),
+    st.one_of(st.none(), st.integers(1, 3)),
+)
+def test_fuzz_atomicity_single_rank(example, point, nth, budget_rows):
+    """A failure at the ``nth`` hit of any named point leaves every layer entirely old or new.
+
+    Small budgets (``budget_rows``) make layers run in several rounds, with stashes."""
+    from eplb_triton import transfer
+
+    old, new, specs, _, verify, seed = example
+    reference = _global_bytes(old, new, specs, seed)
+    weights = []
+    for per_tensor in reference:
+        tensors = []
+        for (shape, dtype_index), (before, _) in zip(specs, per_tensor):
+            t = torch.empty((old.shape[1], *shape), dtype=DTYPES[dtype_index])
+            _byte_rows(t).copy_(before)
+            tensors.append(t)
+        weights.append(tensors)
+    expert_bytes = sum((b.shape[1] + 15) // 16 * 16 for b, _ in reference[0])
+    budget = None if budget_rows is None else budget_rows * (expert_bytes + (16 if verify else 0))
+    hits = []
+
+    def hook(where, **info):
+        if where == point:
+            hits.append(info)
+            if len(hits) == nth + 1:
+                raise _Injected(where)
+
+    transfer.fault_hook = hook
+    try:
+        rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget, verify=verify)
+    except (_Injected, ValueError):
+        pass
+    finally:
+        transfer.fault_hook = None
+    for l, per_tensor in enumerate(reference):
+        rows_now = torch.cat([_byte_rows(t) for t in weights[l]], dim=1)
+        before = torch.cat([b for b, _ in per_tensor], dim=1)
+        after = torch.cat([a for _, a in per_tensor], dim=1)
+        assert torch.equal(rows_now, before) or torch.equal(rows_now, after), f"layer {l} is half old, half new"
