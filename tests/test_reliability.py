@@ -18,7 +18,7 @@ import torch
 
 from eplb_triton import transfer
 from eplb_triton.checksum import P1, expert_checksums, trailer_bytes
-from eplb_triton.comm import ChecksumMismatchError, PeerError, PeerFailedError, PeerTimeoutError
+from eplb_triton.comm import PeerTimeoutError
 from eplb_triton.launch import run_ranks
 from eplb_triton.plan import plan_rearrangement
 from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
@@ -421,6 +421,28 @@ def test_peer_dying_before_confirmation_is_reported_everywhere():
         assert states == ["new", "new"]  # all layers completed here before the peer vanished
 
 
+def _rank_late(rank, world, old, new, late_rank, delay, kwargs):
+    if rank == late_rank:
+        time.sleep(delay)  # stalls before the input agreement
+    return _rank_run(rank, world, old, new, None, kwargs)
+
+
+def test_stall_before_the_input_agreement_times_out():
+    world = 4
+    old, new = all_to_all_maps(world, 2)
+    results = run_ranks(
+        world, _rank_late, old, new, 3, 1.5 * TIMEOUT_S, {"timeout_s": TIMEOUT_S},
+        backend="gloo", timeout_s=60.0, group_timeout_s=30.0,
+    )
+    for rank in range(3):
+        error, states, elapsed, _ = results[rank]
+        assert error[0] == "PeerTimeoutError" and "input agreement" in error[1], error
+        assert 0.8 * TIMEOUT_S < elapsed < TIMEOUT_S + 2.0
+        assert states == ["old", "old"]
+    error, states, _, _ = results[3]  # the late rank finds its peers gone
+    assert error is not None and error[0].startswith("Peer") and states == ["old", "old"], error
+
+
 def _raise_at(point, at_layer, at_round, victim, where, **info):
     if info["rank"] == victim and where == point and info.get("layer") == at_layer and info.get("round", 0) == at_round:
         raise RuntimeError(f"injected at {where}")
@@ -492,3 +514,46 @@ def test_log_traffic_logs_per_peer_bytes_at_info(distributed):
         assert f"{{{peer}: {int(stats.bytes_sent[peer])}}}" in infos[0]
         assert len(records) == quiet  # without log_traffic nothing at INFO
         assert len(stats.layer_times_s) == 2 and all(t > 0 for t in stats.layer_times_s)
+
+
+# -- the NCCL polling path, with stand-in requests (no GPU here) -------------------------------
+class _FakeWork:
+    def __init__(self, done_after_s: float | None):
+        self.born = time.monotonic()
+        self.done_after_s = done_after_s
+        self.waited = False
+
+    def is_completed(self) -> bool:
+        return self.done_after_s is not None and time.monotonic() - self.born >= self.done_after_s
+
+    def wait(self, timeout=None):
+        assert self.is_completed(), "NCCL requests are only waited on (stream order) once complete"
+        self.waited = True
+        return True
+
+
+def _nccl_comm():
+    from eplb_triton.comm import Communicator
+
+    return Communicator(group=None, rank=0, world_size=4, backend="nccl")  # group None: abort is a no-op
+
+
+def test_nccl_poll_names_the_pending_peers_at_the_deadline():
+    works = [_FakeWork(0.0), _FakeWork(None), _FakeWork(0.05), _FakeWork(None)]
+    labels = [(1, "recv"), (2, "recv"), (2, "send"), (3, "send")]
+    begin = time.monotonic()
+    with pytest.raises(PeerTimeoutError, match=r"layer 5, round 1/1: rank 0 waited 0.3 s .* peers \[2, 3\]") as info:
+        _nccl_comm().wait(works, timeout_s=0.3, labels=labels, where="layer 5, round 1/1")
+    assert 0.3 <= time.monotonic() - begin < 1.5
+    assert info.value.peer == 2
+
+
+def test_nccl_poll_completes_and_orders_the_stream():
+    works = [_FakeWork(0.0), _FakeWork(0.05)]
+    _nccl_comm().wait(works, timeout_s=5.0, labels=[(1, "recv"), (1, "send")])
+    assert all(w.waited for w in works)
+
+
+def test_nccl_coalesced_request_names_every_peer_of_the_batch():
+    with pytest.raises(PeerTimeoutError, match="its peers"):
+        _nccl_comm().wait([_FakeWork(None)], timeout_s=0.1, labels=[(1, "recv"), (1, "send")])
