@@ -77,7 +77,8 @@ def _fault(point: str, **info) -> None:
 class TransferStats:
     """What one rank did during a rearrangement.
 
-    ``bytes_sent[p]`` / ``bytes_received[p]``: packed bytes exchanged with EP peer ``p``.
+    ``bytes_sent[p]`` / ``bytes_received[p]``: packed bytes exchanged with EP peer ``p``
+    (with ``verify``, the checksum trailers included: what went over the wire).
     ``p2p_ops``: isend + irecv ops issued. ``layer_times_s[l]``: wall time of layer ``l``.
     ``peak_staging_bytes``: the largest staging buffer used at once. ``rounds``: exchange
     rounds over all layers. ``local_copies``: rows written by local moves and duplicate fills.
@@ -763,6 +764,9 @@ def rearrange_expert_weights_inplace(
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
         stats.layer_times_s.append(time.perf_counter() - begin)
+        logger.debug(
+            "rank %d layer %d: %d rounds in %.6f s", comm.rank, layer.index, len(layer.rounds), stats.layer_times_s[-1]
+        )
     try:
         finish_transfer(comm, layers, stats, errors, timeout_s=timeout_s)
     except TransferError as exc:
