@@ -223,6 +223,9 @@ class TransferWorker:
         self._transfer, self._control = self._make_communicators(ep_group, transfer_group)
         self._stream = torch.cuda.Stream(device=self._device) if self._device.type == "cuda" else None
         self._cond = threading.Condition()
+        # Held around pack/unpack calls: Triton's first-use compilation (and its CPU
+        # interpreter) is not safe from two threads at once. A launch holds it for microseconds.
+        self._kernel_lock = threading.Lock()
         self._job: _Job | None = None
         self._stop = False
         self._error: BaseException | None = None
@@ -449,7 +452,8 @@ class TransferWorker:
     def _swap(self, job: _Job, stage: _Stage) -> None:
         slot = job.slots[job.swapped % 2]
         if stage.rows.size:
-            stage.layer.layout.unpack(slot.buffer[: stage.nbytes], stage.rows, backend=job.backend)
+            with self._kernel_lock:
+                stage.layer.layout.unpack(slot.buffer[: stage.nbytes], stage.rows, backend=job.backend)
         event = None
         if self._stream is not None and stage.rows.size:
             event = torch.cuda.Event()
@@ -544,13 +548,15 @@ class TransferWorker:
                 self._stream.wait_event(event)  # GPU-side: the swap's unpack has read the slot
         buf = slot.buffer[: stage.nbytes]
         if stage.local_src.size:
-            layout.pack(stage.local_src, buf[stage.local_offset : stage.local_offset + stage.local_src.size * eb], backend=backend)
+            with self._kernel_lock:
+                layout.pack(stage.local_src, buf[stage.local_offset : stage.local_offset + stage.local_src.size * eb], backend=backend)
         for number, (work, offset) in enumerate(zip(stage.layer.rounds, stage.recv_offsets)):
             if self._stop:
                 raise _Stopped
             send_buf = job.send_buffer[: work.send_rows.size * eb]
             if work.send_rows.size:
-                layout.pack(work.send_rows, send_buf, backend=backend)
+                with self._kernel_lock:
+                    layout.pack(work.send_rows, send_buf, backend=backend)
             sends = _per_peer(send_buf, work.send_peers, work.send_counts, eb)
             recvs = _per_peer(buf[offset:], work.recv_peers, work.recv_counts, eb)
             job.cursor = (index, number + 1)  # posted (even if posting fails): never re-posted by a drain
