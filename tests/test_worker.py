@@ -312,6 +312,36 @@ def test_worker_failure_surfaces_on_every_rank(distributed, world):
         assert res["after"] is not None and "closed" in res["after"]
 
 
+def _rank_subgroups(rank, world, old, new, explicit_transfer):
+    import torch.distributed as dist
+
+    # Two EP groups of two ranks each (a DP x EP layout); both build workers at the same time.
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    ep_group = groups[rank // 2]
+    ep_rank = rank % 2
+    transfer = None
+    if explicit_transfer:  # every rank enters every (globally synchronised) new_group call
+        transfer = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+    weights = rank_weights(ep_rank, 2, old, seed=rank // 2)
+    with TransferWorker(weights, ep_group, transfer_group=transfer) as worker:
+        worker.submit(old, new)
+        applied = []
+        while worker.busy:
+            applied += worker.step()
+        stats = worker.wait()
+    return applied, row_mismatches(weights, old, new, ep_rank, seed=rank // 2), stats.total_bytes_sent
+
+
+@pytest.mark.parametrize("explicit_transfer", [pytest.param(False, id="default-groups"), pytest.param(True, id="explicit-transfer-group")])
+def test_two_ep_subgroups_each_with_a_worker(distributed, explicit_transfer):
+    old, new = random_maps(np.random.default_rng(8), 3, 2, 3, 5)
+    results = distributed(4, _rank_subgroups, old, new, explicit_transfer)
+    for rank, (applied, bad, sent) in enumerate(results):
+        assert applied == [0, 1, 2], f"rank {rank}: {applied}"
+        assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
+    assert sum(r[2] for r in results) > 0
+
+
 # -- shutdown -------------------------------------------------------------------------------------
 def _rank_close_during_transfer(rank, world, old, new):
     weights = rank_weights(rank, world, old)
