@@ -363,22 +363,32 @@ def test_close_during_transfer(distributed):
         assert untouched and not busy
 
 
-def _rank_close_with_peer_stuck(rank, world, old, new):
+def _rank_close_with_lagging_peer(rank, world, old, new, peer_dies):
+    import torch.distributed as dist
+
     weights = rank_weights(rank, world, old)
     worker = TransferWorker(weights)
     if rank == 1:
-        slow_down(worker, 60.0)  # rank 1 never reaches its exchange: for rank 0 the peer is gone
+        slow_down(worker, 60.0)  # rank 1 does not reach its first exchange
     worker.submit(old, new)
+    if rank == 1 and peer_dies:
+        time.sleep(0.1)
+        # what rank 0 sees when rank 1's process dies: its transfer connections close
+        dist.destroy_process_group(worker._transfer.group)
     time.sleep(0.3 if rank == 0 else 0.6)  # rank 0's worker is now blocked waiting for rank 1
     begin = time.monotonic()
     worker.close(timeout_s=5.0)
-    return time.monotonic() - begin, worker._thread.is_alive()
+    return time.monotonic() - begin, worker._thread.is_alive(), worker._error is not None
 
 
-def test_close_returns_when_peer_never_answers(distributed):
+@pytest.mark.parametrize("peer_dies", [pytest.param(False, id="peer-closes-later"), pytest.param(True, id="peer-connection-lost")])
+def test_close_with_a_lagging_or_lost_peer(distributed, peer_dies):
     old, new = rotated_maps(2, 2, 2)
-    for elapsed, alive in distributed(2, _rank_close_with_peer_stuck, old, new):
-        assert elapsed < 2.0 and not alive
+    (elapsed0, alive0, error0), (elapsed1, alive1, _) = distributed(2, _rank_close_with_lagging_peer, old, new, peer_dies)
+    assert not alive0 and not alive1
+    assert elapsed0 < 2.0 and elapsed1 < 2.0
+    # a lagging peer is waited for (its drain completes rank 0's exchange); a lost one fails it
+    assert error0 == peer_dies
 
 
 def test_context_manager_and_single_rank_without_group():
