@@ -357,10 +357,14 @@ class TransferWorker:
             self._shutdown()
             raise
         done = []
-        while job.swapped < ready:
-            stage = job.stages[job.swapped]
-            self._swap(job, stage)
-            done.append(stage.layer.index)
+        try:
+            while job.swapped < ready:
+                stage = job.stages[job.swapped]
+                self._swap(job, stage)
+                done.append(stage.layer.index)
+        except BaseException:  # a failed launch here is not recoverable: stop the thread, no leak
+            self._shutdown()
+            raise
         if job.swapped == len(job.stages):
             self._last_stats = job.stats
             self._job = None
