@@ -31,11 +31,11 @@ LAYERS = [
 
 # A tuning with tiny chunks and tiles: rows split into many chunks, many programs, each
 # program looping over several chunks (the grid-stride path).
-TINY_CHUNKS = KernelTuning(block_words=8, byte_block=16, programs_per_sm=3, waves=2, min_chunk=64, max_chunk=64)
+TINY_CHUNKS = KernelTuning(block_words=8, byte_block=16, programs_per_sm=3, waves=2, min_chunk=64, max_chunk=64, prefetch=True)
 TUNINGS = [
-    pytest.param(TINY_CHUNKS, id="64B-chunks"),
+    pytest.param(TINY_CHUNKS, id="64B-chunks-prefetch"),
     pytest.param(KernelTuning(block_words=4, byte_block=8, programs_per_sm=5, min_chunk=256, max_chunk=256, prefetch=False, blocked=True), id="256B-chunks-16B-tiles-blocked-no-prefetch"),
-    pytest.param(KernelTuning(block_words=16, programs_per_sm=7, min_chunk=128, max_chunk=128, balance=True, streaming=True, blocked=True), id="128B-blocked-balanced-streaming"),
+    pytest.param(KernelTuning(block_words=16, programs_per_sm=7, min_chunk=128, max_chunk=128, balance=True, streaming=True, blocked=True, prefetch=True), id="128B-blocked-prefetch-balanced-streaming"),
 ]
 
 
