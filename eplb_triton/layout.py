@@ -127,7 +127,7 @@ def check_layer_tensors(tensors: Sequence[torch.Tensor], where: str = "layer") -
 def _host_rows(rows) -> np.ndarray | None:
     """``rows`` as a host int64 array when that costs no device sync, else None."""
     if isinstance(rows, torch.Tensor):
-        return rows.numpy().astype(np.int64, copy=False) if rows.device.type == "cpu" else None
+        return rows.detach().numpy().astype(np.int64, copy=False) if rows.device.type == "cpu" else None
     return np.asarray(rows, dtype=np.int64)
 
 
@@ -245,6 +245,10 @@ class _TritonState:
         self.tuning = INTERPRETER_TUNING if self.interpreted else DEFAULT_TUNING
         self._tables: dict[int, torch.Tensor] = {}
         self.plans: dict[tuple, KernelPlan] = {}
+        log.debug(
+            "triton state: %d tensors, all 16-byte aligned: %s, %s, interpreted: %s",
+            len(self.tensors), self.all_aligned, layout.device, self.interpreted,
+        )
 
     def chunks_per_expert(self, chunk: int) -> int:
         return sum(-(-nbytes // chunk) for _, _, nbytes, _, _ in self.tensors)
@@ -314,7 +318,7 @@ class ExpertLayout:
         """Validate ``rows``; returns them as a device int64 tensor and as a host array.
 
         Host inputs (numpy, lists, CPU tensors) are checked on the host and reach the device
-        through a pinned, asynchronous copy. Rows given as a CUDA tensor are copied to the host
+        through a non-blocking copy (no device sync). Rows given as a CUDA tensor are copied to the host
         once for the checks, which waits for the stream (pass host rows to avoid that).
         """
         host = _host_rows(rows)
