@@ -88,6 +88,8 @@ def _byte_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _rows_contiguous(tensor: torch.Tensor) -> bool:
+    if 0 in tensor.shape[1:]:  # rows of zero bytes: nothing to lay out, any strides will do
+        return True
     expected = 1
     for size, stride in zip(reversed(tensor.shape[1:]), reversed(tensor.stride()[1:])):
         if size != 1 and stride != expected:
@@ -455,6 +457,8 @@ class ExpertLayout:
         buf_addr = buf.data_ptr() if buf is not None else 0
         buf_aligned = int(buf_addr % ALIGN_BYTES == 0)
         table = state.chunk_table(plan.chunk)
+        if table.shape[0] == 0:  # every tensor has zero-byte rows: nothing to move
+            return
         state.kernel[(plan.programs,)](
             table,
             src_rows if src_rows is not None else rows,

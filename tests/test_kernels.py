@@ -274,6 +274,20 @@ def test_roundtrip_every_expert(device):
     assert_same_bytes(other, tensors)
 
 
+@pytest.mark.parametrize(
+    "specs",
+    [
+        pytest.param([((0,), torch.float32)], id="only-empty-rows"),
+        pytest.param([((0, 4), torch.bfloat16), ((3,), torch.uint8), ((2, 0), torch.int32)], id="some-empty-rows"),
+    ],
+)
+def test_zero_byte_rows(device, specs):
+    out, ref, _ = pack_both(specs, 3, [2, 0], device)
+    assert torch.equal(out.cpu(), ref.cpu())
+    tensors, expected = unpack_both(specs, 3, [1, 2], device)
+    assert_same_bytes(tensors, expected)
+
+
 def test_auto_backend_picks_triton_on_cuda_only():
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
