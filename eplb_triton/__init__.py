@@ -7,6 +7,7 @@ from .layout import ExpertLayout
 from .maps import ExpertMaps, normalize_maps
 from .plan import LayerPlan, RankPlan, RearrangementPlan, plan_layer, plan_rearrangement
 from .transfer import TransferStats, rearrange_expert_weights_inplace
+from .worker import TransferWorker
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "RankPlan",
     "RearrangementPlan",
     "TransferStats",
+    "TransferWorker",
     "normalize_maps",
     "plan_layer",
     "plan_rearrangement",

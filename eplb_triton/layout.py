@@ -20,7 +20,28 @@ CPU path):
   tensor, as if all sources were read before any destination is written.
 
 Backends: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"triton"``, ``"torch"``.
-The environment variable ``EPLB_TRITON_BACKEND`` overrides the default of ``None``.
+The environment variable ``EPLB_TRITON_BACKEND`` overrides the default of ``None``. The
+``"triton"`` backend also runs on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton
+was imported (that is how CI tests the kernels).
+
+Triton launcher (:meth:`ExpertLayout.launch`, kernel in ``eplb_triton.kernels.rows``): one
+launch moves ``len(rows)`` experts of every tensor of the layer.
+
+* Inputs: ``rows`` int64 ``(n,)`` on the weights' device; ``buf`` uint8 ``(>= n *
+  expert_bytes,)`` contiguous; the tensors as given to the layout (any dtype, contiguous rows,
+  any base address).
+* Descriptors: a chunk table ``(chunks_per_expert, 4)`` int64 (chunk address in row 0 =
+  ``data_ptr`` + offset, row stride in bytes, offset in the packed expert, ``2 * bytes +
+  aligned``), built on the host once per layout and chunk size and cached on the device.
+* Copies: 16 bytes per thread access (int32 x 4) where base, stride and row bytes are
+  multiples of 16 and the buffer is 16-byte aligned, else one byte per lane; 64-bit addresses
+  throughout; a persistent grid of at most ``SMs * programs_per_sm`` programs over chunks of
+  16-256 KB, so large rows spread over many programs and small rows share one.
+* No host sync: the launcher only reads host-side metadata. The public ops validate rows on
+  the host: numpy / list / CPU-tensor rows cost no device sync; rows given as a CUDA tensor
+  are copied to the host once for the checks (that waits for the stream).
+* ``copy_rows`` is one launch when no source is also a destination; otherwise it packs the
+  sources into ``scratch`` and unpacks them (two launches), so every source is read first.
 """
 
 from __future__ import annotations
@@ -67,6 +88,8 @@ def _byte_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _rows_contiguous(tensor: torch.Tensor) -> bool:
+    if 0 in tensor.shape[1:]:  # rows of zero bytes: nothing to lay out, any strides will do
+        return True
     expected = 1
     for size, stride in zip(reversed(tensor.shape[1:]), reversed(tensor.stride()[1:])):
         if size != 1 and stride != expected:
@@ -106,7 +129,7 @@ def check_layer_tensors(tensors: Sequence[torch.Tensor], where: str = "layer") -
 def _host_rows(rows) -> np.ndarray | None:
     """``rows`` as a host int64 array when that costs no device sync, else None."""
     if isinstance(rows, torch.Tensor):
-        return rows.numpy().astype(np.int64, copy=False) if rows.device.type == "cpu" else None
+        return rows.detach().numpy().astype(np.int64, copy=False) if rows.device.type == "cpu" else None
     return np.asarray(rows, dtype=np.int64)
 
 
@@ -127,22 +150,24 @@ def _as_index_tensor(rows, host: np.ndarray | None, device: torch.device) -> tor
 class KernelTuning:
     """Block sizes of the Triton launch; :meth:`ExpertLayout.kernel_plan` turns them into a grid.
 
-    The defaults are the best of the variants measured on an H100 (see bench/KERNEL_NOTES.md).
-    ``chunk`` is chosen per launch as the power of two nearest ``total_bytes /
-    (programs * waves)``, clamped to ``[min_chunk, max_chunk]``.
+    The defaults won a sweep of 14 variants on an H100 (bench/KERNEL_NOTES.md, run 3): worst
+    median over the four issue configs 95.7% of a same-size ``copy_``, mean 96.7%. The chunk
+    of a launch is the power of two at or below ``total_bytes / (programs * waves)``, clamped
+    to ``[min_chunk, max_chunk]``.
     """
 
-    block_words: int = 4096  # int32 words per tile on the 16-byte path (16 KB)
-    byte_block: int = 2048  # bytes per tile on the byte path (odd sizes, unaligned bases)
-    num_warps: int = 4
-    programs_per_sm: int = 8  # persistent grid: at most SMs * programs_per_sm programs
-    waves: int = 4  # chunks per program aimed for
-    min_chunk: int = 16 << 10
-    max_chunk: int = 256 << 10
-    streaming: bool = False  # evict-first loads and streaming stores
-    prefetch: bool = True  # load the next chunk's descriptor before copying the current one
-    balance: bool = False  # trim the grid so every program gets the same number of chunks
-    blocked: bool = False  # each program takes a contiguous run of chunks (else every nprog-th)
+    # Comments: % of a same-size copy_ vs the neighbouring variant, H100, bench/KERNEL_NOTES.md.
+    block_words: int = 4096  # int32 words per tile (16 KB); 2048 mixed (+1.5% deepseek, -2% small)
+    byte_block: int = 2048  # bytes per tile on the byte path (odd sizes, unaligned bases); not tuned
+    num_warps: int = 4  # 8 warps: +2% on deepseek, -1-2% on small/tiny
+    programs_per_sm: int = 16  # persistent grid cap; 16 beat 8 by 0.3-1.2%; 24: better mean, worse minimum
+    waves: int = 4  # chunks per program aimed for; 2 was within noise
+    min_chunk: int = 16 << 10  # 8 KB: -1-2% on deepseek/small; 32 KB: -1% on qwen/small
+    max_chunk: int = 256 << 10  # 1 MB chunks starve the grid (58-78% on qwen/small/tiny)
+    streaming: bool = False  # evict-first loads / .cs stores: -3% on qwen/deepseek/small
+    prefetch: bool = False  # next-chunk descriptor prefetch: -1.4-2.3% on the large configs at 8/SM, a tie at 16
+    balance: bool = False  # equal chunk counts per program: mixed, +-2%
+    blocked: bool = False  # contiguous chunk runs per program: -1-4% vs every nprog-th chunk
 
 
 DEFAULT_TUNING = KernelTuning()
@@ -222,6 +247,10 @@ class _TritonState:
         self.tuning = INTERPRETER_TUNING if self.interpreted else DEFAULT_TUNING
         self._tables: dict[int, torch.Tensor] = {}
         self.plans: dict[tuple, KernelPlan] = {}
+        log.debug(
+            "triton state: %d tensors, all 16-byte aligned: %s, %s, interpreted: %s",
+            len(self.tensors), self.all_aligned, layout.device, self.interpreted,
+        )
 
     def chunks_per_expert(self, chunk: int) -> int:
         return sum(-(-nbytes // chunk) for _, _, nbytes, _, _ in self.tensors)
@@ -291,7 +320,7 @@ class ExpertLayout:
         """Validate ``rows``; returns them as a device int64 tensor and as a host array.
 
         Host inputs (numpy, lists, CPU tensors) are checked on the host and reach the device
-        through a pinned, asynchronous copy. Rows given as a CUDA tensor are copied to the host
+        through a non-blocking copy (no device sync). Rows given as a CUDA tensor are copied to the host
         once for the checks, which waits for the stream (pass host rows to avoid that).
         """
         host = _host_rows(rows)
@@ -428,6 +457,8 @@ class ExpertLayout:
         buf_addr = buf.data_ptr() if buf is not None else 0
         buf_aligned = int(buf_addr % ALIGN_BYTES == 0)
         table = state.chunk_table(plan.chunk)
+        if table.shape[0] == 0:  # every tensor has zero-byte rows: nothing to move
+            return
         state.kernel[(plan.programs,)](
             table,
             src_rows if src_rows is not None else rows,

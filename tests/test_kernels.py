@@ -31,11 +31,11 @@ LAYERS = [
 
 # A tuning with tiny chunks and tiles: rows split into many chunks, many programs, each
 # program looping over several chunks (the grid-stride path).
-TINY_CHUNKS = KernelTuning(block_words=8, byte_block=16, programs_per_sm=3, waves=2, min_chunk=64, max_chunk=64)
+TINY_CHUNKS = KernelTuning(block_words=8, byte_block=16, programs_per_sm=3, waves=2, min_chunk=64, max_chunk=64, prefetch=True)
 TUNINGS = [
-    pytest.param(TINY_CHUNKS, id="64B-chunks"),
+    pytest.param(TINY_CHUNKS, id="64B-chunks-prefetch"),
     pytest.param(KernelTuning(block_words=4, byte_block=8, programs_per_sm=5, min_chunk=256, max_chunk=256, prefetch=False, blocked=True), id="256B-chunks-16B-tiles-blocked-no-prefetch"),
-    pytest.param(KernelTuning(block_words=16, programs_per_sm=7, min_chunk=128, max_chunk=128, balance=True, streaming=True, blocked=True), id="128B-blocked-balanced-streaming"),
+    pytest.param(KernelTuning(block_words=16, programs_per_sm=7, min_chunk=128, max_chunk=128, balance=True, streaming=True, blocked=True, prefetch=True), id="128B-blocked-prefetch-balanced-streaming"),
 ]
 
 
@@ -272,6 +272,20 @@ def test_roundtrip_every_expert(device):
     layout.pack(rows, buf, backend="triton")
     other_layout.unpack(buf, rows, backend="triton")
     assert_same_bytes(other, tensors)
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        pytest.param([((0,), torch.float32)], id="only-empty-rows"),
+        pytest.param([((0, 4), torch.bfloat16), ((3,), torch.uint8), ((2, 0), torch.int32)], id="some-empty-rows"),
+    ],
+)
+def test_zero_byte_rows(device, specs):
+    out, ref, _ = pack_both(specs, 3, [2, 0], device)
+    assert torch.equal(out.cpu(), ref.cpu())
+    tensors, expected = unpack_both(specs, 3, [1, 2], device)
+    assert_same_bytes(tensors, expected)
 
 
 def test_auto_backend_picks_triton_on_cuda_only():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import subprocess
 import sys
 import zipfile
@@ -14,10 +15,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_installed_package_maps_kernels_under_eplb_triton():
+def test_installed_package_maps_kernels_under_eplb_triton(tmp_path):
     kernels = importlib.import_module("eplb_triton.kernels")
     assert Path(kernels.__file__).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
-    assert importlib.util.find_spec("kernels") is None, "a top-level `kernels` package is importable"
+    # From a directory outside the repo (so the checkout itself is not on sys.path), the
+    # installation must provide eplb_triton.kernels and no top-level `kernels`.
+    probe = (
+        "import importlib.util as u; "
+        "print(u.find_spec('eplb_triton.kernels') is not None, u.find_spec('kernels') is None)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +37,7 @@ def wheel(tmp_path_factory) -> Path:
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
         check=True,
         cwd=build,
-        env={**__import__("os").environ, "PIP_NO_INPUT": "1"},
+        env={**os.environ, "PIP_NO_INPUT": "1"},
     )
     (wheel,) = out.glob("eplb_triton-*.whl")
     return wheel
