@@ -28,7 +28,7 @@ import torch
 from .comm import Communicator
 from .layout import ExpertLayout, check_layer_tensors
 from .maps import ExpertMaps, normalize_maps
-from .plan import LayerPlan, RankPlan, plan_from_maps
+from .plan import LayerPlan, RankPlan, normalize_elastic_maps, plan_from_maps
 
 __all__ = [
     "LayerWork",
@@ -286,6 +286,7 @@ def prepare_layers(
     expert_weights: Sequence[Sequence[torch.Tensor]],
     comm: Communicator,
     max_buffer_bytes: int | None = None,
+    rank_mapping=None,
 ) -> list[LayerWork]:
     """Validate everything, agree with every rank, plan and schedule; touches no weight.
 
@@ -293,7 +294,11 @@ def prepare_layers(
     """
     error, maps, layouts, fingerprint = None, None, [], 0
     try:
-        maps = normalize_maps(old_global_expert_indices, new_global_expert_indices, comm.world_size)
+        # planner (issue 5): elastic EP maps are expanded to the transfer group's ranks
+        if rank_mapping is None:
+            maps = normalize_maps(old_global_expert_indices, new_global_expert_indices, comm.world_size)
+        else:
+            maps = normalize_elastic_maps(old_global_expert_indices, new_global_expert_indices, comm.world_size, rank_mapping)
         layouts = _check_weights(expert_weights, maps)
         _check_backend_device(comm, layouts[0].device)
         if max_buffer_bytes is not None:
@@ -362,6 +367,7 @@ def rearrange_expert_weights_inplace(
     *,
     max_buffer_bytes: int | None = None,
     backend: str | None = None,
+    rank_mapping=None,
 ) -> TransferStats:
     """Rearrange this rank's expert weights in place so every row holds its new expert.
 
@@ -376,6 +382,10 @@ def rearrange_expert_weights_inplace(
         max_buffer_bytes: staging memory bound per rank (default: one layer's local weights,
             packed); a layer that needs more runs in rounds.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack/copy.
+        rank_mapping: elastic EP, old rank -> new rank (``-1`` = removed); the maps then
+            have different EP sizes. Scale-down runs on the old (larger) group and removed
+            ranks only send; scale-up runs on the new group and new ranks only receive.
+            See :func:`eplb_triton.plan.normalize_elastic_maps`.
 
     Returns:
         This rank's :class:`TransferStats`.
@@ -384,7 +394,9 @@ def rearrange_expert_weights_inplace(
         ValueError, TypeError: bad input, raised on every rank before any weight is touched.
     """
     comm = Communicator.from_group(ep_group)
-    layers = prepare_layers(old_global_expert_indices, new_global_expert_indices, expert_weights, comm, max_buffer_bytes)
+    layers = prepare_layers(
+        old_global_expert_indices, new_global_expert_indices, expert_weights, comm, max_buffer_bytes, rank_mapping=rank_mapping
+    )
     stats = TransferStats.empty(comm.rank, comm.world_size)
     if not layers:
         return stats
