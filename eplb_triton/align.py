@@ -120,7 +120,7 @@ def _rank_costs(old: np.ndarray, new: np.ndarray, ep_size: int) -> np.ndarray:
     changed_rows = filled[:, None, :] - kept
     moved = np.rint(copies).astype(np.int64)
     off = 1 - np.eye(ep_size, dtype=np.int64)
-    return (moved * (num_local + 1) + changed_rows) * 2 + off[None]
+    return (moved * (num_local + 1) + changed_rows) * 2 + off[None], moved
 
 
 def align_placement(old, new, ep_size: int, *, ranks_per_node: int | None = None):
@@ -154,25 +154,30 @@ def align_placement(old, new, ep_size: int, *, ranks_per_node: int | None = None
     o, n = maps.old, maps.new
     num_layers = maps.num_layers
     num_local = maps.num_local
-    cost = _rank_costs(o, n, ep_size)
-    if ranks_per_node is None or ranks_per_node == ep_size:
-        perm = linear_assignment(cost)  # perm[l, r] = new rank whose content r takes
-    else:
-        rpn = ranks_per_node
-        nodes = ep_size // rpn
-        # (l, A, B, i, j): old rank A*rpn+i takes new rank B*rpn+j
-        blocks = cost.reshape(num_layers, nodes, rpn, nodes, rpn).transpose(0, 1, 3, 2, 4)
-        inner = linear_assignment(blocks.reshape(-1, rpn, rpn)).reshape(num_layers, nodes, nodes, rpn)
-        inner_cost = np.take_along_axis(blocks, inner[..., None], axis=4)[..., 0].sum(axis=3)
-        outer = linear_assignment(inner_cost)  # (l, A) -> B
-        chosen = np.take_along_axis(inner, outer[:, :, None, None], axis=2)[:, :, 0, :]  # (l, A, i) -> j
-        perm = (outer[:, :, None] * rpn + chosen).reshape(num_layers, ep_size)
+    cost, _ = _rank_costs(o, n, ep_size)
+    perm = _assign(cost, ranks_per_node)
     aligned = _place_rows(o, n, perm, ep_size, num_local)
     if maps.squeezed:
         aligned = aligned[0]
     if isinstance(new, torch.Tensor):
         return torch.as_tensor(aligned, dtype=new.dtype).to(new.device)
     return aligned.astype(np.asarray(new).dtype, copy=False)
+
+
+def _assign(cost: np.ndarray, ranks_per_node: int | None) -> np.ndarray:
+    """``perm[l, r]``: the new rank whose content old rank ``r`` takes, minimising ``cost``."""
+    num_layers, ep_size, _ = cost.shape
+    if ranks_per_node is None or ranks_per_node == ep_size:
+        return linear_assignment(cost)
+    rpn = ranks_per_node
+    nodes = ep_size // rpn
+    # (l, A, B, i, j): old rank A*rpn+i takes new rank B*rpn+j
+    blocks = cost.reshape(num_layers, nodes, rpn, nodes, rpn).transpose(0, 1, 3, 2, 4)
+    inner = linear_assignment(blocks.reshape(-1, rpn, rpn)).reshape(num_layers, nodes, nodes, rpn)
+    inner_cost = np.take_along_axis(blocks, inner[..., None], axis=4)[..., 0].sum(axis=3)
+    outer = linear_assignment(inner_cost)  # (l, A) -> B
+    chosen = np.take_along_axis(inner, outer[:, :, None, None], axis=2)[:, :, 0, :]  # (l, A, i) -> j
+    return (outer[:, :, None] * rpn + chosen).reshape(num_layers, ep_size)
 
 
 def _place_rows(old: np.ndarray, new: np.ndarray, perm: np.ndarray, ep_size: int, num_local: int) -> np.ndarray:

@@ -479,43 +479,58 @@ def _plan_all(
     d_rank = (d_key // num_ids) % ep_size
     d_expert = d_key % num_ids
 
-    # Local if the receiver already holds the expert in an old row.
+    # Local if the receiver already holds the expert in an old row. Lookups in the holder
+    # table go through a dense index when it is small (faster than binary search).
     own = (d_layer * num_ids + d_expert) * ep_size + d_rank
-    at = np.searchsorted(hkey, own)
-    at_ok = np.minimum(at, max(hkey.size - 1, 0))
-    local = (at < hkey.size) & (hkey[at_ok] == own) if hkey.size else np.zeros(d_key.size, dtype=bool)
+    cells = num_layers * num_ids * ep_size
+    dense = cells <= (1 << 23)
+    if dense:
+        row_of = np.full(cells, -1, dtype=np.int64)
+        row_of[hkey] = np.arange(hkey.size)
+        at = row_of[own]
+        local = at >= 0
+        per_expert = np.bincount(hkey // ep_size, minlength=num_layers * num_ids)
+        first_row = np.cumsum(per_expert) - per_expert
+    else:
+        at = np.searchsorted(hkey, own)
+        at_ok = np.minimum(at, max(hkey.size - 1, 0))
+        local = (at < hkey.size) & (hkey[at_ok] == own) if hkey.size else np.zeros(d_key.size, dtype=bool)
     src = np.empty(d_key.size, dtype=np.int64)
     src[local] = hslot[at[local]]
     net = ~local
 
     net_idx = np.flatnonzero(net)
     if net_idx.size:
-        base = (d_layer[net_idx] * num_ids + d_expert[net_idx]) * ep_size
-        lo = np.searchsorted(hkey, base)
-        hi = np.searchsorted(hkey, base + ep_size)
+        if dense:
+            le = d_layer[net_idx] * num_ids + d_expert[net_idx]
+            lo, holders = first_row[le], per_expert[le]
+        else:
+            base = (d_layer[net_idx] * num_ids + d_expert[net_idx]) * ep_size
+            lo = np.searchsorted(hkey, base)
+            holders = np.searchsorted(hkey, base + ep_size) - lo
         if policy == "vllm":
-            chosen = _vllm_choice(own[net_idx], lo, hi - lo)
+            chosen = _vllm_choice(own[net_idx], lo, holders)
         else:
             chosen = _balanced_choice(
-                d_layer[net_idx], d_rank[net_idx], own[net_idx], lo, hi - lo, hrank, num_layers, ep_size, ranks_per_node
+                d_layer[net_idx], d_rank[net_idx], own[net_idx], lo, holders, hrank, num_layers, ep_size, ranks_per_node
             )
         src[net_idx] = hslot[chosen]
 
     # Order per layer: network deliveries by (src_rank, dst_slot) = wire order, then local
     # ones by dst_slot.
     src_rank = rank_of[src]
-    order = np.lexsort((dst, np.where(net, src_rank, 0), local, d_layer))
+    order = np.argsort(((d_layer * 2 + local) * ep_size + np.where(net, src_rank, 0)) * num_physical + dst)
     position = np.empty_like(order)
     position[order] = np.arange(order.size)
     layer_sorted = d_layer[order]
-    bounds = np.searchsorted(layer_sorted, np.arange(num_layers + 1))
+    bounds = np.r_[0, np.cumsum(np.bincount(d_layer, minlength=num_layers))]
     src_o, dst_o, net_o = src[order], dst[order], net[order]
 
     dup_mask = ~is_first
     dup_layer = need_key[dup_mask] // (ep_size * num_ids)
     dup_slot = need_slot[dup_mask]
     dup_global = position[group[dup_mask]]  # ascending by (layer, rank, expert, slot)
-    dup_bounds = np.searchsorted(dup_layer, np.arange(num_layers + 1))
+    dup_bounds = np.r_[0, np.cumsum(np.bincount(dup_layer, minlength=num_layers))]
 
     route = np.where(new >= 0, slots[None, :], -1)
     route[d_layer[order], dst_o] = src_o
