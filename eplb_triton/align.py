@@ -120,10 +120,16 @@ def _rank_costs(old: np.ndarray, new: np.ndarray, ep_size: int) -> np.ndarray:
     changed_rows = filled[:, None, :] - kept
     moved = np.rint(copies).astype(np.int64)
     off = 1 - np.eye(ep_size, dtype=np.int64)
-    return (moved * (num_local + 1) + changed_rows) * 2 + off[None], moved
+    # Estimated network sends of old rank r if it takes q's content: the demand for r's
+    # experts from every new rank (shared among an expert's holders), less what stays on r.
+    holders = np.maximum(p_old.sum(axis=1, keepdims=True), 1.0)  # (l, 1, e)
+    overlap_w = np.matmul(p_old / holders, p_new.transpose(0, 2, 1))  # (l, r, q)
+    sends = np.ceil(overlap_w.sum(axis=2, keepdims=True) - overlap_w - 1e-6).astype(np.int64)
+    load = np.maximum(moved, sends)
+    return (moved * (num_local + 1) + changed_rows) * 2 + off[None], moved, load
 
 
-def align_placement(old, new, ep_size: int, *, ranks_per_node: int | None = None):
+def align_placement(old, new, ep_size: int, *, ranks_per_node: int | None = None, objective: str = "copies"):
     """Relabel ``new`` (load-neutrally) so that it moves as few experts as possible from ``old``.
 
     Args:
@@ -135,6 +141,11 @@ def align_placement(old, new, ep_size: int, *, ranks_per_node: int | None = None
         ranks_per_node: if given (a divisor of ``ep_size``), ranks are only permuted within
             their node and nodes as wholes, so every node of the result holds the ranks of
             one node of ``new``.
+        objective: ``"copies"`` (default) minimises network copies. ``"bottleneck"`` first
+            minimises, per layer, the largest estimated network load of any rank (its
+            receives, or its sends: the demand for its experts that leaves it), then copies
+            under that cap; it keeps the result only where it needs no more copies than
+            ``new`` itself, so the guarantee below holds for both.
 
     Returns:
         ``new_aligned``, same shape and type (torch tensor on the same device and dtype, or
@@ -154,14 +165,43 @@ def align_placement(old, new, ep_size: int, *, ranks_per_node: int | None = None
     o, n = maps.old, maps.new
     num_layers = maps.num_layers
     num_local = maps.num_local
-    cost, _ = _rank_costs(o, n, ep_size)
+    if objective not in ("copies", "bottleneck"):
+        raise ValueError(f"objective must be 'copies' or 'bottleneck', got {objective!r}")
+    cost, moved, load = _rank_costs(o, n, ep_size)
     perm = _assign(cost, ranks_per_node)
+    if objective == "bottleneck":
+        perm = _cap_load(cost, moved, load, perm, ranks_per_node)
     aligned = _place_rows(o, n, perm, ep_size, num_local)
     if maps.squeezed:
         aligned = aligned[0]
     if isinstance(new, torch.Tensor):
         return torch.as_tensor(aligned, dtype=new.dtype).to(new.device)
     return aligned.astype(np.asarray(new).dtype, copy=False)
+
+
+def _pick(matrix: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    return np.take_along_axis(matrix, perm[:, :, None], axis=2)[..., 0]
+
+
+def _cap_load(cost, moved, load, perm, ranks_per_node):
+    """Per layer, the smallest cap on ``load`` that an assignment can meet (bisection over
+    Hungarian runs with a prohibitive penalty above the cap), then the cheapest such one.
+    Falls back to ``perm`` where the capped one needs more copies than no relabelling."""
+    num_layers, ep_size, _ = cost.shape
+    big = int(cost.max()) * ep_size + 1
+    hi = _pick(load, perm).max(axis=1)
+    lo = np.maximum(load.min(axis=1).max(axis=1), load.min(axis=2).max(axis=1))
+    best = perm
+    while (lo < hi).any():
+        mid = (lo + hi) // 2
+        trial = _assign(cost + big * (load > mid[:, None, None]), ranks_per_node)
+        ok = (_pick(load, trial).max(axis=1) <= mid) & (lo < hi)
+        best = np.where(ok[:, None], trial, best)
+        hi = np.where(ok, mid, hi)
+        lo = np.where(~ok & (lo < hi), mid + 1, lo)
+    identity = np.broadcast_to(np.arange(ep_size), (num_layers, ep_size))
+    worse = _pick(moved, best).sum(axis=1) > _pick(moved, identity).sum(axis=1)
+    return np.where(worse[:, None], perm, best)
 
 
 def _assign(cost: np.ndarray, ranks_per_node: int | None) -> np.ndarray:

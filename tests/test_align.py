@@ -51,10 +51,10 @@ def cases(draw, max_ep=6):
 
 
 @settings(max_examples=150, deadline=None)
-@given(cases())
-def test_alignment_invariants(case):
+@given(cases(), st.sampled_from(["copies", "bottleneck"]))
+def test_alignment_invariants(case, objective):
     old, new, ep, rpn = case
-    aligned = align_placement(old, new, ep, ranks_per_node=rpn)
+    aligned = align_placement(old, new, ep, ranks_per_node=rpn, objective=objective)
     assert aligned.shape == new.shape and aligned.dtype == new.dtype
     for l in range(old.shape[0]):
         # every rank holds exactly the multiset of one rank of new (a bijection)
@@ -124,11 +124,48 @@ def test_reduces_copies_on_eplb_sequence():
         assert network_copies(seq[t - 1], aligned, 16) < network_copies(seq[t - 1], seq[t], 16)
 
 
+def test_bottleneck_objective_lowers_bottleneck_on_eplb_sequence():
+    seq = placement_sequence(4, 16, 64, 16, 16, seed=1, ranks_per_node=4, num_groups=8)
+    totals = {}
+    for objective in ("copies", "bottleneck"):
+        current, total = seq[0], 0
+        for t in range(1, 4):
+            aligned = align_placement(current, seq[t], 16, ranks_per_node=4, objective=objective)
+            total += int(plan_rearrangement(current, aligned, 16).bottlenecks.sum())
+            current = aligned
+        totals[objective] = total
+    assert totals["bottleneck"] < totals["copies"]
+
+
+def test_flat_generator_replicates_hot_experts_and_balances():
+    from eplb_triton.balancer import eplb_placement, replicate_experts
+
+    load = np.array([[100.0, 1, 1, 1, 1, 1, 50, 1]])
+    counts = replicate_experts(load, 12)
+    # extra slots go to the largest load per replica: 100 -> 50|50 (tie: lowest id) -> 33|50 -> 33|25
+    assert counts.tolist() == [[4, 1, 1, 1, 1, 1, 2, 1]]
+    placement = eplb_placement(load, 12, 4)
+    assert np.array_equal(np.bincount(placement[0], minlength=8), counts[0])
+    per_replica = (load / counts)[0][placement[0]].reshape(4, 3).sum(axis=1)
+    assert per_replica.max() <= 1.5 * per_replica.mean()
+    assert np.array_equal(eplb_placement(load, 12, 4), placement)  # deterministic
+
+
+def test_hierarchical_generator_keeps_groups_on_nodes():
+    seq = placement_sequence(2, 3, 64, 16, 16, seed=0, ranks_per_node=4, num_groups=8)
+    for placement in seq:
+        for layer in placement:
+            groups_per_node = [np.unique(node // 8) for node in layer.reshape(4, -1)]
+            assert all(g.size == 2 for g in groups_per_node)  # 8 groups of 8 experts, 2 per node
+            assert np.array_equal(np.unique(layer), np.arange(64))  # every expert placed
+
+
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
         pytest.param({"ranks_per_node": 3}, ValueError, "divisor", id="rpn-not-divisor"),
         pytest.param({"ranks_per_node": True}, TypeError, "ranks_per_node", id="rpn-bool"),
+        pytest.param({"objective": "speed"}, ValueError, "objective", id="objective"),
     ],
 )
 def test_bad_options(kwargs, exc, match):
