@@ -7,6 +7,7 @@ from .layout import ExpertLayout
 from .maps import ExpertMaps, normalize_maps
 from .plan import LayerPlan, RankPlan, RearrangementPlan, plan_layer, plan_rearrangement
 from .transfer import TransferStats, rearrange_expert_weights_inplace
+from .worker import TransferWorker
 from .align import align_placement, linear_assignment  # planner (issue 5)
 from .plan import SENDER_POLICIES, normalize_elastic_maps  # planner (issue 5)
 
@@ -19,6 +20,7 @@ __all__ = [
     "RankPlan",
     "RearrangementPlan",
     "TransferStats",
+    "TransferWorker",
     "normalize_maps",
     "plan_layer",
     "plan_rearrangement",

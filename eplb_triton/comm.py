@@ -97,7 +97,10 @@ class Communicator:
         if worst:
             messages = self.all_gather_object(None if error is None else str(error))
             failing = [(r, m) for r, m in enumerate(messages) if m is not None]
-            text = failing[0][1] if self.world_size == 1 else "; ".join(f"rank {r}: {m}" for r, m in failing)
+            if len({m for _, m in failing}) == 1 and len(failing) == self.world_size:
+                text = failing[0][1]  # every rank saw the same problem (a bad global map, say)
+            else:
+                text = "; ".join(f"rank {r}: {m}" for r, m in failing)
             raise (TypeError if worst == 2 else ValueError)(text)
         if high != -neg_low:
             raise ValueError("ranks were given different inputs (old/new maps or weight layouts differ across ranks)")

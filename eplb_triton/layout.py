@@ -20,18 +20,43 @@ CPU path):
   tensor, as if all sources were read before any destination is written.
 
 Backends: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"triton"``, ``"torch"``.
-The environment variable ``EPLB_TRITON_BACKEND`` overrides the default of ``None``.
+The environment variable ``EPLB_TRITON_BACKEND`` overrides the default of ``None``. The
+``"triton"`` backend also runs on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton
+was imported (that is how CI tests the kernels).
+
+Triton launcher (:meth:`ExpertLayout.launch`, kernel in ``eplb_triton.kernels.rows``): one
+launch moves ``len(rows)`` experts of every tensor of the layer.
+
+* Inputs: ``rows`` int64 ``(n,)`` on the weights' device; ``buf`` uint8 ``(>= n *
+  expert_bytes,)`` contiguous; the tensors as given to the layout (any dtype, contiguous rows,
+  any base address).
+* Descriptors: a chunk table ``(chunks_per_expert, 4)`` int64 (chunk address in row 0 =
+  ``data_ptr`` + offset, row stride in bytes, offset in the packed expert, ``2 * bytes +
+  aligned``), built on the host once per layout and chunk size and cached on the device.
+* Copies: 16 bytes per thread access (int32 x 4) where base, stride and row bytes are
+  multiples of 16 and the buffer is 16-byte aligned, else one byte per lane; 64-bit addresses
+  throughout; a persistent grid of at most ``SMs * programs_per_sm`` programs over chunks of
+  16-256 KB, so large rows spread over many programs and small rows share one.
+* No host sync: the launcher only reads host-side metadata. The public ops validate rows on
+  the host: numpy / list / CPU-tensor rows cost no device sync; rows given as a CUDA tensor
+  are copied to the host once for the checks (that waits for the stream).
+* ``copy_rows`` is one launch when no source is also a destination; otherwise it packs the
+  sources into ``scratch`` and unpacks them (two launches), so every source is read first.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["ALIGN_BYTES", "BACKENDS", "ExpertLayout", "resolve_backend"]
+__all__ = ["ALIGN_BYTES", "BACKENDS", "ExpertLayout", "KernelTuning", "resolve_backend"]
+
+log = logging.getLogger(__name__)
 
 ALIGN_BYTES = 16  # one 16-byte vector access per thread: the widest global load on NVIDIA GPUs
 BACKENDS = ("auto", "triton", "torch")
@@ -99,12 +124,149 @@ def check_layer_tensors(tensors: Sequence[torch.Tensor], where: str = "layer") -
             )
 
 
-def _as_index_tensor(rows, device: torch.device) -> torch.Tensor:
+def _host_rows(rows) -> np.ndarray | None:
+    """``rows`` as a host int64 array when that costs no device sync, else None."""
     if isinstance(rows, torch.Tensor):
-        if rows.dtype != torch.int64:
-            rows = rows.to(torch.int64)
-        return rows.to(device, non_blocking=True)
-    return torch.as_tensor(np.asarray(rows, dtype=np.int64), device=device)
+        return rows.numpy().astype(np.int64, copy=False) if rows.device.type == "cpu" else None
+    return np.asarray(rows, dtype=np.int64)
+
+
+def _as_index_tensor(rows, host: np.ndarray | None, device: torch.device) -> torch.Tensor:
+    """Rows as an int64 tensor on ``device``, without waiting for the device.
+
+    A non-blocking copy from pageable memory is staged by the driver before the call returns
+    (the host array may go away) and does not synchronise the stream; on an H100 it cost less
+    host time than pinning first (bench/KERNEL_NOTES.md).
+    """
+    if isinstance(rows, torch.Tensor):
+        return rows.to(device=device, dtype=torch.int64, non_blocking=True)
+    cpu = torch.from_numpy(np.ascontiguousarray(host))
+    return cpu.to(device, non_blocking=True) if device.type == "cuda" else cpu
+
+
+@dataclass(frozen=True)
+class KernelTuning:
+    """Block sizes of the Triton launch; :meth:`ExpertLayout.kernel_plan` turns them into a grid.
+
+    The defaults won a sweep of 14 variants on an H100 (bench/KERNEL_NOTES.md, run 3): worst
+    median over the four issue configs 95.7% of a same-size ``copy_``, mean 96.7%. The chunk
+    of a launch is the power of two at or below ``total_bytes / (programs * waves)``, clamped
+    to ``[min_chunk, max_chunk]``.
+    """
+
+    # Comments: % of a same-size copy_ vs the neighbouring variant, H100, bench/KERNEL_NOTES.md.
+    block_words: int = 4096  # int32 words per tile (16 KB); 2048 mixed (+1.5% deepseek, -2% small)
+    byte_block: int = 2048  # bytes per tile on the byte path (odd sizes, unaligned bases); not tuned
+    num_warps: int = 4  # 8 warps: +2% on deepseek, -1-2% on small/tiny
+    programs_per_sm: int = 16  # persistent grid cap; 16 beat 8 by 0.3-1.2%; 24: better mean, worse minimum
+    waves: int = 4  # chunks per program aimed for; 2 was within noise
+    min_chunk: int = 16 << 10  # 8 KB: -1-2% on deepseek/small; 32 KB: -1% on qwen/small
+    max_chunk: int = 256 << 10  # 1 MB chunks starve the grid (58-78% on qwen/small/tiny)
+    streaming: bool = False  # evict-first loads / .cs stores: -3% on qwen/deepseek/small
+    prefetch: bool = False  # next-chunk descriptor prefetch: -1.4-2.3% on the large configs at 8/SM, a tie at 16
+    balance: bool = False  # equal chunk counts per program: mixed, +-2%
+    blocked: bool = False  # contiguous chunk runs per program: -1-4% vs every nprog-th chunk
+
+
+DEFAULT_TUNING = KernelTuning()
+# Under the interpreter every program and tile is a Python step: few programs, big chunks.
+INTERPRETER_TUNING = KernelTuning(programs_per_sm=2, waves=1, min_chunk=64 << 10, max_chunk=1 << 20)
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """One launch's grid and constexprs."""
+
+    programs: int
+    chunk: int
+    block_words: int
+    byte_block: int
+    num_warps: int
+    streaming: bool
+    prefetch: bool
+    blocked: bool
+
+
+def _interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - very old triton
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+class _TritonState:
+    """Per-layout state of the Triton backend: chunk descriptor tables on the weights' device.
+
+    Built from the tensors' ``data_ptr`` once per layout, and a table once per chunk size
+    (powers of two, so a few per layout); a tensor whose storage is later replaced
+    (``set_``, ``resize_``) needs a new layout.
+    """
+
+    def __init__(self, layout: "ExpertLayout"):
+        from .kernels import rows as kr
+
+        self.kernel = kr.move_rows_kernel
+        self.fields = {name: getattr(kr, name).value for name in ("C_BASE", "C_STRIDE", "C_PACKED", "C_LEN", "NUM_FIELDS")}
+        self.modes = {"pack": kr.MODE_PACK.value, "unpack": kr.MODE_UNPACK.value, "copy": kr.MODE_COPY.value}
+        self.interpreted = _interpreted(self.kernel)
+        if layout.device.type == "cuda" and self.interpreted:
+            raise ValueError("backend='triton' with TRITON_INTERPRET=1 runs on CPU tensors only; these are on CUDA")
+        if layout.device.type != "cuda" and not self.interpreted:
+            raise ValueError(
+                f"backend='triton' on {layout.device} tensors needs TRITON_INTERPRET=1 (set before triton is "
+                "imported); use backend='torch' or 'auto' there"
+            )
+        self.layout = layout
+        self.tensors = []  # (base address, row stride, row bytes, segment offset, aligned)
+        for view, nbytes, seg in zip(layout._byte_views, layout.row_bytes, layout.segment_offsets):
+            base, stride = view.data_ptr(), view.stride(0)
+            aligned = base % ALIGN_BYTES == 0 and stride % ALIGN_BYTES == 0 and nbytes % ALIGN_BYTES == 0
+            self.tensors.append((base, stride, nbytes, seg, int(aligned)))
+        self.all_aligned = all(t[4] for t in self.tensors)
+        self.row_bytes_total = sum(layout.row_bytes)
+        self.sm_count = _sm_count(layout.device)
+        self.tuning = INTERPRETER_TUNING if self.interpreted else DEFAULT_TUNING
+        self._tables: dict[int, torch.Tensor] = {}
+        self.plans: dict[tuple, KernelPlan] = {}
+
+    def chunks_per_expert(self, chunk: int) -> int:
+        return sum(-(-nbytes // chunk) for _, _, nbytes, _, _ in self.tensors)
+
+    def chunk_table(self, chunk: int) -> torch.Tensor:
+        """``(chunks_per_expert, NUM_FIELDS)`` int64 chunk descriptors for ``chunk``-byte chunks."""
+        table = self._tables.get(chunk)
+        if table is None:
+            f = self.fields
+            rows = []
+            for base, stride, nbytes, seg, aligned in self.tensors:
+                for begin in range(0, nbytes, chunk):
+                    entry = [0] * f["NUM_FIELDS"]
+                    entry[f["C_BASE"]] = base + begin
+                    entry[f["C_STRIDE"]] = stride
+                    entry[f["C_PACKED"]] = seg + begin
+                    entry[f["C_LEN"]] = 2 * min(chunk, nbytes - begin) + aligned
+                    rows.append(entry)
+            host = np.array(rows, dtype=np.int64).reshape(-1, f["NUM_FIELDS"])
+            table = torch.from_numpy(host).to(self.layout.device)
+            self._tables[chunk] = table
+        return table
 
 
 class ExpertLayout:
@@ -148,17 +310,25 @@ class ExpertLayout:
         )
 
     # -- argument checks ------------------------------------------------------------------
-    def _check_rows(self, rows, what: str, distinct: bool) -> torch.Tensor:
-        rows_t = _as_index_tensor(rows, self.device)
-        if rows_t.dim() != 1:
-            raise ValueError(f"{what}: rows must be 1-D, got shape {tuple(rows_t.shape)}")
-        if rows_t.numel():
-            host = rows if isinstance(rows, np.ndarray) else rows_t.cpu().numpy()
-            if host.min() < 0 or host.max() >= self.num_local:
-                raise ValueError(f"{what}: rows must lie in [0, {self.num_local}), got min {host.min()} max {host.max()}")
+    def _check_rows(self, rows, what: str, distinct: bool) -> tuple[torch.Tensor, np.ndarray]:
+        """Validate ``rows``; returns them as a device int64 tensor and as a host array.
+
+        Host inputs (numpy, lists, CPU tensors) are checked on the host and reach the device
+        through a pinned, asynchronous copy. Rows given as a CUDA tensor are copied to the host
+        once for the checks, which waits for the stream (pass host rows to avoid that).
+        """
+        host = _host_rows(rows)
+        if host is None:
+            host = rows.detach().to("cpu", torch.int64).numpy()  # one device->host sync, see above
+        if host.ndim != 1:
+            raise ValueError(f"{what}: rows must be 1-D, got shape {tuple(host.shape)}")
+        if host.size:
+            lo, hi = host.min(), host.max()
+            if lo < 0 or hi >= self.num_local:
+                raise ValueError(f"{what}: rows must lie in [0, {self.num_local}), got min {lo} max {hi}")
             if distinct and np.unique(host).size != host.size:
                 raise ValueError(f"{what}: destination rows repeat; each row may be written once")
-        return rows_t
+        return _as_index_tensor(rows, host, self.device), host
 
     def _check_buffer(self, buf: torch.Tensor, count: int, what: str) -> torch.Tensor:
         if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
@@ -172,29 +342,30 @@ class ExpertLayout:
 
     # -- ops --------------------------------------------------------------------------------
     def pack(self, rows, out: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        """Gather expert ``rows[k]`` into ``out[k*expert_bytes:]``; returns the used prefix of ``out``."""
-        rows_t = self._check_rows(rows, "pack", distinct=False)
+        """Gather expert ``rows[k]`` into ``out[k*expert_bytes:]``; returns the used prefix of ``out``.
+
+        ``rows``: 1-D ints in ``[0, num_local)``, may repeat (numpy, list or int tensor).
+        ``out``: contiguous 1-D uint8 of at least ``len(rows) * expert_bytes`` bytes on the
+        weights' device; bytes past that prefix and the padding between segments are not written.
+        """
+        rows_t, _ = self._check_rows(rows, "pack", distinct=False)
         packed = self._check_buffer(out, rows_t.numel(), "pack")
         if rows_t.numel() == 0:
             return packed
         if resolve_backend(backend, self.device) == "triton":
-            from .layout_triton import triton_pack
-
-            triton_pack(self, rows_t, packed)
+            self.launch("pack", packed, src_rows=rows_t)
         else:
             self.pack_reference(rows_t, packed)
         return packed
 
     def unpack(self, buf: torch.Tensor, rows, backend: str | None = None) -> None:
         """Scatter packed experts ``buf[k*expert_bytes:]`` into rows ``rows[k]`` (distinct)."""
-        rows_t = self._check_rows(rows, "unpack", distinct=True)
+        rows_t, _ = self._check_rows(rows, "unpack", distinct=True)
         packed = self._check_buffer(buf, rows_t.numel(), "unpack")
         if rows_t.numel() == 0:
             return
         if resolve_backend(backend, self.device) == "triton":
-            from .layout_triton import triton_unpack
-
-            triton_unpack(self, packed, rows_t)
+            self.launch("unpack", packed, dst_rows=rows_t)
         else:
             self.unpack_reference(packed, rows_t)
 
@@ -202,24 +373,102 @@ class ExpertLayout:
         """Copy old row ``src_rows[i]`` to row ``dst_rows[i]`` in every tensor.
 
         Sources are read as they were before the call, also when a source is another pair's
-        destination. ``scratch`` (uint8, ``len(rows) * expert_bytes``) is used as staging when
-        sources and destinations overlap.
+        destination. Without overlap the Triton backend does this in one launch; with overlap
+        it packs the sources into ``scratch`` (uint8, ``len(rows) * expert_bytes``; allocated
+        when None) and unpacks them (two launches).
         """
-        src_t = self._check_rows(src_rows, "copy_rows", distinct=False)
-        dst_t = self._check_rows(dst_rows, "copy_rows", distinct=True)
+        src_t, src_host = self._check_rows(src_rows, "copy_rows", distinct=False)
+        dst_t, dst_host = self._check_rows(dst_rows, "copy_rows", distinct=True)
         if src_t.numel() != dst_t.numel():
             raise ValueError(f"copy_rows: {src_t.numel()} sources but {dst_t.numel()} destinations")
         if src_t.numel() == 0:
             return
         if resolve_backend(backend, self.device) == "triton":
-            from .layout_triton import triton_copy_rows
-
-            src_host = np.asarray(src_rows) if not isinstance(src_rows, torch.Tensor) else src_t.cpu().numpy()
-            dst_host = np.asarray(dst_rows) if not isinstance(dst_rows, torch.Tensor) else dst_t.cpu().numpy()
-            overlap = bool(np.intersect1d(src_host, dst_host).size)
-            triton_copy_rows(self, src_t, dst_t, overlap, scratch)
+            if np.intersect1d(src_host, dst_host).size:
+                if scratch is None:
+                    scratch = torch.empty(src_t.numel() * self.expert_bytes, dtype=torch.uint8, device=self.device)
+                staged = self._check_buffer(scratch, src_t.numel(), "copy_rows scratch")
+                self.launch("pack", staged, src_rows=src_t)
+                self.launch("unpack", staged, dst_rows=dst_t)
+            else:
+                self.launch("copy", None, src_rows=src_t, dst_rows=dst_t)
         else:
             self.copy_rows_reference(src_t, dst_t)
+
+    # -- Triton launcher --------------------------------------------------------------------
+    def _triton(self) -> _TritonState:
+        if self._triton_state is None:
+            self._triton_state = _TritonState(self)
+        return self._triton_state
+
+    def kernel_plan(self, num_rows: int, tuning: KernelTuning | None = None) -> KernelPlan:
+        """Grid and block sizes of a launch moving ``num_rows`` experts."""
+        state = self._triton()
+        tuning = tuning or state.tuning
+        programs_cap = state.sm_count * tuning.programs_per_sm
+        total = num_rows * state.row_bytes_total
+        chunk = _pow2_floor(max(total // max(programs_cap * tuning.waves, 1), 1))
+        chunk = max(ALIGN_BYTES, min(max(chunk, tuning.min_chunk), tuning.max_chunk))
+        chunks = num_rows * state.chunks_per_expert(chunk)
+        programs = max(1, min(chunks, programs_cap))
+        if tuning.balance:  # the fewest programs that keep the same number of rounds: equal shares
+            programs = -(-chunks // -(-chunks // programs))
+        return KernelPlan(
+            programs=programs,
+            chunk=chunk,
+            block_words=min(tuning.block_words, chunk // 4),  # no tile wider than a chunk
+            byte_block=tuning.byte_block,
+            num_warps=tuning.num_warps,
+            streaming=tuning.streaming,
+            prefetch=tuning.prefetch,
+            blocked=tuning.blocked,
+        )
+
+    def launch(
+        self,
+        mode: str,
+        buf: torch.Tensor | None,
+        src_rows: torch.Tensor | None = None,
+        dst_rows: torch.Tensor | None = None,
+        tuning: KernelTuning | None = None,
+    ) -> None:
+        """One Triton launch of ``mode`` ``"pack"``, ``"unpack"`` or ``"copy"``, unchecked.
+
+        ``src_rows``/``dst_rows``: int64 tensors on the weights' device, already validated
+        (in range; distinct destinations). ``buf``: the packed bytes (``pack``/``unpack``).
+        No host sync. The public :meth:`pack`/:meth:`unpack`/:meth:`copy_rows` check and call this.
+        """
+        state = self._triton()
+        rows = src_rows if src_rows is not None else dst_rows
+        num_rows = rows.numel()
+        if num_rows == 0:
+            return
+        plan = state.plans.get((num_rows, tuning))
+        if plan is None:  # cached: launches sit on the host's critical path
+            if len(state.plans) > 256:
+                state.plans.clear()
+            plan = state.plans[(num_rows, tuning)] = self.kernel_plan(num_rows, tuning)
+        buf_addr = buf.data_ptr() if buf is not None else 0
+        buf_aligned = int(buf_addr % ALIGN_BYTES == 0)
+        table = state.chunk_table(plan.chunk)
+        state.kernel[(plan.programs,)](
+            table,
+            src_rows if src_rows is not None else rows,
+            dst_rows if dst_rows is not None else rows,
+            buf_addr,
+            buf_aligned,
+            num_rows,
+            table.shape[0],
+            self.expert_bytes,
+            MODE=state.modes[mode],
+            BLOCK=plan.block_words,
+            BYTE_BLOCK=plan.byte_block,
+            HAS_UNALIGNED=not (state.all_aligned and (buf_aligned or mode == "copy")),
+            STREAMING=plan.streaming,
+            PREFETCH=plan.prefetch,
+            BLOCKED=plan.blocked,
+            num_warps=plan.num_warps,
+        )
 
     # -- torch reference (oracle and CPU path) ------------------------------------------------
     def pack_reference(self, rows: torch.Tensor, packed: torch.Tensor) -> None:

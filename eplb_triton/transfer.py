@@ -9,7 +9,8 @@ Per layer and round, on one rank::
 Every row a round reads is read before that round writes anything, so a row may be both a
 source and a destination. When a layer does not fit in ``max_buffer_bytes`` it runs in
 rounds; rounds are ordered so that a row is never overwritten before the last round that
-reads its old contents (see :func:`schedule_rounds`).
+reads its old contents; a cycle of moves too big for one round is broken by stashing one row
+(see :mod:`eplb_triton.schedule`).
 
 The building blocks (:func:`prepare_layers`, :class:`RoundWork`) are what the background
 worker drives; :func:`rearrange_expert_weights_inplace` is the blocking API.
@@ -29,6 +30,7 @@ from .comm import Communicator
 from .layout import ExpertLayout, check_layer_tensors
 from .maps import ExpertMaps, normalize_maps
 from .plan import LayerPlan, RankPlan, normalize_elastic_maps, plan_from_maps
+from .schedule import schedule_layer
 
 __all__ = [
     "LayerWork",
@@ -36,7 +38,6 @@ __all__ = [
     "TransferStats",
     "prepare_layers",
     "rearrange_expert_weights_inplace",
-    "schedule_rounds",
 ]
 
 
@@ -78,96 +79,15 @@ class TransferStats:
         return float(sum(self.layer_times_s))
 
 
-def schedule_rounds(layer: LayerPlan, expert_bytes: int, budget_bytes: int) -> list[np.ndarray]:
-    """Split a layer's deliveries into rounds whose staging fits ``budget_bytes`` on every rank.
-
-    A rank's staging in a round is ``expert_bytes`` per row it sends, receives or moves
-    locally. Delivery ``u`` reads an old row that delivery ``next(u)`` may overwrite, so
-    ``u`` must run no later than ``next(u)``; each delivery reads one row and each row has
-    at most one writer, so these constraints form a functional graph: chains run in order,
-    and a cycle (e.g. two ranks swapping rows) must share one round. Returns ascending
-    delivery indices per round; ``[all]`` when the layer fits at once.
-
-    Raises ValueError when one cycle of moves alone needs more than the budget on some rank.
-    """
-    count = layer.num_deliveries
-    if count == 0:
-        return []
-    capacity = budget_bytes // expert_bytes
-    load = _rank_load(layer, np.arange(count))
-    if load.sum(axis=0).max() <= capacity:
-        return [np.arange(count)]
-
-    writer = np.full(layer.route.size, -1, dtype=np.int64)
-    writer[layer.dst_slot] = np.arange(count)
-    writer[layer.dup_dst_slot] = layer.dup_delivery
-    nxt = writer[layer.src_slot]
-    unit, depth = _functional_graph_order(nxt)
-    order = np.lexsort((unit, -depth))
-    rounds, current, current_load = [], [], np.zeros(layer.ep_size, dtype=np.int64)
-    # Deliveries of one unit (a cycle) are adjacent in `order`; pack whole units greedily.
-    boundaries = np.flatnonzero(np.r_[True, unit[order][1:] != unit[order][:-1], True])
-    for start, stop in zip(boundaries[:-1], boundaries[1:]):
-        members = order[start:stop]
-        unit_load = load[members].sum(axis=0)
-        if unit_load.max() > capacity:
-            raise ValueError(
-                f"max_buffer_bytes={budget_bytes} is too small: a cycle of {members.size} moves that must run "
-                f"together needs {int(unit_load.max()) * expert_bytes} bytes of staging on one rank"
-            )
-        if (current_load + unit_load).max() > capacity:
-            rounds.append(np.sort(np.concatenate(current)))
-            current, current_load = [], np.zeros_like(current_load)
-        current.append(members)
-        current_load += unit_load
-    rounds.append(np.sort(np.concatenate(current)))
-    return rounds
-
-
-def _rank_load(layer: LayerPlan, deliveries: np.ndarray) -> np.ndarray:
-    """``(len(deliveries), ep_size)`` staging rows each delivery costs each rank."""
-    n = layer.num_local
-    load = np.zeros((deliveries.size, layer.ep_size), dtype=np.int64)
-    index = np.arange(deliveries.size)
-    net = layer.is_network[deliveries]
-    np.add.at(load, (index[net], layer.src_slot[deliveries[net]] // n), 1)
-    np.add.at(load, (index, layer.dst_slot[deliveries] // n), 1)
-    return load
-
-
-def _functional_graph_order(nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For a functional graph ``i -> nxt[i]`` (-1 = none): a unit id per node (the smallest
-    node of its cycle, or itself) and a depth such that depth[i] > depth[nxt[i]] off cycles."""
-    count = nxt.size
-    steps = max(1, int(np.ceil(np.log2(count + 1))) + 1)
-    # Nodes on cycles: the image of nxt^(2^steps) restricted to nodes that never reach -1.
-    ptr = np.where(nxt >= 0, nxt, np.arange(count))
-    ends = ~(nxt >= 0)
-    reach = ptr.copy()
-    for _ in range(steps):
-        reach = reach[reach]
-    on_cycle = np.zeros(count, dtype=bool)
-    lands = ~ends[reach]
-    on_cycle[reach[lands]] = True
-    label = np.arange(count)
-    jump = ptr.copy()
-    for _ in range(steps):
-        label = np.minimum(label, label[jump])
-        jump = jump[jump]
-    unit = np.where(on_cycle, label, np.arange(count))
-    depth = np.full(count, -1, dtype=np.int64)
-    depth[ends | on_cycle] = 0
-    for _ in range(count):
-        todo = (depth < 0) & (depth[ptr] >= 0)
-        if not todo.any():
-            break
-        depth[todo] = depth[ptr[todo]] + 1
-    return unit, depth
-
-
 @dataclass
 class RoundWork:
-    """One exchange round of one layer on one rank, with its staging slices."""
+    """One exchange round of one layer on one rank, with its staging slices.
+
+    Rows listed in the layer's stash are read from the stash, not from the live weights:
+    ``stashed_sends`` are positions in ``send_rows`` whose packed expert is copied from stash
+    entry ``stashed_send_entries``; local moves from the stash write ``stash_local_dst_rows``
+    from entries ``stash_local_entries``.
+    """
 
     view: RankPlan
     expert_bytes: int
@@ -177,12 +97,22 @@ class RoundWork:
     recv_counts: list[int]
     send_rows: np.ndarray
     recv_rows: np.ndarray
+    local_src_rows: np.ndarray
+    local_dst_rows: np.ndarray
+    stashed_sends: np.ndarray
+    stashed_send_entries: np.ndarray
+    stash_local_entries: np.ndarray
+    stash_local_dst_rows: np.ndarray
 
     @classmethod
-    def from_view(cls, view: RankPlan, expert_bytes: int) -> "RoundWork":
+    def from_view(cls, view: RankPlan, expert_bytes: int, stash_rows: np.ndarray | None = None) -> "RoundWork":
         send_peers = sorted(view.send_rows)
         recv_peers = sorted(view.recv_rows)
         cat = lambda rows: np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)  # noqa: E731
+        send_rows = cat([view.send_rows[p] for p in send_peers])
+        stash_rows = np.zeros(0, dtype=np.int64) if stash_rows is None else stash_rows
+        send_stashed = np.isin(send_rows, stash_rows)
+        local_stashed = np.isin(view.local_src_rows, stash_rows)
         return cls(
             view=view,
             expert_bytes=expert_bytes,
@@ -190,13 +120,19 @@ class RoundWork:
             send_counts=[len(view.send_rows[p]) for p in send_peers],
             recv_peers=recv_peers,
             recv_counts=[len(view.recv_rows[p]) for p in recv_peers],
-            send_rows=cat([view.send_rows[p] for p in send_peers]),
+            send_rows=send_rows,
             recv_rows=cat([view.recv_rows[p] for p in recv_peers]),
+            local_src_rows=view.local_src_rows[~local_stashed],
+            local_dst_rows=view.local_dst_rows[~local_stashed],
+            stashed_sends=np.flatnonzero(send_stashed),
+            stashed_send_entries=np.searchsorted(stash_rows, send_rows[send_stashed]),
+            stash_local_entries=np.searchsorted(stash_rows, view.local_src_rows[local_stashed]),
+            stash_local_dst_rows=view.local_dst_rows[local_stashed],
         )
 
     @property
     def staging_bytes(self) -> int:
-        rows = self.send_rows.size + self.recv_rows.size + self.view.local_dst_rows.size
+        rows = self.send_rows.size + self.recv_rows.size + self.local_dst_rows.size
         return rows * self.expert_bytes
 
     def _slices(self, staging: torch.Tensor):
@@ -213,21 +149,34 @@ class RoundWork:
             offset += count * eb
         return out
 
-    def start(self, layout: ExpertLayout, staging: torch.Tensor, comm: Communicator, backend: str | None) -> list:
+    def start(
+        self, layout: ExpertLayout, staging: torch.Tensor, comm: Communicator, backend: str | None, stash: torch.Tensor | None = None
+    ) -> list:
         """Pack every peer's rows (one launch) and start the exchange; returns requests."""
         send_buf, recv_buf, _ = self._slices(staging)
         if self.send_rows.size:
             layout.pack(self.send_rows, send_buf, backend=backend)
+        if self.stashed_sends.size:  # these rows may be overwritten already: send the stashed copy
+            eb = self.expert_bytes
+            table = send_buf.view(-1, eb)
+            table[torch.as_tensor(self.stashed_sends, device=table.device)] = stash.view(-1, eb)[
+                torch.as_tensor(self.stashed_send_entries, device=table.device)
+            ]
         sends = self._per_peer(send_buf, self.send_peers, self.send_counts, self.expert_bytes)
         recvs = self._per_peer(recv_buf, self.recv_peers, self.recv_counts, self.expert_bytes)
         return comm.exchange(sends, recvs)
 
-    def apply_local(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
+    def apply_local(
+        self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
+    ) -> None:
         """Local moves; they read old rows, so they run before any received row is written."""
         _, _, scratch = self._slices(staging)
-        view = self.view
-        if view.local_dst_rows.size:
-            layout.copy_rows(view.local_src_rows, view.local_dst_rows, backend=backend, scratch=scratch)
+        if self.local_dst_rows.size:
+            layout.copy_rows(self.local_src_rows, self.local_dst_rows, backend=backend, scratch=scratch)
+        if self.stash_local_dst_rows.size:
+            eb = self.expert_bytes
+            entries = torch.as_tensor(self.stash_local_entries, device=stash.device)
+            layout.unpack(stash.view(-1, eb)[entries].reshape(-1), self.stash_local_dst_rows, backend=backend)
 
     def apply_received(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
         """Unpack received rows (one launch), then duplicate fills from delivered rows."""
@@ -251,22 +200,31 @@ class RoundWork:
 
 @dataclass
 class LayerWork:
-    """One layer on one rank: its layout, plan and rounds."""
+    """One layer on one rank: its layout, plan, rounds and the rows it stashes first."""
 
     index: int
     layout: ExpertLayout
     plan: LayerPlan
     rounds: list[RoundWork]
+    stash_rows: np.ndarray
+
+    @property
+    def stash_bytes(self) -> int:
+        return int(self.stash_rows.size) * self.layout.expert_bytes
 
     @property
     def staging_bytes(self) -> int:
-        return max((r.staging_bytes for r in self.rounds), default=0)
+        """Stash plus the largest round's staging."""
+        return self.stash_bytes + max((r.staging_bytes for r in self.rounds), default=0)
 
     def run(self, staging: torch.Tensor, comm: Communicator, backend: str | None, stats: TransferStats) -> None:
         """Run every round of this layer, blocking until its rows are in place."""
+        stash, staging = staging[: self.stash_bytes], staging[self.stash_bytes :]
+        if self.stash_rows.size:
+            self.layout.pack(self.stash_rows, stash, backend=backend)
         for work in self.rounds:
-            requests = work.start(self.layout, staging, comm, backend)
-            work.apply_local(self.layout, staging, backend)
+            requests = work.start(self.layout, staging, comm, backend, stash)
+            work.apply_local(self.layout, staging, backend, stash)
             comm.wait(requests)
             work.apply_received(self.layout, staging, backend)
             work.count_into(stats, len(requests))
@@ -319,11 +277,15 @@ def prepare_layers(
     for index, (layout, layer_plan) in enumerate(zip(layouts, plan.layers)):
         budget = max_buffer_bytes if max_buffer_bytes is not None else layout.num_local * layout.expert_bytes
         try:
-            rounds = schedule_rounds(layer_plan, layout.expert_bytes, budget)
+            schedule = schedule_layer(layer_plan, layout.expert_bytes, budget)
         except ValueError as exc:
             raise ValueError(f"layer {index}: {exc}") from None
-        works = [RoundWork.from_view(layer_plan.restrict(r).rank(comm.rank), layout.expert_bytes) for r in rounds]
-        layers.append(LayerWork(index=index, layout=layout, plan=layer_plan, rounds=works))
+        stash_rows = schedule.stash_rows(comm.rank, layer_plan.num_local)
+        works = [
+            RoundWork.from_view(layer_plan.restrict(r).rank(comm.rank), layout.expert_bytes, stash_rows)
+            for r in schedule.rounds
+        ]
+        layers.append(LayerWork(index=index, layout=layout, plan=layer_plan, rounds=works, stash_rows=stash_rows))
     return layers
 
 

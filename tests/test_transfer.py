@@ -165,3 +165,27 @@ def test_world_size_one_without_process_group():
     stats = rearrange_expert_weights_inplace(old, new, weights)
     assert row_mismatches(weights, old, new, 0) == []
     assert stats.p2p_ops == 0 and stats.local_copies == 3
+
+
+@pytest.mark.parametrize(
+    "budget_experts",
+    [pytest.param(2, id="budget-2-experts"), pytest.param(3, id="budget-3-experts"), pytest.param(5, id="budget-5-experts")],
+)
+def test_big_rotation_cycle_is_broken_by_a_stash(distributed, budget_experts):
+    # every expert moves one rank to the right: one long cycle through all rows of all ranks
+    world, num_local = 4, 6
+    old = np.arange(world * num_local)[None, :]
+    new = np.roll(old, num_local + 1, axis=1)
+    specs = [TensorSpec((5,), torch.bfloat16), TensorSpec((3, 2), torch.float32)]
+    budget = budget_experts * 48  # 48 packed bytes per expert
+    stats = check_transfer(distributed, world, old, new, specs=specs, max_buffer_bytes=budget)
+    assert all(s.peak_staging_bytes <= budget for s in stats)
+    assert max(s.rounds for s in stats) > 1
+
+
+def test_reverse_of_a_heavy_rebalance_fits_the_default_budget(distributed):
+    from eplb_triton.demo import make_placements
+
+    old, new = make_placements(2, 16, 4, 1, seed=0)
+    check_transfer(distributed, 4, new, old)
+    check_transfer(distributed, 4, old, new)

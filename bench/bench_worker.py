@@ -1,0 +1,162 @@
+"""pytest-benchmark: what the serving thread pays for a background rearrangement, on CPU.
+
+    pytest bench/bench_worker.py --benchmark-only
+
+* ``step()`` when idle (no rearrangement): the cost on every forward pass outside EPLB;
+* ``step()`` while a transfer is in flight but no layer is ready, one rank and two gloo ranks
+  (the latter is one gloo ``all_reduce`` on the control group: the agreement every EP rank
+  pays per call while busy);
+* ``step()`` that swaps one layer (small shapes, CPU: the unpack dominates);
+* a whole one-rank rearrangement through the worker vs the blocking call.
+
+GPU figures (swap GPU time vs a copy floor, host time of ``step()``) come from
+``bench/gpu_worker.py``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
+from eplb_triton.launch import free_port
+from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton.worker import _Stopped
+
+BF16 = torch.bfloat16
+# The reference layer configs of issue 3 with every dimension divided by 8 (CPU-sized).
+SMALL_CONFIGS = {
+    "qwen3-30b-a3b-bf16-div8": (16, 8, [TensorSpec((192, 256), BF16), TensorSpec((256, 96), BF16)]),
+    "small-bf16-div8": (64, 32, [TensorSpec((64, 128), BF16), TensorSpec((128, 32), BF16)]),
+    "tiny-bf16-div8": (128, 64, [TensorSpec((32, 64), BF16), TensorSpec((64, 16), BF16)]),
+}
+
+
+def swap_maps(local: int, moved: int):
+    a = np.arange(local)[None, :]
+    b = a.copy()
+    half = moved // 2
+    b[0, :half], b[0, half:moved] = a[0, half:moved], a[0, :half]
+    return a, b
+
+
+def hold(worker: TransferWorker) -> None:
+    """Keep the worker's first layer from finishing until close() (stop-aware)."""
+
+    def held(job, index, stage):
+        while not worker._stop:
+            time.sleep(0.001)
+        raise _Stopped
+
+    worker._transfer_layer = held
+
+
+def _wait_published(worker: TransferWorker, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while worker._job is not None and worker._job.published < count and time.monotonic() < deadline:
+        time.sleep(50e-6)
+
+
+def test_step_not_busy(benchmark):
+    weights = make_rank_weights([TensorSpec((8,), torch.float32)], 2, 4)
+    with TransferWorker(weights) as worker:
+        assert benchmark(worker.step) == []
+
+
+def _in_flight_weights(rank: int, world: int):
+    old = np.tile(np.arange(4 * world), (2, 1))
+    new = np.roll(old, 1, axis=1)
+    weights = make_rank_weights([TensorSpec((64,), torch.float32)], 2, 4)
+    fill_rank_weights(weights, old, rank)
+    return old, new, weights
+
+
+def _peer_steps(rank: int, world: int, port: int, calls: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    old, new, weights = _in_flight_weights(rank, world)
+    with TransferWorker(weights) as worker:
+        hold(worker)
+        worker.submit(old, new)
+        for _ in range(calls):
+            worker.step()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [pytest.param(1, id="W1"), pytest.param(2, id="W2-gloo")])
+def test_step_nothing_ready(benchmark, world):
+    rounds = 300
+    peers = []
+    if world > 1:
+        port = free_port()
+        ctx = mp.get_context("fork")
+        peers = [ctx.Process(target=_peer_steps, args=(r, world, port, rounds), daemon=True) for r in range(1, world)]
+        for proc in peers:
+            proc.start()
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+    try:
+        old, new, weights = _in_flight_weights(0, world)
+        with TransferWorker(weights) as worker:
+            hold(worker)
+            worker.submit(old, new)
+            # every rank calls step() exactly `rounds` times: the calls pair up collectively
+            result = benchmark.pedantic(worker.step, rounds=rounds, iterations=1, warmup_rounds=0)
+            assert result == [] and worker.busy
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+            for proc in peers:
+                proc.join(timeout=30)
+
+
+@pytest.mark.parametrize("config", list(SMALL_CONFIGS))
+def test_step_swaps_one_layer(benchmark, config):
+    local, moved, specs = SMALL_CONFIGS[config]
+    a, b = swap_maps(local, moved)
+    weights = make_rank_weights(specs, 1, local)
+    fill_rank_weights(weights, a, 0)
+    state = {"maps": (a, b)}
+    with TransferWorker(weights) as worker:
+
+        def setup():
+            worker.wait()
+            old, new = state["maps"]
+            worker.submit(old, new)
+            state["maps"] = (new, old)
+            _wait_published(worker, 1)
+
+        assert benchmark.pedantic(worker.step, setup=setup, rounds=30, iterations=1, warmup_rounds=2) == [0]
+        new, _ = state["maps"]
+    assert row_mismatches(weights, a, new, 0) == []
+
+
+@pytest.mark.parametrize("method", ["worker", "blocking"])
+def test_whole_rearrangement_one_rank(benchmark, method):
+    local, moved, specs = SMALL_CONFIGS["small-bf16-div8"]
+    a, b = swap_maps(local, moved)
+    a, b = np.repeat(a, 4, axis=0), np.repeat(b, 4, axis=0)
+    weights = make_rank_weights(specs, 4, local)
+    fill_rank_weights(weights, a, 0)
+    state = {"maps": (a, b)}
+    with TransferWorker(weights) as worker:
+
+        def once():
+            old, new = state["maps"]
+            if method == "worker":
+                worker.submit(old, new)
+                worker.wait()
+            else:
+                rearrange_expert_weights_inplace(old, new, weights)
+            state["maps"] = (new, old)
+
+        benchmark.pedantic(once, rounds=10, iterations=1, warmup_rounds=1)
+    current, _ = state["maps"]
+    assert row_mismatches(weights, a, current, 0) == []

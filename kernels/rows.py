@@ -1,0 +1,154 @@
+"""Triton kernel that moves expert rows of several tensors in one launch.
+
+Launchers, block-size choices, shapes and the torch reference live in
+:mod:`eplb_triton.layout`; this file holds only ``@triton.jit`` code.
+
+Work unit: a *chunk*, at most ``CHUNK`` bytes of one row of one tensor. One packed expert is
+``chunks_per_expert`` chunks (tensor by tensor, each row cut into ``cdiv(row_bytes, CHUNK)``
+pieces), described by an int64 table ``chunk_desc[c, FIELD]`` (``C_*`` fields below) that the
+launcher builds once per layout and chunk size:
+
+* ``C_BASE``: address of the chunk in row 0 of its tensor (tensor base + byte offset in the row),
+* ``C_STRIDE``: the tensor's row stride in bytes,
+* ``C_PACKED``: byte offset of the chunk inside a packed expert (segment offset + offset in row),
+* ``C_LEN``: ``2 * chunk bytes + aligned``, aligned = 1 when base, stride and row bytes are
+  multiples of 16 (the 16-byte path), else 0 (the byte path).
+
+Tensors are reached through integer addresses cast to pointers, so one launch covers every
+tensor of a layer; this also works under ``TRITON_INTERPRET=1`` on CPU tensors.
+
+A launch moves ``num_rows * chunks_per_expert`` chunks on a persistent grid: program ``pid``
+takes chunks ``pid, pid + nprog, ...`` (or, with ``BLOCKED``, one contiguous run of chunks),
+so large rows are split across programs and small rows batched in one; with ``PREFETCH`` it
+loads the next chunk's descriptor before copying the current one.
+"""
+
+import triton
+import triton.language as tl
+
+# Fields of a chunk descriptor; constexpr globals so jit code may read them (`.value` on the host).
+C_BASE = tl.constexpr(0)
+C_STRIDE = tl.constexpr(1)
+C_PACKED = tl.constexpr(2)
+C_LEN = tl.constexpr(3)
+NUM_FIELDS = tl.constexpr(4)
+
+# MODE values.
+MODE_PACK = tl.constexpr(0)  # tensor rows src_rows[k] -> packed expert k
+MODE_UNPACK = tl.constexpr(1)  # packed expert k -> tensor rows dst_rows[k]
+MODE_COPY = tl.constexpr(2)  # tensor rows src_rows[k] -> tensor rows dst_rows[k]
+
+
+@triton.jit
+def _copy_span_words(src_addr, dst_addr, nbytes, BLOCK: tl.constexpr, STREAMING: tl.constexpr):
+    """Copy ``nbytes`` (a multiple of 16) between 16-byte aligned addresses, 16 bytes per access."""
+    # The hint goes on the pointer (after the cast): on the integer it does not reach the loads.
+    src = tl.multiple_of(src_addr.to(tl.pointer_type(tl.int32)), 16)
+    dst = tl.multiple_of(dst_addr.to(tl.pointer_type(tl.int32)), 16)
+    n_words = tl.multiple_of(nbytes // 4, 4)
+    lane = tl.arange(0, BLOCK)
+    for w in range(0, n_words, BLOCK):
+        offs = tl.multiple_of(w, 4) + lane
+        mask = offs < n_words
+        if STREAMING:
+            vals = tl.load(src + offs, mask=mask, eviction_policy="evict_first")
+            tl.store(dst + offs, vals, mask=mask, cache_modifier=".cs")
+        else:
+            vals = tl.load(src + offs, mask=mask)
+            tl.store(dst + offs, vals, mask=mask)
+
+
+@triton.jit
+def _copy_span_bytes(src_addr, dst_addr, nbytes, BYTE_BLOCK: tl.constexpr):
+    """Copy ``nbytes`` one byte per lane: any size, any alignment."""
+    src = src_addr.to(tl.pointer_type(tl.uint8))
+    dst = dst_addr.to(tl.pointer_type(tl.uint8))
+    lane = tl.arange(0, BYTE_BLOCK)
+    for b in range(0, nbytes, BYTE_BLOCK):
+        offs = b + lane
+        mask = offs < nbytes
+        vals = tl.load(src + offs, mask=mask)
+        tl.store(dst + offs, vals, mask=mask)
+
+
+@triton.jit
+def _chunk_ends(j, chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes, MODE: tl.constexpr):
+    """Source address, destination address and ``2 * bytes + aligned`` of chunk ``j``."""
+    k = j // chunks_per_expert
+    c = j - k * chunks_per_expert
+    d = chunk_desc_ptr + c.to(tl.int64) * NUM_FIELDS
+    base = tl.load(d + C_BASE)
+    stride = tl.load(d + C_STRIDE)
+    len2 = tl.load(d + C_LEN)
+    packed = buf_addr + k.to(tl.int64) * expert_bytes + tl.load(d + C_PACKED)
+    if MODE == MODE_PACK:
+        src = base + tl.load(src_rows_ptr + k) * stride
+        dst = packed
+    elif MODE == MODE_UNPACK:
+        src = packed
+        dst = base + tl.load(dst_rows_ptr + k) * stride
+    else:
+        src = base + tl.load(src_rows_ptr + k) * stride
+        dst = base + tl.load(dst_rows_ptr + k) * stride
+    return src, dst, len2
+
+
+@triton.jit
+def move_rows_kernel(
+    chunk_desc_ptr,  # int64 [chunks_per_expert, NUM_FIELDS]
+    src_rows_ptr,  # int64 [num_rows]: source rows (PACK, COPY)
+    dst_rows_ptr,  # int64 [num_rows]: destination rows (UNPACK, COPY)
+    buf_addr,  # int64 address of the packed buffer (PACK, UNPACK; 0 for COPY)
+    buf_aligned,  # 1 if the packed buffer's address is a multiple of 16
+    num_rows,
+    chunks_per_expert,
+    expert_bytes,
+    MODE: tl.constexpr,
+    BLOCK: tl.constexpr,  # int32 words per tile on the 16-byte path
+    BYTE_BLOCK: tl.constexpr,  # bytes per tile on the byte path
+    HAS_UNALIGNED: tl.constexpr,  # False compiles the byte path out
+    STREAMING: tl.constexpr,  # evict-first loads / streaming stores
+    PREFETCH: tl.constexpr,  # load the next chunk's descriptor before copying the current one
+    BLOCKED: tl.constexpr,  # program pid takes a contiguous run of chunks instead of every nprog-th
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    total = num_rows * chunks_per_expert  # int32: < 2**31 chunks of >= 16 bytes
+    last = total - 1
+    if BLOCKED:
+        # Consecutive chunks of one row: descriptors share cache lines, addresses stay close.
+        share = (total + nprog - 1) // nprog
+        j_begin = pid * share
+        j_end = tl.minimum(j_begin + share, total)
+        step = 1
+    else:
+        j_begin = pid
+        j_end = total
+        step = nprog
+    src, dst, len2 = _chunk_ends(
+        tl.minimum(j_begin, last), chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes,
+        MODE,
+    )
+    for j in range(j_begin, j_end, step):
+        if not PREFETCH:
+            src, dst, len2 = _chunk_ends(
+                j, chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes, MODE
+            )
+        cur_src, cur_dst, cur_len2 = src, dst, len2
+        if PREFETCH:
+            # Issued now, used next iteration: the loads overlap this chunk's copy.
+            src, dst, len2 = _chunk_ends(
+                tl.minimum(j + step, last), chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert,
+                expert_bytes, MODE,
+            )
+        nbytes = cur_len2 // 2
+        if HAS_UNALIGNED:
+            aligned = cur_len2 & 1
+            if MODE != MODE_COPY:
+                aligned = aligned & buf_aligned
+            if aligned != 0:
+                _copy_span_words(cur_src, cur_dst, nbytes, BLOCK, STREAMING)
+            else:
+                _copy_span_bytes(cur_src, cur_dst, nbytes, BYTE_BLOCK)
+        else:
+            _copy_span_words(cur_src, cur_dst, nbytes, BLOCK, STREAMING)

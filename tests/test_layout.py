@@ -1,0 +1,113 @@
+"""ExpertLayout without kernels: the byte layout, argument checks, backend choice, launch plan,
+and the torch reference against a per-row loop written independently here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import eplb_triton.layout as layout_mod
+from eplb_triton.layout import ALIGN_BYTES, BACKEND_ENV, ExpertLayout, KernelTuning, resolve_backend
+
+
+def random_tensors(specs, num_local, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape, dtype in specs:
+        elem = torch.empty(0, dtype=dtype).element_size()
+        raw = torch.randint(0, 256, (num_local * int(np.prod(shape)) * elem,), dtype=torch.uint8, generator=gen)
+        out.append(raw.view(dtype).view(num_local, *shape))
+    return out
+
+
+SPECS = [((3, 5), torch.bfloat16), ((7,), torch.uint8), ((2, 2, 2), torch.float32), ((4,), torch.float8_e4m3fn)]
+
+
+def row_bytes_of(t: torch.Tensor, row: int) -> torch.Tensor:
+    return t[row].contiguous().view(-1).view(torch.uint8)
+
+
+def test_segments_are_16_byte_aligned():
+    layout = ExpertLayout(random_tensors(SPECS, 3))
+    assert layout.row_bytes == [30, 7, 32, 4]
+    assert layout.segment_offsets == [0, 32, 48, 80]
+    assert layout.expert_bytes == 96 and layout.expert_bytes % ALIGN_BYTES == 0
+    assert layout.layer_bytes == 3 * (30 + 7 + 32 + 4)
+
+
+def test_reference_pack_unpack_copy_against_row_loop():
+    tensors = random_tensors(SPECS, 5, seed=1)
+    layout = ExpertLayout(tensors)
+    rows = [4, 0, 4, 2]
+    buf = torch.full((len(rows) * layout.expert_bytes,), 0x5A, dtype=torch.uint8)
+    layout.pack(rows, buf, backend="torch")
+    for k, row in enumerate(rows):
+        for t, off in zip(tensors, layout.segment_offsets):
+            seg = buf[k * layout.expert_bytes + off :][: t[0].numel() * t.element_size()]
+            assert torch.equal(seg, row_bytes_of(t, row))
+
+    before = [t.clone() for t in tensors]
+    layout.copy_rows([1, 3], [3, 1], backend="torch")  # a swap
+    for t, b in zip(tensors, before):
+        assert torch.equal(row_bytes_of(t, 1), row_bytes_of(b, 3)) and torch.equal(row_bytes_of(t, 3), row_bytes_of(b, 1))
+
+    layout.unpack(buf[: 2 * layout.expert_bytes], [2, 0], backend="torch")
+    for t, b in zip(tensors, before):
+        assert torch.equal(row_bytes_of(t, 2), row_bytes_of(b, 4)) and torch.equal(row_bytes_of(t, 0), row_bytes_of(b, 0))
+
+
+@pytest.mark.parametrize(
+    "rows,message",
+    [
+        pytest.param([0, 5], r"rows must lie in \[0, 5\)", id="too-large"),
+        pytest.param([-1], r"rows must lie in \[0, 5\)", id="negative"),
+        pytest.param(np.zeros((1, 2), dtype=np.int64), "rows must be 1-D", id="2d"),
+    ],
+)
+def test_bad_rows(rows, message):
+    layout = ExpertLayout(random_tensors(SPECS, 5))
+    buf = torch.empty(4 * layout.expert_bytes, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=message):
+        layout.pack(rows, buf, backend="torch")
+
+
+def test_bad_buffers():
+    layout = ExpertLayout(random_tensors(SPECS, 5))
+    with pytest.raises(TypeError, match="uint8"):
+        layout.pack([0], torch.empty(layout.expert_bytes, dtype=torch.int8))
+    with pytest.raises(ValueError, match="experts need"):
+        layout.pack([0, 1], torch.empty(layout.expert_bytes, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="2 sources but 1 destinations"):
+        layout.copy_rows([0, 1], [2])
+
+
+def test_backend_resolution(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert resolve_backend(None, cpu) == "torch" and resolve_backend(None, cuda) == "triton"
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert resolve_backend(None, cuda) == "torch"
+    assert resolve_backend("triton", cpu) == "triton"  # an explicit argument beats the variable
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("cuda", cpu)
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setattr(layout_mod, "_interpreted", lambda kernel: False)
+    layout = ExpertLayout(random_tensors(SPECS, 2))
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        layout.pack([0], torch.empty(layout.expert_bytes, dtype=torch.uint8), backend="triton")
+
+
+def test_kernel_plan_limits():
+    """Chunk within its bounds, a power of two; the grid capped; tiles no wider than a chunk."""
+    layout = ExpertLayout(random_tensors([((1000,), torch.uint8), ((48,), torch.uint8)], 8))
+    tuning = KernelTuning(block_words=256, programs_per_sm=4, waves=2, min_chunk=64, max_chunk=512)
+    plan = layout.kernel_plan(8, tuning)
+    assert 64 <= plan.chunk <= 512 and plan.chunk & (plan.chunk - 1) == 0
+    state = layout._triton()
+    assert 1 <= plan.programs <= state.sm_count * 4
+    assert plan.block_words * 4 <= plan.chunk
+    one = layout.kernel_plan(1, KernelTuning(min_chunk=16, max_chunk=16, programs_per_sm=1000))
+    assert one.programs == -(-1000 // 16) + -(-48 // 16)  # one program per chunk when the cap allows

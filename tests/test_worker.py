@@ -1,0 +1,499 @@
+"""TransferWorker: background per-layer transfers, swaps only in step()/wait().
+
+Every check is bit-exact against the synthetic expert patterns (random-looking bytes, never
+zeros) and, where it applies, against the blocking rearrangement of the same maps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+
+import numpy as np
+import pytest
+import torch
+
+from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
+from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+
+SPECS = [
+    TensorSpec((3, 5), torch.bfloat16),  # 30 bytes: odd row size
+    TensorSpec((7,), torch.float32),
+    TensorSpec((2, 3, 3), torch.uint8),  # 3-D row
+    TensorSpec((1,), torch.int32),  # a per-expert scale
+]
+PACKED = 48 + 32 + 32 + 16  # bytes of one packed expert of SPECS (16-byte aligned segments)
+
+
+def random_maps(rng, layers, ep, num_local, logical, empty_frac=0.1):
+    """Old/new maps with replicas and empty slots; new only names experts the old layer holds."""
+    slots = ep * num_local
+    old = np.stack([rng.permutation(np.r_[np.arange(logical), rng.integers(0, logical, slots - logical)])[:slots] for _ in range(layers)])
+    old[rng.random(old.shape) < empty_frac] = -1
+    new = np.empty_like(old)
+    for l in range(layers):
+        held = np.unique(old[l][old[l] >= 0])
+        new[l] = rng.choice(held, slots)
+    new[rng.random(new.shape) < empty_frac] = -1
+    return old, new
+
+
+def rotated_maps(layers, ep, num_local):
+    """Every slot takes its neighbour's expert: every rank sends, receives and writes every row."""
+    old = np.tile(np.arange(ep * num_local), (layers, 1))
+    return old, np.roll(old, 1, axis=1)
+
+
+def expected_after(old, new, swapped):
+    """What each slot holds once the layers in ``swapped`` are applied (the others keep ``old``)."""
+    state = old.copy()
+    for l in swapped:
+        state[l] = np.where(new[l] >= 0, new[l], old[l])
+    return state
+
+
+def rank_weights(rank, world, old, seed=0, specs=SPECS):
+    weights = make_rank_weights(specs, old.shape[0], old.shape[1] // world)
+    fill_rank_weights(weights, old, rank, seed)
+    return weights
+
+
+def as_bytes(weights):
+    return [[t.contiguous().view(torch.uint8).clone() for t in layer] for layer in weights]
+
+
+def same_bytes(a, b) -> bool:
+    return all(torch.equal(x, y) for la, lb in zip(a, b) for x, y in zip(la, lb))
+
+
+def slow_down(worker, seconds, rank_filter=None):
+    """Make the worker spend ``seconds`` per layer (stop-aware), to keep a transfer in flight."""
+    original = worker._transfer_layer
+
+    def slow(job, index, stage):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if worker._stop:
+                from eplb_triton.worker import _Stopped
+
+                raise _Stopped
+            time.sleep(0.002)
+        return original(job, index, stage)
+
+    worker._transfer_layer = slow
+
+
+def worker_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("eplb-transfer")]
+
+
+# -- async result == expected == blocking result ---------------------------------------------
+def _rank_async_vs_sync(rank, world, old, new, budget):
+    seed = 3
+    sync_w = rank_weights(rank, world, old, seed)
+    sync_stats = rearrange_expert_weights_inplace(old, new, sync_w, max_buffer_bytes=budget)
+    weights = rank_weights(rank, world, old, seed)
+    with TransferWorker(weights, max_buffer_bytes=budget) as worker:
+        worker.submit(old, new)
+        stats = worker.wait()
+        busy_after = worker.busy
+        first = row_mismatches(weights, old, new, rank, seed)
+        equal_to_sync = same_bytes(as_bytes(weights), as_bytes(sync_w))
+        # A second rearrangement on the same worker, from where the first one left the rows.
+        state = expected_after(old, new, range(old.shape[0]))
+        rng = np.random.default_rng(11)  # the same maps on every rank
+        again = np.stack([layer[rng.permutation(layer.size)] for layer in state])
+        worker.submit(state, again)
+        worker.wait()
+        second = row_mismatches(weights, state, again, rank, seed)
+    return dict(
+        first=first,
+        second=second,
+        equal_to_sync=equal_to_sync,
+        busy_after=busy_after,
+        sent=stats.bytes_sent.tolist(),
+        sync_sent=sync_stats.bytes_sent.tolist(),
+        received=stats.bytes_received.tolist(),
+        sync_received=sync_stats.bytes_received.tolist(),
+        layers_timed=len(stats.layer_times_s),
+        threads=len(worker_threads()),
+    )
+
+
+@pytest.mark.parametrize(
+    "world,layers,num_local,logical,budget",
+    [
+        pytest.param(2, 3, 4, 6, None, id="W2-L3-N4-E6"),
+        pytest.param(2, 2, 6, 8, 3 * PACKED, id="W2-L2-N6-E8-budget3"),
+        pytest.param(4, 4, 3, 9, None, id="W4-L4-N3-E9"),
+        pytest.param(4, 2, 4, 10, 4 * PACKED, id="W4-L2-N4-E10-budget4"),
+    ],
+)
+def test_async_equals_sync_and_expected(distributed, world, layers, num_local, logical, budget):
+    rng = np.random.default_rng(world * 1000 + layers * 100 + num_local)
+    old, new = random_maps(rng, layers, world, num_local, logical)
+    results = distributed(world, _rank_async_vs_sync, old, new, budget)
+    for rank, res in enumerate(results):
+        assert res["first"] == [], f"rank {rank}: wrong rows (layer, tensor, row) {res['first'][:8]}"
+        assert res["second"] == [], f"rank {rank}: wrong rows after a second submit {res['second'][:8]}"
+        assert res["equal_to_sync"], f"rank {rank}: async bytes differ from the blocking rearrangement"
+        assert res["sent"] == res["sync_sent"] and res["received"] == res["sync_received"]
+        assert not res["busy_after"] and res["layers_timed"] == layers
+        assert res["threads"] == 0, f"rank {rank}: a worker thread outlived close()"
+    assert sum(sum(r["sent"]) for r in results) > 0  # the maps did move experts over the network
+
+
+# -- step() in a loop: in order, the same on every rank, weights change only in step() --------
+def _rank_step_loop(rank, world, old, new, worker_delay_s, step_sleep_s):
+    weights = rank_weights(rank, world, old)
+    steps, applied, untouched_before_step = [], [], True
+    with TransferWorker(weights) as worker:
+        slow_down(worker, worker_delay_s)
+        worker.submit(old, new)
+        while worker.busy:
+            time.sleep(step_sleep_s * (1 + rank))  # ranks reach step() at different times
+            before = as_bytes(weights)
+            # nothing may change between steps: compare with the state the last step left
+            if row_mismatches(weights, old, expected_after(old, new, applied), rank) != []:
+                untouched_before_step = False
+            done = worker.step()
+            steps.append(done)
+            applied += done
+            bad = row_mismatches(weights, old, expected_after(old, new, applied), rank)
+            assert bad == [], f"after step {len(steps)} ({done}): wrong rows {bad[:8]}"
+            changed = [l for l in range(old.shape[0]) if not same_bytes([as_bytes(weights)[l]], [before[l]])]
+            assert set(changed) <= set(done), f"layers {changed} changed but step returned {done}"
+        assert worker.step() == []  # idle: no collective, nothing to do
+    return steps, untouched_before_step
+
+
+@pytest.mark.parametrize("world", [pytest.param(2, id="W2"), pytest.param(4, id="W4")])
+def test_step_loop_applies_layers_in_order_on_every_rank(distributed, world):
+    layers = 6
+    old, new = random_maps(np.random.default_rng(world), layers, world, 4, 6)
+    results = distributed(world, _rank_step_loop, old, new, 0.02, 0.003)
+    steps0 = results[0][0]
+    for rank, (steps, untouched) in enumerate(results):
+        assert steps == steps0, f"rank {rank} swapped {steps}, rank 0 swapped {steps0}"
+        assert untouched, f"rank {rank}: weights changed outside step()"
+    assert [l for s in steps0 for l in s] == list(range(layers))
+    assert sum(1 for s in steps0 if s) >= 2, f"expected layers to arrive over several steps: {steps0}"
+
+
+def test_double_buffering_keeps_worker_two_layers_ahead(distributed):
+    # A fast worker and a slow serving loop: with two staging slots at most two layers can be
+    # ready at once (every rank writes every row of every layer here, so every layer needs a slot).
+    old, new = rotated_maps(6, 2, 3)
+    results = distributed(2, _rank_step_loop, old, new, 0.0, 0.05)
+    steps = results[0][0]
+    assert results[1][0] == steps
+    assert [l for s in steps for l in s] == list(range(6))
+    assert max(len(s) for s in steps) == 2, steps
+
+
+# -- errors -------------------------------------------------------------------------------------
+def _rank_bad_maps(rank, world, old, new, bad_new, rank_dependent):
+    weights = rank_weights(rank, world, old)
+    before = as_bytes(weights)
+    with TransferWorker(weights) as worker:
+        wrong = bad_new + rank if rank_dependent else bad_new
+        try:
+            worker.submit(old, wrong)
+            error = None
+        except (ValueError, TypeError) as exc:
+            error = (type(exc).__name__, str(exc))
+        untouched = same_bytes(as_bytes(weights), before)
+        busy = worker.busy
+        worker.submit(old, new)  # still usable after a rejected submit
+        worker.wait()
+        good = row_mismatches(weights, old, new, rank)
+    return error, untouched, busy, good
+
+
+@pytest.mark.parametrize("world", [pytest.param(2, id="W2"), pytest.param(4, id="W4")])
+def test_bad_map_raises_on_every_rank_before_touching_weights(distributed, world):
+    old, new = random_maps(np.random.default_rng(5), 2, world, 3, 5, empty_frac=0.0)
+    bad = new.copy()
+    bad[1, 2] = 99  # no old slot of layer 1 holds expert 99
+    for error, untouched, busy, good in distributed(world, _rank_bad_maps, old, new, bad, False):
+        assert error is not None and error[0] == "ValueError" and "expert 99" in error[1]
+        assert untouched and not busy and good == []
+
+
+def test_maps_differing_across_ranks_raise_on_every_rank(distributed):
+    old, new = rotated_maps(2, 2, 2)
+    results = distributed(2, _rank_bad_maps, old, new, np.zeros_like(new), True)
+    for error, untouched, busy, good in results:
+        assert error is not None and error[0] == "ValueError"
+        assert untouched and not busy and good == []
+
+
+def _rank_second_submit(rank, world, old, new):
+    weights = rank_weights(rank, world, old)
+    with TransferWorker(weights) as worker:
+        slow_down(worker, 0.01)
+        worker.submit(old, new)
+        try:
+            worker.submit(new, old)
+            message = None
+        except RuntimeError as exc:
+            message = str(exc)
+        worker.wait()
+        return message, row_mismatches(weights, old, new, rank)
+
+
+def test_second_submit_while_busy_raises(distributed):
+    old, new = rotated_maps(3, 2, 2)
+    for message, bad in distributed(2, _rank_second_submit, old, new):
+        assert message is not None and "in progress" in message
+        assert bad == []
+
+
+class InjectedFailure(Exception):
+    pass
+
+
+def _rank_worker_failure(rank, world, old, new, failing_rank, failing_layer):
+    weights = rank_weights(rank, world, old)
+    worker = TransferWorker(weights)
+    if rank == failing_rank:
+        original = worker._transfer_layer
+
+        def transfer_or_fail(job, index, stage):
+            if index == failing_layer:
+                raise InjectedFailure(f"disk on fire at layer {index}")
+            return original(job, index, stage)
+
+        worker._transfer_layer = transfer_or_fail
+    worker.submit(old, new)
+    applied, error = [], None
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            applied += worker.step()
+            time.sleep(0.002)
+    except Exception as exc:  # noqa: BLE001 - inspected below
+        error = exc
+    assert error is not None, "the failure never surfaced"
+    tb = "".join(traceback.format_exception(error))
+    bad = row_mismatches(weights, old, expected_after(old, new, applied), rank)
+    try:
+        worker.step()
+        after = None
+    except RuntimeError as exc:
+        after = str(exc)
+    worker.close()
+    return dict(
+        type=type(error).__name__,
+        message=str(error),
+        worker_frame="transfer_or_fail" in tb,
+        applied=applied,
+        bad=bad,
+        closed=worker.closed,
+        thread_alive=worker._thread.is_alive(),
+        after=after,
+    )
+
+
+@pytest.mark.parametrize("world", [pytest.param(2, id="W2"), pytest.param(4, id="W4")])
+def test_worker_failure_surfaces_on_every_rank(distributed, world):
+    old, new = rotated_maps(5, world, 2)
+    results = distributed(world, _rank_worker_failure, old, new, 1, 2)
+    applied0 = results[0]["applied"]
+    for rank, res in enumerate(results):
+        if rank == 1:  # the original exception, raised from the worker thread's frames
+            assert res["type"] == "InjectedFailure" and res["worker_frame"], res
+        else:
+            assert res["type"] == "RuntimeError" and "rank 1" in res["message"] and "disk on fire" in res["message"]
+        assert res["applied"] == applied0 and all(l < 2 for l in applied0), res["applied"]
+        assert res["bad"] == [], f"rank {rank}: rows changed outside swapped layers {res['bad'][:8]}"
+        assert res["closed"] and not res["thread_alive"]
+        assert res["after"] is not None and "closed" in res["after"]
+
+
+def _rank_subgroups(rank, world, old, new, explicit_transfer):
+    import torch.distributed as dist
+
+    # Two EP groups of two ranks each (a DP x EP layout); both build workers at the same time.
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    ep_group = groups[rank // 2]
+    ep_rank = rank % 2
+    transfer = None
+    if explicit_transfer:  # every rank enters every (globally synchronised) new_group call
+        transfer = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+    weights = rank_weights(ep_rank, 2, old, seed=rank // 2)
+    with TransferWorker(weights, ep_group, transfer_group=transfer) as worker:
+        worker.submit(old, new)
+        applied = []
+        while worker.busy:
+            applied += worker.step()
+        stats = worker.wait()
+    return applied, row_mismatches(weights, old, new, ep_rank, seed=rank // 2), stats.total_bytes_sent
+
+
+@pytest.mark.parametrize("explicit_transfer", [pytest.param(False, id="default-groups"), pytest.param(True, id="explicit-transfer-group")])
+def test_two_ep_subgroups_each_with_a_worker(distributed, explicit_transfer):
+    old, new = random_maps(np.random.default_rng(8), 3, 2, 3, 5)
+    results = distributed(4, _rank_subgroups, old, new, explicit_transfer)
+    for rank, (applied, bad, sent) in enumerate(results):
+        assert applied == [0, 1, 2], f"rank {rank}: {applied}"
+        assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
+    assert sum(r[2] for r in results) > 0
+
+
+# -- shutdown -------------------------------------------------------------------------------------
+def _rank_close_during_transfer(rank, world, old, new):
+    weights = rank_weights(rank, world, old)
+    before = as_bytes(weights)
+    worker = TransferWorker(weights)
+    slow_down(worker, 0.05)
+    worker.submit(old, new)
+    time.sleep(0.02)
+    begin = time.monotonic()
+    worker.close(timeout_s=5.0)
+    elapsed = time.monotonic() - begin
+    return elapsed, worker._thread.is_alive(), same_bytes(as_bytes(weights), before), worker.busy, len(worker_threads())
+
+
+def test_close_during_transfer(distributed):
+    old, new = rotated_maps(4, 2, 3)
+    for elapsed, alive, untouched, busy, threads in distributed(2, _rank_close_during_transfer, old, new):
+        assert elapsed < 2.0 and not alive and threads == 0
+        assert untouched and not busy
+
+
+def _rank_close_with_lagging_peer(rank, world, old, new, peer_dies):
+    import torch.distributed as dist
+
+    weights = rank_weights(rank, world, old)
+    worker = TransferWorker(weights)
+    if rank == 1:
+        slow_down(worker, 60.0)  # rank 1 does not reach its first exchange
+    worker.submit(old, new)
+    if rank == 1 and peer_dies:
+        time.sleep(0.1)
+        # what rank 0 sees when rank 1's process dies: its transfer connections close
+        dist.destroy_process_group(worker._transfer.group)
+    time.sleep(0.3 if rank == 0 else 0.6)  # rank 0's worker is now blocked waiting for rank 1
+    begin = time.monotonic()
+    worker.close(timeout_s=5.0)
+    return time.monotonic() - begin, worker._thread.is_alive(), worker._error is not None
+
+
+@pytest.mark.parametrize("peer_dies", [pytest.param(False, id="peer-closes-later"), pytest.param(True, id="peer-connection-lost")])
+def test_close_with_a_lagging_or_lost_peer(distributed, peer_dies):
+    old, new = rotated_maps(2, 2, 2)
+    (elapsed0, alive0, error0), (elapsed1, alive1, _) = distributed(2, _rank_close_with_lagging_peer, old, new, peer_dies)
+    assert not alive0 and not alive1
+    assert elapsed0 < 2.0 and elapsed1 < 2.0
+    # a lagging peer is waited for (its drain completes rank 0's exchange); a lost one fails it
+    assert error0 == peer_dies
+
+
+def test_context_manager_and_single_rank_without_group():
+    rng = np.random.default_rng(9)
+    old, new = random_maps(rng, 4, 1, 6, 5)
+    weights = rank_weights(0, 1, old, seed=1)
+    expected = rank_weights(0, 1, old, seed=1)
+    rearrange_expert_weights_inplace(old, new, expected)
+    with TransferWorker(weights) as worker:
+        assert worker.step() == [] and not worker.busy
+        worker.submit(old, new)
+        assert worker.busy
+        deadline = time.monotonic() + 10
+        while worker._job.published < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.05)
+        # two layers are staged (both slots full: the worker waits), yet no weight has changed
+        assert worker._job.published == 2
+        assert row_mismatches(weights, old, old, 0, seed=1) == []
+        assert worker.step() == [0, 1] and worker.busy
+        assert row_mismatches(weights, old, expected_after(old, new, [0, 1]), 0, seed=1) == []
+        stats = worker.wait()
+        assert not worker.busy and worker.step() == []
+        assert worker.wait() is stats  # idle: the stats of the finished rearrangement
+    assert worker.closed and worker_threads() == []
+    assert row_mismatches(weights, old, new, 0, seed=1) == []
+    assert same_bytes(as_bytes(weights), as_bytes(expected))
+    assert stats.p2p_ops == 0 and stats.local_copies > 0 and len(stats.layer_times_s) == 4
+    with pytest.raises(RuntimeError, match="closed"):
+        worker.submit(old, new)
+
+
+def test_exception_in_with_block_closes_worker():
+    old, new = random_maps(np.random.default_rng(2), 2, 1, 4, 4)
+    weights = rank_weights(0, 1, old)
+    with pytest.raises(KeyError):
+        with TransferWorker(weights) as worker:
+            slow_down(worker, 0.05)
+            worker.submit(old, new)
+            raise KeyError("serving crashed")
+    assert worker.closed and not worker._thread.is_alive()
+    assert row_mismatches(weights, old, old, 0) == []  # nothing was swapped
+
+
+def test_bad_weights_raise_at_submit_single_rank():
+    old, new = random_maps(np.random.default_rng(4), 2, 1, 4, 4)
+    weights = rank_weights(0, 1, old)
+    with TransferWorker(weights[:1]) as worker:  # one layer of weights for two layers of maps
+        with pytest.raises(ValueError, match="layers"):
+            worker.submit(old, new)
+        assert not worker.busy
+
+
+# -- GPU: swaps on the current stream while a kernel keeps reading the weights --------------------
+GPU_SPECS = [
+    TensorSpec((96, 70), torch.bfloat16),
+    TensorSpec((3, 5), torch.float32),
+    TensorSpec((33, 17, 3), torch.uint8),
+]
+
+
+def _gpu_worker_run(group):
+    rng = np.random.default_rng(0)
+    layers, num_local = 6, 12
+    old = np.stack([rng.permutation(num_local) for _ in range(layers)])
+    new = np.stack([rng.choice(num_local, num_local) for _ in range(layers)])
+    new[:, 0] = -1
+    new[1] = np.roll(old[1], 1)  # a cycle of local moves
+    weights = make_rank_weights(GPU_SPECS, layers, num_local, "cuda")
+    for layer in weights:
+        for t in layer:
+            t.view(torch.uint8).fill_(0xA5)  # poison
+    # The fill is queued behind a long kernel on the main stream; the worker (own stream) must
+    # still read the filled rows, not the poison.
+    torch.cuda._sleep(50_000_000)
+    fill_rank_weights(weights, old, 0, seed=2)
+    applied = []
+    with TransferWorker(weights, group) as worker:
+        worker.submit(old, new)
+        while worker.busy:
+            # "serving": a long kernel, then reads of every weight, queued before each swap
+            torch.cuda._sleep(2_000_000)
+            checksum = sum(t.view(torch.uint8).sum(dtype=torch.int64) for layer in weights for t in layer)
+            done = worker.step()
+            applied += done
+            bad = row_mismatches(weights, old, expected_after(old, new, applied), 0, seed=2)
+            assert bad == [], f"after swapping {done}: wrong rows {bad[:8]}"
+            assert int(checksum) > 0
+    assert applied == list(range(layers))
+    assert row_mismatches(weights, old, new, 0, seed=2) == []
+
+
+@pytest.mark.gpu
+def test_gpu_swaps_while_main_stream_reads_weights_no_group():
+    _gpu_worker_run(None)
+
+
+@pytest.mark.gpu
+def test_gpu_swaps_while_main_stream_reads_weights_nccl_world1():
+    import torch.distributed as dist
+
+    from eplb_triton.launch import free_port
+
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        _gpu_worker_run(dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
