@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .maps import normalize_maps
+from .plan import compact_ids
 
 __all__ = ["align_placement", "linear_assignment"]
 
@@ -162,7 +163,7 @@ def align_placement(old, new, ep_size: int, *, ranks_per_node: int | None = None
             raise TypeError(f"ranks_per_node must be an int or None, got {type(ranks_per_node).__name__}")
         if ranks_per_node < 1 or ep_size % ranks_per_node:
             raise ValueError(f"ranks_per_node={ranks_per_node} must be a positive divisor of ep_size={ep_size}")
-    o, n = maps.old, maps.new
+    o, n = compact_ids(maps.old, maps.new)  # relabelling never looks at id values
     num_layers = maps.num_layers
     num_local = maps.num_local
     if objective not in ("copies", "bottleneck"):
@@ -172,6 +173,10 @@ def align_placement(old, new, ep_size: int, *, ranks_per_node: int | None = None
     if objective == "bottleneck":
         perm = _cap_load(cost, moved, load, perm, ranks_per_node)
     aligned = _place_rows(o, n, perm, ep_size, num_local)
+    if n is not maps.new:  # ids were renumbered densely (order kept): map them back
+        ids = np.unique(np.concatenate([maps.old.reshape(-1), maps.new.reshape(-1)]))
+        ids = ids[ids >= 0]
+        aligned = np.where(aligned >= 0, ids[np.maximum(aligned, 0)], -1)
     if maps.squeezed:
         aligned = aligned[0]
     if isinstance(new, torch.Tensor):

@@ -41,10 +41,12 @@ __all__ = [
     "LayerPlan",
     "RankPlan",
     "RearrangementPlan",
+    "network_rounds",
     "normalize_elastic_maps",
     "plan_from_maps",
     "plan_layer",
     "plan_rearrangement",
+    "with_rounds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -444,9 +446,21 @@ def normalize_elastic_maps(old_global_expert_indices, new_global_expert_indices,
 # ----------------------------------------------------------------------------------------
 
 
+def compact_ids(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Renumber expert ids densely (order kept, -1 kept) when they are sparse, so tables
+    indexed by expert stay small and composite sort keys cannot overflow."""
+    top = int(max(old.max(initial=-1), new.max(initial=-1)))
+    if top < 4 * old.shape[-1] + 64:
+        return old, new
+    ids, inverse = np.unique(np.concatenate([old.reshape(-1), new.reshape(-1)]), return_inverse=True)
+    dense = inverse - int(ids[0] < 0)  # -1 (if present) stays -1
+    return dense[: old.size].reshape(old.shape), dense[old.size :].reshape(new.shape)
+
+
 def _plan_all(
     old: np.ndarray, new: np.ndarray, ep_size: int, policy: str, ranks_per_node: int | None, rounds: bool
 ) -> list[LayerPlan]:
+    old, new = compact_ids(old, new)  # plans depend on where experts are, not on their ids
     num_layers, num_physical = old.shape
     num_local = num_physical // ep_size
     slots = np.arange(num_physical, dtype=np.int64)
@@ -761,6 +775,11 @@ def balance_assignment(
 # ----------------------------------------------------------------------------------------
 # Rounds: bipartite edge colouring of the (sender, receiver) pairs
 # ----------------------------------------------------------------------------------------
+
+
+def with_rounds(plan: LayerPlan) -> LayerPlan:
+    """``plan`` with :attr:`LayerPlan.rounds` filled in (e.g. for a ``restrict()``-ed sub-plan)."""
+    return _with_rounds(plan)
 
 
 def _with_rounds(plan: LayerPlan) -> LayerPlan:

@@ -106,6 +106,14 @@ def test_undoes_a_pure_relabelling():
     assert np.array_equal(align_placement(old, new, 8, ranks_per_node=4), old)
 
 
+def test_sparse_large_ids():
+    old, new = make_case(3, 2, 4, 3, 9)
+    big = 1_000_003
+    enc = lambda m: np.where(m >= 0, m * big + 7, -1)  # noqa: E731
+    got = align_placement(enc(old), enc(new), 4, ranks_per_node=2)
+    assert np.array_equal(got, enc(align_placement(old, new, 4, ranks_per_node=2)))
+
+
 def test_types_are_kept():
     old = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]], dtype=torch.int32)
     new = torch.tensor([[2, 3, 1, 0], [1, 0, 3, 2]], dtype=torch.int32)

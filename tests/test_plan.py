@@ -236,6 +236,29 @@ def test_all_layers_equal_single_layer_plans():
         assert [r.tolist() for r in got.rounds] == [r.tolist() for r in single.rounds]
 
 
+def test_sparse_large_ids_plan_like_dense_ones():
+    rng = np.random.default_rng(11)
+    old, new = make_maps(rng, 3, 4, 3, 7)
+    big = 1_000_003  # sparse ids: dense tables over ids would be large without renumbering
+    old_b, new_b = np.where(old >= 0, old * big + 5, -1), np.where(new >= 0, new * big + 5, -1)
+    for kwargs in ({}, {"sender_policy": "vllm"}, {"ranks_per_node": 2, "rounds": True}):
+        a = plan_rearrangement(old, new, 4, **kwargs)
+        b = plan_rearrangement(old_b, new_b, 4, **kwargs)
+        for x, y in zip(a.layers, b.layers):
+            assert np.array_equal(x.route, y.route) and np.array_equal(x.src_slot, y.src_slot)
+            assert np.array_equal(x.traffic, y.traffic)
+
+
+def test_with_rounds_on_restricted_plan():
+    from eplb_triton.plan import with_rounds
+
+    seq = placement_sequence(2, 2, 32, 8, 8, seed=5)
+    layer = plan_rearrangement(seq[0], seq[1], 8).layers[1]
+    half = np.arange(0, layer.num_deliveries, 2)
+    sub = with_rounds(layer.restrict(half))
+    check_rounds(sub)
+
+
 def test_deterministic():
     seq = placement_sequence(2, 4, 32, 8, 8, seed=9)
     a = plan_rearrangement(seq[0], seq[1], 8, ranks_per_node=4, rounds=True)
