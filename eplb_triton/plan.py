@@ -15,7 +15,9 @@ starts from a round-robin split and moves deliveries between holders along impro
 (load-balancing "semi-matching") until the largest send count is no larger than the largest
 receive count or provably minimal. ``sender_policy="vllm"`` is vLLM's rule (holders sorted,
 receivers split evenly among them in order), kept for comparison. With ``ranks_per_node``
-a holder on the receiver's node is preferred whenever one exists, then senders are balanced.
+a holder on the receiver's node is preferred whenever one exists, then senders are balanced;
+a delivery leaves its node despite a same-node holder only on layers where same-node senders
+alone cannot reach the best bottleneck, so nodes never cost bottleneck.
 
 Rounds. ``rounds=True`` also splits each layer's network transfers into exchange rounds in
 which every rank sends to at most one peer and receives from at most one peer
@@ -282,7 +284,8 @@ def plan_rearrangement(
         sender_policy: ``"balanced"`` (minimise the layer bottleneck) or ``"vllm"``
             (vLLM's rule, for comparison).
         ranks_per_node: ranks per node (must divide ``ep_size``); a sender on the
-            receiver's node is preferred, then senders are balanced. Balanced policy only.
+            receiver's node is preferred, then senders are balanced (never at the cost of
+            the layer bottleneck). Balanced policy only.
         rounds: also split each layer's network transfers into rounds where every rank
             sends to at most one peer and receives from at most one (``layer.rounds``).
         rank_mapping: elastic EP, old rank -> new rank (``-1`` = removed), a sequence of
@@ -635,20 +638,20 @@ def _balanced_choice(
     ep_size: int,
     ranks_per_node: int | None,
 ) -> np.ndarray:
-    """Index into the holder table for each network delivery, minimising the bottleneck."""
+    """Index into the holder table for each network delivery, minimising the bottleneck.
+
+    With ``ranks_per_node``: (1) balance over same-node holders only (all holders where the
+    receiver's node has none); (2) find the best bottleneck any choice of holders reaches;
+    (3) only on layers where (1) is above it, continue balancing from (1) over all holders,
+    preferring same-node moves, until it is reached. So nodes never cost bottleneck, and
+    deliveries leave their node only where that is needed.
+    """
     count = layer.size
     # Candidate pairs (delivery, holder-table row), grouped by delivery.
     pair_item = np.repeat(np.arange(count), holders)
     starts = np.cumsum(holders) - holders
     pair_row = np.arange(pair_item.size) - np.repeat(starts, holders) + np.repeat(lo, holders)
     pair_rank = hrank[pair_row]
-    if ranks_per_node is not None:
-        same = pair_rank // ranks_per_node == receiver[pair_item] // ranks_per_node
-        any_same = np.bincount(pair_item[same], minlength=count) > 0
-        keep = same | ~any_same[pair_item]
-        pair_item, pair_row, pair_rank = pair_item[keep], pair_row[keep], pair_rank[keep]
-    cand = np.bincount(pair_item, minlength=count)
-    cand_start = np.cumsum(cand) - cand
 
     # Start: round-robin over the candidates in receiver order within each (layer, expert).
     order = np.argsort(order_key, kind="stable")
@@ -657,10 +660,25 @@ def _balanced_choice(
     group_size = np.diff(np.r_[group_start, grp.size])
     k = np.empty(count, dtype=np.int64)
     k[order] = np.arange(count) - np.repeat(group_start, group_size)
-    choice = cand_start + k % cand
+
+    def round_robin(items: np.ndarray) -> np.ndarray:
+        cand = np.bincount(items, minlength=count)
+        return np.cumsum(cand) - cand + k % np.maximum(cand, 1)
 
     target = np.bincount(layer * ep_size + receiver, minlength=num_layers * ep_size).reshape(num_layers, ep_size).max(axis=1)
-    choice = balance_assignment(layer, pair_item, pair_rank, choice, target, num_layers, ep_size)
+    full = balance_assignment(layer, pair_item, pair_rank, round_robin(pair_item), target, num_layers, ep_size)
+    if ranks_per_node is None:
+        return pair_row[full]
+
+    same = pair_rank // ranks_per_node == receiver[pair_item] // ranks_per_node
+    any_same = np.bincount(pair_item[same], minlength=count) > 0
+    keep = np.flatnonzero(same | ~any_same[pair_item])
+    local = balance_assignment(layer, pair_item[keep], pair_rank[keep], round_robin(pair_item[keep]), target, num_layers, ep_size)
+    choice = keep[local]
+    load = lambda c: np.bincount(layer * ep_size + pair_rank[c], minlength=num_layers * ep_size).reshape(num_layers, ep_size).max(axis=1)  # noqa: E731
+    cap = np.maximum(target, load(full))
+    if (load(choice) > cap).any():
+        choice = balance_assignment(layer, pair_item, pair_rank, choice, cap, num_layers, ep_size, pair_cost=(~same).astype(np.int64))
     return pair_row[choice]
 
 
@@ -672,6 +690,7 @@ def balance_assignment(
     target: np.ndarray,
     num_layers: int,
     ep_size: int,
+    pair_cost: np.ndarray | None = None,
 ) -> np.ndarray:
     """Reassign items to candidate ranks until each layer's largest load is <= ``target`` or minimal.
 
@@ -689,11 +708,14 @@ def balance_assignment(
     When no improving path leaves a maximum-load rank, the ranks reachable from them hold
     only items whose candidates are all reachable and carry more than ``max - 1`` items per
     rank on average, so no assignment has a smaller maximum: the result is optimal.
-    Deterministic (ties go to the lowest index).
+    ``pair_cost`` (optional, per pair) breaks ties between moves: cheaper pairs first.
+    Deterministic (remaining ties go to the lowest index).
     """
     choice = choice.copy()
     if pair_item.size == 0:
         return choice
+    if pair_cost is None:
+        pair_cost = np.zeros(pair_item.size, dtype=np.int64)
     load = np.bincount(item_layer * ep_size + pair_rank[choice], minlength=num_layers * ep_size).reshape(num_layers, ep_size)
     pair_layer = item_layer[pair_item]
     cells = num_layers * ep_size
@@ -712,7 +734,7 @@ def balance_assignment(
         # Single moves.
         ok = np.flatnonzero(on_peak & (flat_load[there] <= peak[pair_layer] - 2))
         if ok.size:
-            pick = ok[np.lexsort((ok, flat_load[there[ok]], here[ok]))]
+            pick = ok[np.lexsort((ok, pair_cost[ok], flat_load[there[ok]], here[ok]))]
             pick = pick[np.r_[True, here[pick][1:] != here[pick][:-1]]]  # one per source rank
             pick = pick[np.lexsort((pick, there[pick]))]
             pick = pick[np.r_[True, there[pick][1:] != there[pick][:-1]]]  # one per target rank
@@ -733,7 +755,7 @@ def balance_assignment(
             edges = np.flatnonzero(movable & frontier[here] & ~visited[there])
             if edges.size == 0:
                 break
-            edges = edges[np.argsort(there[edges], kind="stable")]
+            edges = edges[np.lexsort((edges, pair_cost[edges], there[edges]))]
             edges = edges[np.r_[True, there[edges][1:] != there[edges][:-1]]]  # first edge per new rank
             reached = there[edges]
             visited[reached] = True

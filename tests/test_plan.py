@@ -273,22 +273,39 @@ def test_deterministic():
 # ---------------------------------------------------------------------------------------
 
 
-@settings(max_examples=100, deadline=None)
-@given(map_cases(max_ep=8, max_local=3))
+@settings(max_examples=250, deadline=None)
+@given(map_cases(max_ep=6, max_local=3))
 def test_ranks_per_node_prefers_same_node(case):
+    """Nodes never cost bottleneck; a delivery leaves its node despite a same-node holder
+    only when same-node senders alone cannot reach the best bottleneck."""
     old, new, ep, rpn = case
     if rpn is None:
         rpn = 1
     plan = plan_rearrangement(old, new, ep, ranks_per_node=rpn)
+    flat = plan_rearrangement(old, new, ep)
+    assert np.array_equal(plan.bottlenecks, flat.bottlenecks)
     n = old.shape[1] // ep
-    node_of_slot = np.arange(old.shape[1]) // n // rpn
     for l, layer in enumerate(plan.layers):
+        check_layer(layer, old[l], new[l], ep)
         k = layer.num_network
-        for s, d in zip(layer.src_slot[:k], layer.dst_slot[:k]):
-            expert = old[l, s]
-            same_node_holders = (old[l] == expert) & (node_of_slot == node_of_slot[d])
-            if same_node_holders.any():
-                assert node_of_slot[s] == node_of_slot[d], (l, s, d)
+        src_rank, dst_rank = layer.src_slot[:k] // n, layer.dst_slot[:k] // n
+        full, restricted, left_node = [], [], False
+        for s_rank, d_rank, s in zip(src_rank, dst_rank, layer.src_slot[:k]):
+            holders = np.unique(np.flatnonzero(old[l] == old[l, s]) // n)
+            near = holders[holders // rpn == d_rank // rpn]
+            full.append(holders)
+            restricted.append(near if near.size else holders)
+            left_node |= bool(near.size) and s_rank // rpn != d_rank // rpn
+        if not left_node:
+            continue
+        items = np.zeros(k, dtype=np.int64)
+
+        def optimum(cands):
+            pair_item = np.repeat(np.arange(k), [c.size for c in cands])
+            return exact_min_max_load(items, pair_item, np.concatenate(cands), ep)[0]
+
+        target = int(layer.network_receives.max())
+        assert optimum(restricted) > max(target, optimum(full))
 
 
 def test_ranks_per_node_cuts_inter_node_copies():
