@@ -28,7 +28,8 @@ OLD, NEW = SEQ[0], SEQ[1]
         pytest.param({"sender_policy": "vllm"}, id="vllm"),
         pytest.param({}, id="balanced"),
         pytest.param({"ranks_per_node": 8}, id="balanced-rpn8"),
-        pytest.param({"rounds": True}, id="balanced-rounds"),
+        pytest.param({"rounds": "pair"}, id="balanced-rounds-pair"),
+        pytest.param({"rounds": "expert"}, id="balanced-rounds-expert"),
     ],
 )
 def test_plan_deepseek(benchmark, kwargs):

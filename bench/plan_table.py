@@ -167,7 +167,8 @@ def timing(repeat: int) -> dict:
         "vllm rule": median_ms(lambda: plan_rearrangement(old, new, 32, sender_policy="vllm"), repeat),
         "balanced": median_ms(lambda: plan_rearrangement(old, new, 32), repeat),
         "balanced, ranks_per_node=8": median_ms(lambda: plan_rearrangement(old, new, 32, ranks_per_node=8), repeat),
-        "balanced + rounds": median_ms(lambda: plan_rearrangement(old, new, 32, rounds=True), max(3, repeat // 5)),
+        "balanced + rounds='pair'": median_ms(lambda: plan_rearrangement(old, new, 32, rounds="pair"), max(3, repeat // 5)),
+        "balanced + rounds='expert'": median_ms(lambda: plan_rearrangement(old, new, 32, rounds="expert"), max(3, repeat // 5)),
         "per-expert loop, numpy per expert (vllm rule)": median_ms(lambda: per_expert_loop_plan(old, new, 32), 3),
         "pure-Python dict loop (vllm rule)": median_ms(lambda: python_loop_plan(old, new, 32), max(3, repeat // 5)),
         "align_placement, ranks_per_node=8": median_ms(lambda: align_placement(old, new, 32, ranks_per_node=8), max(3, repeat // 5)),
@@ -203,6 +204,38 @@ def quality(name, experts, redundant, ranks, rpn, groups, layers, steps, seed) -
     out["aligned_copies_drop"] = 1 - totals["aligned_copies"] / totals["vllm_copies"]
     out["aligned_b_bottleneck_ratio"] = totals["aligned_b_bottleneck"] / totals["vllm_bottleneck"]
     out["aligned_b_copies_drop"] = 1 - totals["aligned_b_copies"] / totals["vllm_copies"]
+    return out
+
+
+def rounds_summary() -> dict:
+    """Rounds of the DeepSeek-V3 hierarchical scenario (one step, aligned and not): rounds per
+    layer against the layer's peer degree, and the round "makespan" (sum over rounds of the
+    largest pair in the round, in experts) against the bottleneck, its lower bound."""
+    seq = placement_sequence(2, 58, 256, 32, 32, seed=0, ranks_per_node=8, num_groups=8)
+    out = {}
+    aligned = align_placement(seq[0], seq[1], 32, ranks_per_node=8)
+    for name, new, kind in (
+        ("unaligned, pair", seq[1], "pair"),
+        ("unaligned, expert", seq[1], "expert"),
+        ("aligned, pair", aligned, "pair"),
+        ("aligned, expert", aligned, "expert"),
+    ):
+        plan = plan_rearrangement(seq[0], new, 32, ranks_per_node=8, rounds=kind)
+        rounds, makespan = [], []
+        for layer in plan.layers:
+            n = layer.num_local
+            rounds.append(len(layer.rounds))
+            span = 0
+            for r in layer.rounds:
+                pair = (layer.src_slot[r] // n) * 32 + layer.dst_slot[r] // n
+                span += int(np.bincount(pair).max())
+            makespan.append(span)
+        out[name] = {
+            "mean_rounds": float(np.mean(rounds)),
+            "mean_bottleneck": float(plan.bottlenecks.mean()),
+            "mean_makespan": float(np.mean(makespan)),
+            "makespan_over_bottleneck": float(np.sum(makespan) / plan.bottlenecks.sum()),
+        }
     return out
 
 
@@ -249,9 +282,14 @@ def main(argv=None) -> None:
             f"{r['aligned_bottleneck_ratio']:14.3f}{r['aligned_copies_drop']:13.3f}{inter}"
             f"{r['aligned_b_bottleneck_ratio']:16.3f}{r['aligned_b_copies_drop']:13.3f}"
         )
+    rs = rounds_summary()
+    print("\nRounds (rounds=pair|expert), DeepSeek-V3 hierarchical, one step, ranks_per_node=8; per-layer means")
+    print(f"  {'':<20}{'rounds':>8}{'bottleneck':>12}{'makespan':>10}{'makespan/bottleneck':>21}")
+    for name, r in rs.items():
+        print(f"  {name:<20}{r['mean_rounds']:8.2f}{r['mean_bottleneck']:12.2f}{r['mean_makespan']:10.2f}{r['makespan_over_bottleneck']:21.3f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"machine": machine, "timing": t, "repeat": repeat, "quality": rows}, fh, indent=2)
+        json.dump({"machine": machine, "timing": t, "repeat": repeat, "quality": rows, "rounds": rs}, fh, indent=2)
     print(f"\nwrote {args.out}")
 
 

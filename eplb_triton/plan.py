@@ -42,6 +42,7 @@ __all__ = [
     "SENDER_POLICIES",
     "LayerPlan",
     "RankPlan",
+    "ROUND_KINDS",
     "RearrangementPlan",
     "network_rounds",
     "normalize_elastic_maps",
@@ -97,11 +98,13 @@ class LayerPlan:
     ``dst_slot``. Duplicate fills: ``dup_dst_slot[i]`` receives what delivery
     ``dup_delivery[i]`` wrote.
 
-    ``rounds`` (only when planned with ``rounds=True``, else ``None``): a list of ascending
+    ``rounds`` (only when planned with ``rounds=...``, else ``None``): a list of ascending
     arrays of *network* delivery indices; every network delivery is in exactly one round, and
-    in a round every rank sends to at most one peer and receives from at most one peer. All
-    deliveries of one (sender, receiver) pair share a round, so a round moves whole per-peer
-    buffers. Rounds are an exchange schedule *inside* one staging pass: pack every send
+    in a round every rank sends to at most one peer and receives from at most one peer. With
+    ``"pair"`` rounds all deliveries of one (sender, receiver) pair share a round, so a round
+    moves whole per-peer buffers; with ``"expert"`` rounds a round moves one row per rank
+    (a one-row slice of the per-peer buffer). See :func:`network_rounds`. Rounds are an
+    exchange schedule *inside* one staging pass: pack every send
     first, exchange round after round, unpack after the last (``restrict(round)`` gives the
     per-rank peers and rows of one round, :meth:`round_peers` the peers only). Running a
     round as a separate read-then-write pass would ignore the ordering that
@@ -269,7 +272,7 @@ def plan_rearrangement(
     *,
     sender_policy: str = "balanced",
     ranks_per_node: int | None = None,
-    rounds: bool = False,
+    rounds: bool | str = False,
     rank_mapping=None,
 ) -> RearrangementPlan:
     """Plan the rearrangement of every layer from the global old and new maps.
@@ -287,7 +290,10 @@ def plan_rearrangement(
             receiver's node is preferred, then senders are balanced (never at the cost of
             the layer bottleneck). Balanced policy only.
         rounds: also split each layer's network transfers into rounds where every rank
-            sends to at most one peer and receives from at most one (``layer.rounds``).
+            sends to at most one peer and receives from at most one (``layer.rounds``):
+            ``True`` or ``"pair"`` (whole per-peer buffers per round, fewest rounds) or
+            ``"expert"`` (one expert per rank and round; total length = bottleneck). See
+            :func:`network_rounds`.
         rank_mapping: elastic EP, old rank -> new rank (``-1`` = removed), a sequence of
             length old EP size or a dict over every old rank. Scale-down plans on the old
             (larger) group where removed ranks only send; scale-up on the new group where
@@ -311,10 +317,10 @@ def plan_from_maps(
     *,
     sender_policy: str = "balanced",
     ranks_per_node: int | None = None,
-    rounds: bool = False,
+    rounds: bool | str = False,
 ) -> RearrangementPlan:
     """Plan already validated maps (see :func:`plan_rearrangement` for the options)."""
-    _check_options(maps.ep_size, sender_policy, ranks_per_node)
+    _check_options(maps.ep_size, sender_policy, ranks_per_node, rounds)
     layers = _plan_all(maps.old, maps.new, maps.ep_size, sender_policy, ranks_per_node, rounds)
     return RearrangementPlan(layers=layers, maps=maps)
 
@@ -326,16 +332,18 @@ def plan_layer(
     *,
     sender_policy: str = "balanced",
     ranks_per_node: int | None = None,
-    rounds: bool = False,
+    rounds: bool | str = False,
 ) -> LayerPlan:
     """Plan one layer from validated 1-D int64 maps (see :func:`plan_rearrangement`)."""
-    _check_options(ep_size, sender_policy, ranks_per_node)
+    _check_options(ep_size, sender_policy, ranks_per_node, rounds)
     old2 = np.asarray(old, dtype=np.int64).reshape(1, -1)
     new2 = np.asarray(new, dtype=np.int64).reshape(1, -1)
     return _plan_all(old2, new2, ep_size, sender_policy, ranks_per_node, rounds)[0]
 
 
-def _check_options(ep_size: int, sender_policy: str, ranks_per_node: int | None) -> None:
+def _check_options(ep_size: int, sender_policy: str, ranks_per_node: int | None, rounds=False) -> None:
+    if not (isinstance(rounds, bool) or rounds in ROUND_KINDS):
+        raise ValueError(f"rounds must be a bool or one of {ROUND_KINDS}, got {rounds!r}")
     if sender_policy not in SENDER_POLICIES:
         raise ValueError(f"sender_policy must be one of {SENDER_POLICIES}, got {sender_policy!r}")
     if ranks_per_node is not None:
@@ -571,7 +579,7 @@ def _plan_all(
             dup_delivery=dup_global[da:db] - a,
         )
         if rounds:
-            plan = _with_rounds(plan)
+            plan = _with_rounds(plan, "pair" if rounds is True else rounds)
         layers.append(plan)
     return layers
 
@@ -799,12 +807,12 @@ def balance_assignment(
 # ----------------------------------------------------------------------------------------
 
 
-def with_rounds(plan: LayerPlan) -> LayerPlan:
+def with_rounds(plan: LayerPlan, kind: str = "pair") -> LayerPlan:
     """``plan`` with :attr:`LayerPlan.rounds` filled in (e.g. for a ``restrict()``-ed sub-plan)."""
-    return _with_rounds(plan)
+    return _with_rounds(plan, kind)
 
 
-def _with_rounds(plan: LayerPlan) -> LayerPlan:
+def _with_rounds(plan: LayerPlan, kind: str) -> LayerPlan:
     return LayerPlan(
         ep_size=plan.ep_size,
         num_local=plan.num_local,
@@ -815,21 +823,36 @@ def _with_rounds(plan: LayerPlan) -> LayerPlan:
         is_network=plan.is_network,
         dup_dst_slot=plan.dup_dst_slot,
         dup_delivery=plan.dup_delivery,
-        rounds=network_rounds(plan),
+        rounds=network_rounds(plan, kind),
     )
 
 
-def network_rounds(plan: LayerPlan) -> list[np.ndarray]:
+ROUND_KINDS = ("pair", "expert")
+
+
+def network_rounds(plan: LayerPlan, kind: str = "pair") -> list[np.ndarray]:
     """Split ``plan``'s network deliveries into rounds (see :attr:`LayerPlan.rounds`).
 
-    The (sender, receiver) pairs form a bipartite graph; a proper edge colouring with as
-    many colours as the largest number of distinct peers of any rank (the minimum, by
-    Konig's theorem) gives the rounds. Pairs are coloured heaviest first (then by ranks),
-    each with the lowest colour free at both ends after swapping an alternating path when
-    needed. Rounds are ordered by colour; deterministic.
+    In every round each rank sends to at most one peer and receives from at most one.
+
+    * ``kind="pair"``: all deliveries of one (sender, receiver) pair share a round, so a
+      round moves whole per-peer buffers; as many rounds as the largest number of distinct
+      peers of any rank (the minimum, by Konig's theorem). A round lasts as long as its
+      largest pair.
+    * ``kind="expert"``: every round moves at most one expert per sender and receiver; as
+      many rounds as the layer bottleneck (the minimum), so the rounds' total length equals
+      the bottleneck, which no schedule beats.
+
+    A proper edge colouring of the bipartite (multi)graph sender -> receiver gives the
+    rounds: edges are coloured heaviest pair first (then by ranks and wire order), each with
+    the lowest colour free at both ends, after swapping the two colours along an
+    alternating path when no colour is free at both. Rounds are ordered by colour, indices
+    ascending; deterministic.
     """
+    if kind not in ROUND_KINDS:
+        raise ValueError(f"round kind must be one of {ROUND_KINDS}, got {kind!r}")
     n = plan.num_local
-    count = plan.num_network  # network deliveries come first, grouped by pair
+    count = plan.num_network  # network deliveries come first, grouped by pair in wire order
     if count == 0:
         return []
     src_rank = plan.src_slot[:count] // n
@@ -837,48 +860,53 @@ def network_rounds(plan: LayerPlan) -> list[np.ndarray]:
     pair = src_rank * plan.ep_size + dst_rank
     starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
     sizes = np.diff(np.r_[starts, count])
-    s_of, d_of = src_rank[starts], dst_rank[starts]
-    degree = max(np.bincount(s_of).max(), np.bincount(d_of).max())
-    ep = plan.ep_size
-    # at_s[u][c] = receiver coloured c at sender u; at_d[v][c] = sender coloured c at receiver v
-    at_s = [[-1] * degree for _ in range(ep)]
-    at_d = [[-1] * degree for _ in range(ep)]
-    for e in np.lexsort((d_of, s_of, -sizes)).tolist():
-        u, v = int(s_of[e]), int(d_of[e])
-        free_u = [c for c in range(degree) if at_s[u][c] < 0]
-        free_v = [c for c in range(degree) if at_d[v][c] < 0]
-        both = sorted(set(free_u) & set(free_v))
-        if both:
-            c = both[0]
-        else:
-            a, b = free_u[0], free_v[0]  # a is busy at v, b is free at v
-            # Swap colours a/b along the alternating path from v (it cannot reach u).
-            path, side, node, col = [], "d", v, a
+    if kind == "pair":
+        edge_src, edge_dst = src_rank[starts], dst_rank[starts]
+        order = np.lexsort((edge_dst, edge_src, -sizes))
+    else:
+        edge_src, edge_dst = src_rank, dst_rank
+        weight = np.repeat(sizes, sizes)
+        order = np.lexsort((np.arange(count), dst_rank, src_rank, -weight))
+    colour = _edge_colouring(edge_src.tolist(), edge_dst.tolist(), order.tolist(), plan.ep_size)
+    if kind == "pair":
+        colour = np.repeat(colour, sizes)  # every delivery takes its pair's colour
+    by_colour = np.argsort(colour, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(colour))]
+    return [by_colour[a:b].astype(np.int64) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _edge_colouring(src: list[int], dst: list[int], order: list[int], ep_size: int) -> np.ndarray:
+    """Proper colouring of bipartite multigraph edges ``src[e] -> dst[e]`` with max-degree colours."""
+    degree = max(max(np.bincount(src)), max(np.bincount(dst)))
+    at_s = [[-1] * degree for _ in range(ep_size)]  # at_s[u][c]: edge of colour c at sender u
+    at_d = [[-1] * degree for _ in range(ep_size)]
+    colour = [-1] * len(src)
+    colours = range(degree)
+    for e in order:
+        row_u, row_v = at_s[src[e]], at_d[dst[e]]
+        c = next((c for c in colours if row_u[c] < 0 and row_v[c] < 0), -1)
+        if c < 0:
+            a = next(c for c in colours if row_u[c] < 0)  # free at u, busy at v
+            b = next(c for c in colours if row_v[c] < 0)  # free at v, busy at u
+            # The a/b alternating path from v never reaches u (bipartite); swapping its
+            # colours frees a at v.
+            path, at_receiver, node, col = [], True, dst[e], a
             while True:
-                nxt = at_d[node][col] if side == "d" else at_s[node][col]
-                if nxt < 0:
+                edge = (at_d if at_receiver else at_s)[node][col]
+                if edge < 0:
                     break
-                path.append((side, node, nxt, col))
-                side, node, col = ("s" if side == "d" else "d"), nxt, (b if col == a else a)
-            for side_, x, y, col_ in path:  # clear, then set swapped
-                if side_ == "d":
-                    at_d[x][col_], at_s[y][col_] = -1, -1
-                else:
-                    at_s[x][col_], at_d[y][col_] = -1, -1
-            for side_, x, y, col_ in path:
-                other = b if col_ == a else a
-                if side_ == "d":
-                    at_d[x][other], at_s[y][other] = y, x
-                else:
-                    at_s[x][other], at_d[y][other] = y, x
+                path.append(edge)
+                node = src[edge] if at_receiver else dst[edge]
+                at_receiver, col = not at_receiver, (b if col == a else a)
+            for edge in path:
+                at_s[src[edge]][colour[edge]] = -1
+                at_d[dst[edge]][colour[edge]] = -1
+            for edge in path:
+                colour[edge] = b if colour[edge] == a else a
+                at_s[src[edge]][colour[edge]] = edge
+                at_d[dst[edge]][colour[edge]] = edge
             c = a
-        at_s[u][c], at_d[v][c] = v, u
-    pair_index = {int(p): i for i, p in enumerate(pair[starts])}
-    rounds = []
-    for c in range(degree):
-        members = [pair_index[u * ep + at_s[u][c]] for u in range(ep) if at_s[u][c] >= 0]
-        if not members:
-            continue
-        parts = [np.arange(starts[i], starts[i] + sizes[i]) for i in sorted(members)]
-        rounds.append(np.concatenate(parts).astype(np.int64))
-    return rounds
+        colour[e] = c
+        row_u[c] = e
+        row_v[c] = e
+    return np.asarray(colour, dtype=np.int64)

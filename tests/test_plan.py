@@ -158,7 +158,7 @@ def exact_min_max_load(item_layer, pair_item, pair_rank, ep):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(map_cases(), st.sampled_from(["balanced", "vllm"]), st.booleans())
+@given(map_cases(), st.sampled_from(["balanced", "vllm"]), st.sampled_from([False, True, "pair", "expert"]))
 def test_plan_properties(case, policy, rounds):
     old, new, ep, rpn = case
     if policy == "vllm":
@@ -168,7 +168,7 @@ def test_plan_properties(case, policy, rounds):
     for l, layer in enumerate(plan.layers):
         check_layer(layer, old[l], new[l], ep)
         if rounds:
-            check_rounds(layer)
+            check_rounds(layer, "pair" if rounds is True else rounds)
 
 
 @settings(max_examples=150, deadline=None)
@@ -255,8 +255,8 @@ def test_with_rounds_on_restricted_plan():
     seq = placement_sequence(2, 2, 32, 8, 8, seed=5)
     layer = plan_rearrangement(seq[0], seq[1], 8).layers[1]
     half = np.arange(0, layer.num_deliveries, 2)
-    sub = with_rounds(layer.restrict(half))
-    check_rounds(sub)
+    for kind in ("pair", "expert"):
+        check_rounds(with_rounds(layer.restrict(half), kind), kind)
 
 
 def test_deterministic():
@@ -323,7 +323,7 @@ def test_ranks_per_node_cuts_inter_node_copies():
 # ---------------------------------------------------------------------------------------
 
 
-def check_rounds(layer):
+def check_rounds(layer, kind="pair"):
     n = layer.num_local
     k = layer.num_network
     rounds = layer.rounds
@@ -335,12 +335,20 @@ def check_rounds(layer):
     if k:
         pairs = np.unique(src[:k] * layer.ep_size + dst[:k])
         degree = max(np.bincount(pairs // layer.ep_size).max(), np.bincount(pairs % layer.ep_size).max())
-    assert len(rounds) == degree  # the fewest possible (Konig)
+    if kind == "pair":
+        assert len(rounds) == degree  # the fewest possible (Konig)
+    else:
+        assert len(rounds) == layer.max_rank_load()  # = the bottleneck, the fewest possible
     for r in rounds:
         assert np.array_equal(r, np.sort(r))
         pairs = np.unique(src[r] * layer.ep_size + dst[r])
         assert np.unique(pairs // layer.ep_size).size == pairs.size  # one peer per sender
         assert np.unique(pairs % layer.ep_size).size == pairs.size  # one peer per receiver
+        if kind == "pair":  # whole pairs: no pair is split across rounds
+            whole = np.isin(src[:k] * layer.ep_size + dst[:k], pairs)
+            assert np.array_equal(np.flatnonzero(whole), r)
+        else:  # one expert per sender and per receiver
+            assert np.unique(src[r]).size == r.size and np.unique(dst[r]).size == r.size
         sub = layer.restrict(r)
         for rank in range(layer.ep_size):
             view = sub.rank(rank)
@@ -349,7 +357,11 @@ def check_rounds(layer):
         peers = layer.round_peers(rank)
         assert len(peers) == len(rounds)
         sends = [s for s, _ in peers if s >= 0]
-        assert sorted(sends) == sorted(layer.rank(rank).send_rows)
+        rows = layer.rank(rank).send_rows
+        if kind == "pair":
+            assert sorted(sends) == sorted(rows)
+        else:  # one round per row sent
+            assert sorted(sends) == sorted(p for p, r in rows.items() for _ in range(len(r)))
 
 
 @pytest.mark.parametrize(
@@ -358,9 +370,10 @@ def check_rounds(layer):
 )
 def test_rounds_on_eplb_sequence(ep, layers, experts, redundant):
     seq = placement_sequence(2, layers, experts, redundant, ep, seed=1)
-    plan = plan_rearrangement(seq[0], seq[1], ep, rounds=True)
-    for layer in plan.layers:
-        check_rounds(layer)
+    for kind in ("pair", "expert"):
+        plan = plan_rearrangement(seq[0], seq[1], ep, rounds=kind)
+        for layer in plan.layers:
+            check_rounds(layer, kind)
     assert plan_rearrangement(seq[0], seq[1], ep).layers[0].rounds is None
 
 
@@ -383,6 +396,7 @@ def test_round_peers_needs_rounds():
         pytest.param({"ranks_per_node": 0}, ValueError, "divisor", id="rpn-zero"),
         pytest.param({"ranks_per_node": 2.0}, TypeError, "ranks_per_node", id="rpn-float"),
         pytest.param({"ranks_per_node": 2, "sender_policy": "vllm"}, ValueError, "balanced", id="rpn-vllm"),
+        pytest.param({"rounds": "peer"}, ValueError, "rounds", id="rounds-kind"),
     ],
 )
 def test_bad_options(kwargs, exc, match):
