@@ -130,7 +130,14 @@ def _rank_costs(old: np.ndarray, new: np.ndarray, ep_size: int) -> np.ndarray:
     return (moved * (num_local + 1) + changed_rows) * 2 + off[None], moved, load
 
 
-def align_placement(old, new, ep_size: int, *, ranks_per_node: int | None = None, objective: str = "copies"):
+def align_placement(
+    old: np.ndarray | torch.Tensor,
+    new: np.ndarray | torch.Tensor,
+    ep_size: int,
+    *,
+    ranks_per_node: int | None = None,
+    objective: str = "copies",
+) -> np.ndarray | torch.Tensor:
     """Relabel ``new`` (load-neutrally) so that it moves as few experts as possible from ``old``.
 
     Args:
@@ -188,7 +195,7 @@ def _pick(matrix: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return np.take_along_axis(matrix, perm[:, :, None], axis=2)[..., 0]
 
 
-def _cap_load(cost, moved, load, perm, ranks_per_node):
+def _cap_load(cost, moved, load, perm, ranks_per_node: int | None) -> np.ndarray:
     """Per layer, the smallest cap on ``load`` that an assignment can meet (bisection over
     Hungarian runs with a prohibitive penalty above the cap), then the cheapest such one.
     Falls back to ``perm`` where the capped one needs more copies than no relabelling."""

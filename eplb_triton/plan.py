@@ -360,7 +360,7 @@ def _check_options(ep_size: int, sender_policy: str, ranks_per_node: int | None,
 # ----------------------------------------------------------------------------------------
 
 
-def _as_rank_mapping(rank_mapping, old_ep: int | None) -> np.ndarray:
+def _as_rank_mapping(rank_mapping) -> np.ndarray:
     if isinstance(rank_mapping, Mapping):
         keys = sorted(rank_mapping)
         if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) for k in keys):
@@ -403,7 +403,7 @@ def normalize_elastic_maps(old_global_expert_indices, new_global_expert_indices,
     """
     if isinstance(ep_size, bool) or not isinstance(ep_size, (int, np.integer)):
         raise TypeError(f"ep_size must be an int, got {type(ep_size).__name__}")
-    mapping = _as_rank_mapping(rank_mapping, None)
+    mapping = _as_rank_mapping(rank_mapping)
     old = as_map_array(old_global_expert_indices, "old_global_expert_indices")
     new = as_map_array(new_global_expert_indices, "new_global_expert_indices")
     if old.ndim != new.ndim or (old.ndim == 2 and old.shape[0] != new.shape[0]):
