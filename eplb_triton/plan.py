@@ -183,6 +183,37 @@ class LayerPlan:
             out.append((int(send_to[0]) if send_to.size else -1, int(recv_from[0]) if recv_from.size else -1))
         return out
 
+    def round_steps(self, rank: int) -> list[tuple[int, np.ndarray, int, np.ndarray]]:
+        """What ``rank`` exchanges in each of :attr:`rounds`, for running them in a transfer.
+
+        One ``(send_peer, send_positions, recv_peer, recv_positions)`` per round (peer -1 and
+        empty positions when idle): the positions index the rows of
+        ``rank(rank).send_rows[send_peer]`` / ``recv_rows[recv_peer]``, i.e. the experts'
+        places in the per-peer packed buffers, so a round sends and receives those slices of
+        buffers packed once for the whole layer (whole buffers for ``"pair"`` rounds).
+        """
+        if self.rounds is None:
+            raise ValueError("this plan has no rounds; plan with rounds=True")
+        n = self.num_local
+        k = self.num_network
+        src_rank, dst_rank = self.src_slot[:k] // n, self.dst_slot[:k] // n
+        pair = src_rank * self.ep_size + dst_rank
+        block_start = np.searchsorted(pair, pair)  # network deliveries are grouped by pair
+        position = np.arange(k) - block_start
+        out = []
+        for deliveries in self.rounds:
+            sends = deliveries[src_rank[deliveries] == rank]
+            recvs = deliveries[dst_rank[deliveries] == rank]
+            out.append(
+                (
+                    int(dst_rank[sends[0]]) if sends.size else -1,
+                    position[sends],
+                    int(src_rank[recvs[0]]) if recvs.size else -1,
+                    position[recvs],
+                )
+            )
+        return out
+
     def rank(self, rank: int) -> RankPlan:
         """The per-rank view of this layer (cached)."""
         if not 0 <= rank < self.ep_size:
