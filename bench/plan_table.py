@@ -176,8 +176,10 @@ def timing(repeat: int) -> dict:
     return {"shape": "58 layers x 288 slots, 32 ranks", "median_ms": rows, "loop_matches_vectorised": same}
 
 
-def quality(name, experts, redundant, ranks, rpn, groups, layers, steps, seed) -> dict:
-    seq = placement_sequence(steps + 1, layers, experts, redundant, ranks, seed=seed, ranks_per_node=rpn, num_groups=groups)
+def quality(name, experts, redundant, ranks, rpn, groups, layers, steps, seed, drift=0.15) -> dict:
+    seq = placement_sequence(
+        steps + 1, layers, experts, redundant, ranks, seed=seed, ranks_per_node=rpn, num_groups=groups, drift=drift
+    )
     totals = defaultdict(int)
     worse_layers = 0
     current = current_b = seq[0]
@@ -197,7 +199,7 @@ def quality(name, experts, redundant, ranks, rpn, groups, layers, steps, seed) -
             if inter is not None:
                 totals[f"{key}_inter_node_copies"] += int((plan.traffic * inter).sum())
         current, current_b = aligned_map, aligned_b_map
-    out = {"scenario": name, "seed": seed, "steps": steps, "layers": layers, **totals}
+    out = {"scenario": name, "seed": seed, "steps": steps, "layers": layers, "drift": drift, **totals}
     out["balanced_layers_worse_than_vllm"] = worse_layers
     out["balanced_bottleneck_ratio"] = totals["balanced_bottleneck"] / totals["vllm_bottleneck"]
     out["aligned_bottleneck_ratio"] = totals["aligned_bottleneck"] / totals["vllm_bottleneck"]
@@ -282,6 +284,14 @@ def main(argv=None) -> None:
             f"{r['aligned_bottleneck_ratio']:14.3f}{r['aligned_copies_drop']:13.3f}{inter}"
             f"{r['aligned_b_bottleneck_ratio']:16.3f}{r['aligned_b_copies_drop']:13.3f}"
         )
+    sweep = []
+    for drift in (0.02, 0.05, 0.15, 0.3):
+        for scenario in (SCENARIOS[0], SCENARIOS[2]):
+            sweep.append(quality(*scenario, steps=steps, seed=0, drift=drift))
+    print(f"\nDrift sensitivity (seed 0, {steps} steps; default drift 0.15 = 15% log-normal step per rebalance)")
+    print(f"  {'scenario':<54}{'drift':>6}{'aligned/vllm':>14}{'copies drop':>13}")
+    for r in sweep:
+        print(f"  {r['scenario']:<54}{r['drift']:6.2f}{r['aligned_bottleneck_ratio']:14.3f}{r['aligned_copies_drop']:13.3f}")
     rs = rounds_summary()
     print("\nRounds (rounds=pair|expert), DeepSeek-V3 hierarchical, one step, ranks_per_node=8; per-layer means")
     print(f"  {'':<20}{'rounds':>8}{'bottleneck':>12}{'makespan':>10}{'makespan/bottleneck':>21}")
@@ -289,7 +299,7 @@ def main(argv=None) -> None:
         print(f"  {name:<20}{r['mean_rounds']:8.2f}{r['mean_bottleneck']:12.2f}{r['mean_makespan']:10.2f}{r['makespan_over_bottleneck']:21.3f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"machine": machine, "timing": t, "repeat": repeat, "quality": rows, "rounds": rs}, fh, indent=2)
+        json.dump({"machine": machine, "timing": t, "repeat": repeat, "quality": rows, "drift_sweep": sweep, "rounds": rs}, fh, indent=2)
     print(f"\nwrote {args.out}")
 
 
