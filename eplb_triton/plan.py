@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 SENDER_POLICIES = ("balanced", "vllm")
 
-_EMPTY = np.zeros(0, dtype=np.int64)
+_DENSE_LOOKUP_CELLS = 1 << 23  # layers x experts x ranks up to which holder look-ups use a dense table
 
 
 @dataclass(frozen=True)
@@ -539,7 +539,7 @@ def _plan_all(
     # table go through a dense index when it is small (faster than binary search).
     own = (d_layer * num_ids + d_expert) * ep_size + d_rank
     cells = num_layers * num_ids * ep_size
-    dense = cells <= (1 << 23)
+    dense = cells <= _DENSE_LOOKUP_CELLS
     if dense:
         row_of = np.full(cells, -1, dtype=np.int64)
         row_of[hkey] = np.arange(hkey.size)

@@ -248,6 +248,19 @@ def test_sparse_large_ids_plan_like_dense_ones():
             assert np.array_equal(x.traffic, y.traffic)
 
 
+def test_binary_search_lookups_match_dense_ones(monkeypatch):
+    import eplb_triton.plan as plan_module
+
+    rng = np.random.default_rng(12)
+    old, new = make_maps(rng, 4, 4, 3, 10)
+    dense = plan_rearrangement(old, new, 4, ranks_per_node=2)
+    monkeypatch.setattr(plan_module, "_DENSE_LOOKUP_CELLS", 0)  # the path of very large maps
+    searched = plan_rearrangement(old, new, 4, ranks_per_node=2)
+    for x, y in zip(dense.layers, searched.layers):
+        for name in ("route", "traffic", "src_slot", "dst_slot", "is_network", "dup_dst_slot", "dup_delivery"):
+            assert np.array_equal(getattr(x, name), getattr(y, name)), name
+
+
 def test_with_rounds_on_restricted_plan():
     from eplb_triton.plan import with_rounds
 
