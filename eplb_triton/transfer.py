@@ -47,7 +47,7 @@ from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
 from .layout import ExpertLayout, check_layer_tensors
 from .maps import ExpertMaps, normalize_maps
-from .plan import LayerPlan, RankPlan, plan_from_maps
+from .plan import LayerPlan, RankPlan, normalize_elastic_maps, plan_from_maps
 from .schedule import schedule_layer
 
 __all__ = [
@@ -537,6 +537,7 @@ def prepare_layers(
     expert_weights: Sequence[Sequence[torch.Tensor]],
     comm: Communicator,
     max_buffer_bytes: int | None = None,
+    rank_mapping=None,
     *,
     verify: bool = False,
     timeout_s: float | None = None,
@@ -553,7 +554,11 @@ def prepare_layers(
         _check_timeout(timeout_s)
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
-        maps = normalize_maps(old_global_expert_indices, new_global_expert_indices, comm.world_size)
+        # planner (issue 5): elastic EP maps are expanded to the transfer group's ranks
+        if rank_mapping is None:
+            maps = normalize_maps(old_global_expert_indices, new_global_expert_indices, comm.world_size)
+        else:
+            maps = normalize_elastic_maps(old_global_expert_indices, new_global_expert_indices, comm.world_size, rank_mapping)
         layouts = _check_weights(expert_weights, maps)
         _check_backend_device(comm, layouts[0].device)
         if max_buffer_bytes is not None:
@@ -684,6 +689,7 @@ def rearrange_expert_weights_inplace(
     verify: bool = False,
     atomic: bool = True,
     log_traffic: bool = False,
+    rank_mapping=None,
 ) -> TransferStats:
     """Rearrange this rank's expert weights in place so every row holds its new expert.
 
@@ -715,6 +721,10 @@ def rearrange_expert_weights_inplace(
             ``atomic=False`` such layers may be left half-applied by a failure.
         log_traffic: log this rank's per-peer bytes at INFO on logger ``eplb_triton.transfer``
             (otherwise at DEBUG).
+        rank_mapping: elastic EP, old rank -> new rank (``-1`` = removed); the maps then
+            have different EP sizes. Scale-down runs on the old (larger) group and removed
+            ranks only send; scale-up runs on the new group and new ranks only receive.
+            See :func:`eplb_triton.plan.normalize_elastic_maps`.
 
     Returns:
         This rank's :class:`TransferStats`.
@@ -732,6 +742,7 @@ def rearrange_expert_weights_inplace(
         expert_weights,
         comm,
         max_buffer_bytes,
+        rank_mapping=rank_mapping,
         verify=verify,
         timeout_s=timeout_s,
     )
