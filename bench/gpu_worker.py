@@ -229,6 +229,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     args.bandwidth = copy_bandwidth(device, (512 << 20) if device.type == "cuda" else (64 << 20) // args.scale)
     machine = machine_line(device)

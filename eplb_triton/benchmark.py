@@ -58,6 +58,7 @@ def _rank_bench(rank: int, world_size: int, cfg: dict):
     old, new = make_placements(cfg["layers"], preset.num_logical, world_size, preset.redundant_per_rank, cfg["seed"])
     num_local = old.shape[1] // world_size
     weights = make_rank_weights(preset.specs(cfg["scale"]), old.shape[0], num_local, device)
+    row_bytes = sum(t[0].numel() * t.element_size() for t in weights[0])
     out = {}
     for name, method in _methods(device).items():
         fill_rank_weights(weights, old, rank, cfg["seed"])
@@ -77,6 +78,8 @@ def _rank_bench(rank: int, world_size: int, cfg: dict):
             "bytes_sent": int(np.mean([x.total_bytes_sent for x in stats_list])),
             "bytes_received": int(np.mean([x.total_bytes_received for x in stats_list])),
             "p2p_ops": int(np.mean([x.p2p_ops for x in stats_list])),
+            # bytes this rank writes into its weights: received rows plus local moves/duplicates
+            "bytes_written": int(np.mean([x.total_bytes_received + x.local_copies * row_bytes for x in stats_list])),
             "peak_staging_bytes": int(s.peak_staging_bytes),
             "bad_rows": bad,
         }
@@ -98,12 +101,15 @@ def run_bench(args: argparse.Namespace) -> dict:
         # a layer is done when its slowest rank is: per layer, max over ranks, then median
         layer_time = float(np.median(np.max([r["layer_times_s"] for r in ranks], axis=0)))
         busiest = max(max(r["bytes_sent"], r["bytes_received"]) for r in ranks) / layers
+        written = max(r["bytes_written"] for r in ranks) / layers
         rows.append(
             {
                 "method": name,
                 "time_per_layer_ms": layer_time * 1e3,
                 "busiest_rank_GBps": busiest / layer_time / 1e9 if layer_time > 0 else 0.0,
                 "busiest_rank_MB_per_layer": busiest / 1e6,
+                "written_MB_per_layer": written / 1e6,
+                "written_GBps": written / layer_time / 1e9 if layer_time > 0 else 0.0,
                 "p2p_ops_per_layer": sum(r["p2p_ops"] for r in ranks) / world / layers,
                 "peak_staging_MB": max(r["peak_staging_bytes"] for r in ranks) / 1e6,
                 "bad_rows": sum(r["bad_rows"] for r in ranks),
@@ -121,11 +127,16 @@ def run_bench(args: argparse.Namespace) -> dict:
     }
     print(machine)
     print(f"preset={args.preset} world={world} backend={args.backend} layers={layers} scale=1/{scale} repeats={args.repeats}")
-    header = f"{'method':<14} {'ms/layer':>9} {'GB/s':>8} {'MB/layer':>9} {'ops/layer':>9} {'staging MB':>10} {'x per-expert':>12} {'bad':>4}"
+    header = (
+        f"{'method':<14} {'ms/layer':>9} {'net GB/s':>8} {'net MB':>8} {'written GB/s':>12} {'written MB':>10} "
+        f"{'ops/layer':>9} {'staging MB':>10} {'x per-expert':>12} {'bad':>4}"
+    )
+    print("net = busiest rank's network bytes per layer; written = busiest rank's bytes written into its weights")
     print(header)
     for r in rows:
         print(
-            f"{r['method']:<14} {r['time_per_layer_ms']:>9.3f} {r['busiest_rank_GBps']:>8.3f} {r['busiest_rank_MB_per_layer']:>9.3f} "
+            f"{r['method']:<14} {r['time_per_layer_ms']:>9.3f} {r['busiest_rank_GBps']:>8.3f} {r['busiest_rank_MB_per_layer']:>8.3f} "
+            f"{r['written_GBps']:>12.3f} {r['written_MB_per_layer']:>10.3f} "
             f"{r['p2p_ops_per_layer']:>9.1f} {r['peak_staging_MB']:>10.3f} {r['speedup_vs_per_expert']:>12.2f} {r['bad_rows']:>4}"
         )
     return result

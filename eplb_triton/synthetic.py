@@ -37,9 +37,23 @@ def _salt(seed: int, layer: int, tensor: int) -> int:
     return (seed * 1_000_003 + layer * 10_007 + tensor * 101 + 17) & _MASK
 
 
+_CHUNK_BYTES = 1 << 24  # pattern bytes made at once: 16 MiB of uint8 = 128 MiB of int64 scratch
+
+
 def expert_pattern(ids: torch.Tensor, nbytes: int, salt: int) -> torch.Tensor:
     """``(len(ids), nbytes)`` uint8 content of experts ``ids`` (int64, on the target device)."""
-    j = torch.arange(nbytes, dtype=torch.int64, device=ids.device)
+    out = torch.empty((ids.numel(), nbytes), dtype=torch.uint8, device=ids.device)
+    step = max(1, _CHUNK_BYTES // max(nbytes, 1))
+    for first in range(0, ids.numel(), step):
+        block = ids[first : first + step]
+        for start in range(0, nbytes, _CHUNK_BYTES):
+            stop = min(nbytes, start + _CHUNK_BYTES)
+            out[first : first + step, start:stop] = _pattern_block(block, start, stop, salt)
+    return out
+
+
+def _pattern_block(ids: torch.Tensor, start: int, stop: int, salt: int) -> torch.Tensor:
+    j = torch.arange(start, stop, dtype=torch.int64, device=ids.device)
     x = ids.to(torch.int64)[:, None] * 0x9E3779B1 + j[None, :] * 0x85EBCA77 + salt
     x = x ^ (x >> 15)
     x = x * 0x2C1B3C6D
@@ -74,7 +88,9 @@ def fill_rank_weights(weights: list[list[torch.Tensor]], expert_map: np.ndarray,
         ids = torch.as_tensor(_slot_ids(expert_map[layer], rank, num_local), device=tensors[0].device)
         for i, tensor in enumerate(tensors):
             rows = _byte_rows(tensor)
-            rows.copy_(expert_pattern(ids, rows.shape[1], _salt(seed, layer, i)))
+            step = max(1, _CHUNK_BYTES // max(rows.shape[1], 1))
+            for first in range(0, num_local, step):
+                rows[first : first + step] = expert_pattern(ids[first : first + step], rows.shape[1], _salt(seed, layer, i))
 
 
 def row_mismatches(
@@ -94,7 +110,9 @@ def row_mismatches(
         ids_t = torch.as_tensor(ids, device=tensors[0].device)
         for i, tensor in enumerate(tensors):
             rows = _byte_rows(tensor)
-            want = expert_pattern(ids_t, rows.shape[1], _salt(seed, layer, i))
-            wrong = (rows != want).any(dim=1).nonzero().flatten().tolist()
-            bad.extend((layer, i, r) for r in wrong)
+            step = max(1, _CHUNK_BYTES // max(rows.shape[1], 1))
+            for first in range(0, num_local, step):  # bounded scratch for 40 MB rows too
+                want = expert_pattern(ids_t[first : first + step], rows.shape[1], _salt(seed, layer, i))
+                wrong = (rows[first : first + step] != want).any(dim=1).nonzero().flatten().tolist()
+                bad.extend((layer, i, first + r) for r in wrong)
     return bad
