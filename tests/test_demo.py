@@ -1,18 +1,24 @@
-"""The README's first command, small: the demo rebalances and verifies every row."""
+"""The README's first command, small: the demo rebalances several times and verifies every row."""
 
 from __future__ import annotations
+
+import pytest
 
 from eplb_triton.__main__ import main
 
 
-def test_demo_runs_and_verifies(capsys):
-    assert main(["demo", "--world-size", "2", "--layers", "2"]) == 0
+@pytest.mark.parametrize("mode", [pytest.param([], id="worker"), pytest.param(["--sync"], id="sync")])
+def test_demo_runs_and_verifies(capsys, mode):
+    argv = ["demo", "--world-size", "2", "--layers", "2", "--rebalances", "2", "--no-progress", *mode]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "verified: every row holds its new expert, bit for bit" in out
+    assert "stall ms/layer" in out
 
 
 def test_demo_preset_scaled_down(capsys):
-    assert main(["demo", "--preset", "qwen3-30b-a3b", "--world-size", "4", "--layers", "1", "--scale", "32"]) == 0
+    argv = ["demo", "--preset", "qwen3-30b-a3b", "--world-size", "4", "--layers", "1", "--scale", "32", "--no-progress"]
+    assert main(argv) == 0
     assert "verified" in capsys.readouterr().out
 
 
