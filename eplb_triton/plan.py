@@ -872,7 +872,8 @@ def network_rounds(plan: LayerPlan, kind: str = "pair") -> list[np.ndarray]:
       largest pair.
     * ``kind="expert"``: every round moves at most one expert per sender and receiver; as
       many rounds as the layer bottleneck (the minimum), so the rounds' total length equals
-      the bottleneck, which no schedule beats.
+      the bottleneck, which no schedule beats. A pair's experts go in wire order (its
+      ``k``-th round carries position ``k`` of the per-peer buffer).
 
     A proper edge colouring of the bipartite (multi)graph sender -> receiver gives the
     rounds: edges are coloured heaviest pair first (then by ranks and wire order), each with
@@ -901,6 +902,12 @@ def network_rounds(plan: LayerPlan, kind: str = "pair") -> list[np.ndarray]:
     colour = _edge_colouring(edge_src.tolist(), edge_dst.tolist(), order.tolist(), plan.ep_size)
     if kind == "pair":
         colour = np.repeat(colour, sizes)  # every delivery takes its pair's colour
+    else:
+        # The deliveries of one pair are interchangeable (same ends), so hand the pair's
+        # colours out in wire order: a pair's experts then travel in buffer order and its
+        # last round carries the end of the per-peer buffer (where a checksum trailer sits).
+        block = np.repeat(np.arange(starts.size), sizes)
+        colour = colour[np.lexsort((colour, block))]
     by_colour = np.argsort(colour, kind="stable")
     bounds = np.r_[0, np.cumsum(np.bincount(colour))]
     return [by_colour[a:b].astype(np.int64) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
