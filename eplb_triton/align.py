@@ -221,17 +221,18 @@ def _cap_load(cost, moved, load, perm, ranks_per_node: int | None, *, keep_copie
     big = int(cost.max()) * ep_size + 1
     hi = _pick(load, perm).max(axis=1)
     lo = np.maximum(load.min(axis=1).max(axis=1), load.min(axis=2).max(axis=1))
-    best = perm
+    best = perm.copy()
     allowed = _pick(moved, perm).sum(axis=1) if keep_copies else None
     while (lo < hi).any():
-        mid = (lo + hi) // 2
-        trial = _assign(cost + big * (load > mid[:, None, None]), ranks_per_node)
-        ok = (_pick(load, trial).max(axis=1) <= mid) & (lo < hi)
+        act = np.flatnonzero(lo < hi)  # only layers still bisecting
+        mid = (lo[act] + hi[act]) // 2
+        trial = _assign(cost[act] + big * (load[act] > mid[:, None, None]), ranks_per_node)
+        ok = _pick(load[act], trial).max(axis=1) <= mid
         if keep_copies:
-            ok &= _pick(moved, trial).sum(axis=1) <= allowed
-        best = np.where(ok[:, None], trial, best)
-        hi = np.where(ok, mid, hi)
-        lo = np.where(~ok & (lo < hi), mid + 1, lo)
+            ok &= _pick(moved[act], trial).sum(axis=1) <= allowed[act]
+        best[act[ok]] = trial[ok]
+        hi[act[ok]] = mid[ok]
+        lo[act[~ok]] = mid[~ok] + 1
     identity = np.broadcast_to(np.arange(ep_size), (num_layers, ep_size))
     worse = _pick(moved, best).sum(axis=1) > _pick(moved, identity).sum(axis=1)
     return np.where(worse[:, None], perm, best)

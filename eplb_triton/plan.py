@@ -21,7 +21,8 @@ alone cannot reach the best bottleneck, so nodes never cost bottleneck.
 
 Rounds. ``rounds=True`` also splits each layer's network transfers into exchange rounds in
 which every rank sends to at most one peer and receives from at most one peer
-(:attr:`LayerPlan.rounds`).
+(:attr:`LayerPlan.rounds`); the transfer runs them with
+``rearrange_expert_weights_inplace(..., rounds=True|"pair"|"expert")``.
 
 Wire order: the rows that rank ``s`` sends to rank ``d`` are ordered by destination slot, and
 ``d`` unpacks them in the same order, so one contiguous buffer per peer carries them all.
@@ -106,9 +107,11 @@ class LayerPlan:
     (a one-row slice of the per-peer buffer). See :func:`network_rounds`. Rounds are an
     exchange schedule *inside* one staging pass: pack every send
     first, exchange round after round, unpack after the last (``restrict(round)`` gives the
-    per-rank peers and rows of one round, :meth:`round_peers` the peers only). Running a
-    round as a separate read-then-write pass would ignore the ordering that
-    ``transfer.schedule_rounds`` enforces between a row's readers and its writer.
+    per-rank peers and rows of one round, :meth:`round_peers` the peers only,
+    :meth:`round_steps` the buffer slices). Running a round as a separate read-then-write
+    pass would ignore the ordering that :mod:`eplb_triton.schedule` enforces between a row's
+    readers and its writer. ``rearrange_expert_weights_inplace(..., rounds=...)`` runs them
+    this way inside each staging pass.
     """
 
     ep_size: int

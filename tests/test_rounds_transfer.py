@@ -213,3 +213,20 @@ def test_bad_rounds_option_raises():
     fill_rank_weights(weights, old, 0, 0)
     stats = rearrange_expert_weights_inplace(old, old[:, ::-1].copy(), weights, rounds="expert")
     assert stats.p2p_ops == 0 and row_mismatches(weights, old, old[:, ::-1].copy(), 0, 0) == []
+
+
+def _rank_mixed_rounds(rank, world, old, new):
+    weights = make_rank_weights(SPECS, old.shape[0], old.shape[1] // world)
+    fill_rank_weights(weights, old, rank, 0)
+    try:
+        rearrange_expert_weights_inplace(old, new, weights, rounds="expert" if rank == 0 else None)
+    except ValueError as exc:
+        return str(exc), row_mismatches(weights, old, old, rank, 0)
+    return None, None
+
+
+def test_ranks_must_agree_on_rounds(distributed):
+    old, new = random_maps(np.random.default_rng(3), 1, 2, 3, 4)
+    for rank, (error, changed) in enumerate(distributed(2, _rank_mixed_rounds, old, new)):
+        assert error is not None and "different inputs" in error, f"rank {rank}: {error}"
+        assert changed == []  # raised before any weight was touched
