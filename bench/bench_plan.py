@@ -45,7 +45,8 @@ def test_per_expert_loop_deepseek(benchmark):
     benchmark.pedantic(per_expert_loop_plan, args=(OLD, NEW, 32), rounds=2, iterations=1)
 
 
+@pytest.mark.parametrize("objective", [pytest.param("copies_then_bottleneck", id="default"), pytest.param("copies", id="copies")])
 @pytest.mark.parametrize("rpn", [pytest.param(None, id="flat"), pytest.param(8, id="rpn8")])
-def test_align_deepseek(benchmark, rpn):
-    aligned = benchmark(align_placement, OLD, NEW, 32, ranks_per_node=rpn)
+def test_align_deepseek(benchmark, rpn, objective):
+    aligned = benchmark(align_placement, OLD, NEW, 32, ranks_per_node=rpn, objective=objective)
     assert aligned.shape == NEW.shape

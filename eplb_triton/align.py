@@ -14,8 +14,17 @@ placements therefore reshuffle nearly every rank even when the groups barely cha
 Every rank of the result holds exactly the multiset of experts of some rank of ``new`` (so
 per-rank load is unchanged), and with nodes every node holds the ranks of one node of ``new``.
 
-Objective, lexicographic: network copies (``(rank, expert)`` pairs the rank needs but does not
-hold), then rows that change, then keeping rank ``q``'s content on rank ``q``.
+Objective (default ``"copies_then_bottleneck"``): the fewest network copies (``(rank, expert)``
+pairs the rank needs but does not hold); among the assignments with that many, the smallest
+largest estimated per-rank network load; then rows that change, then keeping rank ``q``'s
+content on rank ``q``.
+
+Why copies cannot drop further: every candidate keeps each rank's multiset of ``new``, and a
+rank's network copies depend only on its old and new multisets, so the per-layer assignment
+problem is the whole search space (swapping replicas of one expert between ranks leaves every
+multiset unchanged), and the Hungarian algorithm solves it exactly. Over a sequence the greedy
+step-by-step choice is optimal too: the next step's candidates are the same multisets whatever
+ranks they landed on. What remains is set by the balancer's choice of groups.
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ import torch
 from .maps import normalize_maps
 from .plan import compact_ids
 
-__all__ = ["align_placement", "linear_assignment"]
+__all__ = ["OBJECTIVES", "align_placement", "linear_assignment"]
+
+OBJECTIVES = ("copies_then_bottleneck", "copies", "bottleneck")
 
 _INF = np.iinfo(np.int64).max // 4
 
@@ -136,7 +147,7 @@ def align_placement(
     ep_size: int,
     *,
     ranks_per_node: int | None = None,
-    objective: str = "copies",
+    objective: str = "copies_then_bottleneck",
 ) -> np.ndarray | torch.Tensor:
     """Relabel ``new`` (load-neutrally) so that it moves as few experts as possible from ``old``.
 
@@ -149,11 +160,13 @@ def align_placement(
         ranks_per_node: if given (a divisor of ``ep_size``), ranks are only permuted within
             their node and nodes as wholes, so every node of the result holds the ranks of
             one node of ``new``.
-        objective: ``"copies"`` (default) minimises network copies. ``"bottleneck"`` first
-            minimises, per layer, the largest estimated network load of any rank (its
-            receives, or its sends: the demand for its experts that leaves it), then copies
-            under that cap; it keeps the result only where it needs no more copies than
-            ``new`` itself, so the guarantee below holds for both.
+        objective: ``"copies_then_bottleneck"`` (default): the fewest network copies, and
+            among the relabellings with that many, the smallest largest estimated network
+            load of any rank (its receives, or its sends: the demand for its experts that
+            leaves it); never more copies than ``"copies"``. ``"copies"``: fewest copies
+            only. ``"bottleneck"``: first the smallest estimated load, then copies under
+            that cap; kept only where it needs no more copies than ``new`` itself, so it may
+            trade copies for bottleneck.
 
     Returns:
         ``new_aligned``, same shape and type (torch tensor on the same device and dtype, or
@@ -173,12 +186,12 @@ def align_placement(
     o, n = compact_ids(maps.old, maps.new)  # relabelling never looks at id values
     num_layers = maps.num_layers
     num_local = maps.num_local
-    if objective not in ("copies", "bottleneck"):
-        raise ValueError(f"objective must be 'copies' or 'bottleneck', got {objective!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     cost, moved, load = _rank_costs(o, n, ep_size)
     perm = _assign(cost, ranks_per_node)
-    if objective == "bottleneck":
-        perm = _cap_load(cost, moved, load, perm, ranks_per_node)
+    if objective != "copies":
+        perm = _cap_load(cost, moved, load, perm, ranks_per_node, keep_copies=objective == "copies_then_bottleneck")
     aligned = _place_rows(o, n, perm, ep_size, num_local)
     if n is not maps.new:  # ids were renumbered densely (order kept): map them back
         ids = np.unique(np.concatenate([maps.old.reshape(-1), maps.new.reshape(-1)]))
@@ -195,22 +208,31 @@ def _pick(matrix: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return np.take_along_axis(matrix, perm[:, :, None], axis=2)[..., 0]
 
 
-def _cap_load(cost, moved, load, perm, ranks_per_node: int | None) -> np.ndarray:
+def _cap_load(cost, moved, load, perm, ranks_per_node: int | None, *, keep_copies: bool = False) -> np.ndarray:
     """Per layer, the smallest cap on ``load`` that an assignment can meet (bisection over
     Hungarian runs with a prohibitive penalty above the cap), then the cheapest such one.
-    Falls back to ``perm`` where the capped one needs more copies than no relabelling."""
+    Falls back to ``perm`` where the capped one needs more copies than no relabelling.
+
+    ``keep_copies``: ``perm`` is copies-optimal; a cap counts as met only by an assignment
+    with no more copies than ``perm`` (the penalised Hungarian returns the fewest copies
+    among the assignments under the cap, and those sets grow with the cap, so bisection
+    still finds the smallest such cap)."""
     num_layers, ep_size, _ = cost.shape
     big = int(cost.max()) * ep_size + 1
     hi = _pick(load, perm).max(axis=1)
     lo = np.maximum(load.min(axis=1).max(axis=1), load.min(axis=2).max(axis=1))
-    best = perm
+    best = perm.copy()
+    allowed = _pick(moved, perm).sum(axis=1) if keep_copies else None
     while (lo < hi).any():
-        mid = (lo + hi) // 2
-        trial = _assign(cost + big * (load > mid[:, None, None]), ranks_per_node)
-        ok = (_pick(load, trial).max(axis=1) <= mid) & (lo < hi)
-        best = np.where(ok[:, None], trial, best)
-        hi = np.where(ok, mid, hi)
-        lo = np.where(~ok & (lo < hi), mid + 1, lo)
+        act = np.flatnonzero(lo < hi)  # only layers still bisecting
+        mid = (lo[act] + hi[act]) // 2
+        trial = _assign(cost[act] + big * (load[act] > mid[:, None, None]), ranks_per_node)
+        ok = _pick(load[act], trial).max(axis=1) <= mid
+        if keep_copies:
+            ok &= _pick(moved[act], trial).sum(axis=1) <= allowed[act]
+        best[act[ok]] = trial[ok]
+        hi[act[ok]] = mid[ok]
+        lo[act[~ok]] = mid[~ok] + 1
     identity = np.broadcast_to(np.arange(ep_size), (num_layers, ep_size))
     worse = _pick(moved, best).sum(axis=1) > _pick(moved, identity).sum(axis=1)
     return np.where(worse[:, None], perm, best)

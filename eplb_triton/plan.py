@@ -21,7 +21,8 @@ alone cannot reach the best bottleneck, so nodes never cost bottleneck.
 
 Rounds. ``rounds=True`` also splits each layer's network transfers into exchange rounds in
 which every rank sends to at most one peer and receives from at most one peer
-(:attr:`LayerPlan.rounds`).
+(:attr:`LayerPlan.rounds`); the transfer runs them with
+``rearrange_expert_weights_inplace(..., rounds=True|"pair"|"expert")``.
 
 Wire order: the rows that rank ``s`` sends to rank ``d`` are ordered by destination slot, and
 ``d`` unpacks them in the same order, so one contiguous buffer per peer carries them all.
@@ -106,9 +107,11 @@ class LayerPlan:
     (a one-row slice of the per-peer buffer). See :func:`network_rounds`. Rounds are an
     exchange schedule *inside* one staging pass: pack every send
     first, exchange round after round, unpack after the last (``restrict(round)`` gives the
-    per-rank peers and rows of one round, :meth:`round_peers` the peers only). Running a
-    round as a separate read-then-write pass would ignore the ordering that
-    ``transfer.schedule_rounds`` enforces between a row's readers and its writer.
+    per-rank peers and rows of one round, :meth:`round_peers` the peers only,
+    :meth:`round_steps` the buffer slices). Running a round as a separate read-then-write
+    pass would ignore the ordering that :mod:`eplb_triton.schedule` enforces between a row's
+    readers and its writer. ``rearrange_expert_weights_inplace(..., rounds=...)`` runs them
+    this way inside each staging pass.
     """
 
     ep_size: int
@@ -872,7 +875,8 @@ def network_rounds(plan: LayerPlan, kind: str = "pair") -> list[np.ndarray]:
       largest pair.
     * ``kind="expert"``: every round moves at most one expert per sender and receiver; as
       many rounds as the layer bottleneck (the minimum), so the rounds' total length equals
-      the bottleneck, which no schedule beats.
+      the bottleneck, which no schedule beats. A pair's experts go in wire order (its
+      ``k``-th round carries position ``k`` of the per-peer buffer).
 
     A proper edge colouring of the bipartite (multi)graph sender -> receiver gives the
     rounds: edges are coloured heaviest pair first (then by ranks and wire order), each with
@@ -901,6 +905,12 @@ def network_rounds(plan: LayerPlan, kind: str = "pair") -> list[np.ndarray]:
     colour = _edge_colouring(edge_src.tolist(), edge_dst.tolist(), order.tolist(), plan.ep_size)
     if kind == "pair":
         colour = np.repeat(colour, sizes)  # every delivery takes its pair's colour
+    else:
+        # The deliveries of one pair are interchangeable (same ends), so hand the pair's
+        # colours out in wire order: a pair's experts then travel in buffer order and its
+        # last round carries the end of the per-peer buffer (where a checksum trailer sits).
+        block = np.repeat(np.arange(starts.size), sizes)
+        colour = colour[np.lexsort((colour, block))]
     by_colour = np.argsort(colour, kind="stable")
     bounds = np.r_[0, np.cumsum(np.bincount(colour))]
     return [by_colour[a:b].astype(np.int64) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]

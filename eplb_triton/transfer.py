@@ -26,10 +26,20 @@ The building blocks (:func:`prepare_layers`, :class:`LayerWork`, :class:`RoundWo
 :func:`finish_transfer`) are what the background worker drives;
 :func:`rearrange_expert_weights_inplace` is the blocking API.
 
+Network rounds (``rounds=True|"pair"|"expert"``, see :func:`eplb_triton.plan.network_rounds`):
+each round's exchange is split into planner rounds in which a rank sends to at most one peer
+and receives from at most one (one isend + one irecv at most), waited on one after the other.
+Everything is still packed once per round before the first exchange and written after the
+last, so atomicity and ``verify`` are unchanged; a planner round moves a slice of a per-peer
+message (``"pair"``: the whole message; ``"expert"``: one expert, the last one with the
+checksum trailer).
+
 Testing hook: :data:`fault_hook`, when set, is called as ``fault_hook(point, **info)`` at the
-named points ``layer_start``, ``before_send``, ``in_flight`` (``info["received"]``: the
-received messages, by peer, before they are checked), ``round_applied`` and
-``before_confirm``. It may raise, sleep, exit or corrupt ``received`` to simulate failures.
+named points ``layer_start``, ``before_send``, ``posted`` (after each batch of p2p ops is
+issued; ``info["ops"]``: its ``(peer, "send"|"recv")`` labels, ``info["step"]``: the planner
+round, 0 without rounds), ``in_flight`` (``info["received"]``: the received messages, by
+peer, before they are checked), ``round_applied`` and ``before_confirm``. It may raise,
+sleep, exit or corrupt ``received`` to simulate failures.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
 from .layout import ExpertLayout, check_layer_tensors
 from .maps import ExpertMaps, normalize_maps
-from .plan import LayerPlan, RankPlan, normalize_elastic_maps, plan_from_maps
+from .plan import ROUND_KINDS, LayerPlan, RankPlan, normalize_elastic_maps, plan_from_maps, with_rounds
 from .schedule import schedule_layer
 
 __all__ = [
@@ -86,6 +96,9 @@ class TransferStats:
     ``verified_experts``: received experts whose checksum was checked. ``rollbacks``: layers
     rolled back after a failure. ``failed_layers``: layers left old on this rank.
     ``control_ops``: ops of the final confirmation (not counted in ``p2p_ops``).
+    ``exchanges``: batches of p2p ops issued (one per round with network traffic, or one per
+    planner round with ``rounds=``); ``max_ops_per_exchange``: the largest batch (at most
+    ``2 * (ep_size - 1)``; at most 2 with ``rounds=``).
     """
 
     rank: int
@@ -102,6 +115,8 @@ class TransferStats:
     rollbacks: int = 0
     failed_layers: list[int] = field(default_factory=list)
     control_ops: int = 0
+    exchanges: int = 0
+    max_ops_per_exchange: int = 0
 
     @classmethod
     def empty(cls, rank: int, ep_size: int) -> "TransferStats":
@@ -154,6 +169,11 @@ class RoundWork:
     entry ``stashed_send_entries``; local moves from the stash write ``stash_local_dst_rows``
     from entries ``stash_local_entries``. ``local_src_rows``/``local_dst_rows`` are the other
     local moves.
+
+    ``steps`` (``rounds=``; ``None`` = one exchange with every peer): per planner round,
+    ``(send_peer, send_start, send_stop, recv_peer, recv_start, recv_stop)``: the positions
+    ``[start, stop)`` of the per-peer messages' experts exchanged in it (peer -1 = none);
+    see :meth:`exchanges`.
     """
 
     view: RankPlan
@@ -171,10 +191,17 @@ class RoundWork:
     stash_local_entries: np.ndarray
     stash_local_dst_rows: np.ndarray
     verify: bool = False
+    steps: list[tuple[int, int, int, int, int, int]] | None = None
 
     @classmethod
     def from_view(
-        cls, view: RankPlan, expert_bytes: int, stash_rows: np.ndarray | None = None, *, verify: bool = False
+        cls,
+        view: RankPlan,
+        expert_bytes: int,
+        stash_rows: np.ndarray | None = None,
+        *,
+        verify: bool = False,
+        steps: list[tuple[int, int, int, int, int, int]] | None = None,
     ) -> "RoundWork":
         send_peers = sorted(view.send_rows)
         recv_peers = sorted(view.recv_rows)
@@ -199,6 +226,7 @@ class RoundWork:
             stash_local_entries=np.searchsorted(stash_rows, view.local_src_rows[local_stashed]),
             stash_local_dst_rows=view.local_dst_rows[local_stashed],
             verify=verify,
+            steps=steps,
         )
 
     def _message_bytes(self, count: int) -> int:
@@ -248,6 +276,27 @@ class RoundWork:
 
     def recv_messages(self, staging: torch.Tensor) -> dict[int, torch.Tensor]:
         return self._per_peer(self._slices(staging)[1], self.recv_peers, self.recv_counts)
+
+    def _part(self, message: torch.Tensor, start: int, stop: int, count: int) -> torch.Tensor:
+        """Experts ``[start, stop)`` of a ``count``-expert message; the last part also carries
+        the checksum trailer (it follows the data)."""
+        end = stop * self.expert_bytes if stop < count else message.numel()
+        return message[start * self.expert_bytes : end]
+
+    def exchanges(self, staging: torch.Tensor) -> list[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
+        """``(sends, recvs)`` by peer of each exchange of this round, in order: every peer's
+        whole message at once, or (``steps``) one slice to and from at most one peer each."""
+        sends, recvs = self.send_messages(staging), self.recv_messages(staging)
+        if self.steps is None:
+            return [(sends, recvs)]
+        counts = dict(zip(self.send_peers, self.send_counts))
+        recv_counts = dict(zip(self.recv_peers, self.recv_counts))
+        out = []
+        for send_peer, a, b, recv_peer, c, d in self.steps:
+            part_sends = {send_peer: self._part(sends[send_peer], a, b, counts[send_peer])} if send_peer >= 0 else {}
+            part_recvs = {recv_peer: self._part(recvs[recv_peer], c, d, recv_counts[recv_peer])} if recv_peer >= 0 else {}
+            out.append((part_sends, part_recvs))
+        return out
 
     @property
     def op_labels(self) -> list[tuple[int, str]]:
@@ -361,12 +410,17 @@ class RoundWork:
         if view.dup_dst_rows.size:
             layout.copy_rows(view.dup_src_rows, view.dup_dst_rows, backend=backend)
 
-    def count_into(self, stats: TransferStats, ops: int) -> None:
+    def count_into(self, stats: TransferStats, ops: int, *, batches: Sequence[int] | None = None) -> None:
+        """Add this round to ``stats``; ``batches``: ops of each exchange issued (default: one
+        exchange of ``ops`` ops, if any)."""
         for peer, count in zip(self.send_peers, self.send_counts):
             stats.bytes_sent[peer] += self._message_bytes(count)
         for peer, count in zip(self.recv_peers, self.recv_counts):
             stats.bytes_received[peer] += self._message_bytes(count)
         stats.p2p_ops += ops
+        batches = [b for b in (batches if batches is not None else [ops]) if b]
+        stats.exchanges += len(batches)
+        stats.max_ops_per_exchange = max([stats.max_ops_per_exchange, *batches])
         stats.rounds += 1
         stats.local_copies += int(self.view.local_dst_rows.size + self.view.dup_dst_rows.size)
 
@@ -461,13 +515,22 @@ class LayerWork:
                 work.pack_sends(layout, staging, backend, stash)
                 work.stage_local(layout, staging, backend)
                 _fault("before_send", rank=comm.rank, layer=self.index, round=i)
-                requests = work.post(staging, comm)
-                try:
-                    comm.wait(requests, timeout_s=timeout_s, labels=work.op_labels, where=where)
-                except PeerError as exc:
-                    exc.layer = self.index
-                    raise
-                work.count_into(stats, len(requests))
+                batches = []
+                exchanges = work.exchanges(staging)
+                for step, (sends, recvs) in enumerate(exchanges):
+                    # planner rounds (``rounds=``) run one after the other; nothing is
+                    # written until the last one completed
+                    at = where if work.steps is None else f"{where}, network round {step + 1}/{len(exchanges)}"
+                    requests = comm.exchange(sends, recvs)
+                    labels = Communicator.op_labels(sends, recvs)
+                    _fault("posted", rank=comm.rank, layer=self.index, round=i, step=step, ops=labels)
+                    try:
+                        comm.wait(requests, timeout_s=timeout_s, labels=labels, where=at)
+                    except PeerError as exc:
+                        exc.layer = self.index
+                        raise
+                    batches.append(len(requests))
+                work.count_into(stats, sum(batches), batches=batches)
                 _fault("in_flight", rank=comm.rank, layer=self.index, round=i, received=work.recv_messages(staging))
                 if mismatch is None:
                     bad = work.verify_received(staging)
@@ -506,14 +569,48 @@ class LayerWork:
         return ChecksumMismatchError(message, layer=self.index, peer=peer, expert=expert)
 
 
-def _fingerprint(maps: ExpertMaps, layouts: Sequence[ExpertLayout], budget: int | None, verify: bool = False) -> int:
+def _fingerprint(
+    maps: ExpertMaps, layouts: Sequence[ExpertLayout], budget: int | None, verify: bool = False, rounds: str | None = None
+) -> int:
     crc = zlib.crc32(maps.old.tobytes())
     crc = zlib.crc32(maps.new.tobytes(), crc)
     sizes = np.array(
         [maps.ep_size, budget or 0, int(verify)] + [b for lay in layouts for b in lay.row_bytes], dtype=np.int64
     )
     crc = zlib.crc32(sizes.tobytes(), crc)
+    if rounds is not None:  # ranks must agree on it: it changes which ops meet
+        crc = zlib.crc32(rounds.encode(), crc)
     return crc
+
+
+def _round_kind(rounds) -> str | None:
+    """``rounds=`` as a planner round kind, or ``None`` for one exchange with every peer."""
+    if rounds is None or rounds is False:
+        return None
+    if rounds is True:
+        return "pair"
+    if not isinstance(rounds, str):
+        raise TypeError(f"rounds must be None, a bool or one of {ROUND_KINDS}, got {type(rounds).__name__}")
+    if rounds not in ROUND_KINDS:
+        raise ValueError(f"rounds must be None, a bool or one of {ROUND_KINDS}, got {rounds!r}")
+    return rounds
+
+
+def _exchange_steps(plan: LayerPlan, rank: int) -> list[tuple[int, int, int, int, int, int]]:
+    """:attr:`RoundWork.steps` of ``rank`` from a plan with rounds (rounds it is idle in are
+    dropped: nobody waits for it there)."""
+    steps = []
+    for send_peer, send_pos, recv_peer, recv_pos in plan.round_steps(rank):
+        if send_peer < 0 and recv_peer < 0:
+            continue
+        span = []
+        for pos in (send_pos, recv_pos):
+            start, stop = (int(pos[0]), int(pos[-1]) + 1) if pos.size else (0, 0)
+            if not np.array_equal(pos, np.arange(start, stop)):  # one contiguous slice per peer
+                raise RuntimeError(f"rank {rank}: a network round moves non-contiguous positions {pos.tolist()}")
+            span.append((start, stop))
+        steps.append((send_peer, *span[0], recv_peer, *span[1]))
+    return steps
 
 
 def _row_cost(layout: ExpertLayout, verify: bool) -> int:
@@ -541,17 +638,21 @@ def prepare_layers(
     *,
     verify: bool = False,
     timeout_s: float | None = None,
+    rounds: bool | str | None = None,
 ) -> list[LayerWork]:
     """Validate everything, agree with every rank, plan and schedule; touches no weight.
 
-    ``verify`` must be the same on every rank (it changes the wire format; the agreement
-    checks it). ``timeout_s`` bounds the agreement collective.
+    ``verify`` and ``rounds`` must be the same on every rank (they change the wire format
+    and which ops meet; the agreement checks them). ``timeout_s`` bounds the agreement
+    collective. ``rounds`` (``True``/``"pair"``/``"expert"``) splits each round's exchange
+    into planner rounds (:attr:`RoundWork.steps`).
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
-    error, maps, layouts, fingerprint = None, None, [], 0
+    error, maps, layouts, fingerprint, kind = None, None, [], 0, None
     try:
         _check_timeout(timeout_s)
+        kind = _round_kind(rounds)
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
         # planner (issue 5): elastic EP maps are expanded to the transfer group's ranks
@@ -568,7 +669,7 @@ def prepare_layers(
             if max_buffer_bytes < largest:
                 what = "one packed expert and its checksum" if verify else "one packed expert"
                 raise ValueError(f"max_buffer_bytes={max_buffer_bytes} is smaller than {what} ({largest} bytes)")
-        fingerprint = _fingerprint(maps, layouts, max_buffer_bytes, verify)
+        fingerprint = _fingerprint(maps, layouts, max_buffer_bytes, verify, kind)
     except (TypeError, ValueError) as exc:
         error = exc
     comm.agree(error, fingerprint, timeout_s=timeout_s)
@@ -583,10 +684,15 @@ def prepare_layers(
         except ValueError as exc:
             raise ValueError(f"layer {index}: {exc}") from None
         stash_rows = schedule.stash_rows(comm.rank, layer_plan.num_local)
-        works = [
-            RoundWork.from_view(layer_plan.restrict(r).rank(comm.rank), layout.expert_bytes, stash_rows, verify=verify)
-            for r in schedule.rounds
-        ]
+        works = []
+        for r in schedule.rounds:
+            sub = layer_plan.restrict(r)
+            steps = None
+            if kind is not None:
+                sub = with_rounds(sub, kind)
+                steps = _exchange_steps(sub, comm.rank)
+            view = sub.rank(comm.rank)
+            works.append(RoundWork.from_view(view, layout.expert_bytes, stash_rows, verify=verify, steps=steps))
         layers.append(
             LayerWork(
                 index=index,
@@ -690,6 +796,7 @@ def rearrange_expert_weights_inplace(
     atomic: bool = True,
     log_traffic: bool = False,
     rank_mapping=None,
+    rounds: bool | str | None = None,
 ) -> TransferStats:
     """Rearrange this rank's expert weights in place so every row holds its new expert.
 
@@ -725,6 +832,13 @@ def rearrange_expert_weights_inplace(
             have different EP sizes. Scale-down runs on the old (larger) group and removed
             ranks only send; scale-up runs on the new group and new ranks only receive.
             See :func:`eplb_triton.plan.normalize_elastic_maps`.
+        rounds: ``None`` (default): each round exchanges with every peer at once (one
+            isend + one irecv per peer). ``True`` or ``"pair"`` / ``"expert"``: the exchange
+            is split into the planner's network rounds (:func:`eplb_triton.plan.network_rounds`),
+            in which every rank sends to at most one peer and receives from at most one, run
+            one after the other (``"pair"``: whole per-peer messages, fewest rounds;
+            ``"expert"``: one expert per rank and round). Bytes moved and results are the
+            same; all reads of a round still precede its writes. Same value on every rank.
 
     Returns:
         This rank's :class:`TransferStats`.
@@ -745,6 +859,7 @@ def rearrange_expert_weights_inplace(
         rank_mapping=rank_mapping,
         verify=verify,
         timeout_s=timeout_s,
+        rounds=rounds,
     )
     stats = TransferStats.empty(comm.rank, comm.world_size)
     if not layers:

@@ -388,6 +388,8 @@ def check_rounds(layer, kind="pair"):
                 got[recv_peer].extend(recv_pos.tolist())
         for p, rows_p in view.send_rows.items():
             assert sorted(sent[p]) == list(range(len(rows_p)))
+            if kind == "expert":  # a pair's experts travel in buffer order
+                assert sent[p] == list(range(len(rows_p)))
         for p, rows_p in view.recv_rows.items():
             assert sorted(got[p]) == list(range(len(rows_p)))
 
