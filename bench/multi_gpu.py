@@ -30,6 +30,14 @@ Prints a ``Machine:`` line and tables; writes JSON (``--json``; default ``$OUT/m
 when ``OUT`` is set). Exit status 1 if any correctness check failed or a phase did not finish.
 If a phase hangs or crashes, the phases finished before it are still written (``error`` says
 what happened).
+
+Notes: every TransferWorker here but one gets the run's shared process groups
+(``transfer_group``, and a gloo ``ep_group`` for its agreements on NCCL); one correctness case
+(``worker-own-groups``) lets the worker make its own. Making a second worker with its own
+groups after closing the first hung in its constructor at world 4 on gloo (CPU, 2026-11-24),
+which is a library issue, not something this script works around silently. On gloo the
+"link peak" is loopback TCP between two processes and the timings of 4 ranks on 2 cores say
+nothing about GPUs: only the NCCL run's numbers count for the targets.
 """
 
 from __future__ import annotations
@@ -160,7 +168,9 @@ def _machine(cfg: dict, world: int) -> str:
 
     if cfg["backend"] == "nccl":
         names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
-        what = f"{world} x {' / '.join(names)} (one process per GPU, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))})"
+        version = torch.cuda.nccl.version()  # a tuple in recent torch, an int in old ones
+        version = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+        what = f"{world} x {' / '.join(names)} (one process per GPU, NCCL {version})"
     else:
         what = f"CPU {platform.machine()} x{os.cpu_count()} ({world} gloo ranks)"
     return f"Machine: {what}, torch {torch.__version__}, triton {triton.__version__}"
@@ -514,9 +524,12 @@ def print_report(result: dict) -> None:
                 print(f"  FAILED {r['case']}: {r['bad_rows']} bad rows, first [rank, layer, tensor, row]: {r['first_bad']}")
     if "link" in result:
         link = result["link"]
-        print(f"\nlink peak rank 0 -> 1, {link['nbytes'] / 2**20:.0f} MiB message: "
-              f"{_fmt(link['unidirectional_GBps'], '.2f')} GB/s one way, "
-              f"{_fmt(link['bidirectional_GBps_per_direction'], '.2f')} GB/s per direction both ways")
+        if link["unidirectional_GBps"] is None:
+            print(f"\nlink peak: not measured ({link.get('note')})")
+        else:
+            print(f"\nlink peak rank 0 -> 1, {link['nbytes'] / 2**20:.0f} MiB message: "
+                  f"{link['unidirectional_GBps']:.2f} GB/s one way, "
+                  f"{link['bidirectional_GBps_per_direction']:.2f} GB/s per direction both ways")
     if "e2e" in result:
         print(f"\n{'config':<20} {'method':<13} {'ms/layer':>9} {'MB/layer':>9} {'GB/s':>8} {'% peak':>7} "
               f"{'ops/layer':>9} {'x per-exp':>9} {'bad':>4}  targets")
