@@ -575,7 +575,7 @@ def build_config(args: argparse.Namespace, world: int) -> dict:
         "link_bytes": (args.link_mib << 20) if args.link_mib else ((1 << 30) if gpu else ((4 << 20) if quick else (32 << 20))),
         "link_iters": 10 if gpu else (3 if quick else 5),
         "bg_config": "qwen3-30b-a3b-bf16",
-        "bg_layers": 8 if gpu else (2 if quick else 4),
+        "bg_layers": 24 if gpu else (2 if quick else 4),  # GPU: ~3.6 GB per rank, enough loop iterations to time
         "bg_matmul": 4096 if gpu else (96 if quick else 192),
         "bg_allreduce_elems": (8 << 20) if gpu else (1 << 14),
         "bg_base_iters": 20 if gpu else (5 if quick else 10),
