@@ -286,6 +286,8 @@ def _rank_worker_failure(rank, world, old, new, failing_rank, failing_layer):
     worker.close()
     return dict(
         type=type(error).__name__,
+        is_runtime_error=isinstance(error, RuntimeError),
+        where=(getattr(error, "layer", None), getattr(error, "peer", None)),
         message=str(error),
         worker_frame="transfer_or_fail" in tb,
         applied=applied,
@@ -305,7 +307,9 @@ def test_worker_failure_surfaces_on_every_rank(distributed, world):
         if rank == 1:  # the original exception, raised from the worker thread's frames
             assert res["type"] == "InjectedFailure" and res["worker_frame"], res
         else:
-            assert res["type"] == "RuntimeError" and "rank 1" in res["message"] and "disk on fire" in res["message"]
+            assert res["type"] == "TransferError" and res["is_runtime_error"], res
+            assert "rank 1" in res["message"] and "disk on fire" in res["message"]
+            assert res["where"] == (2, 1), res  # the failing layer, and the failing rank as the peer
         assert res["applied"] == applied0 and all(l < 2 for l in applied0), res["applied"]
         assert res["bad"] == [], f"rank {rank}: rows changed outside swapped layers {res['bad'][:8]}"
         assert res["closed"] and not res["thread_alive"]
