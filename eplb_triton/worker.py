@@ -607,7 +607,11 @@ class TransferWorker:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join(self.timeout_s)
+        begin = time.monotonic()
+        missing = None
+        if not (isinstance(self._error, PeerError) and self._error.peer is not None):
+            missing = self._probe_peers()
+        self._thread.join(max(0.0, self.timeout_s - (time.monotonic() - begin)))
         error = self._error
         self._shutdown(timeout_s=0.0)
         next_layer = None
@@ -617,15 +621,39 @@ class TransferWorker:
             f"step agreement: rank {self._control.rank} {what} within {self.timeout_s:g} s (timeout_s): a peer exited, "
             "stalled or stopped calling step()"
         )
-        if cause is not None:
-            text += f" [{cause}]"
+        if cause is not None:  # all_reduce_max words every failure as the input agreement's
+            text += f" [{str(cause).replace('input agreement: ', '')}]"
         log.error("%s", text)
-        if isinstance(error, TransferError):  # this rank's worker knows where: layer and peer
+        if isinstance(error, TransferError) and error.peer is not None:  # this rank's worker knows where
             error.add_note(f"surfaced when the {text}")
             raise error
+        if missing is not None:
+            text = f"{text}; peer {missing.peer} did not answer a probe ({missing})"
         suffix = f"; layers from {next_layer} on keep their old weights" if next_layer is not None else ""
-        cls = PeerFailedError if isinstance(cause, PeerFailedError) else PeerTimeoutError
-        raise cls(text + suffix, layer=next_layer) from (error or cause)
+        if missing is not None:
+            cls = type(missing)
+        else:
+            cls = PeerFailedError if isinstance(cause, PeerFailedError) else PeerTimeoutError
+        raise cls(text + suffix, layer=next_layer, peer=None if missing is None else missing.peer) from (error or cause)
+
+    def _probe_peers(self) -> PeerError | None:
+        """After a failed step agreement: find a peer that is gone or stalled, to name it.
+
+        One tiny isend + irecv per peer on the control group (:meth:`Communicator.confirm`),
+        each waited on in peer order for ``timeout_s`` plus the grace: every rank that saw
+        the agreement fail probes too, within that time of each other (a rank whose
+        agreement failed at once waits for one that timed out), so the first peer that does
+        not answer is one that exited or stopped calling ``step()``.
+        """
+        try:
+            self._control.confirm(
+                True, timeout_s=self.timeout_s + _agreement_grace_s(self.timeout_s), where="step agreement probe"
+            )
+        except PeerError as exc:
+            return exc if exc.peer is not None else None
+        except Exception:  # noqa: BLE001 - a backend error while posting: no peer to name
+            log.debug("rank %d: probing the peers failed", self._control.rank, exc_info=True)
+        return None
 
     def _share_failures(self, error: BaseException | None) -> list[tuple[int, int | None, int | None, int | None, str] | None]:
         """Every rank's failure, as ``(kind, layer, peer, expert, message)`` or ``None``.

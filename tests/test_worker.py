@@ -6,15 +6,18 @@ zeros) and, where it applies, against the blocking rearrangement of the same map
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
 from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
+from eplb_triton.launch import run_ranks
 from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 
 SPECS = [
@@ -89,12 +92,12 @@ def worker_threads() -> list[threading.Thread]:
 
 
 # -- async result == expected == blocking result ---------------------------------------------
-def _rank_async_vs_sync(rank, world, old, new, budget):
+def _rank_async_vs_sync(rank, world, old, new, budget, verify):
     seed = 3
     sync_w = rank_weights(rank, world, old, seed)
-    sync_stats = rearrange_expert_weights_inplace(old, new, sync_w, max_buffer_bytes=budget)
+    sync_stats = rearrange_expert_weights_inplace(old, new, sync_w, max_buffer_bytes=budget, verify=verify)
     weights = rank_weights(rank, world, old, seed)
-    with TransferWorker(weights, max_buffer_bytes=budget) as worker:
+    with TransferWorker(weights, max_buffer_bytes=budget, verify=verify, timeout_s=30.0 if verify else None) as worker:
         worker.submit(old, new)
         stats = worker.wait()
         busy_after = worker.busy
@@ -117,29 +120,34 @@ def _rank_async_vs_sync(rank, world, old, new, budget):
         received=stats.bytes_received.tolist(),
         sync_received=sync_stats.bytes_received.tolist(),
         layers_timed=len(stats.layer_times_s),
+        verified=stats.verified_experts,
+        sync_verified=sync_stats.verified_experts,
         threads=len(worker_threads()),
     )
 
 
 @pytest.mark.parametrize(
-    "world,layers,num_local,logical,budget",
+    "world,layers,num_local,logical,budget,verify",
     [
-        pytest.param(2, 3, 4, 6, None, id="W2-L3-N4-E6"),
-        pytest.param(2, 2, 6, 8, 3 * PACKED, id="W2-L2-N6-E8-budget3"),
-        pytest.param(4, 4, 3, 9, None, id="W4-L4-N3-E9"),
-        pytest.param(4, 2, 4, 10, 4 * PACKED, id="W4-L2-N4-E10-budget4"),
+        pytest.param(2, 3, 4, 6, None, False, id="W2-L3-N4-E6"),
+        pytest.param(2, 2, 6, 8, 3 * PACKED, False, id="W2-L2-N6-E8-budget3"),
+        pytest.param(4, 4, 3, 9, None, False, id="W4-L4-N3-E9"),
+        pytest.param(4, 2, 4, 10, 4 * PACKED, False, id="W4-L2-N4-E10-budget4"),
+        pytest.param(2, 3, 4, 6, None, True, id="W2-L3-N4-E6-verify"),
+        pytest.param(4, 2, 4, 10, 4 * (PACKED + 16), True, id="W4-L2-N4-E10-budget4-verify"),
     ],
 )
-def test_async_equals_sync_and_expected(distributed, world, layers, num_local, logical, budget):
+def test_async_equals_sync_and_expected(distributed, world, layers, num_local, logical, budget, verify):
     rng = np.random.default_rng(world * 1000 + layers * 100 + num_local)
     old, new = random_maps(rng, layers, world, num_local, logical)
-    results = distributed(world, _rank_async_vs_sync, old, new, budget)
+    results = distributed(world, _rank_async_vs_sync, old, new, budget, verify)
     for rank, res in enumerate(results):
         assert res["first"] == [], f"rank {rank}: wrong rows (layer, tensor, row) {res['first'][:8]}"
         assert res["second"] == [], f"rank {rank}: wrong rows after a second submit {res['second'][:8]}"
         assert res["equal_to_sync"], f"rank {rank}: async bytes differ from the blocking rearrangement"
         assert res["sent"] == res["sync_sent"] and res["received"] == res["sync_received"]
         assert not res["busy_after"] and res["layers_timed"] == layers
+        assert res["verified"] == res["sync_verified"] and (res["verified"] > 0) == (verify and sum(res["received"]) > 0)
         assert res["threads"] == 0, f"rank {rank}: a worker thread outlived close()"
     assert sum(sum(r["sent"]) for r in results) > 0  # the maps did move experts over the network
 
@@ -444,6 +452,246 @@ def test_bad_weights_raise_at_submit_single_rank():
         with pytest.raises(ValueError, match="layers"):
             worker.submit(old, new)
         assert not worker.busy
+
+
+# -- reliability: timeouts, peers that exit or stall, verify ---------------------------------------
+TIMEOUT_S = 2.0
+
+
+def all_to_all_maps(world: int, layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank sends to and receives from every other rank in every layer (plus a local move).
+
+    Layer ``l``: row ``i`` of rank ``r`` gets the expert of row ``r`` of rank ``(i + l) % world``.
+    """
+    old = np.tile(np.arange(world * world), (layers, 1))
+    new = np.empty_like(old)
+    for l in range(layers):
+        for r in range(world):
+            for i in range(world):
+                new[l, r * world + i] = old[l, ((i + l) % world) * world + r]
+    return old, new
+
+
+def _rank_fault(rank, world, old, new, hook, kwargs, stall_main=None):
+    """Submit, then step() in a serving loop until an error surfaces (or the work is done).
+
+    ``hook`` becomes ``eplb_triton.worker.fault_hook`` (it reads ``info["rank"]``);
+    ``stall_main=(rank, seconds)`` makes that rank's serving thread stop calling step() for
+    a while after its first step.
+    """
+    from eplb_triton import worker as worker_module
+
+    weights = rank_weights(rank, world, old)
+    worker_module.fault_hook = hook
+    worker = TransferWorker(weights, **kwargs)
+    worker.submit(old, new)
+    applied, error, steps = [], None, 0
+    begin = time.monotonic()
+    deadline = begin + 30
+    try:
+        while worker.busy and time.monotonic() < deadline:
+            applied += worker.step()
+            steps += 1
+            if stall_main is not None and stall_main[0] == rank and steps == 1:
+                time.sleep(stall_main[1])
+            time.sleep(0.002)
+    except Exception as exc:  # noqa: BLE001 - inspected by the test
+        error = exc
+    elapsed = time.monotonic() - begin
+    if error is not None:
+        time.sleep(1.0)  # peers see the original failure before this process (and its connections) goes
+    close_begin = time.monotonic()
+    worker.close(timeout_s=3.0)
+    close_s = time.monotonic() - close_begin
+    worker_module.fault_hook = None
+    summary = None
+    if error is not None:
+        summary = dict(
+            type=type(error).__name__,
+            text=str(error),
+            layer=getattr(error, "layer", None),
+            peer=getattr(error, "peer", None),
+            expert=getattr(error, "expert", None),
+        )
+    return dict(
+        error=summary,
+        applied=applied,
+        bad=row_mismatches(weights, old, expected_after(old, new, applied), rank),
+        elapsed=elapsed,
+        close_s=close_s,
+        closed=worker.closed,
+    )
+
+
+def run_faults(world, old, new, hook, stall_main=None, **kwargs):
+    return run_ranks(
+        world, _rank_fault, old, new, hook, kwargs, stall_main,
+        backend="gloo", timeout_s=60.0, group_timeout_s=20.0, allow_missing=True,
+    )
+
+
+def _exit_at(point, at_layer, victim, where, **info):
+    if info["rank"] == victim and where == point and info.get("layer") == at_layer:
+        os._exit(7)  # the whole process, from the worker thread
+
+
+def _stall_at(point, at_layer, victim, seconds, where, **info):
+    if info["rank"] == victim and where == point and info.get("layer") == at_layer:
+        time.sleep(seconds)  # alive, but sends nothing
+        raise RuntimeError("stalled rank gives up")
+
+
+def _corrupt(at_layer, at_round, where, **info):
+    if info["rank"] == 1 and where == "in_flight" and info["layer"] == at_layer and info["round"] == at_round:
+        peer, data = sorted(info["received"].items())[-1]
+        data[7] ^= 0x40  # one bit of the first expert received from the last peer
+
+
+def assert_consistent(results, ranks):
+    """Every listed rank swapped the same layers, and each layer is entirely old or entirely new."""
+    applied = results[ranks[0]]["applied"]
+    for rank in ranks:
+        res = results[rank]
+        assert res["applied"] == applied, (rank, res["applied"], applied)
+        assert res["bad"] == [], f"rank {rank}: rows differ from old/new per swapped layer {res['bad'][:8]}"
+        assert res["closed"] and res["close_s"] < 3.5, res
+    return applied
+
+
+def test_peer_exits_mid_layer_every_survivor_names_layer_and_peer():
+    world = 4
+    old, new = all_to_all_maps(world, 4)
+    results = run_faults(world, old, new, partial(_exit_at, "before_send", 1, 3), timeout_s=TIMEOUT_S)
+    assert results[3] is None  # it exited
+    applied = assert_consistent(results, [0, 1, 2])
+    assert all(l < 1 for l in applied), applied
+    for rank in range(3):
+        error = results[rank]["error"]
+        assert error is not None and error["type"] in ("PeerFailedError", "PeerTimeoutError"), (rank, error)
+        assert (error["layer"], error["peer"]) == (1, 3), (rank, error)
+        assert "layer 1" in error["text"] and "peer 3" in error["text"], error
+        assert results[rank]["elapsed"] < TIMEOUT_S + 4.0, results[rank]["elapsed"]  # not the group's 20 s
+
+
+def test_peer_exits_between_layers_every_survivor_raises():
+    # rank 3 dies once layer 1 is staged everywhere; the survivors' workers may be waiting for a
+    # free slot rather than exchanging, so the step agreement is what notices it
+    world = 4
+    old, new = all_to_all_maps(world, 4)
+    results = run_faults(world, old, new, partial(_exit_at, "before_publish", 1, 3), timeout_s=TIMEOUT_S)
+    assert results[3] is None
+    applied = assert_consistent(results, [0, 1, 2])
+    for rank in range(3):
+        error = results[rank]["error"]
+        assert error is not None and error["type"] in ("PeerFailedError", "PeerTimeoutError"), (rank, error)
+        if error["peer"] is None:  # known only where this rank's worker was exchanging with it
+            assert "step agreement" in error["text"] and error["layer"] == len(applied), error
+        else:  # its worker saw a peer fail in layer 2: rank 3, or a survivor whose gloo context
+            # closed its connections when its own exchange with rank 3 failed (a cascade)
+            assert error["layer"] == 2 and error["peer"] != rank and f"peer {error['peer']}" in error["text"], error
+        assert results[rank]["elapsed"] < TIMEOUT_S + 4.0, results[rank]["elapsed"]
+
+
+def test_stalled_peer_worker_times_out_on_every_rank():
+    # rank 3 keeps serving (calls step()), but its worker sends nothing in layer 1
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    results = run_faults(world, old, new, partial(_stall_at, "before_send", 1, 3, 1.5 * TIMEOUT_S), timeout_s=TIMEOUT_S)
+    applied = assert_consistent(results, [0, 1, 2, 3])
+    assert all(l < 1 for l in applied), applied
+    for rank in range(4):
+        error = results[rank]["error"]
+        assert error is not None and error["type"] == "PeerTimeoutError", (rank, error)
+        assert (error["layer"], error["peer"]) == (1, 3), (rank, error)
+        assert "timeout_s" in error["text"] and "layer 1" in error["text"], error
+        if rank != 3:
+            assert 0.8 * TIMEOUT_S < results[rank]["elapsed"] < 2 * TIMEOUT_S + 2.0, results[rank]["elapsed"]
+
+
+def test_peer_that_stops_calling_step_times_out_on_every_rank():
+    # rank 3's worker is fine, but its serving thread stops calling step() for a while
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    results = run_faults(world, old, new, None, stall_main=(3, 2.5 * TIMEOUT_S), timeout_s=TIMEOUT_S)
+    applied = assert_consistent(results, [0, 1, 2, 3])
+    assert applied == [] or applied[-1] < 2, applied  # the step that rank 3 missed swapped nothing
+    for rank in range(3):
+        error, elapsed = results[rank]["error"], results[rank]["elapsed"]
+        assert error is not None and error["type"] == "PeerTimeoutError", (rank, error)
+        assert "step agreement" in error["text"] and "timeout_s" in error["text"], error
+        assert error["layer"] == len(applied), error  # the next layer to swap
+        assert error["peer"] == 3 and "peer 3 did not answer" in error["text"], error  # named by the probe
+        # the agreement (timeout_s + grace), then the probe that names the peer (as long)
+        assert TIMEOUT_S < elapsed < 2 * (TIMEOUT_S + 0.5) + 2.0, elapsed
+    # when rank 3 comes back its peers have given up: it must not swap what they abandoned
+    error = results[3]["error"]
+    assert error is not None and error["type"].startswith("Peer"), error
+
+
+@pytest.mark.parametrize(
+    "layer,round_index,budget",
+    [
+        pytest.param(1, 0, None, id="single-round"),
+        pytest.param(1, 1, 4 * (PACKED + 16), id="second-round"),
+    ],
+)
+def test_verify_catches_corruption_in_flight_and_layer_is_not_applied(layer, round_index, budget):
+    from eplb_triton.plan import plan_rearrangement
+    from eplb_triton.schedule import schedule_layer
+
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    hook = partial(_corrupt, layer, round_index)
+    results = run_faults(world, old, new, hook, verify=True, max_buffer_bytes=budget, timeout_s=10.0)
+    applied = assert_consistent(results, list(range(world)))
+    assert all(l < layer for l in applied), applied  # the corrupted layer is old on every rank
+    # the hook corrupted the first expert of the last peer's message in that round
+    plan = plan_rearrangement(old, new, world).layers[layer]
+    cost = PACKED + 16
+    rounds = schedule_layer(plan, cost, budget if budget is not None else world * cost).rounds
+    assert len(rounds) > round_index
+    view = plan.restrict(rounds[round_index]).rank(1)
+    want_peer = max(view.recv_rows)
+    want_expert = int(new[layer, world + view.recv_rows[want_peer][0]])
+    for rank in range(world):
+        error = results[rank]["error"]
+        assert error is not None and error["type"] == "ChecksumMismatchError", (rank, error)
+        assert (error["layer"], error["peer"], error["expert"]) == (layer, want_peer, want_expert), (rank, error)
+        assert f"layer {layer}" in error["text"] and f"expert {want_expert}" in error["text"], error
+        assert f"peer {want_peer}" in error["text"] and "rank 1" in error["text"], error
+
+
+def test_without_verify_the_corruption_goes_through():
+    # the hook really corrupts: without checksums the bad byte is swapped into the weights
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    results = run_faults(world, old, new, partial(_corrupt, 1, 0))
+    assert [r["error"] for r in results] == [None] * world
+    assert [l for l, _, _ in results[1]["bad"]] != [] and {l for l, _, _ in results[1]["bad"]} == {1}
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        pytest.param(dict(timeout_s=0), ValueError, id="timeout-zero"),
+        pytest.param(dict(timeout_s="2"), TypeError, id="timeout-str"),
+        pytest.param(dict(verify=1), TypeError, id="verify-int"),
+    ],
+)
+def test_bad_reliability_arguments_are_rejected(kwargs, error):
+    old, _ = random_maps(np.random.default_rng(1), 1, 1, 2, 2)
+    with pytest.raises(error):
+        TransferWorker(rank_weights(0, 1, old), **kwargs)
+    assert worker_threads() == []
+
+
+def test_verify_single_rank_without_network():
+    old, new = random_maps(np.random.default_rng(6), 3, 1, 6, 5)
+    weights = rank_weights(0, 1, old)
+    with TransferWorker(weights, verify=True, timeout_s=5.0) as worker:
+        worker.submit(old, new)
+        stats = worker.wait()
+    assert row_mismatches(weights, old, new, 0) == [] and stats.verified_experts == 0
 
 
 # -- GPU: swaps on the current stream while a kernel keeps reading the weights --------------------
