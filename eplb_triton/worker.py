@@ -295,6 +295,9 @@ class TransferWorker:
             Costs one checksum pass over the sent and the received experts, on the worker
             thread and stream, and 8 bytes per expert on the wire (padded to 16 per peer).
 
+    ``max_buffer_bytes`` and ``verify`` are read by each :meth:`submit`: they may be changed
+    (the same on every rank) between rearrangements.
+
     Constructing is collective over ``ep_group`` when it has more than one rank (it may
     create process groups). The worker thread starts at once and waits for work.
 
