@@ -749,3 +749,49 @@ def test_gpu_swaps_while_main_stream_reads_weights_nccl_world1():
         _gpu_worker_run(dist.group.WORLD)
     finally:
         dist.destroy_process_group()
+
+
+def _rank_nccl_verify(rank, world, corrupt):
+    from eplb_triton import worker as worker_module
+
+    torch.cuda.set_device(rank)
+    old, new = all_to_all_maps(world, 3)
+    weights = make_rank_weights(GPU_SPECS, 3, world, "cuda")
+    fill_rank_weights(weights, old, rank, seed=4)
+    expected = make_rank_weights(GPU_SPECS, 3, world, "cuda")
+    fill_rank_weights(expected, old, rank, seed=4)
+    rearrange_expert_weights_inplace(old, new, expected, verify=True)
+    worker_module.fault_hook = partial(_corrupt, 1, 0) if corrupt else None
+    applied, error = [], None
+    with TransferWorker(weights, verify=True, timeout_s=20.0) as worker:
+        worker.submit(old, new)
+        try:
+            while worker.busy:
+                torch.cuda._sleep(1_000_000)  # "serving" on the main stream
+                applied += worker.step()
+        except Exception as exc:  # noqa: BLE001 - inspected by the test
+            error = (type(exc).__name__, getattr(exc, "layer", None), str(exc))
+        stats = None if error else worker.wait()
+    torch.cuda.synchronize()
+    return dict(
+        error=error,
+        applied=applied,
+        bad=row_mismatches(weights, old, expected_after(old, new, applied), rank, seed=4),
+        equal_to_sync=same_bytes(as_bytes(weights), as_bytes(expected)),
+        verified=None if stats is None else stats.verified_experts,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("corrupt", [pytest.param(False, id="clean"), pytest.param(True, id="corrupted")])
+def test_nccl_two_gpus_verify(corrupt):
+    results = run_ranks(2, _rank_nccl_verify, corrupt, backend="nccl", timeout_s=180.0)
+    for rank, res in enumerate(results):
+        assert res["bad"] == [], (rank, res["bad"][:8])
+        if corrupt:
+            assert res["error"] is not None and res["error"][0] == "ChecksumMismatchError", res["error"]
+            assert res["error"][1] == 1 and all(l < 1 for l in res["applied"]), res
+        else:
+            assert res["error"] is None and res["applied"] == [0, 1, 2], res
+            assert res["equal_to_sync"] and res["verified"] > 0
