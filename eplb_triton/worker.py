@@ -284,7 +284,9 @@ class TransferWorker:
             rank raises a :class:`~eplb_triton.comm.PeerError` from :meth:`step`/
             :meth:`wait` within about ``timeout_s`` (at most about ``2 * timeout_s`` plus
             a grace of ``max(0.5, timeout_s / 4)`` s), naming the layer and the peer where
-            this rank knows them; layers not swapped keep their old weights. The groups
+            this rank knows them; layers not swapped keep their old weights. So every rank
+            must call :meth:`step` within ``timeout_s`` of the others while busy, and
+            :meth:`submit` raises a ``PeerError`` too when a peer misses its agreement. The groups
             are then broken (the control group too, which is ``ep_group`` itself when that
             is a gloo group distinct from ``transfer_group``): re-create them.
         verify: send a checksum per expert with every message and check the received

@@ -403,6 +403,36 @@ def test_close_with_a_lagging_or_lost_peer(distributed, peer_dies):
     assert error0 == peer_dies
 
 
+def _rank_close_with_stalled_peer(rank, world, old, new):
+    weights = rank_weights(rank, world, old)
+    worker = TransferWorker(weights, timeout_s=TIMEOUT_S)
+    if rank == 1:
+        slow_down(worker, 60.0)  # rank 1's worker never reaches its first exchange
+    worker.submit(old, new)
+    time.sleep(0.3)  # rank 0's worker is now blocked waiting for rank 1
+    if rank == 1:
+        time.sleep(2 * TIMEOUT_S + 1.0)  # alive, but closes only long after rank 0 gave up
+    before = as_bytes(weights)
+    begin = time.monotonic()
+    worker.close(timeout_s=3 * TIMEOUT_S)
+    elapsed = time.monotonic() - begin
+    return elapsed, worker._thread.is_alive(), type(worker._error).__name__, same_bytes(as_bytes(weights), before)
+
+
+def test_close_with_a_stalled_peer_ends_within_timeout_s():
+    old, new = rotated_maps(2, 2, 2)
+    (elapsed0, alive0, error0, same0), (elapsed1, alive1, _, same1) = distributed_faults(
+        2, _rank_close_with_stalled_peer, old, new
+    )
+    # rank 0's drain cannot complete (its peer never posts): its thread gives up after timeout_s
+    assert error0 == "PeerTimeoutError" and not alive0 and elapsed0 < TIMEOUT_S + 1.5, (elapsed0, error0)
+    assert not alive1 and elapsed1 < TIMEOUT_S + 1.5 and same0 and same1
+
+
+def distributed_faults(world, fn, *args):
+    return run_ranks(world, fn, *args, backend="gloo", timeout_s=60.0, group_timeout_s=20.0)
+
+
 def test_context_manager_and_single_rank_without_group():
     rng = np.random.default_rng(9)
     old, new = random_maps(rng, 4, 1, 6, 5)
