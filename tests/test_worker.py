@@ -658,6 +658,41 @@ def test_peer_that_stops_calling_step_times_out_on_every_rank():
     assert error is not None and error["type"].startswith("Peer"), error
 
 
+class Injected(Exception):
+    pass
+
+
+def _raise_at(point, at_layer, at_round, victim, where, **info):
+    if info["rank"] == victim and where == point and info["layer"] == at_layer and info.get("round", at_round) == at_round:
+        raise Injected(f"injected at {point}, layer {at_layer}")
+
+
+@pytest.mark.parametrize(
+    "point,round_index",
+    [
+        pytest.param("layer_start", 0, id="layer-start"),
+        pytest.param("before_send", 0, id="before-first-send"),
+        pytest.param("before_send", 1, id="mid-layer-before-second-round"),
+        pytest.param("in_flight", 1, id="mid-layer-after-second-receive"),
+        pytest.param("before_publish", 0, id="between-layers"),
+    ],
+)
+def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, round_index):
+    # a tight budget: every layer runs in several rounds, so "mid-layer" really is mid-layer
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    results = run_faults(world, old, new, partial(_raise_at, point, 1, round_index, 2), timeout_s=10.0, max_buffer_bytes=4 * PACKED)
+    applied = assert_consistent(results, list(range(world)))
+    assert all(l < 1 for l in applied), applied
+    for rank, res in enumerate(results):
+        error = res["error"]
+        assert error is not None and f"injected at {point}, layer 1" in error["text"], (rank, error)
+        if rank == 2:  # the original exception
+            assert error["type"] == "Injected", error
+        else:  # names the layer the failing rank was transferring, and that rank
+            assert error["type"] == "TransferError" and (error["layer"], error["peer"]) == (1, 2), error
+
+
 @pytest.mark.parametrize(
     "layer,round_index,budget",
     [
