@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
+from eplb_triton.comm import PeerError
 from eplb_triton.launch import run_ranks
 from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 
@@ -733,6 +734,51 @@ def test_without_verify_the_corruption_goes_through():
     results = run_faults(world, old, new, partial(_corrupt, 1, 0))
     assert [r["error"] for r in results] == [None] * world
     assert [l for l, _, _ in results[1]["bad"]] != [] and {l for l, _, _ in results[1]["bad"]} == {1}
+
+
+class _LateControl:
+    """A stand-in control group of two ranks whose peer reached the step agreement late.
+
+    It answers the agreement at once, as gloo does when a stalled rank's all-reduce meets
+    contributions its peer left behind before giving up; the probe then finds peer 1 gone.
+    """
+
+    rank, world_size = 0, 2
+
+    def __init__(self, late_s):
+        self.late_s = late_s
+
+    def all_reduce_max(self, flags, *, timeout_s=None):
+        peer = flags.clone()
+        peer[2], peer[3] = flags[2] + int(self.late_s * 1e6), flags[3] - int(self.late_s * 1e6)
+        flags.copy_(torch.maximum(flags, peer))
+        return flags
+
+    def confirm(self, failed, *, timeout_s=None, where=""):
+        from eplb_triton.comm import PeerFailedError
+
+        raise PeerFailedError(f"{where}: peer 1 is gone", peer=1)
+
+
+@pytest.mark.parametrize("late_s,raises", [pytest.param(0.2, False, id="late-within-timeout"), pytest.param(3.0, True, id="late-beyond-timeout")])
+def test_step_agreement_reached_too_late_swaps_nothing(late_s, raises):
+    old, new = random_maps(np.random.default_rng(3), 3, 1, 4, 4, empty_frac=0.0)
+    weights = rank_weights(0, 1, old)
+    worker = TransferWorker(weights, timeout_s=TIMEOUT_S)
+    worker.submit(old, new)
+    deadline = time.monotonic() + 10
+    while worker._job.published < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    worker._control = _LateControl(late_s)
+    if not raises:
+        assert worker.step()[:1] == [0]  # entries close enough: nobody gave up, the layers swap
+        worker.close()
+        return
+    with pytest.raises(PeerError) as info:
+        worker.step()
+    assert "apart" in str(info.value) and info.value.peer == 1 and info.value.layer == 0, info.value
+    assert worker.closed and not worker._thread.is_alive()
+    assert row_mismatches(weights, old, old, 0) == []  # nothing swapped
 
 
 @pytest.mark.parametrize(
