@@ -5,9 +5,10 @@
 * ``step()`` when idle (no rearrangement): the cost on every forward pass outside EPLB;
 * ``step()`` while a transfer is in flight but no layer is ready, one rank and two gloo ranks
   (the latter is one gloo ``all_reduce`` on the control group: the agreement every EP rank
-  pays per call while busy);
+  pays per call while busy), also with ``timeout_s`` (the agreement is then polled against
+  a deadline and carries the ranks' entry times);
 * ``step()`` that swaps one layer (small shapes, CPU: the unpack dominates);
-* a whole one-rank rearrangement through the worker vs the blocking call.
+* a whole one-rank rearrangement through the worker (also with ``verify``) vs the blocking call.
 
 GPU figures (swap GPU time vs a copy floor, host time of ``step()``) come from
 ``bench/gpu_worker.py``.
@@ -77,12 +78,12 @@ def _in_flight_weights(rank: int, world: int):
     return old, new, weights
 
 
-def _peer_steps(rank: int, world: int, port: int, calls: int) -> None:
+def _peer_steps(rank: int, world: int, port: int, calls: int, timeout_s: float | None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     old, new, weights = _in_flight_weights(rank, world)
-    with TransferWorker(weights) as worker:
+    with TransferWorker(weights, timeout_s=timeout_s) as worker:
         hold(worker)
         worker.submit(old, new)
         for _ in range(calls):
@@ -90,21 +91,28 @@ def _peer_steps(rank: int, world: int, port: int, calls: int) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [pytest.param(1, id="W1"), pytest.param(2, id="W2-gloo")])
-def test_step_nothing_ready(benchmark, world):
+@pytest.mark.parametrize(
+    "world,timeout_s",
+    [
+        pytest.param(1, None, id="W1"),
+        pytest.param(2, None, id="W2-gloo"),
+        pytest.param(2, 30.0, id="W2-gloo-timeout"),
+    ],
+)
+def test_step_nothing_ready(benchmark, world, timeout_s):
     rounds = 300
     peers = []
     if world > 1:
         port = free_port()
         ctx = mp.get_context("fork")
-        peers = [ctx.Process(target=_peer_steps, args=(r, world, port, rounds), daemon=True) for r in range(1, world)]
+        peers = [ctx.Process(target=_peer_steps, args=(r, world, port, rounds, timeout_s), daemon=True) for r in range(1, world)]
         for proc in peers:
             proc.start()
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
     try:
         old, new, weights = _in_flight_weights(0, world)
-        with TransferWorker(weights) as worker:
+        with TransferWorker(weights, timeout_s=timeout_s) as worker:
             hold(worker)
             worker.submit(old, new)
             # every rank calls step() exactly `rounds` times: the calls pair up collectively
@@ -138,7 +146,7 @@ def test_step_swaps_one_layer(benchmark, config):
     assert row_mismatches(weights, a, new, 0) == []
 
 
-@pytest.mark.parametrize("method", ["worker", "blocking"])
+@pytest.mark.parametrize("method", ["worker", "worker-verify", "blocking"])
 def test_whole_rearrangement_one_rank(benchmark, method):
     local, moved, specs = SMALL_CONFIGS["small-bf16-div8"]
     a, b = swap_maps(local, moved)
@@ -146,11 +154,11 @@ def test_whole_rearrangement_one_rank(benchmark, method):
     weights = make_rank_weights(specs, 4, local)
     fill_rank_weights(weights, a, 0)
     state = {"maps": (a, b)}
-    with TransferWorker(weights) as worker:
+    with TransferWorker(weights, verify=method == "worker-verify") as worker:
 
         def once():
             old, new = state["maps"]
-            if method == "worker":
+            if method.startswith("worker"):
                 worker.submit(old, new)
                 worker.wait()
             else:

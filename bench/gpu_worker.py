@@ -130,7 +130,7 @@ def bench_config(name: str, local: int, moved: int, specs: list[TensorSpec], dev
     row_bytes = sum(s.row_bytes() for s in specs)
     swap_bytes = 2 * moved * row_bytes  # read from staging + written to the rows
     gpu_ms, host_swap, host_busy_idle, host_idle, bad = [], [], [], [], 0
-    with TransferWorker(weights, backend=args.backend) as worker:
+    with TransferWorker(weights, backend=args.backend, verify=args.verify, timeout_s=args.timeout_s) as worker:
         state = a
         for it in range(args.warmup + args.repeats):
             target = b if state is a else a
@@ -225,6 +225,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--scale", type=int, default=1, help="divide every tensor dimension (CPU smoke runs)")
     parser.add_argument("--backend", default=None, choices=[None, "auto", "triton", "torch"])
+    parser.add_argument("--verify", action="store_true", help="TransferWorker(verify=True): checksums on the worker stream")
+    parser.add_argument("--timeout-s", type=float, default=None, help="TransferWorker(timeout_s=...)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -244,6 +246,8 @@ def main(argv=None) -> dict:
         "device": str(device),
         "backend": args.backend or "auto",
         "scale": args.scale,
+        "verify": args.verify,
+        "timeout_s": args.timeout_s,
         "repeats": args.repeats,
         "copy_bandwidth_GBps": args.bandwidth / 1e9,
         "rows": rows,

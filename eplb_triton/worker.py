@@ -32,6 +32,18 @@ Memory per rank: two slots (double buffering: the next layer transfers while the
 waits for its swap), each holding the rows this rank writes in one layer (at most one layer's
 local rows, packed), plus one send buffer of the largest round's sends.
 
+Reliability (``timeout_s``, ``verify``): every wait of the worker thread on its peers is
+bounded by ``timeout_s`` (:meth:`Communicator.wait`, errors name the layer, round and peer),
+and so is the agreement of ``step()`` on the control group. The agreement also carries each
+rank's entry time: a rank that reaches it more than ``timeout_s`` after another (which gave
+up) raises instead of swapping, so a stalled rank that resumes cannot apply layers its
+peers abandoned. With ``verify`` every peer message is followed by a second, small message
+holding one checksum per expert (:func:`~eplb_triton.checksum.expert_checksums`, padded to
+:func:`~eplb_triton.checksum.trailer_bytes` as in the blocking path); the worker thread
+checks the received experts before publishing the layer. (The trailer cannot share the
+data's message here: received experts land back to back in the slot so that the swap is
+one unpack.)
+
 Thread safety: ``submit``/``step``/``wait``/``close`` are meant for one (the serving) thread.
 The worker's p2p runs on ``transfer_group``; the agreements of ``submit`` and ``step`` run on
 a CPU (gloo) control group, never on the group the worker thread uses (a NCCL or gloo
@@ -44,14 +56,22 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .comm import Communicator
-from .transfer import LayerWork, TransferStats, prepare_layers
+from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
+from .comm import (
+    ChecksumMismatchError,
+    Communicator,
+    PeerError,
+    PeerFailedError,
+    PeerTimeoutError,
+    TransferError,
+)
+from .transfer import LayerWork, RoundWork, TransferStats, prepare_layers
 
 __all__ = ["TransferWorker"]
 
@@ -61,6 +81,52 @@ _POLL_MIN_S = 20e-6  # first sleep of a poll loop: the GIL is free for the servi
 _POLL_MAX_S = 1e-3  # longest sleep: bounds the latency added to a layer that just finished
 _WAIT_SLICE_S = 0.05  # wait() re-agrees at least this often, so a failure on a peer is seen
 _DRAIN_STREAM_S = 30.0  # how long a drain waits for the transfer stream before giving up
+_MESSAGE_BYTES = 480  # failure message bytes each rank shares when a worker fails
+
+#: Test-only fault injection, called on the worker thread as ``fault_hook(point, **info)`` at
+#: ``layer_start`` (rank, layer), ``before_send`` (rank, layer, round), ``in_flight`` (rank,
+#: layer, round, ``received``: each peer's received packed experts, before they are checked)
+#: and ``before_publish`` (rank, layer). It may raise, sleep, exit or corrupt ``received``.
+fault_hook: Callable[..., None] | None = None
+
+# failure kinds shared with the peers (see TransferWorker._share_failures)
+_KIND_OTHER, _KIND_PEER_FAILED, _KIND_PEER_TIMEOUT, _KIND_CHECKSUM = 1, 2, 3, 4
+_KIND_CLASSES = {_KIND_PEER_FAILED: PeerFailedError, _KIND_PEER_TIMEOUT: PeerTimeoutError, _KIND_CHECKSUM: ChecksumMismatchError}
+
+
+def _fault(point: str, **info) -> None:
+    if fault_hook is not None:
+        fault_hook(point, **info)
+
+
+def _kind_of(error: BaseException) -> int:
+    if isinstance(error, ChecksumMismatchError):
+        return _KIND_CHECKSUM
+    if isinstance(error, PeerTimeoutError):
+        return _KIND_PEER_TIMEOUT
+    if isinstance(error, PeerError):
+        return _KIND_PEER_FAILED
+    return _KIND_OTHER
+
+
+def _agreement_grace_s(timeout_s: float) -> float:
+    """Extra time a rank waits in the step agreement beyond ``timeout_s``.
+
+    A rank gives up after ``timeout_s + grace``; every rank that completes the agreement
+    raises when the ranks' entry times are more than ``timeout_s`` apart. So either the
+    entries were close and nobody gave up, or every rank fails, as long as clock skew plus
+    transport stay below the grace.
+    """
+    return max(0.5, 0.25 * timeout_s)
+
+
+def _check_timeout(timeout_s) -> None:
+    if timeout_s is None:
+        return
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float, np.integer, np.floating)):
+        raise TypeError(f"timeout_s must be a number of seconds or None, got {type(timeout_s).__name__}")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
 
 
 class _Stopped(Exception):
@@ -146,6 +212,11 @@ class _Job:
     swapped: int = 0  # layers swapped (agreed on every rank)
     started: bool = False  # the worker thread has picked the job up
     cursor: tuple[int, int] = (0, 0)  # (layer, round) of the next exchange this rank posts
+    verify: bool = False
+    send_sums: torch.Tensor | None = None  # verify: checksum trailers of one round's sends
+    recv_sums: torch.Tensor | None = None  # verify: checksum trailers of one round's receives
+    broken: bool = False  # a peer error: the transfer group is unusable, do not drain
+    layer: int | None = None  # the layer the worker thread is transferring (error reports)
 
 
 def _index_tensor(values: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -161,6 +232,31 @@ def _per_peer(buf: torch.Tensor, peers: list[int], counts: list[int], eb: int) -
         out[peer] = buf[offset : offset + count * eb]
         offset += count * eb
     return out
+
+
+def _trailers(buf: torch.Tensor, peers: list[int], counts: list[int]) -> dict[int, torch.Tensor]:
+    """Each peer's checksum trailer (``trailer_bytes(count)`` bytes) in ``buf``, peer by peer."""
+    out, offset = {}, 0
+    for peer, count in zip(peers, counts):
+        out[peer] = buf[offset : offset + trailer_bytes(count)]
+        offset += trailer_bytes(count)
+    return out
+
+
+def _round_trailer_bytes(work: RoundWork) -> tuple[int, int]:
+    return sum(trailer_bytes(c) for c in work.send_counts), sum(trailer_bytes(c) for c in work.recv_counts)
+
+
+def _fill_send_trailers(job: "_Job", work: RoundWork, send_buf: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Checksum every packed expert in ``send_buf`` into each peer's trailer; returns the trailers."""
+    eb = work.expert_bytes
+    sums = expert_checksums(send_buf, eb) if send_buf.numel() else None
+    trailers = _trailers(job.send_sums, work.send_peers, work.send_counts)
+    first = 0
+    for peer, count in zip(work.send_peers, work.send_counts):
+        trailers[peer][: count * CHECKSUM_BYTES].view(torch.int64).copy_(sums[first : first + count])
+        first += count
+    return trailers
 
 
 class TransferWorker:
@@ -181,6 +277,28 @@ class TransferWorker:
             until their swap in two slots of at most one layer's local rows each.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack (as in the
             blocking API).
+        timeout_s: the longest any wait on peers may take: each exchange of the worker
+            thread, the agreements of :meth:`submit` and :meth:`step`, and each exchange of
+            a drain. ``None`` (default) = the process groups' own timeouts. When a peer
+            exits or stalls (stops sending, or stops calling :meth:`step`), every other
+            rank raises a :class:`~eplb_triton.comm.PeerError` from :meth:`step`/
+            :meth:`wait` within about ``timeout_s`` (at most about ``2 * timeout_s`` plus
+            a grace of ``max(0.5, timeout_s / 4)`` s), naming the layer and the peer where
+            this rank knows them; layers not swapped keep their old weights. So every rank
+            must call :meth:`step` within ``timeout_s`` of the others while busy, and
+            :meth:`submit` raises a ``PeerError`` too when a peer misses its agreement. The groups
+            are then broken (the control group too, which is ``ep_group`` itself when that
+            is a gloo group distinct from ``transfer_group``): re-create them.
+        verify: send a checksum per expert with every message and check the received
+            experts on the worker thread before the layer is published (``False`` by
+            default; it must be the same on every rank). A mismatch raises
+            :class:`~eplb_triton.comm.ChecksumMismatchError` (layer, expert, peer) on
+            every rank at the next :meth:`step`/:meth:`wait`; that layer is not applied.
+            Costs one checksum pass over the sent and the received experts, on the worker
+            thread and stream, and 8 bytes per expert on the wire (padded to 16 per peer).
+
+    ``max_buffer_bytes`` and ``verify`` are read by each :meth:`submit`: they may be changed
+    (the same on every rank) between rearrangements.
 
     Constructing is collective over ``ep_group`` when it has more than one rank (it may
     create process groups). The worker thread starts at once and waits for work.
@@ -200,10 +318,16 @@ class TransferWorker:
 
     Errors: an exception on the worker thread (any rank) surfaces at the next ``step``/
     ``wait`` on every rank: the failing rank re-raises the original exception (its traceback
-    includes the worker's frames); the others raise ``RuntimeError`` naming the failing
-    rank(s). Layers swapped before stay swapped, the others keep their old weights, and the
-    worker is closed (its thread ends after running the remaining exchanges with junk, so no
-    peer is left blocked): make a new one to retry.
+    includes the worker's frames); the others raise a
+    :class:`~eplb_triton.comm.TransferError` (a ``RuntimeError``) naming the failing rank(s)
+    and their messages, of the failing rank's class when that is a ``PeerError`` or
+    ``ChecksumMismatchError``, with ``.layer``/``.peer`` (and ``.expert``) as that rank
+    reported them (``.peer`` is the failing rank itself for other errors). No rank swaps a
+    layer in the step that reports a failure, so every rank keeps the same layers: those
+    swapped before stay swapped, the others keep their old weights (each layer entirely
+    old or entirely new). The worker is closed (after a non-peer error its thread ends
+    after running the remaining exchanges with junk, so no peer is left blocked): make a
+    new one to retry.
     """
 
     def __init__(
@@ -214,10 +338,17 @@ class TransferWorker:
         transfer_group=None,
         max_buffer_bytes: int | None = None,
         backend: str | None = None,
+        timeout_s: float | None = None,
+        verify: bool = False,
     ):
+        _check_timeout(timeout_s)
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
         self.expert_weights = expert_weights
         self.max_buffer_bytes = max_buffer_bytes
         self.backend = backend
+        self.timeout_s = None if timeout_s is None else float(timeout_s)
+        self.verify = verify
         self._device = self._weights_device(expert_weights)
         self._owned_groups: list = []
         self._transfer, self._control = self._make_communicators(ep_group, transfer_group)
@@ -231,6 +362,7 @@ class TransferWorker:
         self._error: BaseException | None = None
         self._closed = False
         self._drained = False  # the worker thread ended with no p2p op pending
+        self._abandon = False  # the step agreement failed: the thread must not wait on peers any more
         self._last_stats = TransferStats.empty(self._transfer.rank, self._transfer.world_size)
         self._thread = threading.Thread(target=self._run, name=f"eplb-transfer-rank{self._transfer.rank}", daemon=True)
         self._thread.start()
@@ -303,13 +435,19 @@ class TransferWorker:
             self.expert_weights,
             self._control,
             self.max_buffer_bytes,
+            verify=self.verify,
+            timeout_s=self.timeout_s,
         )
         rank = self._transfer.rank
         stages = [_Stage.build(layer, rank) for layer in layers]
         slot_bytes = max((s.nbytes for s in stages), default=0)
         send_bytes = max((s.send_bytes for s in stages), default=0)
+        trailers = [_round_trailer_bytes(w) for s in stages for w in s.layer.rounds] if self.verify else []
+        send_sums = max((t[0] for t in trailers), default=0)
+        recv_sums = max((t[1] for t in trailers), default=0)
         # One allocation on the current stream; nothing frees it while the worker may use it.
-        storage = torch.empty(2 * slot_bytes + send_bytes, dtype=torch.uint8, device=self._device)
+        storage = torch.empty(2 * slot_bytes + send_bytes + send_sums + recv_sums, dtype=torch.uint8, device=self._device)
+        sums_at = 2 * slot_bytes + send_bytes
         stats = TransferStats.empty(rank, self._transfer.world_size)
         stats.peak_staging_bytes = int(storage.numel())
         start_event = None
@@ -321,10 +459,13 @@ class TransferWorker:
         job = _Job(
             stages=stages,
             slots=[_Slot(storage[:slot_bytes]), _Slot(storage[slot_bytes : 2 * slot_bytes])],
-            send_buffer=storage[2 * slot_bytes :],
+            send_buffer=storage[2 * slot_bytes : sums_at],
             stats=stats,
             start_event=start_event,
             backend=self.backend,
+            verify=self.verify,
+            send_sums=storage[sums_at : sums_at + send_sums] if self.verify else None,
+            recv_sums=storage[sums_at + send_sums :] if self.verify else None,
         )
         log.info(
             "rank %d: submitted %d layers, staging %d bytes (2 x %d slot + %d send)",
@@ -354,7 +495,8 @@ class TransferWorker:
         try:
             ready = self._agree_ready(ready, failed)
         except BaseException:
-            self._shutdown()
+            if not self._closed:
+                self._shutdown()
             raise
         done = []
         try:
@@ -426,32 +568,158 @@ class TransferWorker:
             raise RuntimeError("TransferWorker is closed (close() was called or a transfer failed); create a new one")
 
     def _agree_ready(self, ready: int, failed: bool) -> int:
-        """min(ready) over ranks; raises on every rank when any rank's worker failed."""
+        """min(ready) over ranks; raises on every rank when any rank's worker failed.
+
+        Bounded by ``timeout_s`` (plus a grace): a peer that exited or stopped calling
+        ``step()`` makes it raise instead of hanging. Each rank also contributes its entry
+        time; when they are more than ``timeout_s`` apart some rank has given up, so every
+        rank that completes it raises too (no rank swaps what the others abandoned).
+        """
         comm = self._control
-        if comm.world_size > 1:
-            flags = torch.tensor([-ready, int(failed)], dtype=torch.int64)
+        if comm.world_size == 1:
+            if failed:
+                self._raise_failure()
+            return ready
+        now_us = int(time.time() * 1e6)  # wall clock: comparable across hosts (NTP)
+        flags = torch.tensor([-ready, int(failed), now_us, -now_us], dtype=torch.int64)
+        if self.timeout_s is None:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=comm.group)
-            ready, any_failed = -int(flags[0]), bool(flags[1])
         else:
-            any_failed = failed
+            try:
+                comm.all_reduce_max(flags, timeout_s=self.timeout_s + _agreement_grace_s(self.timeout_s))
+            except PeerError as exc:
+                self._agreement_failed(exc, "got no answer from every rank")
+            spread_s = (int(flags[2]) + int(flags[3])) / 1e6
+            if spread_s > self.timeout_s:
+                self._agreement_failed(
+                    None, f"found the ranks reached it {spread_s:.2f} s apart, so the earliest gave up"
+                )
+        ready, any_failed = -int(flags[0]), bool(flags[1])
         if any_failed:
             self._raise_failure()
         return ready
 
+    def _agreement_failed(self, cause: PeerError | None, what: str) -> None:
+        """The step agreement failed (a peer exited or stalled): stop and raise on this rank.
+
+        The worker thread is stopped without draining (its peers are failing too) and given
+        up to ``timeout_s`` to finish its current exchange, whose own deadline is
+        ``timeout_s``: when that exchange failed, its error (naming layer and peer) is the
+        one raised; otherwise a :class:`PeerError` naming the next layer to swap.
+        """
+        job = self._job
+        self._abandon = True
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        begin = time.monotonic()
+        missing = None
+        if not (isinstance(self._error, PeerError) and self._error.peer is not None):
+            missing = self._probe_peers()
+        self._thread.join(max(0.0, self.timeout_s - (time.monotonic() - begin)))
+        error = self._error
+        self._shutdown(timeout_s=0.0)
+        next_layer = None
+        if job is not None and job.swapped < len(job.stages):
+            next_layer = job.stages[job.swapped].layer.index
+        text = (
+            f"step agreement: rank {self._control.rank} {what} within {self.timeout_s:g} s (timeout_s): a peer exited, "
+            "stalled or stopped calling step()"
+        )
+        if cause is not None:  # all_reduce_max words every failure as the input agreement's
+            text += f" [{str(cause).replace('input agreement: ', '')}]"
+        log.error("%s", text)
+        if isinstance(error, TransferError) and error.peer is not None:  # this rank's worker knows where
+            error.add_note(f"surfaced when the {text}")
+            raise error
+        if missing is not None:
+            text = f"{text}; peer {missing.peer} did not answer a probe ({missing})"
+        suffix = f"; layers from {next_layer} on keep their old weights" if next_layer is not None else ""
+        if missing is not None:
+            cls = type(missing)
+        else:
+            cls = PeerFailedError if isinstance(cause, PeerFailedError) else PeerTimeoutError
+        raise cls(text + suffix, layer=next_layer, peer=None if missing is None else missing.peer) from (error or cause)
+
+    def _probe_peers(self) -> PeerError | None:
+        """After a failed step agreement: find a peer that is gone or stalled, to name it.
+
+        One tiny isend + irecv per peer on the control group (:meth:`Communicator.confirm`),
+        each waited on in peer order for ``timeout_s`` plus the grace: every rank that saw
+        the agreement fail probes too, within that time of each other (a rank whose
+        agreement failed at once waits for one that timed out), so the first peer that does
+        not answer is one that exited or stopped calling ``step()``.
+        """
+        try:
+            self._control.confirm(
+                True, timeout_s=self.timeout_s + _agreement_grace_s(self.timeout_s), where="step agreement probe"
+            )
+        except PeerError as exc:
+            return exc if exc.peer is not None else None
+        except Exception:  # noqa: BLE001 - a backend error while posting: no peer to name
+            log.debug("rank %d: probing the peers failed", self._control.rank, exc_info=True)
+        return None
+
+    def _share_failures(self, error: BaseException | None) -> list[tuple[int, int | None, int | None, int | None, str] | None]:
+        """Every rank's failure, as ``(kind, layer, peer, expert, message)`` or ``None``.
+
+        One MAX all-reduce of a ``(world, ...)`` table where each rank fills its own row, so
+        it is bounded by ``timeout_s`` like the step agreement (``all_gather_object`` is not).
+        """
+        comm = self._control
+        width = 6 + _MESSAGE_BYTES
+        table = torch.zeros(comm.world_size, width, dtype=torch.int64)
+        if error is not None:
+            job = self._job
+            layer = getattr(error, "layer", None)
+            if layer is None and job is not None:
+                layer = job.layer
+            peer = getattr(error, "peer", None)
+            expert = getattr(error, "expert", None)
+            text = f"{type(error).__name__}: {error}".encode("utf-8", "replace")[:_MESSAGE_BYTES]
+            row = table[comm.rank]
+            row[:6] = torch.tensor(
+                [1, _kind_of(error), -1 if layer is None else layer, -1 if peer is None else peer, -1 if expert is None else expert, len(text)]
+            ) + torch.tensor([0, 0, 1, 1, 1, 0])
+            row[6 : 6 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(torch.int64)
+        if comm.world_size > 1:
+            timeout = None if self.timeout_s is None else self.timeout_s + _agreement_grace_s(self.timeout_s)
+            try:
+                comm.all_reduce_max(table, timeout_s=timeout)
+            except PeerError as exc:
+                if error is not None:
+                    raise error from None
+                self._agreement_failed(exc, "could not learn the failing rank's error")
+        out = []
+        for row in table.tolist():
+            if not row[0]:
+                out.append(None)
+                continue
+            opt = lambda v: None if v == 0 else v - 1  # noqa: E731
+            message = bytes(row[6 : 6 + row[5]]).decode("utf-8", "replace")
+            out.append((row[1], opt(row[2]), opt(row[3]), opt(row[4]), message))
+        return out
+
     def _raise_failure(self) -> None:
         error = self._error
-        text = None if error is None else f"{type(error).__name__}: {error}"
-        messages = self._control.all_gather_object(text)
+        failures = self._share_failures(error)
         self._shutdown()
         if error is not None:
             raise error  # the worker thread's exception, with its original traceback
-        failing = [(r, m) for r, m in enumerate(messages) if m is not None]
+        failing = [(r, f) for r, f in enumerate(failures) if f is not None]
         ranks = [r for r, _ in failing]
-        details = "; ".join(f"rank {r}: {m}" for r, m in failing)
-        raise RuntimeError(
+        details = "; ".join(f"rank {r}: {f[4]}" for r, f in failing)
+        first_rank, (kind, layer, peer, expert, _) = failing[0]
+        text = (
             f"the transfer worker failed on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} "
             f"({details}); layers not swapped yet keep their old weights"
         )
+        cls = _KIND_CLASSES.get(kind, TransferError)
+        if cls is TransferError:
+            peer = first_rank  # the rank that failed
+        if cls is ChecksumMismatchError:
+            raise ChecksumMismatchError(text, layer=layer, peer=peer, expert=expert)
+        raise cls(text, layer=layer, peer=peer)
 
     def _swap(self, job: _Job, stage: _Stage) -> None:
         slot = job.slots[job.swapped % 2]
@@ -531,16 +799,25 @@ class TransferWorker:
             self._stream.wait_event(job.start_event)
         for index, stage in enumerate(job.stages):
             begin = time.perf_counter()
-            self._transfer_layer(job, index, stage)
+            job.layer = stage.layer.index
+            checks = self._transfer_layer(job, index, stage)
             self._finish_stream()
+            if checks:
+                self._check_received(job, stage, checks)
+            _fault("before_publish", rank=self._transfer.rank, layer=stage.layer.index)
             with self._cond:
                 job.stats.layer_times_s.append(time.perf_counter() - begin)
                 job.published = index + 1
                 self._cond.notify_all()
 
-    def _transfer_layer(self, job: _Job, index: int, stage: _Stage) -> None:
-        """Stage every row this rank writes in the layer; reads live weights, writes none."""
+    def _transfer_layer(self, job: _Job, index: int, stage: _Stage) -> list:
+        """Stage every row this rank writes in the layer; reads live weights, writes none.
+
+        Returns, with ``verify``, ``(round work, slot offset, mismatch flags)`` per round
+        that received experts; the flags are checked once the stream has finished.
+        """
         layout, eb, backend = stage.layer.layout, stage.layer.layout.expert_bytes, job.backend
+        rank, layer_index = self._transfer.rank, stage.layer.index
         slot = job.slots[index % 2]
         if stage.nbytes:
             with self._cond:  # the slot's previous layer (index - 2) must have been swapped
@@ -550,10 +827,13 @@ class TransferWorker:
                 event = slot.event
             if event is not None:
                 self._stream.wait_event(event)  # GPU-side: the swap's unpack has read the slot
+        _fault("layer_start", rank=rank, layer=layer_index)
         buf = slot.buffer[: stage.nbytes]
         if stage.local_src.size:
             with self._kernel_lock:
                 layout.pack(stage.local_src, buf[stage.local_offset : stage.local_offset + stage.local_src.size * eb], backend=backend)
+        checks = []
+        rounds = len(stage.layer.rounds)
         for number, (work, offset) in enumerate(zip(stage.layer.rounds, stage.recv_offsets)):
             if self._stop:
                 raise _Stopped
@@ -563,14 +843,68 @@ class TransferWorker:
                     layout.pack(work.send_rows, send_buf, backend=backend)
             sends = _per_peer(send_buf, work.send_peers, work.send_counts, eb)
             recvs = _per_peer(buf[offset:], work.recv_peers, work.recv_counts, eb)
+            where = f"layer {layer_index}, round {number + 1}/{rounds}"
+            _fault("before_send", rank=rank, layer=layer_index, round=number)
             job.cursor = (index, number + 1)  # posted (even if posting fails): never re-posted by a drain
-            requests = self._transfer.exchange(sends, recvs)
+            requests, labels = self._post(job, work, send_buf, sends, recvs)
             # gloo: blocks this thread (GIL released); NCCL: the worker stream waits, the host does not.
-            self._transfer.wait(requests)
+            try:
+                self._transfer.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
+            except PeerError as exc:
+                exc.layer = layer_index
+                job.broken = True  # the group is unusable: no drain
+                raise
             work.count_into(job.stats, len(requests))
+            _fault("in_flight", rank=rank, layer=layer_index, round=number, received=recvs)
+            if job.verify and work.recv_rows.size:
+                received = torch.cat(
+                    [t[: c * CHECKSUM_BYTES].view(torch.int64) for t, c in zip(
+                        _trailers(job.recv_sums, work.recv_peers, work.recv_counts).values(), work.recv_counts
+                    )]
+                )
+                data = buf[offset : offset + work.recv_rows.size * eb]
+                with self._kernel_lock:
+                    checks.append((number, work, expert_checksums(data, eb) != received))
+                job.stats.verified_experts += int(work.recv_rows.size)
         if stage.dup_dst_pos.size:  # replicas: copies of packed experts already in the slot
             table = buf.view(-1, eb)
             table[_index_tensor(stage.dup_dst_pos, buf.device)] = table[_index_tensor(stage.dup_src_pos, buf.device)]
+        return checks
+
+    def _post(self, job: _Job, work: RoundWork, send_buf: torch.Tensor, sends: dict, recvs: dict) -> tuple[list, list]:
+        """Start a round's exchange (and with ``verify`` its trailers' exchange, right after).
+
+        Two batches per round with ``verify``: every rank posts them in the same order, so
+        each peer pair matches data with data and trailer with trailer.
+        """
+        requests = self._transfer.exchange(sends, recvs)
+        labels = Communicator.op_labels(sends, recvs)
+        if job.verify:
+            with self._kernel_lock:
+                sum_sends = _fill_send_trailers(job, work, send_buf)
+            sum_recvs = _trailers(job.recv_sums, work.recv_peers, work.recv_counts)
+            requests = requests + self._transfer.exchange(sum_sends, sum_recvs)
+            labels = labels + Communicator.op_labels(sum_sends, sum_recvs)
+        return requests, labels
+
+    def _check_received(self, job: _Job, stage: _Stage, checks: list) -> None:
+        """Raise :class:`ChecksumMismatchError` for the first received expert whose checksum differs."""
+        rank, layer_index = self._transfer.rank, stage.layer.index
+        for number, work, flags in checks:
+            bad = torch.nonzero(flags.cpu()).flatten().tolist()
+            if not bad:
+                continue
+            position = bad[0]
+            peers = np.repeat(np.asarray(work.recv_peers, dtype=np.int64), work.recv_counts)
+            peer, row = int(peers[position]), int(work.recv_rows[position])
+            expert = stage.layer.expert_at(rank, row)
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            message = (
+                f"layer {layer_index}, round {number + 1}/{len(stage.layer.rounds)}: rank {rank}: checksum mismatch "
+                f"for expert {expert} received from peer {peer} (row {row}){more}; layer {layer_index} was not applied"
+            )
+            log.error("%s", message)
+            raise ChecksumMismatchError(message, layer=layer_index, peer=peer, expert=expert)
 
     def _drain(self, job: _Job) -> None:
         """Post every exchange of the job this rank has not posted yet, with junk, and wait.
@@ -579,8 +913,15 @@ class TransferWorker:
         leave unmatched ops in the group), so on close() or after a failure the remaining
         exchanges run anyway: junk sent, received bytes dropped, no slot touched, no swap.
         Every rank posts each exchange exactly once, so all of them complete as soon as every
-        rank has stopped; a peer that crashed makes them fail at once instead.
+        rank has stopped; a peer that crashed makes them fail at once instead. With
+        ``verify`` the junk carries its true checksums, so a peer still transferring does
+        not report a mismatch of its own (it never swaps those layers: this rank never
+        published them). Each exchange waits at most ``timeout_s``; after a peer error (the
+        group is broken) or a failed step agreement nothing is drained.
         """
+        if job.broken or self._abandon:
+            log.info("rank %d: not draining a broken transfer group", self._transfer.rank)
+            return
         first_layer, first_round = job.cursor
         pending = [
             (stage, number)
@@ -590,13 +931,18 @@ class TransferWorker:
         try:
             junk_recv = None
             for stage, number in pending:
+                if self._abandon:
+                    return
                 work, eb = stage.layer.rounds[number], stage.layer.layout.expert_bytes
                 need = work.recv_rows.size * eb
                 if junk_recv is None or junk_recv.numel() < need:
                     junk_recv = torch.empty(need, dtype=torch.uint8, device=self._device)
                 sends = _per_peer(job.send_buffer, work.send_peers, work.send_counts, eb)
                 recvs = _per_peer(junk_recv, work.recv_peers, work.recv_counts, eb)
-                self._transfer.wait(self._transfer.exchange(sends, recvs))
+                send_buf = job.send_buffer[: work.send_rows.size * eb]
+                requests, labels = self._post(job, work, send_buf, sends, recvs)
+                where = f"drain: layer {stage.layer.index}, round {number + 1}/{len(stage.layer.rounds)}"
+                self._transfer.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
             self._finish_stream(deadline=time.monotonic() + _DRAIN_STREAM_S)
             self._drained = True
             if pending:

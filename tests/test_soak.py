@@ -34,6 +34,10 @@ class SyncDriver:
 
     varies_budget = True
 
+    @staticmethod
+    def staging_bound(budget: int) -> int:
+        return budget
+
     def __init__(self, weights):
         self.weights = weights
 
@@ -49,20 +53,28 @@ class SyncDriver:
 class WorkerDriver:
     """One rebalance through one long-lived TransferWorker: submit, one step, then wait.
 
-    The worker fixes its budget at construction and has no verify mode yet, so both are
-    ignored here (every row is still checked after every step)."""
+    The budget and ``verify`` are set on the worker before each submit (it reads them
+    there), so one worker (one thread, one set of groups) serves every step; ``timeout_s``
+    keeps its step agreement on the bounded (polling) path."""
 
-    varies_budget = False
+    varies_budget = True
 
     def __init__(self, weights):
         from eplb_triton.worker import TransferWorker
 
-        self.worker = TransferWorker(weights)
+        self.worker = TransferWorker(weights, timeout_s=30.0)
 
     def __call__(self, old, new, *, max_buffer_bytes, verify):
+        self.worker.max_buffer_bytes = max_buffer_bytes
+        self.worker.verify = verify
         self.worker.submit(old, new)
         self.worker.step()  # swaps what is ready (maybe nothing): the serving-loop pattern
         return self.worker.wait()
+
+    @staticmethod
+    def staging_bound(budget: int) -> int:
+        # two slots of at most one layer's rows, plus a round's sends and both trailers (<= 2 budgets)
+        return 2 * NUM_LOCAL * EXPERT_BYTES + 2 * budget
 
     def close(self):
         self.worker.close()
@@ -114,7 +126,7 @@ def _soak_rank(rank, world, steps, driver_name, seed):
     weights = make_rank_weights(SPECS, LAYERS, NUM_LOCAL)
     fill_rank_weights(weights, old, rank)
     driver = DRIVERS[driver_name](weights)
-    samples, staging, rounds = [], set(), 0
+    samples, staging, rounds, verified = [], set(), 0, 0
     for step in range(steps):
         new = next_map(rng, LAYERS, slots, LOGICAL)
         verify = step % 2 == 0
@@ -124,8 +136,12 @@ def _soak_rank(rank, world, steps, driver_name, seed):
         bad = row_mismatches(weights, content, new, rank)
         if bad:
             return f"step {step}: wrong rows (layer, tensor, row) {bad[:5]}"
-        if budget is not None and stats.peak_staging_bytes > budget:
-            return f"step {step}: staging {stats.peak_staging_bytes} B over the budget {budget} B"
+        if budget is not None and stats.peak_staging_bytes > driver.staging_bound(budget):
+            return f"step {step}: staging {stats.peak_staging_bytes} B over the bound for a budget of {budget} B"
+        if verify:
+            verified += stats.verified_experts
+        elif stats.verified_experts:
+            return f"step {step}: {stats.verified_experts} experts verified without verify"
         staging.add((budget, stats.peak_staging_bytes))
         rounds += stats.rounds
         content = np.where(new >= 0, new, content)
@@ -133,7 +149,7 @@ def _soak_rank(rank, world, steps, driver_name, seed):
         if step + 1 == WARMUP or step + 1 == steps:
             samples.append(_resources())
     driver.close()
-    return samples, rounds, len(staging)
+    return samples, rounds, len(staging), verified
 
 
 @pytest.mark.parametrize(
@@ -152,9 +168,10 @@ def test_soak_rebalances_world4(driver, steps):
     results = run_ranks(WORLD, _soak_rank, steps, driver, 1234, backend="gloo", timeout_s=600.0, group_timeout_s=60.0)
     for rank, result in enumerate(results):
         assert not isinstance(result, str), f"rank {rank}: {result}"
-        (warm, end), rounds, _ = result
+        (warm, end), rounds, _, verified = result
         if DRIVERS[driver].varies_budget:
             assert rounds > steps  # the tight budget really forced rounds
+        assert verified > 0  # verify steps really checked received experts
         assert end["tensors"] == warm["tensors"], (rank, warm, end)
         assert end["fds"] <= warm["fds"], (rank, warm, end)  # no growth (a transient fd may close)
         assert end["threads"] <= warm["threads"] and end["py_threads"] <= warm["py_threads"], (rank, warm, end)

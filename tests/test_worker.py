@@ -6,15 +6,19 @@ zeros) and, where it applies, against the blocking rearrangement of the same map
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
 from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
+from eplb_triton.comm import PeerError
+from eplb_triton.launch import run_ranks
 from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 
 SPECS = [
@@ -89,12 +93,12 @@ def worker_threads() -> list[threading.Thread]:
 
 
 # -- async result == expected == blocking result ---------------------------------------------
-def _rank_async_vs_sync(rank, world, old, new, budget):
+def _rank_async_vs_sync(rank, world, old, new, budget, verify):
     seed = 3
     sync_w = rank_weights(rank, world, old, seed)
-    sync_stats = rearrange_expert_weights_inplace(old, new, sync_w, max_buffer_bytes=budget)
+    sync_stats = rearrange_expert_weights_inplace(old, new, sync_w, max_buffer_bytes=budget, verify=verify)
     weights = rank_weights(rank, world, old, seed)
-    with TransferWorker(weights, max_buffer_bytes=budget) as worker:
+    with TransferWorker(weights, max_buffer_bytes=budget, verify=verify, timeout_s=30.0 if verify else None) as worker:
         worker.submit(old, new)
         stats = worker.wait()
         busy_after = worker.busy
@@ -117,29 +121,34 @@ def _rank_async_vs_sync(rank, world, old, new, budget):
         received=stats.bytes_received.tolist(),
         sync_received=sync_stats.bytes_received.tolist(),
         layers_timed=len(stats.layer_times_s),
+        verified=stats.verified_experts,
+        sync_verified=sync_stats.verified_experts,
         threads=len(worker_threads()),
     )
 
 
 @pytest.mark.parametrize(
-    "world,layers,num_local,logical,budget",
+    "world,layers,num_local,logical,budget,verify",
     [
-        pytest.param(2, 3, 4, 6, None, id="W2-L3-N4-E6"),
-        pytest.param(2, 2, 6, 8, 3 * PACKED, id="W2-L2-N6-E8-budget3"),
-        pytest.param(4, 4, 3, 9, None, id="W4-L4-N3-E9"),
-        pytest.param(4, 2, 4, 10, 4 * PACKED, id="W4-L2-N4-E10-budget4"),
+        pytest.param(2, 3, 4, 6, None, False, id="W2-L3-N4-E6"),
+        pytest.param(2, 2, 6, 8, 3 * PACKED, False, id="W2-L2-N6-E8-budget3"),
+        pytest.param(4, 4, 3, 9, None, False, id="W4-L4-N3-E9"),
+        pytest.param(4, 2, 4, 10, 4 * PACKED, False, id="W4-L2-N4-E10-budget4"),
+        pytest.param(2, 3, 4, 6, None, True, id="W2-L3-N4-E6-verify"),
+        pytest.param(4, 2, 4, 10, 4 * (PACKED + 16), True, id="W4-L2-N4-E10-budget4-verify"),
     ],
 )
-def test_async_equals_sync_and_expected(distributed, world, layers, num_local, logical, budget):
+def test_async_equals_sync_and_expected(distributed, world, layers, num_local, logical, budget, verify):
     rng = np.random.default_rng(world * 1000 + layers * 100 + num_local)
     old, new = random_maps(rng, layers, world, num_local, logical)
-    results = distributed(world, _rank_async_vs_sync, old, new, budget)
+    results = distributed(world, _rank_async_vs_sync, old, new, budget, verify)
     for rank, res in enumerate(results):
         assert res["first"] == [], f"rank {rank}: wrong rows (layer, tensor, row) {res['first'][:8]}"
         assert res["second"] == [], f"rank {rank}: wrong rows after a second submit {res['second'][:8]}"
         assert res["equal_to_sync"], f"rank {rank}: async bytes differ from the blocking rearrangement"
         assert res["sent"] == res["sync_sent"] and res["received"] == res["sync_received"]
         assert not res["busy_after"] and res["layers_timed"] == layers
+        assert res["verified"] == res["sync_verified"] and (res["verified"] > 0) == (verify and sum(res["received"]) > 0)
         assert res["threads"] == 0, f"rank {rank}: a worker thread outlived close()"
     assert sum(sum(r["sent"]) for r in results) > 0  # the maps did move experts over the network
 
@@ -286,6 +295,8 @@ def _rank_worker_failure(rank, world, old, new, failing_rank, failing_layer):
     worker.close()
     return dict(
         type=type(error).__name__,
+        is_runtime_error=isinstance(error, RuntimeError),
+        where=(getattr(error, "layer", None), getattr(error, "peer", None)),
         message=str(error),
         worker_frame="transfer_or_fail" in tb,
         applied=applied,
@@ -305,7 +316,9 @@ def test_worker_failure_surfaces_on_every_rank(distributed, world):
         if rank == 1:  # the original exception, raised from the worker thread's frames
             assert res["type"] == "InjectedFailure" and res["worker_frame"], res
         else:
-            assert res["type"] == "RuntimeError" and "rank 1" in res["message"] and "disk on fire" in res["message"]
+            assert res["type"] == "TransferError" and res["is_runtime_error"], res
+            assert "rank 1" in res["message"] and "disk on fire" in res["message"]
+            assert res["where"] == (2, 1), res  # the failing layer, and the failing rank as the peer
         assert res["applied"] == applied0 and all(l < 2 for l in applied0), res["applied"]
         assert res["bad"] == [], f"rank {rank}: rows changed outside swapped layers {res['bad'][:8]}"
         assert res["closed"] and not res["thread_alive"]
@@ -391,6 +404,36 @@ def test_close_with_a_lagging_or_lost_peer(distributed, peer_dies):
     assert error0 == peer_dies
 
 
+def _rank_close_with_stalled_peer(rank, world, old, new):
+    weights = rank_weights(rank, world, old)
+    worker = TransferWorker(weights, timeout_s=TIMEOUT_S)
+    if rank == 1:
+        slow_down(worker, 60.0)  # rank 1's worker never reaches its first exchange
+    worker.submit(old, new)
+    time.sleep(0.3)  # rank 0's worker is now blocked waiting for rank 1
+    if rank == 1:
+        time.sleep(2 * TIMEOUT_S + 1.0)  # alive, but closes only long after rank 0 gave up
+    before = as_bytes(weights)
+    begin = time.monotonic()
+    worker.close(timeout_s=3 * TIMEOUT_S)
+    elapsed = time.monotonic() - begin
+    return elapsed, worker._thread.is_alive(), type(worker._error).__name__, same_bytes(as_bytes(weights), before)
+
+
+def test_close_with_a_stalled_peer_ends_within_timeout_s():
+    old, new = rotated_maps(2, 2, 2)
+    (elapsed0, alive0, error0, same0), (elapsed1, alive1, _, same1) = distributed_faults(
+        2, _rank_close_with_stalled_peer, old, new
+    )
+    # rank 0's drain cannot complete (its peer never posts): its thread gives up after timeout_s
+    assert error0 == "PeerTimeoutError" and not alive0 and elapsed0 < TIMEOUT_S + 1.5, (elapsed0, error0)
+    assert not alive1 and elapsed1 < TIMEOUT_S + 1.5 and same0 and same1
+
+
+def distributed_faults(world, fn, *args):
+    return run_ranks(world, fn, *args, backend="gloo", timeout_s=60.0, group_timeout_s=20.0)
+
+
 def test_context_manager_and_single_rank_without_group():
     rng = np.random.default_rng(9)
     old, new = random_maps(rng, 4, 1, 6, 5)
@@ -440,6 +483,326 @@ def test_bad_weights_raise_at_submit_single_rank():
         with pytest.raises(ValueError, match="layers"):
             worker.submit(old, new)
         assert not worker.busy
+
+
+# -- reliability: timeouts, peers that exit or stall, verify ---------------------------------------
+TIMEOUT_S = 2.0
+
+
+def all_to_all_maps(world: int, layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank sends to and receives from every other rank in every layer (plus a local move).
+
+    Layer ``l``: row ``i`` of rank ``r`` gets the expert of row ``r`` of rank ``(i + l) % world``.
+    """
+    old = np.tile(np.arange(world * world), (layers, 1))
+    new = np.empty_like(old)
+    for l in range(layers):
+        for r in range(world):
+            for i in range(world):
+                new[l, r * world + i] = old[l, ((i + l) % world) * world + r]
+    return old, new
+
+
+def _rank_fault(rank, world, old, new, hook, kwargs, stall_main=None):
+    """Submit, then step() in a serving loop until an error surfaces (or the work is done).
+
+    ``hook`` becomes ``eplb_triton.worker.fault_hook`` (it reads ``info["rank"]``);
+    ``stall_main=(rank, seconds)`` makes that rank's serving thread stop calling step() for
+    a while after its first step.
+    """
+    from eplb_triton import worker as worker_module
+
+    weights = rank_weights(rank, world, old)
+    worker_module.fault_hook = hook
+    worker = TransferWorker(weights, **kwargs)
+    worker.submit(old, new)
+    applied, error, steps = [], None, 0
+    begin = time.monotonic()
+    deadline = begin + 30
+    try:
+        while worker.busy and time.monotonic() < deadline:
+            applied += worker.step()
+            steps += 1
+            if stall_main is not None and stall_main[0] == rank and steps == 1:
+                time.sleep(stall_main[1])
+            time.sleep(0.002)
+    except Exception as exc:  # noqa: BLE001 - inspected by the test
+        error = exc
+    elapsed = time.monotonic() - begin
+    if error is not None:
+        time.sleep(1.0)  # peers see the original failure before this process (and its connections) goes
+    close_begin = time.monotonic()
+    worker.close(timeout_s=3.0)
+    close_s = time.monotonic() - close_begin
+    worker_module.fault_hook = None
+    summary = None
+    if error is not None:
+        summary = dict(
+            type=type(error).__name__,
+            text=str(error),
+            layer=getattr(error, "layer", None),
+            peer=getattr(error, "peer", None),
+            expert=getattr(error, "expert", None),
+        )
+    return dict(
+        error=summary,
+        applied=applied,
+        bad=row_mismatches(weights, old, expected_after(old, new, applied), rank),
+        elapsed=elapsed,
+        close_s=close_s,
+        closed=worker.closed,
+    )
+
+
+def run_faults(world, old, new, hook, stall_main=None, **kwargs):
+    return run_ranks(
+        world, _rank_fault, old, new, hook, kwargs, stall_main,
+        backend="gloo", timeout_s=60.0, group_timeout_s=20.0, allow_missing=True,
+    )
+
+
+def _exit_at(point, at_layer, victim, where, **info):
+    if info["rank"] == victim and where == point and info.get("layer") == at_layer:
+        os._exit(7)  # the whole process, from the worker thread
+
+
+def _stall_at(point, at_layer, victim, seconds, where, **info):
+    if info["rank"] == victim and where == point and info.get("layer") == at_layer:
+        time.sleep(seconds)  # alive, but sends nothing
+        raise RuntimeError("stalled rank gives up")
+
+
+def _corrupt(at_layer, at_round, where, **info):
+    if info["rank"] == 1 and where == "in_flight" and info["layer"] == at_layer and info["round"] == at_round:
+        peer, data = sorted(info["received"].items())[-1]
+        data[7] ^= 0x40  # one bit of the first expert received from the last peer
+
+
+def assert_consistent(results, ranks):
+    """Every listed rank swapped the same layers, and each layer is entirely old or entirely new."""
+    applied = results[ranks[0]]["applied"]
+    for rank in ranks:
+        res = results[rank]
+        assert res["applied"] == applied, (rank, res["applied"], applied)
+        assert res["bad"] == [], f"rank {rank}: rows differ from old/new per swapped layer {res['bad'][:8]}"
+        assert res["closed"] and res["close_s"] < 3.5, res
+    return applied
+
+
+def test_peer_exits_mid_layer_every_survivor_names_layer_and_peer():
+    world = 4
+    old, new = all_to_all_maps(world, 4)
+    results = run_faults(world, old, new, partial(_exit_at, "before_send", 1, 3), timeout_s=TIMEOUT_S)
+    assert results[3] is None  # it exited
+    applied = assert_consistent(results, [0, 1, 2])
+    assert all(l < 1 for l in applied), applied
+    for rank in range(3):
+        error = results[rank]["error"]
+        assert error is not None and error["type"] in ("PeerFailedError", "PeerTimeoutError"), (rank, error)
+        assert (error["layer"], error["peer"]) == (1, 3), (rank, error)
+        assert "layer 1" in error["text"] and "peer 3" in error["text"], error
+        assert results[rank]["elapsed"] < TIMEOUT_S + 4.0, results[rank]["elapsed"]  # not the group's 20 s
+
+
+def test_peer_exits_between_layers_every_survivor_raises():
+    # rank 3 dies once layer 1 is staged everywhere; the survivors' workers may be waiting for a
+    # free slot rather than exchanging, so the step agreement is what notices it
+    world = 4
+    old, new = all_to_all_maps(world, 4)
+    results = run_faults(world, old, new, partial(_exit_at, "before_publish", 1, 3), timeout_s=TIMEOUT_S)
+    assert results[3] is None
+    applied = assert_consistent(results, [0, 1, 2])
+    for rank in range(3):
+        error = results[rank]["error"]
+        assert error is not None and error["type"] in ("PeerFailedError", "PeerTimeoutError"), (rank, error)
+        if error["peer"] is None:  # known only where this rank's worker was exchanging with it
+            assert "step agreement" in error["text"] and error["layer"] == len(applied), error
+        else:  # its worker saw a peer fail in layer 2: rank 3, or a survivor whose gloo context
+            # closed its connections when its own exchange with rank 3 failed (a cascade)
+            assert error["layer"] == 2 and error["peer"] != rank and f"peer {error['peer']}" in error["text"], error
+        assert results[rank]["elapsed"] < TIMEOUT_S + 4.0, results[rank]["elapsed"]
+
+
+def test_stalled_peer_worker_times_out_on_every_rank():
+    # rank 3 keeps serving (calls step()), but its worker sends nothing in layer 1
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    results = run_faults(world, old, new, partial(_stall_at, "before_send", 1, 3, 1.5 * TIMEOUT_S), timeout_s=TIMEOUT_S)
+    applied = assert_consistent(results, [0, 1, 2, 3])
+    assert all(l < 1 for l in applied), applied
+    for rank in range(4):
+        error = results[rank]["error"]
+        assert error is not None and error["type"] == "PeerTimeoutError", (rank, error)
+        assert (error["layer"], error["peer"]) == (1, 3), (rank, error)
+        assert "timeout_s" in error["text"] and "layer 1" in error["text"], error
+        if rank != 3:
+            assert 0.8 * TIMEOUT_S < results[rank]["elapsed"] < 2 * TIMEOUT_S + 2.0, results[rank]["elapsed"]
+
+
+def test_peer_that_stops_calling_step_times_out_on_every_rank():
+    # rank 3's worker is fine, but its serving thread stops calling step() for a while
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    results = run_faults(world, old, new, None, stall_main=(3, 2.5 * TIMEOUT_S), timeout_s=TIMEOUT_S)
+    applied = assert_consistent(results, [0, 1, 2, 3])
+    assert applied == [] or applied[-1] < 2, applied  # the step that rank 3 missed swapped nothing
+    for rank in range(3):
+        error, elapsed = results[rank]["error"], results[rank]["elapsed"]
+        assert error is not None and error["type"] == "PeerTimeoutError", (rank, error)
+        assert "step agreement" in error["text"] and "timeout_s" in error["text"], error
+        assert error["layer"] == len(applied), error  # the next layer to swap
+        assert error["peer"] == 3 and "peer 3 did not answer" in error["text"], error  # named by the probe
+        # the agreement (timeout_s + grace), then the probe that names the peer (as long)
+        assert TIMEOUT_S < elapsed < 2 * (TIMEOUT_S + 0.5) + 2.0, elapsed
+    # when rank 3 comes back its peers have given up: it must not swap what they abandoned
+    error = results[3]["error"]
+    assert error is not None and error["type"].startswith("Peer"), error
+
+
+class Injected(Exception):
+    pass
+
+
+def _raise_at(point, at_layer, at_round, victim, where, **info):
+    if info["rank"] == victim and where == point and info["layer"] == at_layer and info.get("round", at_round) == at_round:
+        raise Injected(f"injected at {point}, layer {at_layer}")
+
+
+@pytest.mark.parametrize(
+    "point,round_index",
+    [
+        pytest.param("layer_start", 0, id="layer-start"),
+        pytest.param("before_send", 0, id="before-first-send"),
+        pytest.param("before_send", 1, id="mid-layer-before-second-round"),
+        pytest.param("in_flight", 1, id="mid-layer-after-second-receive"),
+        pytest.param("before_publish", 0, id="between-layers"),
+    ],
+)
+def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, round_index):
+    # a tight budget: every layer runs in several rounds, so "mid-layer" really is mid-layer
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    results = run_faults(world, old, new, partial(_raise_at, point, 1, round_index, 2), timeout_s=10.0, max_buffer_bytes=4 * PACKED)
+    applied = assert_consistent(results, list(range(world)))
+    assert all(l < 1 for l in applied), applied
+    for rank, res in enumerate(results):
+        error = res["error"]
+        assert error is not None and f"injected at {point}, layer 1" in error["text"], (rank, error)
+        if rank == 2:  # the original exception
+            assert error["type"] == "Injected", error
+        else:  # names the layer the failing rank was transferring, and that rank
+            assert error["type"] == "TransferError" and (error["layer"], error["peer"]) == (1, 2), error
+
+
+@pytest.mark.parametrize(
+    "layer,round_index,budget",
+    [
+        pytest.param(1, 0, None, id="single-round"),
+        pytest.param(1, 1, 4 * (PACKED + 16), id="second-round"),
+    ],
+)
+def test_verify_catches_corruption_in_flight_and_layer_is_not_applied(layer, round_index, budget):
+    from eplb_triton.plan import plan_rearrangement
+    from eplb_triton.schedule import schedule_layer
+
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    hook = partial(_corrupt, layer, round_index)
+    results = run_faults(world, old, new, hook, verify=True, max_buffer_bytes=budget, timeout_s=10.0)
+    applied = assert_consistent(results, list(range(world)))
+    assert all(l < layer for l in applied), applied  # the corrupted layer is old on every rank
+    # the hook corrupted the first expert of the last peer's message in that round
+    plan = plan_rearrangement(old, new, world).layers[layer]
+    cost = PACKED + 16
+    rounds = schedule_layer(plan, cost, budget if budget is not None else world * cost).rounds
+    assert len(rounds) > round_index
+    view = plan.restrict(rounds[round_index]).rank(1)
+    want_peer = max(view.recv_rows)
+    want_expert = int(new[layer, world + view.recv_rows[want_peer][0]])
+    for rank in range(world):
+        error = results[rank]["error"]
+        assert error is not None and error["type"] == "ChecksumMismatchError", (rank, error)
+        assert (error["layer"], error["peer"], error["expert"]) == (layer, want_peer, want_expert), (rank, error)
+        assert f"layer {layer}" in error["text"] and f"expert {want_expert}" in error["text"], error
+        assert f"peer {want_peer}" in error["text"] and "rank 1" in error["text"], error
+
+
+def test_without_verify_the_corruption_goes_through():
+    # the hook really corrupts: without checksums the bad byte is swapped into the weights
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    results = run_faults(world, old, new, partial(_corrupt, 1, 0))
+    assert [r["error"] for r in results] == [None] * world
+    assert [l for l, _, _ in results[1]["bad"]] != [] and {l for l, _, _ in results[1]["bad"]} == {1}
+
+
+class _LateControl:
+    """A stand-in control group of two ranks whose peer reached the step agreement late.
+
+    It answers the agreement at once, as gloo does when a stalled rank's all-reduce meets
+    contributions its peer left behind before giving up; the probe then finds peer 1 gone.
+    """
+
+    rank, world_size = 0, 2
+
+    def __init__(self, late_s):
+        self.late_s = late_s
+
+    def all_reduce_max(self, flags, *, timeout_s=None):
+        peer = flags.clone()
+        peer[2], peer[3] = flags[2] + int(self.late_s * 1e6), flags[3] - int(self.late_s * 1e6)
+        flags.copy_(torch.maximum(flags, peer))
+        return flags
+
+    def confirm(self, failed, *, timeout_s=None, where=""):
+        from eplb_triton.comm import PeerFailedError
+
+        raise PeerFailedError(f"{where}: peer 1 is gone", peer=1)
+
+
+@pytest.mark.parametrize("late_s,raises", [pytest.param(0.2, False, id="late-within-timeout"), pytest.param(3.0, True, id="late-beyond-timeout")])
+def test_step_agreement_reached_too_late_swaps_nothing(late_s, raises):
+    old, new = random_maps(np.random.default_rng(3), 3, 1, 4, 4, empty_frac=0.0)
+    weights = rank_weights(0, 1, old)
+    worker = TransferWorker(weights, timeout_s=TIMEOUT_S)
+    worker.submit(old, new)
+    deadline = time.monotonic() + 10
+    while worker._job.published < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    worker._control = _LateControl(late_s)
+    if not raises:
+        assert worker.step()[:1] == [0]  # entries close enough: nobody gave up, the layers swap
+        worker.close()
+        return
+    with pytest.raises(PeerError) as info:
+        worker.step()
+    assert "apart" in str(info.value) and info.value.peer == 1 and info.value.layer == 0, info.value
+    assert worker.closed and not worker._thread.is_alive()
+    assert row_mismatches(weights, old, old, 0) == []  # nothing swapped
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        pytest.param(dict(timeout_s=0), ValueError, id="timeout-zero"),
+        pytest.param(dict(timeout_s="2"), TypeError, id="timeout-str"),
+        pytest.param(dict(verify=1), TypeError, id="verify-int"),
+    ],
+)
+def test_bad_reliability_arguments_are_rejected(kwargs, error):
+    old, _ = random_maps(np.random.default_rng(1), 1, 1, 2, 2)
+    with pytest.raises(error):
+        TransferWorker(rank_weights(0, 1, old), **kwargs)
+    assert worker_threads() == []
+
+
+def test_verify_single_rank_without_network():
+    old, new = random_maps(np.random.default_rng(6), 3, 1, 6, 5)
+    weights = rank_weights(0, 1, old)
+    with TransferWorker(weights, verify=True, timeout_s=5.0) as worker:
+        worker.submit(old, new)
+        stats = worker.wait()
+    assert row_mismatches(weights, old, new, 0) == [] and stats.verified_experts == 0
 
 
 # -- GPU: swaps on the current stream while a kernel keeps reading the weights --------------------
@@ -497,3 +860,49 @@ def test_gpu_swaps_while_main_stream_reads_weights_nccl_world1():
         _gpu_worker_run(dist.group.WORLD)
     finally:
         dist.destroy_process_group()
+
+
+def _rank_nccl_verify(rank, world, corrupt):
+    from eplb_triton import worker as worker_module
+
+    torch.cuda.set_device(rank)
+    old, new = all_to_all_maps(world, 3)
+    weights = make_rank_weights(GPU_SPECS, 3, world, "cuda")
+    fill_rank_weights(weights, old, rank, seed=4)
+    expected = make_rank_weights(GPU_SPECS, 3, world, "cuda")
+    fill_rank_weights(expected, old, rank, seed=4)
+    rearrange_expert_weights_inplace(old, new, expected, verify=True)
+    worker_module.fault_hook = partial(_corrupt, 1, 0) if corrupt else None
+    applied, error = [], None
+    with TransferWorker(weights, verify=True, timeout_s=20.0) as worker:
+        worker.submit(old, new)
+        try:
+            while worker.busy:
+                torch.cuda._sleep(1_000_000)  # "serving" on the main stream
+                applied += worker.step()
+        except Exception as exc:  # noqa: BLE001 - inspected by the test
+            error = (type(exc).__name__, getattr(exc, "layer", None), str(exc))
+        stats = None if error else worker.wait()
+    torch.cuda.synchronize()
+    return dict(
+        error=error,
+        applied=applied,
+        bad=row_mismatches(weights, old, expected_after(old, new, applied), rank, seed=4),
+        equal_to_sync=same_bytes(as_bytes(weights), as_bytes(expected)),
+        verified=None if stats is None else stats.verified_experts,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("corrupt", [pytest.param(False, id="clean"), pytest.param(True, id="corrupted")])
+def test_nccl_two_gpus_verify(corrupt):
+    results = run_ranks(2, _rank_nccl_verify, corrupt, backend="nccl", timeout_s=180.0)
+    for rank, res in enumerate(results):
+        assert res["bad"] == [], (rank, res["bad"][:8])
+        if corrupt:
+            assert res["error"] is not None and res["error"][0] == "ChecksumMismatchError", res["error"]
+            assert res["error"][1] == 1 and all(l < 1 for l in res["applied"]), res
+        else:
+            assert res["error"] is None and res["applied"] == [0, 1, 2], res
+            assert res["equal_to_sync"] and res["verified"] > 0
