@@ -129,6 +129,35 @@ def _check_timeout(timeout_s) -> None:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
 
 
+# Process groups of finished workers, by (ranks, backend), for the next worker to reuse.
+# Groups made with use_local_synchronization=True are named after their ranks and the number
+# of live groups, so destroying one and making another with the same ranks reuses its name and
+# its stale rendezvous keys: seen hanging the second worker's constructor at world 4 on gloo.
+# Reusing groups avoids both that and a leak of one group per worker.
+_GROUP_POOL: dict[tuple[tuple[int, ...], str], list] = {}
+_GROUP_POOL_LOCK = threading.Lock()
+
+
+def _acquire_group(ranks: list[int], backend: str):
+    """A process group over ``ranks`` not used by any live worker (collective over ``ranks``
+    when a new one must be made; every EP rank takes the same branch as long as workers are
+    created and closed alike on all of them)."""
+    live = dist.distributed_c10d._world.pg_group_ranks
+    with _GROUP_POOL_LOCK:
+        free = _GROUP_POOL.get((tuple(ranks), backend), [])
+        while free:
+            group = free.pop()
+            if group in live:  # skip groups destroyed since (e.g. with the default group)
+                return group
+    # Only the EP ranks take part (several EP groups may build workers at once).
+    return dist.new_group(ranks, backend=backend, use_local_synchronization=True, sort_ranks=False)
+
+
+def _release_group(group, ranks: tuple[int, ...], backend: str) -> None:
+    with _GROUP_POOL_LOCK:
+        _GROUP_POOL.setdefault((ranks, backend), []).append(group)
+
+
 class _Stopped(Exception):
     """Raised inside the worker thread when close() or a peer's failure stops it."""
 
@@ -401,9 +430,8 @@ class TransferWorker:
         return transfer, control
 
     def _new_group(self, ranks: list[int], backend: str):
-        # Only the EP ranks take part (several EP groups may build workers at once).
-        group = dist.new_group(ranks, backend=backend, use_local_synchronization=True, sort_ranks=False)
-        self._owned_groups.append((group, backend))
+        group = _acquire_group(ranks, backend)
+        self._owned_groups.append((group, tuple(ranks), backend))
         return group
 
     # -- public API ---------------------------------------------------------------------------
@@ -541,7 +569,7 @@ class TransferWorker:
         on all ranks, like ``submit``), and fail at once if a peer process is gone. If they
         are not done within ``timeout_s`` this returns anyway with a warning and the thread
         ends on its own when they complete or the transfer group times out. Idempotent.
-        Process groups the worker created (gloo ones) are destroyed once it ended cleanly.
+        Process groups the worker created go back to a pool for the next worker once it ended cleanly.
         """
         if self._closed:
             return
@@ -752,16 +780,13 @@ class TransferWorker:
             return
         if self._drained:  # no p2p op is pending: the job's buffers and our groups may go
             self._job = None
-            self._destroy_owned_groups()
+            self._release_owned_groups()
 
-    def _destroy_owned_groups(self) -> None:
-        for group, backend in self._owned_groups:
-            if backend != "gloo":
-                continue  # destroying a NCCL communicator can block on peers; the process teardown does it
-            try:
-                dist.destroy_process_group(group)
-            except Exception:  # noqa: BLE001 - best effort, the group is ours and unused now
-                log.debug("could not destroy a worker process group", exc_info=True)
+    def _release_owned_groups(self) -> None:
+        """Hand the groups this worker made back to the pool for the next worker (see
+        :func:`_acquire_group`); called only after a clean stop, when no op is pending."""
+        for group, ranks, backend in self._owned_groups:
+            _release_group(group, ranks, backend)
         self._owned_groups = []
 
     # -- worker thread ----------------------------------------------------------------------

@@ -356,6 +356,32 @@ def test_two_ep_subgroups_each_with_a_worker(distributed, explicit_transfer):
 
 
 # -- shutdown -------------------------------------------------------------------------------------
+def _rank_consecutive_workers(rank, world, old, new):
+    from eplb_triton import worker as worker_module
+
+    weights = make_rank_weights(SPECS, old.shape[0], old.shape[1] // world)
+    fill_rank_weights(weights, old, rank)
+    bad = []
+    for current, target in ((old, new), (new, old), (old, new)):
+        with TransferWorker(weights) as w:  # default groups: made once, then reused from the pool
+            w.submit(current, target)
+            w.wait()
+        bad.extend(row_mismatches(weights, current, target, rank))
+    pooled = sum(len(groups) for groups in worker_module._GROUP_POOL.values())
+    return bad, pooled
+
+
+def test_consecutive_workers_with_default_groups(distributed):
+    # Regression: a second worker's constructor hung at world 4 when the first one's group was
+    # destroyed and the new one reused its name.
+    rng = np.random.default_rng(11)
+    old, _ = random_maps(rng, 2, 4, 4, 10)
+    new = np.stack([rng.permutation(row) for row in old])  # same experts: valid in both directions
+    for bad, pooled in distributed(4, _rank_consecutive_workers, old, new, timeout_s=60):
+        assert bad == []
+        assert pooled == 1  # one gloo transfer group made, reused by the later workers
+
+
 def _rank_close_during_transfer(rank, world, old, new):
     weights = rank_weights(rank, world, old)
     before = as_bytes(weights)
