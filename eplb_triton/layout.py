@@ -136,14 +136,18 @@ def _host_rows(rows) -> np.ndarray | None:
 def _as_index_tensor(rows, host: np.ndarray | None, device: torch.device) -> torch.Tensor:
     """Rows as an int64 tensor on ``device``, without waiting for the device.
 
-    A non-blocking copy from pageable memory is staged by the driver before the call returns
-    (the host array may go away) and does not synchronise the stream; on an H100 it cost less
-    host time than pinning first (bench/KERNEL_NOTES.md).
+    Host rows go through pinned memory: a copy from *pageable* memory makes the host wait for
+    the work already queued on the stream before it starts (CUDA's documented behaviour), so
+    a swap launched behind a forward pass stalled the serving thread for that pass (seen on an
+    H100: ~450 us of host time per step() behind 1 ms of queued GPU work). PyTorch's caching
+    host allocator keeps the pinned block until the copy is done.
     """
     if isinstance(rows, torch.Tensor):
+        if rows.device.type == "cpu" and device.type == "cuda":
+            rows = rows.to(torch.int64).pin_memory()
         return rows.to(device=device, dtype=torch.int64, non_blocking=True)
     cpu = torch.from_numpy(np.ascontiguousarray(host))
-    return cpu.to(device, non_blocking=True) if device.type == "cuda" else cpu
+    return cpu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cpu
 
 
 @dataclass(frozen=True)
