@@ -72,6 +72,7 @@ from .comm import (
     TransferError,
 )
 from .transfer import LayerWork, RoundWork, TransferStats, prepare_layers
+from .layout import resolve_backend
 
 __all__ = ["TransferWorker"]
 
@@ -189,6 +190,7 @@ class _Stage:
     local_offset: int
     dup_src_pos: np.ndarray  # slot positions (in experts) copied ...
     dup_dst_pos: np.ndarray  # ... to these positions
+    device_rows: torch.Tensor | None = None  # ``rows`` on the GPU, copied by the worker thread
 
     @classmethod
     def build(cls, layer: LayerWork, rank: int) -> "_Stage":
@@ -752,8 +754,14 @@ class TransferWorker:
     def _swap(self, job: _Job, stage: _Stage) -> None:
         slot = job.slots[job.swapped % 2]
         if stage.rows.size:
+            layout = stage.layer.layout
             with self._kernel_lock:
-                stage.layer.layout.unpack(slot.buffer[: stage.nbytes], stage.rows, backend=job.backend)
+                if stage.device_rows is not None and resolve_backend(job.backend, self._device) == "triton":
+                    # rows come from the plan (distinct, in range): the unchecked launch is safe
+                    layout.launch("unpack", slot.buffer[: stage.nbytes], dst_rows=stage.device_rows)
+                    stage.device_rows.record_stream(torch.cuda.current_stream(self._device))
+                else:
+                    layout.unpack(slot.buffer[: stage.nbytes], stage.rows, backend=job.backend)
         event = None
         if self._stream is not None and stage.rows.size:
             event = torch.cuda.Event()
@@ -825,6 +833,10 @@ class TransferWorker:
         for index, stage in enumerate(job.stages):
             begin = time.perf_counter()
             job.layer = stage.layer.index
+            if self._stream is not None and stage.rows.size:
+                # The swap's row list goes to the GPU here, on the worker stream (synchronised
+                # below), so step() launches its unpack without any host work on the rows.
+                stage.device_rows = torch.from_numpy(stage.rows).pin_memory().to(self._device, non_blocking=True)
             checks = self._transfer_layer(job, index, stage)
             self._finish_stream()
             if checks:
