@@ -71,8 +71,8 @@ from .comm import (
     PeerTimeoutError,
     TransferError,
 )
-from .transfer import LayerWork, RoundWork, TransferStats, prepare_layers
 from .layout import resolve_backend
+from .transfer import LayerWork, RoundWork, TransferStats, prepare_layers
 
 __all__ = ["TransferWorker"]
 
