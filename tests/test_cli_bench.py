@@ -17,3 +17,12 @@ def test_bench_tiny_world2_writes_json(tmp_path, capsys):
     assert methods["eplb_triton"]["p2p_ops_per_layer"] < methods["per-expert"]["p2p_ops_per_layer"]
     assert result["machine"].startswith("Machine: ")
     assert "Machine:" in capsys.readouterr().out
+
+
+def test_bench_plot_writes_a_png(tmp_path):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    assert main(["bench", "--preset", "tiny", "--world-size", "2", "--layers", "1", "--repeats", "1", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
