@@ -75,41 +75,15 @@ def expert_checksums(
     return out
 
 
-_KERNEL = None
-
-
-def _kernel():
-    """Build the Triton kernel on first use (importing triton is slow and optional on CPU)."""
-    global _KERNEL
-    if _KERNEL is None:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def checksum_partials(words_ptr, part_a_ptr, part_b_ptr, num_words, num_blocks, BLOCK: tl.constexpr):
-            expert = tl.program_id(0).to(tl.int64)
-            block = tl.program_id(1)
-            j = block * BLOCK + tl.arange(0, BLOCK)
-            mask = j < num_words
-            u = tl.load(words_ptr + expert * num_words + j, mask=mask, other=0).to(tl.int64) & 0xFFFFFFFF
-            jj = j.to(tl.int64)
-            # each term < 2**31 after reduction, so BLOCK of them sum far below 2**63
-            ta = tl.where(mask, ((u % 2147483647) * (jj + 1)) % 2147483647, 0)
-            tb = tl.where(mask, ((u % 2147483629) * (num_words - jj)) % 2147483629, 0)
-            tl.store(part_a_ptr + expert * num_blocks + block, tl.sum(ta, axis=0) % 2147483647)
-            tl.store(part_b_ptr + expert * num_blocks + block, tl.sum(tb, axis=0) % 2147483629)
-
-        _KERNEL = checksum_partials
-    return _KERNEL
-
-
 def _checksums_triton(table: torch.Tensor) -> torch.Tensor:
     count, nbytes = table.shape
     words = nbytes // 4
     num_blocks = (words + _BLOCK_WORDS - 1) // _BLOCK_WORDS
     part_a = torch.empty((count, num_blocks), dtype=torch.int64, device=table.device)
     part_b = torch.empty_like(part_a)
-    _kernel()[(count, num_blocks)](table.view(torch.int32), part_a, part_b, words, num_blocks, BLOCK=_BLOCK_WORDS)
+    from .kernels.checksum import checksum_partials_kernel  # importing triton is slow: only when used
+
+    checksum_partials_kernel[(count, num_blocks)](table.view(torch.int32), part_a, part_b, words, num_blocks, BLOCK=_BLOCK_WORDS)
     # partials < 2**31 each: their sum fits int64 for any realistic expert size
     return (part_a.sum(dim=1) % P1) * (1 << 31) + part_b.sum(dim=1) % P2
 
