@@ -72,7 +72,7 @@ from .comm import (
     TransferError,
 )
 from .layout import resolve_backend
-from .transfer import LayerWork, RoundWork, TransferStats, prepare_layers
+from .transfer import LayerWork, RoundWork, TransferStats, _check_timeout, prepare_layers
 
 __all__ = ["TransferWorker"]
 
@@ -119,15 +119,6 @@ def _agreement_grace_s(timeout_s: float) -> float:
     transport stay below the grace.
     """
     return max(0.5, 0.25 * timeout_s)
-
-
-def _check_timeout(timeout_s) -> None:
-    if timeout_s is None:
-        return
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float, np.integer, np.floating)):
-        raise TypeError(f"timeout_s must be a number of seconds or None, got {type(timeout_s).__name__}")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
 
 
 # Process groups of finished workers, by (ranks, backend), for the next worker to reuse.

@@ -14,6 +14,7 @@ from eplb_triton.launch import run_ranks
 from eplb_triton.plan import with_rounds
 from eplb_triton.schedule import schedule_layer
 from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from map_cases import random_maps
 
 SPECS = [
     TensorSpec((3, 5), torch.bfloat16),  # 30 bytes: odd row size
@@ -21,25 +22,6 @@ SPECS = [
     TensorSpec((7,), torch.float32),
 ]
 EXPERT_BYTES = 48 + 32 + 32  # packed rows are 16-byte aligned per tensor
-
-
-def random_maps(rng, layers, ep, num_local, logical, empty_frac=0.1):
-    """Old/new maps with replicas and empty slots; new names only experts old holds."""
-    slots = ep * num_local
-    maps = []
-    for _ in range(2):
-        rows = []
-        for _ in range(layers):
-            m = rng.permutation(np.concatenate([rng.permutation(logical), rng.integers(0, logical, slots - logical)])[:slots])
-            m[rng.random(slots) < empty_frac] = -1
-            rows.append(m)
-        maps.append(np.stack(rows))
-    old, new = maps
-    for l in range(layers):
-        held = np.unique(old[l][old[l] >= 0])
-        bad = (new[l] >= 0) & ~np.isin(new[l], held)
-        new[l][bad] = rng.choice(held, bad.sum())
-    return old, new
 
 
 def _rank_compare(rank, world, old, new, rounds, budget, verify, seed=0):

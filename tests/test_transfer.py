@@ -8,6 +8,7 @@ import torch
 
 from eplb_triton import plan_rearrangement, rearrange_expert_weights_inplace
 from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from map_cases import random_maps
 
 MIXED_SPECS = [
     TensorSpec((3, 5), torch.bfloat16),  # 30 bytes: odd row size
@@ -16,28 +17,6 @@ MIXED_SPECS = [
     TensorSpec((1,), torch.int32),  # a per-expert scale
     TensorSpec((5,), torch.float8_e4m3fn),
 ]
-
-
-def random_maps(rng, layers, ep, num_local, logical, empty_frac=0.1):
-    """Old/new maps where every logical expert is held somewhere and some slots are empty."""
-    slots = ep * num_local
-    maps = []
-    for _ in range(2):
-        layer_maps = []
-        for _ in range(layers):
-            m = np.concatenate([rng.permutation(logical), rng.integers(0, logical, slots - logical)])[:slots]
-            m = rng.permutation(m)
-            empty = rng.random(slots) < empty_frac
-            m[empty] = -1
-            layer_maps.append(m)
-        maps.append(np.stack(layer_maps))
-    old, new = maps
-    # new may only name experts the old layer holds
-    for l in range(layers):
-        held = np.unique(old[l][old[l] >= 0])
-        bad = (new[l] >= 0) & ~np.isin(new[l], held)
-        new[l][bad] = rng.choice(held, bad.sum())
-    return old, new
 
 
 def _rank_transfer(rank, world, old, new, specs, max_buffer_bytes, seed):
