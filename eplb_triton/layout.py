@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -441,12 +442,15 @@ class ExpertLayout:
         src_rows: torch.Tensor | None = None,
         dst_rows: torch.Tensor | None = None,
         tuning: KernelTuning | None = None,
+        compile_only: bool = False,
     ) -> None:
         """One Triton launch of ``mode`` ``"pack"``, ``"unpack"`` or ``"copy"``, unchecked.
 
         ``src_rows``/``dst_rows``: int64 tensors on the weights' device, already validated
         (in range; distinct destinations). ``buf``: the packed bytes (``pack``/``unpack``).
         No host sync. The public :meth:`pack`/:meth:`unpack`/:meth:`copy_rows` check and call this.
+        ``compile_only``: compile the kernel these exact arguments select, launch nothing (lets
+        another thread pay the compilation, e.g. the worker before the serving thread swaps).
         """
         state = self._triton()
         rows = src_rows if src_rows is not None else dst_rows
@@ -463,7 +467,8 @@ class ExpertLayout:
         table = state.chunk_table(plan.chunk)
         if table.shape[0] == 0:  # every tensor has zero-byte rows: nothing to move
             return
-        state.kernel[(plan.programs,)](
+        run = state.kernel[(plan.programs,)] if not compile_only else partial(state.kernel.warmup, grid=(plan.programs,))
+        run(
             table,
             src_rows if src_rows is not None else rows,
             dst_rows if dst_rows is not None else rows,

@@ -829,6 +829,7 @@ class TransferWorker:
                 # below), so step() launches its unpack without any host work on the rows.
                 stage.device_rows = torch.from_numpy(stage.rows).pin_memory().to(self._device, non_blocking=True)
             checks = self._transfer_layer(job, index, stage)
+            self._compile_swap(job, index, stage)
             self._finish_stream()
             if checks:
                 self._check_received(job, stage, checks)
@@ -837,6 +838,15 @@ class TransferWorker:
                 job.stats.layer_times_s.append(time.perf_counter() - begin)
                 job.published = index + 1
                 self._cond.notify_all()
+
+    def _compile_swap(self, job: _Job, index: int, stage: _Stage) -> None:
+        """Compile the swap's unpack here, so the serving thread's first step() does not
+        (about 50 ms once per kernel specialisation on an H100)."""
+        if stage.device_rows is None or resolve_backend(job.backend, self._device) != "triton":
+            return
+        slot = job.slots[index % 2]
+        with self._kernel_lock:
+            stage.layer.layout.launch("unpack", slot.buffer[: stage.nbytes], dst_rows=stage.device_rows, compile_only=True)
 
     def _transfer_layer(self, job: _Job, index: int, stage: _Stage) -> list:
         """Stage every row this rank writes in the layer; reads live weights, writes none.
