@@ -83,7 +83,9 @@ def _checksums_triton(table: torch.Tensor) -> torch.Tensor:
     part_b = torch.empty_like(part_a)
     from .kernels.checksum import checksum_partials_kernel  # importing triton is slow: only when used
 
-    checksum_partials_kernel[(count, num_blocks)](table.view(torch.int32), part_a, part_b, words, num_blocks, BLOCK=_BLOCK_WORDS)
+    checksum_partials_kernel[(count, num_blocks)](
+        table.view(torch.int32), part_a, part_b, words, num_blocks, P1=P1, P2=P2, BLOCK=_BLOCK_WORDS
+    )
     # partials < 2**31 each: their sum fits int64 for any realistic expert size
     return (part_a.sum(dim=1) % P1) * (1 << 31) + part_b.sum(dim=1) % P2
 

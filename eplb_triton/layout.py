@@ -134,21 +134,27 @@ def _host_rows(rows) -> np.ndarray | None:
     return np.asarray(rows, dtype=np.int64)
 
 
-def _as_index_tensor(rows, host: np.ndarray | None, device: torch.device) -> torch.Tensor:
-    """Rows as an int64 tensor on ``device``, without waiting for the device.
+def index_tensor(values, device: torch.device) -> torch.Tensor:
+    """Host integers (numpy, list, CPU tensor) as an int64 tensor on ``device``, without
+    waiting for the device.
 
-    Host rows go through pinned memory: a copy from *pageable* memory makes the host wait for
-    the work already queued on the stream before it starts (CUDA's documented behaviour), so
-    a swap launched behind a forward pass stalled the serving thread for that pass (seen on an
+    They go through pinned memory: a copy from *pageable* memory makes the host wait for the
+    work already queued on the stream before it starts (CUDA's documented behaviour), so a
+    swap launched behind a forward pass stalled the serving thread for that pass (seen on an
     H100: ~450 us of host time per step() behind 1 ms of queued GPU work). PyTorch's caching
     host allocator keeps the pinned block until the copy is done.
     """
-    if isinstance(rows, torch.Tensor):
-        if rows.device.type == "cpu" and device.type == "cuda":
-            rows = rows.to(torch.int64).pin_memory()
-        return rows.to(device=device, dtype=torch.int64, non_blocking=True)
-    cpu = torch.from_numpy(np.ascontiguousarray(host))
+    if isinstance(values, torch.Tensor):
+        values = values.numpy()
+    cpu = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
     return cpu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cpu
+
+
+def _as_index_tensor(rows, host: np.ndarray | None, device: torch.device) -> torch.Tensor:
+    """Rows as an int64 tensor on ``device``; device tensors stay on the device (no sync)."""
+    if isinstance(rows, torch.Tensor) and rows.device.type != "cpu":
+        return rows.to(device=device, dtype=torch.int64, non_blocking=True)
+    return index_tensor(host, device)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -133,11 +132,6 @@ class LayerPlan:
     @property
     def num_network(self) -> int:
         return int(self.is_network.sum())
-
-    @cached_property
-    def changed_slots(self) -> np.ndarray:
-        """Slots written by this plan (delivered or duplicate-filled), ascending."""
-        return np.sort(np.concatenate([self.dst_slot, self.dup_dst_slot]))
 
     @property
     def network_sends(self) -> np.ndarray:

@@ -368,20 +368,10 @@ class RoundWork:
         self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
     ) -> None:
         """Write the round: staged local moves, moves from the stash, received rows, then duplicate fills."""
-        _, recv_buf, scratch = self._slices(staging)
-        view = self.view
         if self.local_dst_rows.size:
-            layout.unpack(scratch, self.local_dst_rows, backend=backend)
+            layout.unpack(self._slices(staging)[2], self.local_dst_rows, backend=backend)
         self._local_from_stash(layout, stash, backend)
-        if self.recv_rows.size:
-            if not self.verify:
-                layout.unpack(recv_buf, self.recv_rows, backend=backend)  # one launch for all peers
-            else:
-                for peer, message in self.recv_messages(staging).items():
-                    rows = view.recv_rows[peer]
-                    layout.unpack(self._split(message, len(rows))[0], rows, backend=backend)
-        if view.dup_dst_rows.size:
-            layout.copy_rows(view.dup_src_rows, view.dup_dst_rows, backend=backend)
+        self.apply_received(layout, staging, backend)
 
     def _local_from_stash(self, layout: ExpertLayout, stash: torch.Tensor | None, backend: str | None) -> None:
         if self.stash_local_dst_rows.size:
@@ -399,10 +389,11 @@ class RoundWork:
         self._local_from_stash(layout, stash, backend)
 
     def apply_received(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
-        """Unpack received rows, then duplicate fills (pairs with :meth:`apply_local`)."""
+        """Unpack received rows, then duplicate fills (the end of :meth:`apply`; pairs with
+        :meth:`apply_local` in the first API's order)."""
         view = self.view
         if self.recv_rows.size and not self.verify:
-            layout.unpack(self._slices(staging)[1], self.recv_rows, backend=backend)
+            layout.unpack(self._slices(staging)[1], self.recv_rows, backend=backend)  # one launch for all peers
         elif self.recv_rows.size:
             for peer, message in self.recv_messages(staging).items():
                 rows = view.recv_rows[peer]

@@ -71,7 +71,7 @@ from .comm import (
     PeerTimeoutError,
     TransferError,
 )
-from .layout import resolve_backend
+from .layout import index_tensor, resolve_backend
 from .transfer import LayerWork, RoundWork, TransferStats, _check_timeout, prepare_layers
 
 __all__ = ["TransferWorker"]
@@ -239,13 +239,6 @@ class _Job:
     recv_sums: torch.Tensor | None = None  # verify: checksum trailers of one round's receives
     broken: bool = False  # a peer error: the transfer group is unusable, do not drain
     layer: int | None = None  # the layer the worker thread is transferring (error reports)
-
-
-def _index_tensor(values: np.ndarray, device: torch.device) -> torch.Tensor:
-    cpu = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
-    if device.type == "cuda":  # a pinned copy is queued on the stream; a pageable one would sync it
-        return cpu.pin_memory().to(device, non_blocking=True)
-    return cpu
 
 
 def _per_peer(buf: torch.Tensor, peers: list[int], counts: list[int], eb: int) -> dict[int, torch.Tensor]:
@@ -827,7 +820,7 @@ class TransferWorker:
             if self._stream is not None and stage.rows.size:
                 # The swap's row list goes to the GPU here, on the worker stream (synchronised
                 # below), so step() launches its unpack without any host work on the rows.
-                stage.device_rows = torch.from_numpy(stage.rows).pin_memory().to(self._device, non_blocking=True)
+                stage.device_rows = index_tensor(stage.rows, self._device)
             checks = self._transfer_layer(job, index, stage)
             self._compile_swap(job, index, stage)
             self._finish_stream()
@@ -906,7 +899,7 @@ class TransferWorker:
                 job.stats.verified_experts += int(work.recv_rows.size)
         if stage.dup_dst_pos.size:  # replicas: copies of packed experts already in the slot
             table = buf.view(-1, eb)
-            table[_index_tensor(stage.dup_dst_pos, buf.device)] = table[_index_tensor(stage.dup_src_pos, buf.device)]
+            table[index_tensor(stage.dup_dst_pos, buf.device)] = table[index_tensor(stage.dup_src_pos, buf.device)]
         return checks
 
     def _post(self, job: _Job, work: RoundWork, send_buf: torch.Tensor, sends: dict, recvs: dict) -> tuple[list, list]:

@@ -4,18 +4,17 @@
 Each expert's bytes are read as uint32 words ``u_j`` (``j`` from 0); the checksum is two
 position-weighted sums, ``a = sum(u_j * (j + 1)) mod P1`` and ``b = sum(u_j * (W - j)) mod P2``.
 Program ``(expert, block)`` reduces ``BLOCK`` words into one partial of each sum; the launcher
-adds the partials.
+adds the partials and passes the primes (both below 2**31).
 """
 
 import triton
 import triton.language as tl
 
-P1 = tl.constexpr(2147483647)  # 2**31 - 1
-P2 = tl.constexpr(2147483629)  # the largest prime below P1
-
 
 @triton.jit
-def checksum_partials_kernel(words_ptr, part_a_ptr, part_b_ptr, num_words, num_blocks, BLOCK: tl.constexpr):
+def checksum_partials_kernel(
+    words_ptr, part_a_ptr, part_b_ptr, num_words, num_blocks, P1: tl.constexpr, P2: tl.constexpr, BLOCK: tl.constexpr
+):
     expert = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     j = block * BLOCK + tl.arange(0, BLOCK)
