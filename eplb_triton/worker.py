@@ -52,6 +52,7 @@ communicator must not be used by two threads at once).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -142,7 +143,24 @@ def _acquire_group(ranks: list[int], backend: str):
             if group in live:  # skip groups destroyed since (e.g. with the default group)
                 return group
     # Only the EP ranks take part (several EP groups may build workers at once).
-    return dist.new_group(ranks, backend=backend, use_local_synchronization=True, sort_ranks=False)
+    return dist.new_group(ranks, backend=backend, use_local_synchronization=True, **_keep_rank_order(ranks))
+
+
+def _keep_rank_order(ranks: list[int]) -> dict:
+    """``new_group`` keywords that keep ``ranks`` in the EP group's order.
+
+    ``new_group`` sorts ranks, which renumbers a group whose global ranks are not ascending;
+    ``sort_ranks=False`` prevents that but only exists in newer torch (torch 2.11 rejects it).
+    Ascending ranks (the usual EP group) need nothing.
+    """
+    if list(ranks) == sorted(ranks):
+        return {}
+    if "sort_ranks" in inspect.signature(dist.new_group).parameters:
+        return {"sort_ranks": False}
+    raise ValueError(
+        f"the EP group's global ranks {list(ranks)} are not ascending, and this torch's new_group cannot keep "
+        "that order (no sort_ranks): pass transfer_group= (same ranks, same order) or use ascending ranks"
+    )
 
 
 def _release_group(group, ranks: tuple[int, ...], backend: str) -> None:
