@@ -256,7 +256,8 @@ class _TritonState:
         self.row_bytes_total = sum(layout.row_bytes)
         self.sm_count = _sm_count(layout.device)
         self.tuning = INTERPRETER_TUNING if self.interpreted else DEFAULT_TUNING
-        self._tables: dict[int, torch.Tensor] = {}
+        # what the descriptor tables depend on: the same tensors give the same key on every call
+        self.key = (str(layout.device), tuple(self.tensors))
         self.plans: dict[tuple, KernelPlan] = {}
         log.debug(
             "triton state: %d tensors, all 16-byte aligned: %s, %s, interpreted: %s",
@@ -267,23 +268,48 @@ class _TritonState:
         return sum(-(-nbytes // chunk) for _, _, nbytes, _, _ in self.tensors)
 
     def chunk_table(self, chunk: int) -> torch.Tensor:
-        """``(chunks_per_expert, NUM_FIELDS)`` int64 chunk descriptors for ``chunk``-byte chunks."""
-        table = self._tables.get(chunk)
+        """``(chunks_per_expert, NUM_FIELDS)`` int64 chunk descriptors for ``chunk``-byte chunks.
+
+        Cached across layouts by the tensors' addresses, strides and sizes (:data:`_TABLES`):
+        a rearrangement builds new layouts over the same weights on every call, and building a
+        table (plus its host-to-device copy) cost about 1 ms per layer (issue 12's profile).
+        """
+        key = (self.key, chunk)
+        table = _TABLES.get(key)
         if table is None:
-            f = self.fields
-            rows = []
-            for base, stride, nbytes, seg, aligned in self.tensors:
-                for begin in range(0, nbytes, chunk):
-                    entry = [0] * f["NUM_FIELDS"]
-                    entry[f["C_BASE"]] = base + begin
-                    entry[f["C_STRIDE"]] = stride
-                    entry[f["C_PACKED"]] = seg + begin
-                    entry[f["C_LEN"]] = 2 * min(chunk, nbytes - begin) + aligned
-                    rows.append(entry)
-            host = np.array(rows, dtype=np.int64).reshape(-1, f["NUM_FIELDS"])
-            table = torch.from_numpy(host).to(self.layout.device)
-            self._tables[chunk] = table
+            table = _build_chunk_table(self.tensors, chunk, self.fields, self.layout.device)
+            if len(_TABLES) >= _TABLES_MAX:
+                _TABLES.pop(next(iter(_TABLES)))  # oldest first
+            _TABLES[key] = table
         return table
+
+
+# Descriptor tables by (device, tensors' (base, stride, row bytes, segment, aligned), chunk). Plain
+# integers only: the cache keeps no tensor alive, and a tensor that moves gets a new key.
+_TABLES: dict[tuple, torch.Tensor] = {}
+_TABLES_MAX = 4096  # ~2 tables per layer (pack and unpack chunk sizes) of a 1000-layer model
+
+
+def _build_chunk_table(tensors: list[tuple], chunk: int, fields: dict, device: torch.device) -> torch.Tensor:
+    parts = []
+    for base, stride, nbytes, seg, aligned in tensors:
+        begin = np.arange(0, nbytes, chunk, dtype=np.int64)
+        part = np.zeros((begin.size, fields["NUM_FIELDS"]), dtype=np.int64)
+        part[:, fields["C_BASE"]] = base + begin
+        part[:, fields["C_STRIDE"]] = stride
+        part[:, fields["C_PACKED"]] = seg + begin
+        part[:, fields["C_LEN"]] = 2 * np.minimum(chunk, nbytes - begin) + aligned
+        parts.append(part)
+    host = torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, fields["NUM_FIELDS"]), dtype=np.int64))
+    if device.type != "cuda":
+        return host
+    # A cached table may be used later from any thread and stream: upload it on a stream of its
+    # own and wait for that copy alone (not for work queued on the caller's stream).
+    upload = torch.cuda.Stream(device=device)
+    with torch.cuda.stream(upload):
+        table = host.pin_memory().to(device, non_blocking=True)
+    upload.synchronize()
+    return table
 
 
 class ExpertLayout:
@@ -411,6 +437,33 @@ class ExpertLayout:
                 self.launch("copy", None, src_rows=src_t, dst_rows=dst_t)
         else:
             self.copy_rows_reference(src_t, dst_t)
+
+    def move(
+        self,
+        mode: str,
+        buf: torch.Tensor | None,
+        *,
+        src_rows: torch.Tensor | None = None,
+        dst_rows: torch.Tensor | None = None,
+        backend: str | None = None,
+    ) -> None:
+        """``pack``/``unpack``/``copy`` with rows already checked and on the weights' device.
+
+        For callers whose rows come from a plan (the transfer executor): no host checks, no
+        host-to-device copy, so a launch costs only the launcher's own host time. ``copy``
+        needs sources and destinations that do not overlap (the caller checks once).
+        """
+        rows = src_rows if src_rows is not None else dst_rows
+        if rows is None or rows.numel() == 0:
+            return
+        if resolve_backend(backend, self.device) == "triton":
+            self.launch(mode, buf, src_rows=src_rows, dst_rows=dst_rows)
+        elif mode == "pack":
+            self.pack_reference(src_rows, buf[: rows.numel() * self.expert_bytes])
+        elif mode == "unpack":
+            self.unpack_reference(buf[: rows.numel() * self.expert_bytes], dst_rows)
+        else:
+            self.copy_rows_reference(src_rows, dst_rows)
 
     # -- Triton launcher --------------------------------------------------------------------
     def _triton(self) -> _TritonState:

@@ -45,6 +45,7 @@ sleep, exit or corrupt ``received`` to simulate failures.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ import torch
 
 from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
-from .layout import ExpertLayout, check_layer_tensors
+from .layout import ExpertLayout, check_layer_tensors, index_tensor
 from .maps import ExpertMaps, normalize_maps
 from .plan import ROUND_KINDS, LayerPlan, RankPlan, normalize_elastic_maps, plan_from_maps, with_rounds
 from .schedule import schedule_layer
@@ -146,6 +147,35 @@ class TransferStats:
         )
 
 
+def _wire_order(rows_by_peer: dict[int, np.ndarray], peers: list[int], chunk: int | None) -> np.ndarray:
+    """Rows of every peer's message in wire order: peer by peer, or piece by piece (``chunk``
+    experts of each peer per piece) when messages are split."""
+    if not peers:
+        return np.zeros(0, dtype=np.int64)
+    if chunk is None:
+        return np.concatenate([np.asarray(rows_by_peer[p], dtype=np.int64) for p in peers])
+    longest = max(len(rows_by_peer[p]) for p in peers)
+    parts = [rows_by_peer[p][i : i + chunk] for i in range(0, longest, chunk) for p in peers]
+    return np.concatenate([np.asarray(x, dtype=np.int64) for x in parts])
+
+
+def _batch_spans(peers: list[int], counts: list[int], chunk: int | None) -> list[list[tuple[int, int, int]]]:
+    """``(peer, first expert, count)`` per batch, in the order of :func:`_wire_order`."""
+    if chunk is None:
+        firsts = np.cumsum([0] + list(counts))[:-1]
+        return [[(p, int(f), c) for p, f, c in zip(peers, firsts, counts)]]
+    spans, first = [], 0
+    for start in range(0, max(counts, default=0), chunk):
+        batch = []
+        for peer, count in zip(peers, counts):
+            n = min(chunk, count - start)
+            if n > 0:
+                batch.append((peer, first, n))
+                first += n
+        spans.append(batch)
+    return spans or [[]]
+
+
 @dataclass
 class RoundWork:
     """One exchange round of one layer on one rank, with its staging slices.
@@ -192,6 +222,8 @@ class RoundWork:
     stash_local_dst_rows: np.ndarray
     verify: bool = False
     steps: list[tuple[int, int, int, int, int, int]] | None = None
+    chunk_experts: int | None = None
+    _device_rows: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def from_view(
@@ -202,14 +234,21 @@ class RoundWork:
         *,
         verify: bool = False,
         steps: list[tuple[int, int, int, int, int, int]] | None = None,
+        chunk_experts: int | None = None,
     ) -> "RoundWork":
+        """``chunk_experts``: split every per-peer message into pieces of that many experts,
+        exchanged as separate batches (the wire order becomes piece-major, see :meth:`batches`);
+        ``None`` = whole messages. Only without ``verify`` and ``steps``."""
+        if chunk_experts is not None and (verify or steps is not None or chunk_experts < 1):
+            raise ValueError("chunk_experts needs verify=False, no planner rounds and a value >= 1")
         send_peers = sorted(view.send_rows)
         recv_peers = sorted(view.recv_rows)
-        cat = lambda rows: np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)  # noqa: E731
-        send_rows = cat([view.send_rows[p] for p in send_peers])
+        send_rows = _wire_order(view.send_rows, send_peers, chunk_experts)
         stash_rows = np.zeros(0, dtype=np.int64) if stash_rows is None else stash_rows
         send_stashed = np.isin(send_rows, stash_rows)
         local_stashed = np.isin(view.local_src_rows, stash_rows)
+        if np.intersect1d(view.dup_src_rows, view.dup_dst_rows).size:  # a plan invariant the copy launch relies on
+            raise AssertionError("a duplicate fill writes a row another duplicate fill reads")
         return cls(
             view=view,
             expert_bytes=expert_bytes,
@@ -218,7 +257,7 @@ class RoundWork:
             recv_peers=recv_peers,
             recv_counts=[len(view.recv_rows[p]) for p in recv_peers],
             send_rows=send_rows,
-            recv_rows=cat([view.recv_rows[p] for p in recv_peers]),
+            recv_rows=_wire_order(view.recv_rows, recv_peers, chunk_experts),
             local_src_rows=view.local_src_rows[~local_stashed],
             local_dst_rows=view.local_dst_rows[~local_stashed],
             stashed_sends=np.flatnonzero(send_stashed),
@@ -227,7 +266,41 @@ class RoundWork:
             stash_local_dst_rows=view.local_dst_rows[local_stashed],
             verify=verify,
             steps=steps,
+            chunk_experts=chunk_experts,
         )
+
+    # -- wire order -------------------------------------------------------------------------
+    def batches(self) -> list[tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]]:
+        """The exchanges of this round without ``verify``/``steps``, in order: per batch,
+        ``(sends, recvs)``, each a list of ``(peer, first, count)`` in experts of the send /
+        receive region (wire order). Whole messages: one batch. With ``chunk_experts = k``:
+        batch ``i`` carries experts ``[i*k, (i+1)*k)`` of every peer's message, so batch ``i``'s
+        sends are one contiguous run of the send region, packed by one launch while batch
+        ``i - 1`` is on the wire."""
+        sends = _batch_spans(self.send_peers, self.send_counts, self.chunk_experts)
+        recvs = _batch_spans(self.recv_peers, self.recv_counts, self.chunk_experts)
+        count = max(len(sends), len(recvs))
+        return list(zip(sends + [[]] * (count - len(sends)), recvs + [[]] * (count - len(recvs))))
+
+    def device_rows(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every row list this round launches with, on ``device``, uploaded once (one pinned copy)."""
+        if self._device_rows is None:
+            view = self.view
+            lists = {
+                "send": self.send_rows,
+                "recv": self.recv_rows,
+                "local_src": self.local_src_rows,
+                "local_dst": self.local_dst_rows,
+                "dup_src": view.dup_src_rows,
+                "dup_dst": view.dup_dst_rows,
+            }
+            flat = index_tensor(np.concatenate([np.asarray(v, dtype=np.int64) for v in lists.values()]), device)
+            out, offset = {}, 0
+            for name, values in lists.items():
+                out[name] = flat[offset : offset + len(values)]
+                offset += len(values)
+            self._device_rows = out
+        return self._device_rows
 
     def _message_bytes(self, count: int) -> int:
         return count * self.expert_bytes + (trailer_bytes(count) if self.verify else 0)
@@ -271,11 +344,24 @@ class RoundWork:
             return message[:data_end], None
         return message[:data_end], message[data_end : data_end + count * CHECKSUM_BYTES].view(torch.int64)
 
+    @property
+    def framed(self) -> bool:
+        """Whole per-peer messages moved by :meth:`exchanges` (``verify``: data then checksum
+        trailer; ``steps``: planner rounds), rather than the batches of :meth:`post_batches`."""
+        return self.verify or self.steps is not None
+
     def send_messages(self, staging: torch.Tensor) -> dict[int, torch.Tensor]:
         return self._per_peer(self._slices(staging)[0], self.send_peers, self.send_counts)
 
     def recv_messages(self, staging: torch.Tensor) -> dict[int, torch.Tensor]:
-        return self._per_peer(self._slices(staging)[1], self.recv_peers, self.recv_counts)
+        """Each peer's received bytes; with split messages, its first batch's piece."""
+        if self.framed or self.chunk_experts is None:
+            return self._per_peer(self._slices(staging)[1], self.recv_peers, self.recv_counts)
+        recv_buf, eb, out = self._slices(staging)[1], self.expert_bytes, {}
+        for _, recvs in self.batches():
+            for peer, first, count in recvs:
+                out.setdefault(peer, recv_buf[first * eb : (first + count) * eb])
+        return out
 
     def _part(self, message: torch.Tensor, start: int, stop: int, count: int) -> torch.Tensor:
         """Experts ``[start, stop)`` of a ``count``-expert message; the last part also carries
@@ -284,8 +370,8 @@ class RoundWork:
         return message[start * self.expert_bytes : end]
 
     def exchanges(self, staging: torch.Tensor) -> list[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
-        """``(sends, recvs)`` by peer of each exchange of this round, in order: every peer's
-        whole message at once, or (``steps``) one slice to and from at most one peer each."""
+        """``(sends, recvs)`` by peer of each framed exchange of this round, in order: every
+        peer's whole message at once, or (``steps``) one slice to and from at most one peer each."""
         sends, recvs = self.send_messages(staging), self.recv_messages(staging)
         if self.steps is None:
             return [(sends, recvs)]
@@ -304,15 +390,45 @@ class RoundWork:
         return Communicator.op_labels(dict.fromkeys(self.send_peers), dict.fromkeys(self.recv_peers))
 
     # -- steps -------------------------------------------------------------------------------
+    def post_batches(
+        self,
+        layout: ExpertLayout,
+        send_buf: torch.Tensor,
+        recv_buf: torch.Tensor,
+        comm: Communicator,
+        backend: str | None,
+        stash: torch.Tensor | None = None,
+    ) -> tuple[list, list[tuple[int, str]], list[int]]:
+        """Pack and post every batch of :meth:`batches`: pack batch ``i``'s sends (one launch),
+        then post its ops; on GPUs the next pack runs while batch ``i`` is on the wire (NCCL's
+        stream waits only for the packs queued before each post). Receives land in ``recv_buf``
+        in wire order. Reads rows (and the stash) only. Returns the requests, the ops' labels
+        and the number of ops of each batch."""
+        eb, rows = self.expert_bytes, self.device_rows(layout.device)["send"]
+        requests, labels, ops = [], [], []
+        for sends, recvs in self.batches():
+            if sends:
+                first, stop = sends[0][1], sends[-1][1] + sends[-1][2]
+                layout.move("pack", send_buf[first * eb : stop * eb], src_rows=rows[first:stop], backend=backend)
+                mine = (self.stashed_sends >= first) & (self.stashed_sends < stop)
+                self._from_stash(send_buf, self.stashed_sends[mine], self.stashed_send_entries[mine], stash)
+            out = {peer: send_buf[f * eb : (f + n) * eb] for peer, f, n in sends}
+            into = {peer: recv_buf[f * eb : (f + n) * eb] for peer, f, n in recvs}
+            requests += comm.exchange(out, into)
+            labels += Communicator.op_labels(out, into)
+            ops.append(len(out) + len(into))
+        return requests, labels, ops
+
     def pack_sends(
         self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
     ) -> None:
-        """Pack every peer's rows (reads rows and the stash only); with ``verify`` also their checksums."""
+        """Framed messages: pack every peer's rows (reads rows and the stash only); with
+        ``verify`` also their checksums. (Batches pack in :meth:`post_batches`.)"""
         if not self.send_rows.size:
             return
         send_buf = self._slices(staging)[0]
         if not self.verify:
-            layout.pack(self.send_rows, send_buf, backend=backend)  # one launch for all peers
+            layout.move("pack", send_buf, src_rows=self.device_rows(layout.device)["send"], backend=backend)
             self._from_stash(send_buf, self.stashed_sends, self.stashed_send_entries, stash)
             return
         offset = 0
@@ -337,18 +453,22 @@ class RoundWork:
     def stage_local(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
         """Copy the old rows that local moves read into scratch (reads rows only)."""
         if self.local_src_rows.size:
-            layout.pack(self.local_src_rows, self._slices(staging)[2], backend=backend)
+            rows = self.device_rows(layout.device)["local_src"]
+            layout.move("pack", self._slices(staging)[2], src_rows=rows, backend=backend)
 
     def post(self, staging: torch.Tensor, comm: Communicator) -> list:
-        """Start one irecv + one isend per peer; returns the requests (order: :attr:`op_labels`)."""
+        """Start one irecv + one isend per peer (framed messages); returns the requests (order: :attr:`op_labels`)."""
         return comm.exchange(self.send_messages(staging), self.recv_messages(staging))
 
     def start(
         self, layout: ExpertLayout, staging: torch.Tensor, comm: Communicator, backend: str | None, stash: torch.Tensor | None = None
     ) -> list:
         """Pack every peer's rows, stage local sources and start the exchange; returns requests."""
-        self.pack_sends(layout, staging, backend, stash)
         self.stage_local(layout, staging, backend)
+        if not self.framed:
+            send_buf, recv_buf, _ = self._slices(staging)
+            return self.post_batches(layout, send_buf, recv_buf, comm, backend, stash)[0]
+        self.pack_sends(layout, staging, backend, stash)
         return self.post(staging, comm)
 
     def verify_received(self, staging: torch.Tensor) -> list[tuple[int, int]]:
@@ -369,7 +489,8 @@ class RoundWork:
     ) -> None:
         """Write the round: staged local moves, moves from the stash, received rows, then duplicate fills."""
         if self.local_dst_rows.size:
-            layout.unpack(self._slices(staging)[2], self.local_dst_rows, backend=backend)
+            rows = self.device_rows(layout.device)["local_dst"]
+            layout.move("unpack", self._slices(staging)[2], dst_rows=rows, backend=backend)
         self._local_from_stash(layout, stash, backend)
         self.apply_received(layout, staging, backend)
 
@@ -391,15 +512,15 @@ class RoundWork:
     def apply_received(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
         """Unpack received rows, then duplicate fills (the end of :meth:`apply`; pairs with
         :meth:`apply_local` in the first API's order)."""
-        view = self.view
+        view, rows = self.view, self.device_rows(layout.device)
         if self.recv_rows.size and not self.verify:
-            layout.unpack(self._slices(staging)[1], self.recv_rows, backend=backend)  # one launch for all peers
+            layout.move("unpack", self._slices(staging)[1], dst_rows=rows["recv"], backend=backend)  # one launch, all peers
         elif self.recv_rows.size:
             for peer, message in self.recv_messages(staging).items():
-                rows = view.recv_rows[peer]
-                layout.unpack(self._split(message, len(rows))[0], rows, backend=backend)
+                peer_rows = view.recv_rows[peer]
+                layout.unpack(self._split(message, len(peer_rows))[0], peer_rows, backend=backend)
         if view.dup_dst_rows.size:
-            layout.copy_rows(view.dup_src_rows, view.dup_dst_rows, backend=backend)
+            layout.move("copy", None, src_rows=rows["dup_src"], dst_rows=rows["dup_dst"], backend=backend)
 
     def count_into(self, stats: TransferStats, ops: int, *, batches: Sequence[int] | None = None) -> None:
         """Add this round to ``stats``; ``batches``: ops of each exchange issued (default: one
@@ -503,11 +624,23 @@ class LayerWork:
         try:
             for i, work in enumerate(self.rounds):
                 where = f"layer {self.index}, round {i + 1}/{len(self.rounds)}"
-                work.pack_sends(layout, staging, backend, stash)
                 work.stage_local(layout, staging, backend)
-                _fault("before_send", rank=comm.rank, layer=self.index, round=i)
                 batches = []
-                exchanges = work.exchanges(staging)
+                if not work.framed:  # packs and posts batch by batch, then one wait for all
+                    _fault("before_send", rank=comm.rank, layer=self.index, round=i)
+                    send_buf, recv_buf, _ = work._slices(staging)
+                    requests, labels, batches = work.post_batches(layout, send_buf, recv_buf, comm, backend, stash)
+                    _fault("posted", rank=comm.rank, layer=self.index, round=i, step=0, ops=labels)
+                    try:
+                        comm.wait(requests, timeout_s=timeout_s, labels=labels, where=where)
+                    except PeerError as exc:
+                        exc.layer = self.index
+                        raise
+                    exchanges = []
+                else:
+                    work.pack_sends(layout, staging, backend, stash)
+                    _fault("before_send", rank=comm.rank, layer=self.index, round=i)
+                    exchanges = work.exchanges(staging)
                 for step, (sends, recvs) in enumerate(exchanges):
                     # planner rounds (``rounds=``) run one after the other; nothing is
                     # written until the last one completed
@@ -520,7 +653,7 @@ class LayerWork:
                     except PeerError as exc:
                         exc.layer = self.index
                         raise
-                    batches.append(len(requests))
+                    batches.append(len(labels))
                 work.count_into(stats, sum(batches), batches=batches)
                 _fault("in_flight", rank=comm.rank, layer=self.index, round=i, received=work.recv_messages(staging))
                 if mismatch is None:
@@ -561,12 +694,18 @@ class LayerWork:
 
 
 def _fingerprint(
-    maps: ExpertMaps, layouts: Sequence[ExpertLayout], budget: int | None, verify: bool = False, rounds: str | None = None
+    maps: ExpertMaps,
+    layouts: Sequence[ExpertLayout],
+    budget: int | None,
+    verify: bool = False,
+    rounds: str | None = None,
+    chunk_bytes: int = 0,
 ) -> int:
     crc = zlib.crc32(maps.old.tobytes())
     crc = zlib.crc32(maps.new.tobytes(), crc)
     sizes = np.array(
-        [maps.ep_size, budget or 0, int(verify)] + [b for lay in layouts for b in lay.row_bytes], dtype=np.int64
+        [maps.ep_size, budget or 0, int(verify), chunk_bytes] + [b for lay in layouts for b in lay.row_bytes],
+        dtype=np.int64,
     )
     crc = zlib.crc32(sizes.tobytes(), crc)
     if rounds is not None:  # ranks must agree on it: it changes which ops meet
@@ -602,6 +741,35 @@ def _exchange_steps(plan: LayerPlan, rank: int) -> list[tuple[int, int, int, int
             span.append((start, stop))
         steps.append((send_peer, *span[0], recv_peer, *span[1]))
     return steps
+
+
+#: Pieces of a per-peer message moved as separate batches on NCCL, so the pack of piece ``i + 1``
+#: overlaps the wire time of piece ``i`` (tuned on two H200 over NVLink; see bench/link_speed.py).
+PIPELINE_CHUNK_BYTES = 16 << 20
+CHUNK_ENV = "EPLB_TRITON_CHUNK_BYTES"  # overrides it (0 = whole messages); must match on every rank
+
+
+def pipeline_chunk_bytes(dist_backend: str | None) -> int:
+    """Bytes per message piece for this process group's backend (0 = whole messages).
+
+    NCCL only by default: on gloo the pack is not asynchronous to the wire, so pieces only add
+    messages. ``EPLB_TRITON_CHUNK_BYTES`` overrides it for any backend (tests use it on gloo).
+    """
+    value = os.environ.get(CHUNK_ENV)
+    if value not in (None, ""):
+        try:
+            chunk = int(value)
+        except ValueError:
+            raise ValueError(f"{CHUNK_ENV} must be an integer number of bytes, got {value!r}") from None
+        if chunk < 0:
+            raise ValueError(f"{CHUNK_ENV} must be >= 0, got {chunk}")
+        return chunk
+    return PIPELINE_CHUNK_BYTES if dist_backend == "nccl" else 0
+
+
+def _chunk_experts(expert_bytes: int, chunk_bytes: int) -> int | None:
+    """Experts per message piece (at least one), or None for whole messages."""
+    return max(1, chunk_bytes // expert_bytes) if chunk_bytes else None
 
 
 def _row_cost(layout: ExpertLayout, verify: bool) -> int:
@@ -640,7 +808,7 @@ def prepare_layers(
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
-    error, maps, layouts, fingerprint, kind = None, None, [], 0, None
+    error, maps, layouts, fingerprint, kind, chunk_bytes = None, None, [], 0, None, 0
     try:
         _check_timeout(timeout_s)
         kind = _round_kind(rounds)
@@ -660,7 +828,8 @@ def prepare_layers(
             if max_buffer_bytes < largest:
                 what = "one packed expert and its checksum" if verify else "one packed expert"
                 raise ValueError(f"max_buffer_bytes={max_buffer_bytes} is smaller than {what} ({largest} bytes)")
-        fingerprint = _fingerprint(maps, layouts, max_buffer_bytes, verify, kind)
+        chunk_bytes = pipeline_chunk_bytes(comm.backend)
+        fingerprint = _fingerprint(maps, layouts, max_buffer_bytes, verify, kind, chunk_bytes)
     except (TypeError, ValueError) as exc:
         error = exc
     comm.agree(error, fingerprint, timeout_s=timeout_s)
@@ -683,7 +852,10 @@ def prepare_layers(
                 sub = with_rounds(sub, kind)
                 steps = _exchange_steps(sub, comm.rank)
             view = sub.rank(comm.rank)
-            works.append(RoundWork.from_view(view, layout.expert_bytes, stash_rows, verify=verify, steps=steps))
+            chunk = _chunk_experts(layout.expert_bytes, chunk_bytes) if steps is None and not verify else None
+            works.append(
+                RoundWork.from_view(view, layout.expert_bytes, stash_rows, verify=verify, steps=steps, chunk_experts=chunk)
+            )
         layers.append(
             LayerWork(
                 index=index,
@@ -772,6 +944,23 @@ def finish_transfer(
         peer=first.peer if first else None,
         expert=first.expert if first else None,
     )
+
+
+def _mark(device: torch.device):
+    """A point in time on ``device``'s current stream (CUDA event) or on the host clock."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+    return time.perf_counter()
+
+
+def _elapsed(marks: list) -> list[float]:
+    """Seconds between consecutive :func:`_mark` points (waits for the last CUDA event)."""
+    if marks and isinstance(marks[0], torch.cuda.Event):
+        marks[-1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+    return [b - a for a, b in zip(marks, marks[1:])]
 
 
 def rearrange_expert_weights_inplace(
@@ -866,8 +1055,10 @@ def rearrange_expert_weights_inplace(
             undo = torch.empty(undo_bytes, dtype=torch.uint8, device=device)
             stats.peak_undo_bytes = undo_bytes
     errors: list[ChecksumMismatchError] = []
+    # Layer times: CUDA events on GPUs (the host queues layer after layer without waiting for
+    # the device; a per-layer synchronize stalled the queue), host clocks elsewhere.
+    marks = [_mark(device)]
     for layer in layers:
-        begin = time.perf_counter()
         try:
             layer.run(staging, comm, backend, stats, timeout_s=timeout_s, undo=undo)
         except ChecksumMismatchError as exc:
@@ -878,12 +1069,10 @@ def rearrange_expert_weights_inplace(
             logger.error("rank %d: rearrangement stopped at layer %d: %s", comm.rank, layer.index, exc)
             exc.stats = stats  # which layers are new on this rank: those not in failed_layers
             raise
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
-        stats.layer_times_s.append(time.perf_counter() - begin)
-        logger.debug(
-            "rank %d layer %d: %d rounds in %.6f s", comm.rank, layer.index, len(layer.rounds), stats.layer_times_s[-1]
-        )
+        marks.append(_mark(device))
+    stats.layer_times_s = _elapsed(marks)
+    for layer, seconds in zip(layers, stats.layer_times_s):
+        logger.debug("rank %d layer %d: %d rounds in %.6f s", comm.rank, layer.index, len(layer.rounds), seconds)
     try:
         finish_transfer(comm, layers, stats, errors, timeout_s=timeout_s)
     except TransferError as exc:
