@@ -355,9 +355,13 @@ class RoundWork:
 
     def recv_messages(self, staging: torch.Tensor) -> dict[int, torch.Tensor]:
         """Each peer's received bytes; with split messages, its first batch's piece."""
+        return self.recv_messages_in(self._slices(staging)[1])
+
+    def recv_messages_in(self, recv_buf: torch.Tensor) -> dict[int, torch.Tensor]:
+        """:meth:`recv_messages` of a receive region ``recv_buf`` (wire order)."""
         if self.framed or self.chunk_experts is None:
-            return self._per_peer(self._slices(staging)[1], self.recv_peers, self.recv_counts)
-        recv_buf, eb, out = self._slices(staging)[1], self.expert_bytes, {}
+            return self._per_peer(recv_buf, self.recv_peers, self.recv_counts)
+        eb, out = self.expert_bytes, {}
         for _, recvs in self.batches():
             for peer, first, count in recvs:
                 out.setdefault(peer, recv_buf[first * eb : (first + count) * eb])
@@ -398,20 +402,24 @@ class RoundWork:
         comm: Communicator,
         backend: str | None,
         stash: torch.Tensor | None = None,
+        *,
+        pack: bool = True,
     ) -> tuple[list, list[tuple[int, str]], list[int]]:
         """Pack and post every batch of :meth:`batches`: pack batch ``i``'s sends (one launch),
         then post its ops; on GPUs the next pack runs while batch ``i`` is on the wire (NCCL's
         stream waits only for the packs queued before each post). Receives land in ``recv_buf``
         in wire order. Reads rows (and the stash) only. Returns the requests, the ops' labels
-        and the number of ops of each batch."""
+        and the number of ops of each batch. ``pack=False`` sends ``send_buf`` as it is (a
+        drain's junk, matching a peer's batches op for op)."""
         eb, rows = self.expert_bytes, self.device_rows(layout.device)["send"]
         requests, labels, ops = [], [], []
         for sends, recvs in self.batches():
-            if sends:
+            if sends and pack:
                 first, stop = sends[0][1], sends[-1][1] + sends[-1][2]
                 layout.move("pack", send_buf[first * eb : stop * eb], src_rows=rows[first:stop], backend=backend)
-                mine = (self.stashed_sends >= first) & (self.stashed_sends < stop)
-                self._from_stash(send_buf, self.stashed_sends[mine], self.stashed_send_entries[mine], stash)
+                if stash is not None:  # the blocking path: rows its earlier rounds overwrote
+                    mine = (self.stashed_sends >= first) & (self.stashed_sends < stop)
+                    self._from_stash(send_buf, self.stashed_sends[mine], self.stashed_send_entries[mine], stash)
             out = {peer: send_buf[f * eb : (f + n) * eb] for peer, f, n in sends}
             into = {peer: recv_buf[f * eb : (f + n) * eb] for peer, f, n in recvs}
             requests += comm.exchange(out, into)

@@ -80,7 +80,8 @@ __all__ = ["TransferWorker"]
 log = logging.getLogger(__name__)
 
 _POLL_MIN_S = 20e-6  # first sleep of a poll loop: the GIL is free for the serving thread meanwhile
-_POLL_MAX_S = 1e-3  # longest sleep: bounds the latency added to a layer that just finished
+_POLL_MAX_S = 2e-4  # longest sleep: bounds the latency added to a layer that just finished (a
+# layer of a reference config moves in 0.1-0.7 ms on NVLink: a 1 ms cap added up to 1 ms per layer)
 _WAIT_SLICE_S = 0.05  # wait() re-agrees at least this often, so a failure on a peer is seen
 _DRAIN_STREAM_S = 30.0  # how long a drain waits for the transfer stream before giving up
 _MESSAGE_BYTES = 480  # failure message bytes each rank shares when a worker fails
@@ -832,23 +833,41 @@ class TransferWorker:
     def _run_job(self, job: _Job) -> None:
         if job.start_event is not None:
             self._stream.wait_event(job.start_event)
+        # Layer i+1 is queued on the worker stream before layer i is waited for and published,
+        # so the GPU never idles between layers while this thread polls and publishes.
+        pending = None
         for index, stage in enumerate(job.stages):
             begin = time.perf_counter()
             job.layer = stage.layer.index
             if self._stream is not None and stage.rows.size:
                 # The swap's row list goes to the GPU here, on the worker stream (synchronised
-                # below), so step() launches its unpack without any host work on the rows.
+                # before publishing), so step() launches its unpack without host work on the rows.
                 stage.device_rows = index_tensor(stage.rows, self._device)
+            if pending is not None and stage.nbytes and job.swapped < index - 1:
+                self._publish(job, *pending)  # this layer waits for a slot: offer the last one first
+                pending = None
             checks = self._transfer_layer(job, index, stage)
             self._compile_swap(job, index, stage)
-            self._finish_stream()
-            if checks:
-                self._check_received(job, stage, checks)
-            _fault("before_publish", rank=self._transfer.rank, layer=stage.layer.index)
-            with self._cond:
-                job.stats.layer_times_s.append(time.perf_counter() - begin)
-                job.published = index + 1
-                self._cond.notify_all()
+            done = None
+            if self._stream is not None:
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            if pending is not None:
+                self._publish(job, *pending)
+            pending = (index, stage, checks, done, begin)
+        if pending is not None:
+            self._publish(job, *pending)
+
+    def _publish(self, job: _Job, index: int, stage: _Stage, checks: list, done, begin: float) -> None:
+        """Wait until layer ``index``'s transfer ran (``done``), check it, and offer it to step()."""
+        self._finish_stream(event=done)
+        if checks:
+            self._check_received(job, stage, checks)
+        _fault("before_publish", rank=self._transfer.rank, layer=stage.layer.index)
+        with self._cond:
+            job.stats.layer_times_s.append(time.perf_counter() - begin)
+            job.published = index + 1
+            self._cond.notify_all()
 
     def _compile_swap(self, job: _Job, index: int, stage: _Stage) -> None:
         """Compile the swap's unpack here, so the serving thread's first step() does not
@@ -887,15 +906,22 @@ class TransferWorker:
             if self._stop:
                 raise _Stopped
             send_buf = job.send_buffer[: work.send_rows.size * eb]
-            if work.send_rows.size:
-                with self._kernel_lock:
-                    layout.pack(work.send_rows, send_buf, backend=backend)
-            sends = _per_peer(send_buf, work.send_peers, work.send_counts, eb)
-            recvs = _per_peer(buf[offset:], work.recv_peers, work.recv_counts, eb)
+            recv_buf = buf[offset : offset + work.recv_rows.size * eb]
             where = f"layer {layer_index}, round {number + 1}/{rounds}"
+            if job.verify:  # framed: data, then a second batch with the checksum trailers
+                if work.send_rows.size:
+                    with self._kernel_lock:
+                        layout.pack(work.send_rows, send_buf, backend=backend)
+                sends = _per_peer(send_buf, work.send_peers, work.send_counts, eb)
+                recvs = _per_peer(recv_buf, work.recv_peers, work.recv_counts, eb)
             _fault("before_send", rank=rank, layer=layer_index, round=number)
             job.cursor = (index, number + 1)  # posted (even if posting fails): never re-posted by a drain
-            requests, labels = self._post(job, work, send_buf, sends, recvs)
+            if job.verify:
+                requests, labels = self._post(job, work, send_buf, sends, recvs)
+            else:  # the executor's batches: packs piece by piece, posts as it goes
+                with self._kernel_lock:
+                    requests, labels, _ = work.post_batches(layout, send_buf, recv_buf, self._transfer, backend)
+                recvs = work.recv_messages_in(recv_buf)
             # gloo: blocks this thread (GIL released); NCCL: the worker stream waits, the host does not.
             try:
                 self._transfer.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
@@ -903,7 +929,7 @@ class TransferWorker:
                 exc.layer = layer_index
                 job.broken = True  # the group is unusable: no drain
                 raise
-            work.count_into(job.stats, len(requests))
+            work.count_into(job.stats, len(labels))
             _fault("in_flight", rank=rank, layer=layer_index, round=number, received=recvs)
             if job.verify and work.recv_rows.size:
                 received = torch.cat(
@@ -986,10 +1012,15 @@ class TransferWorker:
                 need = work.recv_rows.size * eb
                 if junk_recv is None or junk_recv.numel() < need:
                     junk_recv = torch.empty(need, dtype=torch.uint8, device=self._device)
-                sends = _per_peer(job.send_buffer, work.send_peers, work.send_counts, eb)
-                recvs = _per_peer(junk_recv, work.recv_peers, work.recv_counts, eb)
                 send_buf = job.send_buffer[: work.send_rows.size * eb]
-                requests, labels = self._post(job, work, send_buf, sends, recvs)
+                if job.verify:
+                    sends = _per_peer(job.send_buffer, work.send_peers, work.send_counts, eb)
+                    recvs = _per_peer(junk_recv, work.recv_peers, work.recv_counts, eb)
+                    requests, labels = self._post(job, work, send_buf, sends, recvs)
+                else:  # the same batches as a peer still transferring posts
+                    requests, labels, _ = work.post_batches(
+                        stage.layer.layout, send_buf, junk_recv, self._transfer, job.backend, pack=False
+                    )
                 where = f"drain: layer {stage.layer.index}, round {number + 1}/{len(stage.layer.rounds)}"
                 self._transfer.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
             self._finish_stream(deadline=time.monotonic() + _DRAIN_STREAM_S)
@@ -999,7 +1030,7 @@ class TransferWorker:
         except BaseException:  # noqa: BLE001 - the first error (if any) is already recorded
             log.warning("rank %d: draining the transfer group failed", self._transfer.rank, exc_info=True)
 
-    def _finish_stream(self, deadline: float | None = None) -> None:
+    def _finish_stream(self, deadline: float | None = None, event: torch.cuda.Event | None = None) -> None:
         """Wait until the worker stream has run everything queued: the layer may be swapped.
 
         An event poll rather than ``stream.synchronize()``: close() stays responsive, and a
@@ -1007,8 +1038,9 @@ class TransferWorker:
         """
         if self._stream is None:
             return
-        event = torch.cuda.Event()
-        event.record(self._stream)
+        if event is None:
+            event = torch.cuda.Event()
+            event.record(self._stream)
         delay = _POLL_MIN_S
         while not event.query():
             if deadline is None and self._stop:

@@ -1,0 +1,317 @@
+"""Link speed (issue 12): every method against one NCCL message of the same bytes, same run.
+
+    # two GPUs, one process each (NVLink multicast stays off; multi_gpu.py sets it on import):
+    python bench/link_speed.py --json $OUT/link_speed.json --profile-dir $OUT
+    # CPU smoke run on gloo (shapes scaled down; the numbers mean nothing there):
+    python bench/link_speed.py --backend gloo --quick
+
+Per config (the four reference layers of ``bench/multi_gpu.py`` and the two presets' placements),
+``--layers`` layers per call, median and min-max over ``--repeats`` calls after a warm-up, the
+slowest rank's time per layer (whole calls, divided by the layers):
+
+* ``floor``: one ``batch_isend_irecv`` per layer of exactly the bytes the library sends to and
+  receives from each peer (what a perfect transfer costs on this link);
+* ``torch-packed``: ``index_select`` per tensor + one ``batch_isend_irecv`` + ``index_copy_``;
+* ``per-expert``: vLLM's scheme (:mod:`eplb_triton.baseline`);
+* ``blocking``: :func:`eplb_triton.rearrange_expert_weights_inplace`, the whole call
+  (validation, agreement, planning, confirmation included);
+* ``worker``: :class:`eplb_triton.TransferWorker`, ``submit`` then ``step()`` until done.
+
+Each method's result is checked bit for bit after its warm-up call. ``--chunks`` also times the
+blocking path at other message-piece sizes (``EPLB_TRITON_CHUNK_BYTES``). ``--profile-dir``
+writes a ``torch.profiler`` table of one blocking call per config (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import multi_gpu as mg  # noqa: E402  (sets the NVLink-multicast-off variables first)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from eplb_triton import TransferWorker, plan_rearrangement, rearrange_expert_weights_inplace  # noqa: E402
+from eplb_triton.baseline import rearrange_per_expert  # noqa: E402
+from eplb_triton.demo import PRESETS, make_placements  # noqa: E402
+from eplb_triton.launch import run_ranks  # noqa: E402
+from eplb_triton.layout import ExpertLayout  # noqa: E402
+from eplb_triton.synthetic import fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
+
+METHODS = ("floor", "torch-packed", "per-expert", "blocking", "worker")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peer_bytes(plan, rank: int, expert_bytes: int) -> tuple[dict, dict]:
+    """Bytes this rank sends to / receives from each peer in one layer (first layer's plan)."""
+    traffic = plan.layers[0].traffic
+    world = traffic.shape[0]
+    sends = {p: int(traffic[rank, p]) * expert_bytes for p in range(world) if p != rank and traffic[rank, p]}
+    recvs = {p: int(traffic[p, rank]) * expert_bytes for p in range(world) if p != rank and traffic[p, rank]}
+    return sends, recvs
+
+
+class _Floor:
+    """One batch_isend_irecv of given per-peer bytes, per layer."""
+
+    def __init__(self, sends: dict, recvs: dict, device: torch.device):
+        self.out = {p: torch.empty(n, dtype=torch.uint8, device=device).random_() for p, n in sends.items()}
+        self.into = {p: torch.empty(n, dtype=torch.uint8, device=device) for p, n in recvs.items()}
+
+    def __call__(self, layers: int) -> None:
+        for _ in range(layers):
+            ops = [dist.P2POp(dist.irecv, t, p) for p, t in self.into.items()]
+            ops += [dist.P2POp(dist.isend, t, p) for p, t in self.out.items()]
+            for req in dist.batch_isend_irecv(ops) if ops else []:
+                req.wait()
+
+
+def _torch_packed(old, new, weights, rank: int, world: int) -> None:
+    """index_select per tensor into one buffer per peer, one batch_isend_irecv, index_copy_
+    (on byte views of the tensors, so any dtype works)."""
+    plan = plan_rearrangement(old, new, world)
+    for layer_plan, tensors in zip(plan.layers, weights):
+        view = layer_plan.rank(rank)
+        device = tensors[0].device
+        rows = lambda r: torch.as_tensor(np.asarray(r, dtype=np.int64), device=device)  # noqa: E731
+        byte_rows = [t.reshape(t.shape[0], -1).view(torch.uint8) for t in tensors]
+        send = {p: torch.cat([b.index_select(0, rows(r)) for b in byte_rows], 1) for p, r in view.send_rows.items()}
+        width = sum(b.shape[1] for b in byte_rows)
+        recv = {p: torch.empty((len(r), width), dtype=torch.uint8, device=device) for p, r in view.recv_rows.items()}
+        ops = [dist.P2POp(dist.irecv, b, p) for p, b in recv.items()] + [dist.P2POp(dist.isend, b, p) for p, b in send.items()]
+        for req in dist.batch_isend_irecv(ops) if ops else []:
+            req.wait()
+        local = [b.index_select(0, rows(view.local_src_rows)) for b in byte_rows]
+        for b, src in zip(byte_rows, local):
+            b.index_copy_(0, rows(view.local_dst_rows), src)
+        for p, buf in recv.items():
+            offset = 0
+            for b in byte_rows:
+                b.index_copy_(0, rows(view.recv_rows[p]), buf[:, offset : offset + b.shape[1]])
+                offset += b.shape[1]
+        for b in byte_rows:
+            b.index_copy_(0, rows(view.dup_dst_rows), b.index_select(0, rows(view.dup_src_rows)))
+
+
+def send_bytes_per_row(tensors) -> int:
+    return sum(t[0].numel() * t.element_size() for t in tensors)
+
+
+def _worker_call(worker: TransferWorker, old, new) -> None:
+    worker.submit(old, new)
+    while worker.busy:
+        worker.step()
+    worker.wait()
+
+
+def _configs(cfg: dict, world: int) -> list[tuple[str, np.ndarray, np.ndarray, list]]:
+    out = []
+    for name in cfg["configs"]:
+        local, moved, specs = mg.REF_CONFIGS[name]
+        old, new = mg.ref_maps(cfg["layers"], world, local, moved)
+        out.append((name, old, new, mg.scaled(specs, cfg["scale"])))
+    for name in cfg["presets"]:
+        preset = PRESETS[name]
+        old, new = make_placements(cfg["layers"], preset.num_logical, world, preset.redundant_per_rank, seed=5)
+        out.append((f"{name} (preset)", old, new, preset.specs(cfg["preset_scale"])))
+    return out
+
+
+def _time(fn, device, repeats: int) -> list[float]:
+    """Seconds of each call, the slowest rank's, after one warm-up call."""
+    times = []
+    for repeat in range(repeats + 1):
+        _sync(device)
+        dist.barrier()
+        _sync(device)
+        begin = time.perf_counter()
+        fn(repeat)
+        _sync(device)
+        elapsed = time.perf_counter() - begin
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, elapsed)
+        if repeat:
+            times.append(max(everyone))
+    return times
+
+
+def _rank_main(rank: int, world: int, cfg: dict) -> dict:
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg["backend"] == "nccl" else torch.device("cpu")
+    results = {"machine": mg._machine(cfg, world), "configs": {}}
+    for name, old, new, specs in _configs(cfg, world):
+        layers = old.shape[0]
+        weights = make_rank_weights(specs, layers, old.shape[1] // world, device)
+        expert_bytes = ExpertLayout(weights[0]).expert_bytes
+        row_bytes = send_bytes_per_row(weights[0])
+        plan = plan_rearrangement(old, new, world)
+        sends, recvs = _peer_bytes(plan, rank, expert_bytes)
+        floor = _Floor(sends, recvs, device)
+        state = {"current": old, "target": new}
+        bad = {}
+
+        def flip():
+            state["current"], state["target"] = state["target"], state["current"]
+
+        def checked(method_name, run):
+            def call(repeat):
+                run(state["current"], state["target"])
+                if repeat == 0:
+                    _sync(device)
+                    bad[method_name] = len(row_mismatches(weights, state["current"], state["target"], rank, 11))
+                flip()
+            return call
+
+        fill_rank_weights(weights, old, rank, 11)
+        entry = {"layers": layers, "expert_bytes": expert_bytes, "row_bytes": row_bytes,
+                 "bytes_sent_per_layer": sum(sends.values()), "bytes_received_per_layer": sum(recvs.values()),
+                 "methods": {}}
+        worker = TransferWorker(weights)  # made once, as a runtime does at start-up
+        runs = {
+            "floor": lambda repeat: floor(layers),
+            "torch-packed": checked("torch-packed", lambda o, n: _torch_packed(o, n, weights, rank, world)),
+            "per-expert": checked("per-expert", lambda o, n: rearrange_per_expert(o, n, weights)),
+            "blocking": checked("blocking", lambda o, n: rearrange_expert_weights_inplace(o, n, weights)),
+            "worker": checked("worker", lambda o, n: _worker_call(worker, o, n)),
+        }
+        for method in METHODS:
+            fill_rank_weights(weights, state["current"], rank, 11)
+            times = _time(runs[method], device, cfg["repeats"])
+            entry["methods"][method] = {"call_s": times}
+        for chunk in cfg["chunks"]:
+            os.environ["EPLB_TRITON_CHUNK_BYTES"] = str(chunk)
+            fill_rank_weights(weights, state["current"], rank, 11)
+            times = _time(checked(f"blocking@{chunk}", lambda o, n: rearrange_expert_weights_inplace(o, n, weights)),
+                          device, cfg["repeats"])
+            entry["methods"][f"blocking@chunk={chunk}"] = {"call_s": times}
+            os.environ.pop("EPLB_TRITON_CHUNK_BYTES")
+        if cfg["profile_dir"]:
+            entry["profile"] = _profile(cfg, name, rank, device, weights, state)
+        worker.close()
+        entry["bad_rows"] = bad
+        results["configs"][name] = entry
+        del weights, floor
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def _profile(cfg, name, rank, device, weights, state) -> dict:
+    """One blocking call under torch.profiler: GPU time per kernel family, host time of the call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    dist.barrier()
+    with profile(activities=activities) as prof:
+        begin = time.perf_counter()
+        rearrange_expert_weights_inplace(state["current"], state["target"], weights)
+        host = time.perf_counter() - begin
+    state["current"], state["target"] = state["target"], state["current"]
+    families = {"pack/unpack kernels": 0.0, "nccl": 0.0, "other gpu": 0.0}
+    for event in prof.key_averages():
+        gpu_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if not gpu_us or event.key.startswith("cuda") or "ProfilerStep" in event.key:
+            continue
+        key = event.key.lower()
+        if "move_rows" in key:
+            families["pack/unpack kernels"] += gpu_us
+        elif "nccl" in key:
+            families["nccl"] += gpu_us
+        elif event.device_type is not None and "cuda" in str(event.device_type).lower():
+            families["other gpu"] += gpu_us
+    if rank == 0:
+        safe = name.replace(" ", "_").replace("(", "").replace(")", "")
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        Path(cfg["profile_dir"], f"profile-{safe}.txt").write_text(table)
+    return {"host_call_us": host * 1e6, **{k: v for k, v in families.items()}}
+
+
+def summarise(per_rank: list[dict]) -> dict:
+    out = {"machine": per_rank[0]["machine"], "configs": {}}
+    for name, entry in per_rank[0]["configs"].items():
+        layers = entry["layers"]
+        rows = {}
+        floor = statistics.median(entry["methods"]["floor"]["call_s"]) / layers
+        for method, m in entry["methods"].items():
+            per_layer = [t / layers for t in m["call_s"]]
+            med = statistics.median(per_layer)
+            rows[method] = {
+                "ms_per_layer": med * 1e3,
+                "min_ms": min(per_layer) * 1e3,
+                "max_ms": max(per_layer) * 1e3,
+                "x_floor": med / floor if floor else None,
+                "GBps": max(entry["bytes_sent_per_layer"], entry["bytes_received_per_layer"]) / med / 1e9,
+            }
+        out["configs"][name] = {
+            "layers": layers,
+            "MB_per_rank_per_layer": max(entry["bytes_sent_per_layer"], entry["bytes_received_per_layer"]) / 1e6,
+            "methods": rows,
+            "bad_rows": [r["configs"][name]["bad_rows"] for r in per_rank],
+            "profile": [r["configs"][name].get("profile") for r in per_rank],
+        }
+    return out
+
+
+def print_report(summary: dict) -> None:
+    print(summary["machine"])
+    print("per layer, slowest rank, median [min-max] over calls; x floor = / one batch_isend_irecv of the same bytes")
+    header = f"{'config':28} {'MB/rank':>8} {'method':24} {'ms/layer':>9} {'[min-max]':>17} {'x floor':>8} {'GB/s':>7}"
+    print(header)
+    for name, c in summary["configs"].items():
+        for i, (method, r) in enumerate(c["methods"].items()):
+            label = name if i == 0 else ""
+            mb = f"{c['MB_per_rank_per_layer']:.1f}" if i == 0 else ""
+            spread = f"[{r['min_ms']:.3f}-{r['max_ms']:.3f}]"
+            print(f"{label:28} {mb:>8} {method:24} {r['ms_per_layer']:9.3f} {spread:>17} {r['x_floor']:8.2f} {r['GBps']:7.1f}")
+        bad = [b for ranks in c["bad_rows"] for b in ranks.values()]
+        print(f"{'':28} bit-exact: {'yes' if not any(bad) else 'NO: ' + str(c['bad_rows'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=("nccl", "gloo"), default="nccl")
+    parser.add_argument("--world-size", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
+    parser.add_argument("--chunks", type=int, nargs="*", default=[], help="extra message-piece sizes (bytes; 0 = whole)")
+    parser.add_argument("--configs", nargs="*", default=list(mg.REF_CONFIGS))
+    parser.add_argument("--presets", nargs="*", default=list(mg.PRESET_NAMES))
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--profile-dir", default=None)
+    args = parser.parse_args(argv)
+    world = args.world_size or (torch.cuda.device_count() if args.backend == "nccl" else 2)
+    cfg = {
+        "backend": args.backend,
+        "layers": args.layers,
+        "repeats": args.repeats,
+        "configs": args.configs,
+        "presets": args.presets,
+        "scale": 16 if args.quick else 1,
+        "preset_scale": 64 if args.quick else 1,
+        "chunks": args.chunks,
+        "profile_dir": args.profile_dir,
+    }
+    per_rank = run_ranks(world, _rank_main, cfg, backend=args.backend, timeout_s=3000.0, group_timeout_s=600.0)
+    summary = summarise(per_rank)
+    print_report(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "raw": per_rank}, indent=1, default=float))
+    return 0 if not any(b for c in summary["configs"].values() for r in c["bad_rows"] for b in r.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
