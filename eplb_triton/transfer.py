@@ -282,6 +282,11 @@ class RoundWork:
         count = max(len(sends), len(recvs))
         return list(zip(sends + [[]] * (count - len(sends)), recvs + [[]] * (count - len(recvs))))
 
+    def release(self) -> None:
+        """Drop the device row lists once the round's launches are queued (the caching
+        allocator reuses their memory only behind those launches on the same stream)."""
+        self._device_rows = None
+
     def device_rows(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Every row list this round launches with, on ``device``, uploaded once (one pinned copy)."""
         if self._device_rows is None:
@@ -679,6 +684,7 @@ class LayerWork:
                         saved_rows.append(rows)
                         saved_bytes += rows.size * eb
                 work.apply(layout, staging, backend, stash)
+                work.release()
                 committed = i == last
                 _fault("round_applied", rank=comm.rank, layer=self.index, round=i)
         except BaseException:
@@ -751,9 +757,12 @@ def _exchange_steps(plan: LayerPlan, rank: int) -> list[tuple[int, int, int, int
     return steps
 
 
-#: Pieces of a per-peer message moved as separate batches on NCCL, so the pack of piece ``i + 1``
-#: overlaps the wire time of piece ``i`` (tuned on two H200 over NVLink; see bench/link_speed.py).
-PIPELINE_CHUNK_BYTES = 16 << 20
+#: Pieces of a per-peer message moved as separate batches, so the pack of piece ``i + 1`` overlaps
+#: the wire time of piece ``i``. Off (0) by default: on two H200 over NVLink (NCCL 2.28.9,
+#: bench/results/link_speed-h200x2-run1.json) pieces made every config slower: qwen3 1.45 ms per
+#: layer whole vs 2.78 (4 MiB pieces) / 2.19 (16 MiB) / 1.99 (32 MiB); deepseek-fp8 2.29 vs
+#: 2.59 / 2.52 / 3.60; the per-batch cost of a NCCL group exceeds the pack time it hides.
+PIPELINE_CHUNK_BYTES = 0
 CHUNK_ENV = "EPLB_TRITON_CHUNK_BYTES"  # overrides it (0 = whole messages); must match on every rank
 
 

@@ -921,6 +921,7 @@ class TransferWorker:
             else:  # the executor's batches: packs piece by piece, posts as it goes
                 with self._kernel_lock:
                     requests, labels, _ = work.post_batches(layout, send_buf, recv_buf, self._transfer, backend)
+                work.release()
                 recvs = work.recv_messages_in(recv_buf)
             # gloo: blocks this thread (GIL released); NCCL: the worker stream waits, the host does not.
             try:

@@ -898,7 +898,17 @@ def _rank_nccl_verify(rank, world, corrupt):
     expected = make_rank_weights(GPU_SPECS, 3, world, "cuda")
     fill_rank_weights(expected, old, rank, seed=4)
     rearrange_expert_weights_inplace(old, new, expected, verify=True)
-    worker_module.fault_hook = partial(_corrupt, 1, 0) if corrupt else None
+    fired = []
+
+    def corrupt_first_delivery(where, **info):
+        # Layer 1 runs in two staging passes at world 2 and rank 1 receives in only one of them
+        # (seen on two H200: round 0 received nothing): corrupt the first pass that receives.
+        if where == "in_flight" and info["rank"] == 1 and info["layer"] == 1 and info["received"] and not fired:
+            peer, data = sorted(info["received"].items())[-1]
+            data[7] ^= 0x40
+            fired.append((info["round"], peer))
+
+    worker_module.fault_hook = corrupt_first_delivery if corrupt else None
     applied, error = [], None
     with TransferWorker(weights, verify=True, timeout_s=20.0) as worker:
         worker.submit(old, new)
@@ -916,6 +926,7 @@ def _rank_nccl_verify(rank, world, corrupt):
         bad=row_mismatches(weights, old, expected_after(old, new, applied), rank, seed=4),
         equal_to_sync=same_bytes(as_bytes(weights), as_bytes(expected)),
         verified=None if stats is None else stats.verified_experts,
+        fired=fired,
     )
 
 
@@ -927,6 +938,7 @@ def test_nccl_two_gpus_verify(corrupt):
     for rank, res in enumerate(results):
         assert res["bad"] == [], (rank, res["bad"][:8])
         if corrupt:
+            assert results[1]["fired"], "the corruption hook never found a delivery to rank 1 in layer 1"
             assert res["error"] is not None and res["error"][0] == "ChecksumMismatchError", res["error"]
             assert res["error"][1] == 1 and all(l < 1 for l in res["applied"]), res
         else:
