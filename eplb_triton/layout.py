@@ -49,7 +49,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -259,10 +258,34 @@ class _TritonState:
         # what the descriptor tables depend on: the same tensors give the same key on every call
         self.key = (str(layout.device), tuple(self.tensors))
         self.plans: dict[tuple, KernelPlan] = {}
+        # The compiled kernel takes every parameter positionally: check our order against Triton's.
+        names = getattr(self.kernel, "arg_names", None)
+        self.fast_launch = (
+            not self.interpreted
+            and os.environ.get(FAST_LAUNCH_ENV, "1") != "0"
+            and names is not None
+            and list(names[-len(_CONSTEXPRS):]) == list(_CONSTEXPRS)
+        )
         log.debug(
             "triton state: %d tensors, all 16-byte aligned: %s, %s, interpreted: %s",
             len(self.tensors), self.all_aligned, layout.device, self.interpreted,
         )
+
+    def launch_compiled(self, plan: KernelPlan, args: tuple, consts: dict) -> None:
+        """Launch through the compiled kernel, skipping Triton's Python binder.
+
+        ``kernel[grid](...)`` re-binds and re-specialises every argument on each call: 80-90 us
+        of host time per launch on the H200 machines (torch 2.11, triton 3.6; bench/host_costs.py),
+        the largest host cost of a layer after NCCL's. The compiled kernel is looked up here by
+        the same properties Triton specialises on (16-byte divisibility of pointers and ints,
+        ints equal to 1, 32- vs 64-bit ints), so each variant is compiled by Triton itself.
+        """
+        key = (tuple(consts.values()), plan.num_warps, *[_spec(a) for a in args])
+        compiled = _COMPILED.get(key)
+        if compiled is None:
+            compiled = self.kernel.warmup(*args, grid=(plan.programs,), num_warps=plan.num_warps, **consts)
+            _COMPILED[key] = compiled
+        compiled[(plan.programs, 1, 1)](*args, *consts.values())
 
     def chunks_per_expert(self, chunk: int) -> int:
         return sum(-(-nbytes // chunk) for _, _, nbytes, _, _ in self.tensors)
@@ -282,6 +305,19 @@ class _TritonState:
                 _TABLES.pop(next(iter(_TABLES)))  # oldest first
             _TABLES[key] = table
         return table
+
+
+FAST_LAUNCH_ENV = "EPLB_TRITON_FAST_LAUNCH"  # "0": launch through kernel[grid](...) as Triton documents
+_COMPILED: dict[tuple, object] = {}  # compiled move_rows_kernel variants, by specialisation key
+_CONSTEXPRS = ("MODE", "BLOCK", "BYTE_BLOCK", "HAS_UNALIGNED", "STREAMING", "PREFETCH", "BLOCKED")
+
+
+def _spec(arg) -> tuple:
+    """What Triton specialises an argument on (pointers: 16-byte alignment; ints: == 1,
+    divisible by 16, fits in 32 bits)."""
+    if isinstance(arg, torch.Tensor):
+        return ("t", arg.data_ptr() % 16 == 0, arg.device.index)
+    return ("i", arg == 1, arg % 16 == 0, -(1 << 31) <= arg < (1 << 31))
 
 
 # Descriptor tables by (device, tensors' (base, stride, row bytes, segment, aligned), chunk). Plain
@@ -526,8 +562,7 @@ class ExpertLayout:
         table = state.chunk_table(plan.chunk)
         if table.shape[0] == 0:  # every tensor has zero-byte rows: nothing to move
             return
-        run = state.kernel[(plan.programs,)] if not compile_only else partial(state.kernel.warmup, grid=(plan.programs,))
-        run(
+        args = (
             table,
             src_rows if src_rows is not None else rows,
             dst_rows if dst_rows is not None else rows,
@@ -536,6 +571,8 @@ class ExpertLayout:
             num_rows,
             table.shape[0],
             self.expert_bytes,
+        )
+        consts = dict(
             MODE=state.modes[mode],
             BLOCK=plan.block_words,
             BYTE_BLOCK=plan.byte_block,
@@ -543,8 +580,13 @@ class ExpertLayout:
             STREAMING=plan.streaming,
             PREFETCH=plan.prefetch,
             BLOCKED=plan.blocked,
-            num_warps=plan.num_warps,
         )
+        if compile_only:
+            state.kernel.warmup(*args, grid=(plan.programs,), num_warps=plan.num_warps, **consts)
+        elif state.fast_launch:
+            state.launch_compiled(plan, args, consts)
+        else:
+            state.kernel[(plan.programs,)](*args, num_warps=plan.num_warps, **consts)
 
     # -- torch reference (oracle and CPU path) ------------------------------------------------
     def pack_reference(self, rows: torch.Tensor, packed: torch.Tensor) -> None:

@@ -182,7 +182,9 @@ class RoundWork:
 
     Staging layout of a round (bytes)::
 
-        | sends, peer by peer | receives, peer by peer | local scratch |
+        | sends, peer by peer | local scratch | receives, peer by peer |
+
+    (sends and local sources are packed by one launch, local moves and receives unpacked by one)
 
     Each peer's message is its packed experts (``count * expert_bytes``); with ``verify`` it
     is followed by a trailer of one int64 checksum per expert padded to 16 bytes
@@ -291,11 +293,11 @@ class RoundWork:
         """Every row list this round launches with, on ``device``, uploaded once (one pinned copy)."""
         if self._device_rows is None:
             view = self.view
-            lists = {
+            lists = {  # "send" + "local_src" and "local_dst" + "recv" are adjacent: one launch each
                 "send": self.send_rows,
-                "recv": self.recv_rows,
                 "local_src": self.local_src_rows,
                 "local_dst": self.local_dst_rows,
+                "recv": self.recv_rows,
                 "dup_src": view.dup_src_rows,
                 "dup_dst": view.dup_dst_rows,
             }
@@ -304,6 +306,9 @@ class RoundWork:
             for name, values in lists.items():
                 out[name] = flat[offset : offset + len(values)]
                 offset += len(values)
+            out["send+local_src"] = flat[: self.send_rows.size + self.local_src_rows.size]
+            first = self.send_rows.size + self.local_src_rows.size
+            out["local_dst+recv"] = flat[first : first + self.local_dst_rows.size + self.recv_rows.size]
             self._device_rows = out
         return self._device_rows
 
@@ -329,9 +334,10 @@ class RoundWork:
         return np.concatenate([self.recv_rows, view.local_dst_rows, view.dup_dst_rows]).astype(np.int64)
 
     def _slices(self, staging: torch.Tensor):
+        """``(sends, receives, local scratch)`` regions of ``staging`` (laid out sends, scratch, receives)."""
         sends_end = self._sends_bytes
-        recvs_end = sends_end + self._recvs_bytes
-        return staging[:sends_end], staging[sends_end:recvs_end], staging[recvs_end : self.staging_bytes]
+        scratch_end = sends_end + self.local_dst_rows.size * self.expert_bytes
+        return staging[:sends_end], staging[scratch_end : self.staging_bytes], staging[sends_end:scratch_end]
 
     def _per_peer(self, buf: torch.Tensor, peers: list[int], counts: list[int]) -> dict[int, torch.Tensor]:
         """Each peer's whole message (data, then the checksum trailer when verifying)."""
@@ -409,16 +415,29 @@ class RoundWork:
         stash: torch.Tensor | None = None,
         *,
         pack: bool = True,
+        local_buf: torch.Tensor | None = None,
     ) -> tuple[list, list[tuple[int, str]], list[int]]:
         """Pack and post every batch of :meth:`batches`: pack batch ``i``'s sends (one launch),
         then post its ops; on GPUs the next pack runs while batch ``i`` is on the wire (NCCL's
         stream waits only for the packs queued before each post). Receives land in ``recv_buf``
         in wire order. Reads rows (and the stash) only. Returns the requests, the ops' labels
         and the number of ops of each batch. ``pack=False`` sends ``send_buf`` as it is (a
-        drain's junk, matching a peer's batches op for op)."""
-        eb, rows = self.expert_bytes, self.device_rows(layout.device)["send"]
+        drain's junk, matching a peer's batches op for op). ``local_buf``: also pack the local
+        moves' sources there; when it directly follows ``send_buf`` and messages are whole, one
+        launch packs both."""
+        eb, device_rows = self.expert_bytes, self.device_rows(layout.device)
+        rows = device_rows["send"]
+        batches = self.batches()
+        if local_buf is not None and self.local_src_rows.size:
+            adjacent = local_buf.data_ptr() == send_buf.data_ptr() + self.send_rows.size * eb
+            if pack and len(batches) == 1 and adjacent and (stash is None or not self.stashed_sends.size):
+                both = send_buf.as_strided((self.send_rows.size * eb + local_buf.numel(),), (1,))
+                layout.move("pack", both, src_rows=device_rows["send+local_src"], backend=backend)
+                pack = False  # the sends are packed too
+            else:
+                layout.move("pack", local_buf, src_rows=device_rows["local_src"], backend=backend)
         requests, labels, ops = [], [], []
-        for sends, recvs in self.batches():
+        for sends, recvs in batches:
             if sends and pack:
                 first, stop = sends[0][1], sends[-1][1] + sends[-1][2]
                 layout.move("pack", send_buf[first * eb : stop * eb], src_rows=rows[first:stop], backend=backend)
@@ -477,10 +496,10 @@ class RoundWork:
         self, layout: ExpertLayout, staging: torch.Tensor, comm: Communicator, backend: str | None, stash: torch.Tensor | None = None
     ) -> list:
         """Pack every peer's rows, stage local sources and start the exchange; returns requests."""
-        self.stage_local(layout, staging, backend)
         if not self.framed:
-            send_buf, recv_buf, _ = self._slices(staging)
-            return self.post_batches(layout, send_buf, recv_buf, comm, backend, stash)[0]
+            send_buf, recv_buf, scratch = self._slices(staging)
+            return self.post_batches(layout, send_buf, recv_buf, comm, backend, stash, local_buf=scratch)[0]
+        self.stage_local(layout, staging, backend)
         self.pack_sends(layout, staging, backend, stash)
         return self.post(staging, comm)
 
@@ -501,6 +520,14 @@ class RoundWork:
         self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
     ) -> None:
         """Write the round: staged local moves, moves from the stash, received rows, then duplicate fills."""
+        if not self.verify and self.local_dst_rows.size and self.recv_rows.size:
+            # scratch and receives are adjacent: one launch writes both (distinct rows)
+            _, recvs, scratch = self._slices(staging)
+            both = scratch.as_strided((scratch.numel() + recvs.numel(),), (1,))
+            layout.move("unpack", both, dst_rows=self.device_rows(layout.device)["local_dst+recv"], backend=backend)
+            self._local_from_stash(layout, stash, backend)
+            self._fill_duplicates(layout, backend)
+            return
         if self.local_dst_rows.size:
             rows = self.device_rows(layout.device)["local_dst"]
             layout.move("unpack", self._slices(staging)[2], dst_rows=rows, backend=backend)
@@ -532,7 +559,11 @@ class RoundWork:
             for peer, message in self.recv_messages(staging).items():
                 peer_rows = view.recv_rows[peer]
                 layout.unpack(self._split(message, len(peer_rows))[0], peer_rows, backend=backend)
-        if view.dup_dst_rows.size:
+        self._fill_duplicates(layout, backend)
+
+    def _fill_duplicates(self, layout: ExpertLayout, backend: str | None) -> None:
+        if self.view.dup_dst_rows.size:
+            rows = self.device_rows(layout.device)
             layout.move("copy", None, src_rows=rows["dup_src"], dst_rows=rows["dup_dst"], backend=backend)
 
     def count_into(self, stats: TransferStats, ops: int, *, batches: Sequence[int] | None = None) -> None:
@@ -637,12 +668,13 @@ class LayerWork:
         try:
             for i, work in enumerate(self.rounds):
                 where = f"layer {self.index}, round {i + 1}/{len(self.rounds)}"
-                work.stage_local(layout, staging, backend)
                 batches = []
                 if not work.framed:  # packs and posts batch by batch, then one wait for all
                     _fault("before_send", rank=comm.rank, layer=self.index, round=i)
-                    send_buf, recv_buf, _ = work._slices(staging)
-                    requests, labels, batches = work.post_batches(layout, send_buf, recv_buf, comm, backend, stash)
+                    send_buf, recv_buf, scratch = work._slices(staging)
+                    requests, labels, batches = work.post_batches(
+                        layout, send_buf, recv_buf, comm, backend, stash, local_buf=scratch
+                    )
                     _fault("posted", rank=comm.rank, layer=self.index, round=i, step=0, ops=labels)
                     try:
                         comm.wait(requests, timeout_s=timeout_s, labels=labels, where=where)
@@ -651,6 +683,7 @@ class LayerWork:
                         raise
                     exchanges = []
                 else:
+                    work.stage_local(layout, staging, backend)
                     work.pack_sends(layout, staging, backend, stash)
                     _fault("before_send", rank=comm.rank, layer=self.index, round=i)
                     exchanges = work.exchanges(staging)

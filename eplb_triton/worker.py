@@ -848,10 +848,11 @@ class TransferWorker:
                 pending = None
             checks = self._transfer_layer(job, index, stage)
             self._compile_swap(job, index, stage)
-            done = None
-            if self._stream is not None:
-                done = torch.cuda.Event()
-                done.record(self._stream)
+            if self._stream is None:  # CPU: the transfer already ran; nothing to overlap
+                self._publish(job, index, stage, checks, None, begin)
+                continue
+            done = torch.cuda.Event()
+            done.record(self._stream)
             if pending is not None:
                 self._publish(job, *pending)
             pending = (index, stage, checks, done, begin)
@@ -860,6 +861,7 @@ class TransferWorker:
 
     def _publish(self, job: _Job, index: int, stage: _Stage, checks: list, done, begin: float) -> None:
         """Wait until layer ``index``'s transfer ran (``done``), check it, and offer it to step()."""
+        in_flight, job.layer = job.layer, stage.layer.index  # a failure here is this layer's
         self._finish_stream(event=done)
         if checks:
             self._check_received(job, stage, checks)
@@ -868,6 +870,7 @@ class TransferWorker:
             job.stats.layer_times_s.append(time.perf_counter() - begin)
             job.published = index + 1
             self._cond.notify_all()
+        job.layer = in_flight
 
     def _compile_swap(self, job: _Job, index: int, stage: _Stage) -> None:
         """Compile the swap's unpack here, so the serving thread's first step() does not

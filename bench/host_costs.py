@@ -1,0 +1,95 @@
+"""Host cost of the calls a transfer makes, on two GPUs (issue 12 diagnosis).
+
+    python bench/host_costs.py            # prints one line per measurement (rank 0)
+
+Measures, with the device busy or idle: how long ``batch_isend_irecv`` keeps the host (does it
+wait for work queued on the stream?), one Triton pack launch, one pinned index upload, the
+input agreement, and :func:`eplb_triton.transfer.prepare_layers` for 4 qwen3 layers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import multi_gpu as mg  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from eplb_triton.comm import Communicator  # noqa: E402
+from eplb_triton.launch import run_ranks  # noqa: E402
+from eplb_triton.layout import ExpertLayout, index_tensor  # noqa: E402
+from eplb_triton.synthetic import fill_rank_weights, make_rank_weights  # noqa: E402
+from eplb_triton.transfer import prepare_layers  # noqa: E402
+
+
+def _median_us(fn, n=20, busy_us=0):
+    out = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        dist.barrier()
+        torch.cuda.synchronize()
+        if busy_us:
+            torch.cuda._sleep(int(busy_us * 1980))  # ~1.98 GHz: cycles per us
+        begin = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - begin) * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def _rank(rank, world, _):
+    peer = 1 - rank
+    nbytes = 75 << 20
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+
+    def batch():
+        ops = [dist.P2POp(dist.irecv, dst, peer), dist.P2POp(dist.isend, src, peer)]
+        return dist.batch_isend_irecv(ops)
+
+    def batch_wait():
+        for w in batch():
+            w.wait()
+
+    def three_batches():
+        for _ in range(3):
+            for w in batch():
+                w.wait()
+
+    lines = {}
+    batch_wait()
+    lines["batch_isend_irecv+wait, stream idle"] = _median_us(batch_wait)
+    lines["batch_isend_irecv+wait, 2 ms queued on the stream"] = _median_us(batch_wait, busy_us=2000)
+    lines["3 x (batch+wait) back to back, idle"] = _median_us(three_batches)
+    local, moved, specs = mg.REF_CONFIGS["qwen3-30b-a3b-bf16"]
+    old, new = mg.ref_maps(4, world, local, moved)
+    weights = make_rank_weights(specs, 4, local, "cuda")
+    fill_rank_weights(weights, old, rank, 1)
+    layout = ExpertLayout(weights[0])
+    rows = index_tensor(np.arange(8), torch.device("cuda"))
+    buf = torch.empty(8 * layout.expert_bytes, dtype=torch.uint8, device="cuda")
+    layout.move("pack", buf, src_rows=rows)
+    lines["one Triton pack launch (8 qwen3 experts)"] = _median_us(lambda: layout.move("pack", buf, src_rows=rows))
+    lines["one pinned index upload (8 rows)"] = _median_us(lambda: index_tensor(np.arange(8), torch.device("cuda")))
+    comm = Communicator.from_group(None)
+    lines["agreement (all_reduce + .cpu())"] = _median_us(lambda: comm.agree(None, 123))
+    lines["prepare_layers, 4 qwen3 layers (agreement included)"] = _median_us(lambda: prepare_layers(old, new, weights, comm))
+    return lines
+
+
+def main() -> int:
+    results = run_ranks(2, _rank, None, backend="nccl", timeout_s=300.0, group_timeout_s=120.0)
+    for name, us in results[0].items():
+        print(f"{name:60} {us:10.1f} us   (rank 1: {results[1][name]:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
