@@ -247,10 +247,14 @@ class RoundWork:
         recv_peers = sorted(view.recv_rows)
         send_rows = _wire_order(view.send_rows, send_peers, chunk_experts)
         stash_rows = np.zeros(0, dtype=np.int64) if stash_rows is None else stash_rows
-        send_stashed = np.isin(send_rows, stash_rows)
-        local_stashed = np.isin(view.local_src_rows, stash_rows)
-        if np.intersect1d(view.dup_src_rows, view.dup_dst_rows).size:  # a plan invariant the copy launch relies on
-            raise AssertionError("a duplicate fill writes a row another duplicate fill reads")
+        if stash_rows.size:
+            send_stashed = np.isin(send_rows, stash_rows)
+            local_stashed = np.isin(view.local_src_rows, stash_rows)
+        else:  # the usual case: no stash, nothing to look up
+            send_stashed = np.zeros(send_rows.size, dtype=bool)
+            local_stashed = np.zeros(view.local_src_rows.size, dtype=bool)
+        if view.dup_dst_rows.size and np.intersect1d(view.dup_src_rows, view.dup_dst_rows).size:
+            raise AssertionError("a duplicate fill writes a row another duplicate fill reads")  # the copy launch relies on it
         return cls(
             view=view,
             expert_bytes=expert_bytes,
@@ -896,7 +900,8 @@ def prepare_layers(
         stash_rows = schedule.stash_rows(comm.rank, layer_plan.num_local)
         works = []
         for r in schedule.rounds:
-            sub = layer_plan.restrict(r)
+            whole = len(schedule.rounds) == 1 and r.size == layer_plan.num_deliveries
+            sub = layer_plan if whole else layer_plan.restrict(r)  # one pass: the plan itself
             steps = None
             if kind is not None:
                 sub = with_rounds(sub, kind)
