@@ -247,8 +247,8 @@ class _TritonState:
             )
         self.layout = layout
         self.tensors = []  # (base address, row stride, row bytes, segment offset, aligned)
-        for view, nbytes, seg in zip(layout._byte_views, layout.row_bytes, layout.segment_offsets):
-            base, stride = view.data_ptr(), view.stride(0)
+        for tensor, nbytes, seg in zip(layout.tensors, layout.row_bytes, layout.segment_offsets):
+            base, stride = tensor.data_ptr(), tensor.stride(0) * tensor.element_size() if tensor.dim() else 0
             aligned = base % ALIGN_BYTES == 0 and stride % ALIGN_BYTES == 0 and nbytes % ALIGN_BYTES == 0
             self.tensors.append((base, stride, nbytes, seg, int(aligned)))
         self.all_aligned = all(t[4] for t in self.tensors)
@@ -258,6 +258,7 @@ class _TritonState:
         # what the descriptor tables depend on: the same tensors give the same key on every call
         self.key = (str(layout.device), tuple(self.tensors))
         self.plans: dict[tuple, KernelPlan] = {}
+        self.launches: dict[tuple, tuple | None] = {}  # fast path: launch shape -> runner and args
         # The compiled kernel takes every parameter positionally: check our order against Triton's.
         names = getattr(self.kernel, "arg_names", None)
         self.fast_launch = (
@@ -271,8 +272,8 @@ class _TritonState:
             len(self.tensors), self.all_aligned, layout.device, self.interpreted,
         )
 
-    def launch_compiled(self, plan: KernelPlan, args: tuple, consts: dict) -> None:
-        """Launch through the compiled kernel, skipping Triton's Python binder.
+    def compiled_runner(self, plan: KernelPlan, args: tuple, consts: dict):
+        """A launcher of the compiled kernel for ``args``' specialisation, skipping Triton's binder.
 
         ``kernel[grid](...)`` re-binds and re-specialises every argument on each call: 80-90 us
         of host time per launch on the H200 machines (torch 2.11, triton 3.6; bench/host_costs.py),
@@ -280,12 +281,12 @@ class _TritonState:
         the same properties Triton specialises on (16-byte divisibility of pointers and ints,
         ints equal to 1, 32- vs 64-bit ints), so each variant is compiled by Triton itself.
         """
-        key = (tuple(consts.values()), plan.num_warps, *[_spec(a) for a in args])
-        compiled = _COMPILED.get(key)
-        if compiled is None:
+        key = (tuple(consts.values()), plan.num_warps, plan.programs, *[_spec(a) for a in args])
+        runner = _COMPILED.get(key)
+        if runner is None:
             compiled = self.kernel.warmup(*args, grid=(plan.programs,), num_warps=plan.num_warps, **consts)
-            _COMPILED[key] = compiled
-        compiled[(plan.programs, 1, 1)](*args, *consts.values())
+            runner = _COMPILED[key] = compiled[(plan.programs, 1, 1)]
+        return runner
 
     def chunks_per_expert(self, chunk: int) -> int:
         return sum(-(-nbytes // chunk) for _, _, nbytes, _, _ in self.tensors)
@@ -308,7 +309,7 @@ class _TritonState:
 
 
 FAST_LAUNCH_ENV = "EPLB_TRITON_FAST_LAUNCH"  # "0": launch through kernel[grid](...) as Triton documents
-_COMPILED: dict[tuple, object] = {}  # compiled move_rows_kernel variants, by specialisation key
+_COMPILED: dict[tuple, object] = {}  # launchers of compiled move_rows_kernel variants, by specialisation
 _CONSTEXPRS = ("MODE", "BLOCK", "BYTE_BLOCK", "HAS_UNALIGNED", "STREAMING", "PREFETCH", "BLOCKED")
 
 
@@ -374,8 +375,16 @@ class ExpertLayout:
             offset += _align(nbytes)
         self.segment_offsets = offsets
         self.expert_bytes = max(offset, ALIGN_BYTES)
-        self._byte_views = [_byte_rows(t) for t in self.tensors]
+        self._views: list[torch.Tensor] | None = None
         self._triton_state = None  # descriptor tables, built on first Triton use
+
+    @property
+    def _byte_views(self) -> list[torch.Tensor]:
+        """``(num_local, row_bytes)`` uint8 views of the tensors (the torch path's; made on first
+        use: four torch ops per tensor are a large part of a layer's host time on the GPU path)."""
+        if self._views is None:
+            self._views = [_byte_rows(t) for t in self.tensors]
+        return self._views
 
     @property
     def layer_bytes(self) -> int:
@@ -552,26 +561,38 @@ class ExpertLayout:
         num_rows = rows.numel()
         if num_rows == 0:
             return
+        src = src_rows if src_rows is not None else rows
+        dst = dst_rows if dst_rows is not None else rows
+        buf_addr = buf.data_ptr() if buf is not None else 0
+        if state.fast_launch and tuning is None and not compile_only:
+            # the steady path: everything but the addresses looked up once per shape of launch
+            key = (mode, num_rows, buf_addr % ALIGN_BYTES, src.data_ptr() % ALIGN_BYTES, dst.data_ptr() % ALIGN_BYTES)
+            entry = state.launches.get(key)
+            if entry is None:
+                entry = state.launches[key] = self._launch_entry(state, mode, num_rows, buf_addr, src, dst)
+            if entry is not None:
+                run, table, extra = entry
+                run(table, src, dst, buf_addr, *extra)
+            return
         plan = state.plans.get((num_rows, tuning))
         if plan is None:  # cached: launches sit on the host's critical path
             if len(state.plans) > 256:
                 state.plans.clear()
             plan = state.plans[(num_rows, tuning)] = self.kernel_plan(num_rows, tuning)
-        buf_addr = buf.data_ptr() if buf is not None else 0
-        buf_aligned = int(buf_addr % ALIGN_BYTES == 0)
         table = state.chunk_table(plan.chunk)
         if table.shape[0] == 0:  # every tensor has zero-byte rows: nothing to move
             return
-        args = (
-            table,
-            src_rows if src_rows is not None else rows,
-            dst_rows if dst_rows is not None else rows,
-            buf_addr,
-            buf_aligned,
-            num_rows,
-            table.shape[0],
-            self.expert_bytes,
-        )
+        args, consts = self._launch_args(state, plan, mode, table, num_rows, buf_addr, src, dst)
+        if compile_only:
+            state.kernel.warmup(*args, grid=(plan.programs,), num_warps=plan.num_warps, **consts)
+        elif state.fast_launch:
+            state.compiled_runner(plan, args, consts)(*args, *consts.values())
+        else:
+            state.kernel[(plan.programs,)](*args, num_warps=plan.num_warps, **consts)
+
+    def _launch_args(self, state: _TritonState, plan: KernelPlan, mode: str, table, num_rows, buf_addr, src, dst):
+        buf_aligned = int(buf_addr % ALIGN_BYTES == 0)
+        args = (table, src, dst, buf_addr, buf_aligned, num_rows, table.shape[0], self.expert_bytes)
         consts = dict(
             MODE=state.modes[mode],
             BLOCK=plan.block_words,
@@ -581,12 +602,17 @@ class ExpertLayout:
             PREFETCH=plan.prefetch,
             BLOCKED=plan.blocked,
         )
-        if compile_only:
-            state.kernel.warmup(*args, grid=(plan.programs,), num_warps=plan.num_warps, **consts)
-        elif state.fast_launch:
-            state.launch_compiled(plan, args, consts)
-        else:
-            state.kernel[(plan.programs,)](*args, num_warps=plan.num_warps, **consts)
+        return args, consts
+
+    def _launch_entry(self, state: _TritonState, mode: str, num_rows: int, buf_addr: int, src, dst):
+        """``(runner, table, trailing args)`` of a launch shape, or None when nothing moves."""
+        plan = self.kernel_plan(num_rows)
+        table = state.chunk_table(plan.chunk)
+        if table.shape[0] == 0:
+            return None
+        args, consts = self._launch_args(state, plan, mode, table, num_rows, buf_addr, src, dst)
+        runner = state.compiled_runner(plan, args, consts)
+        return runner, table, (*args[4:], *consts.values())
 
     # -- torch reference (oracle and CPU path) ------------------------------------------------
     def pack_reference(self, rows: torch.Tensor, packed: torch.Tensor) -> None:

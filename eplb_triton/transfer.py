@@ -147,6 +147,18 @@ class TransferStats:
         )
 
 
+def upload_rows(works: Sequence["RoundWork"], device: torch.device) -> None:
+    """Every row list of ``works`` to ``device`` in one pinned copy (a copy costs ~40 us of host
+    time on the H200 hosts, so one per call rather than one per round)."""
+    lists = [np.asarray(v, dtype=np.int64) for work in works for v in work._row_lists().values()]
+    flat = index_tensor(np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64), device)
+    offset = 0
+    for work in works:
+        size = sum(len(v) for v in work._row_lists().values())
+        work._take_rows(flat[offset : offset + size])
+        offset += size
+
+
 def _wire_order(rows_by_peer: dict[int, np.ndarray], peers: list[int], chunk: int | None) -> np.ndarray:
     """Rows of every peer's message in wire order: peer by peer, or piece by piece (``chunk``
     experts of each peer per piece) when messages are split."""
@@ -226,6 +238,7 @@ class RoundWork:
     steps: list[tuple[int, int, int, int, int, int]] | None = None
     chunk_experts: int | None = None
     _device_rows: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _batches: list | None = field(default=None, repr=False)
 
     @classmethod
     def from_view(
@@ -283,38 +296,45 @@ class RoundWork:
         batch ``i`` carries experts ``[i*k, (i+1)*k)`` of every peer's message, so batch ``i``'s
         sends are one contiguous run of the send region, packed by one launch while batch
         ``i - 1`` is on the wire."""
-        sends = _batch_spans(self.send_peers, self.send_counts, self.chunk_experts)
-        recvs = _batch_spans(self.recv_peers, self.recv_counts, self.chunk_experts)
-        count = max(len(sends), len(recvs))
-        return list(zip(sends + [[]] * (count - len(sends)), recvs + [[]] * (count - len(recvs))))
+        if self._batches is None:
+            sends = _batch_spans(self.send_peers, self.send_counts, self.chunk_experts)
+            recvs = _batch_spans(self.recv_peers, self.recv_counts, self.chunk_experts)
+            count = max(len(sends), len(recvs))
+            self._batches = list(zip(sends + [[]] * (count - len(sends)), recvs + [[]] * (count - len(recvs))))
+        return self._batches
 
     def release(self) -> None:
         """Drop the device row lists once the round's launches are queued (the caching
         allocator reuses their memory only behind those launches on the same stream)."""
         self._device_rows = None
 
+    def _row_lists(self) -> dict[str, np.ndarray]:
+        view = self.view
+        return {  # "send" + "local_src" and "local_dst" + "recv" are adjacent: one launch each
+            "send": self.send_rows,
+            "local_src": self.local_src_rows,
+            "local_dst": self.local_dst_rows,
+            "recv": self.recv_rows,
+            "dup_src": view.dup_src_rows,
+            "dup_dst": view.dup_dst_rows,
+        }
+
     def device_rows(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Every row list this round launches with, on ``device``, uploaded once (one pinned copy)."""
+        """Every row list this round launches with, on ``device`` (uploaded by :func:`upload_rows`
+        for a whole call, or here for this round alone)."""
         if self._device_rows is None:
-            view = self.view
-            lists = {  # "send" + "local_src" and "local_dst" + "recv" are adjacent: one launch each
-                "send": self.send_rows,
-                "local_src": self.local_src_rows,
-                "local_dst": self.local_dst_rows,
-                "recv": self.recv_rows,
-                "dup_src": view.dup_src_rows,
-                "dup_dst": view.dup_dst_rows,
-            }
-            flat = index_tensor(np.concatenate([np.asarray(v, dtype=np.int64) for v in lists.values()]), device)
-            out, offset = {}, 0
-            for name, values in lists.items():
-                out[name] = flat[offset : offset + len(values)]
-                offset += len(values)
-            out["send+local_src"] = flat[: self.send_rows.size + self.local_src_rows.size]
-            first = self.send_rows.size + self.local_src_rows.size
-            out["local_dst+recv"] = flat[first : first + self.local_dst_rows.size + self.recv_rows.size]
-            self._device_rows = out
+            upload_rows([self], device)
         return self._device_rows
+
+    def _take_rows(self, flat: torch.Tensor) -> None:
+        out, offset = {}, 0
+        for name, values in self._row_lists().items():
+            out[name] = flat[offset : offset + len(values)]
+            offset += len(values)
+        out["send+local_src"] = flat[: self.send_rows.size + self.local_src_rows.size]
+        first = self.send_rows.size + self.local_src_rows.size
+        out["local_dst+recv"] = flat[first : first + self.local_dst_rows.size + self.recv_rows.size]
+        self._device_rows = out
 
     def _message_bytes(self, count: int) -> int:
         return count * self.expert_bytes + (trailer_bytes(count) if self.verify else 0)
@@ -1100,6 +1120,7 @@ def rearrange_expert_weights_inplace(
     if not layers:
         return stats
     device = layers[0].layout.device
+    upload_rows([work for layer in layers for work in layer.rounds], device)
     peak = max(layer.staging_bytes for layer in layers)
     staging = torch.empty(peak, dtype=torch.uint8, device=device)
     stats.peak_staging_bytes = peak
