@@ -134,6 +134,33 @@ def test_profile_run_touches_nothing(distributed, form):
         assert buffer_kept, f"rank {rank}: profile run wrote into expert_buffer"
 
 
+# Rows dominated by one tensor, as in a real MoE layer (w13 is most of the bytes): the
+# staging fits in vLLM's buffer, so the buffer's bytes change and nothing else is used.
+WIDE_SPECS = [((64, 16), torch.bfloat16), ((3,), torch.float32)]
+
+
+def _rank_staged_in_buffer(rank, world, old, new, seed):
+    num_local = old.shape[1] // world
+    table = expert_table(seed, old.shape[0], LOGICAL, WIDE_SPECS)
+    weights = rank_weights(table, old, rank, num_local, seed)
+    before = clone_layers(weights)
+    buffer = poisoned_like(weights[0], seed + rank)
+    poison = [t.clone() for t in buffer]
+    stats = adapter.rearrange_expert_weights_inplace(
+        torch.from_numpy(old), torch.from_numpy(new), weights, buffer, dist.group.WORLD, UnusedCommunicator()
+    )
+    written = not torch.equal(byte_view(buffer[0]), byte_view(poison[0]))
+    untouched_others = all(torch.equal(byte_view(b), byte_view(p)) for b, p in zip(buffer[1:], poison[1:]))
+    return mismatches(weights, expected_weights(before, table, new, rank, num_local)), stats.peak_staging_bytes, written, untouched_others
+
+
+def test_staging_lives_in_the_largest_buffer_tensor(distributed):
+    old, new = _maps(2, 2, 8, seed=9)
+    for rank, (bad, staged, written, others) in enumerate(distributed(2, _rank_staged_in_buffer, old, new, 7)):
+        assert bad == [], f"rank {rank}: {bad[:8]}"
+        assert staged > 0 and written and others, (rank, staged, written, others)
+
+
 def _rank_bad_maps(rank, world):
     weights = rank_weights(expert_table(0, 1, LOGICAL), np.zeros((1, 2 * world), dtype=np.int64), rank, 2, 0)
     old = torch.zeros(1, 2 * world, dtype=torch.int64)

@@ -932,3 +932,36 @@ def test_nccl_two_gpus_verify(corrupt):
         else:
             assert res["error"] is None and res["applied"] == [0, 1, 2], res
             assert res["equal_to_sync"] and res["verified"] > 0
+
+
+# -- reserve=True: the staging is allocated at construction and every submit uses it ----------
+def _rank_reserved(rank, world, old, new, budget, verify):
+    weights = rank_weights(rank, world, old, 4)
+    with TransferWorker(weights, max_buffer_bytes=budget, verify=verify, reserve=True) as worker:
+        reserved = worker._reserved  # the worker's own reservation (private: checked here only)
+        reserved.fill_(0xA5)
+        first, state, rng = [], old, np.random.default_rng(5)  # the same maps on every rank
+        for number in range(3):  # then permutations of what the rows hold
+            target = new if number == 0 else np.stack([layer[rng.permutation(layer.size)] for layer in state])
+            worker.submit(state, target)
+            stats = worker.wait()
+            first += row_mismatches(weights, state, target, rank, 4)
+            state = expected_after(state, target, range(old.shape[0]))
+        used = int((reserved != 0xA5).sum())
+        fits = stats.peak_staging_bytes <= reserved.numel()
+    return first, used, fits
+
+
+@pytest.mark.parametrize(
+    "budget,verify",
+    [
+        pytest.param(None, False, id="default-budget"),
+        pytest.param(3 * PACKED, False, id="budget3"),
+        pytest.param(3 * (PACKED + 16), True, id="budget3-verify"),
+    ],
+)
+def test_reserve_allocates_up_front_and_every_submit_uses_it(distributed, budget, verify):
+    old, new = random_maps(np.random.default_rng(77), 2, 2, 6, 8)
+    for rank, (bad, used, fits) in enumerate(distributed(2, _rank_reserved, old, new, budget, verify)):
+        assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
+        assert fits and used > 0, (rank, fits, used)

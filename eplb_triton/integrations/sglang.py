@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..transfer import TransferStats
-from ..transfer import rearrange_expert_weights_inplace as _rearrange
+from ._staging import rearrange_in_buffer
 
 __all__ = ["install", "uninstall", "update_expert_weights_single_layer"]
 
@@ -63,7 +63,8 @@ def update_expert_weights_single_layer(
     Collective over the default process group (SGLang's EP group). The maps are SGLang's
     per-layer ``physical_to_logical_map`` rows (lists, tensors or arrays, global slots);
     ``temp_buffers`` serve as the staging (their largest contiguous tensor; its bytes are
-    the budget, a layer that needs more runs in rounds). ``rank``, ``world_size`` and
+    the budget, a layer that needs more runs in rounds; one that cannot be scheduled in it
+    at all falls back to the library's own staging). ``rank``, ``world_size`` and
     ``num_local_physical_experts`` are those of the default group and the maps (bad input
     raises the same ValueError on every rank). ``num_gpu_per_node`` becomes the
     plan's ``ranks_per_node`` when it divides the world size. An older positional
@@ -79,7 +80,7 @@ def update_expert_weights_single_layer(
     # maps; the library checks them (rows = slots / ranks) with the same error on every rank.
     group_size = dist.get_world_size() if dist.is_initialized() else 1
     per_node = num_gpu_per_node if num_gpu_per_node and group_size % num_gpu_per_node == 0 else None
-    stats = _rearrange(old, new, [tensors], None, staging=list(temp_buffers), atomic=False, ranks_per_node=per_node)
+    stats = rearrange_in_buffer(old, new, [tensors], None, list(temp_buffers), ranks_per_node=per_node)
     return _report(stats, debug, log_metrics)
 
 

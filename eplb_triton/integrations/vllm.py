@@ -62,6 +62,7 @@ from ..comm import Communicator
 from ..layout import ALIGN_BYTES, ExpertLayout, index_tensor
 from ..transfer import TransferStats, prepare_layers, reserve, staging_view
 from ..transfer import rearrange_expert_weights_inplace as _rearrange
+from ._staging import rearrange_in_buffer
 
 __all__ = [
     "COMMUNICATOR_NAME",
@@ -178,8 +179,10 @@ def rearrange_expert_weights_inplace(
     * ``expert_buffer`` (vLLM's layer-sized scratch, one tensor per weight tensor): used as
       the staging (its largest contiguous tensor), so no staging memory is allocated; the
       staging budget is that tensor's bytes (layers that need more run in rounds). Layers
-      are then not rolled back on failure (``atomic=False``, as in vLLM); without a buffer
-      the library's defaults apply (its own staging, atomic layers).
+      are then not rolled back on failure (``atomic=False``, as in vLLM). If a layer cannot
+      be scheduled in it at all (move cycles larger than the buffer), every rank falls back
+      to the library's own staging, with a warning. Without a buffer the library's defaults
+      apply (its own staging, atomic layers).
     * ``is_profile=True``: nothing moves and no weight is touched. Without ``expert_buffer``
       the staging a real call will use is allocated once (so vLLM's memory profile counts
       it) and released; every rank then exchanges one byte with every peer, so the NCCL
@@ -206,19 +209,7 @@ def rearrange_expert_weights_inplace(
     call = dict(rank_mapping=options.get("rank_mapping"), rounds="pair" if batching else None)
     if buffer is None:
         return _rearrange(old_global_expert_indices, new_global_expert_indices, layers, group, **call)
-    try:
-        return _rearrange(
-            old_global_expert_indices, new_global_expert_indices, layers, group, staging=buffer, atomic=False, **call
-        )
-    except ValueError as exc:
-        # The schedule found the buffer too small for a layer (cycles that need more than one
-        # buffer tensor's worth of experts in one round). Every rank plans from the same maps
-        # and buffer shapes, so every rank gets here and none touched a weight: run again with
-        # the library's own staging.
-        if "is too small for this layer" not in str(exc) and "less than one packed expert" not in str(exc):
-            raise
-        log.warning("eplb_triton: vLLM's expert_buffer is too small for this rearrangement (%s); allocating staging", exc)
-        return _rearrange(old_global_expert_indices, new_global_expert_indices, layers, group, **call)
+    return rearrange_in_buffer(old_global_expert_indices, new_global_expert_indices, layers, group, buffer, **call)
 
 
 def _profile(layers: list[list[torch.Tensor]], group, buffer) -> TransferStats:
