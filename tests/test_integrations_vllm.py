@@ -479,3 +479,23 @@ def test_expert_buffer_path_allocates_no_staging():
     own = adapter.rearrange_expert_weights_inplace(moved, old, weights, None, comm)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base >= own.peak_staging_bytes
+
+
+def test_plugin_installs_only_when_asked_and_only_once(fake_vllm, monkeypatch):
+    monkeypatch.delenv(adapter.PLUGIN_ENV, raising=False)
+    adapter.vllm_plugin()
+    assert fake_vllm["vllm.distributed.eplb.async_worker"].transfer_layer is not adapter.transfer_layer
+    monkeypatch.setenv(adapter.PLUGIN_ENV, "1")
+    adapter.vllm_plugin()
+    adapter.vllm_plugin()  # vLLM may load plugins several times per process
+    assert fake_vllm["vllm.distributed.eplb.async_worker"].transfer_layer is adapter.transfer_layer
+
+
+def test_plugin_is_declared_for_vllm():
+    tomllib = pytest.importorskip("tomllib")
+    from pathlib import Path
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    target = meta["project"]["entry-points"]["vllm.general_plugins"]["eplb_triton"]
+    module, _, name = target.partition(":")
+    assert module == adapter.__name__ and getattr(adapter, name) is adapter.vllm_plugin

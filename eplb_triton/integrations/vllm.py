@@ -70,6 +70,7 @@ __all__ = [
     "PackedTransferMetadata",
     "install",
     "move_from_buffer",
+    "vllm_plugin",
     "rearrange_expert_weights_inplace",
     "transfer_layer",
     "uninstall",
@@ -222,7 +223,7 @@ def _profile(layers: list[list[torch.Tensor]], group, buffer) -> TransferStats:
         stats.peak_staging_bytes = int(staging.numel())
         del staging
     if comm.world_size > 1:
-        device = comm.collective_device if comm.backend == "nccl" else torch.device("cpu")
+        device = comm.collective_device  # the current GPU for NCCL, else the CPU
         mine = torch.zeros(1, dtype=torch.uint8, device=device)
         peers = [p for p in range(comm.world_size) if p != comm.rank]
         recvs = {p: torch.empty(1, dtype=torch.uint8, device=device) for p in peers}
@@ -605,6 +606,22 @@ def install(*, functions: bool = True, communicator_name: str | None = COMMUNICA
         setattr(module, attr, new)
     log.info("eplb_triton: installed into vLLM: %s", ", ".join(replaced))
     return replaced
+
+
+#: Environment variable that makes :func:`vllm_plugin` install (``1``/``true``/``yes``).
+PLUGIN_ENV = "EPLB_TRITON_VLLM"
+
+
+def vllm_plugin() -> None:
+    """vLLM ``general_plugins`` entry point (declared in this package's metadata): vLLM calls
+    it in every process it starts (engine core, workers), possibly several times. It installs
+    (once per process) when the environment variable ``EPLB_TRITON_VLLM`` is ``1``; otherwise it
+    does nothing, so having this package installed changes nothing by itself."""
+    import os
+
+    if os.environ.get(PLUGIN_ENV, "").strip().lower() not in ("1", "true", "yes") or _installed:
+        return
+    install()
 
 
 def uninstall() -> list[str]:
