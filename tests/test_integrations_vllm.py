@@ -259,6 +259,22 @@ def test_transfer_layer_with_rank_mapping(distributed):
         assert untouched and bad == [], f"rank {rank}: {bad[:8]}"
 
 
+def test_transfer_layer_on_one_rank_and_in_profile_mode():
+    table = expert_table(8, 1, LOGICAL)
+    old = np.array([[0, 1, 2, 3, -1, 5]])
+    new = np.array([[5, 5, 1, 0, 2, -1]])  # a replica, a swap, an empty slot filled and one emptied
+    weights = rank_weights(table, old, 0, 6, 8)
+    before = clone_layers(weights)
+    buffer = poisoned_like(weights[0], 8)
+    profile = adapter.transfer_layer(torch.from_numpy(old[0]), torch.from_numpy(new[0]), weights[0], buffer, None, is_profile=True)
+    adapter.move_from_buffer(weights[0], buffer, profile, new[0], 0)
+    assert mismatches(weights, before) == []  # profile: nothing staged, nothing written
+    metadata = adapter.transfer_layer(torch.from_numpy(old[0]), torch.from_numpy(new[0]), weights[0], buffer, None)
+    assert mismatches(weights, before) == []
+    adapter.move_from_buffer(weights[0], buffer, metadata, new[0], 0)
+    assert mismatches(weights, expected_weights(before, table, new, 0, 6)) == []
+
+
 def test_move_from_buffer_rejects_foreign_metadata():
     with pytest.raises(TypeError, match="PackedTransferMetadata"):
         adapter.move_from_buffer([torch.zeros(2, 2)], [torch.zeros(2, 2)], object(), np.zeros(2), 0)

@@ -50,6 +50,7 @@ untouched; only the data movement is replaced. ``communicator`` is accepted and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from dataclasses import dataclass
@@ -309,17 +310,9 @@ def transfer_layer(
     old = torch.as_tensor(old_layer_indices).reshape(1, -1) if old_layer_indices is not None else None
     new = torch.as_tensor(new_layer_indices).reshape(1, -1) if new_layer_indices is not None else None
     comm = Communicator.from_group(group)
-    with torch.cuda.stream(cuda_stream) if cuda_stream is not None else _nullcontext():
+    with torch.cuda.stream(cuda_stream) if cuda_stream is not None else contextlib.nullcontext():
         (work,) = prepare_layers(old, new, [layer], comm, rank_mapping=rank_mapping)
         return _stage_layer(work, comm, layer_idx, expert_weights_buffer)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _stage_layer(work, comm: Communicator, layer_idx: int, buffer) -> PackedTransferMetadata:
@@ -456,7 +449,7 @@ class PackedEplbCommunicator:
             return
         comm = self._communicator()
         first = next(iter(sends.values() or recvs.values()))[0]
-        with torch.cuda.stream(self._cuda_stream) if self._cuda_stream is not None else _nullcontext():
+        with torch.cuda.stream(self._cuda_stream) if self._cuda_stream is not None else contextlib.nullcontext():
             send_segs, send_end = self._segments(sends, 0)
             recv_segs, end = self._segments(recvs, send_end)
             buf = self._storage(end, first.device)
