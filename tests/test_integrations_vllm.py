@@ -9,6 +9,7 @@ The call shapes are those of vLLM's ``tests/distributed/test_eplb_execute.py``,
 
 from __future__ import annotations
 
+import abc
 import subprocess
 import sys
 import types
@@ -394,6 +395,22 @@ def fake_vllm(monkeypatch):
         setattr(execute, attr, sentinel(attr))
     communicator = tree["vllm.distributed.eplb.eplb_communicator"] = types.ModuleType("vllm.distributed.eplb.eplb_communicator")
     communicator.create_eplb_communicator = sentinel("create_eplb_communicator")
+
+    class EplbCommunicator(abc.ABC):  # vLLM's abstract base, with a helper of newer versions
+        @abc.abstractmethod
+        def add_send(self, tensors, dst_rank, expert_id): ...
+
+        @abc.abstractmethod
+        def add_recv(self, tensors, src_rank, expert_id): ...
+
+        @abc.abstractmethod
+        def execute(self): ...
+
+        def next_rearrangement_id(self) -> int:
+            self._next = getattr(self, "_next", -1) + 1
+            return self._next
+
+    communicator.EplbCommunicator = EplbCommunicator
     state = tree["vllm.distributed.eplb.eplb_state"] = types.ModuleType("vllm.distributed.eplb.eplb_state")
     state.rearrange_expert_weights_inplace = execute.rearrange_expert_weights_inplace  # imported by name
     state.move_from_buffer = execute.move_from_buffer
@@ -438,6 +455,8 @@ def test_installed_factory_creates_the_packed_communicator_by_name(fake_vllm):
     weights = [[torch.zeros(2, 3)]]
     created = factory(group_coordinator=coordinator, backend=adapter.COMMUNICATOR_NAME, expert_weights=weights, expert_buffer=[])
     assert isinstance(created, adapter.PackedEplbCommunicator)
+    assert isinstance(created, fake_vllm["vllm.distributed.eplb.eplb_communicator"].EplbCommunicator)
+    assert [created.next_rearrangement_id(), created.next_rearrangement_id()] == [0, 1]  # the base's helpers work
     passed = factory(coordinator, "torch_nccl", weights, [])  # other names: vLLM's own factory
     assert passed == ("create_eplb_communicator", (coordinator, "torch_nccl", weights, []), {})
     # functions=False left the transfer functions alone

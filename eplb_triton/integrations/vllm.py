@@ -434,7 +434,9 @@ class PackedEplbCommunicator:
         self._cuda_stream = cuda_stream
 
     def set_transfer_context(self, old_indices=None, layer_idx: int = 0, perf_context=None) -> None:
-        """Accepted for vLLM's interface; the packed exchange needs no layer context."""
+        """Accepted for vLLM's interface (the packed exchange needs no layer context); the
+        perf context is kept where vLLM's base class keeps it."""
+        self._perf_context = perf_context
 
     def add_send(self, tensors, dst_rank: int, expert_id: int | None = None) -> None:
         self._queue(self._sends, tensors, dst_rank, "add_send")
@@ -545,7 +547,19 @@ def _import(name: str):
         return None
 
 
+def _communicator_class(module) -> type:
+    """:class:`PackedEplbCommunicator`, made a subclass of vLLM's ``EplbCommunicator`` when
+    that base exists, so vLLM's ``isinstance`` checks and the base's helper methods (perf
+    counters in newer versions) work; our methods come first."""
+    base = getattr(module, "EplbCommunicator", None)
+    if not isinstance(base, type) or issubclass(PackedEplbCommunicator, base):
+        return PackedEplbCommunicator
+    return type("PackedEplbCommunicator", (PackedEplbCommunicator, base), {"__module__": __name__})
+
+
 def _wrap_factory(original, name: str):
+    cls = _communicator_class(_import("vllm.distributed.eplb.eplb_communicator"))
+
     def create_eplb_communicator(*args, **kwargs):
         backend = kwargs.get("backend", args[1] if len(args) > 1 else None)
         if backend != name:
@@ -557,7 +571,7 @@ def _wrap_factory(original, name: str):
             sample = sample[0]
         on_cpu = isinstance(sample, torch.Tensor) and sample.device.type == "cpu"
         group = coordinator.cpu_group if on_cpu else coordinator.device_group
-        return PackedEplbCommunicator(group)
+        return cls(group)
 
     create_eplb_communicator.__wrapped__ = original
     return create_eplb_communicator
