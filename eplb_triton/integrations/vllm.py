@@ -300,7 +300,9 @@ def transfer_layer(
 
     ``is_profile=True``: nothing moves; returns metadata that writes nothing.
     ``communicator``, ``enable_migration_batching`` and ``migration_batches`` are accepted
-    and not used. Collective over ``ep_group``.
+    and not used; vLLM's async worker passes everything by keyword (so an older version
+    without ``communicator`` works too). vLLM's early-2025 coroutine form (whole-model maps
+    and ``layer=``) is not supported. Collective over ``ep_group``.
     """
     layer = list(expert_weights)
     device = _weights_device([layer])
