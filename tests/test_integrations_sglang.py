@@ -14,7 +14,6 @@ import types
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from eplb_triton import ExpertLayout, plan_rearrangement
 from eplb_triton.integrations import sglang as adapter
