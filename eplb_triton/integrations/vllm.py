@@ -583,10 +583,14 @@ def install(*, functions: bool = True, communicator_name: str | None = COMMUNICA
     """Point vLLM's EPLB at this module.
 
     ``functions``: replace ``rearrange_expert_weights_inplace``, ``transfer_layer`` and
-    ``move_from_buffer`` wherever vLLM's EPLB modules bind them. ``communicator_name``:
-    wrap vLLM's ``create_eplb_communicator`` so that this backend name (vLLM's EPLB
-    ``communicator`` setting) creates a :class:`PackedEplbCommunicator`; other names are
-    left to vLLM (``None``: leave the factory alone).
+    ``move_from_buffer`` wherever vLLM's EPLB modules bind them (they do not use vLLM's
+    communicator). ``communicator_name``: wrap vLLM's ``create_eplb_communicator`` so that
+    this backend name (vLLM's EPLB ``communicator`` setting) creates a
+    :class:`PackedEplbCommunicator`; other names are left to vLLM (``None``: leave the
+    factory alone). vLLM's config (2026) only accepts its own names (a ``Literal`` of
+    ``torch_nccl``, ``torch_gloo``, ``pynccl``, ``nixl``): to keep vLLM's own transfer
+    functions and change only the wire, take one of them over, e.g.
+    ``install(functions=False, communicator_name="torch_nccl")``.
 
     Returns ``{"module.attribute": what it replaced}``. Raises ``ModuleNotFoundError``
     without vLLM, ``RuntimeError`` when already installed or when none of the entry points
