@@ -239,7 +239,7 @@ def _rank_async(rank, world, old, new, buffer_rows, mapping, seed):
     ],
 )
 def test_transfer_layer_then_move_from_buffer(distributed, buffer_rows, expect_in_buffer):
-    old, new = _maps(4, 3, 3, seed=11)
+    old, new = _maps(4, 3, 6, seed=11)  # 6 rows: several experts per peer message
     results = distributed(4, _rank_async, old, new, buffer_rows, None, 4)
     for rank, (bad, untouched, in_buffer) in enumerate(results):
         assert untouched, f"rank {rank}: transfer_layer wrote weights"

@@ -317,33 +317,41 @@ def transfer_layer(
         return _stage_layer(work, comm, layer_idx, expert_weights_buffer)
 
 
+def _peer_major(rows_by_peer: dict[int, np.ndarray], peers: list[int]) -> np.ndarray:
+    """A round's rows peer by peer, each peer's in wire order: the layout of one contiguous
+    message per peer (independent of how the executor itself orders or splits them)."""
+    return np.concatenate([np.asarray(rows_by_peer[p], dtype=np.int64) for p in peers]) if peers else np.zeros(0, np.int64)
+
+
 def _stage_layer(work, comm: Communicator, layer_idx: int, buffer) -> PackedTransferMetadata:
     layout, eb = work.layout, work.layout.expert_bytes
     view = work.plan.rank(comm.rank)  # the whole layer: local moves and duplicates of all rounds
-    recv = [r.recv_rows for r in work.rounds]
+    rounds = [(r.view, sorted(r.view.send_rows), sorted(r.view.recv_rows)) for r in work.rounds]
+    recv = [_peer_major(v.recv_rows, peers) for v, _, peers in rounds]
     delivered = np.concatenate(recv + [view.local_dst_rows]).astype(np.int64)
     rows = np.concatenate([delivered, view.dup_dst_rows]).astype(np.int64)
     position = np.full(layout.num_local, -1, dtype=np.int64)
     position[delivered] = np.arange(delivered.size)
-    send_bytes = max((r.send_rows.size * eb for r in work.rounds), default=0)
+    send_bytes = max((sum(len(v.send_rows[p]) for p in peers) * eb for v, peers, _ in rounds), default=0)
     scratch = _scratch(rows.size * eb + send_bytes, layout.device, buffer)
     packed, send_buf = scratch[: rows.size * eb], scratch[rows.size * eb :]
     local_at = sum(r.size for r in recv) * eb
     if view.local_src_rows.size:
         layout.pack(view.local_src_rows, packed[local_at : local_at + view.local_src_rows.size * eb])
     offset = 0
-    for number, r in enumerate(work.rounds):
-        if r.send_rows.size:
-            layout.pack(r.send_rows, send_buf[: r.send_rows.size * eb])
-        sends = _slices(send_buf, r.send_peers, r.send_counts, eb, 0)
-        recvs = _slices(packed, r.recv_peers, r.recv_counts, eb, offset)
+    for number, ((round_view, send_peers, recv_peers), recv_rows) in enumerate(zip(rounds, recv)):
+        send_rows = _peer_major(round_view.send_rows, send_peers)
+        if send_rows.size:
+            layout.pack(send_rows, send_buf[: send_rows.size * eb])
+        sends = _slices(send_buf, send_peers, [len(round_view.send_rows[p]) for p in send_peers], eb, 0)
+        recvs = _slices(packed, recv_peers, [len(round_view.recv_rows[p]) for p in recv_peers], eb, offset)
         requests = comm.exchange(sends, recvs)
         comm.wait(
             requests,
             labels=Communicator.op_labels(sends, recvs),
-            where=f"layer {layer_idx}, round {number + 1}/{len(work.rounds)}",
+            where=f"layer {layer_idx}, round {number + 1}/{len(rounds)}",
         )
-        offset += r.recv_rows.size * eb
+        offset += recv_rows.size * eb
     if view.dup_dst_rows.size:  # replicas of a row delivered in this layer: copied inside the staging
         table = packed.view(-1, eb)
         src = index_tensor(position[view.dup_src_rows], packed.device)
