@@ -16,7 +16,7 @@ from .plan import (
     plan_layer,
     plan_rearrangement,
 )
-from .transfer import TransferStats, rearrange_expert_weights_inplace
+from .transfer import TransferStats, rearrange_expert_weights_inplace, reserve
 from .worker import TransferWorker
 
 __version__ = "0.1.0"
@@ -42,4 +42,5 @@ __all__ = [
     "plan_layer",
     "plan_rearrangement",
     "rearrange_expert_weights_inplace",
+    "reserve",
 ]

@@ -564,13 +564,14 @@ class ExpertLayout:
         src = src_rows if src_rows is not None else rows
         dst = dst_rows if dst_rows is not None else rows
         buf_addr = buf.data_ptr() if buf is not None else 0
-        if state.fast_launch and tuning is None and not compile_only:
+        if state.fast_launch and tuning is None:
             # the steady path: everything but the addresses looked up once per shape of launch
+            # (``compile_only`` makes that entry, so a later launch of this shape only runs)
             key = (mode, num_rows, buf_addr % ALIGN_BYTES, src.data_ptr() % ALIGN_BYTES, dst.data_ptr() % ALIGN_BYTES)
             entry = state.launches.get(key)
             if entry is None:
                 entry = state.launches[key] = self._launch_entry(state, mode, num_rows, buf_addr, src, dst)
-            if entry is not None:
+            if entry is not None and not compile_only:
                 run, table, extra = entry
                 run(table, src, dst, buf_addr, *extra)
             return

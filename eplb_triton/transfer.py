@@ -58,7 +58,7 @@ from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
 from .layout import ExpertLayout, check_layer_tensors, index_tensor
 from .maps import ExpertMaps, normalize_maps
-from .plan import ROUND_KINDS, LayerPlan, RankPlan, normalize_elastic_maps, plan_from_maps, with_rounds
+from .plan import ROUND_KINDS, LayerPlan, RankPlan, _check_options, normalize_elastic_maps, plan_from_maps, with_rounds
 from .schedule import schedule_layer
 
 __all__ = [
@@ -71,6 +71,7 @@ __all__ = [
     "finish_transfer",
     "prepare_layers",
     "rearrange_expert_weights_inplace",
+    "reserve",
 ]
 
 logger = logging.getLogger(__name__)
@@ -872,13 +873,17 @@ def prepare_layers(
     verify: bool = False,
     timeout_s: float | None = None,
     rounds: bool | str | None = None,
+    ranks_per_node: int | None = None,
+    staging=None,
 ) -> list[LayerWork]:
     """Validate everything, agree with every rank, plan and schedule; touches no weight.
 
     ``verify`` and ``rounds`` must be the same on every rank (they change the wire format
     and which ops meet; the agreement checks them). ``timeout_s`` bounds the agreement
     collective. ``rounds`` (``True``/``"pair"``/``"expert"``) splits each round's exchange
-    into planner rounds (:attr:`RoundWork.steps`).
+    into planner rounds (:attr:`RoundWork.steps`). ``ranks_per_node``: prefer same-node
+    senders (see :func:`~eplb_triton.plan.plan_rearrangement`). ``staging``: a caller-provided
+    buffer (see :func:`rearrange_expert_weights_inplace`); its bytes cap the budget.
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
@@ -895,6 +900,14 @@ def prepare_layers(
             maps = normalize_elastic_maps(old_global_expert_indices, new_global_expert_indices, comm.world_size, rank_mapping)
         layouts = _check_weights(expert_weights, maps)
         _check_backend_device(comm, layouts[0].device)
+        if ranks_per_node is not None:
+            _check_options(maps.ep_size, "balanced", ranks_per_node)
+        if staging is not None:  # the caller's buffer is the staging: its size is the budget
+            held = staging_view(staging, layouts[0].device).numel()
+            largest = max(_row_cost(lay, verify) for lay in layouts)
+            if held < largest:
+                raise ValueError(f"staging holds {held} bytes, less than one packed expert ({largest} bytes)")
+            max_buffer_bytes = held if max_buffer_bytes is None else min(max_buffer_bytes, held)
         if max_buffer_bytes is not None:
             if isinstance(max_buffer_bytes, bool) or not isinstance(max_buffer_bytes, (int, np.integer)):
                 raise TypeError(f"max_buffer_bytes must be an int, got {type(max_buffer_bytes).__name__}")
@@ -904,11 +917,13 @@ def prepare_layers(
                 raise ValueError(f"max_buffer_bytes={max_buffer_bytes} is smaller than {what} ({largest} bytes)")
         chunk_bytes = pipeline_chunk_bytes(comm.backend)
         fingerprint = _fingerprint(maps, layouts, max_buffer_bytes, verify, kind, chunk_bytes)
+        if ranks_per_node is not None:  # it changes the senders: every rank must use the same
+            fingerprint = zlib.crc32(f"ranks_per_node={ranks_per_node}".encode(), fingerprint)
     except (TypeError, ValueError) as exc:
         error = exc
     comm.agree(error, fingerprint, timeout_s=timeout_s)
 
-    plan = plan_from_maps(maps)
+    plan = plan_from_maps(maps, ranks_per_node=ranks_per_node)
     layers = []
     for index, (layout, layer_plan) in enumerate(zip(layouts, plan.layers)):
         cost = _row_cost(layout, verify)
@@ -967,6 +982,62 @@ def _check_weights(expert_weights, maps: ExpertMaps) -> list[ExpertLayout]:
             raise ValueError(f"tensors on different devices: layer 0 on {device}, layer {index} on {tensors[0].device}")
         layouts.append(ExpertLayout(tensors))
     return layouts
+
+
+def staging_view(staging, device: torch.device) -> torch.Tensor:
+    """The bytes of a caller-provided staging buffer as one contiguous 1-D uint8 view.
+
+    ``staging``: one contiguous tensor (any dtype), or a list/tuple of tensors (a runtime's
+    per-tensor scratch buffers, e.g. vLLM's ``expert_buffer``): the largest contiguous one is
+    used, since the staging must be one block of memory. Nothing is allocated or copied.
+    """
+    if isinstance(staging, torch.Tensor):
+        candidates = [staging]
+    elif isinstance(staging, (list, tuple)) and staging and all(isinstance(t, torch.Tensor) for t in staging):
+        candidates = list(staging)
+    else:
+        raise TypeError(f"staging must be a tensor or a non-empty list of tensors, got {type(staging).__name__}")
+    usable = [t for t in candidates if t.is_contiguous() and t.device == device and t.numel()]
+    if not usable:
+        where = ", ".join(f"{tuple(t.shape)} on {t.device}" + ("" if t.is_contiguous() else " (not contiguous)") for t in candidates)
+        raise ValueError(f"staging has no non-empty contiguous tensor on the weights' device {device}: {where}")
+    largest = max(usable, key=lambda t: t.numel() * t.element_size())
+    return largest.reshape(-1).view(torch.uint8)
+
+
+def staging_bound(expert_weights: Sequence[Sequence[torch.Tensor]], max_buffer_bytes: int | None = None, *, verify: bool = False) -> int:
+    """The most staging bytes one rank's blocking rearrangement of these weights can use:
+    ``max_buffer_bytes``, or by default the largest layer's local rows packed (with
+    ``verify``, plus their checksum trailers). Any plan fits in it (see :func:`schedule_layer`)."""
+    layouts = [ExpertLayout(tensors) for tensors in expert_weights]
+    if max_buffer_bytes is not None:
+        return int(max_buffer_bytes)
+    return max((lay.num_local * _row_cost(lay, verify) for lay in layouts), default=0)
+
+
+def reserve(
+    expert_weights: Sequence[Sequence[torch.Tensor]],
+    *,
+    max_buffer_bytes: int | None = None,
+    verify: bool = False,
+    atomic: bool = False,
+) -> torch.Tensor:
+    """Allocate, up front, the staging a blocking rearrangement of these weights will use.
+
+    Pass the result as ``staging=`` (with the same ``max_buffer_bytes`` and ``verify``) to
+    :func:`rearrange_expert_weights_inplace`: it then allocates no staging of its own, so
+    the memory can be counted by a runtime's profile run and the first rebalance allocates
+    nothing. ``atomic=True`` adds room for the undo copy of layers that need several rounds
+    (one layer's local rows, packed); without it such a call allocates that copy when needed
+    (or pass ``atomic=False`` to the rearrangement as well).
+
+    Returns a uint8 tensor on the weights' device; keep it for as long as rearrangements run.
+    """
+    bound = staging_bound(expert_weights, max_buffer_bytes, verify=verify)
+    if atomic:
+        bound += max(ExpertLayout(tensors).num_local * ExpertLayout(tensors).expert_bytes for tensors in expert_weights)
+    device = expert_weights[0][0].device
+    return torch.empty(max(bound, 1), dtype=torch.uint8, device=device)
 
 
 def _check_backend_device(comm: Communicator, device: torch.device) -> None:
@@ -1052,6 +1123,8 @@ def rearrange_expert_weights_inplace(
     log_traffic: bool = False,
     rank_mapping=None,
     rounds: bool | str | None = None,
+    ranks_per_node: int | None = None,
+    staging=None,
 ) -> TransferStats:
     """Rearrange this rank's expert weights in place so every row holds its new expert.
 
@@ -1094,6 +1167,14 @@ def rearrange_expert_weights_inplace(
             one after the other (``"pair"``: whole per-peer messages, fewest rounds;
             ``"expert"``: one expert per rank and round). Bytes moved and results are the
             same; all reads of a round still precede its writes. Same value on every rank.
+        ranks_per_node: ranks per node; a sender on the receiver's node is preferred (see
+            :func:`eplb_triton.plan.plan_rearrangement`). Same value on every rank.
+        staging: a buffer the caller already holds (a runtime's scratch buffer, or
+            :func:`reserve`'s result): one contiguous tensor or a list of tensors (the
+            largest contiguous one is used). The staging then lives in it and its bytes cap
+            ``max_buffer_bytes``, so no staging memory is allocated; with ``atomic`` the
+            undo copy (layers that need several rounds) is taken from what the staging
+            leaves free, else allocated. Its contents are overwritten.
 
     Returns:
         This rank's :class:`TransferStats`.
@@ -1115,6 +1196,8 @@ def rearrange_expert_weights_inplace(
         verify=verify,
         timeout_s=timeout_s,
         rounds=rounds,
+        ranks_per_node=ranks_per_node,
+        staging=staging,
     )
     stats = TransferStats.empty(comm.rank, comm.world_size)
     if not layers:
@@ -1122,14 +1205,17 @@ def rearrange_expert_weights_inplace(
     device = layers[0].layout.device
     upload_rows([work for layer in layers for work in layer.rounds], device)
     peak = max(layer.staging_bytes for layer in layers)
-    staging = torch.empty(peak, dtype=torch.uint8, device=device)
+    given = None if staging is None else staging_view(staging, device)  # validated by prepare_layers
+    staging = given[:peak] if given is not None else torch.empty(peak, dtype=torch.uint8, device=device)
     stats.peak_staging_bytes = peak
     undo = None
     if atomic:
         undo_bytes = max(layer.undo_bytes for layer in layers)
-        if undo_bytes:
+        if undo_bytes and given is not None and given.numel() - peak >= undo_bytes:
+            undo = given[peak : peak + undo_bytes]
+        elif undo_bytes:
             undo = torch.empty(undo_bytes, dtype=torch.uint8, device=device)
-            stats.peak_undo_bytes = undo_bytes
+        stats.peak_undo_bytes = undo_bytes
     errors: list[ChecksumMismatchError] = []
     # Layer times: CUDA events on GPUs (the host queues layer after layer without waiting for
     # the device; a per-layer synchronize stalled the queue), host clocks elsewhere.

@@ -72,8 +72,8 @@ from .comm import (
     PeerTimeoutError,
     TransferError,
 )
-from .layout import index_tensor, resolve_backend
-from .transfer import LayerWork, RoundWork, TransferStats, _check_timeout, prepare_layers
+from .layout import ExpertLayout, index_tensor, resolve_backend
+from .transfer import LayerWork, RoundWork, TransferStats, _check_timeout, prepare_layers, staging_bound
 
 __all__ = ["TransferWorker"]
 
@@ -330,6 +330,12 @@ class TransferWorker:
             every rank at the next :meth:`step`/:meth:`wait`; that layer is not applied.
             Costs one checksum pass over the sent and the received experts, on the worker
             thread and stream, and 8 bytes per expert on the wire (padded to 16 per peer).
+        reserve: allocate the staging every later :meth:`submit` needs here, once, for the
+            worst plan these weights and options allow (two slots of one layer's local rows
+            packed, plus one round's send buffer), and keep it: a runtime's profile run then
+            counts it and no rebalance allocates staging. Without it (default) each submit
+            allocates what its plan needs. A submit with a larger ``max_buffer_bytes`` or
+            with ``verify`` turned on after construction allocates again.
 
     ``max_buffer_bytes`` and ``verify`` are read by each :meth:`submit`: they may be changed
     (the same on every rank) between rearrangements.
@@ -374,6 +380,7 @@ class TransferWorker:
         backend: str | None = None,
         timeout_s: float | None = None,
         verify: bool = False,
+        reserve: bool = False,
     ):
         _check_timeout(timeout_s)
         if not isinstance(verify, bool):
@@ -398,6 +405,7 @@ class TransferWorker:
         self._drained = False  # the worker thread ended with no p2p op pending
         self._abandon = False  # the step agreement failed: the thread must not wait on peers any more
         self._last_stats = TransferStats.empty(self._transfer.rank, self._transfer.world_size)
+        self._reserved = self._reserve_storage() if reserve else None
         self._thread = threading.Thread(target=self._run, name=f"eplb-transfer-rank{self._transfer.rank}", daemon=True)
         self._thread.start()
 
@@ -408,6 +416,20 @@ class TransferWorker:
             return expert_weights[0][0].device
         except (TypeError, IndexError, AttributeError, KeyError):
             return torch.device("cpu")  # malformed weights: submit() reports it on every rank
+
+    def _reserve_storage(self) -> torch.Tensor | None:
+        """The worst case of :meth:`submit`'s storage for these weights and options: two slots
+        of a layer's local rows packed, one round's sends (at most the round budget) and, with
+        ``verify``, trailers of at most 16 bytes per expert sent and received in a round."""
+        try:
+            layouts = [ExpertLayout(tensors) for tensors in self.expert_weights]
+        except (TypeError, ValueError, IndexError):
+            return None  # malformed weights: submit() reports them on every rank
+        slot = max((lay.num_local * lay.expert_bytes for lay in layouts), default=0)
+        budget = staging_bound(self.expert_weights, self.max_buffer_bytes, verify=self.verify)
+        rows = max((budget // lay.expert_bytes for lay in layouts), default=0)
+        sums = 2 * 16 * rows if self.verify else 0
+        return torch.empty(max(2 * slot + budget + sums, 1), dtype=torch.uint8, device=self._device)
 
     def _make_communicators(self, ep_group, transfer_group) -> tuple[Communicator, Communicator]:
         ep = Communicator.from_group(ep_group)
@@ -479,7 +501,11 @@ class TransferWorker:
         send_sums = max((t[0] for t in trailers), default=0)
         recv_sums = max((t[1] for t in trailers), default=0)
         # One allocation on the current stream; nothing frees it while the worker may use it.
-        storage = torch.empty(2 * slot_bytes + send_bytes + send_sums + recv_sums, dtype=torch.uint8, device=self._device)
+        need = 2 * slot_bytes + send_bytes + send_sums + recv_sums
+        if self._reserved is not None and self._reserved.numel() >= need:
+            storage = self._reserved[:need]  # reserve=True: the previous job's swaps are ordered before start_event
+        else:
+            storage = torch.empty(need, dtype=torch.uint8, device=self._device)
         sums_at = 2 * slot_bytes + send_bytes
         stats = TransferStats.empty(rank, self._transfer.world_size)
         stats.peak_staging_bytes = int(storage.numel())

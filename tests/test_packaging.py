@@ -48,3 +48,13 @@ def test_wheel_ships_kernels_inside_eplb_triton(wheel):
     assert "eplb_triton/kernels/__init__.py" in names
     top_levels = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top_levels == {"eplb_triton"}, f"unexpected top-level entries: {top_levels}"
+
+
+def test_wheel_ships_the_runtime_adapters_and_the_vllm_plugin(wheel):
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
+    for module in ("__init__", "vllm", "sglang", "_staging"):
+        assert f"eplb_triton/integrations/{module}.py" in names
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    text = archive.read(entry_points).decode()
+    assert "[vllm.general_plugins]" in text and "eplb_triton.integrations.vllm:vllm_plugin" in text

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from eplb_triton import plan_rearrangement, rearrange_expert_weights_inplace
+from eplb_triton import ExpertLayout, plan_rearrangement, rearrange_expert_weights_inplace
 from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from map_cases import random_maps
 
@@ -204,3 +204,97 @@ def test_split_messages_move_the_same_bytes(distributed, world, chunk_bytes):
                     pieces += -(-int(layer.traffic[rank, peer]) // per_piece)  # sends
                     pieces += -(-int(layer.traffic[peer, rank]) // per_piece)  # receives
         assert stats.p2p_ops == pieces
+
+# ---------------------------------------------------------------------------------------
+# Caller-provided staging (staging=, reserve()) and same-node senders (ranks_per_node=)
+# ---------------------------------------------------------------------------------------
+
+
+def _rank_given_staging(rank, world, old, new, kind, budget, seed):
+    from eplb_triton import reserve
+
+    weights = make_rank_weights(MIXED_SPECS, old.shape[0], old.shape[1] // world)
+    fill_rank_weights(weights, old, rank, seed)
+    if kind == "reserve":
+        staging = reserve(weights, max_buffer_bytes=budget, atomic=True)
+    else:  # a runtime's per-tensor scratch buffers: the largest one is used
+        staging = [torch.empty(t.shape[0] * 4, *t.shape[1:], dtype=t.dtype) for t in weights[0]]
+    largest = staging if isinstance(staging, torch.Tensor) else max(staging, key=lambda t: t.numel() * t.element_size())
+    largest.view(-1).view(torch.uint8).fill_(0xA5)  # poisoned: used staging no longer reads 0xA5
+    stats = rearrange_expert_weights_inplace(old, new, weights, staging=staging, max_buffer_bytes=budget)
+    used = int((largest.reshape(-1).view(torch.uint8) != 0xA5).sum())
+    nbytes = largest.numel() * largest.element_size()
+    return row_mismatches(weights, old, new, rank, seed), stats, used, nbytes
+
+
+@pytest.mark.parametrize(
+    "kind,budget",
+    [
+        pytest.param("reserve", None, id="reserve-default-budget"),
+        pytest.param("reserve", 4 * 128, id="reserve-small-budget-with-undo"),  # 128-byte experts, 6 rows
+        pytest.param("runtime-buffers", None, id="runtime-buffer-list"),
+    ],
+)
+def test_given_staging_is_used_and_bounds_the_budget(distributed, kind, budget):
+    old, new = random_maps(np.random.default_rng(41), 3, 4, 6, 12)
+    results = distributed(4, _rank_given_staging, old, new, kind, budget, 2)
+    for rank, (bad, stats, used, nbytes) in enumerate(results):
+        assert bad == [], f"rank {rank}: rows with wrong bytes: {bad[:10]}"
+        assert 0 < stats.peak_staging_bytes <= nbytes and used > 0
+        if budget is not None:
+            assert stats.peak_staging_bytes <= budget
+    if budget is not None:  # several rounds: the undo copy was written past the staging, in the reserved tail
+        assert any(stats.peak_undo_bytes and used > stats.peak_staging_bytes for _, stats, used, _ in results)
+
+
+def _rank_bad_staging(rank, world, case):
+    weights = make_rank_weights(MIXED_SPECS, 1, 2)
+    old = np.arange(2 * world)[None] % 3
+    fill_rank_weights(weights, old, rank)
+    staging = {
+        "too-small": torch.empty(8, dtype=torch.uint8),
+        "not-a-tensor": "buffer",
+        "not-contiguous-on-rank-1": torch.empty(64, 64).t() if rank == 1 else torch.empty(64, 64),
+    }[case]
+    try:
+        rearrange_expert_weights_inplace(old, old[:, ::-1].copy(), weights, staging=staging)
+    except (TypeError, ValueError) as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+@pytest.mark.parametrize(
+    "case,error,match",
+    [
+        pytest.param("too-small", "ValueError", "less than one packed expert", id="too-small"),
+        pytest.param("not-a-tensor", "TypeError", "staging must be a tensor", id="not-a-tensor"),
+        pytest.param("not-contiguous-on-rank-1", "ValueError", "no non-empty contiguous tensor", id="not-contiguous-rank-1"),
+    ],
+)
+def test_bad_staging_raises_on_every_rank(distributed, case, error, match):
+    results = distributed(2, _rank_bad_staging, case)
+    assert all(r is not None and r[0] == error and match in r[1] for r in results), results
+
+
+def _rank_per_node(rank, world, old, new, per_node):
+    weights = make_rank_weights(MIXED_SPECS, 1, old.shape[1] // world)
+    fill_rank_weights(weights, old, rank, 5)
+    try:
+        stats = rearrange_expert_weights_inplace(old, new, weights, ranks_per_node=per_node)
+    except ValueError as exc:
+        return str(exc)
+    return row_mismatches(weights, old, new, rank, 5), stats.bytes_received
+
+
+def test_ranks_per_node_follows_the_same_node_plan(distributed):
+    old = np.array([[5, 3, 2, 4, 3, 5, 0, 1]])
+    new = np.array([[3, 2, 0, 4, 4, 5, 3, 1]])
+    nodes = plan_rearrangement(old, new, 4, ranks_per_node=2).layers[0].traffic
+    assert not np.array_equal(nodes, plan_rearrangement(old, new, 4).layers[0].traffic)
+    results = distributed(4, _rank_per_node, old, new, 2)
+    eb = ExpertLayout(make_rank_weights(MIXED_SPECS, 1, 2)[0]).expert_bytes
+    got = np.stack([received for _, received in results], axis=1) // eb
+    assert all(bad == [] for bad, _ in results)
+    assert np.array_equal(got, nodes * (1 - np.eye(4, dtype=np.int64)))
+    messages = distributed(2, _rank_per_node, old, new, 3)  # 3 does not divide ep_size=2
+    assert messages[0] == messages[1] and "ranks_per_node=3" in messages[0]

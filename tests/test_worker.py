@@ -944,3 +944,63 @@ def test_nccl_two_gpus_verify(corrupt):
         else:
             assert res["error"] is None and res["applied"] == [0, 1, 2], res
             assert res["equal_to_sync"] and res["verified"] > 0
+
+
+# -- reserve=True: the staging is allocated at construction and every submit uses it ----------
+def _rank_reserved(rank, world, old, new, budget, verify):
+    weights = rank_weights(rank, world, old, 4)
+    with TransferWorker(weights, max_buffer_bytes=budget, verify=verify, reserve=True) as worker:
+        reserved = worker._reserved  # the worker's own reservation (private: checked here only)
+        reserved.fill_(0xA5)
+        first, state, rng = [], old, np.random.default_rng(5)  # the same maps on every rank
+        for number in range(3):  # then permutations of what the rows hold
+            target = new if number == 0 else np.stack([layer[rng.permutation(layer.size)] for layer in state])
+            worker.submit(state, target)
+            stats = worker.wait()
+            first += row_mismatches(weights, state, target, rank, 4)
+            state = expected_after(state, target, range(old.shape[0]))
+        used = int((reserved != 0xA5).sum())
+        fits = stats.peak_staging_bytes <= reserved.numel()
+    return first, used, fits
+
+
+@pytest.mark.parametrize(
+    "budget,verify",
+    [
+        pytest.param(None, False, id="default-budget"),
+        pytest.param(3 * PACKED, False, id="budget3"),
+        pytest.param(3 * (PACKED + 16), True, id="budget3-verify"),
+    ],
+)
+def test_reserve_allocates_up_front_and_every_submit_uses_it(distributed, budget, verify):
+    old, new = random_maps(np.random.default_rng(77), 2, 2, 6, 8)
+    for rank, (bad, used, fits) in enumerate(distributed(2, _rank_reserved, old, new, budget, verify)):
+        assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
+        assert fits and used > 0, (rank, fits, used)
+
+
+@pytest.mark.gpu
+def test_gpu_reserve_first_rebalance_allocates_no_staging():
+    # One GPU, no process group: 4 layers of 16 rows, every row rewritten (a rotation).
+    old, new = rotated_maps(4, 1, 16)
+    specs = [TensorSpec((256, 256), torch.bfloat16), TensorSpec((8,), torch.float32)]
+
+    def first_rebalance(reserve: bool) -> tuple[int, int, list]:
+        weights = make_rank_weights(specs, 4, 16, "cuda")
+        fill_rank_weights(weights, old, 0, seed=6)
+        with TransferWorker(weights, reserve=reserve) as worker:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            worker.submit(old, new)
+            stats = worker.wait()
+            torch.cuda.synchronize()
+            delta = torch.cuda.max_memory_allocated() - base
+        return delta, stats.peak_staging_bytes, row_mismatches(weights, old, new, 0, seed=6)
+
+    delta, staging, bad = first_rebalance(reserve=True)
+    assert bad == [] and staging > 1 << 20  # two slots of 16 rows of 128 KiB, plus sends
+    # only row lists and kernel descriptors (kilobytes) may be allocated along the way
+    assert delta < 64 << 10, f"the first rebalance after reserve=True allocated {delta} bytes at peak"
+    delta, staging, bad = first_rebalance(reserve=False)
+    assert bad == [] and delta >= staging  # without it the measurement sees the staging
