@@ -44,6 +44,7 @@ sleep, exit or corrupt ``received`` to simulate failures.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -441,6 +442,7 @@ class RoundWork:
         *,
         pack: bool = True,
         local_buf: torch.Tensor | None = None,
+        launch_lock=contextlib.nullcontext(),
     ) -> tuple[list, list[tuple[int, str]], list[int]]:
         """Pack and post every batch of :meth:`batches`: pack batch ``i``'s sends (one launch),
         then post its ops; on GPUs the next pack runs while batch ``i`` is on the wire (NCCL's
@@ -449,7 +451,7 @@ class RoundWork:
         and the number of ops of each batch. ``pack=False`` sends ``send_buf`` as it is (a
         drain's junk, matching a peer's batches op for op). ``local_buf``: also pack the local
         moves' sources there; when it directly follows ``send_buf`` and messages are whole, one
-        launch packs both."""
+        launch packs both. ``launch_lock`` is held around each launch (not around the posts)."""
         eb, device_rows = self.expert_bytes, self.device_rows(layout.device)
         rows = device_rows["send"]
         batches = self.batches()
@@ -457,15 +459,18 @@ class RoundWork:
             adjacent = local_buf.data_ptr() == send_buf.data_ptr() + self.send_rows.size * eb
             if pack and len(batches) == 1 and adjacent and (stash is None or not self.stashed_sends.size):
                 both = send_buf.as_strided((self.send_rows.size * eb + local_buf.numel(),), (1,))
-                layout.move("pack", both, src_rows=device_rows["send+local_src"], backend=backend)
+                with launch_lock:
+                    layout.move("pack", both, src_rows=device_rows["send+local_src"], backend=backend)
                 pack = False  # the sends are packed too
             else:
-                layout.move("pack", local_buf, src_rows=device_rows["local_src"], backend=backend)
+                with launch_lock:
+                    layout.move("pack", local_buf, src_rows=device_rows["local_src"], backend=backend)
         requests, labels, ops = [], [], []
         for sends, recvs in batches:
             if sends and pack:
                 first, stop = sends[0][1], sends[-1][1] + sends[-1][2]
-                layout.move("pack", send_buf[first * eb : stop * eb], src_rows=rows[first:stop], backend=backend)
+                with launch_lock:
+                    layout.move("pack", send_buf[first * eb : stop * eb], src_rows=rows[first:stop], backend=backend)
                 if stash is not None:  # the blocking path: rows its earlier rounds overwrote
                     mine = (self.stashed_sends >= first) & (self.stashed_sends < stop)
                     self._from_stash(send_buf, self.stashed_sends[mine], self.stashed_send_entries[mine], stash)

@@ -948,8 +948,9 @@ class TransferWorker:
             if job.verify:
                 requests, labels = self._post(job, work, send_buf, sends, recvs)
             else:  # the executor's batches: packs piece by piece, posts as it goes
-                with self._kernel_lock:
-                    requests, labels, _ = work.post_batches(layout, send_buf, recv_buf, self._transfer, backend)
+                requests, labels, _ = work.post_batches(
+                    layout, send_buf, recv_buf, self._transfer, backend, launch_lock=self._kernel_lock
+                )
                 work.release()
                 recvs = work.recv_messages_in(recv_buf)
             # gloo: blocks this thread (GIL released); NCCL: the worker stream waits, the host does not.
