@@ -218,19 +218,28 @@ class Progress:
 
     def update(self, n: int = 1) -> None:
         if self._bar is not None:
-            self._bar.update(n)
+            self._guard(self._bar.update, n)
 
     def note(self, text: str) -> None:
         """A milestone: the bar's status text on a terminal, its own line elsewhere."""
         if self._bar is not None:
-            self._bar.set_postfix_str(text)
+            self._guard(self._bar.set_postfix_str, text)
         elif self.mode == "lines":
-            print(text, file=self.stream, flush=True)
+            self._guard(lambda: print(text, file=self.stream, flush=True))
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.close()
-        self.stream.flush()
+            self._guard(self._bar.close)
+        self._guard(self.stream.flush)
+
+    def _guard(self, fn: Callable[..., Any], *args: Any) -> None:
+        # progress is best effort: a closed pipe (`| head`) must not fail a rank's work
+        if self.mode == "off":
+            return
+        try:
+            fn(*args)
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            self.mode, self._bar = "off", None
 
     def __enter__(self) -> "Progress":
         return self

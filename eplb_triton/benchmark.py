@@ -49,6 +49,7 @@ def _methods(device: torch.device) -> dict:
 
 
 def _rank_bench(rank: int, world_size: int, cfg: dict):
+    begin = time.perf_counter()
     device = torch.device("cuda", torch.cuda.current_device()) if cfg["dist_backend"] == "nccl" else torch.device("cpu")
     preset = PRESETS[cfg["preset"]]
     old, new = make_placements(cfg["layers"], preset.num_logical, world_size, preset.redundant_per_rank, cfg["seed"])
@@ -59,6 +60,8 @@ def _rank_bench(rank: int, world_size: int, cfg: dict):
     passes = cfg["repeats"] + 1  # the first pass warms up (Triton compiles, NCCL connects)
     out = {}
     with _cli.Progress(rank == 0 and cfg["progress"] or "off", len(methods) * passes, "bench", "pass") as progress:
+        megabytes = sum(t.numel() * t.element_size() for layer in weights for t in layer) / 1e6
+        progress.note(f"weights ready: {megabytes:.1f} MB per rank in {time.perf_counter() - begin:.1f} s")
         for name, method in methods.items():
             fill_rank_weights(weights, old, rank, cfg["seed"])
             repeat_times, bad, stats_list = [], 0, []
@@ -143,8 +146,8 @@ def summarise(per_rank: list[dict], layers: int) -> list[dict]:
 # (header, key, format, meaning): the table's columns and the legend printed under it
 COLUMNS = [
     ("method", "method", "<", "see bench --help"),
-    ("ms/layer", "time_per_layer_ms", ".3f", "time to move one layer, slowest rank, median over repeats"),
-    ("min-max ms", "min_max_ms", "", "fastest and slowest repeat"),
+    ("ms/layer", "time_per_layer_ms", ".3f", "time to move one layer, slowest rank, median over the timed passes"),
+    ("min-max ms", "min_max_ms", "", "fastest and slowest timed pass"),
     ("net GB/s", "busiest_rank_GBps", ".3f", "the busiest rank's network bytes per layer / ms/layer"),
     ("net MB", "busiest_rank_MB_per_layer", ".3f", "the busiest rank's network bytes per layer (sent or received)"),
     ("written GB/s", "written_GBps", ".3f", "the busiest rank's bytes written into its weights / ms/layer"),
@@ -230,13 +233,14 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("time per layer, ms (lower is better)")
     ax.set_ylim(0, max(medians + high) * 1.25)
     scale = "tensors at the preset's size" if cfg["scale"] == 1 else f"tensor dims 1/{cfg['scale']} of the preset's"
+    layers = f"{cfg['layers']} layer{'s' if cfg['layers'] > 1 else ''}"
     ax.set_title(
-        f"{cfg['preset']}: {cfg['layers']} layers, {scale}, world {cfg['world_size']} ({cfg['dist_backend']})",
+        f"{cfg['preset']}: {layers}, {scale}, world {cfg['world_size']} ({cfg['dist_backend']})",
         fontsize=10,
     )
     fig.text(
         0.01, 0.01,
-        f"bar: median of {cfg['repeats']} repeats; whiskers: fastest and slowest repeat; "
+        f"bar: median of {cfg['repeats']} timed pass{'es' if cfg['repeats'] > 1 else ''}; whiskers: fastest and slowest pass; "
         f"linear axis from 0\n{result['machine']}, {result['date']}",
         fontsize=7, color="#555555", va="bottom",
     )
