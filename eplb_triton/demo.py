@@ -1,31 +1,31 @@
-"""The demo rebalance: ``python -m eplb_triton demo``.
+"""The demo rebalance: ``eplb-triton demo`` (or ``python -m eplb_triton demo``).
 
-Spawns ``--world-size`` local ranks (gloo on CPU by default, ``--backend nccl`` for one
-process per GPU), builds a synthetic MoE model shaped like a real one (``--preset``, scaled
-down on CPU by ``--scale``) whose expert rows carry a byte pattern naming their expert, and runs
-several rebalances: a simple EPLB-style balancer turns drifting synthetic loads into new
-placements, the :class:`~eplb_triton.TransferWorker` moves the layers in the background while
-the main thread keeps "serving" and swaps finished layers in ``step()``. Every row is verified
-bit for bit after each rebalance, and a summary table shows what moved and what it cost.
+Spawns local ranks (gloo on CPU, or one process per GPU with NCCL), builds a synthetic MoE
+model shaped like a real one (a preset, scaled down on CPU) whose expert rows carry a byte
+pattern naming their expert, and runs several rebalances: an EPLB-style balancer turns drifting
+synthetic loads into new placements, the TransferWorker moves the layers in the background while
+the main thread keeps "serving" and swaps finished layers in step(). Every row is verified bit
+for bit after each rebalance, and a table shows what moved and what it cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from . import _cli
 from .balancer import placement_sequence
 from .launch import run_ranks
 from .worker import TransferWorker
 from .synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from .transfer import rearrange_expert_weights_inplace
 
-__all__ = ["PRESETS", "Preset", "main", "make_placements"]
+__all__ = ["PRESETS", "Preset", "add_arguments", "main", "make_placements", "run"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _serve_a_little(weights, layer: int, device: torch.device) -> None:
 
 def _rank_main(rank: int, world_size: int, args: dict):
     """One rank: several rebalances through the TransferWorker (or the blocking API)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if args["backend"] == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if args["dist_backend"] == "nccl" else torch.device("cpu")
     preset = PRESETS[args["preset"]]
     maps = placement_maps(
         args["layers"], preset.num_logical, world_size, preset.redundant_per_rank, args["rebalances"], args["seed"]
@@ -114,8 +114,12 @@ def _rank_main(rank: int, world_size: int, args: dict):
     weights = make_rank_weights(preset.specs(args["scale"]), num_layers, num_local, device)
     fill_rank_weights(weights, maps[0], rank, args["seed"])
     row_bytes = sum(t[0].numel() * t.element_size() for t in weights[0])
-    show = rank == 0 and args["progress"]
-    bar = tqdm(total=args["rebalances"] * num_layers, desc="layers swapped", unit="layer", disable=not show, leave=False)
+    progress = _cli.Progress(
+        args["progress"] if rank == 0 else "off",
+        total=args["rebalances"] * num_layers,
+        desc="layers moved" if args["sync"] else "layers swapped",
+        unit="layer",
+    )
     reports = []
     worker = None if args["sync"] else TransferWorker(weights, backend=args["kernel_backend"])
     try:
@@ -125,7 +129,7 @@ def _rank_main(rank: int, world_size: int, args: dict):
             stalls = []  # host seconds of step() calls that swapped layers, and how many
             if worker is None:
                 stats = rearrange_expert_weights_inplace(old, new, weights, backend=args["kernel_backend"])
-                bar.update(num_layers)
+                progress.update(num_layers)
             else:
                 worker.submit(old, new)
                 tick = 0
@@ -136,11 +140,16 @@ def _rank_main(rank: int, world_size: int, args: dict):
                     swapped = worker.step()
                     if swapped:
                         stalls.append((time.perf_counter() - t0, len(swapped)))
-                        bar.update(len(swapped))
+                        progress.update(len(swapped))
                 stats = worker.wait()
             if device.type == "cuda":
                 torch.cuda.current_stream().synchronize()
             elapsed = time.perf_counter() - begin
+            bad_rows = len(row_mismatches(weights, old, new, rank, args["seed"]))
+            progress.note(
+                f"rebalance {step}/{args['rebalances']}: {num_layers} layers in {elapsed:.3f} s (rank 0), "
+                f"{'verified' if bad_rows == 0 else f'{bad_rows} BAD ROWS'}"
+            )
             reports.append(
                 {
                     "step": step,
@@ -152,13 +161,13 @@ def _rank_main(rank: int, world_size: int, args: dict):
                     "p2p_ops": stats.p2p_ops,
                     "peak_staging_bytes": stats.peak_staging_bytes,
                     "stall_s_per_layer": sum(t for t, _ in stalls) / max(1, sum(n for _, n in stalls)) if stalls else 0.0,
-                    "bad_rows": len(row_mismatches(weights, old, new, rank, args["seed"])),
+                    "bad_rows": bad_rows,
                 }
             )
     finally:
         if worker is not None:
             worker.close()
-        bar.close()
+        progress.close()
     return {"reports": reports, "local_bytes": sum(t.numel() * t.element_size() for layer in weights for t in layer)}
 
 
@@ -186,71 +195,106 @@ def _summarise(results: list[dict], num_layers: int) -> list[dict]:
     return rows
 
 
-def run_demo(args: argparse.Namespace) -> int:
+# (header, key, format, meaning): the table's columns and the legend printed under it
+COLUMNS = [
+    ("rebalance", "step", "d", "which rebalance (each moves every layer from the last placement to the next)"),
+    ("time s", "elapsed_s", ".3f", "wall time of the whole rebalance on the slowest rank, start to last layer in place"),
+    ("ms/layer", "ms_per_layer", ".3f", "transfer time per layer (pack, exchange, unpack), slowest rank"),
+    ("network MB", "network_MB", ".3f", "bytes sent between ranks, all ranks together"),
+    ("local MB", "local_MB", ".3f", "bytes copied within a rank (experts it already held), all ranks together"),
+    ("GB/s", "busiest_GBps", ".3f", "the busiest rank's network bytes per layer / ms/layer"),
+    ("p2p ops", "p2p_ops", "d", "isend + irecv calls, all ranks together (one pair per peer per layer or round)"),
+    ("staging MB", "peak_staging_MB", ".3f", "peak send/receive buffer memory on one rank"),
+    ("stall ms/layer", "stall_ms_per_layer", ".3f",
+     "serving thread's time inside a step() that swapped layers in, per layer (what serving waits)"),
+    ("bad rows", "bad_rows", "d", "rows whose bytes differ from their new expert after the rebalance (must be 0)"),
+]
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Check the arguments (errors exit with status 2 before any rank starts), then run the demo."""
     preset = PRESETS[args.preset]
-    world = args.world_size
-    if args.backend == "nccl" and not world:
-        world = torch.cuda.device_count()
+    world = _cli.check_dist_backend(parser, args, default_world=4)
+    _cli.check_kernel_backend(parser, args.kernel_backend, args.dist_backend)
+    scale = args.scale if args.scale is not None else (1 if args.dist_backend == "nccl" or args.preset == "tiny" else 16)
+    layers = args.layers
+    if layers is None:
+        # full layer counts of real models are slow on CPU; 4 layers show the same
+        layers = 4 if args.preset != "tiny" and args.dist_backend == "gloo" else preset.num_layers
     config = {
         "preset": args.preset,
-        "backend": args.backend,
-        "scale": args.scale,
+        "dist_backend": args.dist_backend,
+        "scale": scale,
         "seed": args.seed,
-        "layers": args.layers or preset.num_layers,
+        "layers": layers,
         "rebalances": args.rebalances,
         "sync": args.sync,
-        "progress": not args.no_progress,
+        "progress": _cli.progress_mode(not args.no_progress),
         "kernel_backend": args.kernel_backend,
     }
-    mode = "blocking rearrange_expert_weights_inplace" if args.sync else "TransferWorker (background thread, swaps in step())"
+    mode = "the blocking rearrange_expert_weights_inplace" if args.sync else "TransferWorker (background thread, swaps in step())"
+    # flush before the ranks fork: their progress lines must come after this one
     print(
-        f"eplb_triton demo: preset={args.preset} layers={config['layers']} world={world} backend={args.backend} "
-        f"scale=1/{args.scale} rebalances={args.rebalances} via {mode}"
+        f"eplb_triton demo: preset={args.preset} layers={layers} world={world} dist-backend={args.dist_backend} "
+        f"scale=1/{scale} rebalances={args.rebalances} via {mode}",
+        flush=True,
     )
-    results = run_ranks(world, _rank_main, config, backend=args.backend, timeout_s=args.timeout)
-    rows = _summarise(results, config["layers"])
-    print(
-        f"{'step':>4} {'network MB':>10} {'local MB':>9} {'time s':>7} {'ms/layer':>9} {'GB/s':>7} {'p2p ops':>7} "
-        f"{'staging MB':>10} {'stall ms/layer':>14} {'bad rows':>8}"
-    )
-    for r in rows:
-        print(
-            f"{r['step']:>4} {r['network_MB']:>10.3f} {r['local_MB']:>9.3f} {r['elapsed_s']:>7.3f} {r['ms_per_layer']:>9.3f} "
-            f"{r['busiest_GBps']:>7.3f} {r['p2p_ops']:>7} {r['peak_staging_MB']:>10.3f} {r['stall_ms_per_layer']:>14.3f} "
-            f"{r['bad_rows']:>8}"
-        )
-    print(
-        "ms/layer: the worker's transfer time per layer (slowest rank); GB/s: the busiest rank's network bytes per "
-        "layer over that time; stall: host time of a step() that swapped, per layer swapped"
-    )
+    results = run_ranks(world, _rank_main, config, backend=args.dist_backend, timeout_s=args.timeout)
+    rows = _summarise(results, layers)
+    columns = [c for c in COLUMNS if not (args.sync and c[1] == "stall_ms_per_layer")]
+    print("\n".join(_cli.format_table([c[:3] for c in columns], rows)))
+    print("columns:")
+    print("\n".join(_cli.format_legend([(c[0], c[3]) for c in columns])))
     print(f"weights per rank: {results[0]['local_bytes'] / 1e6:.3f} MB")
     bad = sum(r["bad_rows"] for r in rows)
     print("verified: every row holds its new expert, bit for bit" if bad == 0 else f"FAILED: {bad} rows hold wrong bytes")
     return 0 if bad == 0 else 1
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--world-size", type=int, default=None, help="ranks (default 4 on gloo, one per GPU on nccl)")
-    parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
-    parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
-    parser.add_argument("--scale", type=int, default=None, help="divide tensor dimensions (default 16 on gloo, 1 on nccl)")
-    parser.add_argument("--rebalances", type=int, default=3, help="consecutive rebalances under drifting load")
+DESCRIPTION = """\
+Rebalance a synthetic MoE model several times on local ranks and verify every row.
+
+Each rank holds a model shaped like the preset (tensor dimensions divided by --scale), whose
+rows carry a byte pattern naming their expert. An EPLB-style balancer turns drifting load
+into new placements; the TransferWorker moves the layers on a background thread while the
+main thread keeps serving and swaps finished layers in with step() (--sync: the blocking
+rearrange_expert_weights_inplace instead). A table shows what moved and what it cost."""
+
+EPILOG = """\
+examples:
+  tiny preset, 4 CPU ranks:
+    %(prog)s
+  Qwen3-30B-A3B shapes at 1/16 size through the blocking API:
+    %(prog)s --preset qwen3-30b-a3b --sync
+  one rank per GPU, full-size DeepSeek-V3 tensors, 2 layers:
+    %(prog)s --dist-backend nccl --preset deepseek-v3 --layers 2"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shapes to imitate")
+    _cli.add_dist_backend_arguments(parser, default_world="4")
+    parser.add_argument(
+        "--layers", type=_cli.positive_int, default=None, metavar="N",
+        help="MoE layers (default: the preset's count; 4 for the large presets on gloo)",
+    )
+    parser.add_argument(
+        "--scale", type=_cli.positive_int, default=None, metavar="N",
+        help="divide tensor dimensions by this (default: 16 for the large presets on gloo, else 1)",
+    )
+    parser.add_argument("--rebalances", type=_cli.positive_int, default=3, metavar="N", help="consecutive rebalances under drifting load")
     parser.add_argument("--sync", action="store_true", help="use the blocking API instead of the TransferWorker")
-    parser.add_argument("--kernel-backend", choices=["auto", "triton", "torch"], default=None, help="pack/unpack backend")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before stuck ranks are killed")
+    parser.add_argument(
+        "--kernel-backend", choices=["auto", "triton", "torch"], default=None,
+        help="pack/unpack kernels: auto = Triton on GPUs, torch ops on CPU; triton on CPU needs TRITON_INTERPRET=1 "
+        "(default: $EPLB_TRITON_BACKEND, else auto)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    parser.add_argument("--seed", type=_cli.nonnegative_int, default=0, metavar="N", help="seed of the loads and placements")
+    parser.add_argument("--timeout", type=_cli.positive_float, default=600.0, metavar="SECONDS", help="seconds before stuck ranks are killed")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eplb_triton demo", description=__doc__)
-    add_demo_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.world_size is None and args.backend == "gloo":
-        args.world_size = 4
-    if args.scale is None:
-        args.scale = 1 if args.backend == "nccl" or args.preset == "tiny" else 16
-    if args.preset != "tiny" and args.backend == "gloo" and args.layers is None:
-        args.layers = 4  # full layer counts of real models are slow on CPU; 4 layers show the same
-    return run_demo(args)
+    """``eplb-triton demo [options]`` (kept for callers of ``eplb_triton.demo.main``)."""
+    from .__main__ import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])

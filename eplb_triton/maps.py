@@ -15,11 +15,25 @@ check here depends only on the global maps, so every rank reaches the same verdi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-__all__ = ["ExpertMaps", "as_map_array", "normalize_maps"]
+try:
+    from torch.distributed import ProcessGroup
+except ImportError:  # a torch built without distributed support
+    ProcessGroup = Any
+
+__all__ = ["EPGroup", "ExpertMap", "ExpertMaps", "RankMapping", "as_map_array", "normalize_maps"]
+
+#: A placement ``(num_layers, num_physical)`` or ``(num_physical,)`` of logical expert ids:
+#: a torch tensor (any device) or a numpy array.
+ExpertMap = Union[torch.Tensor, np.ndarray]
+#: Elastic EP, old rank -> new rank (``-1`` = removed): a dict or a sequence indexed by old rank.
+RankMapping = Union[Mapping[int, int], Sequence[int], np.ndarray, torch.Tensor]
+#: The expert-parallel process group (``None``: the default group, or one rank without one).
+EPGroup = Optional[ProcessGroup]
 
 
 @dataclass(frozen=True)
@@ -44,7 +58,7 @@ class ExpertMaps:
         return self.num_physical // self.ep_size
 
 
-def as_map_array(expert_map, name: str) -> np.ndarray:
+def as_map_array(expert_map: ExpertMap, name: str) -> np.ndarray:
     """Convert one map (torch tensor or numpy array of integers) to an int64 numpy array."""
     if isinstance(expert_map, torch.Tensor):
         if expert_map.dtype.is_floating_point or expert_map.dtype.is_complex or expert_map.dtype == torch.bool:
@@ -61,7 +75,7 @@ def as_map_array(expert_map, name: str) -> np.ndarray:
     return array
 
 
-def normalize_maps(old_global_expert_indices, new_global_expert_indices, ep_size: int) -> ExpertMaps:
+def normalize_maps(old_global_expert_indices: ExpertMap, new_global_expert_indices: ExpertMap, ep_size: int) -> ExpertMaps:
     """Validate the two maps and return them as ``(num_layers, num_physical)`` int64 arrays.
 
     Raises ``TypeError`` for wrong types and ``ValueError`` naming the problem for shapes that

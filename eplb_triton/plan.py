@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .maps import ExpertMaps, as_map_array, normalize_maps
+from .maps import ExpertMap, ExpertMaps, RankMapping, as_map_array, normalize_maps
 
 __all__ = [
     "SENDER_POLICIES",
@@ -294,14 +294,14 @@ class RearrangementPlan:
 
 
 def plan_rearrangement(
-    old_global_expert_indices,
-    new_global_expert_indices,
+    old_global_expert_indices: ExpertMap,
+    new_global_expert_indices: ExpertMap,
     ep_size: int,
     *,
     sender_policy: str = "balanced",
     ranks_per_node: int | None = None,
     rounds: bool | str = False,
-    rank_mapping=None,
+    rank_mapping: RankMapping | None = None,
 ) -> RearrangementPlan:
     """Plan the rearrangement of every layer from the global old and new maps.
 
@@ -411,7 +411,9 @@ def _as_rank_mapping(rank_mapping) -> np.ndarray:
     return mapping
 
 
-def normalize_elastic_maps(old_global_expert_indices, new_global_expert_indices, ep_size: int, rank_mapping) -> ExpertMaps:
+def normalize_elastic_maps(
+    old_global_expert_indices: ExpertMap, new_global_expert_indices: ExpertMap, ep_size: int, rank_mapping: RankMapping
+) -> ExpertMaps:
     """Validate maps of different EP sizes and express both in the transfer group's ranks.
 
     ``rank_mapping[r]`` is the new rank of old rank ``r`` (``-1``: removed). The old map has

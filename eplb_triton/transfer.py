@@ -58,7 +58,7 @@ import torch
 from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
 from .layout import ExpertLayout, check_layer_tensors, index_tensor
-from .maps import ExpertMaps, normalize_maps
+from .maps import EPGroup, ExpertMap, ExpertMaps, RankMapping, normalize_maps
 from .plan import ROUND_KINDS, LayerPlan, RankPlan, _check_options, normalize_elastic_maps, plan_from_maps, with_rounds
 from .schedule import schedule_layer
 
@@ -1115,10 +1115,10 @@ def _elapsed(marks: list) -> list[float]:
 
 
 def rearrange_expert_weights_inplace(
-    old_global_expert_indices,
-    new_global_expert_indices,
+    old_global_expert_indices: ExpertMap,
+    new_global_expert_indices: ExpertMap,
     expert_weights: Sequence[Sequence[torch.Tensor]],
-    ep_group=None,
+    ep_group: EPGroup = None,
     *,
     max_buffer_bytes: int | None = None,
     backend: str | None = None,
@@ -1126,7 +1126,7 @@ def rearrange_expert_weights_inplace(
     verify: bool = False,
     atomic: bool = True,
     log_traffic: bool = False,
-    rank_mapping=None,
+    rank_mapping: RankMapping | None = None,
     rounds: bool | str | None = None,
     ranks_per_node: int | None = None,
     staging=None,

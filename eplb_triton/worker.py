@@ -73,6 +73,7 @@ from .comm import (
     TransferError,
 )
 from .layout import ExpertLayout, index_tensor, resolve_backend
+from .maps import EPGroup, ExpertMap
 from .transfer import LayerWork, RoundWork, TransferStats, _check_timeout, prepare_layers, staging_bound
 
 __all__ = ["TransferWorker"]
@@ -373,9 +374,9 @@ class TransferWorker:
     def __init__(
         self,
         expert_weights: Sequence[Sequence[torch.Tensor]],
-        ep_group=None,
+        ep_group: EPGroup = None,
         *,
-        transfer_group=None,
+        transfer_group: EPGroup = None,
         max_buffer_bytes: int | None = None,
         backend: str | None = None,
         timeout_s: float | None = None,
@@ -471,7 +472,7 @@ class TransferWorker:
     def closed(self) -> bool:
         return self._closed
 
-    def submit(self, old_global_expert_indices, new_global_expert_indices) -> None:
+    def submit(self, old_global_expert_indices: ExpertMap, new_global_expert_indices: ExpertMap) -> None:
         """Start rearranging from the old to the new maps; returns once the work is queued.
 
         Collective over the EP group. Raises ``ValueError``/``TypeError`` on every rank for

@@ -13,7 +13,12 @@ def test_demo_runs_and_verifies(capsys, mode):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "verified: every row holds its new expert, bit for bit" in out
-    assert "stall ms/layer" in out
+    for column in ("time s", "network MB", "local MB", "staging MB", "bad rows"):
+        assert f"{column}: " in out, f"the legend does not explain {column!r}"
+    if mode:  # the blocking API has no step(): no stall column, no word about it
+        assert "stall" not in out and "step()" not in out
+    else:
+        assert "stall ms/layer: " in out
 
 
 def test_demo_preset_scaled_down(capsys):
@@ -22,5 +27,8 @@ def test_demo_preset_scaled_down(capsys):
     assert "verified" in capsys.readouterr().out
 
 
-def test_cli_usage():
-    assert main([]) == 2
+def test_demo_module_main_still_works(capsys):
+    from eplb_triton import demo
+
+    assert demo.main(["--world-size", "1", "--layers", "1", "--rebalances", "1", "--no-progress"]) == 0
+    assert "verified" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""`kernels/` installs as `eplb_triton.kernels`, never as a top-level `kernels` package."""
+"""What the package installs: `kernels/` as `eplb_triton.kernels` (never a top-level `kernels`),
+`py.typed`, and only torch, triton and numpy as hard requirements."""
 
 from __future__ import annotations
 
@@ -58,3 +59,18 @@ def test_wheel_ships_the_runtime_adapters_and_the_vllm_plugin(wheel):
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = archive.read(entry_points).decode()
     assert "[vllm.general_plugins]" in text and "eplb_triton.integrations.vllm:vllm_plugin" in text
+
+
+def test_wheel_ships_py_typed(wheel):
+    """PEP 561 marker: type checkers read the package's own hints."""
+    assert "eplb_triton/py.typed" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_wheel_needs_only_torch_triton_numpy(wheel):
+    """tqdm and matplotlib are extras (`cli`, `bench`), not requirements of the library."""
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        requires = [l.split(":", 1)[1].strip() for l in archive.read(metadata).decode().splitlines() if l.startswith("Requires-Dist:")]
+    hard = sorted(r.split(">")[0].split("=")[0].split(";")[0].strip() for r in requires if "extra ==" not in r)
+    assert hard == ["numpy", "torch", "triton"], requires
+    assert any(r.startswith("tqdm") and 'extra == "cli"' in r for r in requires), requires
