@@ -30,7 +30,11 @@ for step in ${STEPS:-tests link}; do
     tests) run_step gpu-tests 240 python3 -m pytest -q -x -m gpu tests -p no:cacheprovider -rf ;;
     suite) run_step whole-suite 400 python3 -m pytest -q tests -p no:cacheprovider -rf ;;
     link) run_step link-speed 420 python3 bench/link_speed.py --json "$OUT/link_speed.json" \
-      --profile-dir "$OUT" ${LINK_ARGS:-} ;;
+      --plot "$OUT/link_speed.png" --markdown "$OUT/link_speed.md" ${LINK_ARGS:-} ;;
+    link16) run_step link-speed-16-layers 300 python3 bench/link_speed.py --layers 16 --repeats 5 \
+      --configs qwen3-30b-a3b-bf16 tiny-bf16 --presets qwen3-30b-a3b --json "$OUT/link_speed-16layers.json" ;;
+    worker) run_step worker-swap 200 python3 bench/gpu_worker.py --json "$OUT/gpu_worker.json" ;;
+    timeline) run_step timeline 120 python3 bench/layer_timeline.py ;;
     multigpu) run_step multi-gpu 300 python3 bench/multi_gpu.py --backend nccl --timeout 280 \
       --json "$OUT/multi_gpu-nccl-w2.json" ;;
     *) echo "unknown step $step" ;;

@@ -280,6 +280,49 @@ def print_report(summary: dict) -> None:
         print(f"{'':28} bit-exact: {'yes' if not any(bad) else 'NO: ' + str(c['bad_rows'])}")
 
 
+def markdown(summary: dict) -> str:
+    """The README's table: every config and method, median [min-max] ms per layer and x floor."""
+    lines = [f"`{summary['machine']}`", "",
+             "| config | MB/rank/layer | method | ms/layer, median [min-max] | x floor | GB/s |",
+             "|---|---|---|---|---|---|"]
+    for name, c in summary["configs"].items():
+        for i, (method, r) in enumerate(c["methods"].items()):
+            lines.append(
+                f"| {name if i == 0 else ''} | {c['MB_per_rank_per_layer']:.1f} | {method} | "
+                f"{r['ms_per_layer']:.3f} [{r['min_ms']:.3f}-{r['max_ms']:.3f}] | {r['x_floor']:.2f} | {r['GBps']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: str) -> None:
+    """Bars: each method's time per layer as a multiple of the floor (lower is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(summary["configs"])
+    methods = [m for m in METHODS if m != "floor"]
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(configs))]
+        ys = [summary["configs"][c]["methods"][method]["x_floor"] for c in configs]
+        bars = ax.bar(xs, ys, width, label=method)
+        for bar, y in zip(bars, ys):
+            ax.text(bar.get_x() + bar.get_width() / 2, y, f"{y:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.text(-0.45, 1.03, "floor = 1: one batch_isend_irecv of the same bytes", ha="left", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(configs)))
+    ax.set_xticklabels([f"{c}\n{summary['configs'][c]['MB_per_rank_per_layer']:.0f} MB/rank" for c in configs], fontsize=8)
+    ax.set_ylabel("time per layer / floor (log scale, lower is better)")
+    ax.set_title(f"Rebalance speed per layer, median of calls\n{summary['machine']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=("nccl", "gloo"), default="nccl")
@@ -292,7 +335,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", nargs="*", default=list(mg.PRESET_NAMES))
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile-dir", default=None)
+    parser.add_argument("--plot", default=None, help="PNG: each method as a multiple of the floor")
+    parser.add_argument("--markdown", default=None, help="write the README table here")
+    parser.add_argument("--from-json", default=None, help="re-print / re-plot a saved --json run, no ranks")
     args = parser.parse_args(argv)
+    if args.from_json:
+        summary = json.loads(Path(args.from_json).read_text())["summary"]
+        print_report(summary)
+        if args.plot:
+            plot(summary, args.plot)
+        if args.markdown:
+            Path(args.markdown).write_text(markdown(summary) + "\n")
+        return 0
     world = args.world_size or (torch.cuda.device_count() if args.backend == "nccl" else 2)
     cfg = {
         "backend": args.backend,
@@ -310,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     print_report(summary)
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "raw": per_rank}, indent=1, default=float))
+    if args.plot:
+        plot(summary, args.plot)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(summary) + "\n")
     return 0 if not any(b for c in summary["configs"].values() for r in c["bad_rows"] for b in r.values()) else 1
 
 
