@@ -74,7 +74,7 @@ from .comm import (
 )
 from .layout import ExpertLayout, index_tensor, resolve_backend
 from .maps import EPGroup, ExpertMap
-from .transfer import LayerWork, RoundWork, TransferStats, _check_timeout, prepare_layers, staging_bound
+from .transfer import LayerWork, RoundWork, TransferStats, _check_timeout, prepare_layers, staging_bound, upload_rows
 
 __all__ = ["TransferWorker"]
 
@@ -202,6 +202,18 @@ class _Stage:
     dup_src_pos: np.ndarray  # slot positions (in experts) copied ...
     dup_dst_pos: np.ndarray  # ... to these positions
     device_rows: torch.Tensor | None = None  # ``rows`` on the GPU, copied by the worker thread
+    device_lists: dict[str, torch.Tensor] | None = None  # local sources and duplicate positions, likewise
+
+    def upload(self, device: torch.device) -> None:
+        """``rows``, local sources and duplicate positions to ``device`` in one pinned copy."""
+        lists = {"rows": self.rows, "local_src": self.local_src, "dup_src": self.dup_src_pos, "dup_dst": self.dup_dst_pos}
+        flat = index_tensor(np.concatenate([np.asarray(v, dtype=np.int64) for v in lists.values()]), device)
+        out, offset = {}, 0
+        for name, values in lists.items():
+            out[name] = flat[offset : offset + len(values)]
+            offset += len(values)
+        self.device_rows = out["rows"] if self.rows.size else None
+        self.device_lists = out
 
     @classmethod
     def build(cls, layer: LayerWork, rank: int) -> "_Stage":
@@ -860,16 +872,19 @@ class TransferWorker:
     def _run_job(self, job: _Job) -> None:
         if job.start_event is not None:
             self._stream.wait_event(job.start_event)
+        if self._stream is not None:  # every round's row lists in one copy, on the worker stream
+            upload_rows([work for stage in job.stages for work in stage.layer.rounds], self._device)
         # Layer i+1 is queued on the worker stream before layer i is waited for and published,
         # so the GPU never idles between layers while this thread polls and publishes.
         pending = None
         for index, stage in enumerate(job.stages):
             begin = time.perf_counter()
             job.layer = stage.layer.index
-            if self._stream is not None and stage.rows.size:
+            if self._stream is not None:
                 # The swap's row list goes to the GPU here, on the worker stream (synchronised
-                # before publishing), so step() launches its unpack without host work on the rows.
-                stage.device_rows = index_tensor(stage.rows, self._device)
+                # before publishing), so step() launches its unpack without host work on the rows;
+                # the layer's other lists come along in the same copy.
+                stage.upload(self._device)
             if pending is not None and stage.nbytes and job.swapped < index - 1:
                 self._publish(job, *pending)  # this layer waits for a slot: offer the last one first
                 pending = None
@@ -928,8 +943,12 @@ class TransferWorker:
         _fault("layer_start", rank=rank, layer=layer_index)
         buf = slot.buffer[: stage.nbytes]
         if stage.local_src.size:
+            local = buf[stage.local_offset : stage.local_offset + stage.local_src.size * eb]
             with self._kernel_lock:
-                layout.pack(stage.local_src, buf[stage.local_offset : stage.local_offset + stage.local_src.size * eb], backend=backend)
+                if stage.device_lists is not None:
+                    layout.move("pack", local, src_rows=stage.device_lists["local_src"], backend=backend)
+                else:
+                    layout.pack(stage.local_src, local, backend=backend)
         checks = []
         rounds = len(stage.layer.rounds)
         for number, (work, offset) in enumerate(zip(stage.layer.rounds, stage.recv_offsets)):
@@ -975,7 +994,10 @@ class TransferWorker:
                 job.stats.verified_experts += int(work.recv_rows.size)
         if stage.dup_dst_pos.size:  # replicas: copies of packed experts already in the slot
             table = buf.view(-1, eb)
-            table[index_tensor(stage.dup_dst_pos, buf.device)] = table[index_tensor(stage.dup_src_pos, buf.device)]
+            lists = stage.device_lists
+            if lists is None:
+                lists = {"dup_src": index_tensor(stage.dup_src_pos, buf.device), "dup_dst": index_tensor(stage.dup_dst_pos, buf.device)}
+            table[lists["dup_dst"]] = table[lists["dup_src"]]
         return checks
 
     def _post(self, job: _Job, work: RoundWork, send_buf: torch.Tensor, sends: dict, recvs: dict) -> tuple[list, list]:
