@@ -159,7 +159,7 @@ def _rank_default_budget(rank, world, cases):
 def test_default_budget_transfers_random_valid_maps_on_gloo(world):
     """Hypothesis draws batches of maps; each batch runs in one spawned gloo group."""
 
-    @settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=6, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(valid_maps(worlds=(world, world), rows=(1, 4), layers=(1, 2)), min_size=4, max_size=6))
     def check(batch):
         cases = [(old, new) for _, old, new in batch]
