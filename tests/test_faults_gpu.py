@@ -87,9 +87,15 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
     specs = GPU_SPECS if backend == "nccl" else SPECS
     weights = make_rank_weights(specs, LAYERS, old.shape[1] // world, device)
     budget = BUDGET_ROWS * sum((spec.row_bytes() + 15) // 16 * 16 for spec in specs)  # packed experts
-    # warm-up: communicator set-up and kernel compilation happen here, not under timeout_s
+    # warm-up on the same path, without timeout_s: communicator set-up and kernel compilation
+    # happen here (the worker's process groups are pooled and reused by the next worker)
     fill_rank_weights(weights, old, rank, seed=11)
-    rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget)
+    if path == "blocking":
+        rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget)
+    else:
+        with TransferWorker(weights, max_buffer_bytes=budget) as warm:
+            warm.submit(old, new)
+            warm.wait()
     fill_rank_weights(weights, old, rank, seed=11)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
