@@ -8,7 +8,25 @@ row has at most one writer, so these constraints form a *functional graph*: chai
 order, and a cycle (rows rotating among ranks) would have to share one round. A cycle too big
 for the budget is broken by *stashing* one of its rows: its old contents are packed into a
 small stash at the start of the layer and every reader of that row reads the stash instead,
-which turns the cycle into a chain.
+which turns the cycle into a chain. A stashed row costs its rank one row of the budget in
+every round of the layer.
+
+Which row to stash: one on the rank where the cycle costs the most. With a capacity of
+``C >= max(num_local, 2)`` rows per rank this always succeeds, so the default budget (one
+layer, ``num_local`` rows) only ever needs raising for layers with one row per rank:
+
+* a cycle visits rank ``s`` ``v`` times (``v`` of its deliveries write a row of ``s``, and as
+  many read one) and costs ``s`` at most ``2 v`` rows; cycles write disjoint rows, so the
+  visits of all cycles to ``s`` sum to at most ``num_local``;
+* a cycle too big for ``C`` costs some rank more than ``C >= num_local``, so it visits that
+  rank more than ``num_local / 2`` times: at most one cycle per rank is that heavy, and each
+  rank stashes at most one row (room ``C - 1 >= 1`` left: enough for any single delivery);
+* any other cycle visits a rank that stashed at most ``num_local - (floor(num_local/2) + 1)``
+  times, so costs it at most ``num_local - 1 <= C - 1`` rows: it still fits in one round.
+
+A layer with one row per rank that swaps rows between two ranks needs 2 rows (a send and a
+receive at once, or a stash and one delivery): :func:`smallest_budget_bytes` is what the
+default budget grows to then.
 """
 
 from __future__ import annotations
@@ -19,7 +37,7 @@ import numpy as np
 
 from .plan import LayerPlan
 
-__all__ = ["LayerSchedule", "schedule_layer"]
+__all__ = ["LayerSchedule", "schedule_layer", "smallest_budget_bytes"]
 
 
 @dataclass(frozen=True)
@@ -36,26 +54,67 @@ class LayerSchedule:
         return mine % num_local
 
 
-def schedule_layer(layer: LayerPlan, expert_bytes: int, budget_bytes: int) -> LayerSchedule:
+def schedule_layer(layer: LayerPlan, expert_bytes: int, budget_bytes: int | None = None) -> LayerSchedule:
     """Split ``layer`` into rounds whose staging (stash included) fits ``budget_bytes`` per rank.
 
-    Returns one round with every delivery when the layer fits at once. Raises ValueError when
-    the budget cannot hold even the smallest schedule this method finds.
+    ``budget_bytes=None`` is the default budget: one layer (``num_local`` rows of
+    ``expert_bytes``), raised to :func:`smallest_budget_bytes` where that is larger (only
+    possible with one row per rank, and then at most 2 rows; see the module docstring), so the
+    default schedules every valid layer. Returns one round with every delivery when the layer
+    fits at once. Raises ValueError, stating the smallest budget that works, when an explicit
+    ``budget_bytes`` is too small.
     """
-    count = layer.num_deliveries
-    empty = np.zeros(0, dtype=np.int64)
-    if count == 0:
-        return LayerSchedule([], empty)
-    capacity = budget_bytes // expert_bytes
+    if layer.num_deliveries == 0:
+        return LayerSchedule([], np.zeros(0, dtype=np.int64))
     load = _rank_load(layer)
+    capacity = layer.num_local if budget_bytes is None else budget_bytes // expert_bytes
+    schedule = _schedule_rows(layer, load, capacity)
+    if schedule is None:
+        # Any schedule that fits fewer rows fits these too: a budget works iff it holds the smallest.
+        smallest = _smallest_capacity(layer, load)
+        if budget_bytes is not None and smallest > capacity:
+            raise ValueError(
+                f"max_buffer_bytes={budget_bytes} is too small for this layer: with {expert_bytes}-byte experts "
+                f"a rank needs room for {smallest} experts (its largest round plus its stash) but has room for "
+                f"{capacity}; the smallest budget that works is {smallest * expert_bytes} bytes"
+            )
+        schedule = _schedule_rows(layer, load, smallest)
+    return schedule
+
+
+def smallest_budget_bytes(layer: LayerPlan, expert_bytes: int) -> int:
+    """The smallest ``budget_bytes`` :func:`schedule_layer` accepts for ``layer`` (0 when
+    nothing moves); every larger budget works too."""
+    if layer.num_deliveries == 0:
+        return 0
+    return _smallest_capacity(layer, _rank_load(layer)) * expert_bytes
+
+
+def _smallest_capacity(layer: LayerPlan, load: np.ndarray) -> int:
+    """Fewest rows per rank :func:`_schedule_rows` succeeds with (it always does with
+    ``max(num_local, 2)``, and with the whole layer in one round)."""
+    everything = int(load.sum(axis=0).max())
+    for capacity in range(1, everything + 1):
+        if _schedule_rows(layer, load, capacity) is not None:
+            return capacity
+    return everything  # not reached: one round with every delivery fits `everything` rows
+
+
+def _schedule_rows(layer: LayerPlan, load: np.ndarray, capacity: int) -> LayerSchedule | None:
+    """Rounds within ``capacity`` rows per rank (stash included), or None when this method
+    cannot fit the layer."""
+    count = layer.num_deliveries
+    if capacity < 1:
+        return None
     if load.sum(axis=0).max() <= capacity:
-        return LayerSchedule([np.arange(count)], empty)
+        return LayerSchedule([np.arange(count)], np.zeros(0, dtype=np.int64))
 
     writer = np.full(layer.route.size, -1, dtype=np.int64)
     writer[layer.dst_slot] = np.arange(count)
     writer[layer.dup_dst_slot] = layer.dup_delivery
     stashed = np.zeros(layer.route.size, dtype=bool)
     rank_of_slot = np.arange(layer.route.size) // layer.num_local
+    src_rank = rank_of_slot[layer.src_slot]
     while True:
         nxt = np.where(stashed[layer.src_slot], -1, writer[layer.src_slot])
         unit, depth = _functional_graph_order(nxt)
@@ -63,15 +122,23 @@ def schedule_layer(layer: LayerPlan, expert_bytes: int, budget_bytes: int) -> La
         unit_load = np.zeros((count, layer.ep_size), dtype=np.int64)
         np.add.at(unit_load, unit, load)
         too_big = np.flatnonzero((unit_load > room).any(axis=1))
-        cycles = too_big[np.bincount(unit, minlength=count)[too_big] > 1]
-        if cycles.size == 0:
-            if too_big.size:
-                _too_small(budget_bytes, expert_bytes, room, unit_load[too_big].max(axis=0))
+        if too_big.size == 0:
             break
-        # Break each oversized cycle at its smallest delivery: stash the row it reads.
-        stashed[layer.src_slot[cycles]] = True
-        if (np.bincount(rank_of_slot[stashed], minlength=layer.ep_size) >= capacity).any():
-            _too_small(budget_bytes, expert_bytes, room, unit_load[too_big].max(axis=0))
+        sizes = np.bincount(unit, minlength=count)
+        if (sizes[too_big] == 1).any() or (room < 1).any():
+            return None  # a single delivery, or a stash alone, does not fit
+        for cycle in too_big:
+            members = np.flatnonzero(unit == cycle)
+            # Stash where the cycle costs most, keeping a row free there for its deliveries.
+            cost = unit_load[cycle]
+            ranks = np.unique(src_rank[members])
+            ranks = ranks[room[ranks] >= 2]
+            if ranks.size == 0:
+                return None
+            best = ranks[np.lexsort((-room[ranks], -cost[ranks]))[0]]
+            reader = members[src_rank[members] == best][0]
+            stashed[layer.src_slot[reader]] = True
+            room[best] -= 1
 
     order = np.lexsort((unit, -depth))
     rounds, current, current_load = [], [], np.zeros(layer.ep_size, dtype=np.int64)
@@ -86,13 +153,6 @@ def schedule_layer(layer: LayerPlan, expert_bytes: int, budget_bytes: int) -> La
         current_load += members_load
     rounds.append(np.sort(np.concatenate(current)))
     return LayerSchedule(rounds, np.flatnonzero(stashed).astype(np.int64))
-
-
-def _too_small(budget_bytes: int, expert_bytes: int, room: np.ndarray, need: np.ndarray) -> None:
-    raise ValueError(
-        f"max_buffer_bytes={budget_bytes} is too small for this layer: with {expert_bytes}-byte experts a rank "
-        f"needs staging for {int(need.max())} experts in one round plus its stash, but has room for {int(room.min())}"
-    )
 
 
 def _rank_load(layer: LayerPlan) -> np.ndarray:

@@ -59,8 +59,17 @@ from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
 from .layout import ExpertLayout, check_layer_tensors, index_tensor
 from .maps import EPGroup, ExpertMap, ExpertMaps, RankMapping, normalize_maps
-from .plan import ROUND_KINDS, LayerPlan, RankPlan, _check_options, normalize_elastic_maps, plan_from_maps, with_rounds
-from .schedule import schedule_layer
+from .plan import (
+    ROUND_KINDS,
+    LayerPlan,
+    RankPlan,
+    RearrangementPlan,
+    _check_options,
+    normalize_elastic_maps,
+    plan_from_maps,
+    with_rounds,
+)
+from .schedule import schedule_layer, smallest_budget_bytes
 
 __all__ = [
     "ChecksumMismatchError",
@@ -916,10 +925,6 @@ def prepare_layers(
         if max_buffer_bytes is not None:
             if isinstance(max_buffer_bytes, bool) or not isinstance(max_buffer_bytes, (int, np.integer)):
                 raise TypeError(f"max_buffer_bytes must be an int, got {type(max_buffer_bytes).__name__}")
-            largest = max(_row_cost(lay, verify) for lay in layouts)
-            if max_buffer_bytes < largest:
-                what = "one packed expert and its checksum" if verify else "one packed expert"
-                raise ValueError(f"max_buffer_bytes={max_buffer_bytes} is smaller than {what} ({largest} bytes)")
         chunk_bytes = pipeline_chunk_bytes(comm.backend)
         fingerprint = _fingerprint(maps, layouts, max_buffer_bytes, verify, kind, chunk_bytes)
         if ranks_per_node is not None:  # it changes the senders: every rank must use the same
@@ -929,14 +934,20 @@ def prepare_layers(
     comm.agree(error, fingerprint, timeout_s=timeout_s)
 
     plan = plan_from_maps(maps, ranks_per_node=ranks_per_node)
+    costs = [_row_cost(layout, verify) for layout in layouts]
+    if max_buffer_bytes is not None and costs and max_buffer_bytes < max(costs):
+        # same plan and budget on every rank (agreed above): every rank raises this
+        what = "one packed expert and its checksum" if verify else "one packed expert"
+        raise ValueError(
+            f"max_buffer_bytes={max_buffer_bytes} is smaller than {what} ({max(costs)} bytes); "
+            f"{_smallest_budget_text(plan, costs, verify)}"
+        )
     layers = []
-    for index, (layout, layer_plan) in enumerate(zip(layouts, plan.layers)):
-        cost = _row_cost(layout, verify)
-        budget = max_buffer_bytes if max_buffer_bytes is not None else layout.num_local * cost
-        try:
-            schedule = schedule_layer(layer_plan, cost, budget)
+    for index, (layout, layer_plan, cost) in enumerate(zip(layouts, plan.layers, costs)):
+        try:  # None: the default budget, one layer (two rows with one row per rank), always enough
+            schedule = schedule_layer(layer_plan, cost, max_buffer_bytes)
         except ValueError as exc:
-            raise ValueError(f"layer {index}: {exc}") from None
+            raise ValueError(f"layer {index}: {exc}; {_smallest_budget_text(plan, costs, verify)}") from None
         stash_rows = schedule.stash_rows(comm.rank, layer_plan.num_local)
         works = []
         for r in schedule.rounds:
@@ -962,6 +973,12 @@ def prepare_layers(
             )
         )
     return layers
+
+
+def _smallest_budget_text(plan: RearrangementPlan, costs: Sequence[int], verify: bool) -> str:
+    """The smallest ``max_buffer_bytes`` every layer of ``plan`` can be scheduled in (at least one row)."""
+    smallest = max([max(costs)] + [smallest_budget_bytes(layer, cost) for layer, cost in zip(plan.layers, costs)])
+    return f"the smallest max_buffer_bytes that works for every layer{' with verify' if verify else ''} is {smallest}"
 
 
 def _check_weights(expert_weights, maps: ExpertMaps) -> list[ExpertLayout]:
@@ -1142,7 +1159,9 @@ def rearrange_expert_weights_inplace(
         ep_group: the EP process group (default: the world group; none initialised = a
             single rank).
         max_buffer_bytes: staging memory bound per rank (default: one layer's local weights,
-            packed); a layer that needs more runs in rounds.
+            packed, or two experts where a rank holds one: enough for every valid pair of
+            maps); a layer that needs more runs in rounds. A budget too small for some layer
+            raises ValueError stating the smallest budget that works.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack/copy.
         timeout_s: the longest any wait on peers may take (each exchange, the input
             agreement and the final confirmation); ``None`` = the process group's timeout.

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from eplb_triton.plan import plan_rearrangement
-from eplb_triton.schedule import _rank_load, schedule_layer
+from eplb_triton.schedule import _rank_load, schedule_layer, smallest_budget_bytes
 
 
-def check_schedule(layer, capacity):
-    schedule = schedule_layer(layer, 16, capacity * 16)
+def check_schedule(layer, capacity, default_budget=False):
+    """Schedule ``layer`` with ``capacity`` rows of 16 bytes (or the default budget, which must
+    fit ``capacity`` rows) and check it."""
+    schedule = schedule_layer(layer, 16) if default_budget else schedule_layer(layer, 16, capacity * 16)
     count = layer.num_deliveries
     every = np.concatenate(schedule.rounds) if schedule.rounds else np.zeros(0, dtype=np.int64)
     assert np.array_equal(np.sort(every), np.arange(count)), "each delivery in exactly one round"
@@ -64,3 +66,43 @@ def test_random_layers_schedule_within_budget(seed):
     new[rng.random(slots) < 0.1] = -1
     layer = plan_rearrangement(old, new, ep).layers[0]
     check_schedule(layer, int(rng.integers(3, 2 * num_local + 2)))
+
+
+# Issue 11: a valid layer the old scheduler refused at the default budget (it stashed the
+# 3-cycle's row on rank 0, where the 2-cycle also needed both rows).
+ISSUE_OLD = np.array([[3, 1, 2, 5, 4, 0, 5, 3]])
+ISSUE_NEW = np.array([[5, 0, 3, 2, 0, 1, 4, 0]])
+
+
+def test_default_budget_schedules_issue_example():
+    layer = plan_rearrangement(ISSUE_OLD, ISSUE_NEW, 4).layers[0]
+    schedule = check_schedule(layer, 2, default_budget=True)  # default: one layer = 2 rows
+    assert schedule.stash_slots.size == 1 and len(schedule.rounds) > 1
+
+
+def test_default_budget_swap_with_one_row_per_rank_needs_two_rows():
+    """One row per rank: a swap needs a send and a receive row at once, so the default grows to 2 rows."""
+    layer = plan_rearrangement(np.array([0, 1]), np.array([1, 0]), 2).layers[0]
+    assert smallest_budget_bytes(layer, 16) == 32
+    check_schedule(layer, 2, default_budget=True)
+    with pytest.raises(ValueError, match="the smallest budget that works is 32 bytes"):
+        schedule_layer(layer, 16, 16)
+
+
+@pytest.mark.parametrize("budget_rows", [pytest.param(1, id="rows1"), pytest.param(0, id="rows0")])
+def test_too_small_budget_names_the_smallest_that_works(budget_rows):
+    old = np.arange(8)
+    layer = plan_rearrangement(old, np.roll(old, 4), 2).layers[0]
+    smallest = smallest_budget_bytes(layer, 16)
+    with pytest.raises(ValueError, match=f"the smallest budget that works is {smallest} bytes"):
+        schedule_layer(layer, 16, budget_rows * 16 + 15)
+    with pytest.raises(ValueError, match="too small"):
+        schedule_layer(layer, 16, smallest - 1)
+    check_schedule(layer, smallest // 16)  # that budget works, as does every larger one
+    check_schedule(layer, smallest // 16 + 1)
+
+
+def test_nothing_to_move_needs_no_budget():
+    layer = plan_rearrangement(np.arange(4), np.arange(4), 2).layers[0]
+    assert smallest_budget_bytes(layer, 16) == 0
+    assert schedule_layer(layer, 16, 0).rounds == []
