@@ -153,7 +153,13 @@ class Communicator:
         if not requests:
             return
         if labels is not None and len(labels) != len(requests):
-            labels = None  # coalesced (NCCL): one request covers every peer of the batch
+            # coalesced (NCCL): one request covers every peer of a batch, so a failure names
+            # every peer of the call (with one peer, as at world 2, that is the peer)
+            peers = sorted({peer for peer, _ in labels})
+            labels = [(peers[0] if len(peers) == 1 else None, "op")] * len(requests)
+            self._coalesced_peers = peers
+        else:
+            self._coalesced_peers = None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         if self.backend == "nccl" and deadline is not None:
             self._poll_until(requests, deadline, labels, where, timeout_s)
@@ -175,19 +181,21 @@ class Communicator:
                 return
             if time.monotonic() > deadline:
                 self.abort()
-                peers = sorted({labels[i][0] for i in pending}) if labels else None
+                peers = sorted({labels[i][0] for i in pending if labels[i][0] is not None}) if labels else None
+                peers = peers or self._coalesced_peers
                 who = f"peers {peers}" if peers else "its peers"
                 raise PeerTimeoutError(
                     f"{where}: rank {self.rank} waited {timeout_s:g} s (timeout_s) for {who}; "
                     "the NCCL communicator was aborted",
-                    peer=peers[0] if peers else None,
+                    peer=peers[0] if peers and len(peers) == 1 else None,
                 )
             time.sleep(2e-4)
 
     def _peer_error(self, exc, index, labels, where, timeout_s) -> PeerError:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         peer, kind = labels[index] if labels else (None, "op")
-        who = f"peer {peer}" if peer is not None else "a peer"
+        peers = getattr(self, "_coalesced_peers", None)
+        who = f"peer {peer}" if peer is not None else (f"one of peers {peers}" if peers else "a peer")
         # gloo says "Timed out waiting ...ms for recv/send"; later ops of a broken context
         # report "Application timeout caused pair closure".
         timed_out = timeout_s is not None and "timed out" in text.lower()
