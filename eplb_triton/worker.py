@@ -965,16 +965,16 @@ class TransferWorker:
                 recvs = _per_peer(recv_buf, work.recv_peers, work.recv_counts, eb)
             _fault("before_send", rank=rank, layer=layer_index, round=number)
             job.cursor = (index, number + 1)  # posted (even if posting fails): never re-posted by a drain
-            if job.verify:
-                requests, labels = self._post(job, work, send_buf, sends, recvs)
-            else:  # the executor's batches: packs piece by piece, posts as it goes
-                requests, labels, _ = work.post_batches(
-                    layout, send_buf, recv_buf, self._transfer, backend, launch_lock=self._kernel_lock
-                )
-                work.release()
-                recvs = work.recv_messages_in(recv_buf)
             # gloo: blocks this thread (GIL released); NCCL: the worker stream waits, the host does not.
-            try:
+            try:  # posting fails too when a peer's connection is already closed
+                if job.verify:
+                    requests, labels = self._post(job, work, send_buf, sends, recvs, where=where)
+                else:  # the executor's batches: packs piece by piece, posts as it goes
+                    requests, labels, _ = work.post_batches(
+                        layout, send_buf, recv_buf, self._transfer, backend, launch_lock=self._kernel_lock, where=where
+                    )
+                    work.release()
+                    recvs = work.recv_messages_in(recv_buf)
                 self._transfer.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
             except PeerError as exc:
                 exc.layer = layer_index
@@ -1000,19 +1000,21 @@ class TransferWorker:
             table[lists["dup_dst"]] = table[lists["dup_src"]]
         return checks
 
-    def _post(self, job: _Job, work: RoundWork, send_buf: torch.Tensor, sends: dict, recvs: dict) -> tuple[list, list]:
+    def _post(
+        self, job: _Job, work: RoundWork, send_buf: torch.Tensor, sends: dict, recvs: dict, where: str = "exchange"
+    ) -> tuple[list, list]:
         """Start a round's exchange (and with ``verify`` its trailers' exchange, right after).
 
         Two batches per round with ``verify``: every rank posts them in the same order, so
         each peer pair matches data with data and trailer with trailer.
         """
-        requests = self._transfer.exchange(sends, recvs)
+        requests = self._transfer.exchange(sends, recvs, where=where)
         labels = Communicator.op_labels(sends, recvs)
         if job.verify:
             with self._kernel_lock:
                 sum_sends = _fill_send_trailers(job, work, send_buf)
             sum_recvs = _trailers(job.recv_sums, work.recv_peers, work.recv_counts)
-            requests = requests + self._transfer.exchange(sum_sends, sum_recvs)
+            requests = requests + self._transfer.exchange(sum_sends, sum_recvs, where=f"{where}, checksums")
             labels = labels + Communicator.op_labels(sum_sends, sum_recvs)
         return requests, labels
 
@@ -1067,15 +1069,15 @@ class TransferWorker:
                 if junk_recv is None or junk_recv.numel() < need:
                     junk_recv = torch.empty(need, dtype=torch.uint8, device=self._device)
                 send_buf = job.send_buffer[: work.send_rows.size * eb]
+                where = f"drain: layer {stage.layer.index}, round {number + 1}/{len(stage.layer.rounds)}"
                 if job.verify:
                     sends = _per_peer(job.send_buffer, work.send_peers, work.send_counts, eb)
                     recvs = _per_peer(junk_recv, work.recv_peers, work.recv_counts, eb)
-                    requests, labels = self._post(job, work, send_buf, sends, recvs)
+                    requests, labels = self._post(job, work, send_buf, sends, recvs, where=where)
                 else:  # the same batches as a peer still transferring posts
                     requests, labels, _ = work.post_batches(
-                        stage.layer.layout, send_buf, junk_recv, self._transfer, job.backend, pack=False
+                        stage.layer.layout, send_buf, junk_recv, self._transfer, job.backend, pack=False, where=where
                     )
-                where = f"drain: layer {stage.layer.index}, round {number + 1}/{len(stage.layer.rounds)}"
                 self._transfer.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
             self._finish_stream(deadline=time.monotonic() + _DRAIN_STREAM_S)
             self._drained = True
