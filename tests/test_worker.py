@@ -7,6 +7,7 @@ zeros) and, where it applies, against the blocking rearrangement of the same map
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 import traceback
@@ -529,12 +530,29 @@ def all_to_all_maps(world: int, layers: int) -> tuple[np.ndarray, np.ndarray]:
     return old, new
 
 
-def _rank_fault(rank, world, old, new, hook, kwargs, stall_main=None):
+def _mark(sync_dir: str, name: str, rank: int) -> None:
+    open(os.path.join(sync_dir, f"{name}-{rank}"), "w").close()
+
+
+def _wait_marks(sync_dir: str, name: str, ranks, timeout_s: float = 30.0) -> bool:
+    """Wait until every rank in ``ranks`` has marked ``name`` (a file barrier across the forked
+    ranks: synchronisation by events, not by sleeping long enough). False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(os.path.exists(os.path.join(sync_dir, f"{name}-{r}")) for r in ranks):
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def _rank_fault(rank, world, old, new, hook, kwargs, stall_main, exiting, sync_dir):
     """Submit, then step() in a serving loop until an error surfaces (or the work is done).
 
     ``hook`` becomes ``eplb_triton.worker.fault_hook`` (it reads ``info["rank"]``);
-    ``stall_main=(rank, seconds)`` makes that rank's serving thread stop calling step() for
-    a while after its first step.
+    ``stall_main=rank`` makes that rank's serving thread stop calling step() after its first
+    step until every other rank has raised (and so has given up on it). A rank whose step()
+    raised keeps its process, and so its connections, until every rank that does not exit on
+    purpose (``exiting``) is done: a peer still probing never sees a survivor vanish.
     """
     from eplb_triton import worker as worker_module
 
@@ -542,21 +560,22 @@ def _rank_fault(rank, world, old, new, hook, kwargs, stall_main=None):
     worker_module.fault_hook = hook
     worker = TransferWorker(weights, **kwargs)
     worker.submit(old, new)
-    applied, error, steps = [], None, 0
+    others = [r for r in range(world) if r != rank and r not in exiting]
+    applied, error, steps, stalled = [], None, 0, None
     begin = time.monotonic()
     deadline = begin + 30
     try:
         while worker.busy and time.monotonic() < deadline:
             applied += worker.step()
             steps += 1
-            if stall_main is not None and stall_main[0] == rank and steps == 1:
-                time.sleep(stall_main[1])
-            time.sleep(0.002)
+            if stall_main == rank and steps == 1:
+                stalled = _wait_marks(sync_dir, "raised", others)
     except Exception as exc:  # noqa: BLE001 - inspected by the test
         error = exc
     elapsed = time.monotonic() - begin
-    if error is not None:
-        time.sleep(1.0)  # peers see the original failure before this process (and its connections) goes
+    _mark(sync_dir, "raised" if error is not None else "finished", rank)
+    _mark(sync_dir, "done", rank)
+    everyone_done = _wait_marks(sync_dir, "done", others)
     close_begin = time.monotonic()
     worker.close(timeout_s=3.0)
     close_s = time.monotonic() - close_begin
@@ -577,14 +596,17 @@ def _rank_fault(rank, world, old, new, hook, kwargs, stall_main=None):
         elapsed=elapsed,
         close_s=close_s,
         closed=worker.closed,
+        stalled=stalled,
+        everyone_done=everyone_done,
     )
 
 
-def run_faults(world, old, new, hook, stall_main=None, **kwargs):
-    return run_ranks(
-        world, _rank_fault, old, new, hook, kwargs, stall_main,
-        backend="gloo", timeout_s=60.0, group_timeout_s=20.0, allow_missing=True,
-    )
+def run_faults(world, old, new, hook, stall_main=None, exiting=(), **kwargs):
+    with tempfile.TemporaryDirectory(prefix="eplb-faults-") as sync_dir:
+        return run_ranks(
+            world, _rank_fault, old, new, hook, kwargs, stall_main, tuple(exiting), sync_dir,
+            backend="gloo", timeout_s=60.0, group_timeout_s=20.0, allow_missing=True,
+        )
 
 
 def _exit_at(point, at_layer, victim, where, **info):
@@ -612,13 +634,14 @@ def assert_consistent(results, ranks):
         assert res["applied"] == applied, (rank, res["applied"], applied)
         assert res["bad"] == [], f"rank {rank}: rows differ from old/new per swapped layer {res['bad'][:8]}"
         assert res["closed"] and res["close_s"] < 3.5, res
+        assert res["everyone_done"], f"rank {rank}: timed out waiting for the other ranks to finish"
     return applied
 
 
 def test_peer_exits_mid_layer_every_survivor_names_layer_and_peer():
     world = 4
     old, new = all_to_all_maps(world, 4)
-    results = run_faults(world, old, new, partial(_exit_at, "before_send", 1, 3), timeout_s=TIMEOUT_S)
+    results = run_faults(world, old, new, partial(_exit_at, "before_send", 1, 3), exiting=[3], timeout_s=TIMEOUT_S)
     assert results[3] is None  # it exited
     applied = assert_consistent(results, [0, 1, 2])
     assert all(l < 1 for l in applied), applied
@@ -635,14 +658,16 @@ def test_peer_exits_between_layers_every_survivor_raises():
     # free slot rather than exchanging, so the step agreement is what notices it
     world = 4
     old, new = all_to_all_maps(world, 4)
-    results = run_faults(world, old, new, partial(_exit_at, "before_publish", 1, 3), timeout_s=TIMEOUT_S)
+    results = run_faults(world, old, new, partial(_exit_at, "before_publish", 1, 3), exiting=[3], timeout_s=TIMEOUT_S)
     assert results[3] is None
     applied = assert_consistent(results, [0, 1, 2])
     for rank in range(3):
         error = results[rank]["error"]
         assert error is not None and error["type"] in ("PeerFailedError", "PeerTimeoutError"), (rank, error)
-        if error["peer"] is None:  # known only where this rank's worker was exchanging with it
-            assert "step agreement" in error["text"] and error["layer"] == len(applied), error
+        if "step agreement" in error["text"]:  # this rank's worker was not exchanging with it
+            assert error["layer"] == len(applied), error
+            # the probe after the failed agreement names the peer that did not answer, if any
+            assert error["peer"] is None or (error["peer"] == 3 and "peer 3 did not answer" in error["text"]), error
         else:  # its worker saw a peer fail in layer 2: rank 3, or a survivor whose gloo context
             # closed its connections when its own exchange with rank 3 failed (a cascade)
             assert error["layer"] == 2 and error["peer"] != rank and f"peer {error['peer']}" in error["text"], error
@@ -669,7 +694,8 @@ def test_peer_that_stops_calling_step_times_out_on_every_rank():
     # rank 3's worker is fine, but its serving thread stops calling step() for a while
     world = 4
     old, new = all_to_all_maps(world, 3)
-    results = run_faults(world, old, new, None, stall_main=(3, 2.5 * TIMEOUT_S), timeout_s=TIMEOUT_S)
+    results = run_faults(world, old, new, None, stall_main=3, timeout_s=TIMEOUT_S)
+    assert results[3]["stalled"] is True  # rank 3 resumed only once every other rank had raised
     applied = assert_consistent(results, [0, 1, 2, 3])
     assert applied == [] or applied[-1] < 2, applied  # the step that rank 3 missed swapped nothing
     for rank in range(3):
