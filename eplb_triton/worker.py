@@ -87,6 +87,11 @@ _WAIT_SLICE_S = 0.05  # wait() re-agrees at least this often, so a failure on a 
 _DRAIN_STREAM_S = 30.0  # how long a drain waits for the transfer stream before giving up
 _MESSAGE_BYTES = 480  # failure message bytes each rank shares when a worker fails
 
+#: Where events and the current stream come from (``torch.cuda``). A test seam: a fake with
+#: ``Event`` and ``current_stream`` (plus a fake ``worker._stream``) records the order of the
+#: worker's record/wait calls on CPU, where no CUDA stream exists.
+_cuda = torch.cuda
+
 #: Test-only fault injection, called on the worker thread as ``fault_hook(point, **info)`` at
 #: ``layer_start`` (rank, layer), ``before_send`` (rank, layer, round), ``in_flight`` (rank,
 #: layer, round, ``received``: each peer's received packed experts, before they are checked)
@@ -526,8 +531,8 @@ class TransferWorker:
         if self._stream is not None:
             # The worker reads live weights on its own stream: after what the current stream
             # queued before this call (the previous rearrangement's swaps, a weight load).
-            start_event = torch.cuda.Event()
-            start_event.record(torch.cuda.current_stream(self._device))
+            start_event = _cuda.Event()
+            start_event.record(_cuda.current_stream(self._device))
         job = _Job(
             stages=stages,
             slots=[_Slot(storage[:slot_bytes]), _Slot(storage[slot_bytes : 2 * slot_bytes])],
@@ -806,8 +811,8 @@ class TransferWorker:
                     layout.unpack(slot.buffer[: stage.nbytes], stage.rows, backend=job.backend)
         event = None
         if self._stream is not None and stage.rows.size:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self._device))
+            event = _cuda.Event()
+            event.record(_cuda.current_stream(self._device))
         with self._cond:
             if event is not None:
                 slot.event = event
@@ -893,7 +898,7 @@ class TransferWorker:
             if self._stream is None:  # CPU: the transfer already ran; nothing to overlap
                 self._publish(job, index, stage, checks, None, begin)
                 continue
-            done = torch.cuda.Event()
+            done = _cuda.Event()
             done.record(self._stream)
             if pending is not None:
                 self._publish(job, *pending)
@@ -1095,7 +1100,7 @@ class TransferWorker:
         if self._stream is None:
             return
         if event is None:
-            event = torch.cuda.Event()
+            event = _cuda.Event()
             event.record(self._stream)
         delay = _POLL_MIN_S
         while not event.query():

@@ -1030,3 +1030,93 @@ def test_gpu_reserve_first_rebalance_allocates_no_staging():
     assert delta < 64 << 10, f"the first rebalance after reserve=True allocated {delta} bytes at peak"
     delta, staging, bad = first_rebalance(reserve=False)
     assert bad == [] and delta >= staging  # without it the measurement sees the staging
+
+
+# -- stream/event ordering of the worker, on CPU through a fake CUDA stream API ----------------
+class _FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_event(self, event):
+        self.log.append(("wait", self.name, event.name))
+
+
+class _FakeEvent:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def record(self, stream):
+        self.log.append(("record", stream.name, self.name))
+
+    def query(self):
+        self.log.append(("query", "host", self.name))
+        return True
+
+
+class _FakeCuda:
+    """Stands in for ``eplb_triton.worker._cuda``: events and the serving ("main") stream."""
+
+    def __init__(self, log):
+        self.log, self.count = log, 0
+        self.main = _FakeStream("main", log)
+
+    def Event(self):  # noqa: N802 - torch.cuda.Event's name
+        self.count += 1
+        return _FakeEvent(f"event{self.count}", self.log)
+
+    def current_stream(self, device=None):
+        return self.main
+
+
+def test_worker_orders_its_stream_after_submit_and_each_swap(monkeypatch):
+    """The GPU ordering, checked on CPU: the worker stream waits for the event submit()
+    recorded on the serving stream before its first read of the weights; it waits for the
+    event of layer l-2's swap before staging layer l into that slot; it records and polls an
+    event on its stream after staging a layer, before publishing it; and every swap records
+    an event on the serving stream after its unpack."""
+    from eplb_triton import worker as worker_module
+    from eplb_triton.layout import ExpertLayout
+
+    log = []
+    layers = 5
+    old, new = rotated_maps(layers, 1, 4)  # every row moves: every layer packs and swaps
+    weights = rank_weights(0, 1, old)
+    layer_of = {w[0].data_ptr(): l for l, w in enumerate(weights)}
+    side = lambda: "worker" if threading.current_thread().name.startswith("eplb-transfer") else "main"  # noqa: E731
+    for name in ("pack", "unpack"):
+        original = getattr(ExpertLayout, name)
+
+        def logged(self, *args, _name=name, _original=original, **kwargs):
+            log.append((_name, side(), layer_of.get(self.tensors[0].data_ptr())))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(ExpertLayout, name, logged)
+    monkeypatch.setattr(worker_module, "_cuda", _FakeCuda(log))
+    monkeypatch.setattr(worker_module, "fault_hook", lambda where, **info: log.append((where, "worker", info["layer"])) if where == "before_publish" else None)
+    with TransferWorker(weights, backend="torch") as worker:
+        worker._stream = _FakeStream("worker", log)  # as if on a GPU: the worker has its own stream
+        worker.submit(old, new)
+        worker.wait()
+    assert row_mismatches(weights, old, new, 0) == []
+
+    first_record = log.index(next(e for e in log if e[0] == "record"))
+    assert log[first_record][1] == "main", log[:5]  # submit() records the start event on the serving stream
+    start = log[first_record][2]
+    worker_ops = [e for e in log if e[1] == "worker"]
+    assert worker_ops[0] == ("wait", "worker", start), worker_ops[:3]  # before any read of the weights
+    # each swap: unpack on the serving stream, then an event recorded there
+    swap_event = {}
+    for i, entry in enumerate(log):
+        if entry[0] == "unpack" and entry[1] == "main":
+            following = next(e for e in log[i + 1 :] if e[1] == "main")  # the worker thread interleaves
+            assert following[0] == "record", log[i:]
+            swap_event[entry[2]] = following[2]
+    assert sorted(swap_event) == list(range(layers))
+    for layer in range(layers):
+        first_pack = log.index(("pack", "worker", layer))
+        if layer >= 2:  # the slot held layer - 2: its swap's event must be waited for first
+            assert ("wait", "worker", swap_event[layer - 2]) in log[:first_pack], layer
+        publish = log.index(("before_publish", "worker", layer))
+        between = log[first_pack:publish]
+        finished = [e for e in between if e[:2] == ("record", "worker")]
+        assert finished and ("query", "host", finished[-1][2]) in between, (layer, between)
