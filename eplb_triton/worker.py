@@ -383,9 +383,12 @@ class TransferWorker:
     reported them (``.peer`` is the failing rank itself for other errors). No rank swaps a
     layer in the step that reports a failure, so every rank keeps the same layers: those
     swapped before stay swapped, the others keep their old weights (each layer entirely
-    old or entirely new). The worker is closed (after a non-peer error its thread ends
-    after running the remaining exchanges with junk, so no peer is left blocked): make a
-    new one to retry.
+    old or entirely new). One exception: a rank that dies *during* a step agreement can
+    leave the survivors disagreeing on that step, since a collective a rank leaves half-way
+    may complete on some survivors and fail on others (seen with gloo's all-reduce); each
+    survivor's layers are still entirely old or entirely new. The worker is closed (after a
+    non-peer error its thread ends after running the remaining exchanges with junk, so no
+    peer is left blocked): make a new one to retry.
     """
 
     def __init__(

@@ -21,6 +21,7 @@ from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
 from eplb_triton.comm import PeerError
 from eplb_triton.launch import run_ranks
 from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from map_cases import expected_received_experts, packed_expert_bytes
 
 SPECS = [
     TensorSpec((3, 5), torch.bfloat16),  # 30 bytes: odd row size
@@ -28,7 +29,10 @@ SPECS = [
     TensorSpec((2, 3, 3), torch.uint8),  # 3-D row
     TensorSpec((1,), torch.int32),  # a per-expert scale
 ]
-PACKED = 48 + 32 + 32 + 16  # bytes of one packed expert of SPECS (16-byte aligned segments)
+PACKED = 32 + 32 + 32 + 16  # bytes of one packed expert of SPECS: 30, 28, 18 and 4 bytes, each padded to 16
+
+
+assert PACKED == packed_expert_bytes(SPECS)
 
 
 def random_maps(rng, layers, ep, num_local, logical, empty_frac=0.1):
@@ -151,7 +155,10 @@ def test_async_equals_sync_and_expected(distributed, world, layers, num_local, l
         assert not res["busy_after"] and res["layers_timed"] == layers
         assert res["verified"] == res["sync_verified"] and (res["verified"] > 0) == (verify and sum(res["received"]) > 0)
         assert res["threads"] == 0, f"rank {rank}: a worker thread outlived close()"
-    assert sum(sum(r["sent"]) for r in results) > 0  # the maps did move experts over the network
+    expected = [n * PACKED for n in expected_received_experts(old, new, world)]  # from the maps alone
+    assert sum(expected) > 0  # the maps move experts over the network
+    if not verify:  # with verify, trailers are padded per peer message: that depends on the chosen senders
+        assert [sum(r["received"]) for r in results] == expected
 
 
 # -- step() in a loop: in order, the same on every rank, weights change only in step() --------
@@ -353,7 +360,8 @@ def test_two_ep_subgroups_each_with_a_worker(distributed, explicit_transfer):
     for rank, (applied, bad, sent) in enumerate(results):
         assert applied == [0, 1, 2], f"rank {rank}: {applied}"
         assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
-    assert sum(r[2] for r in results) > 0
+    # both EP groups run the same maps; the bytes come from the maps alone
+    assert sum(r[2] for r in results) == 2 * PACKED * sum(expected_received_experts(old, new, 2)) > 0
 
 
 # -- shutdown -------------------------------------------------------------------------------------
@@ -486,7 +494,8 @@ def test_context_manager_and_single_rank_without_group():
     assert worker.closed and worker_threads() == []
     assert row_mismatches(weights, old, new, 0, seed=1) == []
     assert same_bytes(as_bytes(weights), as_bytes(expected))
-    assert stats.p2p_ops == 0 and stats.local_copies > 0 and len(stats.layer_times_s) == 4
+    changed = int(((new >= 0) & (new != old)).sum())  # one rank: every changed row is a local write
+    assert stats.p2p_ops == 0 and stats.local_copies == changed and len(stats.layer_times_s) == 4
     with pytest.raises(RuntimeError, match="closed"):
         worker.submit(old, new)
 
@@ -545,6 +554,14 @@ def _wait_marks(sync_dir: str, name: str, ranks, timeout_s: float = 30.0) -> boo
     return False
 
 
+# Held by the serving loop of _rank_fault around each step(). A rank that exits on purpose
+# (_exit_at) takes it first, so it never dies inside a step agreement: a collective that a rank
+# leaves half-way can complete on some survivors and fail on others (gloo's ring all-reduce did
+# in 4 of 30 runs), which no agreement can prevent (see TransferWorker's docstring); these tests
+# check what the library does guarantee when a rank dies between two steps.
+_STEP_LOCK = threading.Lock()
+
+
 def _rank_fault(rank, world, old, new, hook, kwargs, stall_main, exiting, sync_dir):
     """Submit, then step() in a serving loop until an error surfaces (or the work is done).
 
@@ -566,7 +583,8 @@ def _rank_fault(rank, world, old, new, hook, kwargs, stall_main, exiting, sync_d
     deadline = begin + 30
     try:
         while worker.busy and time.monotonic() < deadline:
-            applied += worker.step()
+            with _STEP_LOCK:
+                applied += worker.step()
             steps += 1
             if stall_main == rank and steps == 1:
                 stalled = _wait_marks(sync_dir, "raised", others)
@@ -611,6 +629,7 @@ def run_faults(world, old, new, hook, stall_main=None, exiting=(), **kwargs):
 
 def _exit_at(point, at_layer, victim, where, **info):
     if info["rank"] == victim and where == point and info.get("layer") == at_layer:
+        _STEP_LOCK.acquire()  # not inside a step agreement (see _STEP_LOCK); never released
         os._exit(7)  # the whole process, from the worker thread
 
 
