@@ -809,7 +809,7 @@ class TransferWorker:
                 if stage.device_rows is not None and resolve_backend(job.backend, self._device) == "triton":
                     # rows come from the plan (distinct, in range): the unchecked launch is safe
                     layout.launch("unpack", slot.buffer[: stage.nbytes], dst_rows=stage.device_rows)
-                    stage.device_rows.record_stream(torch.cuda.current_stream(self._device))
+                    stage.device_rows.record_stream(_cuda.current_stream(self._device))
                 else:
                     layout.unpack(slot.buffer[: stage.nbytes], stage.rows, backend=job.backend)
         event = None

@@ -1139,3 +1139,53 @@ def test_worker_orders_its_stream_after_submit_and_each_swap(monkeypatch):
         between = log[first_pack:publish]
         finished = [e for e in between if e[:2] == ("record", "worker")]
         assert finished and ("query", "host", finished[-1][2]) in between, (layer, between)
+
+
+def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
+    """The swap path a GPU takes, run on CPU with the Triton interpreter: the worker thread
+    copies the swap's rows to the "device" and compiles the swap's unpack (compile only)
+    before publishing each layer; step() launches the unpack unchecked on those rows, which
+    it ties to the serving stream (record_stream); the rows written are exactly the changed
+    ones and hold the new experts."""
+    from eplb_triton import worker as worker_module
+    from eplb_triton.layout import ExpertLayout
+    from row_writes import changed_rows, record_row_writes
+
+    log = []
+
+    class DeviceRows(torch.Tensor):  # what index_tensor returns on a GPU, with record_stream logged
+        def record_stream(self, stream):
+            log.append(("record_stream", stream.name, tuple(self.tolist())))
+
+    original_index_tensor = worker_module.index_tensor
+    monkeypatch.setattr(worker_module, "index_tensor", lambda values, device: original_index_tensor(values, device).as_subclass(DeviceRows))
+    original_launch = ExpertLayout.launch
+
+    def launch(self, mode, buf, src_rows=None, dst_rows=None, tuning=None, compile_only=False):
+        side = "worker" if threading.current_thread().name.startswith("eplb-transfer") else "main"
+        log.append(("compile" if compile_only else "launch", side, mode, type(dst_rows).__name__))
+        return original_launch(self, mode, buf, src_rows, dst_rows, tuning, compile_only)
+
+    monkeypatch.setattr(ExpertLayout, "launch", launch)
+    monkeypatch.setattr(worker_module, "_cuda", _FakeCuda(log))
+    monkeypatch.setattr(worker_module, "fault_hook", lambda where, **info: log.append((where, "worker", info["layer"])) if where == "before_publish" else None)
+    layers = 3
+    old, new = random_maps(np.random.default_rng(21), layers, 1, 6, 5, empty_frac=0.0)
+    weights = rank_weights(0, 1, old)
+    with record_row_writes() as writes:
+        with TransferWorker(weights, backend="triton") as worker:
+            worker._stream = _FakeStream("worker", log)
+            worker.submit(old, new)
+            worker.wait()
+    assert row_mismatches(weights, old, new, 0) == []
+    assert writes.per_layer(weights) == changed_rows(old, new, 0, 6)
+    swaps = [e for e in log if e[:3] == ("launch", "main", "unpack")]
+    assert len(swaps) == sum(1 for rows in changed_rows(old, new, 0, 6) if rows)
+    assert all(e[3] == "DeviceRows" for e in swaps), swaps  # the unchecked launch on the worker-made rows
+    publishes = [i for i, e in enumerate(log) if e[0] == "before_publish"]
+    compiles = [i for i, e in enumerate(log) if e[:3] == ("compile", "worker", "unpack")]
+    assert len(compiles) == len(swaps) and all(c < p for c, p in zip(compiles, publishes)), log
+    for i, entry in enumerate(log):  # each unchecked launch is followed by record_stream on the serving stream
+        if entry[:3] == ("launch", "main", "unpack"):
+            following = next(e for e in log[i + 1 :] if e[1] == "main")
+            assert following[0] == "record_stream", log[i:]
