@@ -663,7 +663,10 @@ class TransferWorker:
         now_us = int(time.time() * 1e6)  # wall clock: comparable across hosts (NTP)
         flags = torch.tensor([-ready, int(failed), now_us, -now_us], dtype=torch.int64)
         if self.timeout_s is None:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=comm.group)
+            try:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=comm.group)
+            except Exception as exc:  # noqa: BLE001 - a peer's closed connection, say: name it as such
+                raise PeerFailedError(f"step agreement: rank {comm.rank}: {exc}", layer=self._next_layer()) from exc
         else:
             try:
                 comm.all_reduce_max(flags, timeout_s=self.timeout_s + _agreement_grace_s(self.timeout_s))
@@ -678,6 +681,10 @@ class TransferWorker:
         if any_failed:
             self._raise_failure()
         return ready
+
+    def _next_layer(self) -> int | None:
+        job = self._job
+        return job.stages[job.swapped].layer.index if job is not None and job.swapped < len(job.stages) else None
 
     def _agreement_failed(self, cause: PeerError | None, what: str) -> None:
         """The step agreement failed (a peer exited or stalled): stop and raise on this rank.

@@ -1189,3 +1189,23 @@ def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
         if entry[:3] == ("launch", "main", "unpack"):
             following = next(e for e in log[i + 1 :] if e[1] == "main")
             assert following[0] == "record_stream", log[i:]
+
+
+def test_step_agreement_backend_error_without_timeout_is_a_peer_error(monkeypatch):
+    """Without timeout_s the step agreement is a plain all-reduce; a backend error there (a
+    peer's closed connection) surfaces as PeerFailedError naming the next layer, not raw."""
+    from eplb_triton.comm import Communicator, PeerFailedError
+
+    def closed(*args, **kwargs):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1234")
+
+    old, new = random_maps(np.random.default_rng(3), 3, 1, 4, 4, empty_frac=0.0)
+    weights = rank_weights(0, 1, old)
+    worker = TransferWorker(weights)
+    worker.submit(old, new)
+    worker._control = Communicator(group=object(), rank=0, world_size=2, backend="gloo")  # as if EP were 2
+    monkeypatch.setattr(torch.distributed, "all_reduce", closed)
+    with pytest.raises(PeerFailedError, match="step agreement: rank 0: .*Connection closed by peer") as info:
+        worker.step()
+    assert info.value.layer == 0
+    assert worker.closed and row_mismatches(weights, old, old, 0) == []  # nothing swapped
