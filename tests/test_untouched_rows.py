@@ -114,3 +114,38 @@ def test_recorder_sees_every_write_path():
         assert writes.written(tensors) == {1, 2, 3, 4}
     layout.unpack(buf[: layout.expert_bytes], [0], backend="torch")  # outside the block: not recorded
     assert writes.written(tensors) == {1, 2, 3, 4}
+
+
+class _Injected(Exception):
+    pass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rollback_writes_only_changed_rows(backend):
+    """A failure after the first round of a multi-round layer rolls it back: the rollback
+    rewrites rows the layer had written, never an unchanged one."""
+    from eplb_triton import transfer
+
+    old, new = _maps(5, 2, 1, 8, 6)
+    weights = make_rank_weights(SPECS, 2, 8)
+    fill_rank_weights(weights, old, 0, seed=5)
+    fired = []
+
+    def hook(where, **info):
+        if where == "round_applied" and info["layer"] == 1 and info["round"] == 0:
+            fired.append(info)
+            raise _Injected("after layer 1's first round")
+
+    transfer.fault_hook = hook
+    try:
+        with record_row_writes() as writes, pytest.raises(_Injected):
+            rearrange_expert_weights_inplace(old, new, weights, backend=backend, max_buffer_bytes=2 * EXPERT_BYTES)
+    finally:
+        transfer.fault_hook = None
+    assert fired
+    expected = changed_rows(old, new, 0, 8)
+    written = writes.per_layer(weights)
+    assert written[0] == expected[0]  # layer 0 completed
+    assert written[1] and set(written[1]) <= set(expected[1]), (written[1], expected[1])
+    state = np.stack([np.where(new[0] >= 0, new[0], old[0]), old[1]])  # layer 0 new, layer 1 rolled back
+    assert row_mismatches(weights, old, state, 0, seed=5) == []
