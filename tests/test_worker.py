@@ -1102,11 +1102,12 @@ def test_worker_orders_its_stream_after_submit_and_each_swap(monkeypatch):
     weights = rank_weights(0, 1, old)
     layer_of = {w[0].data_ptr(): l for l, w in enumerate(weights)}
     side = lambda: "worker" if threading.current_thread().name.startswith("eplb-transfer") else "main"  # noqa: E731
-    for name in ("pack", "unpack"):
+    # the torch backend ends every data op (pack, unpack, move, copy_rows) in a reference op
+    for name, op in (("pack_reference", "pack"), ("unpack_reference", "unpack"), ("copy_rows_reference", "copy")):
         original = getattr(ExpertLayout, name)
 
-        def logged(self, *args, _name=name, _original=original, **kwargs):
-            log.append((_name, side(), layer_of.get(self.tensors[0].data_ptr())))
+        def logged(self, *args, _op=op, _original=original, **kwargs):
+            log.append((_op, side(), layer_of.get(self.tensors[0].data_ptr())))
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(ExpertLayout, name, logged)
@@ -1132,13 +1133,15 @@ def test_worker_orders_its_stream_after_submit_and_each_swap(monkeypatch):
             swap_event[entry[2]] = following[2]
     assert sorted(swap_event) == list(range(layers))
     for layer in range(layers):
-        first_pack = log.index(("pack", "worker", layer))
+        packs = [i for i, e in enumerate(log) if e == ("pack", "worker", layer)]
         if layer >= 2:  # the slot held layer - 2: its swap's event must be waited for first
-            assert ("wait", "worker", swap_event[layer - 2]) in log[:first_pack], layer
+            assert ("wait", "worker", swap_event[layer - 2]) in log[: packs[0]], layer
         publish = log.index(("before_publish", "worker", layer))
-        between = log[first_pack:publish]
-        finished = [e for e in between if e[:2] == ("record", "worker")]
-        assert finished and ("query", "host", finished[-1][2]) in between, (layer, between)
+        # publishing waited (polled) for an event recorded on the worker stream after the layer's last pack
+        queried = [e[2] for e in log[:publish] if e[:2] == ("query", "host")]
+        assert queried, (layer, log[: publish + 1])
+        recorded = log.index(("record", "worker", queried[-1]))
+        assert packs[-1] < recorded < publish, (layer, log[packs[0] : publish + 1])
 
 
 def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
