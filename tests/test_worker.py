@@ -198,15 +198,35 @@ def test_step_loop_applies_layers_in_order_on_every_rank(distributed, world):
     assert sum(1 for s in steps0 if s) >= 2, f"expected layers to arrive over several steps: {steps0}"
 
 
+def _rank_double_buffering(rank, world, old, new):
+    """Before each step, wait (on the worker's condition, not a sleep) until this rank's worker
+    has staged as far as its two slots allow; record how far ahead it got."""
+    weights = rank_weights(rank, world, old)
+    layers = old.shape[0]
+    steps, ahead = [], []
+    with TransferWorker(weights) as worker:
+        worker.submit(old, new)
+        while worker.busy:
+            job = worker._job
+            with worker._cond:
+                staged = worker._cond.wait_for(
+                    lambda: job.published >= min(job.swapped + 2, layers) or worker._error is not None, timeout=30.0
+                )
+                ahead.append(job.published - job.swapped)
+            assert staged, "the worker did not fill its two slots"
+            steps.append(worker.step())
+    return steps, ahead, row_mismatches(weights, old, new, rank)
+
+
 def test_double_buffering_keeps_worker_two_layers_ahead(distributed):
-    # A fast worker and a slow serving loop: with two staging slots at most two layers can be
-    # ready at once (every rank writes every row of every layer here, so every layer needs a slot).
+    # With two staging slots the worker stages two layers ahead of the swaps, and no further
+    # (every rank writes every row of every layer here, so every layer needs a slot).
     old, new = rotated_maps(6, 2, 3)
-    results = distributed(2, _rank_step_loop, old, new, 0.0, 0.05)
-    steps = results[0][0]
-    assert results[1][0] == steps
-    assert [l for s in steps for l in s] == list(range(6))
-    assert max(len(s) for s in steps) == 2, steps
+    results = distributed(2, _rank_double_buffering, old, new)
+    for rank, (steps, ahead, bad) in enumerate(results):
+        assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
+        assert steps == [[0, 1], [2, 3], [4, 5]], (rank, steps)
+        assert ahead == [2, 2, 2], (rank, ahead)
 
 
 # -- errors -------------------------------------------------------------------------------------
