@@ -545,7 +545,7 @@ def test_nccl_poll_names_the_pending_peers_at_the_deadline():
     with pytest.raises(PeerTimeoutError, match=r"layer 5, round 1/1: rank 0 waited 0.3 s .* peers \[2, 3\]") as info:
         _nccl_comm().wait(works, timeout_s=0.3, labels=labels, where="layer 5, round 1/1")
     assert 0.3 <= time.monotonic() - begin < 1.5
-    assert info.value.peer == 2
+    assert info.value.peer is None  # two peers pending: the message names both, .peer only a single one
 
 
 def test_nccl_poll_completes_and_orders_the_stream():
@@ -555,8 +555,12 @@ def test_nccl_poll_completes_and_orders_the_stream():
 
 
 def test_nccl_coalesced_request_names_every_peer_of_the_batch():
-    with pytest.raises(PeerTimeoutError, match="its peers"):
+    with pytest.raises(PeerTimeoutError, match=r"for peers \[1\]") as info:  # one peer (world 2): named
         _nccl_comm().wait([_FakeWork(None)], timeout_s=0.1, labels=[(1, "recv"), (1, "send")])
+    assert info.value.peer == 1
+    with pytest.raises(PeerTimeoutError, match=r"for peers \[1, 3\]") as info:  # several: all named
+        _nccl_comm().wait([_FakeWork(None)], timeout_s=0.1, labels=[(1, "recv"), (3, "send")])
+    assert info.value.peer is None
 
 
 # -- backend errors raised while posting ---------------------------------------------------------
