@@ -110,19 +110,40 @@ class Communicator:
             return peer
         return dist.get_global_rank(self.group, peer)
 
-    def exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]) -> list:
-        """Start one irecv and one isend per peer as one batch; returns the requests to wait on."""
+    def exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], *, where: str = "exchange") -> list:
+        """Start one irecv and one isend per peer as one batch; returns the requests to wait on.
+
+        A backend error while posting (gloo raises at once when a peer's connection is
+        already closed) comes back as :class:`PeerFailedError` naming the peer, like errors
+        of :meth:`wait`; ``where`` prefixes its message.
+        """
         if not sends and not recvs:
             return []
         if self.group is None:
             raise RuntimeError("exchange needs a process group")
-        ops = []
+        posts = []  # (irecv or isend, tensor, global rank), in the order of op_labels
         for peer in sorted(set(sends) | set(recvs)):
             if peer in recvs:
-                ops.append(dist.P2POp(dist.irecv, recvs[peer], self.global_rank(peer), self.group))
+                posts.append((dist.irecv, recvs[peer], self.global_rank(peer)))
             if peer in sends:
-                ops.append(dist.P2POp(dist.isend, sends[peer], self.global_rank(peer), self.group))
-        return dist.batch_isend_irecv(ops)
+                posts.append((dist.isend, sends[peer], self.global_rank(peer)))
+        if self.backend == "nccl":  # coalesced into one launch: a posting error has no single peer
+            try:
+                return dist.batch_isend_irecv([dist.P2POp(fn, t, p, self.group) for fn, t, p in posts])
+            except Exception as exc:  # noqa: BLE001 - backend errors have no common type
+                raise self._peer_error(exc, 0, None, where, None) from exc
+        # Other backends post op by op anyway (what batch_isend_irecv does without
+        # coalescing); doing it here tells which peer's op failed.
+        labels = self.op_labels(sends, recvs)
+        requests = []
+        for index, (fn, tensor, global_peer) in enumerate(posts):
+            try:
+                request = fn(tensor, global_peer, group=self.group)
+            except Exception as exc:  # noqa: BLE001
+                raise self._peer_error(exc, index, labels, where, None) from exc
+            if request is not None:
+                requests.append(request)
+        return requests
 
     @staticmethod
     def op_labels(sends: dict, recvs: dict) -> list[tuple[int, str]]:
@@ -236,7 +257,7 @@ class Communicator:
         mine = flags[self.world_size :]
         theirs = {p: flags[p : p + 1] for p in range(self.world_size) if p != self.rank}
         sends = {p: mine for p in theirs}
-        requests = self.exchange(sends, theirs)
+        requests = self.exchange(sends, theirs, where=where)
         self.wait(requests, timeout_s=timeout_s, labels=self.op_labels(sends, theirs), where=where)
         values = flags.tolist()
         values[self.rank] = int(failed)
@@ -248,7 +269,10 @@ class Communicator:
         worker thread stays blocked until the group's own timeout (the group is broken anyway)."""
         if self.group is not None and self.world_size > 1:
             if timeout_s is None:
-                dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+                try:
+                    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+                except Exception as exc:  # noqa: BLE001 - a peer's closed connection, say
+                    raise PeerFailedError(f"input agreement: rank {self.rank}: {exc}") from exc
                 return values
             work = dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
             deadline = time.monotonic() + timeout_s
@@ -265,11 +289,16 @@ class Communicator:
                 raise PeerFailedError(f"input agreement: rank {self.rank}: {exc}") from exc
         return values
 
-    def all_gather_object(self, obj) -> list:
+    def all_gather_object(self, obj, *, where: str = "gathering the ranks' messages") -> list:
+        """Every rank's ``obj``; a backend error comes back as :class:`PeerFailedError`."""
         if self.group is None or self.world_size == 1:
             return [obj]
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        try:
+            dist.all_gather_object(out, obj, group=self.group)
+        except Exception as exc:  # noqa: BLE001 - a peer's closed connection, say
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PeerFailedError(f"{where}: rank {self.rank}: {text}") from exc
         return out
 
     def agree(self, error: BaseException | None, fingerprint: int = 0, *, timeout_s: float | None = None) -> None:

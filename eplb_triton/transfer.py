@@ -452,6 +452,7 @@ class RoundWork:
         pack: bool = True,
         local_buf: torch.Tensor | None = None,
         launch_lock=contextlib.nullcontext(),
+        where: str = "exchange",
     ) -> tuple[list, list[tuple[int, str]], list[int]]:
         """Pack and post every batch of :meth:`batches`: pack batch ``i``'s sends (one launch),
         then post its ops; on GPUs the next pack runs while batch ``i`` is on the wire (NCCL's
@@ -485,7 +486,7 @@ class RoundWork:
                     self._from_stash(send_buf, self.stashed_sends[mine], self.stashed_send_entries[mine], stash)
             out = {peer: send_buf[f * eb : (f + n) * eb] for peer, f, n in sends}
             into = {peer: recv_buf[f * eb : (f + n) * eb] for peer, f, n in recvs}
-            requests += comm.exchange(out, into)
+            requests += comm.exchange(out, into, where=where)
             labels += Communicator.op_labels(out, into)
             ops.append(len(out) + len(into))
         return requests, labels, ops
@@ -711,11 +712,11 @@ class LayerWork:
                 if not work.framed:  # packs and posts batch by batch, then one wait for all
                     _fault("before_send", rank=comm.rank, layer=self.index, round=i)
                     send_buf, recv_buf, scratch = work._slices(staging)
-                    requests, labels, batches = work.post_batches(
-                        layout, send_buf, recv_buf, comm, backend, stash, local_buf=scratch
-                    )
-                    _fault("posted", rank=comm.rank, layer=self.index, round=i, step=0, ops=labels)
-                    try:
+                    try:  # posting fails too when a peer's connection is already closed
+                        requests, labels, batches = work.post_batches(
+                            layout, send_buf, recv_buf, comm, backend, stash, local_buf=scratch, where=where
+                        )
+                        _fault("posted", rank=comm.rank, layer=self.index, round=i, step=0, ops=labels)
                         comm.wait(requests, timeout_s=timeout_s, labels=labels, where=where)
                     except PeerError as exc:
                         exc.layer = self.index
@@ -730,10 +731,10 @@ class LayerWork:
                     # planner rounds (``rounds=``) run one after the other; nothing is
                     # written until the last one completed
                     at = where if work.steps is None else f"{where}, network round {step + 1}/{len(exchanges)}"
-                    requests = comm.exchange(sends, recvs)
                     labels = Communicator.op_labels(sends, recvs)
-                    _fault("posted", rank=comm.rank, layer=self.index, round=i, step=step, ops=labels)
-                    try:
+                    try:  # posting fails too when a peer's connection is already closed
+                        requests = comm.exchange(sends, recvs, where=at)
+                        _fault("posted", rank=comm.rank, layer=self.index, round=i, step=step, ops=labels)
                         comm.wait(requests, timeout_s=timeout_s, labels=labels, where=at)
                     except PeerError as exc:
                         exc.layer = self.index

@@ -87,6 +87,11 @@ _WAIT_SLICE_S = 0.05  # wait() re-agrees at least this often, so a failure on a 
 _DRAIN_STREAM_S = 30.0  # how long a drain waits for the transfer stream before giving up
 _MESSAGE_BYTES = 480  # failure message bytes each rank shares when a worker fails
 
+#: Where events and the current stream come from (``torch.cuda``). A test seam: a fake with
+#: ``Event`` and ``current_stream`` (plus a fake ``worker._stream``) records the order of the
+#: worker's record/wait calls on CPU, where no CUDA stream exists.
+_cuda = torch.cuda
+
 #: Test-only fault injection, called on the worker thread as ``fault_hook(point, **info)`` at
 #: ``layer_start`` (rank, layer), ``before_send`` (rank, layer, round), ``in_flight`` (rank,
 #: layer, round, ``received``: each peer's received packed experts, before they are checked)
@@ -378,9 +383,12 @@ class TransferWorker:
     reported them (``.peer`` is the failing rank itself for other errors). No rank swaps a
     layer in the step that reports a failure, so every rank keeps the same layers: those
     swapped before stay swapped, the others keep their old weights (each layer entirely
-    old or entirely new). The worker is closed (after a non-peer error its thread ends
-    after running the remaining exchanges with junk, so no peer is left blocked): make a
-    new one to retry.
+    old or entirely new). One exception: a rank that dies *during* a step agreement can
+    leave the survivors disagreeing on that step, since a collective a rank leaves half-way
+    may complete on some survivors and fail on others (seen with gloo's all-reduce); each
+    survivor's layers are still entirely old or entirely new. The worker is closed (after a
+    non-peer error its thread ends after running the remaining exchanges with junk, so no
+    peer is left blocked): make a new one to retry.
     """
 
     def __init__(
@@ -526,8 +534,8 @@ class TransferWorker:
         if self._stream is not None:
             # The worker reads live weights on its own stream: after what the current stream
             # queued before this call (the previous rearrangement's swaps, a weight load).
-            start_event = torch.cuda.Event()
-            start_event.record(torch.cuda.current_stream(self._device))
+            start_event = _cuda.Event()
+            start_event.record(_cuda.current_stream(self._device))
         job = _Job(
             stages=stages,
             slots=[_Slot(storage[:slot_bytes]), _Slot(storage[slot_bytes : 2 * slot_bytes])],
@@ -655,7 +663,10 @@ class TransferWorker:
         now_us = int(time.time() * 1e6)  # wall clock: comparable across hosts (NTP)
         flags = torch.tensor([-ready, int(failed), now_us, -now_us], dtype=torch.int64)
         if self.timeout_s is None:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=comm.group)
+            try:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=comm.group)
+            except Exception as exc:  # noqa: BLE001 - a peer's closed connection, say: name it as such
+                raise PeerFailedError(f"step agreement: rank {comm.rank}: {exc}", layer=self._next_layer()) from exc
         else:
             try:
                 comm.all_reduce_max(flags, timeout_s=self.timeout_s + _agreement_grace_s(self.timeout_s))
@@ -670,6 +681,10 @@ class TransferWorker:
         if any_failed:
             self._raise_failure()
         return ready
+
+    def _next_layer(self) -> int | None:
+        job = self._job
+        return job.stages[job.swapped].layer.index if job is not None and job.swapped < len(job.stages) else None
 
     def _agreement_failed(self, cause: PeerError | None, what: str) -> None:
         """The step agreement failed (a peer exited or stalled): stop and raise on this rank.
@@ -801,13 +816,13 @@ class TransferWorker:
                 if stage.device_rows is not None and resolve_backend(job.backend, self._device) == "triton":
                     # rows come from the plan (distinct, in range): the unchecked launch is safe
                     layout.launch("unpack", slot.buffer[: stage.nbytes], dst_rows=stage.device_rows)
-                    stage.device_rows.record_stream(torch.cuda.current_stream(self._device))
+                    stage.device_rows.record_stream(_cuda.current_stream(self._device))
                 else:
                     layout.unpack(slot.buffer[: stage.nbytes], stage.rows, backend=job.backend)
         event = None
         if self._stream is not None and stage.rows.size:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self._device))
+            event = _cuda.Event()
+            event.record(_cuda.current_stream(self._device))
         with self._cond:
             if event is not None:
                 slot.event = event
@@ -893,7 +908,7 @@ class TransferWorker:
             if self._stream is None:  # CPU: the transfer already ran; nothing to overlap
                 self._publish(job, index, stage, checks, None, begin)
                 continue
-            done = torch.cuda.Event()
+            done = _cuda.Event()
             done.record(self._stream)
             if pending is not None:
                 self._publish(job, *pending)
@@ -965,16 +980,16 @@ class TransferWorker:
                 recvs = _per_peer(recv_buf, work.recv_peers, work.recv_counts, eb)
             _fault("before_send", rank=rank, layer=layer_index, round=number)
             job.cursor = (index, number + 1)  # posted (even if posting fails): never re-posted by a drain
-            if job.verify:
-                requests, labels = self._post(job, work, send_buf, sends, recvs)
-            else:  # the executor's batches: packs piece by piece, posts as it goes
-                requests, labels, _ = work.post_batches(
-                    layout, send_buf, recv_buf, self._transfer, backend, launch_lock=self._kernel_lock
-                )
-                work.release()
-                recvs = work.recv_messages_in(recv_buf)
             # gloo: blocks this thread (GIL released); NCCL: the worker stream waits, the host does not.
-            try:
+            try:  # posting fails too when a peer's connection is already closed
+                if job.verify:
+                    requests, labels = self._post(job, work, send_buf, sends, recvs, where=where)
+                else:  # the executor's batches: packs piece by piece, posts as it goes
+                    requests, labels, _ = work.post_batches(
+                        layout, send_buf, recv_buf, self._transfer, backend, launch_lock=self._kernel_lock, where=where
+                    )
+                    work.release()
+                    recvs = work.recv_messages_in(recv_buf)
                 self._transfer.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
             except PeerError as exc:
                 exc.layer = layer_index
@@ -1000,19 +1015,21 @@ class TransferWorker:
             table[lists["dup_dst"]] = table[lists["dup_src"]]
         return checks
 
-    def _post(self, job: _Job, work: RoundWork, send_buf: torch.Tensor, sends: dict, recvs: dict) -> tuple[list, list]:
+    def _post(
+        self, job: _Job, work: RoundWork, send_buf: torch.Tensor, sends: dict, recvs: dict, where: str = "exchange"
+    ) -> tuple[list, list]:
         """Start a round's exchange (and with ``verify`` its trailers' exchange, right after).
 
         Two batches per round with ``verify``: every rank posts them in the same order, so
         each peer pair matches data with data and trailer with trailer.
         """
-        requests = self._transfer.exchange(sends, recvs)
+        requests = self._transfer.exchange(sends, recvs, where=where)
         labels = Communicator.op_labels(sends, recvs)
         if job.verify:
             with self._kernel_lock:
                 sum_sends = _fill_send_trailers(job, work, send_buf)
             sum_recvs = _trailers(job.recv_sums, work.recv_peers, work.recv_counts)
-            requests = requests + self._transfer.exchange(sum_sends, sum_recvs)
+            requests = requests + self._transfer.exchange(sum_sends, sum_recvs, where=f"{where}, checksums")
             labels = labels + Communicator.op_labels(sum_sends, sum_recvs)
         return requests, labels
 
@@ -1067,15 +1084,15 @@ class TransferWorker:
                 if junk_recv is None or junk_recv.numel() < need:
                     junk_recv = torch.empty(need, dtype=torch.uint8, device=self._device)
                 send_buf = job.send_buffer[: work.send_rows.size * eb]
+                where = f"drain: layer {stage.layer.index}, round {number + 1}/{len(stage.layer.rounds)}"
                 if job.verify:
                     sends = _per_peer(job.send_buffer, work.send_peers, work.send_counts, eb)
                     recvs = _per_peer(junk_recv, work.recv_peers, work.recv_counts, eb)
-                    requests, labels = self._post(job, work, send_buf, sends, recvs)
+                    requests, labels = self._post(job, work, send_buf, sends, recvs, where=where)
                 else:  # the same batches as a peer still transferring posts
                     requests, labels, _ = work.post_batches(
-                        stage.layer.layout, send_buf, junk_recv, self._transfer, job.backend, pack=False
+                        stage.layer.layout, send_buf, junk_recv, self._transfer, job.backend, pack=False, where=where
                     )
-                where = f"drain: layer {stage.layer.index}, round {number + 1}/{len(stage.layer.rounds)}"
                 self._transfer.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
             self._finish_stream(deadline=time.monotonic() + _DRAIN_STREAM_S)
             self._drained = True
@@ -1093,7 +1110,7 @@ class TransferWorker:
         if self._stream is None:
             return
         if event is None:
-            event = torch.cuda.Event()
+            event = _cuda.Event()
             event.record(self._stream)
         delay = _POLL_MIN_S
         while not event.query():

@@ -40,3 +40,15 @@ def distributed():
         return run_ranks(world_size, fn, *args, backend="gloo", timeout_s=timeout_s, group_timeout_s=60.0)
 
     return launch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _backend_from_environment():
+    """With ``EPLB_TRITON_BACKEND=triton`` (CI's second run) every default backend must really be
+    Triton, through the interpreter on CPU: fail the session early if it would fall back."""
+    if os.environ.get("EPLB_TRITON_BACKEND") == "triton":
+        from eplb_triton.layout import resolve_backend
+
+        assert resolve_backend(None, torch.device("cpu")) == "triton"
+        assert HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1", "the Triton backend on CPU needs TRITON_INTERPRET=1"
+    yield

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from eplb_triton.__main__ import main
 
 
@@ -34,7 +32,7 @@ def test_bench_tiny_world2_writes_json(tmp_path, capsys):
 
 
 def test_bench_plot_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
+    # matplotlib is in the test extra (make test installs it): run, never skip
     png = tmp_path / "bench.png"
     assert main(["bench", "--preset", "tiny", "--world-size", "2", "--layers", "1", "--repeats", "1", "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -545,7 +545,7 @@ def test_nccl_poll_names_the_pending_peers_at_the_deadline():
     with pytest.raises(PeerTimeoutError, match=r"layer 5, round 1/1: rank 0 waited 0.3 s .* peers \[2, 3\]") as info:
         _nccl_comm().wait(works, timeout_s=0.3, labels=labels, where="layer 5, round 1/1")
     assert 0.3 <= time.monotonic() - begin < 1.5
-    assert info.value.peer == 2
+    assert info.value.peer is None  # two peers pending: the message names both, .peer only a single one
 
 
 def test_nccl_poll_completes_and_orders_the_stream():
@@ -555,5 +555,82 @@ def test_nccl_poll_completes_and_orders_the_stream():
 
 
 def test_nccl_coalesced_request_names_every_peer_of_the_batch():
-    with pytest.raises(PeerTimeoutError, match="its peers"):
+    with pytest.raises(PeerTimeoutError, match=r"for peers \[1\]") as info:  # one peer (world 2): named
         _nccl_comm().wait([_FakeWork(None)], timeout_s=0.1, labels=[(1, "recv"), (1, "send")])
+    assert info.value.peer == 1
+    with pytest.raises(PeerTimeoutError, match=r"for peers \[1, 3\]") as info:  # several: all named
+        _nccl_comm().wait([_FakeWork(None)], timeout_s=0.1, labels=[(1, "recv"), (3, "send")])
+    assert info.value.peer is None
+
+
+# -- backend errors raised while posting ---------------------------------------------------------
+class _PostingComm:
+    """A 2-rank gloo Communicator whose ops never leave the process (group is a placeholder)."""
+
+    @staticmethod
+    def make(rank=0, world=2):
+        from eplb_triton.comm import Communicator
+
+        class Local(Communicator):
+            def global_rank(self, peer):
+                return peer
+
+            def agree(self, error, fingerprint=0, *, timeout_s=None):  # one process: nobody to agree with
+                if error is not None:
+                    raise error
+
+        return Local(group=object(), rank=rank, world_size=world, backend="gloo")
+
+
+def _closed_pair(dead_peer, posted):
+    """``dist.isend``/``dist.irecv`` stand-ins: gloo raises at once for a peer whose connection closed."""
+
+    def post(kind):
+        def op(tensor, peer, group=None, tag=0):
+            if peer == dead_peer:
+                raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1234")
+            posted.append((peer, kind))
+            return _FakeWork(0.0)
+
+        return op
+
+    return post("send"), post("recv")
+
+
+def test_posting_to_a_closed_peer_raises_peer_failed_naming_it(monkeypatch):
+    from eplb_triton.comm import PeerFailedError
+
+    posted = []
+    isend, irecv = _closed_pair(3, posted)
+    monkeypatch.setattr(torch.distributed, "isend", isend)
+    monkeypatch.setattr(torch.distributed, "irecv", irecv)
+    comm = _PostingComm.make(world=4)
+    t = torch.zeros(4, dtype=torch.uint8)
+    with pytest.raises(PeerFailedError) as info:
+        comm.exchange({1: t, 3: t}, {1: t, 3: t}, where="layer 1, round 1/2")
+    assert info.value.peer == 3
+    assert str(info.value).startswith("layer 1, round 1/2: rank 0: recv with peer 3 failed: ") and "pair.cc" in str(info.value)
+    assert posted == [(1, "recv"), (1, "send")]  # ascending peers, receive first, until the failure
+
+
+def test_posting_failure_names_the_layer_and_leaves_it_old(monkeypatch):
+    # layer 0 is local only; layer 1 receives from peer 1, whose connection is closed when posting
+    from eplb_triton.comm import PeerFailedError
+    from eplb_triton.transfer import TransferStats, prepare_layers
+
+    old = np.array([[0, 1, 2, 3], [0, 1, 2, 3]])
+    new = np.array([[1, 0, 2, 3], [2, 1, 2, 3]])
+    weights = make_rank_weights(SPECS, 2, 2)
+    fill_rank_weights(weights, old, 0)
+    isend, irecv = _closed_pair(1, [])
+    monkeypatch.setattr(torch.distributed, "isend", isend)
+    monkeypatch.setattr(torch.distributed, "irecv", irecv)
+    comm = _PostingComm.make()
+    layers = prepare_layers(old, new, weights, comm)
+    staging = torch.empty(max(layer.staging_bytes for layer in layers), dtype=torch.uint8)
+    stats = TransferStats.empty(0, 2)
+    layers[0].run(staging, comm, "torch", stats, timeout_s=1.0)
+    with pytest.raises(PeerFailedError) as info:
+        layers[1].run(staging, comm, "torch", stats, timeout_s=1.0)
+    assert (info.value.layer, info.value.peer) == (1, 1) and "layer 1, round 1/1" in str(info.value), info.value
+    assert layer_states(weights, old, new, 0) == ["new", "old"]

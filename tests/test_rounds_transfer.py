@@ -14,14 +14,14 @@ from eplb_triton.launch import run_ranks
 from eplb_triton.plan import with_rounds
 from eplb_triton.schedule import schedule_layer
 from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
-from map_cases import random_maps
+from map_cases import packed_expert_bytes, random_maps
 
 SPECS = [
     TensorSpec((3, 5), torch.bfloat16),  # 30 bytes: odd row size
     TensorSpec((2, 3, 3), torch.uint8),  # 3-D rows
     TensorSpec((7,), torch.float32),
 ]
-EXPERT_BYTES = 48 + 32 + 32  # packed rows are 16-byte aligned per tensor
+EXPERT_BYTES = 32 + 32 + 32  # 30, 18 and 28 bytes, each padded to 16 in a packed expert
 
 
 def _rank_compare(rank, world, old, new, rounds, budget, verify, seed=0):
@@ -46,6 +46,8 @@ def _rank_compare(rank, world, old, new, rounds, budget, verify, seed=0):
     same = all(torch.equal(as_bytes(a), as_bytes(b)) for la, lb in zip(default, by_rounds) for a, b in zip(la, lb))
     return same, row_mismatches(by_rounds, old, new, rank, seed), base, stats, batches
 
+
+assert EXPERT_BYTES == packed_expert_bytes(SPECS)
 
 CASES = [
     pytest.param(2, 2, 3, 4, id="W2-L2-N3-E4"),
@@ -103,6 +105,15 @@ def test_rounds_match_default_path(distributed, world, layers, num_local, logica
             for l, i, _, ops in batches
         ]
         assert got == expected
+    # independent of the planner: every send of a budget round meets a receive of its peer
+    from collections import Counter
+
+    sends, recvs = Counter(), Counter()
+    for rank, (*_, batches) in enumerate(results):
+        for l, i, _, ops in batches:
+            for peer, k in ops:
+                (sends if k == "send" else recvs)[(l, i, rank, peer) if k == "send" else (l, i, peer, rank)] += 1
+    assert sends == recvs and sends, (sends - recvs, recvs - sends)
 
 
 def _rank_corrupt(rank, world, old, new, rounds, seed=0):

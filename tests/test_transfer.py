@@ -8,7 +8,7 @@ import torch
 
 from eplb_triton import ExpertLayout, plan_rearrangement, rearrange_expert_weights_inplace
 from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
-from map_cases import random_maps
+from map_cases import expected_received_experts, packed_expert_bytes, random_maps
 
 MIXED_SPECS = [
     TensorSpec((3, 5), torch.bfloat16),  # 30 bytes: odd row size
@@ -59,7 +59,12 @@ def test_random_rearrangement(distributed, world, layers, num_local, logical):
     off_diagonal = plan.traffic * (1 - np.eye(world, dtype=np.int64))
     # one round per layer: one isend and one irecv per (sender, receiver) pair with traffic
     assert sum(s.p2p_ops for s in big) == 2 * int(np.count_nonzero(off_diagonal))
-    assert sum(s.total_bytes_sent for s in stats) > 0
+    # bytes from the maps alone: each rank receives every expert its new rows need and its old rows lack, once
+    expected = [n * packed_expert_bytes(MIXED_SPECS) for n in expected_received_experts(old, new, world)]
+    assert sum(expected) > 0  # the maps move experts over the network
+    assert [s.total_bytes_received for s in stats] == expected
+    assert [s.total_bytes_received for s in big] == expected
+    assert sum(s.total_bytes_sent for s in stats) == sum(expected)
 
 
 def test_no_change_is_untouched_and_silent(distributed):
