@@ -72,9 +72,10 @@ from .comm import (
     PeerTimeoutError,
     TransferError,
 )
+from .inputs import check_timeout
 from .layout import ExpertLayout, index_tensor, resolve_backend
 from .maps import EPGroup, ExpertMap
-from .transfer import LayerWork, RoundWork, TransferStats, _check_timeout, prepare_layers, staging_bound, upload_rows
+from .transfer import LayerWork, RoundWork, TransferStats, prepare_layers, staging_bound, upload_rows
 
 __all__ = ["TransferWorker"]
 
@@ -403,7 +404,7 @@ class TransferWorker:
         verify: bool = False,
         reserve: bool = False,
     ):
-        _check_timeout(timeout_s)
+        check_timeout(timeout_s)
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
         self.expert_weights = expert_weights
