@@ -38,6 +38,7 @@ __all__ = [
     "check_inputs",
     "check_timeout",
     "check_weights",
+    "check_worker_inputs",
     "verdict_of",
     "weights_signature",
 ]
@@ -330,6 +331,38 @@ def check_inputs(
         }
     except Exception as exc:  # noqa: BLE001 - every failure must reach the agreement as a verdict
         checked.error = verdict_of(exc)
+    return checked
+
+
+def check_worker_inputs(
+    expert_weights,
+    comm: Communicator,
+    *,
+    max_buffer_bytes: int | None = None,
+    verify: bool = False,
+    timeout_s: float | None = None,
+) -> CheckedInputs:
+    """:func:`check_inputs` for :class:`~eplb_triton.TransferWorker`'s constructor (no maps
+    yet): the weights, their device against ``comm``'s backend, and the options; never raises."""
+    checked = CheckedInputs(error=None, timeout_s=_agreement_timeout(timeout_s))
+    try:
+        check_timeout(timeout_s)
+        checked.verify = check_verify(verify)
+        if max_buffer_bytes is not None and (
+            isinstance(max_buffer_bytes, bool) or not isinstance(max_buffer_bytes, (int, np.integer))
+        ):
+            raise TypeError(f"max_buffer_bytes must be an int, got {type(max_buffer_bytes).__name__}")
+        checked.max_buffer_bytes = None if max_buffer_bytes is None else int(max_buffer_bytes)
+        checked.layouts = layouts = check_weights(expert_weights)
+        if layouts:
+            check_backend_device(comm, layouts[0].device)
+        checked.fingerprints = {
+            LAYOUTS: _layout_fingerprint(layouts),
+            OPTIONS: _options_fingerprint(checked.max_buffer_bytes, verify, None),
+        }
+    except Exception as exc:  # noqa: BLE001 - every failure must reach the agreement as a verdict
+        checked.error = verdict_of(exc)
+        checked.fingerprints = {LAYOUTS: 0, OPTIONS: 0}
     return checked
 
 
