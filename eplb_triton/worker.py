@@ -376,9 +376,9 @@ class TransferWorker:
             until their swap in two slots of at most one layer's local rows each.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack (as in the
             blocking API).
-        timeout_s: the longest any wait on peers may take: each exchange of the worker
-            thread, the agreements of :meth:`submit` and :meth:`step`, and each exchange of
-            a drain. ``None`` (default) = the process groups' own timeouts. When a peer
+        timeout_s: the longest any wait on peers may take: the construction (the ranks
+            meeting, then agreeing on the weights), each exchange of the worker thread, the
+            agreements of :meth:`submit` and :meth:`step`, and each exchange of a drain. ``None`` (default) = the process groups' own timeouts. When a peer
             exits or stalls (stops sending, or stops calling :meth:`step`), every other
             rank raises a :class:`~eplb_triton.comm.PeerError` from :meth:`step`/
             :meth:`wait` within about ``timeout_s`` (at most about ``2 * timeout_s`` plus
@@ -506,13 +506,6 @@ class TransferWorker:
         self._thread.start()
 
     # -- setup ------------------------------------------------------------------------------
-    @staticmethod
-    def _weights_device(expert_weights) -> torch.device:
-        try:
-            return expert_weights[0][0].device
-        except (TypeError, IndexError, AttributeError, KeyError):
-            return torch.device("cpu")  # malformed weights: submit() reports it on every rank
-
     def _reserve_storage(self) -> torch.Tensor | None:
         """The worst case of :meth:`submit`'s storage for these weights and options: two slots
         of a layer's local rows packed, one round's sends (at most the round budget) and, with
