@@ -136,23 +136,27 @@ def normalize_maps(old_global_expert_indices: ExpertMap, new_global_expert_indic
 def _missing_experts(old: np.ndarray, new: np.ndarray):
     """First (layer, slot, expert) whose expert the old map of that layer lacks, or None.
 
-    Memory is linear in the map size whatever the ids are (ids near 2**62 are fine): ids are
-    renumbered densely with ``np.unique`` and (layer, id) pairs compared as sorted keys.
+    Memory is linear in the map size whatever the ids are (ids near 2**62 are fine): sparse
+    ids are renumbered densely with ``np.unique`` and (layer, id) pairs compared as sorted keys.
     """
     num_layers, num_physical = old.shape
     wanted = new >= 0
     if not wanted.any():
         return None
     held = old >= 0
-    ids = np.unique(np.concatenate([old[held], new[wanted]]))
     layer_of = np.broadcast_to(np.arange(num_layers, dtype=np.int64)[:, None], old.shape)
-    # (layer, dense id) as one int64: at most num_layers * 2 * num_layers * num_physical
-    held_keys = np.unique(layer_of[held] * ids.size + np.searchsorted(ids, old[held]))
-    wanted_keys = layer_of[wanted] * ids.size + np.searchsorted(ids, new[wanted])
-    at = np.searchsorted(held_keys, wanted_keys)
-    found = np.zeros(wanted_keys.size, dtype=bool)
-    inside = at < held_keys.size
-    found[inside] = held_keys[at[inside]] == wanted_keys[inside]
+    top = int(max(old.max(initial=-1), new.max(initial=-1)))
+    if top < 4 * num_physical + 64:  # the usual dense ids: a (layer, id) table is small and fast
+        table = np.zeros((num_layers, top + 1), dtype=bool)
+        table[layer_of[held], old[held]] = True
+        found = table[layer_of[wanted], new[wanted]]
+    else:  # sparse ids: renumber them densely, compare (layer, id) keys by sorting
+        ids = np.unique(np.concatenate([old[held], new[wanted]]))
+        # (layer, dense id) as one int64: at most num_layers * 2 * num_layers * num_physical
+        held_keys = np.unique(layer_of[held] * ids.size + np.searchsorted(ids, old[held]))
+        wanted_keys = layer_of[wanted] * ids.size + np.searchsorted(ids, new[wanted])
+        at = np.minimum(np.searchsorted(held_keys, wanted_keys), max(held_keys.size - 1, 0))
+        found = held_keys[at] == wanted_keys if held_keys.size else np.zeros(wanted_keys.size, dtype=bool)
     if found.all():
         return None
     first_missing = np.flatnonzero(~found)[0]

@@ -63,10 +63,12 @@ def test_missing_expert_found_among_huge_ids():
         normalize_maps(old, new, 1)
 
 
-def test_same_id_in_another_layer_does_not_count():
-    old = np.array([[5, 6], [7, 8]])
-    new = np.array([[6, 5], [5, 8]])
-    with pytest.raises(ValueError, match="names expert 5 at layer 1, slot 0"):
+@pytest.mark.parametrize("base", [pytest.param(0, id="dense-ids"), pytest.param(BIG, id="sparse-ids")])
+def test_same_id_in_another_layer_does_not_count(base):
+    old = np.array([[5, 6, -1], [7, 8, 8]]) + base
+    new = np.array([[6, 5, -1], [5, 8, -1]]) + base
+    old[0, 2] = new[0, 2] = new[1, 2] = -1
+    with pytest.raises(ValueError, match=f"names expert {base + 5} at layer 1, slot 0"):
         normalize_maps(old, new, 1)
 
 
