@@ -306,9 +306,9 @@ def check_inputs(
         checked.maps = maps
         if isinstance(expert_weights, (list, tuple)) and len(expert_weights) != maps.num_layers:
             raise ValueError(f"expert_weights has {len(expert_weights)} layers but the maps have {maps.num_layers}")
+        layouts = check_weights(expert_weights)
         if expected_weights is not None:
             check_same_tensors(expert_weights, expected_weights)
-        layouts = check_weights(expert_weights)
         for index, layout in enumerate(layouts):
             if layout.num_local != maps.num_local:
                 raise ValueError(
