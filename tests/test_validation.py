@@ -74,6 +74,10 @@ def _break(case, rank, old, new, weights):
         return old, new, weights
     if case == "verify-differs-on-rank-1":
         return old, new, weights
+    if case in ("pieces-differ-on-rank-1", "pieces-invalid-on-rank-1") and rank == 1:
+        os.environ["EPLB_TRITON_CHUNK_BYTES"] = "256" if case.startswith("pieces-differ") else "lots"  # forked rank
+    if case.startswith("pieces-"):
+        return old, new, weights
     if case == "expanded-on-rank-1":
         if rank == 1:
             weights[1][1] = torch.empty((1, 2), dtype=torch.int32).random_(1, 99).expand(4, 2)
@@ -136,6 +140,8 @@ def _rank_bad_input(rank, world, case):
         pytest.param("expanded-on-rank-1", "ValueError", "rank 1: layer 1, tensor 1: rows overlap", id="expanded-one-rank"),
         pytest.param("maps-differ-on-rank-1", "ValueError", "maps differ on rank 1 (vs rank 0): rank 1 has layer 1 new map [3 2 1 0", id="maps-differ-one-rank"),
         pytest.param("verify-differs-on-rank-1", "ValueError", "options differ on rank 1 (vs rank 0): rank 1 has verify=True where rank 0 has verify=False", id="options-differ-one-rank"),
+        pytest.param("pieces-differ-on-rank-1", "ValueError", "options differ on rank 1 (vs rank 0): rank 1 has chunk_bytes=256 where rank 0 has chunk_bytes=0", id="pieces-differ-one-rank"),
+        pytest.param("pieces-invalid-on-rank-1", "ValueError", "rank 1: EPLB_TRITON_CHUNK_BYTES must be an integer number of bytes, got 'lots'", id="pieces-env-invalid-one-rank"),
         pytest.param("zero-layers-on-rank-1", "ValueError", "maps differ on rank 1 (vs rank 0): rank 1 has maps of shape (0, 8)", id="zero-layers-one-rank"),
     ],
 )
