@@ -79,6 +79,35 @@ class ChecksumMismatchError(TransferError):
         self.expert = expert
 
 
+# Why every gloo collective here ends with _wait_released (found with gdb, torch 2.13): gloo
+# runs a collective on its worker thread ("pt_gloo_runloop"), which wakes the caller and only
+# then destroys its work object, dropping its references to the tensors. Dropping a C++
+# reference to a tensor that has a Python object takes the GIL (TensorImpl::decref_pyobject).
+# In about 1 of 3 collectives the caller returns first; if the process is exiting by the
+# time the worker gets the GIL (a script that ends right after an input error), Python kills
+# the thread inside take_gil, the forced unwind meets a noexcept C++ frame, and the process
+# aborts: "terminate called without an active exception". Waiting, with the GIL released,
+# until the worker has let go of the tensor closes that window.
+_RELEASE_WAIT_S = 0.05  # the worker needs only the GIL: microseconds; never wait longer than this
+_use_count = getattr(torch.Tensor, "_use_count", None)  # feature check: private, may be absent
+
+
+def _wait_released(tensor: torch.Tensor, references: int) -> None:
+    """Wait (releasing the GIL) until ``tensor`` has ``references`` C++ references again, i.e.
+    the backend's worker thread dropped its work object; bounded by ``_RELEASE_WAIT_S``."""
+    if _use_count is None:
+        time.sleep(0)  # older torch: at least let the worker thread run
+        return
+    deadline = None
+    while _use_count(tensor) > references:
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + _RELEASE_WAIT_S
+        elif now > deadline:
+            return
+        time.sleep(0 if now < deadline - _RELEASE_WAIT_S / 2 else 1e-4)
+
+
 @dataclass
 class Communicator:
     """The EP group as seen by one rank. ``group=None`` with no process group = one rank alone."""
@@ -275,14 +304,18 @@ class Communicator:
     def all_reduce_max(self, values: torch.Tensor, *, timeout_s: float | None = None) -> torch.Tensor:
         """In-place MAX all-reduce. With ``timeout_s`` the collective is polled against a
         deadline and :class:`PeerTimeoutError` (no peer named) is raised on expiry; on gloo its
-        worker thread stays blocked until the group's own timeout (the group is broken anyway)."""
-        if self.group is not None and self.world_size > 1:
-            if timeout_s is None:
-                try:
-                    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
-                except Exception as exc:  # noqa: BLE001 - a peer's closed connection, say
-                    raise PeerFailedError(f"input agreement: rank {self.rank}: {exc}") from exc
-                return values
+        worker thread stays blocked until the group's own timeout (the group is broken anyway).
+        On CPU (gloo) it returns once gloo's worker thread let go of ``values`` (see
+        :func:`_wait_released`), so a process may exit right after."""
+        if self.group is None or self.world_size == 1:
+            return values
+        references = _use_count(values) if _use_count is not None else 0
+        if timeout_s is None:
+            try:
+                dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+            except Exception as exc:  # noqa: BLE001 - a peer's closed connection, say
+                raise PeerFailedError(f"input agreement: rank {self.rank}: {exc}") from exc
+        else:
             work = dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
             deadline = time.monotonic() + timeout_s
             while not work.is_completed():
@@ -296,6 +329,9 @@ class Communicator:
                 work.wait()
             except Exception as exc:  # noqa: BLE001
                 raise PeerFailedError(f"input agreement: rank {self.rank}: {exc}") from exc
+            del work
+        if values.device.type == "cpu":
+            _wait_released(values, references)
         return values
 
     def agree(
@@ -318,8 +354,8 @@ class Communicator:
         ``describe(name)`` (labelled strings, only computed then) of each rank.
 
         Costs one small all-reduce when everything agrees. The error paths exchange messages
-        with all-reduces only (no all-gather: on gloo a process that exits without
-        ``destroy_process_group`` after an all-gather may abort in torch's teardown).
+        with all-reduces that return only once gloo let go of their tensors
+        (:meth:`all_reduce_max`), so a process may exit right after the error.
         """
         if not isinstance(fingerprints, Mapping):
             fingerprints = {"inputs": int(fingerprints)}
@@ -358,10 +394,9 @@ class Communicator:
         longest)`` byte table in which each rank fills its row: MAX of zeros and one rank's
         bytes is that rank's bytes), each bounded by ``timeout_s``.
 
-        All-reduce rather than all-gather on purpose: a gloo process that did an all-gather
-        and exits without ``destroy_process_group`` sometimes aborts
-        ("terminate called without an active exception", torch's teardown of gloo's work
-        objects); after all-reduces it does not (tests/test_validation.py repeats it).
+        All-reduce rather than ``all_gather_object`` on purpose: that one's tensors are
+        internal, so nothing can wait until gloo's worker thread let go of them, and a process
+        that exits right after may abort (see :func:`_wait_released`); here it can.
         """
         if self.group is None or self.world_size == 1:
             return [data]

@@ -350,12 +350,35 @@ def _rank_agreement_without_all_gather(rank, world):
 
 
 def test_agreement_uses_no_all_gather(distributed):
-    """The failing agreement shares messages by all-reduce: after an all-gather a gloo process
-    that exits without destroy_process_group() may abort (see the next test)."""
+    """The failing agreement shares messages by all-reduce: all_gather_object's tensors are
+    internal, so nothing could wait until gloo let go of them (see the next test)."""
     for errors in distributed(2, _rank_agreement_without_all_gather):
         assert len(errors) == 2, errors
         assert "rank 1: new_global_expert_indices must hold integer expert ids" in errors[0]
         assert "options differ on rank 1" in errors[1]
+
+
+def _rank_gloo_lets_go(rank, world):
+    from eplb_triton.comm import Communicator
+
+    comm = Communicator.from_group(None)
+    held = 0
+    for attempt in range(200):
+        values = torch.zeros(world, 8, dtype=torch.int64)
+        values[rank] = attempt
+        references = values._use_count()
+        comm.all_reduce_max(values, timeout_s=None if attempt % 2 else 20.0)
+        held += values._use_count() > references  # gloo's worker thread still holds it
+    return held
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "_use_count"), reason="this torch has no Tensor._use_count")
+def test_gloo_all_reduce_returns_after_gloo_let_go_of_the_tensor(distributed):
+    """The cause of the exit abort: gloo's worker thread drops its reference to a collective's
+    tensor after waking the caller (about 1 call in 3 returned first, measured), and that drop
+    takes the GIL; at interpreter exit that kills the thread and aborts the process. The
+    library's collectives wait for the drop."""
+    assert distributed(2, _rank_gloo_lets_go) == [0, 0]
 
 
 _EXIT_SCRIPT = textwrap.dedent(
@@ -378,12 +401,12 @@ _EXIT_SCRIPT = textwrap.dedent(
 
 
 def test_exit_right_after_an_input_error_does_not_abort():
-    """Before issue 13 the failing agreement ran an all-gather, after which gloo aborted at
-    exit ("terminate called without an active exception", torch's teardown of gloo's work
-    objects) in about 1 of 3 runs; separate processes, because the abort is in the
-    interpreter's exit (forked test ranks leave through os._exit). The abort is a race: a
-    regression fails here in most runs, not all; test_agreement_uses_no_all_gather is the
-    deterministic guard."""
+    """Before issue 13 a process that exited right after an input error aborted in about 1
+    of 3 runs ("terminate called without an active exception": gloo's worker thread taking
+    the GIL during interpreter exit, see the test above). Separate processes, because the
+    abort is in the interpreter's exit (forked test ranks leave through os._exit). The abort
+    is a race: a regression fails here in most runs, not all; the two tests above are the
+    deterministic guards."""
     for attempt in range(4):
         port = str(free_port())
         procs = [
