@@ -13,8 +13,8 @@ on every rank before any weight is touched. That needs two things, both here:
   or a fingerprint differs, naming the ranks and what differs
   (:meth:`eplb_triton.comm.Communicator.agree`).
 
-The checks allocate nothing per expert id (ids are arbitrary int64 >= -1, see
-:mod:`eplb_triton.maps`) and touch no weight.
+The checks use memory linear in the input size, never in the largest id (ids are arbitrary
+int64 >= -1, see :mod:`eplb_triton.maps`), and touch no weight.
 """
 
 from __future__ import annotations
