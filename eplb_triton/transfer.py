@@ -852,9 +852,9 @@ def prepare_layers(
     def more_checks(checked: CheckedInputs) -> dict[str, object]:
         # part of the input stage: errors become this rank's verdict; the result is agreed on
         options: dict[str, object] = {"chunk_bytes": pipeline_chunk_bytes(comm.backend)}  # which ops meet
-        if ranks_per_node is not None:  # it changes the senders: every rank must use the same
+        if ranks_per_node is not None:
             _check_options(checked.maps.ep_size, "balanced", ranks_per_node)
-            options["ranks_per_node"] = ranks_per_node
+        options["ranks_per_node"] = ranks_per_node  # it changes the senders: every rank must use the same
         if staging is not None and checked.layouts:  # the caller's buffer is the staging: its size is the budget
             held = staging_view(staging, checked.layouts[0].device).numel()
             largest = max(row_cost(lay, verify) for lay in checked.layouts)

@@ -76,7 +76,7 @@ def _break(case, rank, old, new, weights):
         return old, new, weights
     if case in ("pieces-differ-on-rank-1", "pieces-invalid-on-rank-1") and rank == 1:
         os.environ["EPLB_TRITON_CHUNK_BYTES"] = "256" if case.startswith("pieces-differ") else "lots"  # forked rank
-    if case.startswith("pieces-"):
+    if case.startswith(("pieces-", "ranks-per-node-", "staging-")):
         return old, new, weights
     if case == "expanded-on-rank-1":
         if rank == 1:
@@ -108,6 +108,10 @@ def _rank_bad_input(rank, world, case):
     old, new, spoiled = _break(case, rank, OLD, NEW, [list(layer) for layer in weights])
     budget = 16 if case == "budget-below-one-expert" else None
     options = {"verify": rank == 1} if case == "verify-differs-on-rank-1" else {}
+    if case == "ranks-per-node-differs-on-rank-1" and rank == 1:
+        options = {"ranks_per_node": 1}
+    if case == "staging-too-small-on-rank-1" and rank == 1:
+        options = {"staging": torch.empty(8, dtype=torch.uint8)}
     try:
         rearrange_expert_weights_inplace(old, new, spoiled, max_buffer_bytes=budget, timeout_s=20.0, **options)
     except (ValueError, TypeError) as exc:
@@ -142,6 +146,8 @@ def _rank_bad_input(rank, world, case):
         pytest.param("verify-differs-on-rank-1", "ValueError", "options differ on rank 1 (vs rank 0): rank 1 has verify=True where rank 0 has verify=False", id="options-differ-one-rank"),
         pytest.param("pieces-differ-on-rank-1", "ValueError", "options differ on rank 1 (vs rank 0): rank 1 has chunk_bytes=256 where rank 0 has chunk_bytes=0", id="pieces-differ-one-rank"),
         pytest.param("pieces-invalid-on-rank-1", "ValueError", "rank 1: EPLB_TRITON_CHUNK_BYTES must be an integer number of bytes, got 'lots'", id="pieces-env-invalid-one-rank"),
+        pytest.param("ranks-per-node-differs-on-rank-1", "ValueError", "options differ on rank 1 (vs rank 0): rank 1 has ranks_per_node=1 where rank 0 has ranks_per_node=None", id="ranks-per-node-differs-one-rank"),
+        pytest.param("staging-too-small-on-rank-1", "ValueError", "rank 1: staging holds 8 bytes, less than one packed expert", id="staging-too-small-one-rank"),
         pytest.param("zero-layers-on-rank-1", "ValueError", "maps differ on rank 1 (vs rank 0): rank 1 has maps of shape (0, 8)", id="zero-layers-one-rank"),
     ],
 )
