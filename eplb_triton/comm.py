@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import datetime
 import logging
+import pickle
 import time
 from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -77,6 +79,35 @@ class ChecksumMismatchError(TransferError):
         self.expert = expert
 
 
+# Why every gloo collective here ends with _wait_released (found with gdb, torch 2.13): gloo
+# runs a collective on its worker thread ("pt_gloo_runloop"), which wakes the caller and only
+# then destroys its work object, dropping its references to the tensors. Dropping a C++
+# reference to a tensor that has a Python object takes the GIL (TensorImpl::decref_pyobject).
+# In about 1 of 3 collectives the caller returns first; if the process is exiting by the
+# time the worker gets the GIL (a script that ends right after an input error), Python kills
+# the thread inside take_gil, the forced unwind meets a noexcept C++ frame, and the process
+# aborts: "terminate called without an active exception". Waiting, with the GIL released,
+# until the worker has let go of the tensor closes that window.
+_RELEASE_WAIT_S = 0.05  # the worker needs only the GIL: microseconds; never wait longer than this
+_use_count = getattr(torch.Tensor, "_use_count", None)  # feature check: private, may be absent
+
+
+def _wait_released(tensor: torch.Tensor, references: int) -> None:
+    """Wait (releasing the GIL) until ``tensor`` has ``references`` C++ references again, i.e.
+    the backend's worker thread dropped its work object; bounded by ``_RELEASE_WAIT_S``."""
+    if _use_count is None:
+        time.sleep(0)  # older torch: at least let the worker thread run
+        return
+    deadline = None
+    while _use_count(tensor) > references:
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + _RELEASE_WAIT_S
+        elif now > deadline:
+            return
+        time.sleep(0 if now < deadline - _RELEASE_WAIT_S / 2 else 1e-4)
+
+
 @dataclass
 class Communicator:
     """The EP group as seen by one rank. ``group=None`` with no process group = one rank alone."""
@@ -88,6 +119,13 @@ class Communicator:
 
     @classmethod
     def from_group(cls, ep_group=None) -> "Communicator":
+        if ep_group is not None and not (dist.is_available() and isinstance(ep_group, dist.ProcessGroup)):
+            # before any torch.distributed call: those would report an unrelated problem
+            hint = " (a runtime's group wrapper: pass its .device_group)" if hasattr(ep_group, "device_group") else ""
+            raise TypeError(
+                f"ep_group must be a torch.distributed ProcessGroup or None, got {type(ep_group).__name__} "
+                f"({ep_group!r:.60}){hint}"
+            )
         if ep_group is None and not (dist.is_available() and dist.is_initialized()):
             return cls(group=None, rank=0, world_size=1, backend=None)
         group = ep_group if ep_group is not None else dist.group.WORLD
@@ -274,14 +312,18 @@ class Communicator:
     def all_reduce_max(self, values: torch.Tensor, *, timeout_s: float | None = None) -> torch.Tensor:
         """In-place MAX all-reduce. With ``timeout_s`` the collective is polled against a
         deadline and :class:`PeerTimeoutError` (no peer named) is raised on expiry; on gloo its
-        worker thread stays blocked until the group's own timeout (the group is broken anyway)."""
-        if self.group is not None and self.world_size > 1:
-            if timeout_s is None:
-                try:
-                    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
-                except Exception as exc:  # noqa: BLE001 - a peer's closed connection, say
-                    raise PeerFailedError(f"input agreement: rank {self.rank}: {exc}") from exc
-                return values
+        worker thread stays blocked until the group's own timeout (the group is broken anyway).
+        On CPU (gloo) it returns once gloo's worker thread let go of ``values`` (see
+        :func:`_wait_released`), so a process may exit right after."""
+        if self.group is None or self.world_size == 1:
+            return values
+        references = _use_count(values) if _use_count is not None else 0
+        if timeout_s is None:
+            try:
+                dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+            except Exception as exc:  # noqa: BLE001 - a peer's closed connection, say
+                raise PeerFailedError(f"input agreement: rank {self.rank}: {exc}") from exc
+        else:
             work = dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
             deadline = time.monotonic() + timeout_s
             while not work.is_completed():
@@ -295,38 +337,131 @@ class Communicator:
                 work.wait()
             except Exception as exc:  # noqa: BLE001
                 raise PeerFailedError(f"input agreement: rank {self.rank}: {exc}") from exc
+            del work
+        if values.device.type == "cpu":
+            _wait_released(values, references)
         return values
 
-    def all_gather_object(self, obj, *, where: str = "gathering the ranks' messages") -> list:
-        """Every rank's ``obj``; a backend error comes back as :class:`PeerFailedError`."""
-        if self.group is None or self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size
-        try:
-            dist.all_gather_object(out, obj, group=self.group)
-        except Exception as exc:  # noqa: BLE001 - a peer's closed connection, say
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise PeerFailedError(f"{where}: rank {self.rank}: {text}") from exc
-        return out
-
-    def agree(self, error: BaseException | None, fingerprint: int = 0, *, timeout_s: float | None = None) -> None:
+    def agree(
+        self,
+        error: BaseException | None,
+        fingerprints: Mapping[str, int] | int = 0,
+        *,
+        timeout_s: float | None = None,
+        describe: Callable[[str], list[str]] | None = None,
+    ) -> None:
         """Agree on the input verdict before any weight is touched.
 
-        Every rank calls this with its local verdict (``None`` if fine) and a fingerprint of
-        the inputs that must match everywhere (e.g. a checksum of the maps). If any rank saw
-        an error, every rank raises the same exception type carrying every failing rank's
-        message; if the fingerprints differ, every rank raises ``ValueError``.
+        Every rank calls this with its local verdict (``None`` if fine) and fingerprints of
+        the inputs that must match everywhere, by name (e.g. ``{"maps": crc, "weight layouts":
+        crc, "options": crc}``; the same names on every rank). If any rank saw an error, every
+        rank raises the same exception type (``TypeError`` if any rank's is one, else
+        ``ValueError``) carrying every failing rank's message; if a fingerprint differs, every
+        rank raises ``ValueError`` naming what differs and on which ranks (the ranks that
+        disagree with the most common value), with the first differing item of
+        ``describe(name)`` (labelled strings, only computed then) of each rank.
+
+        Costs one small all-reduce when everything agrees. The error paths exchange messages
+        with all-reduces that return only once gloo let go of their tensors
+        (:meth:`all_reduce_max`), so a process may exit right after the error.
         """
+        if not isinstance(fingerprints, Mapping):
+            fingerprints = {"inputs": int(fingerprints)}
+        names = sorted(fingerprints)
         code = 0 if error is None else (2 if isinstance(error, TypeError) else 1)
-        payload = torch.tensor([code, fingerprint, -fingerprint], dtype=torch.int64)
-        worst, high, neg_low = self.all_reduce_max(payload.to(self.collective_device), timeout_s=timeout_s).cpu().tolist()
+        values = [int(fingerprints[name]) for name in names]
+        payload = torch.tensor([code] + [x for v in values for x in (v, -v)], dtype=torch.int64)
+        reduced = self.all_reduce_max(payload.to(self.collective_device), timeout_s=timeout_s).cpu().tolist()
+        worst = reduced[0]
         if worst:
-            messages = self.all_gather_object(None if error is None else str(error))
+            messages = self.gather_texts(None if error is None else str(error), timeout_s=timeout_s)
             failing = [(r, m) for r, m in enumerate(messages) if m is not None]
             if len({m for _, m in failing}) == 1 and len(failing) == self.world_size:
                 text = failing[0][1]  # every rank saw the same problem (a bad global map, say)
             else:
                 text = "; ".join(f"rank {r}: {m}" for r, m in failing)
             raise (TypeError if worst == 2 else ValueError)(text)
-        if high != -neg_low:
-            raise ValueError("ranks were given different inputs (old/new maps or weight layouts differ across ranks)")
+        differ = [name for i, name in enumerate(names) if reduced[1 + 2 * i] != -reduced[2 + 2 * i]]
+        if not differ:
+            return
+        parts = []
+        for name in differ:
+            mine = _safe_describe(describe, name)
+            mine_text = "\n".join([str(fingerprints[name])] + mine)
+            theirs = [t.split("\n") for t in self.gather_texts(mine_text, timeout_s=timeout_s)]
+            parts.append(_difference(name, theirs))
+        raise ValueError("ranks were given different inputs: " + "; ".join(parts))
+
+    def gather_texts(self, text: str | None, *, timeout_s: float | None = None) -> list[str | None]:
+        """Every rank's ``text`` (``None`` stays ``None``); see :meth:`gather_bytes`."""
+        raw = self.gather_bytes(None if text is None else text.encode("utf-8", "replace"), timeout_s=timeout_s)
+        return [None if r is None else r.decode("utf-8", "replace") for r in raw]
+
+    def gather_bytes(self, data: bytes | None, *, timeout_s: float | None = None) -> list[bytes | None]:
+        """Every rank's ``data`` through two all-reduces (lengths, then a ``(world_size,
+        longest)`` byte table in which each rank fills its row: MAX of zeros and one rank's
+        bytes is that rank's bytes), each bounded by ``timeout_s``.
+
+        All-reduce rather than ``all_gather_object`` on purpose: that one's tensors are
+        internal, so nothing can wait until gloo's worker thread let go of them, and a process
+        that exits right after may abort (see :func:`_wait_released`); here it can.
+        """
+        if self.group is None or self.world_size == 1:
+            return [data]
+        device = self.collective_device
+        sizes = torch.zeros(self.world_size, dtype=torch.int64)  # 0: None, else 1 + length
+        sizes[self.rank] = 0 if data is None else 1 + len(data)
+        lengths = [n - 1 for n in self.all_reduce_max(sizes.to(device), timeout_s=timeout_s).cpu().tolist()]
+        table = torch.zeros(self.world_size, max(max(lengths), 1), dtype=torch.uint8)
+        if data:
+            table[self.rank, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        table = self.all_reduce_max(table.to(device), timeout_s=timeout_s).cpu()
+        return [None if n < 0 else bytes(table[r, :n].numpy().tobytes()) for r, n in enumerate(lengths)]
+
+    def all_gather_object(
+        self, obj, *, where: str = "gathering the ranks' messages", timeout_s: float | None = None
+    ) -> list:
+        """``obj`` of every rank (picklable), through :meth:`gather_bytes` (no all-gather); a
+        backend error comes back as :class:`PeerFailedError`."""
+        if self.group is None or self.world_size == 1:
+            return [obj]
+        try:
+            raw = self.gather_bytes(pickle.dumps(obj), timeout_s=timeout_s)
+        except PeerFailedError as exc:
+            raise PeerFailedError(f"{where}: {str(exc).replace('input agreement: ', '')}") from exc
+        return [pickle.loads(data) for data in raw]
+
+
+def _safe_describe(describe: Callable[[str], list[str]] | None, name: str) -> list[str]:
+    if describe is None:
+        return []
+    try:
+        return [str(item).replace("\n", " ") for item in describe(name)]
+    except Exception as exc:  # noqa: BLE001 - only makes the message less precise
+        return [f"(could not describe: {type(exc).__name__}: {exc})"]
+
+
+def _difference(name: str, per_rank: list[list[str]]) -> str:
+    """``"<name> differ on rank(s) R: rank r has X where rank q has Y"`` from each rank's
+    ``[fingerprint, item, item...]``; the reference is the most common fingerprint."""
+    fingerprints = [items[0] for items in per_rank]
+    counts = {fp: fingerprints.count(fp) for fp in fingerprints}
+    reference = max(counts, key=lambda fp: (counts[fp], -fingerprints.index(fp)))
+    ref_rank = fingerprints.index(reference)
+    odd = [r for r, fp in enumerate(fingerprints) if fp != reference]
+    details = []
+    ref_items = per_rank[ref_rank][1:]
+    for r in odd:
+        items = per_rank[r][1:]
+        at = next((i for i, (a, b) in enumerate(zip(items, ref_items)) if a != b), min(len(items), len(ref_items)))
+        if at < len(items) or at < len(ref_items):
+            have = items[at] if at < len(items) else "(nothing)"
+            want = ref_items[at] if at < len(ref_items) else "(nothing)"
+            details.append(f"rank {r} has {have} where rank {ref_rank} has {want}")
+    same = [r for r, fp in enumerate(fingerprints) if fp == reference]
+    text = f"{name} differ on {_ranks_text(odd)} (vs {_ranks_text(same)})"
+    return text + (": " + "; ".join(details) if details else "")
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(str(r) for r in ranks)

@@ -99,7 +99,13 @@ def _rows_contiguous(tensor: torch.Tensor) -> bool:
 
 
 def check_layer_tensors(tensors: Sequence[torch.Tensor], where: str = "layer") -> None:
-    """Raise TypeError/ValueError if ``tensors`` cannot form one layer's expert layout."""
+    """Raise TypeError/ValueError if ``tensors`` cannot form one layer's expert layout.
+
+    Each tensor must be a dense (strided) tensor with data (not ``meta``) of shape
+    ``(num_local, ...)``, the same ``num_local`` and device for all, each row one contiguous
+    block, and distinct rows that do not overlap (an ``expand``-ed tensor, stride 0 on the
+    row dimension, would make one write land in several rows).
+    """
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
         raise TypeError(f"{where}: expected a list or tuple of tensors, got {type(tensors).__name__}")
     if not tensors:
@@ -107,6 +113,8 @@ def check_layer_tensors(tensors: Sequence[torch.Tensor], where: str = "layer") -
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{where}, tensor {i}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided or t.is_quantized:
+            raise TypeError(f"{where}, tensor {i}: must be a dense strided tensor, got layout {t.layout}, dtype {t.dtype}")
         if t.dim() == 0:
             raise ValueError(f"{where}, tensor {i}: must have a leading num_local dimension, got a 0-d tensor")
     num_local = tensors[0].shape[0]
@@ -119,10 +127,19 @@ def check_layer_tensors(tensors: Sequence[torch.Tensor], where: str = "layer") -
     for i, t in enumerate(tensors):
         if t.device != device:
             raise ValueError(f"{where}: tensors on different devices: tensor 0 on {device}, tensor {i} on {t.device}")
+        if t.device.type == "meta":
+            raise ValueError(f"{where}, tensor {i}: is on the meta device (no data to move)")
         if not _rows_contiguous(t):
             raise ValueError(
                 f"{where}, tensor {i}: rows are not contiguous (shape {tuple(t.shape)}, stride {t.stride()}); "
                 "each t[row] must be one contiguous block"
+            )
+        row_elems = t[0].numel() if num_local else 0
+        if num_local > 1 and row_elems and t.stride(0) < row_elems:
+            raise ValueError(
+                f"{where}, tensor {i}: rows overlap (shape {tuple(t.shape)}, stride {t.stride()}: row stride "
+                f"{t.stride(0)} < {row_elems} elements per row, e.g. an expand()-ed tensor); pass a tensor whose "
+                "rows are distinct memory (.contiguous())"
             )
 
 

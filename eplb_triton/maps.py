@@ -58,21 +58,39 @@ class ExpertMaps:
         return self.num_physical // self.ep_size
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
 def as_map_array(expert_map: ExpertMap, name: str) -> np.ndarray:
-    """Convert one map (torch tensor or numpy array of integers) to an int64 numpy array."""
+    """Convert one map (torch tensor or numpy array of integers) to an int64 numpy array.
+
+    Unsigned ids above the int64 range are refused (converting them would wrap them to
+    negative numbers); nothing is allocated per id.
+    """
     if isinstance(expert_map, torch.Tensor):
         if expert_map.dtype.is_floating_point or expert_map.dtype.is_complex or expert_map.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer expert ids, got dtype {expert_map.dtype}")
-        array = expert_map.detach().to("cpu", torch.int64).numpy()
+        # through numpy as is: a cast to int64 here would wrap uint64 ids above 2**63 - 1
+        array = expert_map.detach().to("cpu").numpy()
     elif isinstance(expert_map, np.ndarray):
         if not np.issubdtype(expert_map.dtype, np.integer):
             raise TypeError(f"{name} must hold integer expert ids, got dtype {expert_map.dtype}")
-        array = expert_map.astype(np.int64, copy=False)
+        array = expert_map
     else:
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(expert_map).__name__}")
     if array.ndim not in (1, 2):
         raise ValueError(f"{name} must have shape (num_layers, num_physical) or (num_physical,), got {tuple(array.shape)}")
-    return array
+    if array.dtype.kind == "u" and array.dtype.itemsize >= 8 and array.size and array.max() > _INT64_MAX:
+        where = np.argwhere(array > _INT64_MAX)[0]
+        raise ValueError(
+            f"{name} has expert id {int(array[tuple(where)])} at {_position(where, array.ndim)}, "
+            f"outside the int64 range (ids are int64 >= -1)"
+        )
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def _position(index, ndim: int) -> str:
+    return f"layer {int(index[0])}, slot {int(index[1])}" if ndim == 2 else f"slot {int(index[0])}"
 
 
 def normalize_maps(old_global_expert_indices: ExpertMap, new_global_expert_indices: ExpertMap, ep_size: int) -> ExpertMaps:
@@ -93,8 +111,9 @@ def normalize_maps(old_global_expert_indices: ExpertMap, new_global_expert_indic
     squeezed = old.ndim == 1
     if squeezed:
         old, new = old[None, :], new[None, :]
-    num_physical = old.shape[1]
-    if num_physical == 0 or num_physical % ep_size != 0:
+    num_layers, num_physical = old.shape
+    # zero layers is a valid no-op (any multiple of ep_size); otherwise every rank needs rows
+    if (num_physical == 0 and num_layers > 0) or num_physical % ep_size != 0:
         raise ValueError(
             f"num_physical={num_physical} must be a positive multiple of ep_size={ep_size} "
             "(num_physical == ep_size * num_local)"
@@ -115,20 +134,31 @@ def normalize_maps(old_global_expert_indices: ExpertMap, new_global_expert_indic
 
 
 def _missing_experts(old: np.ndarray, new: np.ndarray):
-    """First (layer, slot, expert) whose expert the old map of that layer lacks, or None."""
-    num_layers = old.shape[0]
-    num_ids = int(max(old.max(initial=-1), new.max(initial=-1))) + 1
-    if num_ids == 0:
-        return None
-    held = np.zeros((num_layers, num_ids), dtype=bool)
-    layer_of_old = np.broadcast_to(np.arange(num_layers)[:, None], old.shape)
-    valid = old >= 0
-    held[layer_of_old[valid], old[valid]] = True
-    layer_of_new = np.broadcast_to(np.arange(num_layers)[:, None], new.shape)
+    """First (layer, slot, expert) whose expert the old map of that layer lacks, or None.
+
+    Memory is linear in the map size whatever the ids are (ids near 2**62 are fine): sparse
+    ids are renumbered densely with ``np.unique`` and (layer, id) pairs compared as sorted keys.
+    """
+    num_layers, num_physical = old.shape
     wanted = new >= 0
-    bad = np.zeros_like(wanted)
-    bad[wanted] = ~held[layer_of_new[wanted], new[wanted]]
-    if not bad.any():
+    if not wanted.any():
         return None
-    layer, slot = np.argwhere(bad)[0]
+    held = old >= 0
+    layer_of = np.broadcast_to(np.arange(num_layers, dtype=np.int64)[:, None], old.shape)
+    top = int(max(old.max(initial=-1), new.max(initial=-1)))
+    if top < 4 * num_physical + 64:  # the usual dense ids: a (layer, id) table is small and fast
+        table = np.zeros((num_layers, top + 1), dtype=bool)
+        table[layer_of[held], old[held]] = True
+        found = table[layer_of[wanted], new[wanted]]
+    else:  # sparse ids: renumber them densely, compare (layer, id) keys by sorting
+        ids = np.unique(np.concatenate([old[held], new[wanted]]))
+        # (layer, dense id) as one int64: at most num_layers * 2 * num_layers * num_physical
+        held_keys = np.unique(layer_of[held] * ids.size + np.searchsorted(ids, old[held]))
+        wanted_keys = layer_of[wanted] * ids.size + np.searchsorted(ids, new[wanted])
+        at = np.minimum(np.searchsorted(held_keys, wanted_keys), max(held_keys.size - 1, 0))
+        found = held_keys[at] == wanted_keys if held_keys.size else np.zeros(wanted_keys.size, dtype=bool)
+    if found.all():
+        return None
+    first_missing = np.flatnonzero(~found)[0]
+    layer, slot = np.argwhere(wanted)[first_missing]
     return int(layer), int(slot), int(new[layer, slot])

@@ -48,7 +48,6 @@ import contextlib
 import logging
 import os
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -57,18 +56,10 @@ import torch
 
 from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
-from .layout import ExpertLayout, check_layer_tensors, index_tensor
-from .maps import EPGroup, ExpertMap, ExpertMaps, RankMapping, normalize_maps
-from .plan import (
-    ROUND_KINDS,
-    LayerPlan,
-    RankPlan,
-    RearrangementPlan,
-    _check_options,
-    normalize_elastic_maps,
-    plan_from_maps,
-    with_rounds,
-)
+from .inputs import CheckedInputs, WeightsSignature, agree_inputs, check_inputs, row_cost
+from .layout import ExpertLayout, index_tensor
+from .maps import EPGroup, ExpertMap, RankMapping
+from .plan import LayerPlan, RankPlan, RearrangementPlan, _check_options, plan_from_maps, with_rounds
 from .schedule import schedule_layer, smallest_budget_bytes
 
 __all__ = [
@@ -780,39 +771,6 @@ class LayerWork:
         return ChecksumMismatchError(message, layer=self.index, peer=peer, expert=expert)
 
 
-def _fingerprint(
-    maps: ExpertMaps,
-    layouts: Sequence[ExpertLayout],
-    budget: int | None,
-    verify: bool = False,
-    rounds: str | None = None,
-    chunk_bytes: int = 0,
-) -> int:
-    crc = zlib.crc32(maps.old.tobytes())
-    crc = zlib.crc32(maps.new.tobytes(), crc)
-    sizes = np.array(
-        [maps.ep_size, budget or 0, int(verify), chunk_bytes] + [b for lay in layouts for b in lay.row_bytes],
-        dtype=np.int64,
-    )
-    crc = zlib.crc32(sizes.tobytes(), crc)
-    if rounds is not None:  # ranks must agree on it: it changes which ops meet
-        crc = zlib.crc32(rounds.encode(), crc)
-    return crc
-
-
-def _round_kind(rounds) -> str | None:
-    """``rounds=`` as a planner round kind, or ``None`` for one exchange with every peer."""
-    if rounds is None or rounds is False:
-        return None
-    if rounds is True:
-        return "pair"
-    if not isinstance(rounds, str):
-        raise TypeError(f"rounds must be None, a bool or one of {ROUND_KINDS}, got {type(rounds).__name__}")
-    if rounds not in ROUND_KINDS:
-        raise ValueError(f"rounds must be None, a bool or one of {ROUND_KINDS}, got {rounds!r}")
-    return rounds
-
-
 def _exchange_steps(plan: LayerPlan, rank: int) -> list[tuple[int, int, int, int, int, int]]:
     """:attr:`RoundWork.steps` of ``rank`` from a plan with rounds (rounds it is idle in are
     dropped: nobody waits for it there)."""
@@ -862,21 +820,6 @@ def _chunk_experts(expert_bytes: int, chunk_bytes: int) -> int | None:
     return max(1, chunk_bytes // expert_bytes) if chunk_bytes else None
 
 
-def _row_cost(layout: ExpertLayout, verify: bool) -> int:
-    """Staging bytes one row costs a round: with ``verify`` at most 16 more per row (the
-    per-peer checksum trailer is ``align16(8 * count) <= 16 * count``)."""
-    return layout.expert_bytes + (16 if verify else 0)
-
-
-def _check_timeout(timeout_s) -> None:
-    if timeout_s is None:
-        return
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float, np.integer, np.floating)):
-        raise TypeError(f"timeout_s must be a number of seconds or None, got {type(timeout_s).__name__}")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-
-
 def prepare_layers(
     old_global_expert_indices,
     new_global_expert_indices,
@@ -890,6 +833,7 @@ def prepare_layers(
     rounds: bool | str | None = None,
     ranks_per_node: int | None = None,
     staging=None,
+    expected_weights: WeightsSignature | None = None,
 ) -> list[LayerWork]:
     """Validate everything, agree with every rank, plan and schedule; touches no weight.
 
@@ -900,42 +844,46 @@ def prepare_layers(
     senders (see :func:`~eplb_triton.plan.plan_rearrangement`). ``staging``: a caller-provided
     buffer (see :func:`rearrange_expert_weights_inplace`); its bytes cap the budget.
 
+    Input checking and the agreement are :mod:`eplb_triton.inputs`; ``expected_weights``
+    refuses tensors replaced since that signature was taken (the background worker).
+
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
-    error, maps, layouts, fingerprint, kind, chunk_bytes = None, None, [], 0, None, 0
-    try:
-        _check_timeout(timeout_s)
-        kind = _round_kind(rounds)
-        if not isinstance(verify, bool):
-            raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
-        # planner (issue 5): elastic EP maps are expanded to the transfer group's ranks
-        if rank_mapping is None:
-            maps = normalize_maps(old_global_expert_indices, new_global_expert_indices, comm.world_size)
-        else:
-            maps = normalize_elastic_maps(old_global_expert_indices, new_global_expert_indices, comm.world_size, rank_mapping)
-        layouts = _check_weights(expert_weights, maps)
-        _check_backend_device(comm, layouts[0].device)
+    def more_checks(checked: CheckedInputs) -> dict[str, object]:
+        # part of the input stage: errors become this rank's verdict; the result is agreed on
+        options: dict[str, object] = {"chunk_bytes": pipeline_chunk_bytes(comm.backend)}  # which ops meet
         if ranks_per_node is not None:
-            _check_options(maps.ep_size, "balanced", ranks_per_node)
-        if staging is not None:  # the caller's buffer is the staging: its size is the budget
-            held = staging_view(staging, layouts[0].device).numel()
-            largest = max(_row_cost(lay, verify) for lay in layouts)
+            _check_options(checked.maps.ep_size, "balanced", ranks_per_node)
+        options["ranks_per_node"] = ranks_per_node  # it changes the senders: every rank must use the same
+        if staging is not None and checked.layouts:  # the caller's buffer is the staging: its size is the budget
+            held = staging_view(staging, checked.layouts[0].device).numel()
+            largest = max(row_cost(lay, verify) for lay in checked.layouts)
             if held < largest:
                 raise ValueError(f"staging holds {held} bytes, less than one packed expert ({largest} bytes)")
-            max_buffer_bytes = held if max_buffer_bytes is None else min(max_buffer_bytes, held)
-        if max_buffer_bytes is not None:
-            if isinstance(max_buffer_bytes, bool) or not isinstance(max_buffer_bytes, (int, np.integer)):
-                raise TypeError(f"max_buffer_bytes must be an int, got {type(max_buffer_bytes).__name__}")
-        chunk_bytes = pipeline_chunk_bytes(comm.backend)
-        fingerprint = _fingerprint(maps, layouts, max_buffer_bytes, verify, kind, chunk_bytes)
-        if ranks_per_node is not None:  # it changes the senders: every rank must use the same
-            fingerprint = zlib.crc32(f"ranks_per_node={ranks_per_node}".encode(), fingerprint)
-    except (TypeError, ValueError) as exc:
-        error = exc
-    comm.agree(error, fingerprint, timeout_s=timeout_s)
+            budget = checked.max_buffer_bytes
+            checked.max_buffer_bytes = held if budget is None else min(budget, held)
+        return options
+
+    checked = check_inputs(
+        old_global_expert_indices,
+        new_global_expert_indices,
+        expert_weights,
+        comm,
+        max_buffer_bytes,
+        rank_mapping,
+        verify=verify,
+        timeout_s=timeout_s,
+        rounds=rounds,
+        expected_weights=expected_weights,
+        more_checks=more_checks,
+    )
+    agree_inputs(comm, checked)  # raises the same error on every rank; nothing touched yet
+    maps, layouts, kind = checked.maps, checked.layouts, checked.round_kind
+    max_buffer_bytes = checked.max_buffer_bytes
+    chunk_bytes = checked.extra_options.get("chunk_bytes", 0)
 
     plan = plan_from_maps(maps, ranks_per_node=ranks_per_node)
-    costs = [_row_cost(layout, verify) for layout in layouts]
+    costs = [row_cost(layout, verify) for layout in layouts]
     if max_buffer_bytes is not None and costs and max_buffer_bytes < max(costs):
         # same plan and budget on every rank (agreed above): every rank raises this
         what = "one packed expert and its checksum" if verify else "one packed expert"
@@ -982,31 +930,6 @@ def _smallest_budget_text(plan: RearrangementPlan, costs: Sequence[int], verify:
     return f"the smallest max_buffer_bytes that works for every layer{' with verify' if verify else ''} is {smallest}"
 
 
-def _check_weights(expert_weights, maps: ExpertMaps) -> list[ExpertLayout]:
-    if isinstance(expert_weights, torch.Tensor) or not isinstance(expert_weights, (list, tuple)):
-        raise TypeError(
-            f"expert_weights must be a list (one entry per layer) of lists of tensors, got {type(expert_weights).__name__}"
-        )
-    if len(expert_weights) != maps.num_layers:
-        raise ValueError(f"expert_weights has {len(expert_weights)} layers but the maps have {maps.num_layers}")
-    device = None
-    layouts = []
-    for index, tensors in enumerate(expert_weights):
-        check_layer_tensors(tensors, where=f"layer {index}")
-        if tensors[0].shape[0] != maps.num_local:
-            raise ValueError(
-                f"layer {index}: tensors have {tensors[0].shape[0]} rows but num_physical / ep_size = "
-                f"{maps.num_physical} / {maps.ep_size} = {maps.num_local} "
-                "(num_physical must equal ep_size * num_local)"
-            )
-        if device is None:
-            device = tensors[0].device
-        elif tensors[0].device != device:
-            raise ValueError(f"tensors on different devices: layer 0 on {device}, layer {index} on {tensors[0].device}")
-        layouts.append(ExpertLayout(tensors))
-    return layouts
-
-
 def staging_view(staging, device: torch.device) -> torch.Tensor:
     """The bytes of a caller-provided staging buffer as one contiguous 1-D uint8 view.
 
@@ -1035,7 +958,7 @@ def staging_bound(expert_weights: Sequence[Sequence[torch.Tensor]], max_buffer_b
     layouts = [ExpertLayout(tensors) for tensors in expert_weights]
     if max_buffer_bytes is not None:
         return int(max_buffer_bytes)
-    return max((lay.num_local * _row_cost(lay, verify) for lay in layouts), default=0)
+    return max((lay.num_local * row_cost(lay, verify) for lay in layouts), default=0)
 
 
 def reserve(
@@ -1061,13 +984,6 @@ def reserve(
         bound += max(ExpertLayout(tensors).num_local * ExpertLayout(tensors).expert_bytes for tensors in expert_weights)
     device = expert_weights[0][0].device
     return torch.empty(max(bound, 1), dtype=torch.uint8, device=device)
-
-
-def _check_backend_device(comm: Communicator, device: torch.device) -> None:
-    if comm.world_size > 1 and comm.backend == "gloo" and device.type != "cpu":
-        raise ValueError(f"the gloo backend moves CPU tensors; weights are on {device} (use NCCL for GPUs)")
-    if comm.world_size > 1 and comm.backend == "nccl" and device.type != "cuda":
-        raise ValueError(f"the NCCL backend moves CUDA tensors; weights are on {device} (use gloo for CPU)")
 
 
 def finish_transfer(

@@ -52,6 +52,7 @@ communicator must not be used by two threads at once).
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import logging
 import threading
@@ -72,9 +73,10 @@ from .comm import (
     PeerTimeoutError,
     TransferError,
 )
+from .inputs import agree_inputs, check_worker_inputs, weights_signature
 from .layout import ExpertLayout, index_tensor, resolve_backend
 from .maps import EPGroup, ExpertMap
-from .transfer import LayerWork, RoundWork, TransferStats, _check_timeout, prepare_layers, staging_bound, upload_rows
+from .transfer import LayerWork, RoundWork, TransferStats, prepare_layers, staging_bound, upload_rows
 
 __all__ = ["TransferWorker"]
 
@@ -173,6 +175,51 @@ def _keep_rank_order(ranks: list[int]) -> dict:
 def _release_group(group, ranks: tuple[int, ...], backend: str) -> None:
     with _GROUP_POOL_LOCK:
         _GROUP_POOL.setdefault((ranks, backend), []).append(group)
+
+
+# Constructions of a TransferWorker per EP group, in this process: names each rendezvous.
+_RENDEZVOUS_COUNT: dict[tuple[int, str], int] = {}
+
+
+def _rendezvous(ep: Communicator, timeout_s: float | None) -> None:
+    """Wait until every EP rank is constructing a worker, bounded by ``timeout_s``.
+
+    ``new_group`` blocks in the store until every member calls it, ignoring ``timeout_s``;
+    so the ranks first meet here, through the default store, before any group is created.
+    On expiry nothing was created and this rank withdraws its arrival key (a peer that
+    arrives later then times out too instead of going on alone) and raises
+    :class:`PeerTimeoutError` naming the ranks that did not arrive. Every rank counts its
+    constructions per EP group, so the n-th construction of each rank meet (when every rank
+    gave up on the same one, the next ones still meet).
+    """
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no default store: group creation stays unbounded
+        return
+    name = getattr(ep.group, "group_name", None) or "-".join(map(str, dist.get_process_group_ranks(ep.group)))
+    with _GROUP_POOL_LOCK:
+        generation = _RENDEZVOUS_COUNT.get((id(store), name), 0)
+        _RENDEZVOUS_COUNT[(id(store), name)] = generation + 1
+    keys = [f"eplb_triton/worker/{name}/{generation}/{r}" for r in range(ep.world_size)]
+    store.set(keys[ep.rank], "1")
+    try:
+        if timeout_s is None:
+            store.wait(keys)
+        else:
+            store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:  # noqa: BLE001 - the store reports a timeout as a generic error
+        try:
+            store.delete_key(keys[ep.rank])
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+        missing = [r for r, key in enumerate(keys) if r != ep.rank and not store.check([key])]
+        waited = "the store's timeout" if timeout_s is None else f"{timeout_s:g} s (timeout_s)"
+        message = (
+            f"TransferWorker: rank {ep.rank} waited {waited} for EP rank(s) {missing} to construct their "
+            f"TransferWorker (every EP rank must construct one, collectively); nothing was created: {exc}"
+        )
+        log.error("%s", message)
+        raise PeerTimeoutError(message, peer=missing[0] if missing else None) from exc
 
 
 class _Stopped(Exception):
@@ -329,9 +376,9 @@ class TransferWorker:
             until their swap in two slots of at most one layer's local rows each.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack (as in the
             blocking API).
-        timeout_s: the longest any wait on peers may take: each exchange of the worker
-            thread, the agreements of :meth:`submit` and :meth:`step`, and each exchange of
-            a drain. ``None`` (default) = the process groups' own timeouts. When a peer
+        timeout_s: the longest any wait on peers may take: the construction (the ranks
+            meeting, then agreeing on the weights), each exchange of the worker thread, the
+            agreements of :meth:`submit` and :meth:`step`, and each exchange of a drain. ``None`` (default) = the process groups' own timeouts. When a peer
             exits or stalls (stops sending, or stops calling :meth:`step`), every other
             rank raises a :class:`~eplb_triton.comm.PeerError` from :meth:`step`/
             :meth:`wait` within about ``timeout_s`` (at most about ``2 * timeout_s`` plus
@@ -359,7 +406,21 @@ class TransferWorker:
     (the same on every rank) between rearrangements.
 
     Constructing is collective over ``ep_group`` when it has more than one rank (it may
-    create process groups). The worker thread starts at once and waits for work.
+    create process groups). It validates ``expert_weights`` (a list of layers, each a list of
+    tensors as above; ``[]`` = zero layers, every later submit must then have zero layers)
+    and the options, and agrees on them like :meth:`submit`: bad or differing weights (types,
+    dtypes, shapes, strides, devices) raise the same ``TypeError``/``ValueError`` on every
+    rank. ``timeout_s`` bounds it too: the EP ranks first meet through the default store,
+    so a rank whose peers do not construct their worker within ``timeout_s`` raises
+    :class:`~eplb_triton.comm.PeerTimeoutError` naming them, having created nothing (a peer
+    that arrives after that times out as well). The worker thread starts at once and waits
+    for work.
+
+    The worker moves the tensors it was built with. If the runtime replaces a tensor in
+    ``expert_weights`` (or resizes it, or re-points it at other memory) afterwards, the next
+    :meth:`submit` refuses with the same ``ValueError`` on every rank naming the layer and
+    tensor: build a new worker after replacing weights. A replacement while a rearrangement
+    is in flight is not noticed: that rearrangement still writes into the old tensors.
 
     Protocol (every rank, the same calls in the same order, from the serving thread):
 
@@ -403,17 +464,31 @@ class TransferWorker:
         verify: bool = False,
         reserve: bool = False,
     ):
-        _check_timeout(timeout_s)
-        if not isinstance(verify, bool):
-            raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
+        # A non-group ep_group/transfer_group is a TypeError here, before torch.distributed.
+        ep = Communicator.from_group(ep_group)
+        moves = ep if transfer_group is None else Communicator.from_group(transfer_group)
+        # Checked like submit()'s input, with the same agreement: every rank raises the same
+        # TypeError/ValueError (after the rendezvous below, so no rank is left waiting).
+        checked = check_worker_inputs(
+            expert_weights, moves, max_buffer_bytes=max_buffer_bytes, verify=verify, timeout_s=timeout_s
+        )
         self.expert_weights = expert_weights
         self.max_buffer_bytes = max_buffer_bytes
         self.backend = backend
-        self.timeout_s = None if timeout_s is None else float(timeout_s)
+        self.timeout_s = checked.timeout_s
         self.verify = verify
-        self._device = self._weights_device(expert_weights)
+        self._device = checked.layouts[0].device if checked.layouts else torch.device("cpu")
         self._owned_groups: list = []
+        if ep.world_size > 1:
+            _rendezvous(ep, checked.timeout_s)  # bounds group creation by timeout_s
         self._transfer, self._control = self._make_communicators(ep_group, transfer_group)
+        try:
+            agree_inputs(self._control, checked)
+        except (TypeError, ValueError):
+            self._release_owned_groups()  # the agreement completed: the groups are healthy
+            raise
+        # submit() refuses tensors replaced since (see the class docstring)
+        self._weights_signature = weights_signature(expert_weights)
         self._stream = torch.cuda.Stream(device=self._device) if self._device.type == "cuda" else None
         self._cond = threading.Condition()
         # Held around pack/unpack calls: Triton's first-use compilation (and its CPU
@@ -431,13 +506,6 @@ class TransferWorker:
         self._thread.start()
 
     # -- setup ------------------------------------------------------------------------------
-    @staticmethod
-    def _weights_device(expert_weights) -> torch.device:
-        try:
-            return expert_weights[0][0].device
-        except (TypeError, IndexError, AttributeError, KeyError):
-            return torch.device("cpu")  # malformed weights: submit() reports it on every rank
-
     def _reserve_storage(self) -> torch.Tensor | None:
         """The worst case of :meth:`submit`'s storage for these weights and options: two slots
         of a layer's local rows packed, one round's sends (at most the round budget) and, with
@@ -513,6 +581,7 @@ class TransferWorker:
             self.max_buffer_bytes,
             verify=self.verify,
             timeout_s=self.timeout_s,
+            expected_weights=self._weights_signature,
         )
         rank = self._transfer.rank
         stages = [_Stage.build(layer, rank) for layer in layers]

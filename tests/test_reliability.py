@@ -575,7 +575,7 @@ class _PostingComm:
             def global_rank(self, peer):
                 return peer
 
-            def agree(self, error, fingerprint=0, *, timeout_s=None):  # one process: nobody to agree with
+            def agree(self, error, fingerprints=0, *, timeout_s=None, describe=None):  # one process: nobody to agree with
                 if error is not None:
                     raise error
 
