@@ -29,7 +29,7 @@ for step in ${STEPS:-tests link}; do
   case $step in
     tests) run_step gpu-tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rf ;;
     tests1) run_step gpu-tests-one-gpu 240 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rf ;;
-    suite) run_step whole-suite 420 python3 -m pytest -q tests -p no:cacheprovider -rf -x ;;
+    suite) run_step whole-suite ${SUITE_LIMIT:-420} python3 -m pytest -q tests -p no:cacheprovider -rf ;;
     link) run_step link-speed 420 python3 bench/link_speed.py --json "$OUT/link_speed.json" \
       --plot "$OUT/link_speed.png" --markdown "$OUT/link_speed.md" ${LINK_ARGS:-} ;;
     link16) run_step link-speed-16-layers 300 python3 bench/link_speed.py --layers 16 --repeats 5 \
