@@ -31,14 +31,16 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("impl", ["triton", "index", "loop"])
+@pytest.mark.parametrize("impl", ["public", "triton", "index", "loop"])
 @pytest.mark.parametrize("op", ["pack", "unpack"])
 @pytest.mark.parametrize("cfg", PARAMS)
 def test_pack_unpack(benchmark, cfg, op, impl):
     layout, rows = make_layer(cfg, DEVICE)
     rows_dev = torch.as_tensor(rows, device=DEVICE)
     buf = torch.randint(0, 256, (len(rows) * layout.expert_bytes,), dtype=torch.uint8, device=DEVICE)
-    fns = {
+    fns = {  # "public": what users call (host rows checked and uploaded), "triton": the launch alone
+        ("pack", "public"): lambda: layout.pack(rows, buf),
+        ("unpack", "public"): lambda: layout.unpack(buf, rows),
         ("pack", "triton"): lambda: layout.launch("pack", buf, src_rows=rows_dev),
         ("pack", "index"): lambda: layout.pack_reference(rows_dev, buf),
         ("pack", "loop"): lambda: row_loop_pack(layout, rows, buf),

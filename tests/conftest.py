@@ -20,16 +20,32 @@ torch.set_num_threads(1)  # forked ranks must not inherit a live OpenMP pool
 HAS_CUDA = torch.cuda.is_available()
 
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    # On a GPU machine conftest leaves the interpreter off, so Triton cannot run on CPU
+    # tensors there; `CUDA_VISIBLE_DEVICES= python -m pytest` runs these tests on such a machine.
+    skip_interpreter = pytest.mark.skip(reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and not INTERPRETED:
+            item.add_marker(skip_interpreter)
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request) -> torch.device:
     return torch.device(request.param)
+
+
+@pytest.fixture
+def interpreted_on_cpu(device):
+    """For tests that run Triton on ``device``: the CPU case needs the interpreter."""
+    if device.type == "cpu" and not INTERPRETED:
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    return device
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
 from eplb_triton.layout import ExpertLayout
 from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 
+pytestmark = pytest.mark.interpreter  # launches counted on CPU tensors, through the interpreter
+
 SPECS = [TensorSpec((3, 5), torch.bfloat16), TensorSpec((1,), torch.int32)]
 WORLD, NUM_LOCAL, LAYERS = 4, 3, 2
 

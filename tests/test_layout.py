@@ -100,6 +100,7 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         layout.pack([0], torch.empty(layout.expert_bytes, dtype=torch.uint8), backend="triton")
 
 
+@pytest.mark.interpreter
 def test_kernel_plan_limits():
     """Chunk within its bounds, a power of two; the grid capped; tiles no wider than a chunk."""
     layout = ExpertLayout(random_tensors([((1000,), torch.uint8), ((48,), torch.uint8)], 8))

@@ -132,7 +132,8 @@ def test_checksum_catches_single_word_changes_and_swaps():
 
 
 @pytest.mark.parametrize("expert_bytes,count", [pytest.param(16, 3, id="EB16-K3"), pytest.param(4096 + 48, 4, id="EB4144-K4-3blocks")])
-def test_checksum_triton_matches_torch(device, expert_bytes, count):
+def test_checksum_triton_matches_torch(interpreted_on_cpu, expert_bytes, count):
+    device = interpreted_on_cpu
     gen = torch.Generator().manual_seed(expert_bytes)
     packed = torch.randint(0, 256, (count * expert_bytes,), generator=gen, dtype=torch.uint8).to(device)
     want = expert_checksums(packed.cpu(), expert_bytes, backend="torch")

@@ -24,7 +24,7 @@ SPECS = [
     TensorSpec((1,), torch.int32),  # a per-expert scale
 ]
 EXPERT_BYTES = 32 + 32 + 16
-BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton")]
+BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=pytest.mark.interpreter)]
 
 
 def _rank_writes(rank, world, old, new, path, backend, kwargs):
@@ -95,6 +95,7 @@ def test_worker_writes_exactly_the_changed_rows(distributed, world, kwargs, back
     check_only_changed_rows_written(results, old, new, world)
 
 
+@pytest.mark.interpreter
 def test_recorder_sees_every_write_path():
     """The instrumentation itself: each wrapped op records its destination rows, reads are not recorded."""
     from eplb_triton.layout import ExpertLayout

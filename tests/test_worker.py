@@ -1164,6 +1164,7 @@ def test_worker_orders_its_stream_after_submit_and_each_swap(monkeypatch):
         assert packs[-1] < recorded < publish, (layer, log[packs[0] : publish + 1])
 
 
+@pytest.mark.interpreter
 def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
     """The swap path a GPU takes, run on CPU with the Triton interpreter: the worker thread
     copies the swap's rows to the "device" and compiles the swap's unpack (compile only)
