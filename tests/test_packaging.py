@@ -54,7 +54,7 @@ def test_wheel_ships_kernels_inside_eplb_triton(wheel):
 def test_wheel_ships_the_runtime_adapters_and_the_vllm_plugin(wheel):
     archive = zipfile.ZipFile(wheel)
     names = archive.namelist()
-    for module in ("__init__", "vllm", "sglang", "_staging"):
+    for module in ("__init__", "vllm", "sglang", "_staging", "_patches"):
         assert f"eplb_triton/integrations/{module}.py" in names
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = archive.read(entry_points).decode()

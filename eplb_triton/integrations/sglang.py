@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..transfer import TransferStats
+from ._patches import restore
 from ._staging import rearrange_in_buffer
 
 __all__ = ["install", "uninstall", "update_expert_weights_single_layer"]
@@ -127,9 +128,4 @@ def install() -> dict[str, Any]:
 
 def uninstall() -> list[str]:
     """Restore what :func:`install` replaced; returns the restored names (empty if none)."""
-    restored = []
-    while _installed:
-        module, attr, original = _installed.pop()
-        setattr(module, attr, original)
-        restored.append(f"{module.__name__}.{attr}")
-    return restored[::-1]
+    return restore(_installed)

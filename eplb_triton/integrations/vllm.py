@@ -63,6 +63,7 @@ from ..comm import Communicator
 from ..layout import ALIGN_BYTES, ExpertLayout, index_tensor
 from ..transfer import TransferStats, prepare_layers, reserve, staging_view
 from ..transfer import rearrange_expert_weights_inplace as _rearrange
+from ._patches import restore
 from ._staging import rearrange_in_buffer
 
 __all__ = [
@@ -647,9 +648,4 @@ def vllm_plugin() -> None:
 
 def uninstall() -> list[str]:
     """Restore what :func:`install` replaced; returns the restored names (empty if none)."""
-    restored = []
-    while _installed:
-        module, attr, original = _installed.pop()
-        setattr(module, attr, original)
-        restored.append(f"{module.__name__}.{attr}")
-    return restored[::-1]
+    return restore(_installed)
