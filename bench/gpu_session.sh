@@ -2,26 +2,7 @@
 # One device call on a single GPU: install, GPU tests, demo and benchmarks.
 # Full logs go to $OUT/session.log, JSON results to $OUT/*.json; a short tail is printed.
 #   bash bench/gpu_session.sh     (STEPS="tests worker demo e2e" by default; also: kernels multigpu)
-set -uo pipefail
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-/tmp/eplb_out}
-mkdir -p "$OUT"
-LOG="$OUT/session.log"
-python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || { tail -20 "$LOG"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
-
-run_step() {  # name, timeout, command...
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $*" | tee -a "$LOG"
-  local begin=$SECONDS
-  timeout "$limit" "$@" >"$OUT/step.tmp" 2>&1
-  local rc=$?
-  cat "$OUT/step.tmp" >>"$LOG"
-  tail -n "${TAIL:-12}" "$OUT/step.tmp"
-  echo "--- $name rc=$rc in $((SECONDS - begin)) s" | tee -a "$LOG"
-  rm -f "$OUT/step.tmp"
-}
+source "$(dirname "$0")/session_common.sh"
 
 for step in ${STEPS:-tests worker demo e2e}; do
   case $step in
