@@ -166,6 +166,18 @@ def index_tensor(values, device: torch.device) -> torch.Tensor:
     return cpu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cpu
 
 
+def index_tensors(named: dict, device: torch.device) -> dict:
+    """Several host integer lists to ``device`` in one :func:`index_tensor` copy (each copy costs
+    ~40 us of host time on the H200 hosts); returns each list as a slice, under the same key."""
+    arrays = {key: np.asarray(values, dtype=np.int64) for key, values in named.items()}
+    flat = index_tensor(np.concatenate(list(arrays.values())) if arrays else np.zeros(0, dtype=np.int64), device)
+    out, offset = {}, 0
+    for key, values in arrays.items():
+        out[key] = flat[offset : offset + values.size]
+        offset += values.size
+    return out
+
+
 def _as_index_tensor(rows, host: np.ndarray | None, device: torch.device) -> torch.Tensor:
     """Rows as an int64 tensor on ``device``; device tensors stay on the device (no sync)."""
     if isinstance(rows, torch.Tensor) and rows.device.type != "cpu":
@@ -455,24 +467,14 @@ class ExpertLayout:
         """
         rows_t, _ = self._check_rows(rows, "pack", distinct=False)
         packed = self._check_buffer(out, rows_t.numel(), "pack")
-        if rows_t.numel() == 0:
-            return packed
-        if resolve_backend(backend, self.device) == "triton":
-            self.launch("pack", packed, src_rows=rows_t)
-        else:
-            self.pack_reference(rows_t, packed)
+        self.move("pack", packed, src_rows=rows_t, backend=backend)
         return packed
 
     def unpack(self, buf: torch.Tensor, rows, backend: str | None = None) -> None:
         """Scatter packed experts ``buf[k*expert_bytes:]`` into rows ``rows[k]`` (distinct)."""
         rows_t, _ = self._check_rows(rows, "unpack", distinct=True)
         packed = self._check_buffer(buf, rows_t.numel(), "unpack")
-        if rows_t.numel() == 0:
-            return
-        if resolve_backend(backend, self.device) == "triton":
-            self.launch("unpack", packed, dst_rows=rows_t)
-        else:
-            self.unpack_reference(packed, rows_t)
+        self.move("unpack", packed, dst_rows=rows_t, backend=backend)
 
     def copy_rows(self, src_rows, dst_rows, backend: str | None = None, scratch: torch.Tensor | None = None) -> None:
         """Copy old row ``src_rows[i]`` to row ``dst_rows[i]`` in every tensor.
