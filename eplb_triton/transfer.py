@@ -57,7 +57,7 @@ import torch
 from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
 from .inputs import CheckedInputs, WeightsSignature, agree_inputs, check_inputs, row_cost
-from .layout import ExpertLayout, index_tensor
+from .layout import ExpertLayout, index_tensors
 from .maps import EPGroup, ExpertMap, RankMapping
 from .plan import LayerPlan, RankPlan, RearrangementPlan, _check_options, plan_from_maps, with_rounds
 from .schedule import schedule_layer, smallest_budget_bytes
@@ -150,15 +150,14 @@ class TransferStats:
 
 
 def upload_rows(works: Sequence["RoundWork"], device: torch.device) -> None:
-    """Every row list of ``works`` to ``device`` in one pinned copy (a copy costs ~40 us of host
-    time on the H200 hosts, so one per call rather than one per round)."""
-    lists = [np.asarray(v, dtype=np.int64) for work in works for v in work._row_lists().values()]
-    flat = index_tensor(np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64), device)
-    offset = 0
-    for work in works:
-        size = sum(len(v) for v in work._row_lists().values())
-        work._take_rows(flat[offset : offset + size])
-        offset += size
+    """Every row list of ``works`` to ``device`` in one pinned copy (one per call rather than
+    one per round)."""
+    rows = index_tensors({(i, name): v for i, work in enumerate(works) for name, v in work._row_lists().items()}, device)
+    for i, work in enumerate(works):
+        work._take_rows({name: rows[(i, name)] for name in _ROW_LISTS})
+
+
+_ROW_LISTS = ("send+local_src", "local_dst+recv", "dup_src", "dup_dst")
 
 
 def _wire_order(rows_by_peer: dict[int, np.ndarray], peers: list[int], chunk: int | None) -> np.ndarray:
@@ -311,12 +310,12 @@ class RoundWork:
         self._device_rows = None
 
     def _row_lists(self) -> dict[str, np.ndarray]:
+        """The lists :data:`_ROW_LISTS` names: sends and local sources together (one pack launch),
+        local destinations and receives together (one unpack launch), duplicate fills."""
         view = self.view
-        return {  # "send" + "local_src" and "local_dst" + "recv" are adjacent: one launch each
-            "send": self.send_rows,
-            "local_src": self.local_src_rows,
-            "local_dst": self.local_dst_rows,
-            "recv": self.recv_rows,
+        return {
+            "send+local_src": np.concatenate([self.send_rows, self.local_src_rows]),
+            "local_dst+recv": np.concatenate([self.local_dst_rows, self.recv_rows]),
             "dup_src": view.dup_src_rows,
             "dup_dst": view.dup_dst_rows,
         }
@@ -328,15 +327,15 @@ class RoundWork:
             upload_rows([self], device)
         return self._device_rows
 
-    def _take_rows(self, flat: torch.Tensor) -> None:
-        out, offset = {}, 0
-        for name, values in self._row_lists().items():
-            out[name] = flat[offset : offset + len(values)]
-            offset += len(values)
-        out["send+local_src"] = flat[: self.send_rows.size + self.local_src_rows.size]
-        first = self.send_rows.size + self.local_src_rows.size
-        out["local_dst+recv"] = flat[first : first + self.local_dst_rows.size + self.recv_rows.size]
-        self._device_rows = out
+    def _take_rows(self, rows: dict[str, torch.Tensor]) -> None:
+        sends, locals_ = self.send_rows.size, self.local_dst_rows.size
+        self._device_rows = {
+            **rows,
+            "send": rows["send+local_src"][:sends],
+            "local_src": rows["send+local_src"][sends:],
+            "local_dst": rows["local_dst+recv"][:locals_],
+            "recv": rows["local_dst+recv"][locals_:],
+        }
 
     def _message_bytes(self, count: int) -> int:
         return count * self.expert_bytes + (trailer_bytes(count) if self.verify else 0)

@@ -74,7 +74,7 @@ from .comm import (
     TransferError,
 )
 from .inputs import agree_inputs, check_worker_inputs, weights_signature
-from .layout import ExpertLayout, index_tensor, resolve_backend
+from .layout import ExpertLayout, index_tensors, resolve_backend
 from .maps import EPGroup, ExpertMap
 from .transfer import LayerWork, RoundWork, TransferStats, prepare_layers, staging_bound, upload_rows
 
@@ -258,12 +258,9 @@ class _Stage:
 
     def upload(self, device: torch.device) -> None:
         """``rows``, local sources and duplicate positions to ``device`` in one pinned copy."""
-        lists = {"rows": self.rows, "local_src": self.local_src, "dup_src": self.dup_src_pos, "dup_dst": self.dup_dst_pos}
-        flat = index_tensor(np.concatenate([np.asarray(v, dtype=np.int64) for v in lists.values()]), device)
-        out, offset = {}, 0
-        for name, values in lists.items():
-            out[name] = flat[offset : offset + len(values)]
-            offset += len(values)
+        out = index_tensors(
+            {"rows": self.rows, "local_src": self.local_src, "dup_src": self.dup_src_pos, "dup_dst": self.dup_dst_pos}, device
+        )
         self.device_rows = out["rows"] if self.rows.size else None
         self.device_lists = out
 
@@ -1080,7 +1077,7 @@ class TransferWorker:
             table = buf.view(-1, eb)
             lists = stage.device_lists
             if lists is None:
-                lists = {"dup_src": index_tensor(stage.dup_src_pos, buf.device), "dup_dst": index_tensor(stage.dup_dst_pos, buf.device)}
+                lists = index_tensors({"dup_src": stage.dup_src_pos, "dup_dst": stage.dup_dst_pos}, buf.device)
             table[lists["dup_dst"]] = table[lists["dup_src"]]
         return checks
 

@@ -1177,12 +1177,16 @@ def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
 
     log = []
 
-    class DeviceRows(torch.Tensor):  # what index_tensor returns on a GPU, with record_stream logged
+    class DeviceRows(torch.Tensor):  # what index_tensors returns on a GPU, with record_stream logged
         def record_stream(self, stream):
             log.append(("record_stream", stream.name, tuple(self.tolist())))
 
-    original_index_tensor = worker_module.index_tensor
-    monkeypatch.setattr(worker_module, "index_tensor", lambda values, device: original_index_tensor(values, device).as_subclass(DeviceRows))
+    original_index_tensors = worker_module.index_tensors
+    monkeypatch.setattr(
+        worker_module,
+        "index_tensors",
+        lambda named, device: {k: v.as_subclass(DeviceRows) for k, v in original_index_tensors(named, device).items()},
+    )
     original_launch = ExpertLayout.launch
 
     def launch(self, mode, buf, src_rows=None, dst_rows=None, tuning=None, compile_only=False):
