@@ -108,6 +108,11 @@ def _wait_released(tensor: torch.Tensor, references: int) -> None:
         time.sleep(0 if now < deadline - _RELEASE_WAIT_S / 2 else 1e-4)
 
 
+def _batch_labels(peers: list[int], count: int) -> list[tuple[int | None, str]]:
+    """Labels of ``count`` coalesced requests covering ``peers``: the peer when there is one."""
+    return [(peers[0] if len(peers) == 1 else None, "op")] * count
+
+
 @dataclass
 class Communicator:
     """The EP group as seen by one rank. ``group=None`` with no process group = one rank alone."""
@@ -171,7 +176,8 @@ class Communicator:
             try:
                 return dist.batch_isend_irecv([dist.P2POp(fn, t, p, self.group) for fn, t, p in posts])
             except Exception as exc:  # noqa: BLE001 - backend errors have no common type
-                raise self._peer_error(exc, 0, None, where, None) from exc
+                peers = sorted(set(sends) | set(recvs))
+                raise self._peer_error(exc, 0, _batch_labels(peers, 1), where, None, peers) from exc
         # Other backends post op by op anyway (what batch_isend_irecv does without
         # coalescing); doing it here tells which peer's op failed.
         labels = self.op_labels(sends, recvs)
@@ -219,17 +225,15 @@ class Communicator:
         """
         if not requests:
             return
+        batch_peers = None
         if labels is not None and len(labels) != len(requests):
             # coalesced (NCCL): one request covers every peer of a batch, so a failure names
             # every peer of the call (with one peer, as at world 2, that is the peer)
-            peers = sorted({peer for peer, _ in labels})
-            labels = [(peers[0] if len(peers) == 1 else None, "op")] * len(requests)
-            self._coalesced_peers = peers
-        else:
-            self._coalesced_peers = None
+            batch_peers = sorted({peer for peer, _ in labels})
+            labels = _batch_labels(batch_peers, len(requests))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         if self.backend == "nccl" and deadline is not None:
-            self._poll_until(requests, deadline, labels, where, timeout_s)
+            self._poll_until(requests, deadline, labels, where, timeout_s, batch_peers)
         for index, request in enumerate(requests):
             try:
                 if deadline is None or self.backend == "nccl":
@@ -238,9 +242,9 @@ class Communicator:
                     left = max(deadline - time.monotonic(), 1e-3)
                     request.wait(timeout=datetime.timedelta(seconds=left))
             except Exception as exc:  # noqa: BLE001 - backend errors have no common type
-                raise self._peer_error(exc, index, labels, where, timeout_s) from exc
+                raise self._peer_error(exc, index, labels, where, timeout_s, batch_peers) from exc
 
-    def _poll_until(self, requests, deadline, labels, where, timeout_s) -> None:
+    def _poll_until(self, requests, deadline, labels, where, timeout_s, batch_peers=None) -> None:
         pending = list(range(len(requests)))
         while pending:
             pending = [i for i in pending if not requests[i].is_completed()]
@@ -249,7 +253,7 @@ class Communicator:
             if time.monotonic() > deadline:
                 self.abort()
                 peers = sorted({labels[i][0] for i in pending if labels[i][0] is not None}) if labels else None
-                peers = peers or self._coalesced_peers
+                peers = peers or batch_peers
                 who = f"peers {peers}" if peers else "its peers"
                 raise PeerTimeoutError(
                     f"{where}: rank {self.rank} waited {timeout_s:g} s (timeout_s) for {who}; "
@@ -258,11 +262,12 @@ class Communicator:
                 )
             time.sleep(2e-4)
 
-    def _peer_error(self, exc, index, labels, where, timeout_s) -> PeerError:
+    def _peer_error(self, exc, index, labels, where, timeout_s, batch_peers=None) -> PeerError:
+        """``batch_peers``: every peer of a coalesced batch, named when the failing op's own
+        peer is unknown."""
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         peer, kind = labels[index] if labels else (None, "op")
-        peers = getattr(self, "_coalesced_peers", None)
-        who = f"peer {peer}" if peer is not None else (f"one of peers {peers}" if peers else "a peer")
+        who = f"peer {peer}" if peer is not None else (f"one of peers {batch_peers}" if batch_peers else "a peer")
         # gloo says "Timed out waiting ...ms for recv/send"; later ops of a broken context
         # report "Application timeout caused pair closure".
         timed_out = timeout_s is not None and "timed out" in text.lower()
