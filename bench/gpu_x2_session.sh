@@ -17,6 +17,9 @@ for step in ${STEPS:-tests link}; do
     link16) run_step link-speed-16-layers 300 python3 bench/link_speed.py --layers 16 --repeats 5 \
       --configs qwen3-30b-a3b-bf16 tiny-bf16 --presets qwen3-30b-a3b --json "$OUT/link_speed-16layers.json" ;;
     worker) run_step worker-swap 200 python3 bench/gpu_worker.py --json "$OUT/gpu_worker.json" ;;
+    hostprof) for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
+        run_step "host-profile-$config" 120 python3 bench/host_profile.py --config "$config" --layers ${PROF_LAYERS:-4} \
+          --calls 10 --top 40 --out "$OUT"; done ;;
     timeline) run_step timeline 120 python3 bench/layer_timeline.py ;;
     multigpu) run_step multi-gpu 300 python3 bench/multi_gpu.py --backend nccl --timeout 280 \
       --json "$OUT/multi_gpu-nccl-w2.json" ;;

@@ -17,7 +17,7 @@ slowest rank's time per layer (whole calls, divided by the layers):
   (validation, agreement, planning, confirmation included);
 * ``worker``: :class:`eplb_triton.TransferWorker`, ``submit`` then ``step()`` until done.
 
-Each method's result is checked bit for bit after its warm-up call. ``--chunks`` also times the
+Each method's result is checked bit for bit after its warm-up call. ``--chunks`` (and ``--variants NAME=VALUE``) also time the
 blocking path at other message-piece sizes (``EPLB_TRITON_CHUNK_BYTES``). ``--profile-dir``
 writes a ``torch.profiler`` table of one blocking call per config (rank 0).
 """
@@ -190,13 +190,20 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
             fill_rank_weights(weights, state["current"], rank, 11)
             times = _time(runs[method], device, cfg["repeats"])
             entry["methods"][method] = {"call_s": times}
-        for chunk in cfg["chunks"]:
-            os.environ["EPLB_TRITON_CHUNK_BYTES"] = str(chunk)
+        variants = [f"EPLB_TRITON_CHUNK_BYTES={chunk}" for chunk in cfg["chunks"]] + list(cfg["variants"])
+        for variant in variants:  # the blocking path again under one environment setting
+            key, _, value = variant.partition("=")
+            before = os.environ.get(key)
+            os.environ[key] = value
             fill_rank_weights(weights, state["current"], rank, 11)
-            times = _time(checked(f"blocking@{chunk}", lambda o, n: rearrange_expert_weights_inplace(o, n, weights)),
+            label = f"blocking[{variant}]"
+            times = _time(checked(label, lambda o, n: rearrange_expert_weights_inplace(o, n, weights)),
                           device, cfg["repeats"])
-            entry["methods"][f"blocking@chunk={chunk}"] = {"call_s": times}
-            os.environ.pop("EPLB_TRITON_CHUNK_BYTES")
+            entry["methods"][label] = {"call_s": times}
+            if before is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = before
         if cfg["profile_dir"]:
             entry["profile"] = _profile(cfg, name, rank, device, weights, state)
         worker.close()
@@ -331,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
     parser.add_argument("--chunks", type=int, nargs="*", default=[], help="extra message-piece sizes (bytes; 0 = whole)")
+    parser.add_argument("--variants", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="also time the blocking path with this environment variable set (e.g. EPLB_TRITON_DIRECT_POST=0)")
     parser.add_argument("--configs", nargs="*", default=list(mg.REF_CONFIGS))
     parser.add_argument("--presets", nargs="*", default=list(mg.PRESET_NAMES))
     parser.add_argument("--json", default=None)
@@ -357,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "scale": 16 if args.quick else 1,
         "preset_scale": 64 if args.quick else 1,
         "chunks": args.chunks,
+        "variants": args.variants,
         "profile_dir": args.profile_dir,
     }
     per_rank = run_ranks(world, _rank_main, cfg, backend=args.backend, timeout_s=3000.0, group_timeout_s=600.0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import pickle
 import time
 from dataclasses import dataclass
@@ -113,6 +114,28 @@ def _batch_labels(peers: list[int], count: int) -> list[tuple[int | None, str]]:
     return [(peers[0] if len(peers) == 1 else None, "op")] * count
 
 
+DIRECT_POST_ENV = "EPLB_TRITON_DIRECT_POST"  # "0": post NCCL groups through batch_isend_irecv
+_DIRECT_POST: dict[tuple[int, str], bool] = {}  # (id(group), device) -> the group can coalesce directly
+
+
+def _direct_post_enabled(group, device: torch.device) -> bool:
+    if os.environ.get(DIRECT_POST_ENV, "1") == "0":
+        return False
+    key = (id(group), str(device))
+    known = _DIRECT_POST.get(key)
+    if known is None:
+        try:
+            known = (
+                type(group) is dist.ProcessGroup
+                and all(hasattr(group, name) for name in ("_start_coalescing", "_end_coalescing", "send", "recv"))
+                and bool(group._get_backend(device).supports_coalescing)
+            )
+        except Exception:  # noqa: BLE001 - an unknown group type: take the public path
+            known = False
+        _DIRECT_POST[key] = known
+    return known
+
+
 @dataclass
 class Communicator:
     """The EP group as seen by one rank. ``group=None`` with no process group = one rank alone."""
@@ -164,17 +187,17 @@ class Communicator:
             return []
         if self.group is None:
             raise RuntimeError("exchange needs a process group")
-        posts = []  # (irecv or isend, tensor, global rank), in the order of op_labels
+        posts = []  # (irecv or isend, tensor, peer in the group), in the order of op_labels
         for peer in sorted(set(sends) | set(recvs)):
             if peer in recvs:
-                posts.append((dist.irecv, recvs[peer], self.global_rank(peer)))
+                posts.append((dist.irecv, recvs[peer], peer))
             if peer in sends:
-                posts.append((dist.isend, sends[peer], self.global_rank(peer)))
+                posts.append((dist.isend, sends[peer], peer))
         # the group's own backend: a worker's CPU control group says "nccl" for the checks
         # (it speaks for the transfer group) but moves its tensors over gloo
         if self._group_backend() == "nccl":  # coalesced: a posting error has no single peer
             try:
-                return dist.batch_isend_irecv([dist.P2POp(fn, t, p, self.group) for fn, t, p in posts])
+                return self._post_coalesced(posts)
             except Exception as exc:  # noqa: BLE001 - backend errors have no common type
                 peers = sorted(set(sends) | set(recvs))
                 raise self._peer_error(exc, 0, _batch_labels(peers, 1), where, None, peers) from exc
@@ -182,14 +205,31 @@ class Communicator:
         # coalescing); doing it here tells which peer's op failed.
         labels = self.op_labels(sends, recvs)
         requests = []
-        for index, (fn, tensor, global_peer) in enumerate(posts):
+        for index, (fn, tensor, peer) in enumerate(posts):
             try:
-                request = fn(tensor, global_peer, group=self.group)
+                request = fn(tensor, self.global_rank(peer), group=self.group)
             except Exception as exc:  # noqa: BLE001
                 raise self._peer_error(exc, index, labels, where, None) from exc
             if request is not None:
                 requests.append(request)
         return requests
+
+    def _post_coalesced(self, posts: list) -> list:
+        """Post ``(irecv|isend, tensor, peer)`` ops (peers: ranks of the group) as one NCCL
+        group; returns its request.
+
+        Straight on the process group (``_start_coalescing``, ``send``/``recv``,
+        ``_end_coalescing``: what ``batch_isend_irecv`` does underneath, minus its per-op Python
+        checks) where this torch has those methods; ``batch_isend_irecv`` otherwise or when
+        ``EPLB_TRITON_DIRECT_POST=0``.
+        """
+        group, device = self.group, posts[0][1].device
+        if not _direct_post_enabled(group, device):
+            return dist.batch_isend_irecv([dist.P2POp(fn, t, self.global_rank(p), group) for fn, t, p in posts])
+        group._start_coalescing(device)
+        for fn, tensor, peer in posts:
+            (group.recv if fn is dist.irecv else group.send)([tensor], peer, 0)
+        return [group._end_coalescing(device)]
 
     def _group_backend(self) -> str | None:
         try:

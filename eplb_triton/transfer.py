@@ -731,7 +731,8 @@ class LayerWork:
                         raise
                     batches.append(len(labels))
                 work.count_into(stats, sum(batches), batches=batches)
-                _fault("in_flight", rank=comm.rank, layer=self.index, round=i, received=work.recv_messages(staging))
+                if fault_hook is not None:  # the received views are only made for a hook
+                    _fault("in_flight", rank=comm.rank, layer=self.index, round=i, received=work.recv_messages(staging))
                 if mismatch is None:
                     bad = work.verify_received(staging)
                     stats.verified_experts += int(work.recv_rows.size) if work.verify else 0

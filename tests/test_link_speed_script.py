@@ -31,7 +31,7 @@ def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("link_speed")
     proc = _run("--backend", "gloo", "--quick", "--layers", "2", "--repeats", "2", "--configs", "tiny-bf16",
-                "--presets", "qwen3-30b-a3b", "--chunks", "256", "--json", str(out / "run.json"))
+                "--presets", "qwen3-30b-a3b", "--chunks", "256", "--variants", "EPLB_TRITON_DIRECT_POST=0", "--json", str(out / "run.json"))
     return out, json.loads((out / "run.json").read_text()), proc.stdout
 
 
@@ -40,9 +40,10 @@ def test_every_method_is_bit_exact_and_timed(quick_run):
     configs = result["summary"]["configs"]
     assert list(configs) == ["tiny-bf16", "qwen3-30b-a3b (preset)"]
     for name, config in configs.items():
-        assert list(config["methods"]) == METHODS + ["blocking@chunk=256"], name
+        variants = ["blocking[EPLB_TRITON_CHUNK_BYTES=256]", "blocking[EPLB_TRITON_DIRECT_POST=0]"]
+        assert list(config["methods"]) == METHODS + variants, name
         assert all(b == 0 for rank in config["bad_rows"] for b in rank.values()), config["bad_rows"]
-        assert set(config["bad_rows"][0]) == set(METHODS[1:]) | {"blocking@256"}
+        assert set(config["bad_rows"][0]) == set(METHODS[1:]) | set(variants)
         floor = config["methods"]["floor"]["ms_per_layer"]
         for method, row in config["methods"].items():
             assert row["min_ms"] <= row["ms_per_layer"] <= row["max_ms"], (name, method)
