@@ -169,7 +169,7 @@ def check_weights(expert_weights, num_local: int | None = None) -> list[ExpertLa
     device = None
     layouts = []
     for index, tensors in enumerate(expert_weights):
-        check_layer_tensors(tensors, where=f"layer {index}")
+        check_layer_tensors(tensors, where=f"layer {index}")  # names the layer; the layout's own check would not
         rows = tensors[0].shape[0]
         if num_local is not None and rows != num_local:
             raise ValueError(f"layer {index}: tensors have {rows} rows but the maps give num_local = {num_local}")
@@ -182,7 +182,7 @@ def check_weights(expert_weights, num_local: int | None = None) -> list[ExpertLa
             device = tensors[0].device
         elif tensors[0].device != device:
             raise ValueError(f"tensors on different devices: layer 0 on {device}, layer {index} on {tensors[0].device}")
-        layouts.append(ExpertLayout(tensors))
+        layouts.append(ExpertLayout(tensors, checked=True))
     _check_no_shared_rows(layouts)
     return layouts
 

@@ -260,6 +260,19 @@ class _TritonState:
     (``set_``, ``resize_``) needs a new layout.
     """
 
+    @classmethod
+    def of(cls, layout: "ExpertLayout") -> "_TritonState":
+        """The state of ``layout``'s tensors, shared by every layout over the same memory (a
+        rearrangement builds new layouts on each call; its launch cache must outlive them)."""
+        key = (str(layout.device), _tensor_key(layout), os.environ.get(FAST_LAUNCH_ENV, "1"))
+        state = _STATES.get(key)
+        if state is None:
+            state = cls(layout)
+            if len(_STATES) >= _TABLES_MAX:
+                _STATES.pop(next(iter(_STATES)))  # oldest first
+            _STATES[key] = state
+        return state
+
     def __init__(self, layout: "ExpertLayout"):
         from .kernels import rows as kr
 
@@ -274,12 +287,8 @@ class _TritonState:
                 f"backend='triton' on {layout.device} tensors needs TRITON_INTERPRET=1 (set before triton is "
                 "imported); use backend='torch' or 'auto' there"
             )
-        self.layout = layout
-        self.tensors = []  # (base address, row stride, row bytes, segment offset, aligned)
-        for tensor, nbytes, seg in zip(layout.tensors, layout.row_bytes, layout.segment_offsets):
-            base, stride = tensor.data_ptr(), tensor.stride(0) * tensor.element_size() if tensor.dim() else 0
-            aligned = base % ALIGN_BYTES == 0 and stride % ALIGN_BYTES == 0 and nbytes % ALIGN_BYTES == 0
-            self.tensors.append((base, stride, nbytes, seg, int(aligned)))
+        self.device = layout.device
+        self.tensors = list(_tensor_key(layout))  # (base address, row stride, row bytes, segment offset, aligned)
         self.all_aligned = all(t[4] for t in self.tensors)
         self.row_bytes_total = sum(layout.row_bytes)
         self.sm_count = _sm_count(layout.device)
@@ -330,7 +339,7 @@ class _TritonState:
         key = (self.key, chunk)
         table = _TABLES.get(key)
         if table is None:
-            table = _build_chunk_table(self.tensors, chunk, self.fields, self.layout.device)
+            table = _build_chunk_table(self.tensors, chunk, self.fields, self.device)
             if len(_TABLES) >= _TABLES_MAX:
                 _TABLES.pop(next(iter(_TABLES)))  # oldest first
             _TABLES[key] = table
@@ -350,8 +359,23 @@ def _spec(arg) -> tuple:
     return ("i", arg == 1, arg % 16 == 0, -(1 << 31) <= arg < (1 << 31))
 
 
-# Descriptor tables by (device, tensors' (base, stride, row bytes, segment, aligned), chunk). Plain
-# integers only: the cache keeps no tensor alive, and a tensor that moves gets a new key.
+def _tensor_key(layout: "ExpertLayout") -> tuple:
+    """Per tensor ``(base address, row stride, row bytes, segment offset, 16-byte aligned)``:
+    all the Triton path knows of the tensors (plain integers: caches keyed by it keep no tensor
+    alive, and a tensor that moves gets a new key)."""
+    key = []
+    for tensor, nbytes, seg in zip(layout.tensors, layout.row_bytes, layout.segment_offsets):
+        base, stride = tensor.data_ptr(), tensor.stride(0) * tensor.element_size() if tensor.dim() else 0
+        aligned = base % ALIGN_BYTES == 0 and stride % ALIGN_BYTES == 0 and nbytes % ALIGN_BYTES == 0
+        key.append((base, stride, nbytes, seg, int(aligned)))
+    return tuple(key)
+
+
+# Triton states by (device, _tensor_key, fast-launch setting): descriptor tables and the launch
+# cache survive the per-call layouts (a fresh state per call cost a kernel_plan, a runner lookup
+# and a table lookup on every launch: 80 of 80 launches missed in a 10-call qwen3 profile).
+_STATES: dict[tuple, "_TritonState"] = {}
+# Descriptor tables by (device, tensors' (base, stride, row bytes, segment, aligned), chunk).
 _TABLES: dict[tuple, torch.Tensor] = {}
 _TABLES_MAX = 4096  # ~2 tables per layer (pack and unpack chunk sizes) of a 1000-layer model
 
@@ -384,6 +408,7 @@ class ExpertLayout:
     Args:
         tensors: the layer's weight tensors on this rank, each ``(num_local, ...)`` with
             contiguous rows, all on one device, any dtypes.
+        checked: the caller already ran :func:`check_layer_tensors` on ``tensors``.
 
     Attributes:
         num_local: rows per tensor.
@@ -392,8 +417,9 @@ class ExpertLayout:
         expert_bytes: bytes of one packed expert (multiple of 16).
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor]):
-        check_layer_tensors(tensors)
+    def __init__(self, tensors: Sequence[torch.Tensor], *, checked: bool = False):
+        if not checked:  # ``checked``: the caller just ran check_layer_tensors on them
+            check_layer_tensors(tensors)
         self.tensors = list(tensors)
         self.device = self.tensors[0].device
         self.num_local = int(self.tensors[0].shape[0])
@@ -532,7 +558,7 @@ class ExpertLayout:
     # -- Triton launcher --------------------------------------------------------------------
     def _triton(self) -> _TritonState:
         if self._triton_state is None:
-            self._triton_state = _TritonState(self)
+            self._triton_state = _TritonState.of(self)
         return self._triton_state
 
     def kernel_plan(self, num_rows: int, tuning: KernelTuning | None = None) -> KernelPlan:
