@@ -20,7 +20,8 @@ for step in ${STEPS:-tests link}; do
     hostprof) for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
         run_step "host-profile-$config" 120 python3 bench/host_profile.py --config "$config" --layers ${PROF_LAYERS:-4} \
           --calls 10 --top 40 --out "$OUT"; done ;;
-    timeline) run_step timeline 120 python3 bench/layer_timeline.py ;;
+    timeline) for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
+        run_step "timeline-$config" 120 python3 bench/layer_timeline.py --config "$config" --layers ${PROF_LAYERS:-4}; done ;;
     multigpu) run_step multi-gpu 300 python3 bench/multi_gpu.py --backend nccl --timeout 280 \
       --json "$OUT/multi_gpu-nccl-w2.json" ;;
     *) echo "unknown step $step" ;;

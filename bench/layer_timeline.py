@@ -54,12 +54,18 @@ def _rank(rank, world, args):
     from eplb_triton.comm import Communicator
     from eplb_triton.layout import ExpertLayout, _TritonState
 
+    from eplb_triton import inputs
+
     for owner, name in [(Communicator, "exchange"), (Communicator, "wait"), (Communicator, "agree"),
-                        (Communicator, "confirm"), (ExpertLayout, "move"), (_TritonState, "compiled_runner"),
-                        (transfer.RoundWork, "device_rows"), (transfer.RoundWork, "batches"),
-                        (transfer.RoundWork, "post_batches"), (transfer.RoundWork, "apply"),
-                        (transfer, "plan_from_maps"), (transfer, "_check_weights"), (transfer, "schedule_layer"),
-                        (transfer.RoundWork, "from_view"), (transfer, "normalize_maps")]:
+                        (Communicator, "confirm"), (Communicator, "_post_coalesced"), (ExpertLayout, "move"),
+                        (_TritonState, "compiled_runner"), (transfer.RoundWork, "device_rows"),
+                        (transfer.RoundWork, "batches"), (transfer.RoundWork, "post_batches"),
+                        (transfer.RoundWork, "apply"), (transfer.RoundWork, "count_into"),
+                        (transfer.RoundWork, "from_view"), (transfer.LayerWork, "run"),
+                        (transfer, "prepare_layers"), (transfer, "plan_from_maps"), (transfer, "schedule_layer"),
+                        (transfer, "upload_rows"), (transfer, "finish_transfer"), (transfer, "_elapsed"),
+                        (transfer, "_mark"), (transfer, "check_inputs"), (transfer, "agree_inputs"),
+                        (inputs, "check_weights"), (inputs, "normalize_maps")]:
         timed(owner, name)
 
     def probe(point, **info):
@@ -97,6 +103,7 @@ def main() -> int:
     parser.add_argument("--config", default="qwen3-30b-a3b-bf16", choices=list(mg.REF_CONFIGS))
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
+    print(mg._machine({"backend": "nccl"}, 2))
     results = run_ranks(2, _rank, vars(args), backend="nccl", timeout_s=300.0, group_timeout_s=120.0)
     print(f"{args.config}, {args.layers} layers: ms since the call began (host clock | GPU stream)")
     for rank, (rows, costs) in enumerate(results):
