@@ -232,10 +232,14 @@ class Communicator:
         return [group._end_coalescing(device)]
 
     def _group_backend(self) -> str | None:
-        try:
-            return str(dist.get_backend(self.group)).lower()
-        except (ValueError, RuntimeError, TypeError):  # not a registered group (a test's stand-in)
-            return self.backend
+        known = self.__dict__.get("_group_backend_name")  # asked once per layer: ~5 us each time
+        if known is None:
+            try:
+                known = str(dist.get_backend(self.group)).lower()
+            except (ValueError, RuntimeError, TypeError):  # not a registered group (a test's stand-in)
+                known = self.backend
+            self.__dict__["_group_backend_name"] = known
+        return known
 
     @staticmethod
     def op_labels(sends: dict, recvs: dict) -> list[tuple[int, str]]:

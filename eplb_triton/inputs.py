@@ -195,7 +195,7 @@ def _check_no_shared_rows(layouts: Sequence[ExpertLayout]) -> None:
         for i, t in enumerate(layout.tensors):
             if t.numel() == 0:
                 continue
-            key = (t.device, t.untyped_storage().data_ptr())
+            key = (t.device, t.data_ptr() - t.storage_offset() * t.element_size())  # the storage's base, no storage object
             by_storage.setdefault(key, []).append((index, i, t))
     for members in by_storage.values():
         if len(members) < 2:
