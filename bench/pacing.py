@@ -16,8 +16,10 @@ maps, once per setting and repeat.
 Measured, per setting (unpaced, ``layers_per_step`` 4/2/1, ``bytes_per_step`` at 2.5 and 1.5
 layers' gate bytes, ``steps_per_layer`` 2/4/8/16), each repeat preceded by the loop alone:
 
-* the serving iteration time alone and during the transfer: median, p10, p90 (per rank; the
-  table shows the worst rank's slowdown = median during / median alone of the same repeat);
+* the serving iteration time alone and during the transfer: median, p10, p90 (the rank with
+  the slowest median during the transfer, all repeats pooled);
+* the slowdown: per repeat, the worst rank's median iteration during the transfer over its
+  median alone right before it; the median over repeats;
 * the transfer time: ``submit`` until the last layer is swapped (slowest rank), and as a
   multiple of the unpaced setting's;
 * every layer checked bit for bit after each transfer (``row_mismatches``).
@@ -178,10 +180,11 @@ def summarise(per_rank: list[dict], cfg: dict, machine: str) -> dict:
         ranks = [r["settings"][name] for r in per_rank]
         base = [_percentiles([t for run in r["runs"] for t in run["base"]]) for r in ranks]
         loaded = [_percentiles([t for run in r["runs"] for t in run["loaded"]]) for r in ranks]
-        # slowdown per repeat and rank: median during / median alone right before it
+        # per repeat: the worst rank's median during / median alone right before it
         slowdowns = [
-            statistics.median(run["loaded"]) / statistics.median(run["base"]) if run["loaded"] else None
-            for r in ranks for run in r["runs"]
+            max(statistics.median(r["runs"][i]["loaded"]) / statistics.median(r["runs"][i]["base"]) for r in ranks)
+            for i in range(len(ranks[0]["runs"]))
+            if all(r["runs"][i]["loaded"] for r in ranks)
         ]
         transfer = [max(r["runs"][i]["transfer_s"] for r in ranks) for i in range(len(ranks[0]["runs"]))]
         worst = max(range(len(ranks)), key=lambda k: loaded[k]["median_ms"] or 0)
@@ -190,8 +193,9 @@ def summarise(per_rank: list[dict], cfg: dict, machine: str) -> dict:
             "knobs": ranks[0]["knobs"],
             "base_ms": base[worst],
             "loaded_ms": loaded[worst],
-            "slowdown": statistics.median([s for s in slowdowns if s is not None]) if any(s is not None for s in slowdowns) else None,
-            "slowdown_worst_rank": (loaded[worst]["median_ms"] / base[worst]["median_ms"]) if loaded[worst]["median_ms"] else None,
+            "slowdown": statistics.median(slowdowns) if slowdowns else None,  # median over repeats
+            "slowdown_per_repeat": slowdowns,
+            "slowdown_pooled": (loaded[worst]["median_ms"] / base[worst]["median_ms"]) if loaded[worst]["median_ms"] else None,
             "transfer_ms": 1e3 * statistics.median(transfer),
             "transfer_ms_all": [1e3 * t for t in transfer],
             "iterations": statistics.median([run["iterations"] for run in ranks[0]["runs"]]),
@@ -211,6 +215,7 @@ def summarise(per_rank: list[dict], cfg: dict, machine: str) -> dict:
         "environment": {k: os.environ.get(k) for k in MULTICAST_OFF},
         "layer_gate_bytes": per_rank[0]["layer_gate_bytes"],
         "rows": rows,
+        "raw": {name: [r["settings"][name]["runs"] for r in per_rank] for name, _ in SETTINGS},  # [rank][repeat]
         "all_correct": all(r["bad_rows"] == 0 and r["layers_done"] == cfg["layers"] for r in rows),
         "target": {"slowdown_at_most": TARGET_SLOWDOWN, "transfer_x_unpaced_at_most": TARGET_TIME_X,
                    "met_by": [r["setting"] for r in rows if r["meets_target"]]},

@@ -44,6 +44,11 @@ checks the received experts before publishing the layer. (The trailer cannot sha
 data's message here: received experts land back to back in the slot so that the swap is
 one unpack.)
 
+Pacing (:mod:`eplb_triton.pacing`): with ``layers_per_step``/``bytes_per_step``/
+``steps_per_layer`` the worker thread waits, before starting a layer, until ``step()`` was
+called as often as the pace's schedule says (computed at ``submit`` from the global plan, so
+every rank's gate opens on the same layers with no collective of its own); ``wait()`` lifts it.
+
 Thread safety: ``submit``/``step``/``wait``/``close`` are meant for one (the serving) thread.
 The worker's p2p runs on ``transfer_group``; the agreements of ``submit`` and ``step`` run on
 a CPU (gloo) control group, never on the group the worker thread uses (a NCCL or gloo
@@ -695,7 +700,8 @@ class TransferWorker:
         The same indices, in ascending order, on every rank. Collective over the EP group
         while :attr:`busy` (each rank must call it equally often); returns ``[]`` at once when
         idle. Swaps run on the current CUDA stream, so kernels queued before read the old
-        rows and kernels queued after read the new ones; no device-wide sync.
+        rows and kernels queued after read the new ones; no device-wide sync. With a pace,
+        each call while busy lets the worker thread start the next step's worth of layers.
         """
         self._check_open()
         job = self._job
@@ -737,6 +743,8 @@ class TransferWorker:
 
     def wait(self) -> TransferStats:
         """Swap in every remaining layer (collective while busy); returns this rank's stats.
+
+        Lifts the pace, on every rank at the same step (the request rides in the step agreement).
 
         ``layer_times_s[l]`` is the worker's transfer time of layer ``l``; when idle, returns
         the stats of the last rearrangement.

@@ -317,7 +317,7 @@ def _rank_slow_cadence(rank, world, old, new, interval_s, timeout_s):
 
 def test_steps_slower_than_timeout_s_are_not_a_stalled_peer(distributed):
     old, new = moving_maps(2, 3, [1, 2, 1])
-    results = distributed(2, _rank_slow_cadence, old, new, 0.9, 0.6)
+    results = distributed(2, _rank_slow_cadence, old, new, 1.3, 1.0)
     for returned, exact in results:
         assert returned == results[0][0] and all(exact)
         assert max(len(r) for r in returned) == 1
