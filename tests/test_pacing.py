@@ -20,7 +20,7 @@ import torch
 from eplb_triton import TransferWorker
 from eplb_triton.pacing import PaceGate, Pacing, TransferProgress, check_pacing, layer_gate_bytes
 from eplb_triton.plan import plan_rearrangement
-from test_worker import PACKED, SPECS, _raise_at, all_to_all_maps, assert_consistent, run_faults
+from test_worker import PACKED, SPECS, _FakeCuda, _FakeStream, _raise_at, all_to_all_maps, assert_consistent, run_faults
 
 POISON = 0xA5  # staging is filled with this before a submit: a row unpacked from unwritten staging shows
 
@@ -399,3 +399,26 @@ def test_single_rank_pace_progress_and_log(caplog):
     assert worker.progress.layers_done == 3 and worker.progress.bytes_moved == stats.total_bytes_sent + stats.total_bytes_received
     lines = [r.getMessage() for r in caplog.records if "swapped (" in r.getMessage()]
     assert [line.split("layers ")[1].split(" swapped")[0] for line in lines] == ["1/3", "2/3", "3/3"], lines
+
+
+def test_gpu_path_publishes_the_staged_layer_before_waiting_for_credit(monkeypatch):
+    """On a GPU the worker queues layer i+1 before publishing layer i; paced, layer i+1 waits
+    for a step(), so layer i must be published first or that step() would find nothing to
+    swap. Checked on CPU through the fake CUDA stream of test_worker."""
+    from eplb_triton import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "_cuda", _FakeCuda([]))
+    old = np.tile(np.arange(4), (4, 1))
+    new = np.stack([np.roll(o, 1 + l % 3) for l, o in enumerate(old)])
+    tables = expert_tables(SPECS, 4, 4, seed=8)
+    weights = slot_contents(tables, old, 0, 4, junk_seed=1)
+    want = reference_after(weights, tables, new, 0, 4)
+    returned = []
+    with TransferWorker(weights, backend="torch", layers_per_step=1) as worker:
+        worker._stream = _FakeStream("worker", [])  # as if on a GPU: the worker has its own stream
+        worker.submit(old, new)
+        while worker.busy:
+            assert _wait_until(lambda: worker.progress.layers_moved > worker.progress.layers_done, 10.0), worker.progress
+            returned.append(worker.step())
+    assert returned == [[0], [1], [2], [3]]
+    assert all(layer_equal(w, e) for w, e in zip(weights, want))
