@@ -7,6 +7,7 @@ from .align import align_placement, linear_assignment
 from .comm import ChecksumMismatchError, PeerError, PeerFailedError, PeerTimeoutError, TransferError
 from .layout import ExpertLayout
 from .maps import ExpertMaps, normalize_maps
+from .pacing import TransferProgress
 from .plan import (
     SENDER_POLICIES,
     LayerPlan,
@@ -33,6 +34,7 @@ __all__ = [
     "RankPlan",
     "RearrangementPlan",
     "TransferError",
+    "TransferProgress",
     "TransferStats",
     "TransferWorker",
     "align_placement",

@@ -341,9 +341,12 @@ def check_worker_inputs(
     max_buffer_bytes: int | None = None,
     verify: bool = False,
     timeout_s: float | None = None,
+    more_checks: Callable[[CheckedInputs], dict[str, object]] | None = None,
 ) -> CheckedInputs:
     """:func:`check_inputs` for :class:`~eplb_triton.TransferWorker`'s constructor (no maps
-    yet): the weights, their device against ``comm``'s backend, and the options; never raises."""
+    yet): the weights, their device against ``comm``'s backend, and the options; never raises.
+    ``more_checks(checked)``: the worker's own option checks (their errors become the
+    verdict), returning settings every rank must agree on (part of the options fingerprint)."""
     checked = CheckedInputs(error=None, timeout_s=_agreement_timeout(timeout_s))
     try:
         check_timeout(timeout_s)
@@ -356,9 +359,11 @@ def check_worker_inputs(
         checked.layouts = layouts = check_weights(expert_weights)
         if layouts:
             check_backend_device(comm, layouts[0].device)
+        if more_checks is not None:
+            checked.extra_options = dict(more_checks(checked))
         checked.fingerprints = {
             LAYOUTS: _layout_fingerprint(layouts),
-            OPTIONS: _options_fingerprint(checked.max_buffer_bytes, verify, None),
+            OPTIONS: _options_fingerprint(checked.max_buffer_bytes, verify, None, checked.extra_options),
         }
     except Exception as exc:  # noqa: BLE001 - every failure must reach the agreement as a verdict
         checked.error = verdict_of(exc)

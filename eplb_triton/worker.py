@@ -44,6 +44,11 @@ checks the received experts before publishing the layer. (The trailer cannot sha
 data's message here: received experts land back to back in the slot so that the swap is
 one unpack.)
 
+Pacing (:mod:`eplb_triton.pacing`): with ``layers_per_step``/``bytes_per_step``/
+``steps_per_layer`` the worker thread waits, before starting a layer, until ``step()`` was
+called as often as the pace's schedule says (computed at ``submit`` from the global plan, so
+every rank's gate opens on the same layers with no collective of its own); ``wait()`` lifts it.
+
 Thread safety: ``submit``/``step``/``wait``/``close`` are meant for one (the serving) thread.
 The worker's p2p runs on ``transfer_group``; the agreements of ``submit`` and ``step`` run on
 a CPU (gloo) control group, never on the group the worker thread uses (a NCCL or gloo
@@ -76,6 +81,7 @@ from .comm import (
 from .inputs import agree_inputs, check_worker_inputs, weights_signature
 from .layout import ExpertLayout, index_tensors, resolve_backend
 from .maps import EPGroup, ExpertMap
+from .pacing import PaceGate, Pacing, TransferProgress, check_pacing, layer_gate_bytes
 from .transfer import LayerWork, RoundWork, TransferStats, prepare_layers, staging_bound, upload_rows
 
 __all__ = ["TransferWorker"]
@@ -320,6 +326,10 @@ class _Job:
     recv_sums: torch.Tensor | None = None  # verify: checksum trailers of one round's receives
     broken: bool = False  # a peer error: the transfer group is unusable, do not drain
     layer: int | None = None  # the layer the worker thread is transferring (error reports)
+    gate: PaceGate = None  # pacing: which layers the worker thread may start (see pacing.py)
+    lift_requested: bool = False  # wait() asks the ranks to lift the pace at the next step
+    submitted_at: float = 0.0  # time.monotonic() of submit (progress)
+    finished_at: float | None = None  # of the last swap
 
 
 def _per_peer(buf: torch.Tensor, peers: list[int], counts: list[int], eb: int) -> dict[int, torch.Tensor]:
@@ -399,8 +409,21 @@ class TransferWorker:
             allocates what its plan needs. A submit with a larger ``max_buffer_bytes`` or
             with ``verify`` turned on after construction allocates again.
 
+        layers_per_step, bytes_per_step, steps_per_layer: pacing, keyword-only, ``None``
+            (default) = as fast as possible (see :mod:`eplb_triton.pacing`). The worker thread
+            starts at most ``layers_per_step`` layers' transfers between two :meth:`step`
+            calls (vLLM's async EPLB moves one layer per forward step: ``1``), at most
+            ``bytes_per_step`` bytes of them (counting each layer's busiest rank; a larger
+            layer moves alone), or one layer every ``steps_per_layer`` calls (for steps
+            shorter than one layer's transfer). The first step's worth may start right after
+            :meth:`submit`. The same on every rank (agreed at construction); the gate needs no
+            collective of its own and a gated worker is not a stalled peer for ``timeout_s``.
+            :meth:`wait` lifts the pace. Layers that move nothing on any rank are free.
+        log_progress: log :attr:`progress` at INFO on the ``eplb_triton.worker`` logger at
+            each :meth:`step` that swaps layers.
+
     ``max_buffer_bytes`` and ``verify`` are read by each :meth:`submit`: they may be changed
-    (the same on every rank) between rearrangements.
+    (the same on every rank) between rearrangements. The pace is fixed at construction.
 
     Constructing is collective over ``ep_group`` when it has more than one rank (it may
     create process groups). It validates ``expert_weights`` (a list of layers, each a list of
@@ -460,20 +483,37 @@ class TransferWorker:
         timeout_s: float | None = None,
         verify: bool = False,
         reserve: bool = False,
+        layers_per_step: int | None = None,
+        bytes_per_step: int | None = None,
+        steps_per_layer: int | None = None,
+        log_progress: bool = False,
     ):
         # A non-group ep_group/transfer_group is a TypeError here, before torch.distributed.
         ep = Communicator.from_group(ep_group)
         moves = ep if transfer_group is None else Communicator.from_group(transfer_group)
+        pacing = Pacing()
+
+        def check_options(_checked) -> dict[str, object]:  # inside the input stage: errors become the verdict
+            nonlocal pacing
+            if not isinstance(log_progress, bool):
+                raise TypeError(f"log_progress must be a bool, got {type(log_progress).__name__}")
+            pacing = check_pacing(layers_per_step, bytes_per_step, steps_per_layer)
+            return pacing.options()  # the gates must open on the same layers everywhere: agreed
+
         # Checked like submit()'s input, with the same agreement: every rank raises the same
         # TypeError/ValueError (after the rendezvous below, so no rank is left waiting).
         checked = check_worker_inputs(
-            expert_weights, moves, max_buffer_bytes=max_buffer_bytes, verify=verify, timeout_s=timeout_s
+            expert_weights, moves, max_buffer_bytes=max_buffer_bytes, verify=verify, timeout_s=timeout_s,
+            more_checks=check_options,
         )
         self.expert_weights = expert_weights
         self.max_buffer_bytes = max_buffer_bytes
         self.backend = backend
         self.timeout_s = checked.timeout_s
         self.verify = verify
+        self._pacing = pacing
+        self._log_progress = log_progress
+        self._last_progress = TransferProgress()
         self._device = checked.layouts[0].device if checked.layouts else torch.device("cpu")
         self._owned_groups: list = []
         if ep.world_size > 1:
@@ -557,6 +597,26 @@ class TransferWorker:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def layers_per_step(self) -> int | None:
+        return self._pacing.layers_per_step
+
+    @property
+    def bytes_per_step(self) -> int | None:
+        return self._pacing.bytes_per_step
+
+    @property
+    def steps_per_layer(self) -> int | None:
+        return self._pacing.steps_per_layer
+
+    @property
+    def progress(self) -> TransferProgress:
+        """Where the current (else the last) rearrangement stands on this rank: layers
+        swapped / moved / total, bytes exchanged, time elapsed and an estimate of the time
+        left (:class:`~eplb_triton.pacing.TransferProgress`). Local and cheap."""
+        job = self._job
+        return self._last_progress if job is None else self._progress_of(job)
+
     def submit(self, old_global_expert_indices: ExpertMap, new_global_expert_indices: ExpertMap) -> None:
         """Start rearranging from the old to the new maps; returns once the work is queued.
 
@@ -596,6 +656,12 @@ class TransferWorker:
         sums_at = 2 * slot_bytes + send_bytes
         stats = TransferStats.empty(rank, self._transfer.world_size)
         stats.peak_staging_bytes = int(storage.numel())
+        # The pace's schedule comes from the global plan: the same on every rank.
+        schedule = None
+        if self._pacing.paced:
+            schedule = self._pacing.schedule(
+                [layer_gate_bytes(s.layer.plan.traffic, s.layer.layout.expert_bytes) for s in stages]
+            )
         start_event = None
         if self._stream is not None:
             # The worker reads live weights on its own stream: after what the current stream
@@ -612,14 +678,18 @@ class TransferWorker:
             verify=self.verify,
             send_sums=storage[sums_at : sums_at + send_sums] if self.verify else None,
             recv_sums=storage[sums_at + send_sums :] if self.verify else None,
+            gate=PaceGate(schedule),
+            submitted_at=time.monotonic(),
         )
         log.info(
-            "rank %d: submitted %d layers, staging %d bytes (2 x %d slot + %d send)",
+            "rank %d: submitted %d layers, staging %d bytes (2 x %d slot + %d send)%s",
             rank, len(stages), storage.numel(), slot_bytes, send_bytes,
+            f", paced over {schedule[-1] + 1} steps ({self._pacing.options()})" if schedule else "",
         )
         with self._cond:
             if not stages:
                 self._last_stats = stats
+                self._last_progress = TransferProgress.of(0, 0, 0, 0, 0, 0.0)
                 return
             self._job = job
             self._cond.notify_all()
@@ -630,7 +700,8 @@ class TransferWorker:
         The same indices, in ascending order, on every rank. Collective over the EP group
         while :attr:`busy` (each rank must call it equally often); returns ``[]`` at once when
         idle. Swaps run on the current CUDA stream, so kernels queued before read the old
-        rows and kernels queued after read the new ones; no device-wide sync.
+        rows and kernels queued after read the new ones; no device-wide sync. With a pace,
+        each call while busy lets the worker thread start the next step's worth of layers.
         """
         self._check_open()
         job = self._job
@@ -638,8 +709,9 @@ class TransferWorker:
             return []
         with self._cond:
             ready, failed = job.published, self._error is not None
+            lift = job.lift_requested and not job.gate.lifted
         try:
-            ready = self._agree_ready(ready, failed)
+            ready, lift = self._agree_ready(ready, failed, lift)
         except BaseException:
             if not self._closed:
                 self._shutdown()
@@ -653,15 +725,26 @@ class TransferWorker:
         except BaseException:  # a failed launch here is not recoverable: stop the thread, no leak
             self._shutdown()
             raise
+        with self._cond:  # one more collective step: the pace's credit (the same count on every rank)
+            job.gate.on_step()
+            if lift:  # agreed: every rank lifts the pace at this step
+                job.gate.lift()
+            self._cond.notify_all()
         if job.swapped == len(job.stages):
+            job.finished_at = time.monotonic()
             self._last_stats = job.stats
+            self._last_progress = self._progress_of(job)
             self._job = None
         if done:
             log.debug("rank %d: swapped layers %s", self._transfer.rank, done)
+            if self._log_progress:
+                log.info("rank %d: %s", self._transfer.rank, self._progress_of(job))
         return done
 
     def wait(self) -> TransferStats:
         """Swap in every remaining layer (collective while busy); returns this rank's stats.
+
+        Lifts the pace, on every rank at the same step (the request rides in the step agreement).
 
         ``layer_times_s[l]`` is the worker's transfer time of layer ``l``; when idle, returns
         the stats of the last rearrangement.
@@ -670,10 +753,12 @@ class TransferWorker:
         while self._job is not None:
             job = self._job
             with self._cond:
+                job.lift_requested = True  # the pace is lifted at the next step, on every rank
                 # Re-agree at least every slice even without local progress: a peer's failure
                 # (our worker may be blocked on that peer) is only learnt through step().
                 self._cond.wait_for(
-                    lambda: job.published > job.swapped or self._error is not None, timeout=_WAIT_SLICE_S
+                    lambda: job.published > job.swapped or self._error is not None or not job.gate.lifted,
+                    timeout=_WAIT_SLICE_S,
                 )
             self.step()
         return self._last_stats
@@ -713,8 +798,9 @@ class TransferWorker:
         if self._closed:
             raise RuntimeError("TransferWorker is closed (close() was called or a transfer failed); create a new one")
 
-    def _agree_ready(self, ready: int, failed: bool) -> int:
-        """min(ready) over ranks; raises on every rank when any rank's worker failed.
+    def _agree_ready(self, ready: int, failed: bool, lift: bool = False) -> tuple[int, bool]:
+        """min(ready) over ranks, and whether any rank asks to lift the pace (``wait()``);
+        raises on every rank when any rank's worker failed.
 
         Bounded by ``timeout_s`` (plus a grace): a peer that exited or stopped calling
         ``step()`` makes it raise instead of hanging. Each rank also contributes its entry
@@ -725,9 +811,9 @@ class TransferWorker:
         if comm.world_size == 1:
             if failed:
                 self._raise_failure()
-            return ready
+            return ready, lift
         now_us = int(time.time() * 1e6)  # wall clock: comparable across hosts (NTP)
-        flags = torch.tensor([-ready, int(failed), now_us, -now_us], dtype=torch.int64)
+        flags = torch.tensor([-ready, int(failed), now_us, -now_us, int(lift)], dtype=torch.int64)
         if self.timeout_s is None:
             try:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=comm.group)
@@ -746,7 +832,7 @@ class TransferWorker:
         ready, any_failed = -int(flags[0]), bool(flags[1])
         if any_failed:
             self._raise_failure()
-        return ready
+        return ready, bool(flags[4])
 
     def _next_layer(self) -> int | None:
         job = self._job
@@ -874,6 +960,15 @@ class TransferWorker:
             raise ChecksumMismatchError(text, layer=layer, peer=peer, expert=expert)
         raise cls(text, layer=layer, peer=peer)
 
+    def _progress_of(self, job: _Job) -> TransferProgress:
+        with self._cond:
+            done, moved = job.swapped, job.published
+        end = job.finished_at if job.finished_at is not None else time.monotonic()
+        stats = job.stats  # counted by the worker thread: at worst one round behind
+        return TransferProgress.of(
+            len(job.stages), done, moved, stats.total_bytes_sent, stats.total_bytes_received, end - job.submitted_at
+        )
+
     def _swap(self, job: _Job, stage: _Stage) -> None:
         slot = job.slots[job.swapped % 2]
         if stage.rows.size:
@@ -896,6 +991,8 @@ class TransferWorker:
             self._cond.notify_all()
 
     def _shutdown(self, timeout_s: float = 10.0) -> None:
+        if self._job is not None:  # what stays readable once the job is dropped
+            self._last_progress = self._progress_of(self._job)
         with self._cond:
             self._stop = True
             self._cond.notify_all()
@@ -959,6 +1056,11 @@ class TransferWorker:
         # so the GPU never idles between layers while this thread polls and publishes.
         pending = None
         for index, stage in enumerate(job.stages):
+            if not job.gate.allows(index):  # paced: offer the last layer, then wait for credit
+                if pending is not None:
+                    self._publish(job, *pending)
+                    pending = None
+                self._wait_gate(job, index)
             begin = time.perf_counter()
             job.layer = stage.layer.index
             if self._stream is not None:
@@ -981,6 +1083,16 @@ class TransferWorker:
             pending = (index, stage, checks, done, begin)
         if pending is not None:
             self._publish(job, *pending)
+
+    def _wait_gate(self, job: _Job, index: int) -> None:
+        """Block until the pace lets layer ``index`` start (a step() call or wait()), or stop.
+
+        Nothing is posted meanwhile: every rank's gate opens at the same step, so no peer
+        waits in an exchange for this rank (see :mod:`eplb_triton.pacing`)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._stop or job.gate.allows(index))
+            if self._stop:
+                raise _Stopped
 
     def _publish(self, job: _Job, index: int, stage: _Stage, checks: list, done, begin: float) -> None:
         """Wait until layer ``index``'s transfer ran (``done``), check it, and offer it to step()."""
