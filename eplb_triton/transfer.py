@@ -1186,13 +1186,17 @@ def rearrange_expert_weights_inplace(
             exc.stats = stats  # which layers are new on this rank: those not in failed_layers
             raise
         marks.append(_mark(device))
+    try:  # the confirmation waits for the layers anyway: read their times after it, not before
+        finish_transfer(comm, layers, stats, errors, timeout_s=timeout_s)
+    except ChecksumMismatchError as exc:  # every exchange completed: the times can be read
+        stats.layer_times_s = _elapsed(marks)
+        exc.stats = stats
+        raise
+    except TransferError as exc:  # a peer failed: the stream may never reach the last mark
+        exc.stats = stats
+        raise
     stats.layer_times_s = _elapsed(marks)
     for layer, seconds in zip(layers, stats.layer_times_s):
         logger.debug("rank %d layer %d: %d rounds in %.6f s", comm.rank, layer.index, len(layer.rounds), seconds)
-    try:
-        finish_transfer(comm, layers, stats, errors, timeout_s=timeout_s)
-    except TransferError as exc:
-        exc.stats = stats
-        raise
     logger.log(logging.INFO if log_traffic else logging.DEBUG, "%s", stats.traffic_summary())
     return stats
