@@ -26,16 +26,15 @@ import torch
 import torch.distributed as dist
 
 from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
-from eplb_triton.launch import free_port
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
-from eplb_triton.worker import _Stopped
+from eplb_triton.testing.launch import free_port
+from eplb_triton.testing.shapes import LAYER_CONFIGS, scaled
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 
-BF16 = torch.bfloat16
-# The reference layer configs of issue 3 with every dimension divided by 8 (CPU-sized).
+# The reference layers of eplb_triton.testing.shapes with every dimension divided by 8 (CPU-sized).
 SMALL_CONFIGS = {
-    "qwen3-30b-a3b-bf16-div8": (16, 8, [TensorSpec((192, 256), BF16), TensorSpec((256, 96), BF16)]),
-    "small-bf16-div8": (64, 32, [TensorSpec((64, 128), BF16), TensorSpec((128, 32), BF16)]),
-    "tiny-bf16-div8": (128, 64, [TensorSpec((32, 64), BF16), TensorSpec((64, 16), BF16)]),
+    f"{name}-div8": (c.num_local, c.moved, scaled(c.tensors, 8))
+    for name, c in LAYER_CONFIGS.items()
+    if name != "deepseek-v3-fp8"
 }
 
 
@@ -50,10 +49,12 @@ def swap_maps(local: int, moved: int):
 def hold(worker: TransferWorker) -> None:
     """Keep the worker's first layer from finishing until close() (stop-aware)."""
 
+    original = worker._transfer_layer
+
     def held(job, index, stage):
         while not worker._stop:
             time.sleep(0.001)
-        raise _Stopped
+        return original(job, index, stage)  # sees the stop and unwinds the way close() expects
 
     worker._transfer_layer = held
 

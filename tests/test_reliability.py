@@ -19,9 +19,9 @@ import torch
 from eplb_triton import transfer
 from eplb_triton.checksum import P1, expert_checksums, trailer_bytes
 from eplb_triton.comm import PeerTimeoutError
-from eplb_triton.launch import run_ranks
+from eplb_triton.testing.launch import run_ranks
 from eplb_triton.plan import plan_rearrangement
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from eplb_triton.schedule import schedule_layer
 from eplb_triton.transfer import rearrange_expert_weights_inplace
 

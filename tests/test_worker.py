@@ -19,8 +19,8 @@ import torch
 
 from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
 from eplb_triton.comm import PeerError
-from eplb_triton.launch import run_ranks
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton.testing.launch import run_ranks
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from map_cases import expected_received_experts, packed_expert_bytes
 
 SPECS = [
@@ -944,7 +944,7 @@ def test_gpu_swaps_while_main_stream_reads_weights_no_group():
 def test_gpu_swaps_while_main_stream_reads_weights_nccl_world1():
     import torch.distributed as dist
 
-    from eplb_triton.launch import free_port
+    from eplb_triton.testing.launch import free_port
 
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
