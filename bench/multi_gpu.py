@@ -33,9 +33,10 @@ what happened).
 
 Notes: every TransferWorker here but one gets the run's shared process groups
 (``transfer_group``, and a gloo ``ep_group`` for its agreements on NCCL); one correctness case
-(``worker-own-groups``) lets the worker make its own. Making a second worker with its own
-groups after closing the first hung in its constructor at world 4 on gloo (CPU, 2026-11-24),
-which is a library issue, not something this script works around silently. On gloo the
+(``worker-own-groups``) lets the worker make its own. (A second worker with its own groups
+once hung in its constructor at world 4 on gloo: fixed in the library by pooling process groups
+instead of destroying them, with a regression test in tests/test_worker.py; sharing the groups
+here only saves their set-up time.) On gloo the
 "link peak" is loopback TCP between two processes and the timings of 4 ranks on 2 cores say
 nothing about GPUs: only the NCCL run's numbers count for the targets.
 """
