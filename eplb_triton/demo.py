@@ -203,15 +203,8 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shapes to imitate")
-    _cli.add_dist_backend_arguments(parser, default_world="4")
-    parser.add_argument(
-        "--layers", type=_cli.positive_int, default=None, metavar="N",
-        help="MoE layers (default: the preset's count; 4 for the large presets on gloo)",
-    )
-    parser.add_argument(
-        "--scale", type=_cli.positive_int, default=None, metavar="N",
-        help="divide tensor dimensions by this (default: 16 for the large presets on gloo, else 1)",
+    _cli.add_model_arguments(
+        parser, default_world="4", layers_help="MoE layers (default: the preset's count; 4 for the large presets on gloo)"
     )
     parser.add_argument("--rebalances", type=_cli.positive_int, default=3, metavar="N", help="consecutive rebalances under drifting load")
     parser.add_argument("--sync", action="store_true", help="use the blocking API instead of the TransferWorker")

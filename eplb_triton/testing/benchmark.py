@@ -264,15 +264,8 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shapes to imitate")
-    _cli.add_dist_backend_arguments(parser, default_world="2")
-    parser.add_argument(
-        "--layers", type=_cli.positive_int, default=None, metavar="N",
-        help="MoE layers (default: the preset's count on nccl, at most 4 on gloo)",
-    )
-    parser.add_argument(
-        "--scale", type=_cli.positive_int, default=None, metavar="N",
-        help="divide tensor dimensions by this (default: 16 for the large presets on gloo, else 1)",
+    _cli.add_model_arguments(
+        parser, default_world="2", layers_help="MoE layers (default: the preset's count on nccl, at most 4 on gloo)"
     )
     parser.add_argument("--repeats", type=_cli.positive_int, default=5, metavar="N", help="timed passes per method, after one warm-up")
     parser.add_argument("--seed", type=_cli.nonnegative_int, default=0, metavar="N", help="seed of the placements")
