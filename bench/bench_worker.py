@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import os
+import sys
 import time
 
 import numpy as np
@@ -28,7 +30,11 @@ import torch.distributed as dist
 from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
 from eplb_triton.testing.launch import free_port
 from eplb_triton.testing.shapes import LAYER_CONFIGS, scaled
+
 from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_worker import swap_maps  # noqa: E402  (the same one-rank swap as the GPU table)
 
 # The reference layers of eplb_triton.testing.shapes with every dimension divided by 8 (CPU-sized).
 SMALL_CONFIGS = {
@@ -36,14 +42,6 @@ SMALL_CONFIGS = {
     for name, c in LAYER_CONFIGS.items()
     if name != "deepseek-v3-fp8"
 }
-
-
-def swap_maps(local: int, moved: int):
-    a = np.arange(local)[None, :]
-    b = a.copy()
-    half = moved // 2
-    b[0, :half], b[0, half:moved] = a[0, half:moved], a[0, :half]
-    return a, b
 
 
 def hold(worker: TransferWorker) -> None:
