@@ -30,8 +30,17 @@ def all_to_all_maps(world: int, layers: int) -> tuple[np.ndarray, np.ndarray]:
     return old, new
 
 
+class Injected(Exception):
+    """The worker tests' injected failure (a type the library never raises)."""
+
+
 def _injected(where: str, layer) -> Exception:
     return RuntimeError(f"injected at {where}")
+
+
+def injected_naming_the_layer(where: str, layer) -> Injected:
+    """``error=`` for :func:`raise_at`: an :class:`Injected` whose text names the point and the layer."""
+    return Injected(f"injected at {where}, layer {layer}")
 
 
 def raise_at(point, at_layer, at_round, victim, where, *, error=_injected, **info) -> None:

@@ -85,6 +85,7 @@ RUNTIME_API = [
     "PeerTimeoutError",
     "RearrangementPlan",
     "TransferError",
+    "TransferProgress",
     "TransferStats",
     "TransferWorker",
     "align_placement",

@@ -21,7 +21,15 @@ from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
 from eplb_triton.comm import PeerError
 from eplb_triton.testing.launch import run_ranks
 from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
-from fault_cases import all_to_all_maps, corrupt_in_flight, corrupted_peer_and_expert, exit_at, raise_at, stall_at
+from fault_cases import (
+    all_to_all_maps,
+    corrupt_in_flight,
+    corrupted_peer_and_expert,
+    exit_at,
+    injected_naming_the_layer,
+    raise_at,
+    stall_at,
+)
 from map_cases import expected_received_experts, packed_expert_bytes, random_maps
 
 SPECS = [
@@ -706,14 +714,6 @@ def test_peer_that_stops_calling_step_times_out_on_every_rank():
     assert error is not None and error["type"].startswith("Peer"), error
 
 
-class Injected(Exception):
-    pass
-
-
-def _injected(where, layer) -> Injected:
-    return Injected(f"injected at {where}, layer {layer}")
-
-
 @pytest.mark.parametrize(
     "point,round_index",
     [
@@ -728,7 +728,7 @@ def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, rou
     # a tight budget: every layer runs in several rounds, so "mid-layer" really is mid-layer
     world = 4
     old, new = all_to_all_maps(world, 3)
-    results = run_faults(world, old, new, partial(raise_at, point, 1, round_index, 2, error=_injected), timeout_s=10.0, max_buffer_bytes=4 * PACKED)
+    results = run_faults(world, old, new, partial(raise_at, point, 1, round_index, 2, error=injected_naming_the_layer), timeout_s=10.0, max_buffer_bytes=4 * PACKED)
     applied = assert_consistent(results, list(range(world)))
     assert all(l < 1 for l in applied), applied
     for rank, res in enumerate(results):
