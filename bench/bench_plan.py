@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from eplb_triton import align_placement, plan_rearrangement
-from eplb_triton.balancer import placement_sequence
+from eplb_triton.testing.balancer import placement_sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from plan_table import per_expert_loop_plan, python_loop_plan  # noqa: E402

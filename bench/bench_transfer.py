@@ -15,10 +15,11 @@ import torch
 import torch.distributed as dist
 
 from eplb_triton import rearrange_expert_weights_inplace
-from eplb_triton.baseline import rearrange_per_expert
-from eplb_triton.demo import PRESETS, make_placements
-from eplb_triton.launch import free_port
-from eplb_triton.synthetic import fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton.testing.baseline import rearrange_per_expert
+from eplb_triton.testing.balancer import make_placements
+from eplb_triton.testing.shapes import PRESETS
+from eplb_triton.testing.launch import free_port
+from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights, row_mismatches
 
 METHODS = {"eplb_triton": rearrange_expert_weights_inplace, "per-expert": rearrange_per_expert}
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import os
+import sys
 import time
 
 import numpy as np
@@ -26,34 +28,31 @@ import torch
 import torch.distributed as dist
 
 from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
-from eplb_triton.launch import free_port
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
-from eplb_triton.worker import _Stopped
+from eplb_triton.testing.launch import free_port
+from eplb_triton.testing.shapes import LAYER_CONFIGS, scaled
 
-BF16 = torch.bfloat16
-# The reference layer configs of issue 3 with every dimension divided by 8 (CPU-sized).
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_worker import swap_maps  # noqa: E402  (the same one-rank swap as the GPU table)
+
+# The reference layers of eplb_triton.testing.shapes with every dimension divided by 8 (CPU-sized).
 SMALL_CONFIGS = {
-    "qwen3-30b-a3b-bf16-div8": (16, 8, [TensorSpec((192, 256), BF16), TensorSpec((256, 96), BF16)]),
-    "small-bf16-div8": (64, 32, [TensorSpec((64, 128), BF16), TensorSpec((128, 32), BF16)]),
-    "tiny-bf16-div8": (128, 64, [TensorSpec((32, 64), BF16), TensorSpec((64, 16), BF16)]),
+    f"{name}-div8": (c.num_local, c.moved, scaled(c.tensors, 8))
+    for name, c in LAYER_CONFIGS.items()
+    if name != "deepseek-v3-fp8"
 }
-
-
-def swap_maps(local: int, moved: int):
-    a = np.arange(local)[None, :]
-    b = a.copy()
-    half = moved // 2
-    b[0, :half], b[0, half:moved] = a[0, half:moved], a[0, :half]
-    return a, b
 
 
 def hold(worker: TransferWorker) -> None:
     """Keep the worker's first layer from finishing until close() (stop-aware)."""
 
+    original = worker._transfer_layer
+
     def held(job, index, stage):
         while not worker._stop:
             time.sleep(0.001)
-        raise _Stopped
+        return original(job, index, stage)  # sees the stop and unwinds the way close() expects
 
     worker._transfer_layer = held
 

@@ -17,9 +17,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_table import CONFIGS, machine_line, measure, peak_copy_gbs, timer  # noqa: E402
+from kernel_table import CONFIGS, measure, peak_copy_gbs, timer  # noqa: E402
 
 from eplb_triton.layout import DEFAULT_TUNING, KernelTuning  # noqa: E402
+from eplb_triton.testing.machine import machine_line  # noqa: E402
 
 # Variants as measured in run 3 (bench/KERNEL_NOTES.md), spelled out in full so they keep
 # their meaning when the library's defaults change. "pps16-np" is the library default now.

@@ -13,12 +13,15 @@ Measured, per config (medians over ``--repeats``):
 
 * ``swap_gpu_us``: GPU time of ``step()``'s work on the main stream (CUDA events around
   ``step()``, queued behind a ``torch.cuda._sleep`` so the events time the GPU work only, not
-  host launch gaps);
-* ``floor_us``: bytes the swap must move (``moved`` rows read from staging + written to the
-  weights) / the device copy bandwidth measured in this run (a large ``copy_``); target
-  ``swap_gpu_us <= 1.2 x floor_us``;
+  host launch gaps), with L2 flushed first (a 256 MiB write), so the swap reads the staging
+  the worker just wrote from memory, not from L2;
+* ``floor_us``: a ``copy_`` of the bytes the swap moves (``moved`` rows), timed in the same
+  iteration and the same way: L2 flushed, behind the same sleep, between CUDA events. Swap and
+  floor therefore start from the same (cold) cache state; target ``swap_gpu_us <= 1.2 x floor_us``;
+* ``bandwidth_floor_us``: the swap's bytes (read from staging + written to the weights) / the
+  device copy bandwidth of a large ``copy_`` in this run (no launch cost; for reference);
 * ``unpack_us``: the unpack kernel alone (``triton.testing.do_bench``, cold L2);
-* ``copy_same_us``: a ``copy_`` of the same byte count (the floor including one launch);
+* ``copy_same_us``: a ``copy_`` of the same byte count under ``do_bench`` (cold L2);
 * ``step_host_swap_us`` / ``step_host_idle_us``: host time of a ``step()`` call that swaps
   a layer / that finds nothing ready while a transfer is in flight (the serving thread pays
   this every forward pass). One rank: no agreement collective is included; with EP > 1 add
@@ -33,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,31 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from eplb_triton import TransferWorker  # noqa: E402
 from eplb_triton.layout import ExpertLayout  # noqa: E402
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
+from eplb_triton.testing.machine import machine_line  # noqa: E402
+from eplb_triton.testing.shapes import LAYER_CONFIGS, scaled  # noqa: E402
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
 
-BF16, U8, F32 = torch.bfloat16, torch.uint8, torch.float32
-CONFIGS = {
-    "qwen3-30b-a3b-bf16": (16, 8, [TensorSpec((1536, 2048), BF16), TensorSpec((2048, 768), BF16)]),
-    "deepseek-v3-fp8": (
-        9,
-        4,
-        [TensorSpec((4096, 7168), U8), TensorSpec((32, 56), F32), TensorSpec((7168, 2048), U8), TensorSpec((56, 16), F32)],
-    ),
-    "small-bf16": (64, 32, [TensorSpec((512, 1024), BF16), TensorSpec((1024, 256), BF16)]),
-    "tiny-bf16": (128, 64, [TensorSpec((256, 512), BF16), TensorSpec((512, 128), BF16)]),
-}
 SLEEP_CYCLES = 2_000_000  # ~1 ms of GPU time: covers step()'s host-side launch latency
-
-
-def machine_line(device: torch.device) -> str:
-    import triton
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()} x{os.cpu_count()}"
-    return f"Machine: {name}, torch {torch.__version__}, triton {triton.__version__}"
-
-
-def scaled(specs: list[TensorSpec], scale: int) -> list[TensorSpec]:
-    return [TensorSpec(tuple(max(1, d // scale) for d in s.shape), s.dtype) for s in specs]
+L2_FLUSH_BYTES = 256 << 20  # written before every timed swap and copy: larger than any GPU's L2 (H200: 50 MB)
 
 
 def swap_maps(local: int, moved: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +112,12 @@ def bench_config(name: str, local: int, moved: int, specs: list[TensorSpec], dev
     fill_rank_weights(weights, a, 0, seed=1)
     row_bytes = sum(s.row_bytes() for s in specs)
     swap_bytes = 2 * moved * row_bytes  # read from staging + written to the rows
-    gpu_ms, host_swap, host_busy_idle, host_idle, bad = [], [], [], [], 0
+    # The floor: a copy_ of the same bytes, timed in the same iteration as the swap and in the
+    # same cache state (L2 flushed before each, behind the same sleep, between CUDA events).
+    flat_src = torch.empty(moved * row_bytes, dtype=torch.uint8, device=device).random_()
+    flat_dst = torch.empty_like(flat_src)
+    flush = torch.empty(L2_FLUSH_BYTES if device.type == "cuda" else 0, dtype=torch.uint8, device=device)
+    gpu_ms, copy_ms, host_swap, host_busy_idle, host_idle, bad = [], [], [], [], [], 0
     with TransferWorker(weights, backend=args.backend, verify=args.verify, timeout_s=args.timeout_s) as worker:
         state = a
         for it in range(args.warmup + args.repeats):
@@ -138,6 +126,7 @@ def bench_config(name: str, local: int, moved: int, specs: list[TensorSpec], dev
             _wait_published(worker, 1)
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                flush.zero_()  # evicts the staging the worker just wrote: the swap reads it cold, like the copy
                 torch.cuda._sleep(SLEEP_CYCLES)
                 start.record()
             begin = time.perf_counter()
@@ -145,6 +134,16 @@ def bench_config(name: str, local: int, moved: int, specs: list[TensorSpec], dev
             host = time.perf_counter() - begin
             if device.type == "cuda":
                 end.record()
+                copy_start, copy_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                flush.zero_()
+                torch.cuda._sleep(SLEEP_CYCLES)
+                copy_start.record()
+                flat_dst.copy_(flat_src)
+                copy_end.record()
+            else:
+                copy_begin = time.perf_counter()
+                flat_dst.copy_(flat_src)
+                copy_seconds = time.perf_counter() - copy_begin
             assert done == [0], done
             _sync(device)
             bad += len(row_mismatches(weights, a, target, 0, seed=1))
@@ -152,6 +151,9 @@ def bench_config(name: str, local: int, moved: int, specs: list[TensorSpec], dev
                 host_swap.append(host)
                 if device.type == "cuda":
                     gpu_ms.append(start.elapsed_time(end))
+                    copy_ms.append(copy_start.elapsed_time(copy_end))
+                else:
+                    copy_ms.append(copy_seconds * 1e3)
             state = target
 
             # step() while a transfer is in flight but nothing is ready yet
@@ -183,10 +185,9 @@ def bench_config(name: str, local: int, moved: int, specs: list[TensorSpec], dev
     staging = torch.empty(moved * layout.expert_bytes, dtype=torch.uint8, device=device)
     layout.pack(rows, staging, backend=args.backend)
     unpack_us = time_fn_us(lambda: layout.unpack(staging, rows, backend=args.backend), device)
-    flat_src = torch.empty(moved * row_bytes, dtype=torch.uint8, device=device)
-    flat_dst = torch.empty_like(flat_src)
     copy_same_us = time_fn_us(lambda: flat_dst.copy_(flat_src), device)
-    floor_us = swap_bytes / args.bandwidth * 1e6
+    bandwidth_floor_us = swap_bytes / args.bandwidth * 1e6
+    floor_us = statistics.median(copy_ms) * 1e3
     swap_gpu_us = statistics.median(gpu_ms) * 1e3 if gpu_ms else float("nan")
     return {
         "config": name,
@@ -195,6 +196,7 @@ def bench_config(name: str, local: int, moved: int, specs: list[TensorSpec], dev
         "swap_MB": swap_bytes / 1e6,
         "swap_gpu_us": swap_gpu_us,
         "floor_us": floor_us,
+        "bandwidth_floor_us": bandwidth_floor_us,
         "swap_vs_floor": swap_gpu_us / floor_us,
         "unpack_us": unpack_us,
         "unpack_vs_floor": unpack_us / floor_us,
@@ -220,7 +222,7 @@ def _hold_worker(worker: TransferWorker, seconds: float) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="*", default=list(LAYER_CONFIGS), choices=list(LAYER_CONFIGS))
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--scale", type=int, default=1, help="divide every tensor dimension (CPU smoke runs)")
@@ -238,7 +240,7 @@ def main(argv=None) -> dict:
     machine = machine_line(device)
     rows = []
     for name in args.configs:
-        local, moved, specs = CONFIGS[name]
+        local, moved, specs = LAYER_CONFIGS[name]
         rows.append(bench_config(name, local, moved, scaled(specs, args.scale), device, args))
     result = {
         "machine": machine,
@@ -256,14 +258,14 @@ def main(argv=None) -> dict:
     print(f"device={device} backend={result['backend']} scale=1/{args.scale} repeats={args.repeats} "
           f"copy bandwidth {args.bandwidth / 1e9:.0f} GB/s (read+write)")
     header = (
-        f"{'config':<20} {'moved':>5} {'swap MB':>8} {'swap GPU us':>11} {'floor us':>9} {'x floor':>7} "
+        f"{'config':<20} {'moved':>5} {'swap MB':>8} {'swap GPU us':>11} {'floor us':>9} {'x floor':>7} {'bw floor us':>11} "
         f"{'unpack us':>9} {'copy us':>8} {'step host swap us':>17} {'step host none us':>17} {'idle us':>7} {'bad':>4}"
     )
     print(header)
     for r in rows:
         print(
             f"{r['config']:<20} {r['moved']:>5} {r['swap_MB']:>8.2f} {r['swap_gpu_us']:>11.1f} {r['floor_us']:>9.1f} "
-            f"{r['swap_vs_floor']:>7.2f} {r['unpack_us']:>9.1f} {r['copy_same_us']:>8.1f} {r['step_host_swap_us']:>17.1f} "
+            f"{r['swap_vs_floor']:>7.2f} {r['bandwidth_floor_us']:>11.1f} {r['unpack_us']:>9.1f} {r['copy_same_us']:>8.1f} {r['step_host_swap_us']:>17.1f} "
             f"{r['step_host_busy_idle_us']:>17.1f} {r['step_host_not_busy_us']:>7.1f} {r['bad_rows']:>4}"
         )
     out = args.json

@@ -23,9 +23,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from eplb_triton.comm import Communicator  # noqa: E402
-from eplb_triton.launch import run_ranks  # noqa: E402
+from eplb_triton.testing.launch import run_ranks  # noqa: E402
+from eplb_triton.testing.shapes import LAYER_CONFIGS  # noqa: E402
 from eplb_triton.layout import ExpertLayout, index_tensor  # noqa: E402
-from eplb_triton.synthetic import fill_rank_weights, make_rank_weights  # noqa: E402
+from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights  # noqa: E402
 from eplb_triton.transfer import prepare_layers  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def _rank(rank, world, _):
     lines["batch_isend_irecv+wait, stream idle"] = _median_us(batch_wait)
     lines["batch_isend_irecv+wait, 2 ms queued on the stream"] = _median_us(batch_wait, busy_us=2000)
     lines["3 x (batch+wait) back to back, idle"] = _median_us(three_batches)
-    local, moved, specs = mg.REF_CONFIGS["qwen3-30b-a3b-bf16"]
+    local, moved, specs = LAYER_CONFIGS["qwen3-30b-a3b-bf16"]
     old, new = mg.ref_maps(4, world, local, moved)
     weights = make_rank_weights(specs, 4, local, "cuda")
     fill_rank_weights(weights, old, rank, 1)

@@ -29,8 +29,9 @@ import torch.distributed as dist  # noqa: E402
 
 from eplb_triton import rearrange_expert_weights_inplace  # noqa: E402
 from eplb_triton.comm import Communicator  # noqa: E402
-from eplb_triton.launch import run_ranks  # noqa: E402
-from eplb_triton.synthetic import fill_rank_weights, make_rank_weights  # noqa: E402
+from eplb_triton.testing.launch import run_ranks  # noqa: E402
+from eplb_triton.testing.shapes import LAYER_CONFIGS, scaled  # noqa: E402
+from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights  # noqa: E402
 from eplb_triton.transfer import prepare_layers  # noqa: E402
 
 
@@ -41,9 +42,9 @@ def _sync(device):
 
 def _rank(rank: int, world: int, args: dict) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if args["backend"] == "nccl" else torch.device("cpu")
-    local, moved, specs = mg.REF_CONFIGS[args["config"]]
+    local, moved, specs = LAYER_CONFIGS[args["config"]]
     old, new = mg.ref_maps(args["layers"], world, local, moved)
-    weights = make_rank_weights(mg.scaled(specs, args["scale"]), args["layers"], local, device)
+    weights = make_rank_weights(scaled(specs, args["scale"]), args["layers"], local, device)
     fill_rank_weights(weights, old, rank, 1)
     maps = [old, new]
     for _ in range(3):
@@ -82,7 +83,7 @@ def _rank(rank: int, world: int, args: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=("nccl", "gloo"), default="nccl")
-    parser.add_argument("--config", default="qwen3-30b-a3b-bf16", choices=list(mg.REF_CONFIGS))
+    parser.add_argument("--config", default="qwen3-30b-a3b-bf16", choices=list(LAYER_CONFIGS))
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--top", type=int, default=35)

@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import sys
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 
 from eplb_triton.layout import DEFAULT_TUNING, ExpertLayout, KernelTuning
+from eplb_triton.testing.machine import machine_line
+from eplb_triton.testing.shapes import LAYER_CONFIGS
 
 
 @dataclass(frozen=True)
@@ -43,16 +44,10 @@ class Config:
     tensors: tuple  # ((shape...), dtype) per tensor of one expert
 
 
+# the reference layers of eplb_triton.testing.shapes (the one table of model shapes)
 CONFIGS = [
-    Config("qwen3-30b-a3b-bf16", 16, 8, (((1536, 2048), torch.bfloat16), ((2048, 768), torch.bfloat16))),
-    Config(
-        "deepseek-v3-fp8",
-        9,
-        4,
-        (((4096, 7168), torch.uint8), ((32, 56), torch.float32), ((7168, 2048), torch.uint8), ((56, 16), torch.float32)),
-    ),
-    Config("small-bf16", 64, 32, (((512, 1024), torch.bfloat16), ((1024, 256), torch.bfloat16))),
-    Config("tiny-bf16", 128, 64, (((256, 512), torch.bfloat16), ((512, 128), torch.bfloat16))),
+    Config(name, c.num_local, c.moved, tuple((spec.shape, spec.dtype) for spec in c.tensors))
+    for name, c in LAYER_CONFIGS.items()
 ]
 SMALL_CONFIGS = [
     Config("cpu-small-bf16", 8, 4, (((32, 64), torch.bfloat16), ((64, 16), torch.bfloat16))),
@@ -109,13 +104,6 @@ def row_loop_unpack(layout: ExpertLayout, packed: torch.Tensor, rows: np.ndarray
     for k, row in enumerate(rows.tolist()):
         for view, off, nbytes in zip(layout._byte_views, layout.segment_offsets, layout.row_bytes):
             view[row].copy_(table[k, off : off + nbytes])
-
-
-def machine_line(device: torch.device) -> str:
-    import triton
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, interpreter)"
-    return f"Machine: {name} | torch {torch.__version__} | triton {triton.__version__} | python {platform.python_version()}"
 
 
 def peak_copy_gbs(device: torch.device, time_us, nbytes: int) -> float:

@@ -23,12 +23,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from eplb_triton import rearrange_expert_weights_inplace, transfer  # noqa: E402
-from eplb_triton.launch import run_ranks  # noqa: E402
-from eplb_triton.synthetic import fill_rank_weights, make_rank_weights  # noqa: E402
+from eplb_triton.testing.launch import run_ranks  # noqa: E402
+from eplb_triton.testing.machine import machine_line  # noqa: E402
+from eplb_triton.testing.shapes import LAYER_CONFIGS  # noqa: E402
+from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights  # noqa: E402
 
 
 def _rank(rank, world, args):
-    local, moved, specs = mg.REF_CONFIGS[args["config"]]
+    local, moved, specs = LAYER_CONFIGS[args["config"]]
     old, new = mg.ref_maps(args["layers"], world, local, moved)
     weights = make_rank_weights(specs, args["layers"], local, "cuda")
     fill_rank_weights(weights, old, rank, 1)
@@ -52,13 +54,13 @@ def _rank(rank, world, args):
         setattr(owner, name, wrapper)
 
     from eplb_triton.comm import Communicator
-    from eplb_triton.layout import ExpertLayout, _TritonState
+    from eplb_triton.layout import ExpertLayout
 
     from eplb_triton import inputs
 
     for owner, name in [(Communicator, "exchange"), (Communicator, "wait"), (Communicator, "agree"),
                         (Communicator, "confirm"), (Communicator, "_post_coalesced"), (ExpertLayout, "move"),
-                        (_TritonState, "compiled_runner"), (transfer.RoundWork, "device_rows"),
+                        (ExpertLayout, "launch"), (transfer.RoundWork, "device_rows"),
                         (transfer.RoundWork, "batches"), (transfer.RoundWork, "post_batches"),
                         (transfer.RoundWork, "apply"), (transfer.RoundWork, "count_into"),
                         (transfer.RoundWork, "from_view"), (transfer.LayerWork, "run"),
@@ -100,10 +102,10 @@ def _rank(rank, world, args):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="qwen3-30b-a3b-bf16", choices=list(mg.REF_CONFIGS))
+    parser.add_argument("--config", default="qwen3-30b-a3b-bf16", choices=list(LAYER_CONFIGS))
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
-    print(mg._machine({"backend": "nccl"}, 2))
+    print(machine_line(world_size=2, dist_backend="nccl"))
     results = run_ranks(2, _rank, vars(args), backend="nccl", timeout_s=300.0, group_timeout_s=120.0)
     print(f"{args.config}, {args.layers} layers: ms since the call began (host clock | GPU stream)")
     for rank, (rows, costs) in enumerate(results):

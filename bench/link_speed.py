@@ -12,7 +12,7 @@ slowest rank's time per layer (whole calls, divided by the layers):
 * ``floor``: one ``batch_isend_irecv`` per layer of exactly the bytes the library sends to and
   receives from each peer (what a perfect transfer costs on this link);
 * ``torch-packed``: ``index_select`` per tensor + one ``batch_isend_irecv`` + ``index_copy_``;
-* ``per-expert``: vLLM's scheme (:mod:`eplb_triton.baseline`);
+* ``per-expert``: vLLM's scheme (:mod:`eplb_triton.testing.baseline`);
 * ``blocking``: :func:`eplb_triton.rearrange_expert_weights_inplace`, the whole call
   (validation, agreement, planning, confirmation included);
 * ``worker``: :class:`eplb_triton.TransferWorker`, ``submit`` then ``step()`` until done.
@@ -41,11 +41,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from eplb_triton import TransferWorker, plan_rearrangement, rearrange_expert_weights_inplace  # noqa: E402
-from eplb_triton.baseline import rearrange_per_expert  # noqa: E402
-from eplb_triton.demo import PRESETS, make_placements  # noqa: E402
-from eplb_triton.launch import run_ranks  # noqa: E402
+from eplb_triton.testing.baseline import rearrange_per_expert  # noqa: E402
+from eplb_triton.testing.balancer import make_placements  # noqa: E402
+from eplb_triton.testing.machine import machine_line  # noqa: E402
+from eplb_triton.testing.shapes import LAYER_CONFIGS, PRESETS, scaled  # noqa: E402
+from eplb_triton.testing.launch import run_ranks  # noqa: E402
 from eplb_triton.layout import ExpertLayout  # noqa: E402
-from eplb_triton.synthetic import fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
+from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
 
 METHODS = ("floor", "torch-packed", "per-expert", "blocking", "worker")
 
@@ -120,9 +122,9 @@ def _worker_call(worker: TransferWorker, old, new) -> None:
 def _configs(cfg: dict, world: int) -> list[tuple[str, np.ndarray, np.ndarray, list]]:
     out = []
     for name in cfg["configs"]:
-        local, moved, specs = mg.REF_CONFIGS[name]
+        local, moved, specs = LAYER_CONFIGS[name]
         old, new = mg.ref_maps(cfg["layers"], world, local, moved)
-        out.append((name, old, new, mg.scaled(specs, cfg["scale"])))
+        out.append((name, old, new, scaled(specs, cfg["scale"])))
     for name in cfg["presets"]:
         preset = PRESETS[name]
         old, new = make_placements(cfg["layers"], preset.num_logical, world, preset.redundant_per_rank, seed=5)
@@ -150,7 +152,7 @@ def _time(fn, device, repeats: int) -> list[float]:
 
 def _rank_main(rank: int, world: int, cfg: dict) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if cfg["backend"] == "nccl" else torch.device("cpu")
-    results = {"machine": mg._machine(cfg, world), "configs": {}}
+    results = {"machine": machine_line(world_size=world, dist_backend=cfg["backend"]), "configs": {}}
     for name, old, new, specs in _configs(cfg, world):
         layers = old.shape[0]
         weights = make_rank_weights(specs, layers, old.shape[1] // world, device)
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, nargs="*", default=[], help="extra message-piece sizes (bytes; 0 = whole)")
     parser.add_argument("--variants", nargs="*", default=[], metavar="NAME=VALUE",
                         help="also time the blocking path with this environment variable set (e.g. EPLB_TRITON_DIRECT_POST=0)")
-    parser.add_argument("--configs", nargs="*", default=list(mg.REF_CONFIGS))
+    parser.add_argument("--configs", nargs="*", default=list(LAYER_CONFIGS))
     parser.add_argument("--presets", nargs="*", default=list(mg.PRESET_NAMES))
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile-dir", default=None)

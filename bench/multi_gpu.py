@@ -12,7 +12,7 @@ run as the transfers:
    forces rounds and stashes, ``verify=True``) and the :class:`TransferWorker` (default and
    tight budget) on random maps with replicas and ``-1`` slots, mixed dtypes (bf16 with odd row
    bytes, float8_e4m3fn, a 3-D uint8, float32 and an int32 per-expert scale), checked bit for bit
-   with :func:`eplb_triton.synthetic.row_mismatches` on every rank;
+   with :func:`eplb_triton.testing.synthetic.row_mismatches` on every rank;
 2. **link peak**: send/recv bandwidth from rank 0 to rank 1 with one large buffer (1 GiB on GPUs),
    one direction and both directions at once;
 3. **end-to-end**: the four reference layer configs (``local`` experts per rank, ``moved`` of
@@ -33,9 +33,10 @@ what happened).
 
 Notes: every TransferWorker here but one gets the run's shared process groups
 (``transfer_group``, and a gloo ``ep_group`` for its agreements on NCCL); one correctness case
-(``worker-own-groups``) lets the worker make its own. Making a second worker with its own
-groups after closing the first hung in its constructor at world 4 on gloo (CPU, 2026-11-24),
-which is a library issue, not something this script works around silently. On gloo the
+(``worker-own-groups``) lets the worker make its own. (A second worker with its own groups
+once hung in its constructor at world 4 on gloo: fixed in the library by pooling process groups
+instead of destroying them, with a regression test in tests/test_worker.py; sharing the groups
+here only saves their set-up time.) On gloo the
 "link peak" is loopback TCP between two processes and the timings of 4 ranks on 2 cores say
 nothing about GPUs: only the NCCL run's numbers count for the targets.
 """
@@ -45,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -64,25 +64,16 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from eplb_triton import TransferWorker, rearrange_expert_weights_inplace  # noqa: E402
-from eplb_triton.baseline import rearrange_per_expert  # noqa: E402
-from eplb_triton.demo import PRESETS, make_placements  # noqa: E402
-from eplb_triton.launch import run_ranks  # noqa: E402
+from eplb_triton.testing.baseline import rearrange_per_expert  # noqa: E402
+from eplb_triton.testing.balancer import make_placements  # noqa: E402
+from eplb_triton.testing.shapes import LAYER_CONFIGS, PRESETS, scaled  # noqa: E402
+from eplb_triton.testing.launch import run_ranks  # noqa: E402
+from eplb_triton.testing.machine import machine_line  # noqa: E402
 from eplb_triton.layout import ExpertLayout  # noqa: E402
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
 
 BF16, FP8, U8, F32, I32 = torch.bfloat16, torch.float8_e4m3fn, torch.uint8, torch.float32, torch.int32
 
-# issue 3's reference layers: (local experts per rank, experts moved per rank, tensors per expert)
-REF_CONFIGS = {
-    "qwen3-30b-a3b-bf16": (16, 8, [TensorSpec((1536, 2048), BF16), TensorSpec((2048, 768), BF16)]),
-    "deepseek-v3-fp8": (
-        9,
-        4,
-        [TensorSpec((4096, 7168), U8), TensorSpec((32, 56), F32), TensorSpec((7168, 2048), U8), TensorSpec((56, 16), F32)],
-    ),
-    "small-bf16": (64, 32, [TensorSpec((512, 1024), BF16), TensorSpec((1024, 256), BF16)]),
-    "tiny-bf16": (128, 64, [TensorSpec((256, 512), BF16), TensorSpec((512, 128), BF16)]),
-}
 LARGE = ("qwen3-30b-a3b-bf16", "deepseek-v3-fp8")  # target: never slower than per-expert
 SMALL = ("small-bf16", "tiny-bf16")  # target: >= 3x faster than per-expert
 PRESET_NAMES = ("deepseek-v3", "qwen3-30b-a3b")
@@ -145,12 +136,6 @@ def ref_maps(layers: int, world: int, num_local: int, moved: int):
     return np.tile(old, (layers, 1)), np.tile(new, (layers, 1))
 
 
-def scaled(specs, scale: int) -> list[TensorSpec]:
-    if scale == 1:
-        return list(specs)
-    return [TensorSpec(tuple(max(1, d // scale) for d in s.shape), s.dtype) for s in specs]
-
-
 # ---------------------------------------------------------------------------------------------
 # rank side
 # ---------------------------------------------------------------------------------------------
@@ -161,19 +146,6 @@ def _device(cfg: dict) -> torch.device:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _machine(cfg: dict, world: int) -> str:
-    import triton
-
-    if cfg["backend"] == "nccl":
-        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
-        version = torch.cuda.nccl.version()  # a tuple in recent torch, an int in old ones
-        version = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-        what = f"{world} x {' / '.join(names)} (one process per GPU, NCCL {version})"
-    else:
-        what = f"CPU {platform.machine()} x{os.cpu_count()} ({world} gloo ranks)"
-    return f"Machine: {what}, torch {torch.__version__}, triton {triton.__version__}"
 
 
 def _phase_correctness(rank: int, world: int, cfg: dict, device: torch.device) -> list[dict]:
@@ -308,7 +280,7 @@ def _bench_layers(rank: int, cfg: dict, device: torch.device, specs, old, new, s
 def _phase_e2e(rank: int, world: int, cfg: dict, device: torch.device) -> dict:
     out = {}
     for name in cfg["configs"]:
-        local, moved, specs = REF_CONFIGS[name]
+        local, moved, specs = LAYER_CONFIGS[name]
         old, new = ref_maps(cfg["ref_layers"], world, local, moved)
         out[name] = {"kind": "reference", "layers": cfg["ref_layers"], "local": local, "moved": moved,
                      "result": _bench_layers(rank, cfg, device, scaled(specs, cfg["ref_scale"]), old, new, seed=3)}
@@ -322,7 +294,7 @@ def _phase_e2e(rank: int, world: int, cfg: dict, device: torch.device) -> dict:
 
 def _phase_background(rank: int, world: int, cfg: dict, device: torch.device) -> dict:
     """Worker transfer while the main thread runs matmuls + all_reduce on another group."""
-    local, moved, specs = REF_CONFIGS[cfg["bg_config"]]
+    local, moved, specs = LAYER_CONFIGS[cfg["bg_config"]]
     old, new = ref_maps(cfg["bg_layers"], world, local, moved)
     weights = make_rank_weights(scaled(specs, cfg["ref_scale"]), cfg["bg_layers"], local, device)
     fill_rank_weights(weights, old, rank, seed=7)
@@ -411,7 +383,7 @@ PHASES = {"correctness": _phase_correctness, "link": _phase_link, "e2e": _phase_
 
 def _rank_main(rank: int, world: int, cfg: dict) -> dict:
     device = _device(cfg)
-    done = {"machine": _machine(cfg, world) if rank == 0 else None}
+    done = {"machine": machine_line(world_size=world, dist_backend=cfg["backend"]) if rank == 0 else None}
     if world > 1:
         _make_groups(world, cfg["backend"], device)
     else:
@@ -591,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the results here (default $OUT/multi_gpu.json if OUT is set)")
     parser.add_argument("--quick", action="store_true", help="fewer cases, layers and repeats (CPU smoke run)")
     parser.add_argument("--phases", nargs="+", choices=list(PHASES), default=list(PHASES))
-    parser.add_argument("--configs", nargs="*", choices=list(REF_CONFIGS), default=list(REF_CONFIGS))
+    parser.add_argument("--configs", nargs="*", choices=list(LAYER_CONFIGS), default=list(LAYER_CONFIGS))
     parser.add_argument("--presets", nargs="*", choices=list(PRESET_NAMES), default=list(PRESET_NAMES))
     parser.add_argument("--scale", type=int, default=None, help="divide reference tensor dims (default 1 nccl, 8/16 gloo)")
     parser.add_argument("--preset-scale", type=int, default=None, help="divide preset tensor dims (default 1 nccl, 16/64 gloo)")

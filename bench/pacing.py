@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -53,10 +52,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from eplb_triton import TransferWorker, plan_rearrangement  # noqa: E402
-from eplb_triton.launch import run_ranks  # noqa: E402
+from eplb_triton.testing.launch import run_ranks  # noqa: E402
+from eplb_triton.testing.machine import machine_line  # noqa: E402
+from eplb_triton.testing.shapes import LAYER_CONFIGS, scaled  # noqa: E402
 from eplb_triton.layout import ExpertLayout  # noqa: E402
 from eplb_triton.pacing import layer_gate_bytes  # noqa: E402
-from eplb_triton.synthetic import fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
+from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
 
 #: (name, knobs); ``bytes_per_step`` is given in layers' gate bytes here and converted per run
 SETTINGS = [
@@ -79,19 +80,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _machine(cfg: dict, world: int) -> str:
-    import triton
-
-    if cfg["device"] == "cuda":
-        names = sorted({torch.cuda.get_device_name(i) for i in range(world)})
-        version = torch.cuda.nccl.version()
-        version = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-        what = f"{world} x {' / '.join(names)} (one process per GPU, NCCL {version})"
-    else:
-        what = f"CPU {platform.machine()} x{os.cpu_count()} ({world} gloo ranks)"
-    return f"Machine: {what}, torch {torch.__version__}, triton {triton.__version__}"
-
-
 def _percentiles(samples: list[float]) -> dict:
     if not samples:
         return {"median_ms": None, "p10_ms": None, "p90_ms": None, "n": 0}
@@ -112,9 +100,9 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
     backend = "nccl" if device.type == "cuda" else "gloo"
     mg._make_groups(world, backend, device)
     groups = mg._worker_groups()
-    local, moved, specs = mg.REF_CONFIGS[cfg["config"]]
+    local, moved, specs = LAYER_CONFIGS[cfg["config"]]
     old, new = mg.ref_maps(cfg["layers"], world, local, moved)
-    weights = make_rank_weights(mg.scaled(specs, cfg["scale"]), cfg["layers"], local, device)
+    weights = make_rank_weights(scaled(specs, cfg["scale"]), cfg["layers"], local, device)
     fill_rank_weights(weights, old, rank, seed=7)
     eb = ExpertLayout(weights[0]).expert_bytes
     plan = plan_rearrangement(old, new, world)
@@ -159,7 +147,7 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
     for _ in range(3):  # warm-up: kernels, NCCL connections, the allocator
         iteration()
     transfer({})
-    out = {"machine": _machine(cfg, world) if rank == 0 else None, "layer_gate_bytes": layer_bytes, "expert_bytes": eb,
+    out = {"machine": machine_line(world_size=world, dist_backend="nccl" if cfg["device"] == "cuda" else "gloo") if rank == 0 else None, "layer_gate_bytes": layer_bytes, "expert_bytes": eb,
            "settings": {}}
     for name, knobs in SETTINGS:
         knobs = _knobs(knobs, layer_bytes)
@@ -290,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--world", type=int, default=2, help="ranks (one GPU each on cuda)")
-    parser.add_argument("--config", choices=list(mg.REF_CONFIGS), default="qwen3-30b-a3b-bf16")
+    parser.add_argument("--config", choices=list(LAYER_CONFIGS), default="qwen3-30b-a3b-bf16")
     parser.add_argument("--layers", type=int, default=None, help="layers moved (default 24 on GPUs)")
     parser.add_argument("--scale", type=int, default=None, help="divide tensor dims (default 1 cuda, 16 cpu)")
     parser.add_argument("--matmul", type=int, default=None, help="serving matmul size (default 4096 cuda, 64 cpu)")

@@ -12,7 +12,7 @@ equal: same route and traffic on every layer): the plain per-expert loop (numpy 
 expert, the structure of vLLM's implementation) and a tuned pure-Python loop over dicts.
 
 Quality: for each scenario, ``--steps`` consecutive placements from
-:func:`eplb_triton.balancer.placement_sequence`; each step is planned
+:func:`eplb_triton.testing.balancer.placement_sequence`; each step is planned
 
 * ``vllm``: new placement as is, vLLM's sender rule (the baseline);
 * ``balanced``: new placement as is, balanced senders;
@@ -46,8 +46,8 @@ from collections import defaultdict
 import numpy as np
 
 from eplb_triton import align_placement, plan_rearrangement
-from eplb_triton.align import _rank_costs
-from eplb_triton.balancer import placement_sequence
+from eplb_triton.align import rank_costs
+from eplb_triton.testing.balancer import placement_sequence
 from eplb_triton.plan import compact_ids
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "plan_table.json")
@@ -231,7 +231,7 @@ def copies_lower_bound(old: np.ndarray, new: np.ndarray, ep_size: int) -> int:
     new rank's multiset on its best old rank, old ranks reused freely (a relaxation of the
     assignment that :func:`align_placement` solves exactly)."""
     o, n = compact_ids(np.asarray(old), np.asarray(new))
-    _, moved, _ = _rank_costs(o, n, ep_size)  # moved[l, r, q]: copies if old rank r takes new rank q
+    _, moved, _ = rank_costs(o, n, ep_size)  # moved[l, r, q]: copies if old rank r takes new rank q
     return int(moved.min(axis=1).sum())
 
 

@@ -1,47 +1,34 @@
 """eplb_triton: move MoE expert weights between ranks when an EP runtime rebalances.
 
-Data flow: maps -> plan -> (schedule) -> layout -> kernels -> comm -> transfer -> worker.
+What a runtime calls is exported here: the blocking API (``rearrange_expert_weights_inplace``,
+``reserve`` for its staging, ``TransferStats``), the background ``TransferWorker`` (and the
+``TransferProgress`` its ``progress`` returns), the planning
+entry points (``plan_rearrangement``, ``align_placement``) and the errors. Internals (plan
+types, the packed layout, the communicator...) stay importable from their modules.
+
+Data flow: inputs/maps -> plan -> schedule -> layout -> kernels -> comm -> transfer -> worker.
 """
 
-from .align import align_placement, linear_assignment
-from .comm import ChecksumMismatchError, PeerError, PeerFailedError, PeerTimeoutError, TransferError
-from .layout import ExpertLayout
-from .maps import ExpertMaps, normalize_maps
+from .align import align_placement
+from .errors import ChecksumMismatchError, PeerError, PeerFailedError, PeerTimeoutError, TransferError
 from .pacing import TransferProgress
-from .plan import (
-    SENDER_POLICIES,
-    LayerPlan,
-    RankPlan,
-    RearrangementPlan,
-    normalize_elastic_maps,
-    plan_layer,
-    plan_rearrangement,
-)
+from .plan import RearrangementPlan, plan_rearrangement
 from .transfer import TransferStats, rearrange_expert_weights_inplace, reserve
 from .worker import TransferWorker
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SENDER_POLICIES",
     "ChecksumMismatchError",
-    "ExpertLayout",
-    "ExpertMaps",
-    "LayerPlan",
     "PeerError",
     "PeerFailedError",
     "PeerTimeoutError",
-    "RankPlan",
     "RearrangementPlan",
     "TransferError",
     "TransferProgress",
     "TransferStats",
     "TransferWorker",
     "align_placement",
-    "linear_assignment",
-    "normalize_elastic_maps",
-    "normalize_maps",
-    "plan_layer",
     "plan_rearrangement",
     "rearrange_expert_weights_inplace",
     "reserve",

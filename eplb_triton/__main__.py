@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from . import _cli, benchmark, demo
+from . import _cli, demo
+from .testing import benchmark
 
 __all__ = ["build_parser", "main"]
 

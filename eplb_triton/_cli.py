@@ -18,6 +18,7 @@ __all__ = [
     "HelpFormatter",
     "Progress",
     "add_dist_backend_arguments",
+    "add_model_arguments",
     "check_dist_backend",
     "check_kernel_backend",
     "format_table",
@@ -136,6 +137,19 @@ def add_dist_backend_arguments(parser: argparse.ArgumentParser, default_world: s
         default=None,
         metavar="N",
         help=f"number of ranks (default: {default_world} with gloo, one per visible GPU with nccl)",
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_world: str, layers_help: str) -> None:
+    """What demo and bench share: ``--preset``, the distributed-backend options, ``--layers``, ``--scale``."""
+    from .testing.shapes import PRESETS
+
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shapes to imitate")
+    add_dist_backend_arguments(parser, default_world=default_world)
+    parser.add_argument("--layers", type=positive_int, default=None, metavar="N", help=layers_help)
+    parser.add_argument(
+        "--scale", type=positive_int, default=None, metavar="N",
+        help="divide tensor dimensions by this (default: 16 for the large presets on gloo, else 1)",
     )
 
 

@@ -35,7 +35,7 @@ import torch
 from .maps import normalize_maps
 from .plan import compact_ids
 
-__all__ = ["OBJECTIVES", "align_placement", "linear_assignment"]
+__all__ = ["OBJECTIVES", "align_placement", "linear_assignment", "rank_costs"]
 
 OBJECTIVES = ("copies_then_bottleneck", "copies", "bottleneck")
 
@@ -106,8 +106,10 @@ def linear_assignment(cost: np.ndarray) -> np.ndarray:
     return col[0] if squeeze else col
 
 
-def _rank_costs(old: np.ndarray, new: np.ndarray, ep_size: int) -> np.ndarray:
-    """``cost[l, r, q]``: lexicographic cost of giving old rank ``r`` the content of new rank ``q``."""
+def rank_costs(old: np.ndarray, new: np.ndarray, ep_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(cost, moved, load)``, each ``[l, r, q]`` for giving old rank ``r`` the content of new rank
+    ``q``: the lexicographic cost :func:`align_placement` minimises, the experts copied onto ``r``,
+    and the estimated busiest-link load (copies in or sends out)."""
     num_layers, num_physical = old.shape
     num_local = num_physical // ep_size
     num_ids = int(max(old.max(initial=-1), new.max(initial=-1))) + 1
@@ -188,7 +190,7 @@ def align_placement(
     num_local = maps.num_local
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    cost, moved, load = _rank_costs(o, n, ep_size)
+    cost, moved, load = rank_costs(o, n, ep_size)
     perm = _assign(cost, ranks_per_node)
     if objective != "copies":
         perm = _cap_load(cost, moved, load, perm, ranks_per_node, keep_copies=objective == "copies_then_bottleneck")

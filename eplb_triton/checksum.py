@@ -17,9 +17,9 @@ implementation get the same bits, with no reliance on signed overflow.
 
 Backends: ``"torch"`` (any device; the reference), ``"triton"`` (one program per
 (expert, block of words) writes reduced partial sums, torch adds the partials: same bits as
-the reference) and ``"auto"`` (Triton for CUDA tensors, torch otherwise). The kernel lives
-here rather than in ``kernels/`` only to keep this module self-contained while the kernels
-package is being reworked; it can move there unchanged.
+the reference) and ``"auto"`` (Triton for CUDA tensors, torch otherwise). The Triton kernel is
+``kernels/checksum.py`` (installed as ``eplb_triton.kernels.checksum``); this module launches it
+and holds the torch reference.
 """
 
 from __future__ import annotations

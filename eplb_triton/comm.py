@@ -31,10 +31,11 @@ from typing import Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from .errors import ChecksumMismatchError, PeerError, PeerFailedError, PeerTimeoutError, TransferError
+
 __all__ = [
     "ChecksumMismatchError",
     "Communicator",
-    "InputError",
     "PeerError",
     "PeerFailedError",
     "PeerTimeoutError",
@@ -42,42 +43,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class InputError(Exception):
-    """Internal carrier of a rank's input verdict; surfaces as ValueError/TypeError."""
-
-
-class TransferError(RuntimeError):
-    """A rearrangement failed after it started. ``layer`` / ``peer`` name where, when known."""
-
-    def __init__(self, message: str, *, layer: int | None = None, peer: int | None = None):
-        super().__init__(message)
-        self.layer = layer
-        self.peer = peer
-
-
-class PeerError(TransferError):
-    """An exchange with ``peer`` failed; the process group must be considered broken."""
-
-
-class PeerTimeoutError(PeerError):
-    """``peer`` did not complete an exchange before the deadline."""
-
-
-class PeerFailedError(PeerError):
-    """The backend reported an error for an exchange with ``peer`` (e.g. its connection closed)."""
-
-
-class ChecksumMismatchError(TransferError):
-    """``verify=True`` found received bytes that differ from what the sender packed.
-
-    ``expert`` is the logical expert id. The group itself is healthy: the exchanges completed.
-    """
-
-    def __init__(self, message: str, *, layer: int | None = None, peer: int | None = None, expert: int | None = None):
-        super().__init__(message, layer=layer, peer=peer)
-        self.expert = expert
 
 
 # Why every gloo collective here ends with _wait_released (found with gdb, torch 2.13): gloo

@@ -13,87 +13,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import _cli
-from .balancer import placement_sequence
-from .launch import run_ranks
-from .worker import TransferWorker
-from .synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from .testing.balancer import placement_maps
+from .testing.launch import run_ranks
+from .testing.shapes import PRESETS
+from .testing.synthetic import fill_rank_weights, make_rank_weights, row_mismatches
 from .transfer import rearrange_expert_weights_inplace
+from .worker import TransferWorker
 
-__all__ = ["PRESETS", "Preset", "add_arguments", "main", "make_placements", "run"]
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A model's MoE shape: full-size tensors per expert; ``scale`` divides their dimensions."""
-
-    num_layers: int
-    num_logical: int
-    redundant_per_rank: int
-    tensors: tuple[TensorSpec, ...]
-
-    def specs(self, scale: int) -> list[TensorSpec]:
-        out = []
-        for spec in self.tensors:
-            shape = tuple(max(1, d // scale) for d in spec.shape) if len(spec.shape) > 1 or spec.shape[0] > 64 else spec.shape
-            out.append(TensorSpec(shape, spec.dtype))
-        return out
-
-
-FP8 = torch.float8_e4m3fn
-PRESETS: dict[str, Preset] = {
-    # hidden 2048, moe_intermediate 768: w13 (2*768, 2048), w2 (2048, 768), bf16
-    "qwen3-30b-a3b": Preset(48, 128, 2, (TensorSpec((1536, 2048), torch.bfloat16), TensorSpec((2048, 768), torch.bfloat16))),
-    # hidden 7168, moe_intermediate 2048, fp8 with 128x128 block scales
-    "deepseek-v3": Preset(
-        58,
-        256,
-        1,
-        (
-            TensorSpec((4096, 7168), FP8),
-            TensorSpec((32, 56), torch.float32),
-            TensorSpec((7168, 2048), FP8),
-            TensorSpec((56, 16), torch.float32),
-        ),
-    ),
-    # hidden 4096, intermediate 14336, bf16
-    "mixtral-8x7b": Preset(32, 8, 1, (TensorSpec((28672, 4096), torch.bfloat16), TensorSpec((4096, 14336), torch.bfloat16))),
-    # small and mixed: odd row sizes, a 3-D tensor and a per-expert int32 scale
-    "tiny": Preset(
-        6,
-        16,
-        1,
-        (
-            TensorSpec((48, 33), torch.bfloat16),
-            TensorSpec((3, 5, 7), torch.float16),
-            TensorSpec((40, 24), torch.uint8),
-            TensorSpec((3,), torch.int32),
-        ),
-    ),
-}
-
-
-def num_local_experts(num_logical: int, world_size: int, redundant_per_rank: int) -> int:
-    """Rows per rank: the logical experts spread evenly, plus ``redundant_per_rank`` replicas."""
-    return -(-num_logical // world_size) + redundant_per_rank
-
-
-def placement_maps(num_layers: int, num_logical: int, world_size: int, redundant_per_rank: int, steps: int, seed: int):
-    """``(steps + 1, num_layers, num_physical)`` consecutive EPLB-style placements under
-    drifting synthetic load (:func:`eplb_triton.balancer.placement_sequence`)."""
-    num_physical = num_local_experts(num_logical, world_size, redundant_per_rank) * world_size
-    return placement_sequence(steps + 1, num_layers, num_logical, num_physical - num_logical, world_size, seed=seed)
-
-
-def make_placements(num_layers: int, num_logical: int, world_size: int, redundant_per_rank: int, seed: int):
-    """One rebalance: the old and the new placement, ``(num_layers, num_physical)`` each."""
-    maps = placement_maps(num_layers, num_logical, world_size, redundant_per_rank, 1, seed)
-    return maps[0], maps[1]
+__all__ = ["add_arguments", "main", "run"]
 
 
 def _serve_a_little(weights, layer: int, device: torch.device) -> None:
@@ -271,15 +203,8 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shapes to imitate")
-    _cli.add_dist_backend_arguments(parser, default_world="4")
-    parser.add_argument(
-        "--layers", type=_cli.positive_int, default=None, metavar="N",
-        help="MoE layers (default: the preset's count; 4 for the large presets on gloo)",
-    )
-    parser.add_argument(
-        "--scale", type=_cli.positive_int, default=None, metavar="N",
-        help="divide tensor dimensions by this (default: 16 for the large presets on gloo, else 1)",
+    _cli.add_model_arguments(
+        parser, default_world="4", layers_help="MoE layers (default: the preset's count; 4 for the large presets on gloo)"
     )
     parser.add_argument("--rebalances", type=_cli.positive_int, default=3, metavar="N", help="consecutive rebalances under drifting load")
     parser.add_argument("--sync", action="store_true", help="use the blocking API instead of the TransferWorker")

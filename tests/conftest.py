@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from eplb_triton.launch import run_ranks
+from eplb_triton.testing.launch import run_ranks
 
 torch.set_num_threads(1)  # forked ranks must not inherit a live OpenMP pool
 

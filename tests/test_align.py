@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb_triton import align_placement, linear_assignment, plan_rearrangement
-from eplb_triton.align import OBJECTIVES, _rank_costs
-from eplb_triton.balancer import placement_sequence
+from eplb_triton import align_placement, plan_rearrangement
+from eplb_triton.align import OBJECTIVES, linear_assignment, rank_costs
+from eplb_triton.testing.balancer import placement_sequence
 
 
 def rank_multisets(m, ep):
@@ -175,7 +175,7 @@ def test_default_objective_is_min_load_among_fewest_copies(case):
     aligned = align_placement(old, new, ep, ranks_per_node=rpn)
     n = old.shape[1] // ep
     for l in range(old.shape[0]):
-        _, moved, load = _rank_costs(old[l : l + 1], new[l : l + 1], ep)
+        _, moved, load = rank_costs(old[l : l + 1], new[l : l + 1], ep)
         best = None
         for perm in itertools.permutations(range(ep)):
             if rpn is not None:
@@ -198,7 +198,7 @@ def test_default_objective_is_min_load_among_fewest_copies(case):
 
 
 def test_flat_generator_replicates_hot_experts_and_balances():
-    from eplb_triton.balancer import eplb_placement, replicate_experts
+    from eplb_triton.testing.balancer import eplb_placement, replicate_experts
 
     load = np.array([[100.0, 1, 1, 1, 1, 1, 50, 1]])
     counts = replicate_experts(load, 12)

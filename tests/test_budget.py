@@ -21,10 +21,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eplb_triton.launch import run_ranks
+from eplb_triton.testing.launch import run_ranks
 from eplb_triton.plan import plan_rearrangement
 from eplb_triton.schedule import LayerSchedule, schedule_layer, smallest_budget_bytes
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from eplb_triton.transfer import rearrange_expert_weights_inplace
 
 ROW = 16  # expert bytes in the in-process checks

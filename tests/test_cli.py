@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eplb_triton import _cli, benchmark, demo
+from eplb_triton import _cli, demo
+from eplb_triton.testing import benchmark
 from eplb_triton.__main__ import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]

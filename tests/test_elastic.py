@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from eplb_triton import normalize_elastic_maps, plan_rearrangement, rearrange_expert_weights_inplace
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton import plan_rearrangement, rearrange_expert_weights_inplace
+from eplb_triton.plan import normalize_elastic_maps
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 
 SPECS = [TensorSpec((3, 5), torch.bfloat16), TensorSpec((7,), torch.float32), TensorSpec((2, 3, 3), torch.uint8)]
 

@@ -34,8 +34,8 @@ from functools import partial
 import pytest
 import torch
 
-from eplb_triton.launch import _rank_main, free_port
-from eplb_triton.synthetic import fill_rank_weights, make_rank_weights
+from eplb_triton.testing.launch import _rank_main, free_port
+from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights
 from test_reliability import SPECS, all_to_all_maps, layer_states
 from test_worker import GPU_SPECS
 
@@ -151,7 +151,7 @@ def _launch(
     world: int, fn, args: tuple, backend: str, deadline_s: float, linger_s: float
 ) -> tuple[dict[int, tuple[bool, object]], list]:
     """Run ``fn(rank, world, *args)`` in ``world`` processes (spawn for NCCL, fork for gloo),
-    through :func:`eplb_triton.launch._rank_main` (group set-up and teardown).
+    through :func:`eplb_triton.testing.launch._rank_main` (group set-up and teardown).
 
     Returns what each rank's ``_rank_main`` sent back after its teardown, ``(ok, result or
     traceback)``, and every process's exit code. Processes still alive ``deadline_s`` after the

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eplb_triton.launch import run_ranks
+from eplb_triton.testing.launch import run_ranks
 from eplb_triton.layout import _byte_rows
 from eplb_triton.transfer import rearrange_expert_weights_inplace
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from eplb_triton import TransferWorker, normalize_maps, rearrange_expert_weights_inplace
+from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
 from eplb_triton.comm import Communicator, _difference
+from eplb_triton.maps import normalize_maps
 from eplb_triton.inputs import (
     LAYOUTS,
     MAPS,

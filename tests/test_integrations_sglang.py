@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from eplb_triton import ExpertLayout, plan_rearrangement
+from eplb_triton import plan_rearrangement
+from eplb_triton.layout import ExpertLayout
 from eplb_triton.integrations import sglang as adapter
 from map_cases import random_maps
 from runtime_cases import byte_view, clone_layers, expected_weights, expert_table, mismatches, poisoned_like, rank_weights

@@ -17,7 +17,7 @@ import torch
 
 from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
 from eplb_triton.layout import ExpertLayout
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 
 pytestmark = pytest.mark.interpreter  # launches counted on CPU tensors, through the interpreter
 

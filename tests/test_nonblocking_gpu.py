@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from eplb_triton import ExpertLayout, TransferWorker
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton import TransferWorker
+from eplb_triton.layout import ExpertLayout
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 
 pytestmark = pytest.mark.gpu
 

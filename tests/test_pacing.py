@@ -20,7 +20,8 @@ import torch
 from eplb_triton import TransferWorker
 from eplb_triton.pacing import PaceGate, Pacing, TransferProgress, check_pacing, layer_gate_bytes
 from eplb_triton.plan import plan_rearrangement
-from test_worker import PACKED, SPECS, _FakeCuda, _FakeStream, _raise_at, all_to_all_maps, assert_consistent, run_faults
+from fault_cases import all_to_all_maps, injected_naming_the_layer, raise_at
+from test_worker import PACKED, SPECS, _FakeCuda, _FakeStream, assert_consistent, run_faults
 
 POISON = 0xA5  # staging is filled with this before a submit: a row unpacked from unwritten staging shows
 
@@ -327,7 +328,7 @@ def test_injected_failure_with_pacing_leaves_every_layer_old_or_new():
     world = 3
     old, new = all_to_all_maps(world, 4)
     results = run_faults(
-        world, old, new, partial(_raise_at, "before_send", 2, 0, 1), timeout_s=10.0, layers_per_step=1,
+        world, old, new, partial(raise_at, "before_send", 2, 0, 1, error=injected_naming_the_layer), timeout_s=10.0, layers_per_step=1,
         max_buffer_bytes=3 * PACKED,
     )
     applied = assert_consistent(results, list(range(world)))

@@ -1,5 +1,6 @@
-"""What the package installs: `kernels/` as `eplb_triton.kernels` (never a top-level `kernels`),
-`py.typed`, and only torch, triton and numpy as hard requirements."""
+"""What the package installs and exports: `kernels/` as `eplb_triton.kernels` (never a top-level
+`kernels`), `py.typed`, `testing/` for the CLI commands, only torch, triton and numpy as hard
+requirements, and a top level that exports what a runtime calls."""
 
 from __future__ import annotations
 
@@ -74,3 +75,79 @@ def test_wheel_needs_only_torch_triton_numpy(wheel):
     hard = sorted(r.split(">")[0].split("=")[0].split(";")[0].strip() for r in requires if "extra ==" not in r)
     assert hard == ["numpy", "torch", "triton"], requires
     assert any(r.startswith("tqdm") and 'extra == "cli"' in r for r in requires), requires
+
+
+# What a runtime calls; everything else stays importable from its module only.
+RUNTIME_API = [
+    "ChecksumMismatchError",
+    "PeerError",
+    "PeerFailedError",
+    "PeerTimeoutError",
+    "RearrangementPlan",
+    "TransferError",
+    "TransferProgress",
+    "TransferStats",
+    "TransferWorker",
+    "align_placement",
+    "plan_rearrangement",
+    "rearrange_expert_weights_inplace",
+    "reserve",
+]
+INTERNALS = {
+    "LayerPlan": "eplb_triton.plan",
+    "RankPlan": "eplb_triton.plan",
+    "plan_layer": "eplb_triton.plan",
+    "normalize_elastic_maps": "eplb_triton.plan",
+    "ExpertLayout": "eplb_triton.layout",
+    "ExpertMaps": "eplb_triton.maps",
+    "normalize_maps": "eplb_triton.maps",
+    "linear_assignment": "eplb_triton.align",
+}
+
+
+def test_top_level_exports_what_a_runtime_calls():
+    import eplb_triton
+
+    assert sorted(eplb_triton.__all__) == sorted(RUNTIME_API)
+    for name in RUNTIME_API:
+        assert getattr(eplb_triton, name) is not None, name
+
+
+@pytest.mark.parametrize("name,module", [pytest.param(n, m, id=n) for n, m in INTERNALS.items()])
+def test_internals_only_from_their_module(name, module):
+    import eplb_triton
+
+    assert not hasattr(eplb_triton, name)
+    assert hasattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("name", ["TransferError", "PeerError", "PeerTimeoutError", "PeerFailedError", "ChecksumMismatchError"])
+def test_errors_are_one_class_wherever_they_are_imported_from(name):
+    """Defined once in eplb_triton.errors; docs, tests and runtimes also name them through
+    eplb_triton and eplb_triton.comm."""
+    import eplb_triton
+    from eplb_triton import comm, errors
+
+    assert getattr(eplb_triton, name) is getattr(errors, name) is getattr(comm, name)
+
+
+TESTING_MODULES = ("__init__", "launch", "synthetic", "balancer", "shapes", "baseline", "benchmark", "machine")
+
+
+def test_wheel_ships_what_the_cli_commands_use(wheel):
+    """`eplb-triton demo|bench` run from an installed package: their support lives in eplb_triton/testing/."""
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in TESTING_MODULES:
+        assert f"eplb_triton/testing/{module}.py" in names
+    assert "eplb_triton/demo.py" in names and "eplb_triton/errors.py" in names
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_cli_commands_run_outside_the_checkout(tmp_path, command):
+    """From a directory outside the repo (no checkout on sys.path) each command imports and answers --help."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-m", "eplb_triton", command, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: python -m eplb_triton {command}"), out.stdout[:200]

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eplb_triton import plan_layer, plan_rearrangement
-from eplb_triton.balancer import placement_sequence
+from eplb_triton import plan_rearrangement
+from eplb_triton.plan import plan_layer
+from eplb_triton.testing.balancer import placement_sequence
 from eplb_triton.plan import balance_assignment
 
 # ---------------------------------------------------------------------------------------

@@ -19,11 +19,11 @@ import torch
 from eplb_triton import transfer
 from eplb_triton.checksum import P1, expert_checksums, trailer_bytes
 from eplb_triton.comm import PeerTimeoutError
-from eplb_triton.launch import run_ranks
+from eplb_triton.testing.launch import run_ranks
 from eplb_triton.plan import plan_rearrangement
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
-from eplb_triton.schedule import schedule_layer
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from eplb_triton.transfer import rearrange_expert_weights_inplace
+from fault_cases import all_to_all_maps, corrupt_in_flight, corrupted_peer_and_expert, exit_at, raise_at, stall_at
 
 SPECS = [
     TensorSpec((3, 5), torch.bfloat16),  # 30 bytes: odd row size
@@ -35,21 +35,6 @@ TIMEOUT_S = 2.0
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def all_to_all_maps(world: int, layers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every rank sends to and receives from every other rank in every layer (plus local moves).
-
-    Layer ``l``: row ``i`` of rank ``r`` gets the expert of row ``r`` of rank ``(i + l) % world``.
-    """
-    n = world
-    old = np.tile(np.arange(world * n), (layers, 1))
-    new = np.empty_like(old)
-    for l in range(layers):
-        for r in range(world):
-            for i in range(n):
-                new[l, r * n + i] = old[l, ((i + l) % world) * n + r]
-    return old, new
-
-
 def layer_states(weights, old, new, rank, seed=0) -> list[str]:
     """Per layer: "old", "new", "unchanged" (old == new on this rank) or "MIXED"."""
     not_old = {l for l, _, _ in row_mismatches(weights, old, old, rank, seed)}
@@ -264,7 +249,7 @@ def test_stashed_cycle_in_rounds_verify_and_rollback(verify):
     for error, states, _, stats in ok:
         assert error is None and states == ["new", "new"]
         assert stats.rounds > 4 and stats.peak_staging_bytes <= budget and stats.peak_undo_bytes > 0
-    hook = partial(_raise_at, "round_applied", 1, 2, 0)  # rank 0, layer 1, after its third round
+    hook = partial(raise_at, "round_applied", 1, 2, 0)  # rank 0, layer 1, after its third round
     failed = run_with_faults(world, old, new, hook, max_buffer_bytes=budget, verify=verify, timeout_s=TIMEOUT_S)
     assert failed[0][0][1] == "injected at round_applied"
     for rank, (error, states, _, _) in enumerate(failed):
@@ -320,12 +305,6 @@ def test_verify_moves_the_right_bytes(budget):
     assert sent > experts * EXPERT_BYTES
 
 
-def _corrupt(at_layer, at_round, where, **info):
-    if info["rank"] == 1 and where == "in_flight" and info["layer"] == at_layer and info["round"] == at_round:
-        peer, message = sorted(info["received"].items())[-1]
-        message[7] ^= 0x40  # one bit of the first expert's data
-
-
 @pytest.mark.parametrize(
     "layer,round_index,budget",
     [
@@ -336,7 +315,7 @@ def _corrupt(at_layer, at_round, where, **info):
 def test_corruption_in_flight_is_caught_and_layer_not_applied(layer, round_index, budget):
     world = 4
     old, new = all_to_all_maps(world, 3)
-    hook = partial(_corrupt, layer, round_index)
+    hook = partial(corrupt_in_flight, layer, round_index)
     results = run_with_faults(world, old, new, hook, verify=True, max_buffer_bytes=budget, timeout_s=10.0)
     for rank, (error, states, _, _) in enumerate(results):
         assert error is not None and error[0] == "ChecksumMismatchError", (rank, error)
@@ -344,12 +323,7 @@ def test_corruption_in_flight_is_caught_and_layer_not_applied(layer, round_index
         if rank == 1:
             kind, text, err_layer, peer, expert = error
             # the hook corrupted the first expert of the last peer's message in that round
-            plan = plan_rearrangement(old, new, world).layers[layer]
-            cost = EXPERT_BYTES + 16
-            rounds = schedule_layer(plan, cost, budget if budget is not None else world * cost).rounds
-            view = plan.restrict(rounds[round_index]).rank(1)
-            want_peer = max(view.recv_rows)
-            want_expert = int(new[layer, world + view.recv_rows[want_peer][0]])
+            want_peer, want_expert = corrupted_peer_and_expert(old, new, world, layer, round_index, EXPERT_BYTES + 16, budget)
             assert (err_layer, peer, expert) == (layer, want_peer, want_expert)
             assert f"expert {want_expert}" in text and f"peer {want_peer}" in text
             assert states == ["new" if l != layer else "old" for l in range(3)]
@@ -361,28 +335,17 @@ def test_without_verify_corruption_goes_through():
     # the hook really corrupts: without checksums the bad byte lands in the weights
     world = 4
     old, new = all_to_all_maps(world, 3)
-    results = run_with_faults(world, old, new, partial(_corrupt, 1, 0), timeout_s=10.0)
+    results = run_with_faults(world, old, new, partial(corrupt_in_flight, 1, 0), timeout_s=10.0)
     assert [r[0] for r in results] == [None] * world
     assert results[1][1][1] == "MIXED"
 
 
 # -- peer failures ---------------------------------------------------------------------------
-def _exit_at(point, at_layer, victim, where, **info):
-    if info["rank"] == victim and where == point and info.get("layer", at_layer) == at_layer:
-        os._exit(7)
-
-
-def _stall_at(point, at_layer, victim, seconds, where, **info):
-    if info["rank"] == victim and where == point and info.get("layer", at_layer) == at_layer:
-        time.sleep(seconds)
-        raise RuntimeError("stalled rank gives up")
-
-
 @pytest.mark.parametrize("point", ["before_send", "layer_start"])
 def test_peer_exits_every_survivor_names_layer_and_peer(point):
     world = 4
     old, new = all_to_all_maps(world, 3)
-    results = run_with_faults(world, old, new, partial(_exit_at, point, 1, 3), timeout_s=TIMEOUT_S)
+    results = run_with_faults(world, old, new, partial(exit_at, point, 1, 3), timeout_s=TIMEOUT_S)
     assert results[3] is None  # it exited
     for rank in range(3):
         error, states, elapsed, _ = results[rank]
@@ -398,7 +361,7 @@ def test_peer_exits_every_survivor_names_layer_and_peer(point):
 def test_stalled_peer_times_out_within_timeout():
     world = 4
     old, new = all_to_all_maps(world, 3)
-    results = run_with_faults(world, old, new, partial(_stall_at, "before_send", 1, 3, 1.5 * TIMEOUT_S), timeout_s=TIMEOUT_S)
+    results = run_with_faults(world, old, new, partial(stall_at, "before_send", 1, 3, 1.5 * TIMEOUT_S), timeout_s=TIMEOUT_S)
     for rank in range(3):
         error, states, elapsed, _ = results[rank]
         kind, text, layer, peer, _ = error
@@ -413,7 +376,7 @@ def test_stalled_peer_times_out_within_timeout():
 def test_peer_dying_before_confirmation_is_reported_everywhere():
     world = 4
     old, new = all_to_all_maps(world, 2)
-    results = run_with_faults(world, old, new, partial(_exit_at, "before_confirm", None, 3), timeout_s=TIMEOUT_S)
+    results = run_with_faults(world, old, new, partial(exit_at, "before_confirm", None, 3), timeout_s=TIMEOUT_S)
     for rank in range(3):
         error, states, elapsed, _ = results[rank]
         kind, text, layer, peer, _ = error
@@ -444,11 +407,6 @@ def test_stall_before_the_input_agreement_times_out():
     assert error is not None and error[0].startswith("Peer") and states == ["old", "old"], error
 
 
-def _raise_at(point, at_layer, at_round, victim, where, **info):
-    if info["rank"] == victim and where == point and info.get("layer") == at_layer and info.get("round", 0) == at_round:
-        raise RuntimeError(f"injected at {where}")
-
-
 @pytest.mark.parametrize(
     "point,round_index,budget,victim_states",
     [
@@ -462,7 +420,7 @@ def _raise_at(point, at_layer, at_round, victim, where, **info):
 def test_injected_failure_leaves_every_layer_old_or_new(point, round_index, budget, victim_states):
     world = 4
     old, new = all_to_all_maps(world, 3)
-    hook = partial(_raise_at, point, 1, round_index, 2)
+    hook = partial(raise_at, point, 1, round_index, 2)
     results = run_with_faults(world, old, new, hook, timeout_s=TIMEOUT_S, max_buffer_bytes=budget)
     victim_error, victim_layers, _, victim_stats = results[2]
     assert victim_error[1] == f"injected at {point}"

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from eplb_triton import plan_rearrangement, rearrange_expert_weights_inplace, transfer
-from eplb_triton.balancer import placement_sequence
+from eplb_triton.testing.balancer import placement_sequence
 from eplb_triton.comm import ChecksumMismatchError
-from eplb_triton.launch import run_ranks
+from eplb_triton.testing.launch import run_ranks
 from eplb_triton.plan import with_rounds
 from eplb_triton.schedule import schedule_layer
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from map_cases import packed_expert_bytes, random_maps
 
 SPECS = [

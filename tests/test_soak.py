@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from eplb_triton.launch import run_ranks
+from eplb_triton.testing.launch import run_ranks
 from eplb_triton.plan import plan_rearrangement
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from eplb_triton.schedule import schedule_layer
 from eplb_triton.transfer import rearrange_expert_weights_inplace
 

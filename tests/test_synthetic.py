@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import eplb_triton.synthetic as synthetic
-from eplb_triton.synthetic import TensorSpec, expert_pattern, fill_rank_weights, make_rank_weights, row_mismatches
+import eplb_triton.testing.synthetic as synthetic
+from eplb_triton.testing.synthetic import TensorSpec, expert_pattern, fill_rank_weights, make_rank_weights, row_mismatches
 
 
 def test_pattern_does_not_depend_on_chunking(monkeypatch):

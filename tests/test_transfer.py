@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from eplb_triton import ExpertLayout, plan_rearrangement, rearrange_expert_weights_inplace
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton import plan_rearrangement, rearrange_expert_weights_inplace
+from eplb_triton.layout import ExpertLayout
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from map_cases import expected_received_experts, packed_expert_bytes, random_maps
 
 MIXED_SPECS = [
@@ -168,7 +169,7 @@ def test_big_rotation_cycle_is_broken_by_a_stash(distributed, budget_experts):
 
 
 def test_reverse_of_a_heavy_rebalance_fits_the_default_budget(distributed):
-    from eplb_triton.demo import make_placements
+    from eplb_triton.testing.balancer import make_placements
 
     old, new = make_placements(2, 16, 4, 1, seed=0)
     check_transfer(distributed, 4, new, old)

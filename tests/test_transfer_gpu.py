@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 from eplb_triton import rearrange_expert_weights_inplace
-from eplb_triton.launch import free_port
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton.testing.launch import free_port
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 
 pytestmark = pytest.mark.gpu
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from row_writes import changed_rows, maps_with_unchanged_rows, record_row_writes
 
 SPECS = [

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from eplb_triton import TransferWorker, plan_rearrangement, rearrange_expert_weights_inplace
 from eplb_triton.comm import PeerTimeoutError
-from eplb_triton.launch import free_port, run_ranks
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton.testing.launch import free_port, run_ranks
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 
 SPECS = [TensorSpec((3, 5), torch.bfloat16), TensorSpec((2,), torch.int32)]
 OLD = np.array([[0, 1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1, 0]])

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 import eplb_triton
-from eplb_triton.launch import run_ranks
+from eplb_triton.testing.launch import run_ranks
 
 MIN_TORCH = "2.11"
 
@@ -231,7 +231,7 @@ def test_stand_in_has_the_table_signature():
 
 def _rank_worker_on_211(rank, world):
     from eplb_triton import TransferWorker
-    from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+    from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 
     dist.new_group = _new_group_211  # this forked rank only
     old = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])

@@ -19,9 +19,18 @@ import torch
 
 from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
 from eplb_triton.comm import PeerError
-from eplb_triton.launch import run_ranks
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
-from map_cases import expected_received_experts, packed_expert_bytes
+from eplb_triton.testing.launch import run_ranks
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from fault_cases import (
+    all_to_all_maps,
+    corrupt_in_flight,
+    corrupted_peer_and_expert,
+    exit_at,
+    injected_naming_the_layer,
+    raise_at,
+    stall_at,
+)
+from map_cases import expected_received_experts, packed_expert_bytes, random_maps
 
 SPECS = [
     TensorSpec((3, 5), torch.bfloat16),  # 30 bytes: odd row size
@@ -33,19 +42,6 @@ PACKED = 32 + 32 + 32 + 16  # bytes of one packed expert of SPECS: 30, 28, 18 an
 
 
 assert PACKED == packed_expert_bytes(SPECS)
-
-
-def random_maps(rng, layers, ep, num_local, logical, empty_frac=0.1):
-    """Old/new maps with replicas and empty slots; new only names experts the old layer holds."""
-    slots = ep * num_local
-    old = np.stack([rng.permutation(np.r_[np.arange(logical), rng.integers(0, logical, slots - logical)])[:slots] for _ in range(layers)])
-    old[rng.random(old.shape) < empty_frac] = -1
-    new = np.empty_like(old)
-    for l in range(layers):
-        held = np.unique(old[l][old[l] >= 0])
-        new[l] = rng.choice(held, slots)
-    new[rng.random(new.shape) < empty_frac] = -1
-    return old, new
 
 
 def rotated_maps(layers, ep, num_local):
@@ -545,20 +541,6 @@ def test_bad_weights_raise_at_submit_single_rank():
 TIMEOUT_S = 2.0
 
 
-def all_to_all_maps(world: int, layers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every rank sends to and receives from every other rank in every layer (plus a local move).
-
-    Layer ``l``: row ``i`` of rank ``r`` gets the expert of row ``r`` of rank ``(i + l) % world``.
-    """
-    old = np.tile(np.arange(world * world), (layers, 1))
-    new = np.empty_like(old)
-    for l in range(layers):
-        for r in range(world):
-            for i in range(world):
-                new[l, r * world + i] = old[l, ((i + l) % world) * world + r]
-    return old, new
-
-
 def _mark(sync_dir: str, name: str, rank: int) -> None:
     open(os.path.join(sync_dir, f"{name}-{rank}"), "w").close()
 
@@ -575,7 +557,7 @@ def _wait_marks(sync_dir: str, name: str, ranks, timeout_s: float = 30.0) -> boo
 
 
 # Held by the serving loop of _rank_fault around each step(). A rank that exits on purpose
-# (_exit_at) takes it first, so it never dies inside a step agreement: a collective that a rank
+# (exit_at with lock=_STEP_LOCK) takes it first, so it never dies inside a step agreement: a collective that a rank
 # leaves half-way can complete on some survivors and fail on others (gloo's ring all-reduce did
 # in 4 of 30 runs), which no agreement can prevent (see TransferWorker's docstring); these tests
 # check what the library does guarantee when a rank dies between two steps.
@@ -647,24 +629,6 @@ def run_faults(world, old, new, hook, stall_main=None, exiting=(), **kwargs):
         )
 
 
-def _exit_at(point, at_layer, victim, where, **info):
-    if info["rank"] == victim and where == point and info.get("layer") == at_layer:
-        _STEP_LOCK.acquire()  # not inside a step agreement (see _STEP_LOCK); never released
-        os._exit(7)  # the whole process, from the worker thread
-
-
-def _stall_at(point, at_layer, victim, seconds, where, **info):
-    if info["rank"] == victim and where == point and info.get("layer") == at_layer:
-        time.sleep(seconds)  # alive, but sends nothing
-        raise RuntimeError("stalled rank gives up")
-
-
-def _corrupt(at_layer, at_round, where, **info):
-    if info["rank"] == 1 and where == "in_flight" and info["layer"] == at_layer and info["round"] == at_round:
-        peer, data = sorted(info["received"].items())[-1]
-        data[7] ^= 0x40  # one bit of the first expert received from the last peer
-
-
 def assert_consistent(results, ranks):
     """Every listed rank swapped the same layers, and each layer is entirely old or entirely new."""
     applied = results[ranks[0]]["applied"]
@@ -680,7 +644,7 @@ def assert_consistent(results, ranks):
 def test_peer_exits_mid_layer_every_survivor_names_layer_and_peer():
     world = 4
     old, new = all_to_all_maps(world, 4)
-    results = run_faults(world, old, new, partial(_exit_at, "before_send", 1, 3), exiting=[3], timeout_s=TIMEOUT_S)
+    results = run_faults(world, old, new, partial(exit_at, "before_send", 1, 3, lock=_STEP_LOCK), exiting=[3], timeout_s=TIMEOUT_S)
     assert results[3] is None  # it exited
     applied = assert_consistent(results, [0, 1, 2])
     assert all(l < 1 for l in applied), applied
@@ -697,7 +661,7 @@ def test_peer_exits_between_layers_every_survivor_raises():
     # free slot rather than exchanging, so the step agreement is what notices it
     world = 4
     old, new = all_to_all_maps(world, 4)
-    results = run_faults(world, old, new, partial(_exit_at, "before_publish", 1, 3), exiting=[3], timeout_s=TIMEOUT_S)
+    results = run_faults(world, old, new, partial(exit_at, "before_publish", 1, 3, lock=_STEP_LOCK), exiting=[3], timeout_s=TIMEOUT_S)
     assert results[3] is None
     applied = assert_consistent(results, [0, 1, 2])
     for rank in range(3):
@@ -717,7 +681,7 @@ def test_stalled_peer_worker_times_out_on_every_rank():
     # rank 3 keeps serving (calls step()), but its worker sends nothing in layer 1
     world = 4
     old, new = all_to_all_maps(world, 3)
-    results = run_faults(world, old, new, partial(_stall_at, "before_send", 1, 3, 1.5 * TIMEOUT_S), timeout_s=TIMEOUT_S)
+    results = run_faults(world, old, new, partial(stall_at, "before_send", 1, 3, 1.5 * TIMEOUT_S), timeout_s=TIMEOUT_S)
     applied = assert_consistent(results, [0, 1, 2, 3])
     assert all(l < 1 for l in applied), applied
     for rank in range(4):
@@ -750,15 +714,6 @@ def test_peer_that_stops_calling_step_times_out_on_every_rank():
     assert error is not None and error["type"].startswith("Peer"), error
 
 
-class Injected(Exception):
-    pass
-
-
-def _raise_at(point, at_layer, at_round, victim, where, **info):
-    if info["rank"] == victim and where == point and info["layer"] == at_layer and info.get("round", at_round) == at_round:
-        raise Injected(f"injected at {point}, layer {at_layer}")
-
-
 @pytest.mark.parametrize(
     "point,round_index",
     [
@@ -773,7 +728,7 @@ def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, rou
     # a tight budget: every layer runs in several rounds, so "mid-layer" really is mid-layer
     world = 4
     old, new = all_to_all_maps(world, 3)
-    results = run_faults(world, old, new, partial(_raise_at, point, 1, round_index, 2), timeout_s=10.0, max_buffer_bytes=4 * PACKED)
+    results = run_faults(world, old, new, partial(raise_at, point, 1, round_index, 2, error=injected_naming_the_layer), timeout_s=10.0, max_buffer_bytes=4 * PACKED)
     applied = assert_consistent(results, list(range(world)))
     assert all(l < 1 for l in applied), applied
     for rank, res in enumerate(results):
@@ -793,23 +748,14 @@ def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, rou
     ],
 )
 def test_verify_catches_corruption_in_flight_and_layer_is_not_applied(layer, round_index, budget):
-    from eplb_triton.plan import plan_rearrangement
-    from eplb_triton.schedule import schedule_layer
-
     world = 4
     old, new = all_to_all_maps(world, 3)
-    hook = partial(_corrupt, layer, round_index)
+    hook = partial(corrupt_in_flight, layer, round_index)
     results = run_faults(world, old, new, hook, verify=True, max_buffer_bytes=budget, timeout_s=10.0)
     applied = assert_consistent(results, list(range(world)))
     assert all(l < layer for l in applied), applied  # the corrupted layer is old on every rank
     # the hook corrupted the first expert of the last peer's message in that round
-    plan = plan_rearrangement(old, new, world).layers[layer]
-    cost = PACKED + 16
-    rounds = schedule_layer(plan, cost, budget if budget is not None else world * cost).rounds
-    assert len(rounds) > round_index
-    view = plan.restrict(rounds[round_index]).rank(1)
-    want_peer = max(view.recv_rows)
-    want_expert = int(new[layer, world + view.recv_rows[want_peer][0]])
+    want_peer, want_expert = corrupted_peer_and_expert(old, new, world, layer, round_index, PACKED + 16, budget)
     for rank in range(world):
         error = results[rank]["error"]
         assert error is not None and error["type"] == "ChecksumMismatchError", (rank, error)
@@ -822,7 +768,7 @@ def test_without_verify_the_corruption_goes_through():
     # the hook really corrupts: without checksums the bad byte is swapped into the weights
     world = 4
     old, new = all_to_all_maps(world, 3)
-    results = run_faults(world, old, new, partial(_corrupt, 1, 0))
+    results = run_faults(world, old, new, partial(corrupt_in_flight, 1, 0))
     assert [r["error"] for r in results] == [None] * world
     assert [l for l, _, _ in results[1]["bad"]] != [] and {l for l, _, _ in results[1]["bad"]} == {1}
 
@@ -944,7 +890,7 @@ def test_gpu_swaps_while_main_stream_reads_weights_no_group():
 def test_gpu_swaps_while_main_stream_reads_weights_nccl_world1():
     import torch.distributed as dist
 
-    from eplb_triton.launch import free_port
+    from eplb_triton.testing.launch import free_port
 
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .layout import _byte_rows
+from ..layout import _byte_rows
 
 __all__ = ["TensorSpec", "expert_pattern", "fill_rank_weights", "make_rank_weights", "row_mismatches"]
 

@@ -1,4 +1,4 @@
-"""End-to-end benchmark: ``eplb-triton bench`` (or ``python -m eplb_triton bench``).
+"""End-to-end benchmark: the body of ``eplb-triton bench`` (or ``python -m eplb_triton bench``).
 
 Times this library against the per-expert baseline (what vLLM and SGLang do) on the same
 placements, plan and ranks; see ``DESCRIPTION`` below for the methods and the statistics.
@@ -9,33 +9,22 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import _cli
+from .. import _cli
+from ..transfer import rearrange_expert_weights_inplace
+from .balancer import make_placements
 from .baseline import rearrange_per_expert
-from .demo import PRESETS, make_placements
 from .launch import run_ranks
+from .machine import machine_line
+from .shapes import PRESETS
 from .synthetic import fill_rank_weights, make_rank_weights, row_mismatches
-from .transfer import rearrange_expert_weights_inplace
 
-__all__ = ["add_arguments", "machine_line", "main", "run"]
-
-
-def machine_line() -> str:
-    import triton
-
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = f"CPU {platform.machine()} x{os.cpu_count()}"
-    return f"Machine: {device}, torch {torch.__version__}, triton {triton.__version__}"
+__all__ = ["add_arguments", "run", "run_bench", "summarise"]
 
 
 def _methods(device: torch.device) -> dict:
@@ -275,15 +264,8 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shapes to imitate")
-    _cli.add_dist_backend_arguments(parser, default_world="2")
-    parser.add_argument(
-        "--layers", type=_cli.positive_int, default=None, metavar="N",
-        help="MoE layers (default: the preset's count on nccl, at most 4 on gloo)",
-    )
-    parser.add_argument(
-        "--scale", type=_cli.positive_int, default=None, metavar="N",
-        help="divide tensor dimensions by this (default: 16 for the large presets on gloo, else 1)",
+    _cli.add_model_arguments(
+        parser, default_world="2", layers_help="MoE layers (default: the preset's count on nccl, at most 4 on gloo)"
     )
     parser.add_argument("--repeats", type=_cli.positive_int, default=5, metavar="N", help="timed passes per method, after one warm-up")
     parser.add_argument("--seed", type=_cli.nonnegative_int, default=0, metavar="N", help="seed of the placements")
@@ -311,9 +293,3 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"wrote {args.plot}")
     return 0 if all(r["bad_rows"] == 0 for r in result["rows"]) else 1
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``eplb-triton bench [options]`` (kept for callers of ``eplb_triton.benchmark.main``)."""
-    from .__main__ import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .comm import Communicator
-from .plan import plan_rearrangement
-from .transfer import TransferStats
+from ..comm import Communicator
+from ..plan import plan_rearrangement
+from ..transfer import TransferStats
 
 __all__ = ["rearrange_per_expert"]
 

@@ -1,5 +1,7 @@
 """Spawn N local ranks joined in one ``torch.distributed`` group (tests, demo, benchmarks).
 
+Test and benchmark support, not part of the runtime API.
+
 Each rank runs ``fn(rank, world_size, *args)`` in its own process; the group is always
 destroyed, stragglers are killed after ``timeout_s``, and a rank's exception comes back as a
 ``RuntimeError`` carrying that rank's traceback.

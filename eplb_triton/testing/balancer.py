@@ -7,13 +7,24 @@ placements under drifting load therefore reshuffle most ranks, which is what
 :func:`eplb_triton.align_placement` and the balanced planner are measured against.
 
 Deterministic (ties go to the lowest expert / rank), numpy only, vectorised over layers.
+:func:`placement_maps` and :func:`make_placements` give a model preset's consecutive placements.
+
+Test and benchmark support, not part of the runtime API.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["drifting_loads", "eplb_placement", "placement_sequence", "replicate_experts"]
+__all__ = [
+    "drifting_loads",
+    "eplb_placement",
+    "make_placements",
+    "num_local_experts",
+    "placement_maps",
+    "placement_sequence",
+    "replicate_experts",
+]
 
 
 def replicate_experts(load: np.ndarray, num_slots: int) -> np.ndarray:
@@ -143,3 +154,21 @@ def placement_sequence(
             for t in range(num_steps)
         ]
     )
+
+
+def num_local_experts(num_logical: int, world_size: int, redundant_per_rank: int) -> int:
+    """Rows per rank: the logical experts spread evenly, plus ``redundant_per_rank`` replicas."""
+    return -(-num_logical // world_size) + redundant_per_rank
+
+
+def placement_maps(num_layers: int, num_logical: int, world_size: int, redundant_per_rank: int, steps: int, seed: int):
+    """``(steps + 1, num_layers, num_physical)`` consecutive EPLB-style placements under
+    drifting synthetic load (:func:`placement_sequence`)."""
+    num_physical = num_local_experts(num_logical, world_size, redundant_per_rank) * world_size
+    return placement_sequence(steps + 1, num_layers, num_logical, num_physical - num_logical, world_size, seed=seed)
+
+
+def make_placements(num_layers: int, num_logical: int, world_size: int, redundant_per_rank: int, seed: int):
+    """One rebalance: the old and the new placement, ``(num_layers, num_physical)`` each."""
+    maps = placement_maps(num_layers, num_logical, world_size, redundant_per_rank, 1, seed)
+    return maps[0], maps[1]

@@ -1,0 +1,47 @@
+"""eplb_triton/testing/: the one table of model shapes and the one Machine line."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+import torch
+import triton
+
+from eplb_triton.testing.machine import machine_line
+from eplb_triton.testing.shapes import LAYER_CONFIGS, PRESETS, scaled
+from eplb_triton.testing.synthetic import TensorSpec
+
+
+def test_model_layers_take_their_tensors_from_the_presets():
+    qwen = LAYER_CONFIGS["qwen3-30b-a3b-bf16"]
+    assert qwen.tensors == list(PRESETS["qwen3-30b-a3b"].tensors)
+    deepseek = LAYER_CONFIGS["deepseek-v3-fp8"]
+    preset = PRESETS["deepseek-v3"].tensors
+    # float8 carried as uint8: same shapes, same bytes per row
+    assert [t.shape for t in deepseek.tensors] == [t.shape for t in preset]
+    assert [t.row_bytes() for t in deepseek.tensors] == [t.row_bytes() for t in preset]
+    assert [t.dtype for t in deepseek.tensors] == [torch.uint8, torch.float32, torch.uint8, torch.float32]
+
+
+@pytest.mark.parametrize("name", list(LAYER_CONFIGS))
+def test_layer_configs_unpack_as_local_moved_specs(name):
+    local, moved, specs = LAYER_CONFIGS[name]
+    assert 0 < moved <= local and moved % 2 == 0  # the one-rank benchmarks swap moved/2 row pairs
+    assert all(isinstance(s, TensorSpec) for s in specs)
+
+
+def test_scaled_divides_every_dimension_and_keeps_at_least_one():
+    specs = [TensorSpec((1536, 2048), torch.bfloat16), TensorSpec((3,), torch.int32)]
+    assert scaled(specs, 8) == [TensorSpec((192, 256), torch.bfloat16), TensorSpec((1,), torch.int32)]
+    assert scaled(specs, 1) == specs
+
+
+def test_machine_line_names_the_cpu_and_the_versions(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    line = machine_line("cpu")
+    assert line == f"Machine: CPU {platform.machine()} x{os.cpu_count()}, torch {torch.__version__}, triton {triton.__version__}"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "(Triton interpreter)" in machine_line("cpu")
+    assert machine_line("cpu", world_size=4, dist_backend="gloo").split(",")[0].endswith("(4 gloo ranks)")
