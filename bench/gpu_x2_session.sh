@@ -16,6 +16,8 @@ for step in ${STEPS:-tests link}; do
       --plot "$OUT/link_speed.png" --markdown "$OUT/link_speed.md" ${LINK_ARGS:-} ;;
     link16) run_step link-speed-16-layers 300 python3 bench/link_speed.py --layers 16 --repeats 5 \
       --configs qwen3-30b-a3b-bf16 tiny-bf16 --presets qwen3-30b-a3b --json "$OUT/link_speed-16layers.json" ;;
+    steps) for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
+        run_step "worker-steps-$config" 150 python3 bench/worker_steps.py --config "$config"; done ;;
     pacing) run_step pacing 200 python3 bench/pacing.py --out "$OUT" ;;
     worker) run_step worker-swap 200 python3 bench/gpu_worker.py --json "$OUT/gpu_worker.json" ;;
     hostprof) for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
