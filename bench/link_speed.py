@@ -17,7 +17,8 @@ slowest rank's time per layer (whole calls, divided by the layers):
   (validation, agreement, planning, confirmation included);
 * ``worker``: :class:`eplb_triton.TransferWorker`, ``submit`` then ``step()`` until done.
 
-Each method's result is checked bit for bit after its warm-up call. ``--chunks`` (and ``--variants NAME=VALUE``) also time the
+Each method's result is checked bit for bit after its warm-up call; the timed calls are interleaved
+(every method once per round, ``--repeats`` rounds), so no method owns a place in the order. ``--chunks`` (and ``--variants NAME=VALUE``) also time the
 blocking path at other message-piece sizes (``EPLB_TRITON_CHUNK_BYTES``). ``--profile-dir``
 writes a ``torch.profiler`` table of one blocking call per config (rank 0).
 """
@@ -119,6 +120,24 @@ def _worker_call(worker: TransferWorker, old, new) -> None:
     worker.wait()
 
 
+def _with_env(variant: str, fn):
+    """``fn`` run with the environment variable ``NAME=VALUE`` set, restored afterwards."""
+    key, _, value = variant.partition("=")
+
+    def call(*args):
+        before = os.environ.get(key)
+        os.environ[key] = value
+        try:
+            return fn(*args)
+        finally:
+            if before is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = before
+
+    return call
+
+
 def _configs(cfg: dict, world: int) -> list[tuple[str, np.ndarray, np.ndarray, list]]:
     out = []
     for name in cfg["configs"]:
@@ -132,22 +151,18 @@ def _configs(cfg: dict, world: int) -> list[tuple[str, np.ndarray, np.ndarray, l
     return out
 
 
-def _time(fn, device, repeats: int) -> list[float]:
-    """Seconds of each call, the slowest rank's, after one warm-up call."""
-    times = []
-    for repeat in range(repeats + 1):
-        _sync(device)
-        dist.barrier()
-        _sync(device)
-        begin = time.perf_counter()
-        fn(repeat)
-        _sync(device)
-        elapsed = time.perf_counter() - begin
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, elapsed)
-        if repeat:
-            times.append(max(everyone))
-    return times
+def _timed_call(fn, device) -> float:
+    """Seconds of one call of ``fn``, the slowest rank's (ranks start together, the device idle)."""
+    _sync(device)
+    dist.barrier()
+    _sync(device)
+    begin = time.perf_counter()
+    fn()
+    _sync(device)
+    elapsed = time.perf_counter() - begin
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, elapsed)
+    return max(everyone)
 
 
 def _rank_main(rank: int, world: int, cfg: dict) -> dict:
@@ -188,24 +203,22 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
             "blocking": checked("blocking", lambda o, n: rearrange_expert_weights_inplace(o, n, weights)),
             "worker": checked("worker", lambda o, n: _worker_call(worker, o, n)),
         }
-        for method in METHODS:
-            fill_rank_weights(weights, state["current"], rank, 11)
-            times = _time(runs[method], device, cfg["repeats"])
-            entry["methods"][method] = {"call_s": times}
         variants = [f"EPLB_TRITON_CHUNK_BYTES={chunk}" for chunk in cfg["chunks"]] + list(cfg["variants"])
         for variant in variants:  # the blocking path again under one environment setting
-            key, _, value = variant.partition("=")
-            before = os.environ.get(key)
-            os.environ[key] = value
-            fill_rank_weights(weights, state["current"], rank, 11)
             label = f"blocking[{variant}]"
-            times = _time(checked(label, lambda o, n: rearrange_expert_weights_inplace(o, n, weights)),
-                          device, cfg["repeats"])
-            entry["methods"][label] = {"call_s": times}
-            if before is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = before
+            runs[label] = checked(label, _with_env(variant, lambda o, n: rearrange_expert_weights_inplace(o, n, weights)))
+        for method, run in runs.items():  # warm-up call of each method, checked bit for bit
+            fill_rank_weights(weights, state["current"], rank, 11)
+            _timed_call(lambda: run(0), device)
+        # Timed calls interleaved (every method once per round): a method run right after another
+        # was slower by up to 2x on the H200 hosts (blocking tiny-bf16 0.87 vs 0.41 ms per layer),
+        # so no method owns a position in the order.
+        times = {method: [] for method in runs}
+        for repeat in range(1, cfg["repeats"] + 1):
+            for method, run in runs.items():
+                times[method].append(_timed_call(lambda: run(repeat), device))
+        for method in runs:
+            entry["methods"][method] = {"call_s": times[method]}
         if cfg["profile_dir"]:
             entry["profile"] = _profile(cfg, name, rank, device, weights, state)
         worker.close()
