@@ -286,3 +286,36 @@ def test_emulated_p2p_moves_the_same_bytes_as_the_group_path(distributed, world,
     # barriers meet: every rank passed the same number of them
     assert len({r["blocking"]["barriers"] for r in results}) == 1
     assert len({r["worker_barriers"] for r in results}) == 1
+
+
+# -- the deadline ---------------------------------------------------------------------------------
+class _NeverDone:
+    """A CUDA event stand-in for a pass whose barrier never completes (a stalled peer)."""
+
+    def query(self) -> bool:
+        return False
+
+
+def test_a_pass_past_timeout_s_raises_peer_timeout_naming_layer_and_peer_and_writes_nothing(monkeypatch):
+    """Rank 0 of two, alone: its peer never arrives, so the pass's event never completes."""
+    monkeypatch.setattr(p2p, "_record_event", lambda: _NeverDone())
+    monkeypatch.setattr(p2p, "_RELEASE_S", 0.05)
+    world, rank = 2, 0
+    old, new = random_maps(np.random.default_rng(3), 2, world, 4, 6)
+    comm = Communicator(group=None, rank=rank, world_size=world, backend="gloo")
+    weights = rank_weights(rank, world, old, seed=2)
+    before = as_bytes(weights)
+    layers = prepare_layers(old, new, weights, comm, 2 * PACKED)  # several passes: a rollback is needed
+    layer = next(l for l in layers if l.has_network)
+    buffers = [torch.zeros(1 << 14, dtype=torch.uint8) for _ in range(world)]
+    transport = SharedMemoryTransport(comm, buffers, barrier=None, nbytes=0)
+    transport.barrier = lambda: None  # the peer never comes; the host deadline must end the wait
+    stats = transfer.TransferStats.empty(rank, world)
+    undo = torch.empty(max(layer.undo_bytes, 1), dtype=torch.uint8)
+    with pytest.raises(p2p.PeerTimeoutError) as caught:
+        layer.run(transport.buffer, comm, None, stats, timeout_s=0.05, undo=undo, transport=transport)
+    error = caught.value
+    assert error.layer == layer.index and f"layer {layer.index}" in str(error), str(error)
+    assert error.peer == 1 and "peers [1]" in str(error), str(error)
+    assert transport.broken, "a timed-out transport must not be reused"
+    assert same_bytes(as_bytes(weights), before), "a pass that timed out wrote rows (or was not rolled back)"
