@@ -18,6 +18,7 @@ The GPU half (real symmetric memory, NVLink, timeouts) is tests/test_p2p_gpu.py.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 
 import numpy as np
 import pytest
@@ -319,3 +320,98 @@ def test_a_pass_past_timeout_s_raises_peer_timeout_naming_layer_and_peer_and_wri
     assert error.peer == 1 and "peers [1]" in str(error), str(error)
     assert transport.broken, "a timed-out transport must not be reused"
     assert same_bytes(as_bytes(weights), before), "a pass that timed out wrote rows (or was not rolled back)"
+
+
+# -- the GPU-only glue, with stand-ins for torch's symmetric memory and CUDA streams -----------
+class _FakeHandle:
+    """What ``symm_mem.rendezvous`` returns, for rank 0 of two: buffers and signal pads by rank."""
+
+    def __init__(self, buffer):
+        self.buffers = {0: buffer, 1: torch.arange(buffer.numel(), dtype=torch.int64).to(torch.uint8)}
+        self.pads = {0: torch.zeros(64, dtype=torch.int32), 1: torch.ones(64, dtype=torch.int32)}  # peer: my signal unread
+
+    @staticmethod
+    def _view(memory, sizes, dtype, storage_offset):  # like torch: ``sizes`` elements from the offset
+        count = int(np.prod(sizes))
+        return memory.view(dtype)[storage_offset : storage_offset + count].reshape(sizes)
+
+    def get_buffer(self, rank, sizes, dtype, storage_offset=0):
+        return self._view(self.buffers[rank], sizes, dtype, storage_offset)
+
+    def get_signal_pad(self, rank, sizes, dtype, storage_offset=0):
+        return self._view(self.pads[rank], sizes, dtype, storage_offset)
+
+    def barrier(self, channel=0, timeout_ms=0):
+        pass
+
+
+class _FakeSymmMem:
+    def __init__(self):
+        self.calls = []
+
+    def empty(self, *size, dtype=None, device=None):
+        self.calls.append(("empty", size, dtype))
+        return torch.zeros(*size, dtype=dtype)
+
+    def rendezvous(self, tensor, group):
+        self.calls.append(("rendezvous", group))
+        self.handle = _FakeHandle(tensor)
+        return self.handle
+
+
+class _Nothing:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        pass
+
+
+def test_create_maps_peers_and_a_timeout_releases_the_stuck_barrier(monkeypatch):
+    from types import SimpleNamespace
+
+    fake = _FakeSymmMem()
+    monkeypatch.setattr(p2p, "symmetric_memory", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "device", _Nothing)
+    monkeypatch.setattr(torch.cuda, "Stream", _Nothing)
+    monkeypatch.setattr(torch.cuda, "stream", _Nothing)
+    monkeypatch.delenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", raising=False)
+    comm = Communicator(group=SimpleNamespace(group_name="7"), rank=0, world_size=2, backend="nccl")
+    control = Communicator(group=None, rank=0, world_size=2, backend="gloo")  # agreements pass through
+    transport = P2PTransport.create(comm, torch.device("cpu"), 4096, control=control)
+    assert fake.calls == [("empty", (4096,), torch.uint8), ("rendezvous", "7")]
+    assert os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1", "multicast must be off before the first mapping"
+    assert torch.equal(transport.peer_bytes(1, 10, 5), fake.handle.buffers[1][10:15])
+    pads = fake.handle.pads
+
+    class StuckUntilReleased:
+        """The barrier completes once my pad says "peer 1 arrived" and peer 1's pad is free for my signal."""
+
+        def query(self):
+            return bool(pads[0][1] == 1 and pads[1][0] == 0)
+
+    request = p2p._Pending(StuckUntilReleased(), [1])
+    monkeypatch.setattr(p2p, "time", SimpleNamespace(monotonic=_clock(), sleep=lambda s: None))
+    with pytest.raises(p2p.PeerTimeoutError, match=r"layer 4, round 1/1: rank 0 waited 0.5 s .* peers \[1\]") as caught:
+        transport.wait([request], timeout_s=0.5, where="layer 4, round 1/1")
+    assert caught.value.peer == 1
+    assert request.event.query(), "the stuck barrier was not released"
+    assert transport.broken and transport in p2p._BROKEN
+    transport.close()
+    assert transport.buffer is not None, "a broken transport keeps its memory mapped (a late peer may write to it)"
+
+
+def _clock(step: float = 0.1):
+    now = [0.0]
+
+    def monotonic():
+        now[0] += step
+        return now[0]
+
+    return monotonic
