@@ -27,9 +27,10 @@ for step in ${STEPS:-tests link}; do
     # the p2p transport (issue 17): its building blocks first, the rest only if they work
     p2p) run_step p2p-smoke 90 python3 -m pytest -q -s tests/test_p2p_gpu.py -k layers_one_by_one -p no:cacheprovider -rA
       if grep -q "p2p-smoke rc=0" "$LOG"; then
-        run_step p2p-tests 170 python3 -m pytest -q tests/test_p2p_gpu.py -k "not layers_one_by_one" -p no:cacheprovider -rA
+        run_step p2p-tests 240 python3 -m pytest -q tests/test_p2p_gpu.py -k "not layers_one_by_one" -p no:cacheprovider -rA
       fi ;;
-    linkp2p) run_step link-speed-p2p 200 python3 bench/link_speed.py --methods floor blocking worker --transport nccl p2p \
+    linkp2p) grep -q "p2p-smoke rc=[1-9]" "$LOG" && { echo "p2p smoke failed: no link-speed-p2p"; continue; }
+      run_step link-speed-p2p 200 python3 bench/link_speed.py --methods floor blocking worker --transport nccl p2p \
       --repeats 5 --json "$OUT/link_speed_p2p.json" --markdown "$OUT/link_speed_p2p.md" ;;
     multigpu) run_step multi-gpu 300 python3 bench/multi_gpu.py --backend nccl --timeout 280 \
       --json "$OUT/multi_gpu-nccl-w2.json" ;;

@@ -93,7 +93,7 @@ def _rank_layers_one_by_one(rank, world):
 
 
 def test_p2p_layers_one_by_one():
-    results = run_ranks(WORLD, _rank_layers_one_by_one, backend="nccl", timeout_s=120.0)
+    results = run_ranks(WORLD, _rank_layers_one_by_one, backend="nccl", timeout_s=75.0)
     for rank, res in enumerate(results):
         print(f"rank {rank}:\n  " + "\n  ".join(res["steps"]))
         assert res["equal"], f"rank {rank}: the pulled bytes differ from the peer's: {res['steps']}"
@@ -164,7 +164,7 @@ def _rank_configs(rank, world, configs):
 
 
 def test_p2p_equals_nccl_and_expected_on_both_apis():
-    results = run_ranks(WORLD, _rank_configs, CONFIGS, backend="nccl", timeout_s=240.0)
+    results = run_ranks(WORLD, _rank_configs, CONFIGS, backend="nccl", timeout_s=150.0)
     for rank, per_config in enumerate(results):
         for name, res in per_config.items():
             where = f"rank {rank}, {name}"
@@ -183,7 +183,11 @@ def _corrupt(where, **info):
         data[7] ^= 0x40  # one bit of the first expert received
 
 
-def _rank_corrupted(rank, world, path):
+def _rank_corrupted(rank, world, paths):
+    return {path: _corrupted(rank, world, path) for path in paths}  # a mismatch leaves the group usable
+
+
+def _corrupted(rank, world, path):
     _log_to_stderr()
     from eplb_triton import TransferWorker, rearrange_expert_weights_inplace, transfer, worker
     from test_reliability import layer_states
@@ -217,15 +221,16 @@ def _rank_corrupted(rank, world, path):
                 states=layer_states(weights, old, new, rank, 3))
 
 
-@pytest.mark.parametrize("path", ["blocking", "worker"])
-def test_p2p_verify_reports_a_corrupted_message_on_every_rank(path):
-    results = run_ranks(WORLD, _rank_corrupted, path, backend="nccl", timeout_s=180.0)
-    for rank, res in enumerate(results):
-        assert res["error"] is not None and res["error"][0] == "ChecksumMismatchError", (rank, res)
-        assert "layer 1" in res["error"][1], f"rank {rank}: the error should name layer 1: {res['error']}"
-        assert all(s in ("old", "new", "unchanged") for s in res["states"]), (rank, res["states"])
-    assert results[1]["error"][2] == 1, results[1]["error"]  # the rank whose check failed
-    assert results[1]["states"][1] in ("old", "unchanged"), results[1]["states"]
+def test_p2p_verify_reports_a_corrupted_message_on_every_rank():
+    results = run_ranks(WORLD, _rank_corrupted, ["blocking", "worker"], backend="nccl", timeout_s=90.0)
+    for path in ("blocking", "worker"):
+        for rank, per_path in enumerate(results):
+            res = per_path[path]
+            assert res["error"] is not None and res["error"][0] == "ChecksumMismatchError", (path, rank, res)
+            assert "layer 1" in res["error"][1], f"{path}, rank {rank}: the error should name layer 1: {res['error']}"
+            assert all(s in ("old", "new", "unchanged") for s in res["states"]), (path, rank, res["states"])
+        assert results[1][path]["error"][2] == 1, results[1][path]["error"]  # the rank whose check failed
+        assert results[1][path]["states"][1] in ("old", "unchanged"), (path, results[1][path]["states"])
 
 
 # -- a stalled peer --------------------------------------------------------------------------
@@ -311,7 +316,8 @@ def _settles(seconds: float = 5.0) -> bool:
 
 @pytest.mark.parametrize("path", ["blocking", "worker"])
 def test_p2p_stalled_peer_times_out_naming_the_layer(tmp_path, path):
-    run_ranks(WORLD, _rank_stalled, path, tmp_path, backend="nccl", timeout_s=180.0, allow_missing=True)
+    # reports are written before teardown: a rank stuck in teardown is killed sooner
+    run_ranks(WORLD, _rank_stalled, path, tmp_path, backend="nccl", timeout_s=75.0, allow_missing=True)
     reports = {r: pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(WORLD) if (tmp_path / f"rank{r}.pkl").exists()}
     assert 0 in reports, "the survivor wrote no report: it hung or crashed"
     survivor = reports[0]
@@ -339,6 +345,7 @@ def _rank_memory(rank, world):
         with TransferWorker(weights, transport="p2p") as worker:
             worker.submit(old, new)
             worker.wait()
+        fill_rank_weights(weights, old, rank, 1)
         rearrange_expert_weights_inplace(old, new, weights, transport="p2p")
         p2p.release_cached()
         torch.cuda.synchronize()
@@ -348,7 +355,7 @@ def _rank_memory(rank, world):
 
 
 def test_p2p_workers_and_calls_release_their_memory():
-    results = run_ranks(WORLD, _rank_memory, backend="nccl", timeout_s=180.0)
+    results = run_ranks(WORLD, _rank_memory, backend="nccl", timeout_s=90.0)
     for rank, res in enumerate(results):
         assert res["rows"] == []
         free = res["free"]
