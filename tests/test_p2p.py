@@ -27,7 +27,7 @@ import torch
 from eplb_triton import TransferWorker, p2p, rearrange_expert_weights_inplace, transfer
 from eplb_triton.comm import Communicator
 from eplb_triton.p2p import P2PTransport, check_transport, message_spans, send_region_bytes
-from eplb_triton.synthetic import make_rank_weights, fill_rank_weights, row_mismatches
+from eplb_triton.testing.synthetic import make_rank_weights, fill_rank_weights, row_mismatches
 from eplb_triton.transfer import prepare_layers
 from map_cases import packed_expert_bytes, random_maps
 from test_worker import PACKED, SPECS, as_bytes, rank_weights, same_bytes

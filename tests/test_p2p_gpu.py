@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-from eplb_triton.launch import run_ranks
-from eplb_triton.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
+from eplb_triton.testing.launch import run_ranks
+from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from map_cases import packed_expert_bytes, random_maps
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
