@@ -31,7 +31,7 @@ for step in ${STEPS:-tests link}; do
       fi ;;
     linkp2p) grep -q "p2p-smoke rc=[1-9]" "$LOG" && { echo "p2p smoke failed: no link-speed-p2p"; continue; }
       run_step link-speed-p2p 200 python3 bench/link_speed.py --methods floor blocking worker --transport nccl p2p \
-      --repeats 5 --json "$OUT/link_speed_p2p.json" --markdown "$OUT/link_speed_p2p.md" ;;
+      --presets qwen3-30b-a3b --repeats 5 --json "$OUT/link_speed_p2p.json" --markdown "$OUT/link_speed_p2p.md" ;;
     multigpu) run_step multi-gpu 300 python3 bench/multi_gpu.py --backend nccl --timeout 280 \
       --json "$OUT/multi_gpu-nccl-w2.json" ;;
     *) echo "unknown step $step" ;;
