@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call on two GPUs (nvidia-h200-x2): install, the GPU tests (2-GPU ones included),
-# the link-speed benchmark (issue 12) and optionally the whole suite / multi_gpu.py.
+# the link-speed benchmark (issue 12) and optionally the whole suite / multi_gpu.py; the p2p
+# transport (issue 17): STEPS="p2p linkp2p" TAIL=40.
 #   STEPS="tests link" bash bench/gpu_x2_session.sh        (logs and JSON under $OUT)
 source "$(dirname "$0")/session_common.sh"
 nvidia-smi topo -m 2>&1 | head -5 | tee -a "$LOG"
@@ -25,6 +26,14 @@ for step in ${STEPS:-tests link}; do
           --calls 10 --top 40 --out "$OUT"; done ;;
     timeline) for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
         run_step "timeline-$config" 120 python3 bench/layer_timeline.py --config "$config" --layers ${PROF_LAYERS:-4}; done ;;
+    # the p2p transport (issue 17): its building blocks first, the rest only if they work
+    p2p) run_step p2p-smoke 90 python3 -m pytest -q -s tests/test_p2p_gpu.py -k layers_one_by_one -p no:cacheprovider -rA
+      if grep -q "p2p-smoke rc=0" "$LOG"; then
+        run_step p2p-tests 240 python3 -m pytest -q tests/test_p2p_gpu.py -k "not layers_one_by_one" -p no:cacheprovider -rA
+      fi ;;
+    linkp2p) grep -q "p2p-smoke rc=[1-9]" "$LOG" && { echo "p2p smoke failed: no link-speed-p2p"; continue; }
+      run_step link-speed-p2p 200 python3 bench/link_speed.py --methods floor blocking worker --transport nccl p2p \
+      --presets qwen3-30b-a3b --repeats 5 --json "$OUT/link_speed_p2p.json" --markdown "$OUT/link_speed_p2p.md" ;;
     multigpu) run_step multi-gpu 300 python3 bench/multi_gpu.py --backend nccl --timeout 280 \
       --json "$OUT/multi_gpu-nccl-w2.json" ;;
     *) echo "unknown step $step" ;;

@@ -17,8 +17,14 @@ slowest rank's time per layer (whole calls, divided by the layers):
   (validation, agreement, planning, confirmation included);
 * ``worker``: :class:`eplb_triton.TransferWorker`, ``submit`` then ``step()`` until done.
 
+``--transport nccl p2p`` adds, next to the NCCL rows, ``floor-p2p`` (the same per-peer bytes
+pulled by copy engines from a peer's symmetric buffer between two device barriers: what the p2p
+transport costs at best), ``blocking-p2p`` and ``worker-p2p`` (both APIs with
+``transport="p2p"``). ``--methods`` picks the rows to time (default: all).
+
 Each method's result is checked bit for bit after its warm-up call; the timed calls are interleaved
-(every method once per round, ``--repeats`` rounds), so no method owns a place in the order. ``--chunks`` (and ``--variants NAME=VALUE``) also time the
+(every method once per round, ``--repeats`` rounds), so no method owns a place in the order.
+``--chunks`` (and ``--variants NAME=VALUE``) also time the
 blocking path at other message-piece sizes (``EPLB_TRITON_CHUNK_BYTES``). ``--profile-dir``
 writes a ``torch.profiler`` table of one blocking call per config (rank 0).
 """
@@ -51,6 +57,7 @@ from eplb_triton.layout import ExpertLayout  # noqa: E402
 from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
 
 METHODS = ("floor", "torch-packed", "per-expert", "blocking", "worker")
+P2P_METHODS = ("floor-p2p", "blocking-p2p", "worker-p2p")  # with --transport p2p (NCCL groups only)
 
 
 def _sync(device: torch.device) -> None:
@@ -80,6 +87,40 @@ class _Floor:
             ops += [dist.P2POp(dist.isend, t, p) for p, t in self.out.items()]
             for req in dist.batch_isend_irecv(ops) if ops else []:
                 req.wait()
+
+
+class _FloorP2P:
+    """The p2p transport's floor: per layer, a device barrier, one copy-engine pull of each
+    peer's bytes out of its symmetric buffer, a barrier (no pack, no plan, no library)."""
+
+    def __init__(self, sends: dict, recvs: dict, device: torch.device, world: int):
+        from eplb_triton.comm import Communicator
+        from eplb_triton.p2p import P2PTransport
+
+        size = max([sum(sends.values()), 1])
+        sizes = torch.tensor([size], dtype=torch.int64, device=device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)  # symmetric: the same size everywhere
+        self.transport = P2PTransport.create(Communicator.from_group(None), device, int(sizes.item()))
+        self.transport.buffer.random_()
+        rank = dist.get_rank()
+        # where each sender's message to this rank lies: senders lay out messages by ascending receiver
+        everyone = [None] * world
+        dist.all_gather_object(everyone, sends)
+        self.pulls = []
+        for peer, nbytes in recvs.items():
+            offset = sum(n for q, n in sorted(everyone[peer].items()) if q < rank)
+            self.pulls.append((peer, offset, torch.empty(nbytes, dtype=torch.uint8, device=device)))
+
+    def __call__(self, layers: int) -> None:
+        t = self.transport
+        for _ in range(layers):
+            t.barrier()
+            for peer, offset, dst in self.pulls:
+                dst.copy_(t.peer_bytes(peer, offset, dst.numel()))
+            t.barrier()
+
+    def close(self) -> None:
+        self.transport.close()
 
 
 def _torch_packed(old, new, weights, rank: int, world: int) -> None:
@@ -195,14 +236,26 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
         entry = {"layers": layers, "expert_bytes": expert_bytes, "row_bytes": row_bytes,
                  "bytes_sent_per_layer": sum(sends.values()), "bytes_received_per_layer": sum(recvs.values()),
                  "methods": {}}
-        worker = TransferWorker(weights)  # made once, as a runtime does at start-up
+        methods = [m for m in METHODS if m in cfg["methods"]]
+        p2p_on = "p2p" in cfg["transports"] and cfg["backend"] == "nccl"
+        if p2p_on:  # each p2p row right after its NCCL counterpart
+            methods = [x for m in methods for x in ([m, f"{m}-p2p"] if f"{m}-p2p" in P2P_METHODS else [m])]
+        worker = TransferWorker(weights) if "worker" in methods else None  # made once, as a runtime does at start-up
+        worker_p2p = TransferWorker(weights, transport="p2p") if "worker-p2p" in methods else None
+        floor_p2p = _FloorP2P(sends, recvs, device, world) if "floor-p2p" in methods else None
         runs = {
             "floor": lambda repeat: floor(layers),
             "torch-packed": checked("torch-packed", lambda o, n: _torch_packed(o, n, weights, rank, world)),
             "per-expert": checked("per-expert", lambda o, n: rearrange_per_expert(o, n, weights)),
             "blocking": checked("blocking", lambda o, n: rearrange_expert_weights_inplace(o, n, weights)),
             "worker": checked("worker", lambda o, n: _worker_call(worker, o, n)),
+            "floor-p2p": lambda repeat: floor_p2p(layers),
+            "blocking-p2p": checked(
+                "blocking-p2p", lambda o, n: rearrange_expert_weights_inplace(o, n, weights, transport="p2p")
+            ),
+            "worker-p2p": checked("worker-p2p", lambda o, n: _worker_call(worker_p2p, o, n)),
         }
+        runs = {method: runs[method] for method in methods}  # the rows asked for, in table order
         variants = [f"EPLB_TRITON_CHUNK_BYTES={chunk}" for chunk in cfg["chunks"]] + list(cfg["variants"])
         for variant in variants:  # the blocking path again under one environment setting
             label = f"blocking[{variant}]"
@@ -221,7 +274,13 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
             entry["methods"][method] = {"call_s": times[method]}
         if cfg["profile_dir"]:
             entry["profile"] = _profile(cfg, name, rank, device, weights, state)
-        worker.close()
+        for closing in (worker, worker_p2p, floor_p2p):
+            if closing is not None:
+                closing.close()
+        if p2p_on:
+            from eplb_triton.p2p import release_cached
+
+            release_cached()  # the blocking rows' cached buffer: each config maps its own
         entry["bad_rows"] = bad
         results["configs"][name] = entry
         del weights, floor
@@ -324,7 +383,8 @@ def plot(summary: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     configs = list(summary["configs"])
-    methods = [m for m in METHODS if m != "floor"]
+    first = summary["configs"][configs[0]]["methods"]
+    methods = [m for m in first if m != "floor" and "[" not in m]  # variants stay out of the chart
     fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(methods)
     for j, method in enumerate(methods):
@@ -357,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the blocking path with this environment variable set (e.g. EPLB_TRITON_DIRECT_POST=0)")
     parser.add_argument("--configs", nargs="*", default=list(LAYER_CONFIGS))
     parser.add_argument("--presets", nargs="*", default=list(mg.PRESET_NAMES))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="rows to time")
+    parser.add_argument(
+        "--transport", nargs="*", default=["nccl"], choices=("nccl", "p2p"),
+        help="p2p: add floor-p2p / blocking-p2p / worker-p2p rows next to the NCCL ones (NCCL groups only)",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile-dir", default=None)
     parser.add_argument("--plot", default=None, help="PNG: each method as a multiple of the floor")
@@ -383,7 +448,13 @@ def main(argv: list[str] | None = None) -> int:
         "chunks": args.chunks,
         "variants": args.variants,
         "profile_dir": args.profile_dir,
+        "methods": args.methods,
+        "transports": args.transport,
     }
+    if "floor" not in args.methods:
+        parser.error("--methods must include floor (every row is reported as a multiple of it)")
+    if "p2p" in args.transport and args.backend != "nccl":
+        print("--transport p2p needs the NCCL backend (GPUs of one node): the p2p rows are skipped", file=sys.stderr)
     per_rank = run_ranks(world, _rank_main, cfg, backend=args.backend, timeout_s=3000.0, group_timeout_s=600.0)
     summary = summarise(per_rank)
     print_report(summary)

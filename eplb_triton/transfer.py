@@ -59,6 +59,7 @@ from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
 from .inputs import CheckedInputs, WeightsSignature, agree_inputs, check_inputs, row_cost
 from .layout import ExpertLayout, index_tensor
 from .maps import EPGroup, ExpertMap, RankMapping
+from .p2p import acquire as acquire_p2p, resolve_transport
 from .plan import LayerPlan, RankPlan, RearrangementPlan, _check_options, plan_from_maps, with_rounds
 from .schedule import schedule_layer, smallest_budget_bytes
 
@@ -254,6 +255,9 @@ class RoundWork:
     _batches: list | None = field(default=None, repr=False)
     _totals: tuple[int, int] | None = field(default=None, repr=False)  # bytes of all sends, of all receives
     _views: tuple | None = field(default=None, repr=False)  # (staging key, its three regions)
+    #: the round's (ep, ep) expert counts, every rank's sends (set by prepare_layers): where
+    #: the p2p transport finds each peer's message (:func:`eplb_triton.p2p.message_spans`)
+    round_traffic: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def from_view(
@@ -668,8 +672,13 @@ class LayerWork:
         *,
         timeout_s: float | None = None,
         undo: torch.Tensor | None = None,
+        transport=None,
     ) -> None:
         """Run every round of this layer, blocking until its rows are in place.
+
+        ``transport``: a :class:`~eplb_triton.p2p.P2PTransport` whose symmetric buffer is
+        ``staging`` (peers pull the sends from its offset 0; the stash goes to its end), or
+        ``None`` for ``comm``'s own isend/irecv.
 
         Atomic on this rank: a round writes rows only after its receives completed (and
         passed ``verify``); when the layer has several rounds, the old contents of the rows
@@ -685,7 +694,10 @@ class LayerWork:
                 rolled back, so the group is still usable.
         """
         layout, eb = self.layout, self.layout.expert_bytes
-        if self.stash_rows.size:
+        if transport is not None and self.stash_rows.size:  # p2p: the sends stay at offset 0, where peers read them
+            cut = staging.numel() - self.stash_bytes
+            staging, stash = staging[:cut], staging[cut:]
+        elif self.stash_rows.size:
             stash, staging = staging[: self.stash_bytes], staging[self.stash_bytes :]
         else:  # the usual case: nothing overwritten early, nothing to read back
             stash = None
@@ -712,15 +724,16 @@ class LayerWork:
             for i, work in enumerate(self.rounds):
                 where = f"layer {self.index}, round {i + 1}/{len(self.rounds)}"
                 batches = []
+                mover = comm if transport is None else transport.exchange_for(work.round_traffic, eb, verify=work.verify)
                 if not work.framed:  # packs and posts batch by batch, then one wait for all
                     _fault("before_send", rank=comm.rank, layer=self.index, round=i)
                     send_buf, recv_buf, scratch = work._slices(staging)
                     try:  # posting fails too when a peer's connection is already closed
                         requests, labels, batches = work.post_batches(
-                            layout, send_buf, recv_buf, comm, backend, stash, local_buf=scratch, where=where
+                            layout, send_buf, recv_buf, mover, backend, stash, local_buf=scratch, where=where
                         )
                         _fault("posted", rank=comm.rank, layer=self.index, round=i, step=0, ops=labels)
-                        comm.wait(requests, timeout_s=timeout_s, labels=labels, where=where)
+                        mover.wait(requests, timeout_s=timeout_s, labels=labels, where=where)
                     except PeerError as exc:
                         exc.layer = self.index
                         raise
@@ -736,9 +749,9 @@ class LayerWork:
                     at = where if work.steps is None else f"{where}, network round {step + 1}/{len(exchanges)}"
                     labels = Communicator.op_labels(sends, recvs)
                     try:  # posting fails too when a peer's connection is already closed
-                        requests = comm.exchange(sends, recvs, where=at)
+                        requests = mover.exchange(sends, recvs, where=at)
                         _fault("posted", rank=comm.rank, layer=self.index, round=i, step=step, ops=labels)
-                        comm.wait(requests, timeout_s=timeout_s, labels=labels, where=at)
+                        mover.wait(requests, timeout_s=timeout_s, labels=labels, where=at)
                     except PeerError as exc:
                         exc.layer = self.index
                         raise
@@ -768,6 +781,9 @@ class LayerWork:
             if not committed:
                 rollback()
             raise
+        finally:
+            if transport is not None:
+                transport.mark_used()
         if mismatch is not None:
             raise mismatch
 
@@ -847,6 +863,7 @@ def prepare_layers(
     ranks_per_node: int | None = None,
     staging=None,
     expected_weights: WeightsSignature | None = None,
+    transport: str = "auto",
 ) -> list[LayerWork]:
     """Validate everything, agree with every rank, plan and schedule; touches no weight.
 
@@ -859,12 +876,20 @@ def prepare_layers(
 
     Input checking and the agreement are :mod:`eplb_triton.inputs`; ``expected_weights``
     refuses tensors replaced since that signature was taken (the background worker).
+    ``transport`` (``"auto"``/``"nccl"``/``"p2p"``, :func:`eplb_triton.p2p.resolve_transport`)
+    is resolved and agreed here; ``"p2p"`` moves whole messages (no pieces, no ``rounds``).
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
     def more_checks(checked: CheckedInputs) -> dict[str, object]:
         # part of the input stage: errors become this rank's verdict; the result is agreed on
         options: dict[str, object] = {"chunk_bytes": pipeline_chunk_bytes(comm.backend)}  # which ops meet
+        device = checked.layouts[0].device if checked.layouts else None
+        options["transport"] = resolve_transport(transport, comm, device)  # same on every rank
+        if options["transport"] == "p2p":  # one pull per peer message: no pieces, no planner rounds
+            options["chunk_bytes"] = 0
+            if checked.round_kind is not None:
+                raise ValueError(f"transport='p2p' moves whole messages; rounds={rounds!r} needs transport='nccl'")
         if ranks_per_node is not None:
             _check_options(checked.maps.ep_size, "balanced", ranks_per_node)
         options["ranks_per_node"] = ranks_per_node  # it changes the senders: every rank must use the same
@@ -924,6 +949,7 @@ def prepare_layers(
             works.append(
                 RoundWork.from_view(view, layout.expert_bytes, stash_rows, verify=verify, steps=steps, chunk_experts=chunk)
             )
+            works[-1].round_traffic = sub.traffic
         layers.append(
             LayerWork(
                 index=index,
@@ -1077,6 +1103,7 @@ def rearrange_expert_weights_inplace(
     rounds: bool | str | None = None,
     ranks_per_node: int | None = None,
     staging=None,
+    transport: str = "auto",
 ) -> TransferStats:
     """Rearrange this rank's expert weights in place so every row holds its new expert.
 
@@ -1129,6 +1156,13 @@ def rearrange_expert_weights_inplace(
             ``max_buffer_bytes``, so no staging memory is allocated; with ``atomic`` the
             undo copy (layers that need several rounds) is taken from what the staging
             leaves free, else allocated. Its contents are overwritten.
+        transport: ``"nccl"``: the EP group's own isend/irecv (NCCL on GPUs, gloo on CPU).
+            ``"p2p"``: every rank maps the others' symmetric staging buffer and pulls its
+            messages with the copy engines over NVLink (:mod:`eplb_triton.p2p`; a NCCL group
+            on one node; the staging then lives in that buffer, cached per group and device
+            until :func:`eplb_triton.p2p.release_cached`). ``"auto"`` (default): ``"nccl"``,
+            or ``"p2p"`` when ``EPLB_TRITON_TRANSPORT=p2p`` and it can work. Same on every
+            rank; ``"p2p"`` where it cannot work raises ``ValueError`` on every rank.
 
     Returns:
         This rank's :class:`TransferStats`.
@@ -1152,6 +1186,7 @@ def rearrange_expert_weights_inplace(
         rounds=rounds,
         ranks_per_node=ranks_per_node,
         staging=staging,
+        transport=transport,
     )
     stats = TransferStats.empty(comm.rank, comm.world_size)
     if not layers:
@@ -1160,7 +1195,12 @@ def rearrange_expert_weights_inplace(
     upload_rows([work for layer in layers for work in layer.rounds], device)
     peak = max(layer.staging_bytes for layer in layers)
     given = None if staging is None else staging_view(staging, device)  # validated by prepare_layers
-    staging = given[:peak] if given is not None else torch.empty(peak, dtype=torch.uint8, device=device)
+    p2p = None  # agreed by prepare_layers; the plan (hence has_network) is the same on every rank
+    if resolve_transport(transport, comm, device) == "p2p" and any(layer.has_network for layer in layers):
+        p2p = acquire_p2p(comm, device, peak, timeout_s=timeout_s)  # collective
+        staging = p2p.buffer  # the rounds' staging: peers read the sends from it
+    else:
+        staging = given[:peak] if given is not None else torch.empty(peak, dtype=torch.uint8, device=device)
     stats.peak_staging_bytes = peak
     undo = None
     if atomic:
@@ -1176,7 +1216,7 @@ def rearrange_expert_weights_inplace(
     marks = [_mark(device)]
     for layer in layers:
         try:
-            layer.run(staging, comm, backend, stats, timeout_s=timeout_s, undo=undo)
+            layer.run(staging, comm, backend, stats, timeout_s=timeout_s, undo=undo, transport=p2p)
         except ChecksumMismatchError as exc:
             errors.append(exc)  # exchanges completed: carry on, report after the confirmation
             stats.failed_layers.append(layer.index)

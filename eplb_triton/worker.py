@@ -82,6 +82,7 @@ from .inputs import agree_inputs, check_worker_inputs, weights_signature
 from .layout import ExpertLayout, index_tensors, resolve_backend
 from .maps import EPGroup, ExpertMap
 from .pacing import PaceGate, Pacing, TransferProgress, check_pacing, layer_gate_bytes
+from .p2p import P2PTransport, largest_send_region, resolve_transport
 from .transfer import LayerWork, RoundWork, TransferStats, prepare_layers, staging_bound, upload_rows
 
 __all__ = ["TransferWorker"]
@@ -330,6 +331,7 @@ class _Job:
     lift_requested: bool = False  # wait() asks the ranks to lift the pace at the next step
     submitted_at: float = 0.0  # time.monotonic() of submit (progress)
     finished_at: float | None = None  # of the last swap
+    p2p: P2PTransport | None = None  # transport="p2p": send_buffer is its symmetric buffer
 
 
 def _per_peer(buf: torch.Tensor, peers: list[int], counts: list[int], eb: int) -> dict[int, torch.Tensor]:
@@ -402,6 +404,11 @@ class TransferWorker:
             every rank at the next :meth:`step`/:meth:`wait`; that layer is not applied.
             Costs one checksum pass over the sent and the received experts, on the worker
             thread and stream, and 8 bytes per expert on the wire (padded to 16 per peer).
+        transport: ``"auto"`` (default), ``"nccl"`` or ``"p2p"`` as for
+            :func:`~eplb_triton.rearrange_expert_weights_inplace`: with ``"p2p"`` peers pull
+            each round's messages from this worker's symmetric send buffer over NVLink (copy
+            engines; mapped at the first submit that needs it, released by :meth:`close`).
+            Same on every rank; one that cannot work is refused here on every rank.
         reserve: allocate the staging every later :meth:`submit` needs here, once, for the
             worst plan these weights and options allow (two slots of one layer's local rows
             packed, plus one round's send buffer), and keep it: a runtime's profile run then
@@ -487,6 +494,7 @@ class TransferWorker:
         bytes_per_step: int | None = None,
         steps_per_layer: int | None = None,
         log_progress: bool = False,
+        transport: str = "auto",
     ):
         # A non-group ep_group/transfer_group is a TypeError here, before torch.distributed.
         ep = Communicator.from_group(ep_group)
@@ -498,7 +506,9 @@ class TransferWorker:
             if not isinstance(log_progress, bool):
                 raise TypeError(f"log_progress must be a bool, got {type(log_progress).__name__}")
             pacing = check_pacing(layers_per_step, bytes_per_step, steps_per_layer)
-            return pacing.options()  # the gates must open on the same layers everywhere: agreed
+            device = _checked.layouts[0].device if _checked.layouts else None
+            # the gates must open on the same layers everywhere, and one transport: agreed
+            return {**pacing.options(), "transport": resolve_transport(transport, moves, device)}
 
         # Checked like submit()'s input, with the same agreement: every rank raises the same
         # TypeError/ValueError (after the rendezvous below, so no rank is left waiting).
@@ -506,6 +516,7 @@ class TransferWorker:
             expert_weights, moves, max_buffer_bytes=max_buffer_bytes, verify=verify, timeout_s=timeout_s,
             more_checks=check_options,
         )
+        self.transport = transport
         self.expert_weights = expert_weights
         self.max_buffer_bytes = max_buffer_bytes
         self.backend = backend
@@ -538,6 +549,7 @@ class TransferWorker:
         self._drained = False  # the worker thread ended with no p2p op pending
         self._abandon = False  # the step agreement failed: the thread must not wait on peers any more
         self._last_stats = TransferStats.empty(self._transfer.rank, self._transfer.world_size)
+        self._p2p: P2PTransport | None = None  # mapped by the first submit that moves bytes with p2p
         self._reserved = self._reserve_storage() if reserve else None
         self._thread = threading.Thread(target=self._run, name=f"eplb-transfer-rank{self._transfer.rank}", daemon=True)
         self._thread.start()
@@ -639,6 +651,7 @@ class TransferWorker:
             verify=self.verify,
             timeout_s=self.timeout_s,
             expected_weights=self._weights_signature,
+            transport=self.transport,
         )
         rank = self._transfer.rank
         stages = [_Stage.build(layer, rank) for layer in layers]
@@ -647,6 +660,9 @@ class TransferWorker:
         trailers = [_round_trailer_bytes(w) for s in stages for w in s.layer.rounds] if self.verify else []
         send_sums = max((t[0] for t in trailers), default=0)
         recv_sums = max((t[1] for t in trailers), default=0)
+        p2p = self._map_p2p(layers)
+        if p2p is not None:  # sends (and their trailers) live in the symmetric buffer
+            send_bytes = send_sums = 0
         # One allocation on the current stream; nothing frees it while the worker may use it.
         need = 2 * slot_bytes + send_bytes + send_sums + recv_sums
         if self._reserved is not None and self._reserved.numel() >= need:
@@ -671,7 +687,7 @@ class TransferWorker:
         job = _Job(
             stages=stages,
             slots=[_Slot(storage[:slot_bytes]), _Slot(storage[slot_bytes : 2 * slot_bytes])],
-            send_buffer=storage[2 * slot_bytes : sums_at],
+            send_buffer=storage[2 * slot_bytes : sums_at] if p2p is None else p2p.buffer,
             stats=stats,
             start_event=start_event,
             backend=self.backend,
@@ -680,6 +696,7 @@ class TransferWorker:
             recv_sums=storage[sums_at + send_sums :] if self.verify else None,
             gate=PaceGate(schedule),
             submitted_at=time.monotonic(),
+            p2p=p2p,
         )
         log.info(
             "rank %d: submitted %d layers, staging %d bytes (2 x %d slot + %d send)%s",
@@ -693,6 +710,25 @@ class TransferWorker:
                 return
             self._job = job
             self._cond.notify_all()
+
+    def _map_p2p(self, layers: Sequence[LayerWork]) -> P2PTransport | None:
+        """This worker's p2p transport, large enough for ``layers`` (collective: the size comes
+        from the global plan, so every rank re-maps exactly when the others do), or None when
+        the transport is NCCL or nothing crosses ranks."""
+        if not any(layer.has_network for layer in layers):
+            return None
+        device = layers[0].layout.device
+        if resolve_transport(self.transport, self._transfer, device) != "p2p":  # agreed by prepare_layers
+            return None
+        need = largest_send_region(
+            [(w.round_traffic, w.expert_bytes) for layer in layers for w in layer.rounds], verify=self.verify
+        )
+        if self._p2p is not None and self._p2p.nbytes >= need:
+            return self._p2p
+        if self._p2p is not None:
+            self._p2p.close()
+        self._p2p = P2PTransport.create(self._transfer, device, need, control=self._control, timeout_s=self.timeout_s)
+        return self._p2p
 
     def step(self) -> list[int]:
         """Swap in every layer whose transfer finished on all ranks; returns their indices.
@@ -1009,6 +1045,9 @@ class TransferWorker:
         if self._drained:  # no p2p op is pending: the job's buffers and our groups may go
             self._job = None
             self._release_owned_groups()
+            if self._p2p is not None:
+                self._p2p.close()
+                self._p2p = None
 
     def _release_owned_groups(self) -> None:
         """Hand the groups this worker made back to the pool for the next worker (see
@@ -1150,6 +1189,7 @@ class TransferWorker:
             send_buf = job.send_buffer[: work.send_rows.size * eb]
             recv_buf = buf[offset : offset + work.recv_rows.size * eb]
             where = f"layer {layer_index}, round {number + 1}/{rounds}"
+            mover = self._mover(job, work)
             if job.verify:  # framed: data, then a second batch with the checksum trailers
                 if work.send_rows.size:
                     with self._kernel_lock:
@@ -1161,14 +1201,14 @@ class TransferWorker:
             # gloo: blocks this thread (GIL released); NCCL: the worker stream waits, the host does not.
             try:  # posting fails too when a peer's connection is already closed
                 if job.verify:
-                    requests, labels = self._post(job, work, send_buf, sends, recvs, where=where)
+                    requests, labels = self._post(job, work, send_buf, sends, recvs, where=where, comm=mover)
                 else:  # the executor's batches: packs piece by piece, posts as it goes
                     requests, labels, _ = work.post_batches(
-                        layout, send_buf, recv_buf, self._transfer, backend, launch_lock=self._kernel_lock, where=where
+                        layout, send_buf, recv_buf, mover, backend, launch_lock=self._kernel_lock, where=where
                     )
                     work.release()
                     recvs = work.recv_messages_in(recv_buf)
-                self._transfer.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
+                mover.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
             except PeerError as exc:
                 exc.layer = layer_index
                 job.broken = True  # the group is unusable: no drain
@@ -1193,21 +1233,33 @@ class TransferWorker:
             table[lists["dup_dst"]] = table[lists["dup_src"]]
         return checks
 
+    def _mover(self, job: _Job, work: RoundWork):
+        """What moves ``work``'s bytes: the transfer group, or the round's p2p exchange (with
+        ``verify`` the trailers follow all the data in the send buffer: two pulls per peer)."""
+        if job.p2p is None:
+            return self._transfer
+        return job.p2p.exchange_for(work.round_traffic, work.expert_bytes, verify=job.verify, split=job.verify)
+
     def _post(
-        self, job: _Job, work: RoundWork, send_buf: torch.Tensor, sends: dict, recvs: dict, where: str = "exchange"
+        self, job: _Job, work: RoundWork, send_buf: torch.Tensor, sends: dict, recvs: dict, where: str = "exchange",
+        comm=None,
     ) -> tuple[list, list]:
         """Start a round's exchange (and with ``verify`` its trailers' exchange, right after).
 
         Two batches per round with ``verify``: every rank posts them in the same order, so
-        each peer pair matches data with data and trailer with trailer.
+        each peer pair matches data with data and trailer with trailer. ``comm``: the round's
+        mover (default: the transfer group).
         """
-        requests = self._transfer.exchange(sends, recvs, where=where)
+        comm = self._transfer if comm is None else comm
+        if job.p2p is not None:  # the trailers right after the data, where peers read them
+            job.send_sums = job.send_buffer[send_buf.numel() :]
+        requests = comm.exchange(sends, recvs, where=where)
         labels = Communicator.op_labels(sends, recvs)
         if job.verify:
             with self._kernel_lock:
                 sum_sends = _fill_send_trailers(job, work, send_buf)
             sum_recvs = _trailers(job.recv_sums, work.recv_peers, work.recv_counts)
-            requests = requests + self._transfer.exchange(sum_sends, sum_recvs, where=f"{where}, checksums")
+            requests = requests + comm.exchange(sum_sends, sum_recvs, where=f"{where}, checksums")
             labels = labels + Communicator.op_labels(sum_sends, sum_recvs)
         return requests, labels
 
@@ -1263,15 +1315,16 @@ class TransferWorker:
                     junk_recv = torch.empty(need, dtype=torch.uint8, device=self._device)
                 send_buf = job.send_buffer[: work.send_rows.size * eb]
                 where = f"drain: layer {stage.layer.index}, round {number + 1}/{len(stage.layer.rounds)}"
+                mover = self._mover(job, work)
                 if job.verify:
                     sends = _per_peer(job.send_buffer, work.send_peers, work.send_counts, eb)
                     recvs = _per_peer(junk_recv, work.recv_peers, work.recv_counts, eb)
-                    requests, labels = self._post(job, work, send_buf, sends, recvs, where=where)
+                    requests, labels = self._post(job, work, send_buf, sends, recvs, where=where, comm=mover)
                 else:  # the same batches as a peer still transferring posts
                     requests, labels, _ = work.post_batches(
-                        stage.layer.layout, send_buf, junk_recv, self._transfer, job.backend, pack=False, where=where
+                        stage.layer.layout, send_buf, junk_recv, mover, job.backend, pack=False, where=where
                     )
-                self._transfer.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
+                mover.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
             self._finish_stream(deadline=time.monotonic() + _DRAIN_STREAM_S)
             self._drained = True
             if pending:

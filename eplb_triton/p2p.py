@@ -1,0 +1,525 @@
+"""A second transport inside one node: peers pull each other's packed experts over NVLink.
+
+``transport="nccl"`` (the process group's own isend/irecv, :mod:`eplb_triton.comm`) moves the
+bytes with NCCL kernels, which take SMs from the forward pass. ``transport="p2p"`` moves them
+with the copy engines: every rank of the EP group maps a *symmetric* staging buffer of every
+other rank (``torch.distributed._symmetric_memory``: one allocation per rank, the same size
+everywhere, exchanged once), and each receiver copies its messages straight out of the
+senders' buffers (``dst.copy_(peer_view)``: a device-to-device memcpy, no SM).
+
+One exchange (one staging pass of one layer), on the stream the NCCL path would use::
+
+    pack sends into MY symmetric send region (offset 0)      (the existing pack launch)
+    barrier  -- every rank packed; every peer has finished reading my previous pass
+    for each peer p that sends to me:
+        my receive region[p]  <-  copy  <-  p's send region[offset of p's message to me]
+    barrier  -- every rank's pulls are done: senders may overwrite their send region
+    unpack / verify as today
+
+The barrier is torch's symmetric-memory barrier: a one-block kernel on the current stream
+(``handle.barrier(channel=0)``), so the host never waits for the device per layer; with
+``timeout_s`` the host polls a CUDA event recorded after the exchange against the deadline,
+as :meth:`Communicator.wait` polls NCCL requests.
+
+Where a peer's message lies in its send region is not communicated: every rank holds the
+global plan, and a round's ``traffic`` matrix (experts each rank sends to each other rank)
+fixes every sender's layout (messages in ascending receiver order, each ``count *
+expert_bytes`` plus, with ``verify``, its checksum trailer; the worker's ``verify`` keeps the
+trailers after all the data: :func:`message_spans`). Every exchange also checks that this
+rank's own sends sit exactly where its peers will look for them (the same function applied
+to its own row), so a layout bug raises instead of moving wrong bytes.
+
+Buffer sizes are agreed without a round trip where the plan fixes them (the worker: the
+largest send region of any rank in any round), else with one small all-reduce per call (the
+blocking path: its whole staging lives in the buffer). A plan that needs more re-creates the
+buffer on every rank (same decision everywhere). Barriers involve every rank: every rank runs
+every exchange, even one in which it moves nothing; a round in which no rank moves anything
+over the network is skipped by all ranks (the plan says so everywhere).
+
+Timeouts: torch's barrier with a ``timeout_ms`` traps the device (the CUDA context is lost),
+so barriers wait without one and the host enforces ``timeout_s``; on expiry it releases its
+own stuck barriers by writing the signal words those barriers wait for (a copy on a side
+stream), marks the transport broken (re-created by the next call; the old buffer is kept
+mapped, since a late peer may still touch it) and raises :class:`PeerTimeoutError` naming
+the layer (and the peer when the group has two ranks).
+
+When ``"auto"`` picks it (:func:`resolve_transport`): for now only when asked through the
+environment (``EPLB_TRITON_TRANSPORT=p2p``): "auto" keeps NCCL until GPU measurements say
+otherwise. ``"p2p"`` needs a NCCL group on CUDA devices of one host with symmetric memory in
+this torch, and refuses anything else with the same ``ValueError`` on every rank before any
+weight is touched. NVLink multicast stays off: ``TORCH_SYMM_MEM_DISABLE_MULTICAST`` is set to
+1 before the first allocation unless the caller set it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .checksum import trailer_bytes
+from .comm import Communicator, PeerTimeoutError
+
+__all__ = [
+    "TRANSPORTS",
+    "TRANSPORT_ENV",
+    "P2PTransport",
+    "acquire",
+    "check_transport",
+    "largest_send_region",
+    "message_spans",
+    "p2p_unavailable_reason",
+    "release_cached",
+    "resolve_transport",
+    "send_region_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("auto", "nccl", "p2p")
+#: ``"auto"`` resolves to this transport when set (``nccl`` or ``p2p``); must match on every rank
+TRANSPORT_ENV = "EPLB_TRITON_TRANSPORT"
+_BARRIER_CHANNEL = 0
+_POLL_S = 2e-4  # the poll of comm.wait for NCCL requests
+_RELEASE_S = 2.0  # how long a timed-out rank keeps releasing its stuck barriers
+_GRANULE = 2 << 20  # buffer sizes are rounded up to this: fewer re-creations as plans vary
+
+
+# -- the option ---------------------------------------------------------------------------
+def check_transport(value) -> str:
+    """``value`` if it is one of :data:`TRANSPORTS`, else ``ValueError``/``TypeError``."""
+    if not isinstance(value, str):
+        raise TypeError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, got {type(value).__name__}")
+    if value not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, got {value!r}")
+    return value
+
+
+def symmetric_memory():
+    """``torch.distributed._symmetric_memory`` when this torch has what the transport uses, else None."""
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+    except Exception:  # noqa: BLE001 - any import failure means: not available
+        return None
+    if not all(hasattr(symm_mem, name) for name in ("empty", "rendezvous")):
+        return None
+    return symm_mem
+
+
+def p2p_unavailable_reason(comm: Communicator, device: torch.device | None) -> str | None:
+    """Why ``transport="p2p"`` cannot work for ``comm`` on ``device`` (this rank's view), or
+    None. The node check and the mapping itself are collective (:meth:`P2PTransport.create`)."""
+    if comm.world_size == 1:
+        return None  # nothing crosses ranks: nothing to map
+    if comm.backend != "nccl":
+        return f"the EP group's backend is {comm.backend!r}; p2p needs a NCCL group on CUDA devices"
+    if device is None or device.type != "cuda":
+        return f"the weights are on {device}; p2p needs CUDA devices"
+    if symmetric_memory() is None:
+        return f"torch {torch.__version__} has no usable torch.distributed._symmetric_memory"
+    return None
+
+
+def resolve_transport(value, comm: Communicator, device: torch.device | None) -> str:
+    """The transport ``value`` means here: ``"nccl"`` (the process group's own p2p ops: NCCL
+    on GPUs, gloo on CPU) or ``"p2p"``. ``"auto"`` is ``"nccl"`` unless
+    ``EPLB_TRITON_TRANSPORT`` says ``p2p`` (and p2p can work, else NCCL, logged). An explicit
+    ``"p2p"`` that cannot work raises ``ValueError`` (a verdict of the input check, so every
+    rank raises). One rank alone moves nothing over a network: always ``"nccl"``."""
+    value = check_transport(value)
+    if value == "auto":
+        wanted = os.environ.get(TRANSPORT_ENV, "").strip().lower()
+        if wanted not in ("", "auto", "nccl", "p2p"):
+            raise ValueError(f"{TRANSPORT_ENV} must be 'nccl', 'p2p' or 'auto', got {wanted!r}")
+        if wanted != "p2p" or comm.world_size == 1:
+            return "nccl"
+        reason = p2p_unavailable_reason(comm, device)
+        if reason is not None:
+            log.info("transport='auto' with %s=p2p keeps NCCL: %s", TRANSPORT_ENV, reason)
+            return "nccl"
+        return "p2p"
+    if value == "p2p":
+        if comm.world_size == 1:
+            return "nccl"
+        reason = p2p_unavailable_reason(comm, device)
+        if reason is not None:
+            raise ValueError(f"transport='p2p' cannot work here: {reason}")
+    return value
+
+
+# -- where each sender's messages lie ---------------------------------------------------------
+def _sends_of(traffic: np.ndarray, sender: int) -> np.ndarray:
+    """Experts ``sender`` sends to each rank over the network (its row, diagonal cleared)."""
+    row = np.array(traffic[sender], dtype=np.int64)
+    row[sender] = 0
+    return row
+
+
+def message_spans(
+    traffic: np.ndarray, sender: int, expert_bytes: int, *, verify: bool = False, split: bool = False
+) -> list[dict[int, tuple[int, int]]]:
+    """Where ``sender``'s message to each receiver lies in its send region: per exchange call,
+    ``{receiver: (byte offset, bytes)}``.
+
+    ``traffic``: the round's ``(ep, ep)`` expert counts (:attr:`LayerPlan.traffic`; the
+    diagonal, local copies, is ignored). Messages follow each other in ascending receiver
+    order. ``split=False``: one call; each message is ``count * expert_bytes`` plus, with
+    ``verify``, its checksum trailer (the blocking path's framed message). ``split=True``
+    (the worker with ``verify``): two calls: the data of every message, back to back, then
+    the trailers of every message, back to back.
+    """
+    counts = _sends_of(traffic, sender)
+    receivers = [int(r) for r in np.flatnonzero(counts)]
+    data, trailers, offset = {}, {}, 0
+    if not split:
+        for r in receivers:
+            size = int(counts[r]) * expert_bytes + (trailer_bytes(int(counts[r])) if verify else 0)
+            data[r] = (offset, size)
+            offset += size
+        return [data]
+    for r in receivers:
+        data[r] = (offset, int(counts[r]) * expert_bytes)
+        offset += int(counts[r]) * expert_bytes
+    for r in receivers:
+        trailers[r] = (offset, trailer_bytes(int(counts[r])))
+        offset += trailer_bytes(int(counts[r]))
+    return [data, trailers]
+
+
+def send_region_bytes(traffic: np.ndarray, sender: int, expert_bytes: int, *, verify: bool = False) -> int:
+    """Bytes of ``sender``'s send region in a round (data and, with ``verify``, trailers)."""
+    counts = _sends_of(traffic, sender)
+    counts = counts[counts > 0]
+    return int(counts.sum()) * expert_bytes + (sum(trailer_bytes(int(c)) for c in counts) if verify else 0)
+
+
+def largest_send_region(rounds: Sequence[tuple[np.ndarray, int]], *, verify: bool = False) -> int:
+    """The largest send region of any rank in any of ``rounds`` (``(traffic, expert_bytes)``):
+    the same number on every rank (the plan is global)."""
+    best = 0
+    for traffic, expert_bytes in rounds:
+        for sender in range(len(traffic)):
+            best = max(best, send_region_bytes(traffic, sender, expert_bytes, verify=verify))
+    return best
+
+
+# -- the transport ------------------------------------------------------------------------------
+@dataclass
+class _Pending:
+    """What :meth:`_RoundExchange.exchange` returns: an event after the exchange's last barrier."""
+
+    event: torch.cuda.Event | None  # None: already complete (a CPU stand-in in tests)
+    peers: list[int]
+
+
+def _record_event() -> torch.cuda.Event | None:
+    """An event on the current CUDA stream (a seam: CPU tests emulate the transport)."""
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+class P2PTransport:
+    """A symmetric staging buffer mapped by every rank of a NCCL group on one host.
+
+    Build it with :meth:`create` (collective) or get the cached one of a group with
+    :func:`acquire`; :meth:`exchange_for` gives the Communicator-like object one round's
+    exchange calls use; :meth:`close` releases the buffer (local; every rank closes its own).
+    """
+
+    def __init__(self, comm: Communicator, device: torch.device, buffer: torch.Tensor, handle, host: str):
+        self.comm = comm
+        self.device = device
+        self.buffer = buffer  # this rank's symmetric memory, uint8
+        self.handle = handle
+        self.host = host
+        self.broken = False
+        self.closed = False
+        n = buffer.numel()
+        # every peer's buffer as seen from here (same size everywhere)
+        self._peers = {p: handle.get_buffer(p, (n,), torch.uint8, 0) for p in range(comm.world_size) if p != comm.rank}
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.numel())
+
+    @classmethod
+    def create(
+        cls,
+        comm: Communicator,
+        device: torch.device,
+        nbytes: int,
+        *,
+        control: Communicator | None = None,
+        timeout_s: float | None = None,
+    ) -> "P2PTransport":
+        """Allocate ``nbytes`` (the same on every rank) of symmetric memory and map every peer's.
+
+        Collective over ``comm`` (its group is the one the buffer is mapped over); the checks
+        before the mapping agree over ``control`` (default ``comm``): every rank raises the
+        same ``ValueError`` when a rank cannot allocate or the ranks are not on one host.
+        """
+        control = comm if control is None else control
+        symm_mem = symmetric_memory()
+        host = socket.gethostname()
+        hosts = control.gather_texts(host, timeout_s=timeout_s)
+        error: BaseException | None = None
+        buffer = None
+        if len(set(hosts)) > 1:
+            where = ", ".join(f"rank {r}: {h}" for r, h in enumerate(hosts))
+            error = ValueError(f"transport='p2p' needs every EP rank on one node; the ranks run on {where}")
+        elif symm_mem is None:
+            error = ValueError(f"transport='p2p': torch {torch.__version__} has no usable symmetric memory")
+        else:
+            _multicast_off()
+            try:
+                with torch.cuda.device(device):
+                    buffer = symm_mem.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
+            except Exception as exc:  # noqa: BLE001 - any failure is this rank's verdict
+                error = ValueError(f"transport='p2p': allocating {nbytes} bytes of symmetric memory failed: {exc}")
+        control.agree(error, timeout_s=timeout_s)  # the same ValueError on every rank
+        try:
+            with torch.cuda.device(device):
+                handle = symm_mem.rendezvous(buffer, comm.group.group_name)
+            transport = cls(comm, device, buffer, handle, host)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - peers that mapped fine learn of it below
+            error, transport = ValueError(f"transport='p2p': mapping the peers' buffers failed: {exc}"), None
+        control.agree(error, timeout_s=timeout_s)
+        log.info(
+            "rank %d: p2p transport on %s: %d ranks map %d-byte symmetric buffers (device %s, symmetric memory "
+            "backend %s, multicast disabled=%s)",
+            comm.rank, host, comm.world_size, transport.nbytes, device, _backend_name(symm_mem, device),
+            os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST"),
+        )
+        return transport
+
+    # -- one round ---------------------------------------------------------------------------
+    def exchange_for(
+        self, traffic: np.ndarray | None, expert_bytes: int, *, verify: bool = False, split: bool = False
+    ) -> "_RoundExchange":
+        """The exchange of one round, for code written against :class:`Communicator`
+        (``exchange``/``wait``/``rank``/``world_size``): ``traffic`` is the round's plan
+        (:attr:`RoundWork.round_traffic`); see :func:`message_spans` for ``verify``/``split``."""
+        if traffic is None:
+            raise RuntimeError("p2p needs the round's traffic matrix (RoundWork.round_traffic)")
+        return _RoundExchange(self, traffic, expert_bytes, verify, split)
+
+    def barrier(self) -> None:
+        self.handle.barrier()  # channel 0 (_BARRIER_CHANNEL), no device timeout: see _give_up
+
+    def mark_used(self) -> None:
+        """Record where the current stream's last use of the buffer ends; the next user (maybe
+        on another stream) waits for it (:meth:`wait_used`)."""
+        if self.device.type == "cuda":
+            self._last_use = torch.cuda.Event()
+            self._last_use.record()
+
+    def wait_used(self) -> None:
+        last = getattr(self, "_last_use", None)
+        if last is not None:
+            torch.cuda.current_stream(self.device).wait_event(last)
+
+    def peer_bytes(self, peer: int, offset: int, nbytes: int) -> torch.Tensor:
+        return self._peers[peer][offset : offset + nbytes]
+
+    def wait(self, requests: list, *, timeout_s: float | None = None, where: str = "exchange") -> None:
+        """Nothing without ``timeout_s`` (the exchange is ordered on the stream); with it, poll
+        the exchange's event until the deadline, then release and raise PeerTimeoutError."""
+        if not requests or timeout_s is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        for request in requests:
+            while request.event is not None and not request.event.query():
+                if time.monotonic() > deadline:
+                    self._give_up(request.event)
+                    peers = request.peers
+                    who = f"peers {peers}"
+                    message = (
+                        f"{where}: rank {self.comm.rank} waited {timeout_s:g} s (timeout_s) for {who} at a p2p barrier; "
+                        "the p2p transport was released (the next call maps a new one)"
+                    )
+                    log.error("%s", message)
+                    raise PeerTimeoutError(message, peer=peers[0] if len(peers) == 1 else None)
+                time.sleep(_POLL_S)
+
+    def _give_up(self, event: torch.cuda.Event) -> None:
+        """Let this rank's stuck barriers finish: write the signal words they wait for (mine,
+        from each peer: 1; each peer's, from me: 0, so my own signal can be posted) from a
+        side stream until ``event`` completes or :data:`_RELEASE_S` passed. Marks the
+        transport broken; its memory is kept (a late peer may still write a signal into it)."""
+        self.broken = True
+        _BROKEN.append(self)
+        _drop_cached(self)
+        get_pad = getattr(self.handle, "get_signal_pad", None)
+        if get_pad is None:
+            log.error("rank %d: this torch cannot release a stuck p2p barrier; the stream stays blocked", self.comm.rank)
+            return
+        world, me = self.comm.world_size, self.comm.rank
+        try:
+            words = max(world * (_BARRIER_CHANNEL + 1), 1)
+            mine = get_pad(me, (words,), torch.int32, 0)
+            theirs = {p: get_pad(p, (words,), torch.int32, 0) for p in range(world) if p != me}
+            side = torch.cuda.Stream(device=self.device)
+            end = time.monotonic() + _RELEASE_S
+            while not event.query() and time.monotonic() < end:
+                with torch.cuda.stream(side):
+                    for p, pad in theirs.items():
+                        mine[world * _BARRIER_CHANNEL + p].fill_(1)
+                        pad[world * _BARRIER_CHANNEL + me].fill_(0)
+                side.synchronize()
+                time.sleep(1e-3)
+            if not event.query():
+                log.error("rank %d: a p2p barrier is still stuck after %.1f s of releasing", me, _RELEASE_S)
+        except Exception:  # noqa: BLE001 - best effort: we are failing already
+            log.exception("rank %d: releasing the stuck p2p barriers failed", me)
+
+    def close(self) -> None:
+        """Release the symmetric buffer (this rank's mapping of every peer's, and its own).
+        Call when no exchange is pending on any stream; a broken transport is kept mapped."""
+        if self.closed:
+            return
+        self.closed = True
+        _drop_cached(self)
+        if self.broken:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # nothing queued may still read or write it
+        self._peers = {}
+        self.handle = None
+        self.buffer = None
+        gc.collect()
+        log.debug("rank %d: p2p transport released", self.comm.rank)
+
+
+class _RoundExchange:
+    """One round's ``exchange``/``wait`` as :class:`Communicator` offers them, over a
+    :class:`P2PTransport`: the n-th ``exchange`` call of the round pulls span n of
+    :func:`message_spans` from every sender."""
+
+    def __init__(self, transport: P2PTransport, traffic: np.ndarray, expert_bytes: int, verify: bool, split: bool):
+        self.transport = transport
+        self.rank = transport.comm.rank
+        self.world_size = transport.comm.world_size
+        self.backend = "p2p"
+        self._traffic = traffic
+        self._expert_bytes = expert_bytes
+        self._verify = verify
+        self._split = split
+        self._calls = 0
+        off_diagonal = np.array(traffic, dtype=np.int64, copy=True)
+        np.fill_diagonal(off_diagonal, 0)
+        self.active = bool(off_diagonal.any())  # the same on every rank: the plan is global
+
+    def exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], *, where: str = "exchange") -> list:
+        call = self._calls
+        self._calls += 1
+        if not self.active:
+            return []  # nobody moves anything in this round: every rank skips it
+        t, eb = self.transport, self._expert_bytes
+        if t.broken or t.closed:
+            raise RuntimeError(f"{where}: the p2p transport is {'broken' if t.broken else 'closed'}")
+        mine = message_spans(self._traffic, self.rank, eb, verify=self._verify, split=self._split)[call]
+        base = t.buffer.data_ptr()
+        placed = {p: (x.data_ptr() - base, x.numel()) for p, x in sends.items() if x.numel()}
+        if placed != mine:  # where peers will read must be where this rank packed
+            raise RuntimeError(f"{where}: rank {self.rank}: p2p send layout {placed} differs from the plan's {mine}")
+        senders = {int(p) for p in np.flatnonzero(np.asarray(self._traffic)[:, self.rank]) if p != self.rank}
+        if {p for p, x in recvs.items() if x.numel()} != senders:
+            raise RuntimeError(f"{where}: rank {self.rank}: p2p receives from {sorted(recvs)}, the plan from {sorted(senders)}")
+        sources = {}
+        for peer, dst in recvs.items():
+            offset, size = message_spans(self._traffic, peer, eb, verify=self._verify, split=self._split)[call].get(
+                self.rank, (0, 0)
+            )
+            if size != dst.numel():
+                raise RuntimeError(f"{where}: rank {self.rank}: {dst.numel()} bytes expected from peer {peer}, plan says {size}")
+            sources[peer] = offset
+        t.barrier()  # every sender packed; every reader of my previous pass is done
+        for peer, dst in recvs.items():
+            if dst.numel():
+                dst.copy_(t.peer_bytes(peer, sources[peer], dst.numel()))  # copy engine, over NVLink
+        t.barrier()  # every pull done: the send regions may be overwritten
+        event = _record_event()
+        peers = sorted({p for p in range(self.world_size) if p != self.rank})
+        return [_Pending(event, peers)]
+
+    def wait(self, requests: list, *, timeout_s: float | None = None, labels=None, where: str = "exchange") -> None:
+        self.transport.wait(requests, timeout_s=timeout_s, where=where)
+
+
+# -- caching (blocking API) -------------------------------------------------------------------
+_CACHE: dict[tuple[str, int], P2PTransport] = {}
+_BROKEN: list[P2PTransport] = []  # timed out: kept mapped until the process ends
+_CACHE_LOCK = threading.Lock()
+
+
+def _key(comm: Communicator, device: torch.device) -> tuple[str, int]:
+    return (str(comm.group.group_name), int(device.index if device.index is not None else torch.cuda.current_device()))
+
+
+def _drop_cached(transport: P2PTransport) -> None:
+    with _CACHE_LOCK:
+        for key, value in list(_CACHE.items()):
+            if value is transport:
+                del _CACHE[key]
+
+
+def acquire(comm: Communicator, device: torch.device, nbytes: int, *, timeout_s: float | None = None) -> P2PTransport:
+    """The cached transport of ``comm``'s group on ``device``, at least ``nbytes`` on every
+    rank: ``nbytes`` is agreed (MAX all-reduce over ``comm``), and when the cached buffer is
+    smaller, or there is none, every rank re-creates it (collective; the same decision
+    everywhere since the agreed size and the cached sizes are the same everywhere)."""
+    key = _key(comm, device)
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+    held = 0 if cached is None else cached.nbytes
+    # one all-reduce: the largest need, and the smallest and largest cached size (a rank whose
+    # transport broke has none: then every rank re-creates, so the rendezvous meets)
+    values = torch.tensor([int(nbytes), -held, held], dtype=torch.int64, device=comm.collective_device)
+    need, smallest, largest = comm.all_reduce_max(values, timeout_s=timeout_s).tolist()
+    smallest = -smallest
+    size = max(_GRANULE, -(-need // _GRANULE) * _GRANULE)
+    if cached is not None and smallest == largest and held >= need:
+        cached.wait_used()  # a previous call's unpack may still read it on another stream
+        return cached
+    if cached is not None:
+        log.info("rank %d: p2p buffer re-created: %d bytes held (ranks hold %d..%d), %d needed", comm.rank, held, smallest, largest, need)
+        cached.close()
+    transport = P2PTransport.create(comm, device, size, timeout_s=timeout_s)
+    with _CACHE_LOCK:
+        _CACHE[key] = transport
+    return transport
+
+
+def release_cached() -> None:
+    """Release every cached transport of this process (the blocking API's; local, no peer
+    needed). The next ``transport="p2p"`` call maps new buffers."""
+    with _CACHE_LOCK:
+        transports = list(_CACHE.values())
+    for transport in transports:
+        transport.close()
+
+
+def _multicast_off() -> None:
+    """No NVLink multicast object: torch's symmetric memory reads this before mapping."""
+    value = os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST")
+    if value is None:
+        os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+    elif value != "1":
+        log.warning("TORCH_SYMM_MEM_DISABLE_MULTICAST=%s: torch may create NVLink multicast objects", value)
+
+
+def _backend_name(symm_mem, device: torch.device) -> str:
+    try:
+        return str(symm_mem.get_backend(device))
+    except Exception:  # noqa: BLE001 - older torch: no such query
+        return "default"
