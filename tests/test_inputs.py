@@ -307,3 +307,24 @@ def test_check_weights_accepts_zero_layers_and_checks_rows_across_layers():
     assert check_weights([]) == []
     with pytest.raises(ValueError, match="layer 1: tensors have 3 rows but layer 0's have 4"):
         check_weights([[torch.randn(4, 2)], [torch.randn(3, 2)]])
+
+
+def test_check_weights_remembers_checked_tensors_but_still_refuses_changed_ones():
+    storage = torch.randn(4 * 6 + 8)
+    good = [[storage[:24].view(4, 6), torch.randn(4, 3, 2)]]
+    first = check_weights(good)
+    again = check_weights(good)  # the second call takes the remembered verdict
+    assert [(lay.num_local, lay.row_bytes, lay.expert_bytes) for lay in again] == [
+        (lay.num_local, lay.row_bytes, lay.expert_bytes) for lay in first
+    ]
+    assert again[0].tensors[0] is good[0][0]
+    # the same address with other strides (rows that overlap) is a new key, checked and refused
+    overlapping = [[storage.as_strided((4, 6), (3, 1)), good[0][1]]]
+    with pytest.raises(ValueError, match="rows overlap"):
+        check_weights(overlapping)
+    # the same tensors, now sharing memory with a second layer: refused although each was fine
+    with pytest.raises(ValueError, match="share memory"):
+        check_weights(good + [[storage[8:32].view(4, 6), torch.randn(4, 3, 2)]])
+    # a different num_local request is not answered by the remembered verdict
+    with pytest.raises(ValueError, match="rows but the maps give num_local = 5"):
+        check_weights(good, num_local=5)
