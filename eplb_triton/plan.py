@@ -245,9 +245,10 @@ def _split_by_peer(peer: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:
     """Group ``rows`` by ``peer`` keeping order (peers arrive sorted)."""
     if peer.size == 0:
         return {}
-    peers, starts = np.unique(peer, return_index=True)
-    bounds = list(starts[1:]) + [peer.size]
-    return {int(p): rows[s:e].astype(np.int64) for p, s, e in zip(peers, starts, bounds)}
+    starts = np.flatnonzero(_run_starts(peer))  # sorted peers: runs, no np.unique sort
+    bounds = np.append(starts[1:], peer.size)
+    rows = rows.astype(np.int64, copy=False)
+    return {p: rows[s:e] for p, s, e in zip(peer[starts].tolist(), starts.tolist(), bounds.tolist())}
 
 
 @dataclass(frozen=True)
