@@ -59,6 +59,21 @@ from eplb_triton.layout import ExpertLayout  # noqa: E402
 from eplb_triton.pacing import layer_gate_bytes  # noqa: E402
 from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
 
+def parse_settings(names: list[str] | None) -> list[tuple[str, dict]]:
+    """``SETTINGS``, or ``unpaced`` plus each ``knob=value`` asked for."""
+    if names is None:
+        return list(SETTINGS)
+    out = [("unpaced", {})]
+    for name in names:
+        knob, _, value = name.partition("=")
+        if knob not in ("layers_per_step", "steps_per_layer", "bytes_per_step") or not value:
+            raise SystemExit(f"--settings: expected layers_per_step=N, steps_per_layer=N or bytes_per_step=X, got {name!r}")
+        number = float(value) if knob == "bytes_per_step" else int(value)
+        label = f"bytes_per_step={value} layers" if knob == "bytes_per_step" else name
+        out.append((label, {knob: number}))
+    return out
+
+
 #: (name, knobs); ``bytes_per_step`` is given in layers' gate bytes here and converted per run
 SETTINGS = [
     ("unpaced", {}),
@@ -149,7 +164,7 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
     transfer({})
     out = {"machine": machine_line(world_size=world, dist_backend="nccl" if cfg["device"] == "cuda" else "gloo") if rank == 0 else None, "layer_gate_bytes": layer_bytes, "expert_bytes": eb,
            "settings": {}}
-    for name, knobs in SETTINGS:
+    for name, knobs in cfg["settings"]:
         knobs = _knobs(knobs, layer_bytes)
         runs = []
         for _ in range(cfg["repeats"]):
@@ -164,7 +179,7 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
 
 def summarise(per_rank: list[dict], cfg: dict, machine: str) -> dict:
     rows = []
-    for name, _ in SETTINGS:
+    for name, _ in cfg["settings"]:
         ranks = [r["settings"][name] for r in per_rank]
         base = [_percentiles([t for run in r["runs"] for t in run["base"]]) for r in ranks]
         loaded = [_percentiles([t for run in r["runs"] for t in run["loaded"]]) for r in ranks]
@@ -203,7 +218,7 @@ def summarise(per_rank: list[dict], cfg: dict, machine: str) -> dict:
         "environment": {k: os.environ.get(k) for k in MULTICAST_OFF},
         "layer_gate_bytes": per_rank[0]["layer_gate_bytes"],
         "rows": rows,
-        "raw": {name: [r["settings"][name]["runs"] for r in per_rank] for name, _ in SETTINGS},  # [rank][repeat]
+        "raw": {name: [r["settings"][name]["runs"] for r in per_rank] for name, _ in cfg["settings"]},  # [rank][repeat]
         "all_correct": all(r["bad_rows"] == 0 and r["layers_done"] == cfg["layers"] for r in rows),
         "target": {"slowdown_at_most": TARGET_SLOWDOWN, "transfer_x_unpaced_at_most": TARGET_TIME_X,
                    "met_by": [r["setting"] for r in rows if r["meets_target"]]},
@@ -271,6 +286,7 @@ def build_config(args: argparse.Namespace) -> dict:
         "allreduce_elems": (8 << 20) if gpu else (1 << 12),
         "base_iters": args.base_iters or (40 if gpu else 5),
         "repeats": args.repeats or (3 if gpu else 1),
+        "settings": parse_settings(getattr(args, "settings", None)),
     }
 
 
@@ -287,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer layers (CPU smoke run)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="write pacing.json/.md/.png here (default $OUT)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before stuck ranks are killed")
+    parser.add_argument("--settings", nargs="*", default=None, metavar="KNOB=VALUE",
+                        help="settings to run instead of the default list (unpaced always runs first), e.g. "
+                        "steps_per_layer=6 layers_per_step=1 (bytes_per_step in layers' gate bytes)")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         if not torch.cuda.is_available():
