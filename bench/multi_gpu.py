@@ -292,18 +292,15 @@ def _phase_e2e(rank: int, world: int, cfg: dict, device: torch.device) -> dict:
     return out
 
 
-def _phase_background(rank: int, world: int, cfg: dict, device: torch.device) -> dict:
-    """Worker transfer while the main thread runs matmuls + all_reduce on another group."""
-    local, moved, specs = LAYER_CONFIGS[cfg["bg_config"]]
-    old, new = ref_maps(cfg["bg_layers"], world, local, moved)
-    weights = make_rank_weights(scaled(specs, cfg["ref_scale"]), cfg["bg_layers"], local, device)
-    fill_rank_weights(weights, old, rank, seed=7)
-    serve_group = _GROUPS["serve"]  # the "serving" collectives: not a group the worker uses
-    n = cfg["bg_matmul"]
+
+def serving_loop(device: torch.device, matmul: int, allreduce_elems: int):
+    """One iteration of the stand-in serving loop (4 matmuls of ``matmul``^2, then an all_reduce
+    of ``allreduce_elems`` on the "serve" group, which no worker uses); returns its seconds."""
+    serve_group = _GROUPS["serve"]
     dtype = BF16 if device.type == "cuda" else F32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype) / n**0.5
-    grad = torch.randn(cfg["bg_allreduce_elems"], device=device, dtype=dtype)
+    a = torch.randn(matmul, matmul, device=device, dtype=dtype)
+    b = torch.randn(matmul, matmul, device=device, dtype=dtype) / matmul**0.5
+    grad = torch.randn(allreduce_elems, device=device, dtype=dtype)
 
     def iteration() -> float:
         begin = time.perf_counter()
@@ -313,6 +310,16 @@ def _phase_background(rank: int, world: int, cfg: dict, device: torch.device) ->
         dist.all_reduce(grad, group=serve_group)
         _sync(device)
         return time.perf_counter() - begin
+
+    return iteration
+
+def _phase_background(rank: int, world: int, cfg: dict, device: torch.device) -> dict:
+    """Worker transfer while the main thread runs matmuls + all_reduce on another group."""
+    local, moved, specs = LAYER_CONFIGS[cfg["bg_config"]]
+    old, new = ref_maps(cfg["bg_layers"], world, local, moved)
+    weights = make_rank_weights(scaled(specs, cfg["ref_scale"]), cfg["bg_layers"], local, device)
+    fill_rank_weights(weights, old, rank, seed=7)
+    iteration = serving_loop(device, cfg["bg_matmul"], cfg["bg_allreduce_elems"])
 
     for _ in range(3):
         iteration()
@@ -336,7 +343,7 @@ def _phase_background(rank: int, world: int, cfg: dict, device: torch.device) ->
     return {
         "config": cfg["bg_config"],
         "layers": cfg["bg_layers"],
-        "matmul_n": n,
+        "matmul_n": cfg["bg_matmul"],
         "allreduce_elems": cfg["bg_allreduce_elems"],
         "base_iter_s": statistics.median(base),
         "loaded_iter_s": statistics.median(loaded) if loaded else None,

@@ -123,20 +123,7 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
     plan = plan_rearrangement(old, new, world)
     layer_bytes = int(np.mean([layer_gate_bytes(l.traffic, eb) for l in plan.layers]))
 
-    n, dtype = cfg["matmul"], (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype) / n**0.5
-    grad = torch.randn(cfg["allreduce_elems"], device=device, dtype=dtype)
-    serve_group = mg._GROUPS["serve"]
-
-    def iteration() -> float:
-        begin = time.perf_counter()
-        x = a
-        for _ in range(4):
-            x = x @ b
-        dist.all_reduce(grad, group=serve_group)
-        _sync(device)
-        return time.perf_counter() - begin
+    iteration = mg.serving_loop(device, cfg["matmul"], cfg["allreduce_elems"])  # the same loop as multi_gpu.py's
 
     state = {"current": old, "target": new}
 
