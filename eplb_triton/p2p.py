@@ -369,12 +369,20 @@ class P2PTransport:
             mine = get_pad(me, (words,), torch.int32, 0)
             theirs = {p: get_pad(p, (words,), torch.int32, 0) for p in range(world) if p != me}
             side = torch.cuda.Stream(device=self.device)
+            # Copies from pinned host words, not fill_ kernels: the first launch of a kernel not
+            # loaded yet (CUDA lazy loading) waits for the running kernels, i.e. for the stuck
+            # barrier itself: the survivor hung there on two H200. A host-to-device copy runs on
+            # the copy engine and loads nothing.
+            one, zero = torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+            if self.device.type == "cuda":
+                one, zero = one.pin_memory(), zero.pin_memory()
             end = time.monotonic() + _RELEASE_S
             while not event.query() and time.monotonic() < end:
                 with torch.cuda.stream(side):
                     for p, pad in theirs.items():
-                        mine[world * _BARRIER_CHANNEL + p].fill_(1)
-                        pad[world * _BARRIER_CHANNEL + me].fill_(0)
+                        at, theirs_at = world * _BARRIER_CHANNEL + p, world * _BARRIER_CHANNEL + me
+                        mine[at : at + 1].copy_(one, non_blocking=True)
+                        pad[theirs_at : theirs_at + 1].copy_(zero, non_blocking=True)
                 side.synchronize()
                 time.sleep(1e-3)
             if not event.query():
