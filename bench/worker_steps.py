@@ -11,6 +11,7 @@ worker thread's own time per layer (``TransferStats.layer_times_s``, submit to p
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ from eplb_triton import TransferWorker, rearrange_expert_weights_inplace  # noqa
 from eplb_triton.testing.launch import run_ranks  # noqa: E402
 from eplb_triton.testing.machine import machine_line  # noqa: E402
 from eplb_triton.testing.shapes import LAYER_CONFIGS, scaled  # noqa: E402
-from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights  # noqa: E402
+from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
 
 MODES = (("tight", 0.0, None), ("sleep 0.2 ms", 2e-4, None), ("sleep 1 ms", 1e-3, None), ("tight, switch 0.1 ms", 0.0, 1e-4))
 
@@ -58,7 +59,7 @@ def _rank(rank: int, world: int, args: dict) -> dict:
     rows["blocking call"] = {"ms_per_layer": statistics.median(blocking) * 1e3}
     for name, pause, interval in MODES:
         sys.setswitchinterval(interval or default_interval)
-        per_layer, counts, step_us, thread = [], [], [], []
+        per_layer, counts, step_us, thread, bad = [], [], [], [], 0
         for repeat in range(args["repeats"] + 1):
             sync(); dist.barrier(); sync()
             begin = time.perf_counter()
@@ -72,6 +73,7 @@ def _rank(rank: int, world: int, args: dict) -> dict:
                     time.sleep(pause)
             stats = worker.wait()
             sync()
+            bad += len(row_mismatches(weights, maps[0], maps[1], rank, 1))  # untimed: every call checked
             if repeat:
                 per_layer.append((time.perf_counter() - begin) / args["layers"])
                 counts.append(len(steps))
@@ -83,6 +85,7 @@ def _rank(rank: int, world: int, args: dict) -> dict:
             "steps": statistics.median(counts),
             "step_us": statistics.median(step_us),
             "thread_ms_per_layer": statistics.median(thread) * 1e3,
+            "bad_rows": bad,
         }
     sys.setswitchinterval(default_interval)
     worker.close()
@@ -96,6 +99,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scale", type=int, default=1)
+    parser.add_argument("--json", default=None, help="write every rank's rows here")
     args = parser.parse_args()
     results = run_ranks(2, _rank, vars(args), backend=args.backend, timeout_s=600.0, group_timeout_s=300.0)
     print(machine_line("cuda" if args.backend == "nccl" else "cpu", world_size=2, dist_backend=args.backend))
@@ -105,7 +109,11 @@ def main() -> int:
         row = max((r[mode] for r in results), key=lambda x: x["ms_per_layer"])
         print(f"{mode:28s} {row['ms_per_layer']:9.3f} {row.get('steps', 0):6.0f} {row.get('step_us', 0):8.0f} "
               f"{row.get('thread_ms_per_layer', 0):16.3f}")
-    return 0
+    bad = sum(r[mode].get("bad_rows", 0) for r in results for mode in r)
+    print(f"bit-exact: {'yes' if bad == 0 else f'NO ({bad} rows wrong)'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": vars(args), "ranks": results}, indent=1))
+    return 0 if bad == 0 else 1
 
 
 if __name__ == "__main__":

@@ -112,3 +112,19 @@ def test_kernel_plan_limits():
     assert plan.block_words * 4 <= plan.chunk
     one = layout.kernel_plan(1, KernelTuning(min_chunk=16, max_chunk=16, programs_per_sm=1000))
     assert one.programs == -(-1000 // 16) + -(-48 // 16)  # one program per chunk when the cap allows
+
+
+@pytest.mark.interpreter
+def test_triton_state_is_shared_by_layouts_over_the_same_memory(monkeypatch):
+    # a rearrangement builds new layouts on every call: their launch cache must outlive them
+    tensors = random_tensors(SPECS, 4, seed=3)
+    first, again = ExpertLayout(tensors), ExpertLayout(list(tensors))
+    assert first._triton() is again._triton()
+    buf = torch.empty(2 * first.expert_bytes, dtype=torch.uint8)
+    first.launch("pack", buf, src_rows=torch.tensor([1, 3]))
+    assert again._triton().plans or again._triton().launches, "the second layout sees the first one's launch"
+    # other memory (a copy of the same shapes) gets its own state; so does another launch setting
+    moved = ExpertLayout([t.clone() for t in tensors])
+    assert moved._triton() is not first._triton()
+    monkeypatch.setenv(layout_mod.FAST_LAUNCH_ENV, "0")
+    assert ExpertLayout(tensors)._triton() is not first._triton()
