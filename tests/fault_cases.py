@@ -1,7 +1,7 @@
 """Fault injection shared by the blocking-path and the worker reliability tests.
 
-A hook is bound with ``functools.partial`` and installed as ``eplb_triton.transfer.fault_hook``
-or ``eplb_triton.worker.fault_hook``; both paths call ``hook(point, **info)`` with
+A hook is bound with ``functools.partial`` and installed as ``eplb_triton.transfer.fault_hook``,
+the one hook that both the blocking path and the worker thread call as ``hook(point, **info)`` with
 ``info["rank"]`` and, where the point has them, ``info["layer"]`` and ``info["round"]``.
 """
 

@@ -80,7 +80,7 @@ def _error_summary(error: BaseException | None) -> dict | None:
 def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, report_dir: str) -> None:
     """Rearrange with the fault hook installed; write the error, the layer states and timings
     to ``report_dir/rank{rank}.pkl`` (before the process group is torn down)."""
-    from eplb_triton import TransferWorker, rearrange_expert_weights_inplace, transfer, worker
+    from eplb_triton import TransferWorker, rearrange_expert_weights_inplace, transfer
 
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     old, new = all_to_all_maps(world, LAYERS)
@@ -110,7 +110,7 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
         finally:
             transfer.fault_hook = None
     else:
-        worker.fault_hook = hook
+        transfer.fault_hook = hook
         job = TransferWorker(weights, max_buffer_bytes=budget, timeout_s=TIMEOUT_S)
         try:
             job.submit(old, new)
@@ -126,7 +126,7 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
             begin = time.monotonic()
             job.close(timeout_s=3.0)
             close_s, closed = time.monotonic() - begin, job.closed
-            worker.fault_hook = None
+            transfer.fault_hook = None
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # swaps were queued on this stream
     if error is not None and path == "blocking":

@@ -189,7 +189,7 @@ def _rank_corrupted(rank, world, paths):
 
 def _corrupted(rank, world, path):
     _log_to_stderr()
-    from eplb_triton import TransferWorker, rearrange_expert_weights_inplace, transfer, worker
+    from eplb_triton import TransferWorker, rearrange_expert_weights_inplace, transfer
     from test_reliability import layer_states
 
     specs, layers, num_local = [THREE_D] * 3, 3, 6
@@ -206,7 +206,7 @@ def _corrupted(rank, world, path):
         finally:
             transfer.fault_hook = None
     else:
-        worker.fault_hook = _corrupt
+        transfer.fault_hook = _corrupt
         job = TransferWorker(weights, verify=True, transport="p2p", timeout_s=30.0)
         try:
             job.submit(old, new)
@@ -215,7 +215,7 @@ def _corrupted(rank, world, path):
             error = exc
         finally:
             job.close()
-            worker.fault_hook = None
+            transfer.fault_hook = None
     torch.cuda.synchronize()
     return dict(error=None if error is None else (type(error).__name__, str(error), getattr(error, "layer", None)),
                 states=layer_states(weights, old, new, rank, 3))
@@ -249,7 +249,7 @@ def _stall(reached, where, **info):
 
 def _rank_stalled(rank, world, path, report_dir):
     _log_to_stderr()
-    from eplb_triton import TransferWorker, rearrange_expert_weights_inplace, transfer, worker
+    from eplb_triton import TransferWorker, rearrange_expert_weights_inplace, transfer
     from test_reliability import layer_states
 
     specs, layers, num_local = [THREE_D] * 3, 3, 6
@@ -277,7 +277,7 @@ def _rank_stalled(rank, world, path, report_dir):
         finally:
             transfer.fault_hook = None
     else:
-        worker.fault_hook = hook
+        transfer.fault_hook = hook
         job = TransferWorker(weights, max_buffer_bytes=budget, transport="p2p", timeout_s=TIMEOUT_S)
         try:
             job.submit(old, new)
@@ -289,7 +289,7 @@ def _rank_stalled(rank, world, path, report_dir):
             error, error_at = exc, time.monotonic()
         finally:
             job.close(timeout_s=3.0)
-            worker.fault_hook = None
+            transfer.fault_hook = None
     released = torch.cuda.current_stream().query() or _settles()
     report = dict(
         error=None if error is None else (type(error).__name__, str(error), getattr(error, "layer", None)),

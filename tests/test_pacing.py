@@ -406,7 +406,7 @@ def test_gpu_path_publishes_the_staged_layer_before_waiting_for_credit(monkeypat
     """On a GPU the worker queues layer i+1 before publishing layer i; paced, layer i+1 waits
     for a step(), so layer i must be published first or that step() would find nothing to
     swap. Checked on CPU through the fake CUDA stream of test_worker."""
-    from eplb_triton import worker as worker_module
+    from eplb_triton.worker import hooks as worker_module
 
     monkeypatch.setattr(worker_module, "_cuda", _FakeCuda([]))
     old = np.tile(np.arange(4), (4, 1))

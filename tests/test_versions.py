@@ -252,7 +252,7 @@ def test_worker_starts_and_transfers_with_the_minimum_torch_new_group():
 
 
 def test_keep_rank_order_asks_only_what_new_group_accepts(monkeypatch):
-    from eplb_triton.worker import _keep_rank_order
+    from eplb_triton.worker.groups import _keep_rank_order
 
     monkeypatch.setattr(dist, "new_group", _new_group_211)
     assert _keep_rank_order([0, 1, 2]) == {}

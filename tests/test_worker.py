@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
+from eplb_triton import TransferWorker, rearrange_expert_weights_inplace, transfer
 from eplb_triton.comm import PeerError
 from eplb_triton.testing.launch import run_ranks
 from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
@@ -80,7 +80,7 @@ def slow_down(worker, seconds, rank_filter=None):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if worker._stop:
-                from eplb_triton.worker import _Stopped
+                from eplb_triton.worker.thread import _Stopped
 
                 raise _Stopped
             time.sleep(0.002)
@@ -382,7 +382,7 @@ def test_two_ep_subgroups_each_with_a_worker(distributed, explicit_transfer):
 
 # -- shutdown -------------------------------------------------------------------------------------
 def _rank_consecutive_workers(rank, world, old, new):
-    from eplb_triton import worker as worker_module
+    from eplb_triton.worker import groups as worker_groups
 
     weights = make_rank_weights(SPECS, old.shape[0], old.shape[1] // world)
     fill_rank_weights(weights, old, rank)
@@ -392,7 +392,7 @@ def _rank_consecutive_workers(rank, world, old, new):
             w.submit(current, target)
             w.wait()
         bad.extend(row_mismatches(weights, current, target, rank))
-    pooled = sum(len(groups) for groups in worker_module._GROUP_POOL.values())
+    pooled = sum(len(groups) for groups in worker_groups._GROUP_POOL.values())
     return bad, pooled
 
 
@@ -567,16 +567,14 @@ _STEP_LOCK = threading.Lock()
 def _rank_fault(rank, world, old, new, hook, kwargs, stall_main, exiting, sync_dir):
     """Submit, then step() in a serving loop until an error surfaces (or the work is done).
 
-    ``hook`` becomes ``eplb_triton.worker.fault_hook`` (it reads ``info["rank"]``);
+    ``hook`` becomes ``eplb_triton.transfer.fault_hook`` (it reads ``info["rank"]``);
     ``stall_main=rank`` makes that rank's serving thread stop calling step() after its first
     step until every other rank has raised (and so has given up on it). A rank whose step()
     raised keeps its process, and so its connections, until every rank that does not exit on
     purpose (``exiting``) is done: a peer still probing never sees a survivor vanish.
     """
-    from eplb_triton import worker as worker_module
-
     weights = rank_weights(rank, world, old)
-    worker_module.fault_hook = hook
+    transfer.fault_hook = hook
     worker = TransferWorker(weights, **kwargs)
     worker.submit(old, new)
     others = [r for r in range(world) if r != rank and r not in exiting]
@@ -599,7 +597,7 @@ def _rank_fault(rank, world, old, new, hook, kwargs, stall_main, exiting, sync_d
     close_begin = time.monotonic()
     worker.close(timeout_s=3.0)
     close_s = time.monotonic() - close_begin
-    worker_module.fault_hook = None
+    transfer.fault_hook = None
     summary = None
     if error is not None:
         summary = dict(
@@ -900,8 +898,6 @@ def test_gpu_swaps_while_main_stream_reads_weights_nccl_world1():
 
 
 def _rank_nccl_verify(rank, world, corrupt):
-    from eplb_triton import worker as worker_module
-
     torch.cuda.set_device(rank)
     old, new = all_to_all_maps(world, 3)
     weights = make_rank_weights(GPU_SPECS, 3, world, "cuda")
@@ -919,7 +915,7 @@ def _rank_nccl_verify(rank, world, corrupt):
             data[7] ^= 0x40
             fired.append((info["round"], peer))
 
-    worker_module.fault_hook = corrupt_first_delivery if corrupt else None
+    transfer.fault_hook = corrupt_first_delivery if corrupt else None
     applied, error = [], None
     with TransferWorker(weights, verify=True, timeout_s=20.0) as worker:
         worker.submit(old, new)
@@ -1039,7 +1035,7 @@ class _FakeEvent:
 
 
 class _FakeCuda:
-    """Stands in for ``eplb_triton.worker._cuda``: events and the serving ("main") stream."""
+    """Stands in for ``eplb_triton.worker.hooks._cuda``: events and the serving ("main") stream."""
 
     def __init__(self, log):
         self.log, self.count = log, 0
@@ -1059,7 +1055,7 @@ def test_worker_orders_its_stream_after_submit_and_each_swap(monkeypatch):
     event of layer l-2's swap before staging layer l into that slot; it records and polls an
     event on its stream after staging a layer, before publishing it; and every swap records
     an event on the serving stream after its unpack."""
-    from eplb_triton import worker as worker_module
+    from eplb_triton.worker import hooks as worker_module
     from eplb_triton.layout import ExpertLayout
 
     log = []
@@ -1078,7 +1074,7 @@ def test_worker_orders_its_stream_after_submit_and_each_swap(monkeypatch):
 
         monkeypatch.setattr(ExpertLayout, name, logged)
     monkeypatch.setattr(worker_module, "_cuda", _FakeCuda(log))
-    monkeypatch.setattr(worker_module, "fault_hook", lambda where, **info: log.append((where, "worker", info["layer"])) if where == "before_publish" else None)
+    monkeypatch.setattr(transfer, "fault_hook", lambda where, **info: log.append((where, "worker", info["layer"])) if where == "before_publish" else None)
     with TransferWorker(weights, backend="torch") as worker:
         worker._stream = _FakeStream("worker", log)  # as if on a GPU: the worker has its own stream
         worker.submit(old, new)
@@ -1117,7 +1113,7 @@ def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
     before publishing each layer; step() launches the unpack unchecked on those rows, which
     it ties to the serving stream (record_stream); the rows written are exactly the changed
     ones and hold the new experts."""
-    from eplb_triton import worker as worker_module
+    from eplb_triton.worker import hooks as worker_module
     from eplb_triton.layout import ExpertLayout
     from row_writes import changed_rows, record_row_writes
 
@@ -1127,9 +1123,11 @@ def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
         def record_stream(self, stream):
             log.append(("record_stream", stream.name, tuple(self.tolist())))
 
-    original_index_tensors = worker_module.index_tensors
+    from eplb_triton.worker import staging as worker_staging
+
+    original_index_tensors = worker_staging.index_tensors
     monkeypatch.setattr(
-        worker_module,
+        worker_staging,
         "index_tensors",
         lambda named, device: {k: v.as_subclass(DeviceRows) for k, v in original_index_tensors(named, device).items()},
     )
@@ -1142,7 +1140,7 @@ def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
 
     monkeypatch.setattr(ExpertLayout, "launch", launch)
     monkeypatch.setattr(worker_module, "_cuda", _FakeCuda(log))
-    monkeypatch.setattr(worker_module, "fault_hook", lambda where, **info: log.append((where, "worker", info["layer"])) if where == "before_publish" else None)
+    monkeypatch.setattr(transfer, "fault_hook", lambda where, **info: log.append((where, "worker", info["layer"])) if where == "before_publish" else None)
     layers = 3
     old, new = random_maps(np.random.default_rng(21), layers, 1, 6, 5, empty_frac=0.0)
     weights = rank_weights(0, 1, old)

@@ -1,0 +1,259 @@
+"""Staging: each layer's slot plan, the two slots, the send buffer, and the swap.
+
+Until its swap a layer's live rows are only read, so every row this rank writes in a layer is
+staged beforehand as a packed expert holding the row's final content (:class:`_Stage`); two
+slots double-buffer layers (the next transfers while the current waits for its swap) and one
+send buffer holds a staging pass's sends. ``reserve=True`` allocates the worst case once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
+from ..layout import ExpertLayout, index_tensors, resolve_backend
+from ..pacing import PaceGate, layer_gate_bytes
+from ..p2p import P2PTransport, largest_send_region, resolve_transport
+from ..transfer import LayerWork, RoundWork, TransferStats, staging_bound
+from . import hooks
+
+log = logging.getLogger("eplb_triton.worker")  # one logger for the package (documented name)
+
+
+@dataclass
+class _Stage:
+    """One layer's staging plan on this rank: the slot holds one packed expert per row written.
+
+    Slot order: receives of round 0, round 1, ... | local-move sources | duplicates.
+    """
+
+    layer: LayerWork
+    rows: np.ndarray  # destination row of each packed expert in the slot, in slot order
+    recv_offsets: list[int]  # byte offset of each round's receives in the slot
+    local_src: np.ndarray
+    local_offset: int
+    dup_src_pos: np.ndarray  # slot positions (in experts) copied ...
+    dup_dst_pos: np.ndarray  # ... to these positions
+    device_rows: torch.Tensor | None = None  # ``rows`` on the GPU, copied by the worker thread
+    device_lists: dict[str, torch.Tensor] | None = None  # local sources and duplicate positions, likewise
+
+    def upload(self, device: torch.device) -> None:
+        """``rows``, local sources and duplicate positions to ``device`` in one pinned copy."""
+        out = index_tensors(
+            {"rows": self.rows, "local_src": self.local_src, "dup_src": self.dup_src_pos, "dup_dst": self.dup_dst_pos}, device
+        )
+        self.device_rows = out["rows"] if self.rows.size else None
+        self.device_lists = out
+
+    @classmethod
+    def build(cls, layer: LayerWork, rank: int) -> "_Stage":
+        eb = layer.layout.expert_bytes
+        view = layer.plan.rank(rank)  # the whole layer: local moves and duplicates of all rounds
+        recv = [work.recv_rows for work in layer.rounds]
+        offsets = np.cumsum([0] + [r.size * eb for r in recv]).tolist()
+        delivered = np.concatenate(recv + [view.local_dst_rows]).astype(np.int64)
+        position = np.full(layer.layout.num_local, -1, dtype=np.int64)
+        position[delivered] = np.arange(delivered.size)
+        dup_src_pos = position[view.dup_src_rows]
+        if (dup_src_pos < 0).any():  # a plan invariant: duplicates copy rows delivered in this layer
+            raise AssertionError(f"layer {layer.index}: a duplicate fill reads a row the layer does not deliver")
+        return cls(
+            layer=layer,
+            rows=np.concatenate([delivered, view.dup_dst_rows]).astype(np.int64),
+            recv_offsets=offsets[:-1],
+            local_src=np.asarray(view.local_src_rows, dtype=np.int64),
+            local_offset=offsets[-1],
+            dup_src_pos=dup_src_pos,
+            dup_dst_pos=delivered.size + np.arange(view.dup_dst_rows.size, dtype=np.int64),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.rows.size) * self.layer.layout.expert_bytes
+
+    @property
+    def send_bytes(self) -> int:
+        return max((w.send_rows.size * w.expert_bytes for w in self.layer.rounds), default=0)
+
+
+@dataclass
+class _Slot:
+    buffer: torch.Tensor
+    event: torch.cuda.Event | None = None  # recorded after the last swap that read this slot
+
+
+@dataclass
+class _Job:
+    """One submitted rearrangement. Counters are guarded by the worker's condition."""
+
+    stages: list[_Stage]
+    slots: list[_Slot]
+    send_buffer: torch.Tensor
+    stats: TransferStats
+    start_event: torch.cuda.Event | None
+    backend: str | None
+    published: int = 0  # layers transferred and ready to swap on this rank
+    swapped: int = 0  # layers swapped (agreed on every rank)
+    started: bool = False  # the worker thread has picked the job up
+    cursor: tuple[int, int] = (0, 0)  # (layer, round) of the next exchange this rank posts
+    verify: bool = False
+    send_sums: torch.Tensor | None = None  # verify: checksum trailers of one round's sends
+    recv_sums: torch.Tensor | None = None  # verify: checksum trailers of one round's receives
+    broken: bool = False  # a peer error: the transfer group is unusable, do not drain
+    layer: int | None = None  # the layer the worker thread is transferring (error reports)
+    gate: PaceGate = None  # pacing: which layers the worker thread may start (see pacing.py)
+    lift_requested: bool = False  # wait() asks the ranks to lift the pace at the next step
+    submitted_at: float = 0.0  # time.monotonic() of submit (progress)
+    finished_at: float | None = None  # of the last swap
+    p2p: P2PTransport | None = None  # transport="p2p": send_buffer is its symmetric buffer
+
+
+def _per_peer(buf: torch.Tensor, peers: list[int], counts: list[int], eb: int) -> dict[int, torch.Tensor]:
+    out, offset = {}, 0
+    for peer, count in zip(peers, counts):
+        out[peer] = buf[offset : offset + count * eb]
+        offset += count * eb
+    return out
+
+
+def _trailers(buf: torch.Tensor, peers: list[int], counts: list[int]) -> dict[int, torch.Tensor]:
+    """Each peer's checksum trailer (``trailer_bytes(count)`` bytes) in ``buf``, peer by peer."""
+    out, offset = {}, 0
+    for peer, count in zip(peers, counts):
+        out[peer] = buf[offset : offset + trailer_bytes(count)]
+        offset += trailer_bytes(count)
+    return out
+
+
+def _round_trailer_bytes(work: RoundWork) -> tuple[int, int]:
+    return sum(trailer_bytes(c) for c in work.send_counts), sum(trailer_bytes(c) for c in work.recv_counts)
+
+
+def _fill_send_trailers(job: "_Job", work: RoundWork, send_buf: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Checksum every packed expert in ``send_buf`` into each peer's trailer; returns the trailers."""
+    eb = work.expert_bytes
+    sums = expert_checksums(send_buf, eb) if send_buf.numel() else None
+    trailers = _trailers(job.send_sums, work.send_peers, work.send_counts)
+    first = 0
+    for peer, count in zip(work.send_peers, work.send_counts):
+        trailers[peer][: count * CHECKSUM_BYTES].view(torch.int64).copy_(sums[first : first + count])
+        first += count
+    return trailers
+
+
+class StagingMixin:
+    """The :class:`~eplb_triton.worker.TransferWorker` part that allocates staging and swaps."""
+
+    def _reserve_storage(self) -> torch.Tensor | None:
+        """The worst case of :meth:`submit`'s storage for these weights and options: two slots
+        of a layer's local rows packed, one round's sends (at most the round budget) and, with
+        ``verify``, trailers of at most 16 bytes per expert sent and received in a round."""
+        try:
+            layouts = [ExpertLayout(tensors) for tensors in self.expert_weights]
+        except (TypeError, ValueError, IndexError):
+            return None  # malformed weights: submit() reports them on every rank
+        slot = max((lay.num_local * lay.expert_bytes for lay in layouts), default=0)
+        budget = staging_bound(self.expert_weights, self.max_buffer_bytes, verify=self.verify)
+        rows = max((budget // lay.expert_bytes for lay in layouts), default=0)
+        sums = 2 * 16 * rows if self.verify else 0
+        return torch.empty(max(2 * slot + budget + sums, 1), dtype=torch.uint8, device=self._device)
+
+    def _stage_job(self, layers: Sequence[LayerWork]) -> _Job:
+        """Plan every layer's slot, allocate (or reuse) the staging and build the job."""
+        rank = self._transfer.rank
+        stages = [_Stage.build(layer, rank) for layer in layers]
+        slot_bytes = max((s.nbytes for s in stages), default=0)
+        send_bytes = max((s.send_bytes for s in stages), default=0)
+        trailers = [_round_trailer_bytes(w) for s in stages for w in s.layer.rounds] if self.verify else []
+        send_sums = max((t[0] for t in trailers), default=0)
+        recv_sums = max((t[1] for t in trailers), default=0)
+        p2p = self._map_p2p(layers)
+        if p2p is not None:  # sends (and their trailers) live in the symmetric buffer
+            send_bytes = send_sums = 0
+        # One allocation on the current stream; nothing frees it while the worker may use it.
+        need = 2 * slot_bytes + send_bytes + send_sums + recv_sums
+        if self._reserved is not None and self._reserved.numel() >= need:
+            storage = self._reserved[:need]  # reserve=True: the previous job's swaps are ordered before start_event
+        else:
+            storage = torch.empty(need, dtype=torch.uint8, device=self._device)
+        sums_at = 2 * slot_bytes + send_bytes
+        stats = TransferStats.empty(rank, self._transfer.world_size)
+        stats.peak_staging_bytes = int(storage.numel())
+        # The pace's schedule comes from the global plan: the same on every rank.
+        schedule = None
+        if self._pacing.paced:
+            schedule = self._pacing.schedule(
+                [layer_gate_bytes(s.layer.plan.traffic, s.layer.layout.expert_bytes) for s in stages]
+            )
+        start_event = None
+        if self._stream is not None:
+            # The worker reads live weights on its own stream: after what the current stream
+            # queued before this call (the previous rearrangement's swaps, a weight load).
+            start_event = hooks._cuda.Event()
+            start_event.record(hooks._cuda.current_stream(self._device))
+        job = _Job(
+            stages=stages,
+            slots=[_Slot(storage[:slot_bytes]), _Slot(storage[slot_bytes : 2 * slot_bytes])],
+            send_buffer=storage[2 * slot_bytes : sums_at] if p2p is None else p2p.buffer,
+            stats=stats,
+            start_event=start_event,
+            backend=self.backend,
+            verify=self.verify,
+            send_sums=storage[sums_at : sums_at + send_sums] if self.verify else None,
+            recv_sums=storage[sums_at + send_sums :] if self.verify else None,
+            gate=PaceGate(schedule),
+            submitted_at=time.monotonic(),
+            p2p=p2p,
+        )
+        log.info(
+            "rank %d: submitted %d layers, staging %d bytes (2 x %d slot + %d send)%s",
+            rank, len(stages), storage.numel(), slot_bytes, send_bytes,
+            f", paced over {schedule[-1] + 1} steps ({self._pacing.options()})" if schedule else "",
+        )
+        return job
+
+    def _map_p2p(self, layers: Sequence[LayerWork]) -> P2PTransport | None:
+        """This worker's p2p transport, large enough for ``layers`` (collective: the size comes
+        from the global plan, so every rank re-maps exactly when the others do), or None when
+        the transport is NCCL or nothing crosses ranks."""
+        if not any(layer.has_network for layer in layers):
+            return None
+        device = layers[0].layout.device
+        if resolve_transport(self.transport, self._transfer, device) != "p2p":  # agreed by prepare_layers
+            return None
+        need = largest_send_region(
+            [(w.round_traffic, w.expert_bytes) for layer in layers for w in layer.rounds], verify=self.verify
+        )
+        if self._p2p is not None and self._p2p.nbytes >= need:
+            return self._p2p
+        if self._p2p is not None:
+            self._p2p.close()
+        self._p2p = P2PTransport.create(self._transfer, device, need, control=self._control, timeout_s=self.timeout_s)
+        return self._p2p
+
+    def _swap(self, job: _Job, stage: _Stage) -> None:
+        slot = job.slots[job.swapped % 2]
+        if stage.rows.size:
+            layout = stage.layer.layout
+            with self._kernel_lock:
+                if stage.device_rows is not None and resolve_backend(job.backend, self._device) == "triton":
+                    # rows come from the plan (distinct, in range): the unchecked launch is safe
+                    layout.launch("unpack", slot.buffer[: stage.nbytes], dst_rows=stage.device_rows)
+                    stage.device_rows.record_stream(hooks._cuda.current_stream(self._device))
+                else:
+                    layout.unpack(slot.buffer[: stage.nbytes], stage.rows, backend=job.backend)
+        event = None
+        if self._stream is not None and stage.rows.size:
+            event = hooks._cuda.Event()
+            event.record(hooks._cuda.current_stream(self._device))
+        with self._cond:
+            if event is not None:
+                slot.event = event
+            job.swapped += 1
+            self._cond.notify_all()

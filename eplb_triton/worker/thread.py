@@ -1,0 +1,356 @@
+"""The worker thread: per layer, stage its rows, exchange, check and publish; drain on stop.
+
+Runs on its own CUDA stream; layer ``i+1`` is queued before layer ``i`` is waited for and
+published. On ``close()`` or a failure the exchanges this rank has not posted yet still run
+with junk (:meth:`ThreadMixin._drain`) so no peer is left blocked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import torch
+
+from ..checksum import CHECKSUM_BYTES, expert_checksums
+from ..comm import ChecksumMismatchError, Communicator, PeerError
+from ..layout import index_tensors, resolve_backend
+from ..transfer import RoundWork, upload_rows
+from . import hooks
+from .staging import _fill_send_trailers, _Job, _per_peer, _Stage, _trailers
+
+log = logging.getLogger("eplb_triton.worker")  # one logger for the package (documented name)
+
+_POLL_MIN_S = 20e-6  # first sleep of a poll loop: the GIL is free for the serving thread meanwhile
+_POLL_MAX_S = 2e-4  # longest sleep: bounds the latency added to a layer that just finished (a
+# layer of a reference config moves in 0.1-0.7 ms on NVLink: a 1 ms cap added up to 1 ms per layer)
+_DRAIN_STREAM_S = 30.0  # how long a drain waits for the transfer stream before giving up
+
+
+class _Stopped(Exception):
+    """Raised inside the worker thread when close() or a peer's failure stops it."""
+
+
+class ThreadMixin:
+    """The :class:`~eplb_triton.worker.TransferWorker` part that runs on the worker thread,
+    and :meth:`_shutdown`, which stops it."""
+
+    def _run(self) -> None:
+        if self._stream is not None:
+            with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
+                self._loop()
+        else:
+            self._loop()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or (self._job is not None and not self._job.started))
+                if self._stop:
+                    self._drained = True
+                    return
+                job = self._job
+                job.started = True
+            try:
+                self._run_job(job)
+            except _Stopped:
+                self._drain(job)
+                return
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                log.error("rank %d: transfer worker failed", self._transfer.rank, exc_info=True)
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                self._drain(job)
+                return
+
+    def _run_job(self, job: _Job) -> None:
+        if job.start_event is not None:
+            self._stream.wait_event(job.start_event)
+        if self._stream is not None:  # every round's row lists in one copy, on the worker stream
+            upload_rows([work for stage in job.stages for work in stage.layer.rounds], self._device)
+        # Layer i+1 is queued on the worker stream before layer i is waited for and published,
+        # so the GPU never idles between layers while this thread polls and publishes.
+        pending = None
+        for index, stage in enumerate(job.stages):
+            if not job.gate.allows(index):  # paced: offer the last layer, then wait for credit
+                if pending is not None:
+                    self._publish(job, *pending)
+                    pending = None
+                self._wait_gate(job, index)
+            begin = time.perf_counter()
+            job.layer = stage.layer.index
+            if self._stream is not None:
+                # The swap's row list goes to the GPU here, on the worker stream (synchronised
+                # before publishing), so step() launches its unpack without host work on the rows;
+                # the layer's other lists come along in the same copy.
+                stage.upload(self._device)
+            if pending is not None and stage.nbytes and job.swapped < index - 1:
+                self._publish(job, *pending)  # this layer waits for a slot: offer the last one first
+                pending = None
+            checks = self._transfer_layer(job, index, stage)
+            self._compile_swap(job, index, stage)
+            if self._stream is None:  # CPU: the transfer already ran; nothing to overlap
+                self._publish(job, index, stage, checks, None, begin)
+                continue
+            done = hooks._cuda.Event()
+            done.record(self._stream)
+            if pending is not None:
+                self._publish(job, *pending)
+            pending = (index, stage, checks, done, begin)
+        if pending is not None:
+            self._publish(job, *pending)
+
+    def _wait_gate(self, job: _Job, index: int) -> None:
+        """Block until the pace lets layer ``index`` start (a step() call or wait()), or stop.
+
+        Nothing is posted meanwhile: every rank's gate opens at the same step, so no peer
+        waits in an exchange for this rank (see :mod:`eplb_triton.pacing`)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._stop or job.gate.allows(index))
+            if self._stop:
+                raise _Stopped
+
+    def _publish(self, job: _Job, index: int, stage: _Stage, checks: list, done, begin: float) -> None:
+        """Wait until layer ``index``'s transfer ran (``done``), check it, and offer it to step()."""
+        in_flight, job.layer = job.layer, stage.layer.index  # a failure here is this layer's
+        self._finish_stream(event=done)
+        if checks:
+            self._check_received(job, stage, checks)
+        hooks.fault("before_publish", rank=self._transfer.rank, layer=stage.layer.index)
+        with self._cond:
+            job.stats.layer_times_s.append(time.perf_counter() - begin)
+            job.published = index + 1
+            self._cond.notify_all()
+        job.layer = in_flight
+
+    def _compile_swap(self, job: _Job, index: int, stage: _Stage) -> None:
+        """Compile the swap's unpack here, so the serving thread's first step() does not
+        (about 50 ms once per kernel specialisation on an H100)."""
+        if stage.device_rows is None or resolve_backend(job.backend, self._device) != "triton":
+            return
+        slot = job.slots[index % 2]
+        with self._kernel_lock:
+            stage.layer.layout.launch("unpack", slot.buffer[: stage.nbytes], dst_rows=stage.device_rows, compile_only=True)
+
+    def _transfer_layer(self, job: _Job, index: int, stage: _Stage) -> list:
+        """Stage every row this rank writes in the layer; reads live weights, writes none.
+
+        Returns, with ``verify``, ``(round work, slot offset, mismatch flags)`` per round
+        that received experts; the flags are checked once the stream has finished.
+        """
+        layout, eb, backend = stage.layer.layout, stage.layer.layout.expert_bytes, job.backend
+        rank, layer_index = self._transfer.rank, stage.layer.index
+        slot = job.slots[index % 2]
+        if stage.nbytes:
+            with self._cond:  # the slot's previous layer (index - 2) must have been swapped
+                self._cond.wait_for(lambda: self._stop or job.swapped >= index - 1)
+                if self._stop:
+                    raise _Stopped
+                event = slot.event
+            if event is not None:
+                self._stream.wait_event(event)  # GPU-side: the swap's unpack has read the slot
+        hooks.fault("layer_start", rank=rank, layer=layer_index)
+        buf = slot.buffer[: stage.nbytes]
+        if stage.local_src.size:
+            local = buf[stage.local_offset : stage.local_offset + stage.local_src.size * eb]
+            with self._kernel_lock:
+                if stage.device_lists is not None:
+                    layout.move("pack", local, src_rows=stage.device_lists["local_src"], backend=backend)
+                else:
+                    layout.pack(stage.local_src, local, backend=backend)
+        checks = []
+        rounds = len(stage.layer.rounds)
+        for number, (work, offset) in enumerate(zip(stage.layer.rounds, stage.recv_offsets)):
+            if self._stop:
+                raise _Stopped
+            send_buf = job.send_buffer[: work.send_rows.size * eb]
+            recv_buf = buf[offset : offset + work.recv_rows.size * eb]
+            where = f"layer {layer_index}, round {number + 1}/{rounds}"
+            mover = self._mover(job, work)
+            if job.verify:  # framed: data, then a second batch with the checksum trailers
+                if work.send_rows.size:
+                    with self._kernel_lock:
+                        layout.pack(work.send_rows, send_buf, backend=backend)
+                sends = _per_peer(send_buf, work.send_peers, work.send_counts, eb)
+                recvs = _per_peer(recv_buf, work.recv_peers, work.recv_counts, eb)
+            hooks.fault("before_send", rank=rank, layer=layer_index, round=number)
+            job.cursor = (index, number + 1)  # posted (even if posting fails): never re-posted by a drain
+            # gloo: blocks this thread (GIL released); NCCL: the worker stream waits, the host does not.
+            try:  # posting fails too when a peer's connection is already closed
+                if job.verify:
+                    requests, labels = self._post(job, work, send_buf, sends, recvs, where=where, comm=mover)
+                else:  # the executor's batches: packs piece by piece, posts as it goes
+                    requests, labels, _ = work.post_batches(
+                        layout, send_buf, recv_buf, mover, backend, launch_lock=self._kernel_lock, where=where
+                    )
+                    work.release()
+                    recvs = work.recv_messages_in(recv_buf)
+                mover.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
+            except PeerError as exc:
+                exc.layer = layer_index
+                job.broken = True  # the group is unusable: no drain
+                raise
+            work.count_into(job.stats, len(labels))
+            hooks.fault("in_flight", rank=rank, layer=layer_index, round=number, received=recvs)
+            if job.verify and work.recv_rows.size:
+                received = torch.cat(
+                    [t[: c * CHECKSUM_BYTES].view(torch.int64) for t, c in zip(
+                        _trailers(job.recv_sums, work.recv_peers, work.recv_counts).values(), work.recv_counts
+                    )]
+                )
+                data = buf[offset : offset + work.recv_rows.size * eb]
+                with self._kernel_lock:
+                    checks.append((number, work, expert_checksums(data, eb) != received))
+                job.stats.verified_experts += int(work.recv_rows.size)
+        if stage.dup_dst_pos.size:  # replicas: copies of packed experts already in the slot
+            table = buf.view(-1, eb)
+            lists = stage.device_lists
+            if lists is None:
+                lists = index_tensors({"dup_src": stage.dup_src_pos, "dup_dst": stage.dup_dst_pos}, buf.device)
+            table[lists["dup_dst"]] = table[lists["dup_src"]]
+        return checks
+
+    def _mover(self, job: _Job, work: RoundWork):
+        """What moves ``work``'s bytes: the transfer group, or the round's p2p exchange (with
+        ``verify`` the trailers follow all the data in the send buffer: two pulls per peer)."""
+        if job.p2p is None:
+            return self._transfer
+        return job.p2p.exchange_for(work.round_traffic, work.expert_bytes, verify=job.verify, split=job.verify)
+
+    def _post(
+        self, job: _Job, work: RoundWork, send_buf: torch.Tensor, sends: dict, recvs: dict, where: str = "exchange",
+        comm=None,
+    ) -> tuple[list, list]:
+        """Start a round's exchange (and with ``verify`` its trailers' exchange, right after).
+
+        Two batches per round with ``verify``: every rank posts them in the same order, so
+        each peer pair matches data with data and trailer with trailer. ``comm``: the round's
+        mover (default: the transfer group).
+        """
+        comm = self._transfer if comm is None else comm
+        if job.p2p is not None:  # the trailers right after the data, where peers read them
+            job.send_sums = job.send_buffer[send_buf.numel() :]
+        requests = comm.exchange(sends, recvs, where=where)
+        labels = Communicator.op_labels(sends, recvs)
+        if job.verify:
+            with self._kernel_lock:
+                sum_sends = _fill_send_trailers(job, work, send_buf)
+            sum_recvs = _trailers(job.recv_sums, work.recv_peers, work.recv_counts)
+            requests = requests + comm.exchange(sum_sends, sum_recvs, where=f"{where}, checksums")
+            labels = labels + Communicator.op_labels(sum_sends, sum_recvs)
+        return requests, labels
+
+    def _check_received(self, job: _Job, stage: _Stage, checks: list) -> None:
+        """Raise :class:`ChecksumMismatchError` for the first received expert whose checksum differs."""
+        rank, layer_index = self._transfer.rank, stage.layer.index
+        for number, work, flags in checks:
+            bad = torch.nonzero(flags.cpu()).flatten().tolist()
+            if not bad:
+                continue
+            position = bad[0]
+            peers = np.repeat(np.asarray(work.recv_peers, dtype=np.int64), work.recv_counts)
+            peer, row = int(peers[position]), int(work.recv_rows[position])
+            expert = stage.layer.expert_at(rank, row)
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            message = (
+                f"layer {layer_index}, round {number + 1}/{len(stage.layer.rounds)}: rank {rank}: checksum mismatch "
+                f"for expert {expert} received from peer {peer} (row {row}){more}; layer {layer_index} was not applied"
+            )
+            log.error("%s", message)
+            raise ChecksumMismatchError(message, layer=layer_index, peer=peer, expert=expert)
+
+    def _drain(self, job: _Job) -> None:
+        """Post every exchange of the job this rank has not posted yet, with junk, and wait.
+
+        Stopping mid-job must not leave a peer blocked in an exchange that expects ours (nor
+        leave unmatched ops in the group), so on close() or after a failure the remaining
+        exchanges run anyway: junk sent, received bytes dropped, no slot touched, no swap.
+        Every rank posts each exchange exactly once, so all of them complete as soon as every
+        rank has stopped; a peer that crashed makes them fail at once instead. With
+        ``verify`` the junk carries its true checksums, so a peer still transferring does
+        not report a mismatch of its own (it never swaps those layers: this rank never
+        published them). Each exchange waits at most ``timeout_s``; after a peer error (the
+        group is broken) or a failed step agreement nothing is drained.
+        """
+        if job.broken or self._abandon:
+            log.info("rank %d: not draining a broken transfer group", self._transfer.rank)
+            return
+        first_layer, first_round = job.cursor
+        pending = [
+            (stage, number)
+            for stage in job.stages[first_layer:]
+            for number in range(first_round if stage is job.stages[first_layer] else 0, len(stage.layer.rounds))
+        ]
+        try:
+            junk_recv = None
+            for stage, number in pending:
+                if self._abandon:
+                    return
+                work, eb = stage.layer.rounds[number], stage.layer.layout.expert_bytes
+                need = work.recv_rows.size * eb
+                if junk_recv is None or junk_recv.numel() < need:
+                    junk_recv = torch.empty(need, dtype=torch.uint8, device=self._device)
+                send_buf = job.send_buffer[: work.send_rows.size * eb]
+                where = f"drain: layer {stage.layer.index}, round {number + 1}/{len(stage.layer.rounds)}"
+                mover = self._mover(job, work)
+                if job.verify:
+                    sends = _per_peer(job.send_buffer, work.send_peers, work.send_counts, eb)
+                    recvs = _per_peer(junk_recv, work.recv_peers, work.recv_counts, eb)
+                    requests, labels = self._post(job, work, send_buf, sends, recvs, where=where, comm=mover)
+                else:  # the same batches as a peer still transferring posts
+                    requests, labels, _ = work.post_batches(
+                        stage.layer.layout, send_buf, junk_recv, mover, job.backend, pack=False, where=where
+                    )
+                mover.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
+            self._finish_stream(deadline=time.monotonic() + _DRAIN_STREAM_S)
+            self._drained = True
+            if pending:
+                log.info("rank %d: drained %d exchanges of an unfinished rearrangement", self._transfer.rank, len(pending))
+        except BaseException:  # noqa: BLE001 - the first error (if any) is already recorded
+            log.warning("rank %d: draining the transfer group failed", self._transfer.rank, exc_info=True)
+
+    def _finish_stream(self, deadline: float | None = None, event: torch.cuda.Event | None = None) -> None:
+        """Wait until the worker stream has run everything queued: the layer may be swapped.
+
+        An event poll rather than ``stream.synchronize()``: close() stays responsive, and a
+        drain gives up at ``deadline`` (a NCCL op whose peer is gone never completes).
+        """
+        if self._stream is None:
+            return
+        if event is None:
+            event = hooks._cuda.Event()
+            event.record(self._stream)
+        delay = _POLL_MIN_S
+        while not event.query():
+            if deadline is None and self._stop:
+                raise _Stopped
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the transfer stream did not finish (a NCCL peer is gone?)")
+            time.sleep(delay)
+            delay = min(2 * delay, _POLL_MAX_S)
+
+    def _shutdown(self, timeout_s: float = 10.0) -> None:
+        if self._job is not None:  # what stays readable once the job is dropped
+            self._last_progress = self._progress_of(self._job)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+        self._closed = True
+        if self._thread.is_alive():
+            log.warning(
+                "rank %d: the transfer thread is still draining after %.1f s (a peer has not closed yet?); "
+                "it ends when the peers' exchanges complete or the transfer group times out",
+                self._transfer.rank, timeout_s,
+            )
+            return
+        if self._drained:  # no p2p op is pending: the job's buffers and our groups may go
+            self._job = None
+            self._release_owned_groups()
+            if self._p2p is not None:
+                self._p2p.close()
+                self._p2p = None
