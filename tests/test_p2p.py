@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from eplb_triton import TransferWorker, p2p, rearrange_expert_weights_inplace, transfer
+from eplb_triton import TransferWorker, executor, p2p, rearrange_expert_weights_inplace, transfer
 from eplb_triton.comm import Communicator
 from eplb_triton.p2p import P2PTransport, check_transport, message_spans, send_region_bytes
 from eplb_triton.testing.synthetic import make_rank_weights, fill_rank_weights, row_mismatches
@@ -218,7 +218,7 @@ def _emulate(buffers, barrier, made):
         return made[-1]
 
     P2PTransport.create = staticmethod(create)
-    transfer.acquire_p2p = lambda comm, device, nbytes, timeout_s=None: create(comm, device, nbytes)
+    executor.acquire_p2p = lambda comm, device, nbytes, timeout_s=None: create(comm, device, nbytes)
 
 
 def _rank_emulated(rank, world, old, new, budget, verify, buffers, barrier, specs):

@@ -19,7 +19,8 @@ from ..inputs import agree_inputs, check_worker_inputs, weights_signature
 from ..maps import EPGroup, ExpertMap
 from ..pacing import Pacing, TransferProgress, check_pacing
 from ..p2p import P2PTransport, resolve_transport
-from ..transfer import TransferStats, prepare_layers
+from ..prepare import prepare_layers
+from ..stats import TransferStats
 from .agreement import AgreementMixin
 from .groups import GroupsMixin, _rendezvous
 from .staging import StagingMixin, _Job

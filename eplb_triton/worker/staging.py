@@ -20,7 +20,10 @@ from ..checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
 from ..layout import ExpertLayout, index_tensors, resolve_backend
 from ..pacing import PaceGate, layer_gate_bytes
 from ..p2p import P2PTransport, largest_send_region, resolve_transport
-from ..transfer import LayerWork, RoundWork, TransferStats, staging_bound
+from ..executor import LayerWork
+from ..passes import RoundWork
+from ..stats import TransferStats
+from ..transfer import staging_bound
 from . import hooks
 
 log = logging.getLogger("eplb_triton.worker")  # one logger for the package (documented name)

@@ -17,7 +17,7 @@ import torch
 from ..checksum import CHECKSUM_BYTES, expert_checksums
 from ..comm import ChecksumMismatchError, Communicator, PeerError
 from ..layout import index_tensors, resolve_backend
-from ..transfer import RoundWork, upload_rows
+from ..passes import RoundWork, upload_rows
 from . import hooks
 from .staging import _fill_send_trailers, _Job, _per_peer, _Stage, _trailers
 

@@ -1,0 +1,315 @@
+"""The executor: run a layer's passes on this rank (:meth:`LayerWork.run`), and the blocking loop.
+
+Per layer and pass, on one rank::
+
+    staging = [ packed sends, peer by peer | receive buffers, peer by peer | local scratch ]
+    pack(send rows), stage(local sources)  ->  one irecv + one isend per peer (batch_isend_irecv)
+    ->  wait (deadline: timeout_s)  ->  verify checksums  ->  write: local moves, received, duplicates
+
+A layer that runs in several passes saves the old contents of what it overwrites (undo
+buffer) and is rolled back on failure, so after any failure each layer on each rank is
+entirely old or entirely new.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
+from .layout import ExpertLayout
+from .p2p import acquire as acquire_p2p, resolve_transport
+from .passes import RoundWork, upload_rows
+from .plan import LayerPlan
+from .stats import TransferStats
+
+__all__ = ["LayerWork", "run_layers", "staging_view"]
+
+logger = logging.getLogger("eplb_triton.transfer")  # one logger for the blocking path (documented name)
+
+
+def _fault(point: str, **info) -> None:
+    """Call the test hook :data:`eplb_triton.transfer.fault_hook`, its public home (imported
+    at call time: :mod:`eplb_triton.transfer` imports this module)."""
+    from . import transfer
+
+    transfer.fault(point, **info)
+
+
+def _hooked() -> bool:
+    from . import transfer
+
+    return transfer.fault_hook is not None
+
+
+@dataclass
+class LayerWork:
+    """One layer on one rank: its layout, plan, rounds and the rows it stashes first.
+
+    ``expert_ids`` (the layer's new map, optional) lets errors name logical experts.
+    """
+
+    index: int
+    layout: ExpertLayout
+    plan: LayerPlan
+    rounds: list[RoundWork]
+    stash_rows: np.ndarray
+    expert_ids: np.ndarray | None = None
+
+    @property
+    def stash_bytes(self) -> int:
+        return int(self.stash_rows.size) * self.layout.expert_bytes
+
+    @property
+    def staging_bytes(self) -> int:
+        """Stash plus the largest round's staging."""
+        return self.stash_bytes + max((r.staging_bytes for r in self.rounds), default=0)
+
+    @property
+    def undo_bytes(self) -> int:
+        """Bytes needed to roll this layer back: old contents of the rows written by every
+        round but the last (a single-round layer needs none)."""
+        return sum(r.written_rows.size for r in self.rounds[:-1]) * self.layout.expert_bytes
+
+    @property
+    def has_network(self) -> bool:
+        return self.plan.num_network > 0
+
+    def expert_at(self, rank: int, row: int) -> int | None:
+        if self.expert_ids is None:
+            return None
+        return int(self.expert_ids[rank * self.layout.num_local + row])
+
+    def run(
+        self,
+        staging: torch.Tensor,
+        comm: Communicator,
+        backend: str | None,
+        stats: TransferStats,
+        *,
+        timeout_s: float | None = None,
+        undo: torch.Tensor | None = None,
+        transport=None,
+    ) -> None:
+        """Run every round of this layer, blocking until its rows are in place.
+
+        ``transport``: a :class:`~eplb_triton.p2p.P2PTransport` whose symmetric buffer is
+        ``staging`` (peers pull the sends from its offset 0; the stash goes to its end), or
+        ``None`` for ``comm``'s own isend/irecv.
+
+        Atomic on this rank: a round writes rows only after its receives completed (and
+        passed ``verify``); when the layer has several rounds, the old contents of the rows
+        each round but the last overwrites are saved in ``undo`` (``>= undo_bytes`` bytes;
+        ``None`` = no rollback, a failure may leave the layer half-applied). On any failure
+        before the last round is applied, the rows written so far are restored and the
+        layer is entirely old again.
+
+        Raises:
+            PeerError: a peer failed or missed the deadline (``.layer`` set); rolled back.
+            ChecksumMismatchError: received bytes differ from the sender's; every round's
+                exchange still completed (peers are not left waiting) and the layer was
+                rolled back, so the group is still usable.
+        """
+        layout, eb = self.layout, self.layout.expert_bytes
+        if transport is not None and self.stash_rows.size:  # p2p: the sends stay at offset 0, where peers read them
+            cut = staging.numel() - self.stash_bytes
+            staging, stash = staging[:cut], staging[cut:]
+        elif self.stash_rows.size:
+            stash, staging = staging[: self.stash_bytes], staging[self.stash_bytes :]
+        else:  # the usual case: nothing overwritten early, nothing to read back
+            stash = None
+        if self.rounds and undo is None and len(self.rounds) > 1:
+            logger.debug("layer %d runs in %d rounds without an undo buffer: not atomic", self.index, len(self.rounds))
+        saved_rows: list[np.ndarray] = []
+        saved_bytes = 0
+        committed = False
+        mismatch: ChecksumMismatchError | None = None
+        last = len(self.rounds) - 1
+
+        def rollback() -> None:
+            nonlocal saved_bytes
+            if saved_rows:
+                layout.unpack(undo[:saved_bytes], np.concatenate(saved_rows), backend=backend)
+                saved_rows.clear()
+                saved_bytes = 0
+                stats.rollbacks += 1
+
+        _fault("layer_start", rank=comm.rank, layer=self.index)
+        if self.stash_rows.size:  # reads only: old contents of rows that cycles overwrite early
+            layout.pack(self.stash_rows, stash, backend=backend)
+        try:
+            for i, work in enumerate(self.rounds):
+                where = f"layer {self.index}, round {i + 1}/{len(self.rounds)}"
+                batches = []
+                mover = comm if transport is None else transport.exchange_for(work.round_traffic, eb, verify=work.verify)
+                if not work.framed:  # packs and posts batch by batch, then one wait for all
+                    _fault("before_send", rank=comm.rank, layer=self.index, round=i)
+                    send_buf, recv_buf, scratch = work._slices(staging)
+                    try:  # posting fails too when a peer's connection is already closed
+                        requests, labels, batches = work.post_batches(
+                            layout, send_buf, recv_buf, mover, backend, stash, local_buf=scratch, where=where
+                        )
+                        _fault("posted", rank=comm.rank, layer=self.index, round=i, step=0, ops=labels)
+                        mover.wait(requests, timeout_s=timeout_s, labels=labels, where=where)
+                    except PeerError as exc:
+                        exc.layer = self.index
+                        raise
+                    exchanges = []
+                else:
+                    work.stage_local(layout, staging, backend)
+                    work.pack_sends(layout, staging, backend, stash)
+                    _fault("before_send", rank=comm.rank, layer=self.index, round=i)
+                    exchanges = work.exchanges(staging)
+                for step, (sends, recvs) in enumerate(exchanges):
+                    # planner rounds (``rounds=``) run one after the other; nothing is
+                    # written until the last one completed
+                    at = where if work.steps is None else f"{where}, network round {step + 1}/{len(exchanges)}"
+                    labels = Communicator.op_labels(sends, recvs)
+                    try:  # posting fails too when a peer's connection is already closed
+                        requests = mover.exchange(sends, recvs, where=at)
+                        _fault("posted", rank=comm.rank, layer=self.index, round=i, step=step, ops=labels)
+                        mover.wait(requests, timeout_s=timeout_s, labels=labels, where=at)
+                    except PeerError as exc:
+                        exc.layer = self.index
+                        raise
+                    batches.append(len(labels))
+                work.count_into(stats, sum(batches), batches=batches)
+                if _hooked():  # the received views are only made for a hook
+                    _fault("in_flight", rank=comm.rank, layer=self.index, round=i, received=work.recv_messages(staging))
+                if mismatch is None:
+                    bad = work.verify_received(staging)
+                    stats.verified_experts += int(work.recv_rows.size) if work.verify else 0
+                    if bad:
+                        mismatch = self._mismatch_error(work, bad, comm.rank, where)
+                        rollback()  # keep exchanging: the later rounds' peers are waiting for us
+                if mismatch is not None:
+                    continue
+                if undo is not None and i < last:
+                    rows = work.written_rows
+                    if rows.size:
+                        layout.pack(rows, undo[saved_bytes : saved_bytes + rows.size * eb], backend=backend)
+                        saved_rows.append(rows)
+                        saved_bytes += rows.size * eb
+                work.apply(layout, staging, backend, stash)
+                work.release()
+                committed = i == last
+                _fault("round_applied", rank=comm.rank, layer=self.index, round=i)
+        except BaseException:
+            if not committed:
+                rollback()
+            raise
+        finally:
+            if transport is not None:
+                transport.mark_used()
+        if mismatch is not None:
+            raise mismatch
+
+    def _mismatch_error(self, work: RoundWork, bad: list[tuple[int, int]], rank: int, where: str) -> ChecksumMismatchError:
+        peer, k = bad[0]
+        row = int(work.view.recv_rows[peer][k])
+        expert = self.expert_at(rank, row)
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        message = (
+            f"{where}: rank {rank}: checksum mismatch for expert {expert} received from peer {peer} "
+            f"(row {row}){more}; layer {self.index} was not applied on rank {rank}"
+        )
+        logger.error("%s", message)
+        return ChecksumMismatchError(message, layer=self.index, peer=peer, expert=expert)
+
+
+def staging_view(staging, device: torch.device) -> torch.Tensor:
+    """The bytes of a caller-provided staging buffer as one contiguous 1-D uint8 view.
+
+    ``staging``: one contiguous tensor (any dtype), or a list/tuple of tensors (a runtime's
+    per-tensor scratch buffers, e.g. vLLM's ``expert_buffer``): the largest contiguous one is
+    used, since the staging must be one block of memory. Nothing is allocated or copied.
+    """
+    if isinstance(staging, torch.Tensor):
+        candidates = [staging]
+    elif isinstance(staging, (list, tuple)) and staging and all(isinstance(t, torch.Tensor) for t in staging):
+        candidates = list(staging)
+    else:
+        raise TypeError(f"staging must be a tensor or a non-empty list of tensors, got {type(staging).__name__}")
+    usable = [t for t in candidates if t.is_contiguous() and t.device == device and t.numel()]
+    if not usable:
+        where = ", ".join(f"{tuple(t.shape)} on {t.device}" + ("" if t.is_contiguous() else " (not contiguous)") for t in candidates)
+        raise ValueError(f"staging has no non-empty contiguous tensor on the weights' device {device}: {where}")
+    largest = max(usable, key=lambda t: t.numel() * t.element_size())
+    return largest.reshape(-1).view(torch.uint8)
+
+
+def _mark(device: torch.device):
+    """A point in time on ``device``'s current stream (CUDA event) or on the host clock."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+    return time.perf_counter()
+
+
+def _elapsed(marks: list) -> list[float]:
+    """Seconds between consecutive :func:`_mark` points (waits for the last CUDA event)."""
+    if marks and isinstance(marks[0], torch.cuda.Event):
+        marks[-1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def run_layers(
+    layers: Sequence[LayerWork],
+    comm: Communicator,
+    backend: str | None,
+    stats: TransferStats,
+    *,
+    staging=None,
+    atomic: bool = True,
+    timeout_s: float | None = None,
+    transport: str = "auto",
+) -> tuple[list[ChecksumMismatchError], list]:
+    """The blocking loop: take the staging (and undo) memory, run every layer in order.
+
+    Returns this rank's checksum errors (those layers rolled back, their exchanges completed)
+    and the time marks between layers (:func:`_elapsed` reads them). A peer error stops the
+    loop and is raised with ``.stats``.
+    """
+    device = layers[0].layout.device
+    upload_rows([work for layer in layers for work in layer.rounds], device)
+    peak = max(layer.staging_bytes for layer in layers)
+    given = None if staging is None else staging_view(staging, device)  # validated by prepare_layers
+    p2p = None  # agreed by prepare_layers; the plan (hence has_network) is the same on every rank
+    if resolve_transport(transport, comm, device) == "p2p" and any(layer.has_network for layer in layers):
+        p2p = acquire_p2p(comm, device, peak, timeout_s=timeout_s)  # collective
+        staging = p2p.buffer  # the rounds' staging: peers read the sends from it
+    else:
+        staging = given[:peak] if given is not None else torch.empty(peak, dtype=torch.uint8, device=device)
+    stats.peak_staging_bytes = peak
+    undo = None
+    if atomic:
+        undo_bytes = max(layer.undo_bytes for layer in layers)
+        if undo_bytes and given is not None and given.numel() - peak >= undo_bytes:
+            undo = given[peak : peak + undo_bytes]
+        elif undo_bytes:
+            undo = torch.empty(undo_bytes, dtype=torch.uint8, device=device)
+        stats.peak_undo_bytes = undo_bytes
+    errors: list[ChecksumMismatchError] = []
+    # Layer times: CUDA events on GPUs (the host queues layer after layer without waiting for
+    # the device; a per-layer synchronize stalled the queue), host clocks elsewhere.
+    marks = [_mark(device)]
+    for layer in layers:
+        try:
+            layer.run(staging, comm, backend, stats, timeout_s=timeout_s, undo=undo, transport=p2p)
+        except ChecksumMismatchError as exc:
+            errors.append(exc)  # exchanges completed: carry on, report after the confirmation
+            stats.failed_layers.append(layer.index)
+        except TransferError as exc:
+            stats.failed_layers.extend(range(layer.index, len(layers)))
+            logger.error("rank %d: rearrangement stopped at layer %d: %s", comm.rank, layer.index, exc)
+            exc.stats = stats  # which layers are new on this rank: those not in failed_layers
+            raise
+        marks.append(_mark(device))
+    return errors, marks

@@ -1,0 +1,501 @@
+"""One staging pass of one layer on one rank: its rows, its staging layout and message format.
+
+# Over 400 lines: one class, whose operations all read the same staging layout and message format.
+
+A layer that does not fit in ``max_buffer_bytes`` runs in several staging passes
+(:mod:`eplb_triton.schedule`); :class:`RoundWork` holds one pass's per-rank work: the rows it
+sends, receives and moves, where each lies in the staging, how the per-peer messages are cut
+into batches on the wire, and the pack / post / verify / write steps the executor calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
+from .comm import Communicator
+from .layout import ExpertLayout, index_tensor
+from .plan import RankPlan
+from .stats import TransferStats
+
+__all__ = ["RoundWork", "upload_rows"]
+
+
+def upload_rows(works: Sequence["RoundWork"], device: torch.device) -> None:
+    """Every row list of ``works`` to ``device`` in one pinned copy (one per call rather than
+    one per round), cut into views by two ``split`` calls (a slice per list cost ~3 us of host
+    time each: ~0.4 ms for an 8-layer call on the H200 hosts)."""
+    lists = [work._row_lists() for work in works]
+    parts = [a for row_lists in lists for a in row_lists]
+    flat = index_tensor(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64), device)
+    pieces = flat.split([a.size for a in parts])
+    # the same memory in pairs (send + local sources, local destinations + receives, fills): one launch each
+    pairs = flat.split([a.size + b.size for row_lists in lists for a, b in zip(row_lists[::2], row_lists[1::2])])
+    width, half = len(_ROW_LISTS), len(_ROW_LISTS) // 2
+    for i, work in enumerate(works):
+        rows = dict(zip(_ROW_LISTS, pieces[i * width : (i + 1) * width]))
+        rows["send+local_src"], rows["local_dst+recv"] = pairs[i * half], pairs[i * half + 1]
+        work._device_rows = rows
+
+
+_ROW_LISTS = ("send", "local_src", "local_dst", "recv", "dup_src", "dup_dst")  # in this order in memory
+
+
+def _wire_order(rows_by_peer: dict[int, np.ndarray], peers: list[int], chunk: int | None) -> np.ndarray:
+    """Rows of every peer's message in wire order: peer by peer, or piece by piece (``chunk``
+    experts of each peer per piece) when messages are split."""
+    if not peers:
+        return np.zeros(0, dtype=np.int64)
+    if chunk is None:
+        return np.concatenate([np.asarray(rows_by_peer[p], dtype=np.int64) for p in peers])
+    longest = max(len(rows_by_peer[p]) for p in peers)
+    parts = [rows_by_peer[p][i : i + chunk] for i in range(0, longest, chunk) for p in peers]
+    return np.concatenate([np.asarray(x, dtype=np.int64) for x in parts])
+
+
+def _batch_spans(peers: list[int], counts: list[int], chunk: int | None) -> list[list[tuple[int, int, int]]]:
+    """``(peer, first expert, count)`` per batch, in the order of :func:`_wire_order`."""
+    if chunk is None:  # plain ints: numpy's per-call overhead was ~28 us of host time per layer
+        batch, first = [], 0
+        for peer, count in zip(peers, counts):
+            batch.append((peer, first, count))
+            first += count
+        return [batch]
+    spans, first = [], 0
+    for start in range(0, max(counts, default=0), chunk):
+        batch = []
+        for peer, count in zip(peers, counts):
+            n = min(chunk, count - start)
+            if n > 0:
+                batch.append((peer, first, n))
+                first += n
+        spans.append(batch)
+    return spans or [[]]
+
+
+@dataclass
+class RoundWork:
+    """One exchange round of one layer on one rank, with its staging slices.
+
+    Staging layout of a round (bytes)::
+
+        | sends, peer by peer | local scratch | receives, peer by peer |
+
+    (sends and local sources are packed by one launch, local moves and receives unpacked by one)
+
+    Each peer's message is its packed experts (``count * expert_bytes``); with ``verify`` it
+    is followed by a trailer of one int64 checksum per expert padded to 16 bytes
+    (:func:`~eplb_triton.checksum.trailer_bytes`), so a peer still gets one isend and one
+    irecv per round. Without ``verify`` every send row is packed by one launch; with it,
+    one launch per peer (the trailers split the buffer).
+
+    Sync-path order (see :meth:`LayerWork.run`): :meth:`pack_sends` and :meth:`stage_local`
+    only *read* rows; :meth:`post` starts the exchange; after the wait, :meth:`verify_received`
+    and :meth:`apply` write rows. So nothing is written before the round's receives are in.
+
+    Rows listed in the layer's stash are read from the stash, not from the live weights:
+    ``stashed_sends`` are positions in ``send_rows`` whose packed expert is copied from stash
+    entry ``stashed_send_entries``; local moves from the stash write ``stash_local_dst_rows``
+    from entries ``stash_local_entries``. ``local_src_rows``/``local_dst_rows`` are the other
+    local moves.
+
+    ``steps`` (``rounds=``; ``None`` = one exchange with every peer): per planner round,
+    ``(send_peer, send_start, send_stop, recv_peer, recv_start, recv_stop)``: the positions
+    ``[start, stop)`` of the per-peer messages' experts exchanged in it (peer -1 = none);
+    see :meth:`exchanges`.
+    """
+
+    view: RankPlan
+    expert_bytes: int
+    send_peers: list[int]
+    send_counts: list[int]
+    recv_peers: list[int]
+    recv_counts: list[int]
+    send_rows: np.ndarray
+    recv_rows: np.ndarray
+    local_src_rows: np.ndarray
+    local_dst_rows: np.ndarray
+    stashed_sends: np.ndarray
+    stashed_send_entries: np.ndarray
+    stash_local_entries: np.ndarray
+    stash_local_dst_rows: np.ndarray
+    verify: bool = False
+    steps: list[tuple[int, int, int, int, int, int]] | None = None
+    chunk_experts: int | None = None
+    _device_rows: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _batches: list | None = field(default=None, repr=False)
+    _totals: tuple[int, int] | None = field(default=None, repr=False)  # bytes of all sends, of all receives
+    _views: tuple | None = field(default=None, repr=False)  # (staging key, its three regions)
+    #: the round's (ep, ep) expert counts, every rank's sends (set by prepare_layers): where
+    #: the p2p transport finds each peer's message (:func:`eplb_triton.p2p.message_spans`)
+    round_traffic: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_view(
+        cls,
+        view: RankPlan,
+        expert_bytes: int,
+        stash_rows: np.ndarray | None = None,
+        *,
+        verify: bool = False,
+        steps: list[tuple[int, int, int, int, int, int]] | None = None,
+        chunk_experts: int | None = None,
+    ) -> "RoundWork":
+        """``chunk_experts``: split every per-peer message into pieces of that many experts,
+        exchanged as separate batches (the wire order becomes piece-major, see :meth:`batches`);
+        ``None`` = whole messages. Only without ``verify`` and ``steps``."""
+        if chunk_experts is not None and (verify or steps is not None or chunk_experts < 1):
+            raise ValueError("chunk_experts needs verify=False, no planner rounds and a value >= 1")
+        send_peers = sorted(view.send_rows)
+        recv_peers = sorted(view.recv_rows)
+        send_rows = _wire_order(view.send_rows, send_peers, chunk_experts)
+        stash_rows = np.zeros(0, dtype=np.int64) if stash_rows is None else stash_rows
+        if stash_rows.size:
+            send_stashed = np.isin(send_rows, stash_rows)
+            local_stashed = np.isin(view.local_src_rows, stash_rows)
+        else:  # the usual case: no stash, nothing to look up
+            send_stashed = np.zeros(send_rows.size, dtype=bool)
+            local_stashed = np.zeros(view.local_src_rows.size, dtype=bool)
+        if view.dup_dst_rows.size and np.intersect1d(view.dup_src_rows, view.dup_dst_rows).size:
+            raise AssertionError("a duplicate fill writes a row another duplicate fill reads")  # the copy launch relies on it
+        return cls(
+            view=view,
+            expert_bytes=expert_bytes,
+            send_peers=send_peers,
+            send_counts=[len(view.send_rows[p]) for p in send_peers],
+            recv_peers=recv_peers,
+            recv_counts=[len(view.recv_rows[p]) for p in recv_peers],
+            send_rows=send_rows,
+            recv_rows=_wire_order(view.recv_rows, recv_peers, chunk_experts),
+            local_src_rows=view.local_src_rows[~local_stashed],
+            local_dst_rows=view.local_dst_rows[~local_stashed],
+            stashed_sends=np.flatnonzero(send_stashed),
+            stashed_send_entries=np.searchsorted(stash_rows, send_rows[send_stashed]),
+            stash_local_entries=np.searchsorted(stash_rows, view.local_src_rows[local_stashed]),
+            stash_local_dst_rows=view.local_dst_rows[local_stashed],
+            verify=verify,
+            steps=steps,
+            chunk_experts=chunk_experts,
+        )
+
+    # -- wire order -------------------------------------------------------------------------
+    def batches(self) -> list[tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]]:
+        """The exchanges of this round without ``verify``/``steps``, in order: per batch,
+        ``(sends, recvs)``, each a list of ``(peer, first, count)`` in experts of the send /
+        receive region (wire order). Whole messages: one batch. With ``chunk_experts = k``:
+        batch ``i`` carries experts ``[i*k, (i+1)*k)`` of every peer's message, so batch ``i``'s
+        sends are one contiguous run of the send region, packed by one launch while batch
+        ``i - 1`` is on the wire."""
+        if self._batches is None:
+            sends = _batch_spans(self.send_peers, self.send_counts, self.chunk_experts)
+            recvs = _batch_spans(self.recv_peers, self.recv_counts, self.chunk_experts)
+            count = max(len(sends), len(recvs))
+            self._batches = list(zip(sends + [[]] * (count - len(sends)), recvs + [[]] * (count - len(recvs))))
+        return self._batches
+
+    def release(self) -> None:
+        """Drop the device row lists once the round's launches are queued (the caching
+        allocator reuses their memory only behind those launches on the same stream)."""
+        self._device_rows = None
+        self._views = None
+
+    def _row_lists(self) -> tuple[np.ndarray, ...]:
+        """The lists :data:`_ROW_LISTS` names, in its order (so sends and local sources are one
+        run of memory, packed by one launch; local destinations and receives too, unpacked by one)."""
+        view = self.view
+        return (
+            self.send_rows, self.local_src_rows, self.local_dst_rows, self.recv_rows, view.dup_src_rows, view.dup_dst_rows,
+        )
+
+    def device_rows(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every row list this round launches with, on ``device`` (uploaded by :func:`upload_rows`
+        for a whole call, or here for this round alone)."""
+        if self._device_rows is None:
+            upload_rows([self], device)
+        return self._device_rows
+
+    def _message_bytes(self, count: int) -> int:
+        return count * self.expert_bytes + (trailer_bytes(count) if self.verify else 0)
+
+    @property
+    def _sends_bytes(self) -> int:
+        if self._totals is None:
+            self._totals = (sum(map(self._message_bytes, self.send_counts)), sum(map(self._message_bytes, self.recv_counts)))
+        return self._totals[0]
+
+    @property
+    def _recvs_bytes(self) -> int:
+        self._sends_bytes  # noqa: B018 - fills _totals
+        return self._totals[1]
+
+    @property
+    def staging_bytes(self) -> int:
+        return self._sends_bytes + self._recvs_bytes + self.local_dst_rows.size * self.expert_bytes
+
+    @property
+    def written_rows(self) -> np.ndarray:
+        """Rows this round writes on this rank (distinct): received, local moves, duplicate fills."""
+        view = self.view
+        return np.concatenate([self.recv_rows, view.local_dst_rows, view.dup_dst_rows]).astype(np.int64)
+
+    def _slices(self, staging: torch.Tensor):
+        """``(sends, receives, local scratch)`` regions of ``staging`` (laid out sends, scratch, receives).
+        The last staging's views are kept: a layer asks for them several times (~8 us each)."""
+        key = (staging.data_ptr(), staging.numel())
+        if self._views is None or self._views[0] != key:
+            sends_end = self._sends_bytes
+            scratch_end = sends_end + self.local_dst_rows.size * self.expert_bytes
+            views = staging[:sends_end], staging[scratch_end : self.staging_bytes], staging[sends_end:scratch_end]
+            self._views = (key, views)
+        return self._views[1]
+
+    def _per_peer(self, buf: torch.Tensor, peers: list[int], counts: list[int]) -> dict[int, torch.Tensor]:
+        """Each peer's whole message (data, then the checksum trailer when verifying)."""
+        out, offset = {}, 0
+        for peer, count in zip(peers, counts):
+            size = self._message_bytes(count)
+            out[peer] = buf[offset : offset + size]
+            offset += size
+        return out
+
+    def _split(self, message: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(packed experts, int64 checksums or None) of one peer's message."""
+        data_end = count * self.expert_bytes
+        if not self.verify:
+            return message[:data_end], None
+        return message[:data_end], message[data_end : data_end + count * CHECKSUM_BYTES].view(torch.int64)
+
+    @property
+    def framed(self) -> bool:
+        """Whole per-peer messages moved by :meth:`exchanges` (``verify``: data then checksum
+        trailer; ``steps``: planner rounds), rather than the batches of :meth:`post_batches`."""
+        return self.verify or self.steps is not None
+
+    def send_messages(self, staging: torch.Tensor) -> dict[int, torch.Tensor]:
+        return self._per_peer(self._slices(staging)[0], self.send_peers, self.send_counts)
+
+    def recv_messages(self, staging: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each peer's received bytes; with split messages, its first batch's piece."""
+        return self.recv_messages_in(self._slices(staging)[1])
+
+    def recv_messages_in(self, recv_buf: torch.Tensor) -> dict[int, torch.Tensor]:
+        """:meth:`recv_messages` of a receive region ``recv_buf`` (wire order)."""
+        if self.framed or self.chunk_experts is None:
+            return self._per_peer(recv_buf, self.recv_peers, self.recv_counts)
+        eb, out = self.expert_bytes, {}
+        for _, recvs in self.batches():
+            for peer, first, count in recvs:
+                out.setdefault(peer, recv_buf[first * eb : (first + count) * eb])
+        return out
+
+    def _part(self, message: torch.Tensor, start: int, stop: int, count: int) -> torch.Tensor:
+        """Experts ``[start, stop)`` of a ``count``-expert message; the last part also carries
+        the checksum trailer (it follows the data)."""
+        end = stop * self.expert_bytes if stop < count else message.numel()
+        return message[start * self.expert_bytes : end]
+
+    def exchanges(self, staging: torch.Tensor) -> list[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
+        """``(sends, recvs)`` by peer of each framed exchange of this round, in order: every
+        peer's whole message at once, or (``steps``) one slice to and from at most one peer each."""
+        sends, recvs = self.send_messages(staging), self.recv_messages(staging)
+        if self.steps is None:
+            return [(sends, recvs)]
+        counts = dict(zip(self.send_peers, self.send_counts))
+        recv_counts = dict(zip(self.recv_peers, self.recv_counts))
+        out = []
+        for send_peer, a, b, recv_peer, c, d in self.steps:
+            part_sends = {send_peer: self._part(sends[send_peer], a, b, counts[send_peer])} if send_peer >= 0 else {}
+            part_recvs = {recv_peer: self._part(recvs[recv_peer], c, d, recv_counts[recv_peer])} if recv_peer >= 0 else {}
+            out.append((part_sends, part_recvs))
+        return out
+
+    @property
+    def op_labels(self) -> list[tuple[int, str]]:
+        """``(peer, kind)`` of each request :meth:`post` returns (for error messages)."""
+        return Communicator.op_labels(dict.fromkeys(self.send_peers), dict.fromkeys(self.recv_peers))
+
+    # -- steps -------------------------------------------------------------------------------
+    def post_batches(
+        self,
+        layout: ExpertLayout,
+        send_buf: torch.Tensor,
+        recv_buf: torch.Tensor,
+        comm: Communicator,
+        backend: str | None,
+        stash: torch.Tensor | None = None,
+        *,
+        pack: bool = True,
+        local_buf: torch.Tensor | None = None,
+        launch_lock=contextlib.nullcontext(),
+        where: str = "exchange",
+    ) -> tuple[list, list[tuple[int, str]], list[int]]:
+        """Pack and post every batch of :meth:`batches`: pack batch ``i``'s sends (one launch),
+        then post its ops; on GPUs the next pack runs while batch ``i`` is on the wire (NCCL's
+        stream waits only for the packs queued before each post). Receives land in ``recv_buf``
+        in wire order. Reads rows (and the stash) only. Returns the requests, the ops' labels
+        and the number of ops of each batch. ``pack=False`` sends ``send_buf`` as it is (a
+        drain's junk, matching a peer's batches op for op). ``local_buf``: also pack the local
+        moves' sources there; when it directly follows ``send_buf`` and messages are whole, one
+        launch packs both. ``launch_lock`` is held around each launch (not around the posts)."""
+        eb, device_rows = self.expert_bytes, self.device_rows(layout.device)
+        rows = device_rows["send"]
+        batches = self.batches()
+        if local_buf is not None and self.local_src_rows.size:
+            adjacent = local_buf.data_ptr() == send_buf.data_ptr() + self.send_rows.size * eb
+            if pack and len(batches) == 1 and adjacent and (stash is None or not self.stashed_sends.size):
+                both = send_buf.as_strided((self.send_rows.size * eb + local_buf.numel(),), (1,))
+                with launch_lock:
+                    layout.move("pack", both, src_rows=device_rows["send+local_src"], backend=backend)
+                pack = False  # the sends are packed too
+            else:
+                with launch_lock:
+                    layout.move("pack", local_buf, src_rows=device_rows["local_src"], backend=backend)
+        requests, labels, ops = [], [], []
+        for sends, recvs in batches:
+            if sends and pack:
+                first, stop = sends[0][1], sends[-1][1] + sends[-1][2]
+                with launch_lock:
+                    layout.move("pack", send_buf[first * eb : stop * eb], src_rows=rows[first:stop], backend=backend)
+                if stash is not None and self.stashed_sends.size:  # the blocking path: rows its earlier rounds overwrote
+                    mine = (self.stashed_sends >= first) & (self.stashed_sends < stop)
+                    self._from_stash(send_buf, self.stashed_sends[mine], self.stashed_send_entries[mine], stash)
+            out = {peer: send_buf[f * eb : (f + n) * eb] for peer, f, n in sends}
+            into = {peer: recv_buf[f * eb : (f + n) * eb] for peer, f, n in recvs}
+            requests += comm.exchange(out, into, where=where)
+            labels += Communicator.op_labels(out, into)
+            ops.append(len(out) + len(into))
+        return requests, labels, ops
+
+    def pack_sends(
+        self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
+    ) -> None:
+        """Framed messages: pack every peer's rows (reads rows and the stash only); with
+        ``verify`` also their checksums. (Batches pack in :meth:`post_batches`.)"""
+        if not self.send_rows.size:
+            return
+        send_buf = self._slices(staging)[0]
+        if not self.verify:
+            layout.move("pack", send_buf, src_rows=self.device_rows(layout.device)["send"], backend=backend)
+            self._from_stash(send_buf, self.stashed_sends, self.stashed_send_entries, stash)
+            return
+        offset = 0
+        for peer, message in self.send_messages(staging).items():
+            rows = self.view.send_rows[peer]
+            data, sums = self._split(message, len(rows))
+            layout.pack(rows, data, backend=backend)
+            mine = (self.stashed_sends >= offset) & (self.stashed_sends < offset + len(rows))
+            self._from_stash(data, self.stashed_sends[mine] - offset, self.stashed_send_entries[mine], stash)
+            expert_checksums(data, self.expert_bytes, out=sums)
+            offset += len(rows)
+
+    def _from_stash(self, packed: torch.Tensor, positions: np.ndarray, entries: np.ndarray, stash) -> None:
+        """Overwrite packed experts ``positions`` with stash entries (rows that may be overwritten already)."""
+        if positions.size:
+            eb = self.expert_bytes
+            table = packed.view(-1, eb)
+            table[torch.as_tensor(positions, device=table.device)] = stash.view(-1, eb)[
+                torch.as_tensor(entries, device=table.device)
+            ]
+
+    def stage_local(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
+        """Copy the old rows that local moves read into scratch (reads rows only)."""
+        if self.local_src_rows.size:
+            rows = self.device_rows(layout.device)["local_src"]
+            layout.move("pack", self._slices(staging)[2], src_rows=rows, backend=backend)
+
+    def post(self, staging: torch.Tensor, comm: Communicator) -> list:
+        """Start one irecv + one isend per peer (framed messages); returns the requests (order: :attr:`op_labels`)."""
+        return comm.exchange(self.send_messages(staging), self.recv_messages(staging))
+
+    def start(
+        self, layout: ExpertLayout, staging: torch.Tensor, comm: Communicator, backend: str | None, stash: torch.Tensor | None = None
+    ) -> list:
+        """Pack every peer's rows, stage local sources and start the exchange; returns requests."""
+        if not self.framed:
+            send_buf, recv_buf, scratch = self._slices(staging)
+            return self.post_batches(layout, send_buf, recv_buf, comm, backend, stash, local_buf=scratch)[0]
+        self.stage_local(layout, staging, backend)
+        self.pack_sends(layout, staging, backend, stash)
+        return self.post(staging, comm)
+
+    def verify_received(self, staging: torch.Tensor) -> list[tuple[int, int]]:
+        """``(peer, index in that peer's message)`` of every received expert whose checksum
+        differs from the sender's (empty without ``verify``)."""
+        if not self.verify:
+            return []
+        bad = []
+        for peer, message in self.recv_messages(staging).items():
+            count = len(self.view.recv_rows[peer])
+            data, sums = self._split(message, count)
+            mismatch = (expert_checksums(data, self.expert_bytes) != sums).nonzero().flatten().tolist()
+            bad.extend((peer, k) for k in mismatch)
+        return bad
+
+    def apply(
+        self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
+    ) -> None:
+        """Write the round: staged local moves, moves from the stash, received rows, then duplicate fills."""
+        if not self.verify and self.local_dst_rows.size and self.recv_rows.size:
+            # scratch and receives are adjacent: one launch writes both (distinct rows)
+            _, recvs, scratch = self._slices(staging)
+            both = scratch.as_strided((scratch.numel() + recvs.numel(),), (1,))
+            layout.move("unpack", both, dst_rows=self.device_rows(layout.device)["local_dst+recv"], backend=backend)
+            self._local_from_stash(layout, stash, backend)
+            self._fill_duplicates(layout, backend)
+            return
+        if self.local_dst_rows.size:
+            rows = self.device_rows(layout.device)["local_dst"]
+            layout.move("unpack", self._slices(staging)[2], dst_rows=rows, backend=backend)
+        self._local_from_stash(layout, stash, backend)
+        self.apply_received(layout, staging, backend)
+
+    def _local_from_stash(self, layout: ExpertLayout, stash: torch.Tensor | None, backend: str | None) -> None:
+        if self.stash_local_dst_rows.size:
+            eb = self.expert_bytes
+            entries = torch.as_tensor(self.stash_local_entries, device=stash.device)
+            layout.unpack(stash.view(-1, eb)[entries].reshape(-1), self.stash_local_dst_rows, backend=backend)
+
+    def apply_local(
+        self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
+    ) -> None:
+        """Local moves straight from rows (writes before the receives are in: not atomic;
+        kept for callers of the first API; :meth:`stage_local` + :meth:`apply` replace it)."""
+        if self.local_dst_rows.size:
+            layout.copy_rows(self.local_src_rows, self.local_dst_rows, backend=backend, scratch=self._slices(staging)[2])
+        self._local_from_stash(layout, stash, backend)
+
+    def apply_received(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
+        """Unpack received rows, then duplicate fills (the end of :meth:`apply`; pairs with
+        :meth:`apply_local` in the first API's order)."""
+        view, rows = self.view, self.device_rows(layout.device)
+        if self.recv_rows.size and not self.verify:
+            layout.move("unpack", self._slices(staging)[1], dst_rows=rows["recv"], backend=backend)  # one launch, all peers
+        elif self.recv_rows.size:
+            for peer, message in self.recv_messages(staging).items():
+                peer_rows = view.recv_rows[peer]
+                layout.unpack(self._split(message, len(peer_rows))[0], peer_rows, backend=backend)
+        self._fill_duplicates(layout, backend)
+
+    def _fill_duplicates(self, layout: ExpertLayout, backend: str | None) -> None:
+        if self.view.dup_dst_rows.size:
+            rows = self.device_rows(layout.device)
+            layout.move("copy", None, src_rows=rows["dup_src"], dst_rows=rows["dup_dst"], backend=backend)
+
+    def count_into(self, stats: TransferStats, ops: int, *, batches: Sequence[int] | None = None) -> None:
+        """Add this round to ``stats``; ``batches``: ops of each exchange issued (default: one
+        exchange of ``ops`` ops, if any)."""
+        for peer, count in zip(self.send_peers, self.send_counts):
+            stats.bytes_sent[peer] += self._message_bytes(count)
+        for peer, count in zip(self.recv_peers, self.recv_counts):
+            stats.bytes_received[peer] += self._message_bytes(count)
+        stats.p2p_ops += ops
+        batches = [b for b in (batches if batches is not None else [ops]) if b]
+        stats.exchanges += len(batches)
+        stats.max_ops_per_exchange = max([stats.max_ops_per_exchange, *batches])
+        stats.rounds += 1
+        stats.local_copies += int(self.view.local_dst_rows.size + self.view.dup_dst_rows.size)

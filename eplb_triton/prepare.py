@@ -1,0 +1,191 @@
+"""Prepare a rearrangement: check and agree on the inputs, plan, schedule, and build each
+layer's per-rank work (:class:`~eplb_triton.executor.LayerWork` of
+:class:`~eplb_triton.passes.RoundWork`); touches no weight.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .comm import Communicator
+from .executor import LayerWork, staging_view
+from .inputs import CheckedInputs, WeightsSignature, agree_inputs, check_inputs, row_cost
+from .p2p import resolve_transport
+from .passes import RoundWork
+from .plan import LayerPlan, RearrangementPlan, _check_options, plan_from_maps, with_rounds
+from .schedule import schedule_layer, smallest_budget_bytes
+
+__all__ = ["CHUNK_ENV", "PIPELINE_CHUNK_BYTES", "pipeline_chunk_bytes", "prepare_layers"]
+
+
+def _exchange_steps(plan: LayerPlan, rank: int) -> list[tuple[int, int, int, int, int, int]]:
+    """:attr:`RoundWork.steps` of ``rank`` from a plan with rounds (rounds it is idle in are
+    dropped: nobody waits for it there)."""
+    steps = []
+    for send_peer, send_pos, recv_peer, recv_pos in plan.round_steps(rank):
+        if send_peer < 0 and recv_peer < 0:
+            continue
+        span = []
+        for pos in (send_pos, recv_pos):
+            start, stop = (int(pos[0]), int(pos[-1]) + 1) if pos.size else (0, 0)
+            if not np.array_equal(pos, np.arange(start, stop)):  # one contiguous slice per peer
+                raise RuntimeError(f"rank {rank}: a network round moves non-contiguous positions {pos.tolist()}")
+            span.append((start, stop))
+        steps.append((send_peer, *span[0], recv_peer, *span[1]))
+    return steps
+
+
+#: Pieces of a per-peer message moved as separate batches, so the pack of piece ``i + 1`` overlaps
+#: the wire time of piece ``i``. Off (0) by default: on two H200 over NVLink (NCCL 2.28.9,
+#: bench/results/link_speed-h200x2-run1.json) pieces made every config slower: qwen3 1.45 ms per
+#: layer whole vs 2.78 (4 MiB pieces) / 2.19 (16 MiB) / 1.99 (32 MiB); deepseek-fp8 2.29 vs
+#: 2.59 / 2.52 / 3.60; the per-batch cost of a NCCL group exceeds the pack time it hides.
+PIPELINE_CHUNK_BYTES = 0
+CHUNK_ENV = "EPLB_TRITON_CHUNK_BYTES"  # overrides it (0 = whole messages); must match on every rank
+
+
+def pipeline_chunk_bytes(dist_backend: str | None) -> int:
+    """Bytes per message piece for this process group's backend (0 = whole messages).
+
+    NCCL only by default: on gloo the pack is not asynchronous to the wire, so pieces only add
+    messages. ``EPLB_TRITON_CHUNK_BYTES`` overrides it for any backend (tests use it on gloo).
+    """
+    value = os.environ.get(CHUNK_ENV)
+    if value not in (None, ""):
+        try:
+            chunk = int(value)
+        except ValueError:
+            raise ValueError(f"{CHUNK_ENV} must be an integer number of bytes, got {value!r}") from None
+        if chunk < 0:
+            raise ValueError(f"{CHUNK_ENV} must be >= 0, got {chunk}")
+        return chunk
+    return PIPELINE_CHUNK_BYTES if dist_backend == "nccl" else 0
+
+
+def _chunk_experts(expert_bytes: int, chunk_bytes: int) -> int | None:
+    """Experts per message piece (at least one), or None for whole messages."""
+    return max(1, chunk_bytes // expert_bytes) if chunk_bytes else None
+
+
+def prepare_layers(
+    old_global_expert_indices,
+    new_global_expert_indices,
+    expert_weights: Sequence[Sequence[torch.Tensor]],
+    comm: Communicator,
+    max_buffer_bytes: int | None = None,
+    rank_mapping=None,
+    *,
+    verify: bool = False,
+    timeout_s: float | None = None,
+    rounds: bool | str | None = None,
+    ranks_per_node: int | None = None,
+    staging=None,
+    expected_weights: WeightsSignature | None = None,
+    transport: str = "auto",
+) -> list[LayerWork]:
+    """Validate everything, agree with every rank, plan and schedule; touches no weight.
+
+    ``verify`` and ``rounds`` must be the same on every rank (they change the wire format
+    and which ops meet; the agreement checks them). ``timeout_s`` bounds the agreement
+    collective. ``rounds`` (``True``/``"pair"``/``"expert"``) splits each round's exchange
+    into planner rounds (:attr:`RoundWork.steps`). ``ranks_per_node``: prefer same-node
+    senders (see :func:`~eplb_triton.plan.plan_rearrangement`). ``staging``: a caller-provided
+    buffer (see :func:`rearrange_expert_weights_inplace`); its bytes cap the budget.
+
+    Input checking and the agreement are :mod:`eplb_triton.inputs`; ``expected_weights``
+    refuses tensors replaced since that signature was taken (the background worker).
+    ``transport`` (``"auto"``/``"nccl"``/``"p2p"``, :func:`eplb_triton.p2p.resolve_transport`)
+    is resolved and agreed here; ``"p2p"`` moves whole messages (no pieces, no ``rounds``).
+
+    Raises the same ValueError/TypeError on every rank when any rank's input is bad.
+    """
+    def more_checks(checked: CheckedInputs) -> dict[str, object]:
+        # part of the input stage: errors become this rank's verdict; the result is agreed on
+        options: dict[str, object] = {"chunk_bytes": pipeline_chunk_bytes(comm.backend)}  # which ops meet
+        device = checked.layouts[0].device if checked.layouts else None
+        options["transport"] = resolve_transport(transport, comm, device)  # same on every rank
+        if options["transport"] == "p2p":  # one pull per peer message: no pieces, no planner rounds
+            options["chunk_bytes"] = 0
+            if checked.round_kind is not None:
+                raise ValueError(f"transport='p2p' moves whole messages; rounds={rounds!r} needs transport='nccl'")
+        if ranks_per_node is not None:
+            _check_options(checked.maps.ep_size, "balanced", ranks_per_node)
+        options["ranks_per_node"] = ranks_per_node  # it changes the senders: every rank must use the same
+        if staging is not None and checked.layouts:  # the caller's buffer is the staging: its size is the budget
+            held = staging_view(staging, checked.layouts[0].device).numel()
+            largest = max(row_cost(lay, verify) for lay in checked.layouts)
+            if held < largest:
+                raise ValueError(f"staging holds {held} bytes, less than one packed expert ({largest} bytes)")
+            budget = checked.max_buffer_bytes
+            checked.max_buffer_bytes = held if budget is None else min(budget, held)
+        return options
+
+    checked = check_inputs(
+        old_global_expert_indices,
+        new_global_expert_indices,
+        expert_weights,
+        comm,
+        max_buffer_bytes,
+        rank_mapping,
+        verify=verify,
+        timeout_s=timeout_s,
+        rounds=rounds,
+        expected_weights=expected_weights,
+        more_checks=more_checks,
+    )
+    agree_inputs(comm, checked)  # raises the same error on every rank; nothing touched yet
+    maps, layouts, kind = checked.maps, checked.layouts, checked.round_kind
+    max_buffer_bytes = checked.max_buffer_bytes
+    chunk_bytes = checked.extra_options.get("chunk_bytes", 0)
+
+    plan = plan_from_maps(maps, ranks_per_node=ranks_per_node)
+    costs = [row_cost(layout, verify) for layout in layouts]
+    if max_buffer_bytes is not None and costs and max_buffer_bytes < max(costs):
+        # same plan and budget on every rank (agreed above): every rank raises this
+        what = "one packed expert and its checksum" if verify else "one packed expert"
+        raise ValueError(
+            f"max_buffer_bytes={max_buffer_bytes} is smaller than {what} ({max(costs)} bytes); "
+            f"{_smallest_budget_text(plan, costs, verify)}"
+        )
+    layers = []
+    for index, (layout, layer_plan, cost) in enumerate(zip(layouts, plan.layers, costs)):
+        try:  # None: the default budget, one layer (two rows with one row per rank), always enough
+            schedule = schedule_layer(layer_plan, cost, max_buffer_bytes)
+        except ValueError as exc:
+            raise ValueError(f"layer {index}: {exc}; {_smallest_budget_text(plan, costs, verify)}") from None
+        stash_rows = schedule.stash_rows(comm.rank, layer_plan.num_local)
+        works = []
+        for r in schedule.rounds:
+            whole = len(schedule.rounds) == 1 and r.size == layer_plan.num_deliveries
+            sub = layer_plan if whole else layer_plan.restrict(r)  # one pass: the plan itself
+            steps = None
+            if kind is not None:
+                sub = with_rounds(sub, kind)
+                steps = _exchange_steps(sub, comm.rank)
+            view = sub.rank(comm.rank)
+            chunk = _chunk_experts(layout.expert_bytes, chunk_bytes) if steps is None and not verify else None
+            works.append(
+                RoundWork.from_view(view, layout.expert_bytes, stash_rows, verify=verify, steps=steps, chunk_experts=chunk)
+            )
+            works[-1].round_traffic = sub.traffic
+        layers.append(
+            LayerWork(
+                index=index,
+                layout=layout,
+                plan=layer_plan,
+                rounds=works,
+                stash_rows=stash_rows,
+                expert_ids=maps.new[index],
+            )
+        )
+    return layers
+
+
+def _smallest_budget_text(plan: RearrangementPlan, costs: Sequence[int], verify: bool) -> str:
+    """The smallest ``max_buffer_bytes`` every layer of ``plan`` can be scheduled in (at least one row)."""
+    smallest = max([max(costs)] + [smallest_budget_bytes(layer, cost) for layer, cost in zip(plan.layers, costs)])
+    return f"the smallest max_buffer_bytes that works for every layer{' with verify' if verify else ''} is {smallest}"

@@ -1,0 +1,72 @@
+"""What one rank did during a rearrangement: :class:`TransferStats` (both paths fill it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["TransferStats"]
+
+
+@dataclass
+class TransferStats:
+    """What one rank did during a rearrangement.
+
+    ``bytes_sent[p]`` / ``bytes_received[p]``: packed bytes exchanged with EP peer ``p``
+    (with ``verify``, the checksum trailers included: what went over the wire).
+    ``p2p_ops``: isend + irecv ops issued. ``layer_times_s[l]``: wall time of layer ``l``.
+    ``peak_staging_bytes``: the largest staging buffer used at once. ``rounds``: exchange
+    rounds over all layers. ``local_copies``: rows written by local moves and duplicate fills.
+    ``peak_undo_bytes``: the rollback buffer (layers that run in several rounds).
+    ``verified_experts``: received experts whose checksum was checked. ``rollbacks``: layers
+    rolled back after a failure. ``failed_layers``: layers left old on this rank.
+    ``control_ops``: ops of the final confirmation (not counted in ``p2p_ops``).
+    ``exchanges``: batches of p2p ops issued (one per round with network traffic, or one per
+    planner round with ``rounds=``); ``max_ops_per_exchange``: the largest batch (at most
+    ``2 * (ep_size - 1)``; at most 2 with ``rounds=``).
+    """
+
+    rank: int
+    ep_size: int
+    bytes_sent: np.ndarray
+    bytes_received: np.ndarray
+    p2p_ops: int = 0
+    layer_times_s: list[float] = field(default_factory=list)
+    peak_staging_bytes: int = 0
+    rounds: int = 0
+    local_copies: int = 0
+    peak_undo_bytes: int = 0
+    verified_experts: int = 0
+    rollbacks: int = 0
+    failed_layers: list[int] = field(default_factory=list)
+    control_ops: int = 0
+    exchanges: int = 0
+    max_ops_per_exchange: int = 0
+
+    @classmethod
+    def empty(cls, rank: int, ep_size: int) -> "TransferStats":
+        zeros = np.zeros(ep_size, dtype=np.int64)
+        return cls(rank=rank, ep_size=ep_size, bytes_sent=zeros.copy(), bytes_received=zeros.copy())
+
+    @property
+    def total_bytes_sent(self) -> int:
+        return int(self.bytes_sent.sum())
+
+    @property
+    def total_bytes_received(self) -> int:
+        return int(self.bytes_received.sum())
+
+    @property
+    def total_time_s(self) -> float:
+        return float(sum(self.layer_times_s))
+
+    def traffic_summary(self) -> str:
+        """One line: bytes sent / received per peer (peers with traffic only)."""
+        sent = {p: int(b) for p, b in enumerate(self.bytes_sent) if b}
+        received = {p: int(b) for p, b in enumerate(self.bytes_received) if b}
+        return (
+            f"rank {self.rank}: sent {self.total_bytes_sent} B {sent}, received {self.total_bytes_received} B "
+            f"{received}, {len(self.layer_times_s)} layers in {self.total_time_s:.4f} s, {self.rounds} rounds, "
+            f"{self.p2p_ops} p2p ops"
+        )
