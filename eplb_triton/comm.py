@@ -228,7 +228,7 @@ class Communicator:
         """Wait for ``requests``; with ``timeout_s``, raise :class:`PeerError` past the deadline.
 
         ``labels`` (from :meth:`op_labels`) lets the error name the peer; ``where`` prefixes
-        its message (e.g. ``"layer 3, round 1/2"``). Without ``timeout_s`` this is a plain
+        its message (e.g. ``"layer 3, pass 1/2"``). Without ``timeout_s`` this is a plain
         wait under the process group's own timeout, but backend errors still come back as
         :class:`PeerFailedError` naming the peer.
         """

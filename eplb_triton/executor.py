@@ -24,7 +24,7 @@ import torch
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
 from .layout import ExpertLayout
 from .p2p import acquire as acquire_p2p, resolve_transport
-from .passes import RoundWork, upload_rows
+from .passes import PassWork, upload_rows
 from .plan import LayerPlan
 from .stats import TransferStats
 
@@ -49,7 +49,7 @@ def _hooked() -> bool:
 
 @dataclass
 class LayerWork:
-    """One layer on one rank: its layout, plan, rounds and the rows it stashes first.
+    """One layer on one rank: its layout, plan, passes and the rows it stashes first.
 
     ``expert_ids`` (the layer's new map, optional) lets errors name logical experts.
     """
@@ -57,7 +57,7 @@ class LayerWork:
     index: int
     layout: ExpertLayout
     plan: LayerPlan
-    rounds: list[RoundWork]
+    passes: list[PassWork]
     stash_rows: np.ndarray
     expert_ids: np.ndarray | None = None
 
@@ -67,14 +67,14 @@ class LayerWork:
 
     @property
     def staging_bytes(self) -> int:
-        """Stash plus the largest round's staging."""
-        return self.stash_bytes + max((r.staging_bytes for r in self.rounds), default=0)
+        """Stash plus the largest pass's staging."""
+        return self.stash_bytes + max((r.staging_bytes for r in self.passes), default=0)
 
     @property
     def undo_bytes(self) -> int:
         """Bytes needed to roll this layer back: old contents of the rows written by every
-        round but the last (a single-round layer needs none)."""
-        return sum(r.written_rows.size for r in self.rounds[:-1]) * self.layout.expert_bytes
+        pass but the last (a single-pass layer needs none)."""
+        return sum(r.written_rows.size for r in self.passes[:-1]) * self.layout.expert_bytes
 
     @property
     def has_network(self) -> bool:
@@ -96,22 +96,22 @@ class LayerWork:
         undo: torch.Tensor | None = None,
         transport=None,
     ) -> None:
-        """Run every round of this layer, blocking until its rows are in place.
+        """Run every pass of this layer, blocking until its rows are in place.
 
         ``transport``: a :class:`~eplb_triton.p2p.P2PTransport` whose symmetric buffer is
         ``staging`` (peers pull the sends from its offset 0; the stash goes to its end), or
         ``None`` for ``comm``'s own isend/irecv.
 
-        Atomic on this rank: a round writes rows only after its receives completed (and
-        passed ``verify``); when the layer has several rounds, the old contents of the rows
-        each round but the last overwrites are saved in ``undo`` (``>= undo_bytes`` bytes;
+        Atomic on this rank: a pass writes rows only after its receives completed (and
+        passed ``verify``); when the layer has several passes, the old contents of the rows
+        each pass but the last overwrites are saved in ``undo`` (``>= undo_bytes`` bytes;
         ``None`` = no rollback, a failure may leave the layer half-applied). On any failure
-        before the last round is applied, the rows written so far are restored and the
+        before the last pass is applied, the rows written so far are restored and the
         layer is entirely old again.
 
         Raises:
             PeerError: a peer failed or missed the deadline (``.layer`` set); rolled back.
-            ChecksumMismatchError: received bytes differ from the sender's; every round's
+            ChecksumMismatchError: received bytes differ from the sender's; every pass's
                 exchange still completed (peers are not left waiting) and the layer was
                 rolled back, so the group is still usable.
         """
@@ -123,13 +123,13 @@ class LayerWork:
             stash, staging = staging[: self.stash_bytes], staging[self.stash_bytes :]
         else:  # the usual case: nothing overwritten early, nothing to read back
             stash = None
-        if self.rounds and undo is None and len(self.rounds) > 1:
-            logger.debug("layer %d runs in %d rounds without an undo buffer: not atomic", self.index, len(self.rounds))
+        if self.passes and undo is None and len(self.passes) > 1:
+            logger.debug("layer %d runs in %d passes without an undo buffer: not atomic", self.index, len(self.passes))
         saved_rows: list[np.ndarray] = []
         saved_bytes = 0
         committed = False
         mismatch: ChecksumMismatchError | None = None
-        last = len(self.rounds) - 1
+        last = len(self.passes) - 1
 
         def rollback() -> None:
             nonlocal saved_bytes
@@ -143,10 +143,10 @@ class LayerWork:
         if self.stash_rows.size:  # reads only: old contents of rows that cycles overwrite early
             layout.pack(self.stash_rows, stash, backend=backend)
         try:
-            for i, work in enumerate(self.rounds):
-                where = f"layer {self.index}, round {i + 1}/{len(self.rounds)}"
+            for i, work in enumerate(self.passes):
+                where = f"layer {self.index}, pass {i + 1}/{len(self.passes)}"
                 batches = []
-                mover = comm if transport is None else transport.exchange_for(work.round_traffic, eb, verify=work.verify)
+                mover = comm if transport is None else transport.exchange_for(work.pass_traffic, eb, verify=work.verify)
                 if not work.framed:  # packs and posts batch by batch, then one wait for all
                     _fault("before_send", rank=comm.rank, layer=self.index, round=i)
                     send_buf, recv_buf, scratch = work._slices(staging)
@@ -186,7 +186,7 @@ class LayerWork:
                     stats.verified_experts += int(work.recv_rows.size) if work.verify else 0
                     if bad:
                         mismatch = self._mismatch_error(work, bad, comm.rank, where)
-                        rollback()  # keep exchanging: the later rounds' peers are waiting for us
+                        rollback()  # keep exchanging: the later passes' peers are waiting for us
                 if mismatch is not None:
                     continue
                 if undo is not None and i < last:
@@ -209,7 +209,7 @@ class LayerWork:
         if mismatch is not None:
             raise mismatch
 
-    def _mismatch_error(self, work: RoundWork, bad: list[tuple[int, int]], rank: int, where: str) -> ChecksumMismatchError:
+    def _mismatch_error(self, work: PassWork, bad: list[tuple[int, int]], rank: int, where: str) -> ChecksumMismatchError:
         peer, k = bad[0]
         row = int(work.view.recv_rows[peer][k])
         expert = self.expert_at(rank, row)
@@ -278,13 +278,13 @@ def run_layers(
     loop and is raised with ``.stats``.
     """
     device = layers[0].layout.device
-    upload_rows([work for layer in layers for work in layer.rounds], device)
+    upload_rows([work for layer in layers for work in layer.passes], device)
     peak = max(layer.staging_bytes for layer in layers)
     given = None if staging is None else staging_view(staging, device)  # validated by prepare_layers
     p2p = None  # agreed by prepare_layers; the plan (hence has_network) is the same on every rank
     if resolve_transport(transport, comm, device) == "p2p" and any(layer.has_network for layer in layers):
         p2p = acquire_p2p(comm, device, peak, timeout_s=timeout_s)  # collective
-        staging = p2p.buffer  # the rounds' staging: peers read the sends from it
+        staging = p2p.buffer  # the passes' staging: peers read the sends from it
     else:
         staging = given[:peak] if given is not None else torch.empty(peak, dtype=torch.uint8, device=device)
     stats.peak_staging_bytes = peak

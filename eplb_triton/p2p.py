@@ -214,7 +214,7 @@ def largest_send_region(rounds: Sequence[tuple[np.ndarray, int]], *, verify: boo
 # -- the transport ------------------------------------------------------------------------------
 @dataclass
 class _Pending:
-    """What :meth:`_RoundExchange.exchange` returns: an event after the exchange's last barrier."""
+    """What :meth:`_PassExchange.exchange` returns: an event after the exchange's last barrier."""
 
     event: torch.cuda.Event | None  # None: already complete (a CPU stand-in in tests)
     peers: list[int]
@@ -305,13 +305,13 @@ class P2PTransport:
     # -- one round ---------------------------------------------------------------------------
     def exchange_for(
         self, traffic: np.ndarray | None, expert_bytes: int, *, verify: bool = False, split: bool = False
-    ) -> "_RoundExchange":
+    ) -> "_PassExchange":
         """The exchange of one round, for code written against :class:`Communicator`
         (``exchange``/``wait``/``rank``/``world_size``): ``traffic`` is the round's plan
-        (:attr:`RoundWork.round_traffic`); see :func:`message_spans` for ``verify``/``split``."""
+        (:attr:`PassWork.pass_traffic`); see :func:`message_spans` for ``verify``/``split``."""
         if traffic is None:
-            raise RuntimeError("p2p needs the round's traffic matrix (RoundWork.round_traffic)")
-        return _RoundExchange(self, traffic, expert_bytes, verify, split)
+            raise RuntimeError("p2p needs the pass's traffic matrix (PassWork.pass_traffic)")
+        return _PassExchange(self, traffic, expert_bytes, verify, split)
 
     def barrier(self) -> None:
         self.handle.barrier()  # channel 0 (_BARRIER_CHANNEL), no device timeout: see _give_up
@@ -408,7 +408,7 @@ class P2PTransport:
         log.debug("rank %d: p2p transport released", self.comm.rank)
 
 
-class _RoundExchange:
+class _PassExchange:
     """One round's ``exchange``/``wait`` as :class:`Communicator` offers them, over a
     :class:`P2PTransport`: the n-th ``exchange`` call of the round pulls span n of
     :func:`message_spans` from every sender."""

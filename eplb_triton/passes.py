@@ -3,7 +3,7 @@
 # Over 400 lines: one class, whose operations all read the same staging layout and message format.
 
 A layer that does not fit in ``max_buffer_bytes`` runs in several staging passes
-(:mod:`eplb_triton.schedule`); :class:`RoundWork` holds one pass's per-rank work: the rows it
+(:mod:`eplb_triton.schedule`); :class:`PassWork` holds one pass's per-rank work: the rows it
 sends, receives and moves, where each lies in the staging, how the per-peer messages are cut
 into batches on the wire, and the pack / post / verify / write steps the executor calls.
 """
@@ -23,12 +23,12 @@ from .layout import ExpertLayout, index_tensor
 from .plan import RankPlan
 from .stats import TransferStats
 
-__all__ = ["RoundWork", "upload_rows"]
+__all__ = ["PassWork", "upload_rows"]
 
 
-def upload_rows(works: Sequence["RoundWork"], device: torch.device) -> None:
+def upload_rows(works: Sequence["PassWork"], device: torch.device) -> None:
     """Every row list of ``works`` to ``device`` in one pinned copy (one per call rather than
-    one per round), cut into views by two ``split`` calls (a slice per list cost ~3 us of host
+    one per pass), cut into views by two ``split`` calls (a slice per list cost ~3 us of host
     time each: ~0.4 ms for an 8-layer call on the H200 hosts)."""
     lists = [work._row_lists() for work in works]
     parts = [a for row_lists in lists for a in row_lists]
@@ -79,10 +79,10 @@ def _batch_spans(peers: list[int], counts: list[int], chunk: int | None) -> list
 
 
 @dataclass
-class RoundWork:
-    """One exchange round of one layer on one rank, with its staging slices.
+class PassWork:
+    """One staging pass of one layer on one rank, with its staging slices.
 
-    Staging layout of a round (bytes)::
+    Staging layout of a pass (bytes)::
 
         | sends, peer by peer | local scratch | receives, peer by peer |
 
@@ -91,12 +91,12 @@ class RoundWork:
     Each peer's message is its packed experts (``count * expert_bytes``); with ``verify`` it
     is followed by a trailer of one int64 checksum per expert padded to 16 bytes
     (:func:`~eplb_triton.checksum.trailer_bytes`), so a peer still gets one isend and one
-    irecv per round. Without ``verify`` every send row is packed by one launch; with it,
+    irecv per pass. Without ``verify`` every send row is packed by one launch; with it,
     one launch per peer (the trailers split the buffer).
 
     Sync-path order (see :meth:`LayerWork.run`): :meth:`pack_sends` and :meth:`stage_local`
     only *read* rows; :meth:`post` starts the exchange; after the wait, :meth:`verify_received`
-    and :meth:`apply` write rows. So nothing is written before the round's receives are in.
+    and :meth:`apply` write rows. So nothing is written before the pass's receives are in.
 
     Rows listed in the layer's stash are read from the stash, not from the live weights:
     ``stashed_sends`` are positions in ``send_rows`` whose packed expert is copied from stash
@@ -131,9 +131,9 @@ class RoundWork:
     _batches: list | None = field(default=None, repr=False)
     _totals: tuple[int, int] | None = field(default=None, repr=False)  # bytes of all sends, of all receives
     _views: tuple | None = field(default=None, repr=False)  # (staging key, its three regions)
-    #: the round's (ep, ep) expert counts, every rank's sends (set by prepare_layers): where
+    #: the pass's (ep, ep) expert counts, every rank's sends (set by prepare_layers): where
     #: the p2p transport finds each peer's message (:func:`eplb_triton.p2p.message_spans`)
-    round_traffic: np.ndarray | None = field(default=None, repr=False)
+    pass_traffic: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def from_view(
@@ -145,7 +145,7 @@ class RoundWork:
         verify: bool = False,
         steps: list[tuple[int, int, int, int, int, int]] | None = None,
         chunk_experts: int | None = None,
-    ) -> "RoundWork":
+    ) -> "PassWork":
         """``chunk_experts``: split every per-peer message into pieces of that many experts,
         exchanged as separate batches (the wire order becomes piece-major, see :meth:`batches`);
         ``None`` = whole messages. Only without ``verify`` and ``steps``."""
@@ -185,7 +185,7 @@ class RoundWork:
 
     # -- wire order -------------------------------------------------------------------------
     def batches(self) -> list[tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]]:
-        """The exchanges of this round without ``verify``/``steps``, in order: per batch,
+        """The exchanges of this pass without ``verify``/``steps``, in order: per batch,
         ``(sends, recvs)``, each a list of ``(peer, first, count)`` in experts of the send /
         receive region (wire order). Whole messages: one batch. With ``chunk_experts = k``:
         batch ``i`` carries experts ``[i*k, (i+1)*k)`` of every peer's message, so batch ``i``'s
@@ -199,7 +199,7 @@ class RoundWork:
         return self._batches
 
     def release(self) -> None:
-        """Drop the device row lists once the round's launches are queued (the caching
+        """Drop the device row lists once the pass's launches are queued (the caching
         allocator reuses their memory only behind those launches on the same stream)."""
         self._device_rows = None
         self._views = None
@@ -213,8 +213,8 @@ class RoundWork:
         )
 
     def device_rows(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Every row list this round launches with, on ``device`` (uploaded by :func:`upload_rows`
-        for a whole call, or here for this round alone)."""
+        """Every row list this pass launches with, on ``device`` (uploaded by :func:`upload_rows`
+        for a whole call, or here for this pass alone)."""
         if self._device_rows is None:
             upload_rows([self], device)
         return self._device_rows
@@ -239,7 +239,7 @@ class RoundWork:
 
     @property
     def written_rows(self) -> np.ndarray:
-        """Rows this round writes on this rank (distinct): received, local moves, duplicate fills."""
+        """Rows this pass writes on this rank (distinct): received, local moves, duplicate fills."""
         view = self.view
         return np.concatenate([self.recv_rows, view.local_dst_rows, view.dup_dst_rows]).astype(np.int64)
 
@@ -300,7 +300,7 @@ class RoundWork:
         return message[start * self.expert_bytes : end]
 
     def exchanges(self, staging: torch.Tensor) -> list[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
-        """``(sends, recvs)`` by peer of each framed exchange of this round, in order: every
+        """``(sends, recvs)`` by peer of each framed exchange of this pass, in order: every
         peer's whole message at once, or (``steps``) one slice to and from at most one peer each."""
         sends, recvs = self.send_messages(staging), self.recv_messages(staging)
         if self.steps is None:
@@ -361,7 +361,7 @@ class RoundWork:
                 first, stop = sends[0][1], sends[-1][1] + sends[-1][2]
                 with launch_lock:
                     layout.move("pack", send_buf[first * eb : stop * eb], src_rows=rows[first:stop], backend=backend)
-                if stash is not None and self.stashed_sends.size:  # the blocking path: rows its earlier rounds overwrote
+                if stash is not None and self.stashed_sends.size:  # the blocking path: rows its earlier passes overwrote
                     mine = (self.stashed_sends >= first) & (self.stashed_sends < stop)
                     self._from_stash(send_buf, self.stashed_sends[mine], self.stashed_send_entries[mine], stash)
             out = {peer: send_buf[f * eb : (f + n) * eb] for peer, f, n in sends}
@@ -487,7 +487,7 @@ class RoundWork:
             layout.move("copy", None, src_rows=rows["dup_src"], dst_rows=rows["dup_dst"], backend=backend)
 
     def count_into(self, stats: TransferStats, ops: int, *, batches: Sequence[int] | None = None) -> None:
-        """Add this round to ``stats``; ``batches``: ops of each exchange issued (default: one
+        """Add this pass to ``stats``; ``batches``: ops of each exchange issued (default: one
         exchange of ``ops`` ops, if any)."""
         for peer, count in zip(self.send_peers, self.send_counts):
             stats.bytes_sent[peer] += self._message_bytes(count)

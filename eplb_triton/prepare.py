@@ -1,6 +1,6 @@
 """Prepare a rearrangement: check and agree on the inputs, plan, schedule, and build each
 layer's per-rank work (:class:`~eplb_triton.executor.LayerWork` of
-:class:`~eplb_triton.passes.RoundWork`); touches no weight.
+:class:`~eplb_triton.passes.PassWork`); touches no weight.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .comm import Communicator
 from .executor import LayerWork, staging_view
 from .inputs import CheckedInputs, WeightsSignature, agree_inputs, check_inputs, row_cost
 from .p2p import resolve_transport
-from .passes import RoundWork
+from .passes import PassWork
 from .plan import LayerPlan, RearrangementPlan, _check_options, plan_from_maps, with_rounds
 from .schedule import schedule_layer, smallest_budget_bytes
 
@@ -23,7 +23,7 @@ __all__ = ["CHUNK_ENV", "PIPELINE_CHUNK_BYTES", "pipeline_chunk_bytes", "prepare
 
 
 def _exchange_steps(plan: LayerPlan, rank: int) -> list[tuple[int, int, int, int, int, int]]:
-    """:attr:`RoundWork.steps` of ``rank`` from a plan with rounds (rounds it is idle in are
+    """:attr:`PassWork.steps` of ``rank`` from a plan with network rounds (rounds it is idle in are
     dropped: nobody waits for it there)."""
     steps = []
     for send_peer, send_pos, recv_peer, recv_pos in plan.round_steps(rank):
@@ -91,8 +91,8 @@ def prepare_layers(
 
     ``verify`` and ``rounds`` must be the same on every rank (they change the wire format
     and which ops meet; the agreement checks them). ``timeout_s`` bounds the agreement
-    collective. ``rounds`` (``True``/``"pair"``/``"expert"``) splits each round's exchange
-    into planner rounds (:attr:`RoundWork.steps`). ``ranks_per_node``: prefer same-node
+    collective. ``rounds`` (``True``/``"pair"``/``"expert"``) splits each pass's exchange
+    into planner rounds (:attr:`PassWork.steps`). ``ranks_per_node``: prefer same-node
     senders (see :func:`~eplb_triton.plan.plan_rearrangement`). ``staging``: a caller-provided
     buffer (see :func:`rearrange_expert_weights_inplace`); its bytes cap the budget.
 
@@ -159,8 +159,8 @@ def prepare_layers(
             raise ValueError(f"layer {index}: {exc}; {_smallest_budget_text(plan, costs, verify)}") from None
         stash_rows = schedule.stash_rows(comm.rank, layer_plan.num_local)
         works = []
-        for r in schedule.rounds:
-            whole = len(schedule.rounds) == 1 and r.size == layer_plan.num_deliveries
+        for r in schedule.passes:
+            whole = len(schedule.passes) == 1 and r.size == layer_plan.num_deliveries
             sub = layer_plan if whole else layer_plan.restrict(r)  # one pass: the plan itself
             steps = None
             if kind is not None:
@@ -169,15 +169,15 @@ def prepare_layers(
             view = sub.rank(comm.rank)
             chunk = _chunk_experts(layout.expert_bytes, chunk_bytes) if steps is None and not verify else None
             works.append(
-                RoundWork.from_view(view, layout.expert_bytes, stash_rows, verify=verify, steps=steps, chunk_experts=chunk)
+                PassWork.from_view(view, layout.expert_bytes, stash_rows, verify=verify, steps=steps, chunk_experts=chunk)
             )
-            works[-1].round_traffic = sub.traffic
+            works[-1].pass_traffic = sub.traffic
         layers.append(
             LayerWork(
                 index=index,
                 layout=layout,
                 plan=layer_plan,
-                rounds=works,
+                passes=works,
                 stash_rows=stash_rows,
                 expert_ids=maps.new[index],
             )

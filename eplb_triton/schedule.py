@@ -1,15 +1,15 @@
-"""Schedule: split a layer's plan into exchange rounds that fit a staging budget.
+"""Schedule: split a layer's plan into staging passes that fit a staging budget.
 
-A rank's staging in a round is one packed expert per row it sends, receives or moves
-locally. Within a round every read happens before any write, so a round may read a row that
-it also overwrites. Across rounds, delivery ``u`` reads an old row that delivery ``next(u)``
+A rank's staging in a pass is one packed expert per row it sends, receives or moves
+locally. Within a pass every read happens before any write, so a pass may read a row that
+it also overwrites. Across passes, delivery ``u`` reads an old row that delivery ``next(u)``
 overwrites, so ``u`` must run no later than ``next(u)``. Each delivery reads one row and each
 row has at most one writer, so these constraints form a *functional graph*: chains run in
-order, and a cycle (rows rotating among ranks) would have to share one round. A cycle too big
+order, and a cycle (rows rotating among ranks) would have to share one pass. A cycle too big
 for the budget is broken by *stashing* one of its rows: its old contents are packed into a
 small stash at the start of the layer and every reader of that row reads the stash instead,
 which turns the cycle into a chain. A stashed row costs its rank one row of the budget in
-every round of the layer.
+every pass of the layer.
 
 Which row to stash: one on the rank where the cycle costs the most. With a capacity of
 ``C >= max(num_local, 2)`` rows per rank this always succeeds, so the default budget (one
@@ -22,7 +22,7 @@ layer, ``num_local`` rows) only ever needs raising for layers with one row per r
   rank more than ``num_local / 2`` times: at most one cycle per rank is that heavy, and each
   rank stashes at most one row (room ``C - 1 >= 1`` left: enough for any single delivery);
 * any other cycle visits a rank that stashed at most ``num_local - (floor(num_local/2) + 1)``
-  times, so costs it at most ``num_local - 1 <= C - 1`` rows: it still fits in one round.
+  times, so costs it at most ``num_local - 1 <= C - 1`` rows: it still fits in one pass.
 
 A layer with one row per rank that swaps rows between two ranks needs 2 rows (a send and a
 receive at once, or a stash and one delivery): :func:`smallest_budget_bytes` is what the
@@ -42,10 +42,10 @@ __all__ = ["LayerSchedule", "schedule_layer", "smallest_budget_bytes"]
 
 @dataclass(frozen=True)
 class LayerSchedule:
-    """``rounds[k]``: ascending delivery indices of round k. ``stash_slots``: old slots (global
-    slot numbers, ascending) whose contents are stashed before round 0."""
+    """``passes[k]``: ascending delivery indices of pass k. ``stash_slots``: old slots (global
+    slot numbers, ascending) whose contents are stashed before pass 0."""
 
-    rounds: list[np.ndarray]
+    passes: list[np.ndarray]
     stash_slots: np.ndarray
 
     def stash_rows(self, rank: int, num_local: int) -> np.ndarray:
@@ -55,12 +55,12 @@ class LayerSchedule:
 
 
 def schedule_layer(layer: LayerPlan, expert_bytes: int, budget_bytes: int | None = None) -> LayerSchedule:
-    """Split ``layer`` into rounds whose staging (stash included) fits ``budget_bytes`` per rank.
+    """Split ``layer`` into passes whose staging (stash included) fits ``budget_bytes`` per rank.
 
     ``budget_bytes=None`` is the default budget: one layer (``num_local`` rows of
     ``expert_bytes``), raised to :func:`smallest_budget_bytes` where that is larger (only
     possible with one row per rank, and then at most 2 rows; see the module docstring), so the
-    default schedules every valid layer. Returns one round with every delivery when the layer
+    default schedules every valid layer. Returns one pass with every delivery when the layer
     fits at once. Raises ValueError, stating the smallest budget that works, when an explicit
     ``budget_bytes`` is too small.
     """
@@ -75,7 +75,7 @@ def schedule_layer(layer: LayerPlan, expert_bytes: int, budget_bytes: int | None
         if budget_bytes is not None and smallest > capacity:
             raise ValueError(
                 f"max_buffer_bytes={budget_bytes} is too small for this layer: with {expert_bytes}-byte experts "
-                f"a rank needs room for {smallest} experts (its largest round plus its stash) but has room for "
+                f"a rank needs room for {smallest} experts (its largest pass plus its stash) but has room for "
                 f"{capacity}; the smallest budget that works is {smallest * expert_bytes} bytes"
             )
         schedule = _schedule_rows(layer, load, smallest)
@@ -92,16 +92,16 @@ def smallest_budget_bytes(layer: LayerPlan, expert_bytes: int) -> int:
 
 def _smallest_capacity(layer: LayerPlan, load: np.ndarray) -> int:
     """Fewest rows per rank :func:`_schedule_rows` succeeds with (it always does with
-    ``max(num_local, 2)``, and with the whole layer in one round)."""
+    ``max(num_local, 2)``, and with the whole layer in one pass)."""
     everything = int(load.sum(axis=0).max())
     for capacity in range(1, everything + 1):
         if _schedule_rows(layer, load, capacity) is not None:
             return capacity
-    return everything  # not reached: one round with every delivery fits `everything` rows
+    return everything  # not reached: one pass with every delivery fits `everything` rows
 
 
 def _schedule_rows(layer: LayerPlan, load: np.ndarray, capacity: int) -> LayerSchedule | None:
-    """Rounds within ``capacity`` rows per rank (stash included), or None when this method
+    """Passes within ``capacity`` rows per rank (stash included), or None when this method
     cannot fit the layer."""
     count = layer.num_deliveries
     if capacity < 1:
@@ -141,18 +141,18 @@ def _schedule_rows(layer: LayerPlan, load: np.ndarray, capacity: int) -> LayerSc
             room[best] -= 1
 
     order = np.lexsort((unit, -depth))
-    rounds, current, current_load = [], [], np.zeros(layer.ep_size, dtype=np.int64)
+    passes, current, current_load = [], [], np.zeros(layer.ep_size, dtype=np.int64)
     boundaries = np.flatnonzero(np.r_[True, unit[order][1:] != unit[order][:-1], True])
     for start, stop in zip(boundaries[:-1], boundaries[1:]):  # whole units (cycles), in order
         members = order[start:stop]
         members_load = load[members].sum(axis=0)
         if (current_load + members_load > room).any():
-            rounds.append(np.sort(np.concatenate(current)))
+            passes.append(np.sort(np.concatenate(current)))
             current, current_load = [], np.zeros_like(current_load)
         current.append(members)
         current_load += members_load
-    rounds.append(np.sort(np.concatenate(current)))
-    return LayerSchedule(rounds, np.flatnonzero(stashed).astype(np.int64))
+    passes.append(np.sort(np.concatenate(current)))
+    return LayerSchedule(passes, np.flatnonzero(stashed).astype(np.int64))
 
 
 def _rank_load(layer: LayerPlan) -> np.ndarray:

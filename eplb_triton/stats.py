@@ -16,15 +16,16 @@ class TransferStats:
     ``bytes_sent[p]`` / ``bytes_received[p]``: packed bytes exchanged with EP peer ``p``
     (with ``verify``, the checksum trailers included: what went over the wire).
     ``p2p_ops``: isend + irecv ops issued. ``layer_times_s[l]``: wall time of layer ``l``.
-    ``peak_staging_bytes``: the largest staging buffer used at once. ``rounds``: exchange
-    rounds over all layers. ``local_copies``: rows written by local moves and duplicate fills.
-    ``peak_undo_bytes``: the rollback buffer (layers that run in several rounds).
-    ``verified_experts``: received experts whose checksum was checked. ``rollbacks``: layers
-    rolled back after a failure. ``failed_layers``: layers left old on this rank.
-    ``control_ops``: ops of the final confirmation (not counted in ``p2p_ops``).
-    ``exchanges``: batches of p2p ops issued (one per round with network traffic, or one per
-    planner round with ``rounds=``); ``max_ops_per_exchange``: the largest batch (at most
-    ``2 * (ep_size - 1)``; at most 2 with ``rounds=``).
+    ``peak_staging_bytes``: the largest staging buffer used at once. ``rounds``: staging
+    passes over all layers (the field keeps its old name; it does not count network rounds).
+    ``local_copies``: rows written by local moves and duplicate fills. ``peak_undo_bytes``:
+    the rollback buffer (layers that run in several passes). ``verified_experts``: received
+    experts whose checksum was checked. ``rollbacks``: layers rolled back after a failure.
+    ``failed_layers``: layers left old on this rank. ``control_ops``: ops of the final
+    confirmation (not counted in ``p2p_ops``). ``exchanges``: batches of p2p ops issued (one
+    per staging pass with network traffic, or one per network round with ``rounds=``);
+    ``max_ops_per_exchange``: the largest batch (at most ``2 * (ep_size - 1)``; at most 2
+    with ``rounds=``).
     """
 
     rank: int
@@ -67,6 +68,6 @@ class TransferStats:
         received = {p: int(b) for p, b in enumerate(self.bytes_received) if b}
         return (
             f"rank {self.rank}: sent {self.total_bytes_sent} B {sent}, received {self.total_bytes_received} B "
-            f"{received}, {len(self.layer_times_s)} layers in {self.total_time_s:.4f} s, {self.rounds} rounds, "
+            f"{received}, {len(self.layer_times_s)} layers in {self.total_time_s:.4f} s, {self.rounds} passes, "
             f"{self.p2p_ops} p2p ops"
         )

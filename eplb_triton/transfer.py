@@ -2,8 +2,8 @@
 
 A rearrangement flows through one module per idea, in this order::
 
-    prepare.py   check and agree on the inputs, plan, schedule -> per layer a LayerWork of RoundWork
-    passes.py    RoundWork: one staging pass's rows, staging layout and per-peer message format
+    prepare.py   check and agree on the inputs, plan, schedule -> per layer a LayerWork of PassWork
+    passes.py    PassWork: one staging pass's rows, staging layout and per-peer message format
     executor.py  LayerWork.run (pack, exchange, verify, write, roll back) and the blocking loop
     transfer.py  rearrange_expert_weights_inplace, reserve, staging_bound, finish_transfer (confirmation)
     stats.py     TransferStats, what each rank did (the worker fills it too)
@@ -16,22 +16,22 @@ its old contents; a cycle of moves too big for one pass is broken by stashing on
 
 Reliability (see :func:`rearrange_expert_weights_inplace`):
 
-* no row is written before the receives of its round completed; a layer that needs several
-  rounds saves the old contents of what it overwrites (undo buffer) and is rolled back on
+* no row is written before the receives of its pass completed; a layer that needs several
+  passes saves the old contents of what it overwrites (undo buffer) and is rolled back on
   failure, so after any failure each layer on each rank is entirely old or entirely new;
 * ``timeout_s`` bounds every wait on peers (:meth:`Communicator.wait`), and a final tiny
   all-to-all (:meth:`Communicator.confirm`) makes every rank learn about a failure anywhere;
 * ``verify=True`` sends a checksum per expert (:mod:`eplb_triton.checksum`) and checks it
   before anything is written.
 
-The building blocks (:func:`prepare_layers`, :class:`LayerWork`, :class:`RoundWork`,
+The building blocks (:func:`prepare_layers`, :class:`LayerWork`, :class:`PassWork`,
 :func:`finish_transfer`) are what the background worker drives;
 :func:`rearrange_expert_weights_inplace` is the blocking API.
 
 Network rounds (``rounds=True|"pair"|"expert"``, see :func:`eplb_triton.plan.network_rounds`):
-each round's exchange is split into planner rounds in which a rank sends to at most one peer
+each pass's exchange is split into planner rounds in which a rank sends to at most one peer
 and receives from at most one (one isend + one irecv at most), waited on one after the other.
-Everything is still packed once per round before the first exchange and written after the
+Everything is still packed once per pass before the first exchange and written after the
 last, so atomicity and ``verify`` are unchanged; a planner round moves a slice of a per-peer
 message (``"pair"``: the whole message; ``"expert"``: one expert, the last one with the
 checksum trailer).
@@ -39,8 +39,9 @@ checksum trailer).
 Testing hook: :data:`fault_hook`, when set, is called as ``fault_hook(point, **info)`` at the
 named points ``layer_start``, ``before_send``, ``posted`` (after each batch of p2p ops is
 issued; ``info["ops"]``: its ``(peer, "send"|"recv")`` labels, ``info["step"]``: the planner
-round, 0 without rounds), ``in_flight`` (``info["received"]``: the received messages, by
-peer, before they are checked), ``round_applied`` and ``before_confirm``. It may raise,
+round, 0 without ``rounds=``), ``in_flight`` (``info["received"]``: the received messages, by
+peer, before they are checked), ``round_applied`` (a pass written) and ``before_confirm``;
+``info["round"]`` is the staging pass's index (the key keeps its old name). It may raise,
 sleep, exit or corrupt ``received`` to simulate failures. It is the one hook of both paths: the
 worker thread calls it too, at the points :func:`eplb_triton.worker.hooks.fault` lists.
 """
@@ -57,7 +58,7 @@ from .executor import LayerWork, _elapsed, run_layers, staging_view
 from .inputs import row_cost
 from .layout import ExpertLayout
 from .maps import EPGroup, ExpertMap, RankMapping
-from .passes import RoundWork
+from .passes import PassWork
 from .prepare import prepare_layers
 from .stats import TransferStats
 
@@ -65,7 +66,7 @@ __all__ = [
     "ChecksumMismatchError",
     "LayerWork",
     "PeerError",
-    "RoundWork",
+    "PassWork",
     "TransferError",
     "TransferStats",
     "finish_transfer",
@@ -111,7 +112,7 @@ def reserve(
     Pass the result as ``staging=`` (with the same ``max_buffer_bytes`` and ``verify``) to
     :func:`rearrange_expert_weights_inplace`: it then allocates no staging of its own, so
     the memory can be counted by a runtime's profile run and the first rebalance allocates
-    nothing. ``atomic=True`` adds room for the undo copy of layers that need several rounds
+    nothing. ``atomic=True`` adds room for the undo copy of layers that need several passes
     (one layer's local rows, packed); without it such a call allocates that copy when needed
     (or pass ``atomic=False`` to the rearrangement as well).
 
@@ -199,7 +200,7 @@ def rearrange_expert_weights_inplace(
             single rank).
         max_buffer_bytes: staging memory bound per rank (default: one layer's local weights,
             packed, or two experts where a rank holds one: enough for every valid pair of
-            maps); a layer that needs more runs in rounds. A budget too small for some layer
+            maps); a layer that needs more runs in passes. A budget too small for some layer
             raises ValueError stating the smallest budget that works.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack/copy.
         timeout_s: the longest any wait on peers may take (each exchange, the input
@@ -212,10 +213,10 @@ def rearrange_expert_weights_inplace(
             :class:`ChecksumMismatchError` on every rank after all layers were exchanged.
             Costs one checksum pass over the sent and the received bytes and 8 bytes per
             expert on the wire (trailer padded to 16 per peer).
-        atomic: keep an undo copy for layers that run in several rounds, so a failure rolls
-            the layer back (memory: the rows written by all rounds but the last, at most one
+        atomic: keep an undo copy for layers that run in several passes, so a failure rolls
+            the layer back (memory: the rows written by all passes but the last, at most one
             layer's local rows, on the weights' device, on top of ``max_buffer_bytes``;
-            reported as ``peak_undo_bytes``). Single-round layers need no copy. With
+            reported as ``peak_undo_bytes``). Single-pass layers need no copy. With
             ``atomic=False`` such layers may be left half-applied by a failure.
         log_traffic: log this rank's per-peer bytes at INFO on logger ``eplb_triton.transfer``
             (otherwise at DEBUG).
@@ -223,20 +224,20 @@ def rearrange_expert_weights_inplace(
             have different EP sizes. Scale-down runs on the old (larger) group and removed
             ranks only send; scale-up runs on the new group and new ranks only receive.
             See :func:`eplb_triton.plan.normalize_elastic_maps`.
-        rounds: ``None`` (default): each round exchanges with every peer at once (one
+        rounds: ``None`` (default): each pass exchanges with every peer at once (one
             isend + one irecv per peer). ``True`` or ``"pair"`` / ``"expert"``: the exchange
             is split into the planner's network rounds (:func:`eplb_triton.plan.network_rounds`),
             in which every rank sends to at most one peer and receives from at most one, run
             one after the other (``"pair"``: whole per-peer messages, fewest rounds;
             ``"expert"``: one expert per rank and round). Bytes moved and results are the
-            same; all reads of a round still precede its writes. Same value on every rank.
+            same; all reads of a pass still precede its writes. Same value on every rank.
         ranks_per_node: ranks per node; a sender on the receiver's node is preferred (see
             :func:`eplb_triton.plan.plan_rearrangement`). Same value on every rank.
         staging: a buffer the caller already holds (a runtime's scratch buffer, or
             :func:`reserve`'s result): one contiguous tensor or a list of tensors (the
             largest contiguous one is used). The staging then lives in it and its bytes cap
             ``max_buffer_bytes``, so no staging memory is allocated; with ``atomic`` the
-            undo copy (layers that need several rounds) is taken from what the staging
+            undo copy (layers that need several passes) is taken from what the staging
             leaves free, else allocated. Its contents are overwritten.
         transport: ``"nccl"``: the EP group's own isend/irecv (NCCL on GPUs, gloo on CPU).
             ``"p2p"``: every rank maps the others' symmetric staging buffer and pulls its
@@ -287,6 +288,6 @@ def rearrange_expert_weights_inplace(
         raise
     stats.layer_times_s = _elapsed(marks)
     for layer, seconds in zip(layers, stats.layer_times_s):
-        logger.debug("rank %d layer %d: %d rounds in %.6f s", comm.rank, layer.index, len(layer.rounds), seconds)
+        logger.debug("rank %d layer %d: %d passes in %.6f s", comm.rank, layer.index, len(layer.passes), seconds)
     logger.log(logging.INFO if log_traffic else logging.DEBUG, "%s", stats.traffic_summary())
     return stats

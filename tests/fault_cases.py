@@ -78,7 +78,7 @@ def corrupted_peer_and_expert(old, new, world: int, layer: int, round_index: int
     the last peer's message in that round, with ``cost`` bytes per expert on the wire and the
     staging ``budget`` of the run (``None``: one round of ``world`` experts)."""
     plan = plan_rearrangement(old, new, world).layers[layer]
-    rounds = schedule_layer(plan, cost, budget if budget is not None else world * cost).rounds
+    rounds = schedule_layer(plan, cost, budget if budget is not None else world * cost).passes
     assert len(rounds) > round_index
     view = plan.restrict(rounds[round_index]).rank(1)
     peer = max(view.recv_rows)

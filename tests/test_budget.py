@@ -66,7 +66,7 @@ def simulate(layer, schedule: LayerSchedule, old_row: np.ndarray) -> np.ndarray:
     copied first, a round reads everything before it writes, duplicates copy the new row."""
     state = [int(e) for e in old_row]
     stash = {int(s): state[s] for s in schedule.stash_slots}
-    for members in schedule.rounds:
+    for members in schedule.passes:
         reads = [stash.get(int(s), state[s]) for s in layer.src_slot[members]]
         for delivery, value in zip(members, reads):
             state[layer.dst_slot[delivery]] = value
@@ -91,10 +91,10 @@ def round_rows(layer, members: np.ndarray) -> np.ndarray:
 def check_layer_schedule(layer, schedule: LayerSchedule, old_row, new_row, capacity: int) -> None:
     """Every delivery once, each round plus the stash within ``capacity`` rows, and the
     simulated result equals the gather reference (untouched where the new id is -1)."""
-    every = np.concatenate(schedule.rounds) if schedule.rounds else np.zeros(0, dtype=np.int64)
+    every = np.concatenate(schedule.passes) if schedule.passes else np.zeros(0, dtype=np.int64)
     assert np.array_equal(np.sort(every), np.arange(layer.num_deliveries)), "each delivery in exactly one round"
     stash = np.bincount(schedule.stash_slots // layer.num_local, minlength=layer.ep_size)
-    for k, members in enumerate(schedule.rounds):
+    for k, members in enumerate(schedule.passes):
         need = round_rows(layer, members) + stash
         assert (need <= capacity).all(), f"round {k} needs {need.tolist()} rows (stash included), budget {capacity}"
     expected = np.where(new_row >= 0, new_row, old_row)

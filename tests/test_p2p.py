@@ -6,7 +6,7 @@ No GPU here, so three things are checked without one:
   ``"p2p"`` on gloo, raises the same error on every rank before any weight is touched;
   ``"auto"`` keeps the process group's own ops);
 * the layout the receivers pull from (:func:`eplb_triton.p2p.message_spans`, computed from a
-  round's traffic matrix) against each sender's own :class:`RoundWork` for random plans
+  round's traffic matrix) against each sender's own :class:`PassWork` for random plans
   (worlds 2-8, replicas, empty slots, several staging passes);
 * the whole data path of both APIs, with the symmetric buffers emulated by shared CPU memory
   and the device barrier by a process barrier: the bytes must equal the expected experts and
@@ -163,13 +163,13 @@ def test_message_spans_match_every_senders_own_layout(world, layers, num_local, 
         views = _rank_views(old, new, world, budget, verify)
         passes = 0
         for index in range(layers):
-            counts = {len(views[r][index].rounds) for r in range(world)}
+            counts = {len(views[r][index].passes) for r in range(world)}
             assert len(counts) == 1, f"layer {index}: ranks run different numbers of rounds {counts}: barriers would not meet"
             for k in range(counts.pop()):
-                works = [views[r][index].rounds[k] for r in range(world)]
+                works = [views[r][index].passes[k] for r in range(world)]
                 passes += 1
-                traffic = works[0].round_traffic
-                assert all(np.array_equal(w.round_traffic, traffic) for w in works), "ranks see different round plans"
+                traffic = works[0].pass_traffic
+                assert all(np.array_equal(w.pass_traffic, traffic) for w in works), "ranks see different round plans"
                 for split in ([False, True] if verify else [False]):
                     for s, sender in enumerate(works):
                         want = _brute_force_spans(sender, split)
@@ -398,8 +398,8 @@ def test_create_maps_peers_and_a_timeout_releases_the_stuck_barrier(monkeypatch)
 
     request = p2p._Pending(StuckUntilReleased(), [1])
     monkeypatch.setattr(p2p, "time", SimpleNamespace(monotonic=_clock(), sleep=lambda s: None))
-    with pytest.raises(p2p.PeerTimeoutError, match=r"layer 4, round 1/1: rank 0 waited 0.5 s .* peers \[1\]") as caught:
-        transport.wait([request], timeout_s=0.5, where="layer 4, round 1/1")
+    with pytest.raises(p2p.PeerTimeoutError, match=r"layer 4, pass 1/1: rank 0 waited 0.5 s .* peers \[1\]") as caught:
+        transport.wait([request], timeout_s=0.5, where="layer 4, pass 1/1")
     assert caught.value.peer == 1
     assert request.event.query(), "the stuck barrier was not released"
     assert transport.broken and transport in p2p._BROKEN

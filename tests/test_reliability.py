@@ -268,7 +268,7 @@ def _rank_first_api(rank, world, old, new, verify):
     layers = prepare_layers(old, new, weights, comm, 1 << 20, verify=verify)
     staging = torch.empty(max(layer.staging_bytes for layer in layers), dtype=torch.uint8)
     for layer in layers:
-        for work in layer.rounds:
+        for work in layer.passes:
             requests = work.start(layer.layout, staging, comm, None)
             work.apply_local(layer.layout, staging, None)
             comm.wait(requests)
@@ -501,8 +501,8 @@ def test_nccl_poll_names_the_pending_peers_at_the_deadline():
     works = [_FakeWork(0.0), _FakeWork(None), _FakeWork(0.05), _FakeWork(None)]
     labels = [(1, "recv"), (2, "recv"), (2, "send"), (3, "send")]
     begin = time.monotonic()
-    with pytest.raises(PeerTimeoutError, match=r"layer 5, round 1/1: rank 0 waited 0.3 s .* peers \[2, 3\]") as info:
-        _nccl_comm().wait(works, timeout_s=0.3, labels=labels, where="layer 5, round 1/1")
+    with pytest.raises(PeerTimeoutError, match=r"layer 5, pass 1/1: rank 0 waited 0.3 s .* peers \[2, 3\]") as info:
+        _nccl_comm().wait(works, timeout_s=0.3, labels=labels, where="layer 5, pass 1/1")
     assert 0.3 <= time.monotonic() - begin < 1.5
     assert info.value.peer is None  # two peers pending: the message names both, .peer only a single one
 
@@ -566,9 +566,9 @@ def test_posting_to_a_closed_peer_raises_peer_failed_naming_it(monkeypatch):
     comm = _PostingComm.make(world=4)
     t = torch.zeros(4, dtype=torch.uint8)
     with pytest.raises(PeerFailedError) as info:
-        comm.exchange({1: t, 3: t}, {1: t, 3: t}, where="layer 1, round 1/2")
+        comm.exchange({1: t, 3: t}, {1: t, 3: t}, where="layer 1, pass 1/2")
     assert info.value.peer == 3
-    assert str(info.value).startswith("layer 1, round 1/2: rank 0: recv with peer 3 failed: ") and "pair.cc" in str(info.value)
+    assert str(info.value).startswith("layer 1, pass 1/2: rank 0: recv with peer 3 failed: ") and "pair.cc" in str(info.value)
     assert posted == [(1, "recv"), (1, "send")]  # ascending peers, receive first, until the failure
 
 
@@ -591,5 +591,5 @@ def test_posting_failure_names_the_layer_and_leaves_it_old(monkeypatch):
     layers[0].run(staging, comm, "torch", stats, timeout_s=1.0)
     with pytest.raises(PeerFailedError) as info:
         layers[1].run(staging, comm, "torch", stats, timeout_s=1.0)
-    assert (info.value.layer, info.value.peer) == (1, 1) and "layer 1, round 1/1" in str(info.value), info.value
+    assert (info.value.layer, info.value.peer) == (1, 1) and "layer 1, pass 1/1" in str(info.value), info.value
     assert layer_states(weights, old, new, 0) == ["new", "old"]

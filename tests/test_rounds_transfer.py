@@ -96,7 +96,7 @@ def test_rounds_match_default_path(distributed, world, layers, num_local, logica
         for l, layer_plan in enumerate(plan.layers):
             cost = EXPERT_BYTES + (16 if verify else 0)
             schedule = schedule_layer(layer_plan, cost, budget if budget is not None else num_local * cost)
-            for i, r in enumerate(schedule.rounds):
+            for i, r in enumerate(schedule.passes):
                 sub = with_rounds(layer_plan.restrict(r), kind)
                 active = [(s, q) for s, _, q, _ in sub.round_steps(rank) if s >= 0 or q >= 0]
                 expected += [(l, i, s, q) for s, q in active]
@@ -188,7 +188,7 @@ def test_failure_after_a_budget_round_rolls_the_layer_back():
     old, new = seq[0], seq[1]
     budget = 3 * EXPERT_BYTES
     plan = plan_rearrangement(old, new, world)
-    assert len(schedule_layer(plan.layers[1], EXPERT_BYTES, budget).rounds) > 1
+    assert len(schedule_layer(plan.layers[1], EXPERT_BYTES, budget).passes) > 1
     results = run_ranks(world, _rank_fail_mid_layer, old, new, "expert", budget, backend="gloo", timeout_s=60.0, group_timeout_s=30.0)
     for rank, (error, hit, not_old, not_new) in enumerate(results):
         assert hit and error == "RuntimeError", (rank, error)

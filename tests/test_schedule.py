@@ -14,14 +14,14 @@ def check_schedule(layer, capacity, default_budget=False):
     fit ``capacity`` rows) and check it."""
     schedule = schedule_layer(layer, 16) if default_budget else schedule_layer(layer, 16, capacity * 16)
     count = layer.num_deliveries
-    every = np.concatenate(schedule.rounds) if schedule.rounds else np.zeros(0, dtype=np.int64)
+    every = np.concatenate(schedule.passes) if schedule.passes else np.zeros(0, dtype=np.int64)
     assert np.array_equal(np.sort(every), np.arange(count)), "each delivery in exactly one round"
     round_of = np.empty(count, dtype=np.int64)
-    for k, members in enumerate(schedule.rounds):
+    for k, members in enumerate(schedule.passes):
         round_of[members] = k
     stash_per_rank = np.bincount(schedule.stash_slots // layer.num_local, minlength=layer.ep_size)
     load = _rank_load(layer)
-    for members in schedule.rounds:
+    for members in schedule.passes:
         assert (load[members].sum(axis=0) + stash_per_rank <= capacity).all(), "round over budget"
     writer = np.full(layer.route.size, -1)
     writer[layer.dst_slot] = np.arange(count)
@@ -37,14 +37,14 @@ def test_rotation_needs_a_stash():
     old = np.arange(24)
     layer = plan_rearrangement(old, np.roll(old, 7), 4).layers[0]
     schedule = check_schedule(layer, 3)
-    assert schedule.stash_slots.size >= 1 and len(schedule.rounds) > 1
+    assert schedule.stash_slots.size >= 1 and len(schedule.passes) > 1
 
 
 def test_fits_in_one_round_without_stash():
     old = np.arange(24)
     layer = plan_rearrangement(old, np.roll(old, 7), 4).layers[0]
     schedule = check_schedule(layer, 100)
-    assert len(schedule.rounds) == 1 and schedule.stash_slots.size == 0
+    assert len(schedule.passes) == 1 and schedule.stash_slots.size == 0
 
 
 def test_budget_below_what_any_schedule_needs():
@@ -77,7 +77,7 @@ ISSUE_NEW = np.array([[5, 0, 3, 2, 0, 1, 4, 0]])
 def test_default_budget_schedules_issue_example():
     layer = plan_rearrangement(ISSUE_OLD, ISSUE_NEW, 4).layers[0]
     schedule = check_schedule(layer, 2, default_budget=True)  # default: one layer = 2 rows
-    assert schedule.stash_slots.size == 1 and len(schedule.rounds) > 1
+    assert schedule.stash_slots.size == 1 and len(schedule.passes) > 1
 
 
 def test_default_budget_swap_with_one_row_per_rank_needs_two_rows():
@@ -105,4 +105,4 @@ def test_too_small_budget_names_the_smallest_that_works(budget_rows):
 def test_nothing_to_move_needs_no_budget():
     layer = plan_rearrangement(np.arange(4), np.arange(4), 2).layers[0]
     assert smallest_budget_bytes(layer, 16) == 0
-    assert schedule_layer(layer, 16, 0).rounds == []
+    assert schedule_layer(layer, 16, 0).passes == []

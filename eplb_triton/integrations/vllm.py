@@ -327,7 +327,7 @@ def _peer_major(rows_by_peer: dict[int, np.ndarray], peers: list[int]) -> np.nda
 def _stage_layer(work, comm: Communicator, layer_idx: int, buffer) -> PackedTransferMetadata:
     layout, eb = work.layout, work.layout.expert_bytes
     view = work.plan.rank(comm.rank)  # the whole layer: local moves and duplicates of all rounds
-    rounds = [(r.view, sorted(r.view.send_rows), sorted(r.view.recv_rows)) for r in work.rounds]
+    rounds = [(r.view, sorted(r.view.send_rows), sorted(r.view.recv_rows)) for r in work.passes]
     recv = [_peer_major(v.recv_rows, peers) for v, _, peers in rounds]
     delivered = np.concatenate(recv + [view.local_dst_rows]).astype(np.int64)
     rows = np.concatenate([delivered, view.dup_dst_rows]).astype(np.int64)

@@ -12,7 +12,7 @@ One layer on one rank::
     wait until its staging slot is free
       (GPU-side wait on the event of the slot's last swap)
     pack local-move sources into the slot
-    per round: pack sends -> exchange -> receives land in the slot
+    per pass: pack sends -> exchange -> receives land in the slot
     copy duplicates (replicas) inside the slot
     wait for the worker stream -> publish the layer
                                                       agree on min(published) over all ranks
@@ -23,17 +23,17 @@ Why a swap is one unpack: until its swap a layer's live rows are only *read* (by
 and by the worker), so every row this rank writes in the layer (a network delivery, a local
 move, a duplicate fill) can be staged beforehand as a packed expert holding the row's final
 content. The swap is then one scatter of ``rows written x expert_bytes`` on the main stream,
-and the weights of a layer change only there, after all its receives completed. The round
+and the weights of a layer change only there, after all its receives completed. The pass
 order of the blocking path (chains, cycles, stash) is irrelevant here: every read sees the
-old rows. Rounds still split the exchange so the send buffer stays within
+old rows. Passes still split the exchange so the send buffer stays within
 ``max_buffer_bytes``.
 
 Memory per rank: two slots (double buffering: the next layer transfers while the current one
 waits for its swap), each holding the rows this rank writes in one layer (at most one layer's
-local rows, packed), plus one send buffer of the largest round's sends.
+local rows, packed), plus one send buffer of the largest pass's sends.
 
 Reliability (``timeout_s``, ``verify``): every wait of the worker thread on its peers is
-bounded by ``timeout_s`` (:meth:`Communicator.wait`, errors name the layer, round and peer),
+bounded by ``timeout_s`` (:meth:`Communicator.wait`, errors name the layer, pass and peer),
 and so is the agreement of ``step()`` on the control group. The agreement also carries each
 rank's entry time: a rank that reaches it more than ``timeout_s`` after another (which gave
 up) raises instead of swapping, so a stalled rank that resumes cannot apply layers its

@@ -44,7 +44,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             same order as ``ep_group``. Default: a new group of those ranks with
             ``ep_group``'s backend, private to the worker, so the serving thread may keep
             using ``ep_group``.
-        max_buffer_bytes: bounds one exchange round (sends + receives + local moves per rank,
+        max_buffer_bytes: bounds one staging pass (sends + receives + local moves per rank,
             as in the blocking API), which bounds the send buffer; received rows are kept
             until their swap in two slots of at most one layer's local rows each.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack (as in the
@@ -70,12 +70,12 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             thread and stream, and 8 bytes per expert on the wire (padded to 16 per peer).
         transport: ``"auto"`` (default), ``"nccl"`` or ``"p2p"`` as for
             :func:`~eplb_triton.rearrange_expert_weights_inplace`: with ``"p2p"`` peers pull
-            each round's messages from this worker's symmetric send buffer over NVLink (copy
+            each pass's messages from this worker's symmetric send buffer over NVLink (copy
             engines; mapped at the first submit that needs it, released by :meth:`close`).
             Same on every rank; one that cannot work is refused here on every rank.
         reserve: allocate the staging every later :meth:`submit` needs here, once, for the
             worst plan these weights and options allow (two slots of one layer's local rows
-            packed, plus one round's send buffer), and keep it: a runtime's profile run then
+            packed, plus one pass's send buffer), and keep it: a runtime's profile run then
             counts it and no rebalance allocates staging. Without it (default) each submit
             allocates what its plan needs. A submit with a larger ``max_buffer_bytes`` or
             with ``verify`` turned on after construction allocates again.
@@ -387,7 +387,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         with self._cond:
             done, moved = job.swapped, job.published
         end = job.finished_at if job.finished_at is not None else time.monotonic()
-        stats = job.stats  # counted by the worker thread: at worst one round behind
+        stats = job.stats  # counted by the worker thread: at worst one pass behind
         return TransferProgress.of(
             len(job.stages), done, moved, stats.total_bytes_sent, stats.total_bytes_received, end - job.submitted_at
         )

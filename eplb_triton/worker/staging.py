@@ -21,7 +21,7 @@ from ..layout import ExpertLayout, index_tensors, resolve_backend
 from ..pacing import PaceGate, layer_gate_bytes
 from ..p2p import P2PTransport, largest_send_region, resolve_transport
 from ..executor import LayerWork
-from ..passes import RoundWork
+from ..passes import PassWork
 from ..stats import TransferStats
 from ..transfer import staging_bound
 from . import hooks
@@ -33,12 +33,12 @@ log = logging.getLogger("eplb_triton.worker")  # one logger for the package (doc
 class _Stage:
     """One layer's staging plan on this rank: the slot holds one packed expert per row written.
 
-    Slot order: receives of round 0, round 1, ... | local-move sources | duplicates.
+    Slot order: receives of pass 0, pass 1, ... | local-move sources | duplicates.
     """
 
     layer: LayerWork
     rows: np.ndarray  # destination row of each packed expert in the slot, in slot order
-    recv_offsets: list[int]  # byte offset of each round's receives in the slot
+    recv_offsets: list[int]  # byte offset of each pass's receives in the slot
     local_src: np.ndarray
     local_offset: int
     dup_src_pos: np.ndarray  # slot positions (in experts) copied ...
@@ -57,8 +57,8 @@ class _Stage:
     @classmethod
     def build(cls, layer: LayerWork, rank: int) -> "_Stage":
         eb = layer.layout.expert_bytes
-        view = layer.plan.rank(rank)  # the whole layer: local moves and duplicates of all rounds
-        recv = [work.recv_rows for work in layer.rounds]
+        view = layer.plan.rank(rank)  # the whole layer: local moves and duplicates of all passes
+        recv = [work.recv_rows for work in layer.passes]
         offsets = np.cumsum([0] + [r.size * eb for r in recv]).tolist()
         delivered = np.concatenate(recv + [view.local_dst_rows]).astype(np.int64)
         position = np.full(layer.layout.num_local, -1, dtype=np.int64)
@@ -82,7 +82,7 @@ class _Stage:
 
     @property
     def send_bytes(self) -> int:
-        return max((w.send_rows.size * w.expert_bytes for w in self.layer.rounds), default=0)
+        return max((w.send_rows.size * w.expert_bytes for w in self.layer.passes), default=0)
 
 
 @dataclass
@@ -104,10 +104,10 @@ class _Job:
     published: int = 0  # layers transferred and ready to swap on this rank
     swapped: int = 0  # layers swapped (agreed on every rank)
     started: bool = False  # the worker thread has picked the job up
-    cursor: tuple[int, int] = (0, 0)  # (layer, round) of the next exchange this rank posts
+    cursor: tuple[int, int] = (0, 0)  # (layer, pass) of the next exchange this rank posts
     verify: bool = False
-    send_sums: torch.Tensor | None = None  # verify: checksum trailers of one round's sends
-    recv_sums: torch.Tensor | None = None  # verify: checksum trailers of one round's receives
+    send_sums: torch.Tensor | None = None  # verify: checksum trailers of one pass's sends
+    recv_sums: torch.Tensor | None = None  # verify: checksum trailers of one pass's receives
     broken: bool = False  # a peer error: the transfer group is unusable, do not drain
     layer: int | None = None  # the layer the worker thread is transferring (error reports)
     gate: PaceGate = None  # pacing: which layers the worker thread may start (see pacing.py)
@@ -134,11 +134,11 @@ def _trailers(buf: torch.Tensor, peers: list[int], counts: list[int]) -> dict[in
     return out
 
 
-def _round_trailer_bytes(work: RoundWork) -> tuple[int, int]:
+def _pass_trailer_bytes(work: PassWork) -> tuple[int, int]:
     return sum(trailer_bytes(c) for c in work.send_counts), sum(trailer_bytes(c) for c in work.recv_counts)
 
 
-def _fill_send_trailers(job: "_Job", work: RoundWork, send_buf: torch.Tensor) -> dict[int, torch.Tensor]:
+def _fill_send_trailers(job: "_Job", work: PassWork, send_buf: torch.Tensor) -> dict[int, torch.Tensor]:
     """Checksum every packed expert in ``send_buf`` into each peer's trailer; returns the trailers."""
     eb = work.expert_bytes
     sums = expert_checksums(send_buf, eb) if send_buf.numel() else None
@@ -155,8 +155,8 @@ class StagingMixin:
 
     def _reserve_storage(self) -> torch.Tensor | None:
         """The worst case of :meth:`submit`'s storage for these weights and options: two slots
-        of a layer's local rows packed, one round's sends (at most the round budget) and, with
-        ``verify``, trailers of at most 16 bytes per expert sent and received in a round."""
+        of a layer's local rows packed, one pass's sends (at most the pass budget) and, with
+        ``verify``, trailers of at most 16 bytes per expert sent and received in a pass."""
         try:
             layouts = [ExpertLayout(tensors) for tensors in self.expert_weights]
         except (TypeError, ValueError, IndexError):
@@ -173,7 +173,7 @@ class StagingMixin:
         stages = [_Stage.build(layer, rank) for layer in layers]
         slot_bytes = max((s.nbytes for s in stages), default=0)
         send_bytes = max((s.send_bytes for s in stages), default=0)
-        trailers = [_round_trailer_bytes(w) for s in stages for w in s.layer.rounds] if self.verify else []
+        trailers = [_pass_trailer_bytes(w) for s in stages for w in s.layer.passes] if self.verify else []
         send_sums = max((t[0] for t in trailers), default=0)
         recv_sums = max((t[1] for t in trailers), default=0)
         p2p = self._map_p2p(layers)
@@ -231,7 +231,7 @@ class StagingMixin:
         if resolve_transport(self.transport, self._transfer, device) != "p2p":  # agreed by prepare_layers
             return None
         need = largest_send_region(
-            [(w.round_traffic, w.expert_bytes) for layer in layers for w in layer.rounds], verify=self.verify
+            [(w.pass_traffic, w.expert_bytes) for layer in layers for w in layer.passes], verify=self.verify
         )
         if self._p2p is not None and self._p2p.nbytes >= need:
             return self._p2p

@@ -17,7 +17,7 @@ import torch
 from ..checksum import CHECKSUM_BYTES, expert_checksums
 from ..comm import ChecksumMismatchError, Communicator, PeerError
 from ..layout import index_tensors, resolve_backend
-from ..passes import RoundWork, upload_rows
+from ..passes import PassWork, upload_rows
 from . import hooks
 from .staging import _fill_send_trailers, _Job, _per_peer, _Stage, _trailers
 
@@ -69,8 +69,8 @@ class ThreadMixin:
     def _run_job(self, job: _Job) -> None:
         if job.start_event is not None:
             self._stream.wait_event(job.start_event)
-        if self._stream is not None:  # every round's row lists in one copy, on the worker stream
-            upload_rows([work for stage in job.stages for work in stage.layer.rounds], self._device)
+        if self._stream is not None:  # every pass's row lists in one copy, on the worker stream
+            upload_rows([work for stage in job.stages for work in stage.layer.passes], self._device)
         # Layer i+1 is queued on the worker stream before layer i is waited for and published,
         # so the GPU never idles between layers while this thread polls and publishes.
         pending = None
@@ -138,7 +138,7 @@ class ThreadMixin:
     def _transfer_layer(self, job: _Job, index: int, stage: _Stage) -> list:
         """Stage every row this rank writes in the layer; reads live weights, writes none.
 
-        Returns, with ``verify``, ``(round work, slot offset, mismatch flags)`` per round
+        Returns, with ``verify``, ``(pass work, slot offset, mismatch flags)`` per pass
         that received experts; the flags are checked once the stream has finished.
         """
         layout, eb, backend = stage.layer.layout, stage.layer.layout.expert_bytes, job.backend
@@ -162,13 +162,13 @@ class ThreadMixin:
                 else:
                     layout.pack(stage.local_src, local, backend=backend)
         checks = []
-        rounds = len(stage.layer.rounds)
-        for number, (work, offset) in enumerate(zip(stage.layer.rounds, stage.recv_offsets)):
+        passes = len(stage.layer.passes)
+        for number, (work, offset) in enumerate(zip(stage.layer.passes, stage.recv_offsets)):
             if self._stop:
                 raise _Stopped
             send_buf = job.send_buffer[: work.send_rows.size * eb]
             recv_buf = buf[offset : offset + work.recv_rows.size * eb]
-            where = f"layer {layer_index}, round {number + 1}/{rounds}"
+            where = f"layer {layer_index}, pass {number + 1}/{passes}"
             mover = self._mover(job, work)
             if job.verify:  # framed: data, then a second batch with the checksum trailers
                 if work.send_rows.size:
@@ -213,21 +213,21 @@ class ThreadMixin:
             table[lists["dup_dst"]] = table[lists["dup_src"]]
         return checks
 
-    def _mover(self, job: _Job, work: RoundWork):
-        """What moves ``work``'s bytes: the transfer group, or the round's p2p exchange (with
+    def _mover(self, job: _Job, work: PassWork):
+        """What moves ``work``'s bytes: the transfer group, or the pass's p2p exchange (with
         ``verify`` the trailers follow all the data in the send buffer: two pulls per peer)."""
         if job.p2p is None:
             return self._transfer
-        return job.p2p.exchange_for(work.round_traffic, work.expert_bytes, verify=job.verify, split=job.verify)
+        return job.p2p.exchange_for(work.pass_traffic, work.expert_bytes, verify=job.verify, split=job.verify)
 
     def _post(
-        self, job: _Job, work: RoundWork, send_buf: torch.Tensor, sends: dict, recvs: dict, where: str = "exchange",
+        self, job: _Job, work: PassWork, send_buf: torch.Tensor, sends: dict, recvs: dict, where: str = "exchange",
         comm=None,
     ) -> tuple[list, list]:
-        """Start a round's exchange (and with ``verify`` its trailers' exchange, right after).
+        """Start a pass's exchange (and with ``verify`` its trailers' exchange, right after).
 
-        Two batches per round with ``verify``: every rank posts them in the same order, so
-        each peer pair matches data with data and trailer with trailer. ``comm``: the round's
+        Two batches per pass with ``verify``: every rank posts them in the same order, so
+        each peer pair matches data with data and trailer with trailer. ``comm``: the pass's
         mover (default: the transfer group).
         """
         comm = self._transfer if comm is None else comm
@@ -256,7 +256,7 @@ class ThreadMixin:
             expert = stage.layer.expert_at(rank, row)
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             message = (
-                f"layer {layer_index}, round {number + 1}/{len(stage.layer.rounds)}: rank {rank}: checksum mismatch "
+                f"layer {layer_index}, pass {number + 1}/{len(stage.layer.passes)}: rank {rank}: checksum mismatch "
                 f"for expert {expert} received from peer {peer} (row {row}){more}; layer {layer_index} was not applied"
             )
             log.error("%s", message)
@@ -278,23 +278,23 @@ class ThreadMixin:
         if job.broken or self._abandon:
             log.info("rank %d: not draining a broken transfer group", self._transfer.rank)
             return
-        first_layer, first_round = job.cursor
+        first_layer, first_pass = job.cursor
         pending = [
             (stage, number)
             for stage in job.stages[first_layer:]
-            for number in range(first_round if stage is job.stages[first_layer] else 0, len(stage.layer.rounds))
+            for number in range(first_pass if stage is job.stages[first_layer] else 0, len(stage.layer.passes))
         ]
         try:
             junk_recv = None
             for stage, number in pending:
                 if self._abandon:
                     return
-                work, eb = stage.layer.rounds[number], stage.layer.layout.expert_bytes
+                work, eb = stage.layer.passes[number], stage.layer.layout.expert_bytes
                 need = work.recv_rows.size * eb
                 if junk_recv is None or junk_recv.numel() < need:
                     junk_recv = torch.empty(need, dtype=torch.uint8, device=self._device)
                 send_buf = job.send_buffer[: work.send_rows.size * eb]
-                where = f"drain: layer {stage.layer.index}, round {number + 1}/{len(stage.layer.rounds)}"
+                where = f"drain: layer {stage.layer.index}, pass {number + 1}/{len(stage.layer.passes)}"
                 mover = self._mover(job, work)
                 if job.verify:
                     sends = _per_peer(job.send_buffer, work.send_peers, work.send_counts, eb)
