@@ -168,7 +168,7 @@ class LayerWork:
                 for step, (sends, recvs) in enumerate(exchanges):
                     # planner rounds (``rounds=``) run one after the other; nothing is
                     # written until the last one completed
-                    at = where if work.steps is None else f"{where}, network round {step + 1}/{len(exchanges)}"
+                    at = where if work.network_rounds is None else f"{where}, network round {step + 1}/{len(exchanges)}"
                     labels = Communicator.op_labels(sends, recvs)
                     try:  # posting fails too when a peer's connection is already closed
                         requests = mover.exchange(sends, recvs, where=at)

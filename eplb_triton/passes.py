@@ -104,7 +104,7 @@ class PassWork:
     from entries ``stash_local_entries``. ``local_src_rows``/``local_dst_rows`` are the other
     local moves.
 
-    ``steps`` (``rounds=``; ``None`` = one exchange with every peer): per planner round,
+    ``network_rounds`` (``rounds=``; ``None`` = one exchange with every peer): per network round,
     ``(send_peer, send_start, send_stop, recv_peer, recv_start, recv_stop)``: the positions
     ``[start, stop)`` of the per-peer messages' experts exchanged in it (peer -1 = none);
     see :meth:`exchanges`.
@@ -125,7 +125,7 @@ class PassWork:
     stash_local_entries: np.ndarray
     stash_local_dst_rows: np.ndarray
     verify: bool = False
-    steps: list[tuple[int, int, int, int, int, int]] | None = None
+    network_rounds: list[tuple[int, int, int, int, int, int]] | None = None
     chunk_experts: int | None = None
     _device_rows: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _batches: list | None = field(default=None, repr=False)
@@ -143,13 +143,13 @@ class PassWork:
         stash_rows: np.ndarray | None = None,
         *,
         verify: bool = False,
-        steps: list[tuple[int, int, int, int, int, int]] | None = None,
+        network_rounds: list[tuple[int, int, int, int, int, int]] | None = None,
         chunk_experts: int | None = None,
     ) -> "PassWork":
         """``chunk_experts``: split every per-peer message into pieces of that many experts,
         exchanged as separate batches (the wire order becomes piece-major, see :meth:`batches`);
-        ``None`` = whole messages. Only without ``verify`` and ``steps``."""
-        if chunk_experts is not None and (verify or steps is not None or chunk_experts < 1):
+        ``None`` = whole messages. Only without ``verify`` and ``network_rounds``."""
+        if chunk_experts is not None and (verify or network_rounds is not None or chunk_experts < 1):
             raise ValueError("chunk_experts needs verify=False, no planner rounds and a value >= 1")
         send_peers = sorted(view.send_rows)
         recv_peers = sorted(view.recv_rows)
@@ -179,13 +179,13 @@ class PassWork:
             stash_local_entries=np.searchsorted(stash_rows, view.local_src_rows[local_stashed]),
             stash_local_dst_rows=view.local_dst_rows[local_stashed],
             verify=verify,
-            steps=steps,
+            network_rounds=network_rounds,
             chunk_experts=chunk_experts,
         )
 
     # -- wire order -------------------------------------------------------------------------
     def batches(self) -> list[tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]]:
-        """The exchanges of this pass without ``verify``/``steps``, in order: per batch,
+        """The exchanges of this pass without ``verify``/``network_rounds``, in order: per batch,
         ``(sends, recvs)``, each a list of ``(peer, first, count)`` in experts of the send /
         receive region (wire order). Whole messages: one batch. With ``chunk_experts = k``:
         batch ``i`` carries experts ``[i*k, (i+1)*k)`` of every peer's message, so batch ``i``'s
@@ -273,8 +273,8 @@ class PassWork:
     @property
     def framed(self) -> bool:
         """Whole per-peer messages moved by :meth:`exchanges` (``verify``: data then checksum
-        trailer; ``steps``: planner rounds), rather than the batches of :meth:`post_batches`."""
-        return self.verify or self.steps is not None
+        trailer; ``network_rounds``: one exchange per network round), rather than the batches of :meth:`post_batches`."""
+        return self.verify or self.network_rounds is not None
 
     def send_messages(self, staging: torch.Tensor) -> dict[int, torch.Tensor]:
         return self._per_peer(self._slices(staging)[0], self.send_peers, self.send_counts)
@@ -301,14 +301,14 @@ class PassWork:
 
     def exchanges(self, staging: torch.Tensor) -> list[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
         """``(sends, recvs)`` by peer of each framed exchange of this pass, in order: every
-        peer's whole message at once, or (``steps``) one slice to and from at most one peer each."""
+        peer's whole message at once, or (``network_rounds``) one slice to and from at most one peer each."""
         sends, recvs = self.send_messages(staging), self.recv_messages(staging)
-        if self.steps is None:
+        if self.network_rounds is None:
             return [(sends, recvs)]
         counts = dict(zip(self.send_peers, self.send_counts))
         recv_counts = dict(zip(self.recv_peers, self.recv_counts))
         out = []
-        for send_peer, a, b, recv_peer, c, d in self.steps:
+        for send_peer, a, b, recv_peer, c, d in self.network_rounds:
             part_sends = {send_peer: self._part(sends[send_peer], a, b, counts[send_peer])} if send_peer >= 0 else {}
             part_recvs = {recv_peer: self._part(recvs[recv_peer], c, d, recv_counts[recv_peer])} if recv_peer >= 0 else {}
             out.append((part_sends, part_recvs))
@@ -319,7 +319,7 @@ class PassWork:
         """``(peer, kind)`` of each request :meth:`post` returns (for error messages)."""
         return Communicator.op_labels(dict.fromkeys(self.send_peers), dict.fromkeys(self.recv_peers))
 
-    # -- steps -------------------------------------------------------------------------------
+    # -- pack, post, write ---------------------------------------------------------------
     def post_batches(
         self,
         layout: ExpertLayout,

@@ -22,10 +22,10 @@ from .schedule import schedule_layer, smallest_budget_bytes
 __all__ = ["CHUNK_ENV", "PIPELINE_CHUNK_BYTES", "pipeline_chunk_bytes", "prepare_layers"]
 
 
-def _exchange_steps(plan: LayerPlan, rank: int) -> list[tuple[int, int, int, int, int, int]]:
-    """:attr:`PassWork.steps` of ``rank`` from a plan with network rounds (rounds it is idle in are
+def _network_rounds(plan: LayerPlan, rank: int) -> list[tuple[int, int, int, int, int, int]]:
+    """:attr:`PassWork.network_rounds` of ``rank`` from a plan with network rounds (rounds it is idle in are
     dropped: nobody waits for it there)."""
-    steps = []
+    out = []
     for send_peer, send_pos, recv_peer, recv_pos in plan.round_steps(rank):
         if send_peer < 0 and recv_peer < 0:
             continue
@@ -35,8 +35,8 @@ def _exchange_steps(plan: LayerPlan, rank: int) -> list[tuple[int, int, int, int
             if not np.array_equal(pos, np.arange(start, stop)):  # one contiguous slice per peer
                 raise RuntimeError(f"rank {rank}: a network round moves non-contiguous positions {pos.tolist()}")
             span.append((start, stop))
-        steps.append((send_peer, *span[0], recv_peer, *span[1]))
-    return steps
+        out.append((send_peer, *span[0], recv_peer, *span[1]))
+    return out
 
 
 #: Pieces of a per-peer message moved as separate batches, so the pack of piece ``i + 1`` overlaps
@@ -92,7 +92,7 @@ def prepare_layers(
     ``verify`` and ``rounds`` must be the same on every rank (they change the wire format
     and which ops meet; the agreement checks them). ``timeout_s`` bounds the agreement
     collective. ``rounds`` (``True``/``"pair"``/``"expert"``) splits each pass's exchange
-    into planner rounds (:attr:`PassWork.steps`). ``ranks_per_node``: prefer same-node
+    into planner rounds (:attr:`PassWork.network_rounds`). ``ranks_per_node``: prefer same-node
     senders (see :func:`~eplb_triton.plan.plan_rearrangement`). ``staging``: a caller-provided
     buffer (see :func:`rearrange_expert_weights_inplace`); its bytes cap the budget.
 
@@ -162,14 +162,16 @@ def prepare_layers(
         for r in schedule.passes:
             whole = len(schedule.passes) == 1 and r.size == layer_plan.num_deliveries
             sub = layer_plan if whole else layer_plan.restrict(r)  # one pass: the plan itself
-            steps = None
+            network_rounds = None
             if kind is not None:
                 sub = with_rounds(sub, kind)
-                steps = _exchange_steps(sub, comm.rank)
+                network_rounds = _network_rounds(sub, comm.rank)
             view = sub.rank(comm.rank)
-            chunk = _chunk_experts(layout.expert_bytes, chunk_bytes) if steps is None and not verify else None
+            chunk = _chunk_experts(layout.expert_bytes, chunk_bytes) if network_rounds is None and not verify else None
             works.append(
-                PassWork.from_view(view, layout.expert_bytes, stash_rows, verify=verify, steps=steps, chunk_experts=chunk)
+                PassWork.from_view(
+                    view, layout.expert_bytes, stash_rows, verify=verify, network_rounds=network_rounds, chunk_experts=chunk
+                )
             )
             works[-1].pass_traffic = sub.traffic
         layers.append(
