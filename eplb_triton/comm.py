@@ -1,5 +1,7 @@
 """Communication: one batched isend/irecv per peer over ``torch.distributed``, and agreement.
 
+(Over 400 lines: one class; each backend's deadline handling needs its own comments.)
+
 NCCL on GPUs, gloo on CPU. Peers are ranks *of the EP group*; they are translated to global
 ranks for ``torch.distributed``. Ops are issued in a deterministic order (ascending peer,
 receive before send) so that every backend pairs them the same way.

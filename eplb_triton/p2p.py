@@ -1,5 +1,7 @@
 """A second transport inside one node: peers pull each other's packed experts over NVLink.
 
+(Over 400 lines: the transport, its agreement on buffer sizes and its device barriers read as one.)
+
 ``transport="nccl"`` (the process group's own isend/irecv, :mod:`eplb_triton.comm`) moves the
 bytes with NCCL kernels, which take SMs from the forward pass. ``transport="p2p"`` moves them
 with the copy engines: every rank of the EP group maps a *symmetric* staging buffer of every

@@ -1,6 +1,6 @@
 """One staging pass of one layer on one rank: its rows, its staging layout and message format.
 
-# Over 400 lines: one class, whose operations all read the same staging layout and message format.
+(Over 400 lines: one class whose operations all read the same staging layout and wire format.)
 
 A layer that does not fit in ``max_buffer_bytes`` runs in several staging passes
 (:mod:`eplb_triton.schedule`); :class:`PassWork` holds one pass's per-rank work: the rows it
