@@ -65,6 +65,7 @@ TORCH_DIST_211: dict[str, tuple[str, ...] | None] = {
 TORCH_211_KEYWORDS: dict[str, set[str]] = {
     "torch.empty": {"dtype", "device", "pin_memory", "requires_grad", "layout", "memory_format", "out"},
     "torch.zeros": {"dtype", "device", "pin_memory", "requires_grad", "layout", "out"},
+    "torch.ones": {"dtype", "device", "pin_memory", "requires_grad", "layout", "out"},
     "torch.full": {"dtype", "device", "pin_memory", "requires_grad", "layout", "out"},
     "torch.arange": {"dtype", "device", "pin_memory", "requires_grad", "layout", "out"},
     "torch.tensor": {"dtype", "device", "pin_memory", "requires_grad"},
