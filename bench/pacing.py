@@ -247,8 +247,12 @@ def plot(summary: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     rows = [r for r in summary["rows"] if r["slowdown"] is not None]
     ax.plot([r["transfer_ms"] for r in rows], [r["slowdown"] for r in rows], "o", color="tab:blue")
-    for r in rows:
-        ax.annotate(r["setting"], (r["transfer_ms"], r["slowdown"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    # numbers at the points and the settings in a key: names next to clustered points overlapped
+    for i, r in enumerate(rows, 1):
+        ax.annotate(str(i), (r["transfer_ms"], r["slowdown"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    key = "\n".join(f"{i}  {r['setting']}" for i, r in enumerate(rows, 1))
+    ax.text(0.99, 0.98, key, transform=ax.transAxes, ha="right", va="top", multialignment="left", fontsize=7, family="monospace",
+            bbox={"facecolor": "white", "edgecolor": "0.8"})
     ax.axhline(TARGET_SLOWDOWN, color="tab:green", linestyle="--", linewidth=0.8)
     ax.axvline(TARGET_TIME_X * summary["rows"][0]["transfer_ms"], color="tab:green", linestyle=":", linewidth=0.8)
     ax.text(0.99, 0.02, f"target: slowdown <= {TARGET_SLOWDOWN}x, transfer <= {TARGET_TIME_X:g}x unpaced",

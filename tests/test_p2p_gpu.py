@@ -314,13 +314,10 @@ def _settles(seconds: float = 5.0) -> bool:
     return True
 
 
-STALL_ENV = "EPLB_TRITON_P2P_STALL_TESTS"
-
-
-# Known failure (2 x H200, torch 2.11, 2026-11-30, bench/results/gpu-session-p2p-h200x2.log): the
-# survivor's worker thread raises PeerTimeoutError naming layer 1 after timeout_s, but the survivor
-# then writes no report (it hangs after the release of its stuck barrier). Opt-in until fixed.
-@pytest.mark.skipif(os.environ.get(STALL_ENV) != "1", reason=f"known failure on H200 (README, Transports); {STALL_ENV}=1 runs it")
+# Failed on 2 x H200 before the release wrote the signal words by host-to-device copies: a fill_
+# kernel's first launch (CUDA lazy loading) waited for the stuck barrier itself, and the survivor
+# hung after naming the layer (bench/results/gpu-session-p2p-h200x2.log); passes since
+# (bench/results/gpu-session-h200x2-last.log).
 @pytest.mark.parametrize("path", ["blocking", "worker"])
 def test_p2p_stalled_peer_times_out_naming_the_layer(tmp_path, path):
     # reports are written before teardown: a rank stuck in teardown is killed sooner
