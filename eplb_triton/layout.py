@@ -1,5 +1,8 @@
 """Packed byte layout of one layer's expert rows, and the pack / unpack / copy ops on it.
 
+(Over 400 lines: the layout, its argument checks, the Triton launcher and its caches, and the torch
+reference all read the same segment offsets; splitting them would spread one byte layout over files.)
+
 A layer's weights on one rank are several tensors shaped ``(num_local, ...)`` of any dtype
 (fp32, bf16, fp16, float8, uint8, int32 scales...) whose rows are contiguous. One *packed
 expert* is the concatenation of one row of every tensor, each tensor's segment starting at a

@@ -1,5 +1,8 @@
 """Rearrangement plan: who sends which expert row to whom, computed from the global maps.
 
+(Over 400 lines: the plan types, the vectorised planner of all layers, sender balancing and the
+network-round colouring share the delivery arrays; the elastic map expansion could move to maps.py.)
+
 Every rank computes the same plan from the same maps (pure numpy, no randomness, no Python
 loop over experts; all layers are planned in one vectorised pass). For one layer the plan is
 a set of *deliveries*: "rank ``d`` needs expert ``e``" is served once, either by a **local
