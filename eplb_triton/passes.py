@@ -155,14 +155,21 @@ class PassWork:
         recv_peers = sorted(view.recv_rows)
         send_rows = _wire_order(view.send_rows, send_peers, chunk_experts)
         stash_rows = np.zeros(0, dtype=np.int64) if stash_rows is None else stash_rows
-        if stash_rows.size:
-            send_stashed = np.isin(send_rows, stash_rows)
-            local_stashed = np.isin(view.local_src_rows, stash_rows)
-        else:  # the usual case: no stash, nothing to look up
-            send_stashed = np.zeros(send_rows.size, dtype=bool)
-            local_stashed = np.zeros(view.local_src_rows.size, dtype=bool)
         if view.dup_dst_rows.size and np.intersect1d(view.dup_src_rows, view.dup_dst_rows).size:
             raise AssertionError("a duplicate fill writes a row another duplicate fill reads")  # the copy launch relies on it
+        recv_rows = _wire_order(view.recv_rows, recv_peers, chunk_experts)
+        if not stash_rows.size:  # the usual case: no stash, nothing to look up or split off
+            none = np.zeros(0, dtype=np.int64)
+            return cls(
+                view=view, expert_bytes=expert_bytes, send_peers=send_peers,
+                send_counts=[len(view.send_rows[p]) for p in send_peers], recv_peers=recv_peers,
+                recv_counts=[len(view.recv_rows[p]) for p in recv_peers], send_rows=send_rows, recv_rows=recv_rows,
+                local_src_rows=view.local_src_rows, local_dst_rows=view.local_dst_rows, stashed_sends=none,
+                stashed_send_entries=none, stash_local_entries=none, stash_local_dst_rows=none, verify=verify,
+                network_rounds=network_rounds, chunk_experts=chunk_experts,
+            )
+        send_stashed = np.isin(send_rows, stash_rows)
+        local_stashed = np.isin(view.local_src_rows, stash_rows)
         return cls(
             view=view,
             expert_bytes=expert_bytes,
@@ -171,7 +178,7 @@ class PassWork:
             recv_peers=recv_peers,
             recv_counts=[len(view.recv_rows[p]) for p in recv_peers],
             send_rows=send_rows,
-            recv_rows=_wire_order(view.recv_rows, recv_peers, chunk_experts),
+            recv_rows=recv_rows,
             local_src_rows=view.local_src_rows[~local_stashed],
             local_dst_rows=view.local_dst_rows[~local_stashed],
             stashed_sends=np.flatnonzero(send_stashed),

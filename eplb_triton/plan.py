@@ -248,6 +248,8 @@ def _split_by_peer(peer: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:
     """Group ``rows`` by ``peer`` keeping order (peers arrive sorted)."""
     if peer.size == 0:
         return {}
+    if peer[0] == peer[-1]:  # one peer (sorted: all equal), as at world 2
+        return {int(peer[0]): rows.astype(np.int64, copy=False)}
     starts = np.flatnonzero(_run_starts(peer))  # sorted peers: runs, no np.unique sort
     bounds = np.append(starts[1:], peer.size)
     rows = rows.astype(np.int64, copy=False)

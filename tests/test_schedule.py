@@ -106,3 +106,20 @@ def test_nothing_to_move_needs_no_budget():
     layer = plan_rearrangement(np.arange(4), np.arange(4), 2).layers[0]
     assert smallest_budget_bytes(layer, 16) == 0
     assert schedule_layer(layer, 16, 0).passes == []
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_rows_per_rank_is_the_load_table_summed(world):
+    # schedule_layer's one-pass shortcut must decide exactly as the load table does
+    from eplb_triton.schedule import _rows_per_rank
+
+    rng = np.random.default_rng(world)
+    for _ in range(30):
+        num_local = int(rng.integers(1, 6))
+        slots = world * num_local
+        old = rng.integers(-1, slots, size=(3, slots))
+        new = rng.integers(-1, slots, size=(3, slots))
+        new[:, 0] = old[:, 0] = 0  # at least one expert held somewhere
+        new = np.stack([np.where(np.isin(n, o), n, -1) for o, n in zip(old, new)])  # only experts held in that layer
+        for layer in plan_rearrangement(old, new, world).layers:
+            assert np.array_equal(_rows_per_rank(layer), _rank_load(layer).sum(axis=0))
