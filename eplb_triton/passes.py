@@ -19,7 +19,7 @@ import torch
 
 from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
 from .comm import Communicator
-from .layout import ExpertLayout, index_tensor
+from .layout import ExpertLayout, index_lists
 from .plan import RankPlan
 from .stats import TransferStats
 
@@ -31,9 +31,7 @@ def upload_rows(works: Sequence["PassWork"], device: torch.device) -> None:
     one per pass), cut into views by two ``split`` calls (a slice per list cost ~3 us of host
     time each: ~0.4 ms for an 8-layer call on the H200 hosts)."""
     lists = [work._row_lists() for work in works]
-    parts = [a for row_lists in lists for a in row_lists]
-    flat = index_tensor(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64), device)
-    pieces = flat.split([a.size for a in parts])
+    flat, pieces = index_lists([a for row_lists in lists for a in row_lists], device)
     # the same memory in pairs (send + local sources, local destinations + receives, fills): one launch each
     pairs = flat.split([a.size + b.size for row_lists in lists for a, b in zip(row_lists[::2], row_lists[1::2])])
     width, half = len(_ROW_LISTS), len(_ROW_LISTS) // 2
@@ -157,19 +155,17 @@ class PassWork:
         stash_rows = np.zeros(0, dtype=np.int64) if stash_rows is None else stash_rows
         if view.dup_dst_rows.size and np.intersect1d(view.dup_src_rows, view.dup_dst_rows).size:
             raise AssertionError("a duplicate fill writes a row another duplicate fill reads")  # the copy launch relies on it
-        recv_rows = _wire_order(view.recv_rows, recv_peers, chunk_experts)
-        if not stash_rows.size:  # the usual case: no stash, nothing to look up or split off
-            none = np.zeros(0, dtype=np.int64)
-            return cls(
-                view=view, expert_bytes=expert_bytes, send_peers=send_peers,
-                send_counts=[len(view.send_rows[p]) for p in send_peers], recv_peers=recv_peers,
-                recv_counts=[len(view.recv_rows[p]) for p in recv_peers], send_rows=send_rows, recv_rows=recv_rows,
-                local_src_rows=view.local_src_rows, local_dst_rows=view.local_dst_rows, stashed_sends=none,
-                stashed_send_entries=none, stash_local_entries=none, stash_local_dst_rows=none, verify=verify,
-                network_rounds=network_rounds, chunk_experts=chunk_experts,
-            )
-        send_stashed = np.isin(send_rows, stash_rows)
-        local_stashed = np.isin(view.local_src_rows, stash_rows)
+        none = np.zeros(0, dtype=np.int64)
+        local_src, local_dst = view.local_src_rows, view.local_dst_rows
+        stashed_sends = stashed_send_entries = stash_local_entries = stash_local_dst = none
+        if stash_rows.size:  # rows an earlier pass may have overwritten are read from the stash
+            send_stashed = np.isin(send_rows, stash_rows)
+            local_stashed = np.isin(view.local_src_rows, stash_rows)
+            local_src, local_dst = view.local_src_rows[~local_stashed], view.local_dst_rows[~local_stashed]
+            stashed_sends = np.flatnonzero(send_stashed)
+            stashed_send_entries = np.searchsorted(stash_rows, send_rows[send_stashed])
+            stash_local_entries = np.searchsorted(stash_rows, view.local_src_rows[local_stashed])
+            stash_local_dst = view.local_dst_rows[local_stashed]
         return cls(
             view=view,
             expert_bytes=expert_bytes,
@@ -178,13 +174,13 @@ class PassWork:
             recv_peers=recv_peers,
             recv_counts=[len(view.recv_rows[p]) for p in recv_peers],
             send_rows=send_rows,
-            recv_rows=recv_rows,
-            local_src_rows=view.local_src_rows[~local_stashed],
-            local_dst_rows=view.local_dst_rows[~local_stashed],
-            stashed_sends=np.flatnonzero(send_stashed),
-            stashed_send_entries=np.searchsorted(stash_rows, send_rows[send_stashed]),
-            stash_local_entries=np.searchsorted(stash_rows, view.local_src_rows[local_stashed]),
-            stash_local_dst_rows=view.local_dst_rows[local_stashed],
+            recv_rows=_wire_order(view.recv_rows, recv_peers, chunk_experts),
+            local_src_rows=local_src,
+            local_dst_rows=local_dst,
+            stashed_sends=stashed_sends,
+            stashed_send_entries=stashed_send_entries,
+            stash_local_entries=stash_local_entries,
+            stash_local_dst_rows=stash_local_dst,
             verify=verify,
             network_rounds=network_rounds,
             chunk_experts=chunk_experts,
@@ -229,16 +225,19 @@ class PassWork:
     def _message_bytes(self, count: int) -> int:
         return count * self.expert_bytes + (trailer_bytes(count) if self.verify else 0)
 
-    @property
-    def _sends_bytes(self) -> int:
+    def _message_totals(self) -> tuple[int, int]:
+        """Bytes of all sends and of all receives (computed once: asked several times a layer)."""
         if self._totals is None:
             self._totals = (sum(map(self._message_bytes, self.send_counts)), sum(map(self._message_bytes, self.recv_counts)))
-        return self._totals[0]
+        return self._totals
+
+    @property
+    def _sends_bytes(self) -> int:
+        return self._message_totals()[0]
 
     @property
     def _recvs_bytes(self) -> int:
-        self._sends_bytes  # noqa: B018 - fills _totals
-        return self._totals[1]
+        return self._message_totals()[1]
 
     @property
     def staging_bytes(self) -> int:
