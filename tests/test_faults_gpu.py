@@ -22,7 +22,6 @@ process, NVLink multicast off in the children).
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import pathlib
 import pickle
@@ -34,7 +33,7 @@ from functools import partial
 import pytest
 import torch
 
-from eplb_triton.testing.launch import _rank_main, free_port
+from eplb_triton.testing.launch import spawn_ranks
 from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights
 from test_reliability import SPECS, all_to_all_maps, layer_states
 from test_worker import GPU_SPECS
@@ -151,26 +150,13 @@ def _launch(
     world: int, fn, args: tuple, backend: str, deadline_s: float, linger_s: float
 ) -> tuple[dict[int, tuple[bool, object]], list]:
     """Run ``fn(rank, world, *args)`` in ``world`` processes (spawn for NCCL, fork for gloo),
-    through :func:`eplb_triton.testing.launch._rank_main` (group set-up and teardown).
+    through :func:`eplb_triton.testing.launch.spawn_ranks` (group set-up and teardown).
 
-    Returns what each rank's ``_rank_main`` sent back after its teardown, ``(ok, result or
+    Returns what each rank sent back after its teardown, ``(ok, result or
     traceback)``, and every process's exit code. Processes still alive ``deadline_s`` after the
     start, or ``linger_s`` after the first one ended, are killed (exit code negative).
     """
-    start_method = "spawn" if backend == "nccl" else "fork"
-    ctx = mp.get_context(start_method)
-    results = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(
-            target=_rank_main,
-            args=(rank, world, port, backend, 60.0, fn, args, results, start_method),
-            daemon=True,
-        )
-        for rank in range(world)
-    ]
-    for proc in procs:
-        proc.start()
+    procs, results = spawn_ranks(world, fn, args, backend, 60.0)
     reports: dict[int, tuple[bool, object]] = {}
     deadline = time.monotonic() + deadline_s
     try:

@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-__all__ = ["free_port", "run_ranks"]
+__all__ = ["free_port", "run_ranks", "spawn_ranks"]
 
 
 def free_port() -> int:
@@ -60,6 +60,30 @@ def _rank_main(rank, world_size, port, backend, group_timeout_s, fn, args, resul
         os._exit(0)  # skip the parent's atexit handlers (pytest's, say) in a forked child
 
 
+def spawn_ranks(
+    world_size: int, fn: Callable[..., Any], args: tuple, backend: str, group_timeout_s: float, start_method: str | None = None
+) -> tuple[list, Any]:
+    """Start ``world_size`` processes running ``fn(rank, world_size, *args)`` through
+    :func:`_rank_main` (group set-up and teardown); returns the processes and the queue each
+    puts ``(rank, ok, result or traceback)`` on. ``start_method``: as in :func:`run_ranks`."""
+    if start_method is None:
+        start_method = "spawn" if backend == "nccl" else "fork"
+    ctx = mp.get_context(start_method)
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(rank, world_size, port, backend, group_timeout_s, fn, args, results, start_method),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    return procs, results
+
+
 def run_ranks(
     world_size: int,
     fn: Callable[..., Any],
@@ -77,21 +101,7 @@ def run_ranks(
     importable by name. ``allow_missing=True`` (fault tests: a rank that exits on purpose)
     returns ``None`` for ranks that exited without a result instead of raising.
     """
-    if start_method is None:
-        start_method = "spawn" if backend == "nccl" else "fork"
-    ctx = mp.get_context(start_method)
-    results = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(
-            target=_rank_main,
-            args=(rank, world_size, port, backend, group_timeout_s, fn, args, results, start_method),
-            daemon=True,
-        )
-        for rank in range(world_size)
-    ]
-    for proc in procs:
-        proc.start()
+    procs, results = spawn_ranks(world_size, fn, args, backend, group_timeout_s, start_method)
     outcome: dict[int, tuple[bool, Any]] = {}
     deadline = time.monotonic() + timeout_s
     try:
