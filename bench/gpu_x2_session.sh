@@ -19,7 +19,9 @@ for step in ${STEPS:-tests link}; do
       --configs qwen3-30b-a3b-bf16 tiny-bf16 --presets qwen3-30b-a3b --json "$OUT/link_speed-16layers.json" ;;
     steps) for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
         run_step "worker-steps-$config" 150 python3 bench/worker_steps.py --config "$config"; done ;;
-    pacing) run_step pacing 200 python3 bench/pacing.py --out "$OUT" ;;
+    pacing) run_step pacing 200 python3 bench/pacing.py --out "$OUT" ${PACING_ARGS:-} ;;
+    # the same settings with the p2p transport (issues 17 and 19), right after the NCCL run
+    pacingp2p) run_step pacing-p2p 200 python3 bench/pacing.py --transport p2p --out "$OUT" ${PACING_ARGS:-} ;;
     worker) run_step worker-swap 200 python3 bench/gpu_worker.py --json "$OUT/gpu_worker.json" ;;
     hostprof) for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
         run_step "host-profile-$config" 120 python3 bench/host_profile.py --config "$config" --layers ${PROF_LAYERS:-4} \

@@ -130,7 +130,7 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
     def transfer(knobs: dict) -> dict:
         current, target = state["current"], state["target"]
         loaded, steps_with_swaps = [], 0
-        with TransferWorker(weights, **groups, **knobs) as worker:
+        with TransferWorker(weights, **groups, **knobs, transport=cfg["transport"]) as worker:
             _sync(device)
             dist.barrier()
             begin = time.perf_counter()
@@ -218,7 +218,7 @@ def table(summary: dict) -> str:
         f"`{summary['machine']}`",
         "",
         f"{c['layers']} layers of {c['config']} (scale 1/{c['scale']}, {summary['layer_gate_bytes'] / 1e6:.1f} MB per layer "
-        f"on the busiest rank) moved by a TransferWorker while serving runs 4 matmuls {c['matmul']}^2 + all_reduce"
+        f"on the busiest rank) moved by a TransferWorker (transport {c.get('transport', 'auto')}) while serving runs 4 matmuls {c['matmul']}^2 + all_reduce"
         f"({c['allreduce_elems']}) per iteration; step() once per iteration; {c['repeats']} repeats per setting.",
         "",
         "| setting | serving alone ms, median [p10-p90] | during transfer ms, median [p10-p90] | slowdown | transfer ms | x unpaced | iterations |",
@@ -278,6 +278,7 @@ def build_config(args: argparse.Namespace) -> dict:
         "base_iters": args.base_iters or (40 if gpu else 5),
         "repeats": args.repeats or (3 if gpu else 1),
         "settings": parse_settings(getattr(args, "settings", None)),
+        "transport": getattr(args, "transport", "auto"),
     }
 
 
@@ -294,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer layers (CPU smoke run)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="write pacing.json/.md/.png here (default $OUT)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before stuck ranks are killed")
+    parser.add_argument("--transport", choices=("auto", "nccl", "p2p"), default="auto",
+                        help="the worker's transport (issue 17); p2p files are named pacing-p2p.*")
     parser.add_argument("--settings", nargs="*", default=None, metavar="KNOB=VALUE",
                         help="settings to run instead of the default list (unpaced always runs first), e.g. "
                         "steps_per_layer=6 layers_per_step=1 (bytes_per_step in layers' gate bytes)")
@@ -319,13 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "pacing.json").write_text(json.dumps(summary, indent=2))
-        (out / "pacing.md").write_text(text + "\n")
+        stem = "pacing" if cfg["transport"] != "p2p" else "pacing-p2p"
+        (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+        (out / f"{stem}.md").write_text(text + "\n")
         try:
-            plot(summary, str(out / "pacing.png"))
+            plot(summary, str(out / f"{stem}.png"))
         except ImportError:
-            print("matplotlib is not installed: no pacing.png (pip install -e '.[bench]')")
-        print(f"wrote {out}/pacing.json, pacing.md, pacing.png")
+            print(f"matplotlib is not installed: no {stem}.png (pip install -e '.[bench]')")
+        print(f"wrote {out}/{stem}.json, {stem}.md, {stem}.png")
     return 0 if summary["all_correct"] else 1
 
 

@@ -16,8 +16,8 @@ sends anything) or stalls past ``timeout_s``. Checked on the survivor:
 A first rearrangement without faults (and without ``timeout_s``) initialises the NCCL
 communicator and compiles the kernels, so neither can eat into the deadlines measured.
 
-The same scenarios run on gloo (CPU, always) and on NCCL (``gpu``; two GPUs, one per
-process, NVLink multicast off in the children).
+The same scenarios run on gloo (CPU, always), on NCCL and with the p2p transport (issue 17;
+``gpu``; two GPUs, one per process, NVLink multicast off in the children).
 """
 
 from __future__ import annotations
@@ -54,6 +54,12 @@ BACKENDS = [
         id="nccl",
         marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")],
     ),
+    # the same scenarios with the p2p transport (issue 17): NCCL process groups, bytes by peer copies
+    pytest.param(
+        "nccl-p2p",
+        id="p2p",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")],
+    ),
 ]
 
 _reached_fault_layer: list[float] = []  # per process: when this rank reached the faulty layer
@@ -81,18 +87,20 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
     to ``report_dir/rank{rank}.pkl`` (before the process group is torn down)."""
     from eplb_triton import TransferWorker, rearrange_expert_weights_inplace, transfer
 
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    gpu = backend.startswith("nccl")
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    transport = "p2p" if backend == "nccl-p2p" else "auto"
     old, new = all_to_all_maps(world, LAYERS)
-    specs = GPU_SPECS if backend == "nccl" else SPECS
+    specs = GPU_SPECS if gpu else SPECS
     weights = make_rank_weights(specs, LAYERS, old.shape[1] // world, device)
     budget = BUDGET_ROWS * sum((spec.row_bytes() + 15) // 16 * 16 for spec in specs)  # packed experts
     # warm-up on the same path, without timeout_s: communicator set-up and kernel compilation
     # happen here (the worker's process groups are pooled and reused by the next worker)
     fill_rank_weights(weights, old, rank, seed=11)
     if path == "blocking":
-        rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget)
+        rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget, transport=transport)
     else:
-        with TransferWorker(weights, max_buffer_bytes=budget) as warm:
+        with TransferWorker(weights, max_buffer_bytes=budget, transport=transport) as warm:
             warm.submit(old, new)
             warm.wait()
     fill_rank_weights(weights, old, rank, seed=11)
@@ -103,14 +111,14 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
     if path == "blocking":
         transfer.fault_hook = hook
         try:
-            rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget, timeout_s=TIMEOUT_S)
+            rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget, timeout_s=TIMEOUT_S, transport=transport)
         except Exception as exc:  # noqa: BLE001 - inspected by the test
             error, error_at = exc, time.monotonic()
         finally:
             transfer.fault_hook = None
     else:
         transfer.fault_hook = hook
-        job = TransferWorker(weights, max_buffer_bytes=budget, timeout_s=TIMEOUT_S)
+        job = TransferWorker(weights, max_buffer_bytes=budget, timeout_s=TIMEOUT_S, transport=transport)
         try:
             job.submit(old, new)
             deadline = time.monotonic() + STALL_S + 30.0
@@ -156,7 +164,7 @@ def _launch(
     traceback)``, and every process's exit code. Processes still alive ``deadline_s`` after the
     start, or ``linger_s`` after the first one ended, are killed (exit code negative).
     """
-    procs, results = spawn_ranks(world, fn, args, backend, 60.0)
+    procs, results = spawn_ranks(world, fn, args, "nccl" if backend.startswith("nccl") else backend, 60.0)
     reports: dict[int, tuple[bool, object]] = {}
     deadline = time.monotonic() + deadline_s
     try:
@@ -185,7 +193,7 @@ def _launch(
 def test_survivor_names_layer_and_peer_keeps_layers_whole_and_exits_cleanly(monkeypatch, tmp_path, backend, path, kind):
     for name, value in NCCL_ENV.items():
         monkeypatch.setenv(name, value)  # inherited by the children (NCCL reads them at init)
-    deadline_s = 240.0 if backend == "nccl" else 90.0  # NCCL: process spawn, CUDA init, kernel compiles
+    deadline_s = 240.0 if backend.startswith("nccl") else 90.0  # NCCL: process spawn, CUDA init, kernel compiles
     returned, exit_codes = _launch(WORLD, _rank_faulty_run, (backend, path, kind, str(tmp_path)), backend, deadline_s, STALL_S + 30.0)
     reports = {r: pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(WORLD) if (tmp_path / f"rank{r}.pkl").exists()}
 
