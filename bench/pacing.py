@@ -260,7 +260,8 @@ def plot(summary: dict, path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("transfer time, ms (submit to last swap, slowest rank; log scale)")
     ax.set_ylabel("serving slowdown (median iteration during / alone)")
-    ax.set_title(f"Pacing: serving slowdown vs transfer time\n{summary['machine']}", fontsize=8)
+    transport = summary["config"].get("transport", "auto")
+    ax.set_title(f"Pacing ({transport} transport): serving slowdown vs transfer time\n{summary['machine']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
