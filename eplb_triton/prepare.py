@@ -14,6 +14,7 @@ import torch
 from .comm import Communicator
 from .executor import LayerWork, staging_view
 from .inputs import CheckedInputs, WeightsSignature, agree_inputs, check_inputs, row_cost
+from .layout import resolve_backend
 from .p2p import resolve_transport
 from .passes import PassWork
 from .plan import LayerPlan, RearrangementPlan, _check_options, plan_from_maps, with_rounds
@@ -86,6 +87,7 @@ def prepare_layers(
     staging=None,
     expected_weights: WeightsSignature | None = None,
     transport: str = "auto",
+    backend: str | None = None,
 ) -> list[LayerWork]:
     """Validate everything, agree with every rank, plan and schedule; touches no weight.
 
@@ -100,6 +102,8 @@ def prepare_layers(
     refuses tensors replaced since that signature was taken (the background worker).
     ``transport`` (``"auto"``/``"nccl"``/``"p2p"``, :func:`eplb_triton.p2p.resolve_transport`)
     is resolved and agreed here; ``"p2p"`` moves whole messages (no pieces, no ``rounds``).
+    ``backend`` (pack/unpack: ``None``/``"auto"``/``"triton"``/``"torch"``) is checked here, so a bad
+    value is refused on every rank (a rank may pick another valid one: it is not agreed).
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
@@ -107,6 +111,8 @@ def prepare_layers(
         # part of the input stage: errors become this rank's verdict; the result is agreed on
         options: dict[str, object] = {"chunk_bytes": pipeline_chunk_bytes(comm.backend)}  # which ops meet
         device = checked.layouts[0].device if checked.layouts else None
+        if device is not None:
+            resolve_backend(backend, device)  # a bad value raises here, inside the agreed stage
         options["transport"] = resolve_transport(transport, comm, device)  # same on every rank
         if options["transport"] == "p2p":  # one pull per peer message: no pieces, no planner rounds
             options["chunk_bytes"] = 0

@@ -270,6 +270,7 @@ def rearrange_expert_weights_inplace(
         ranks_per_node=ranks_per_node,
         staging=staging,
         transport=transport,
+        backend=backend,
     )
     stats = TransferStats.empty(comm.rank, comm.world_size)
     if not layers:

@@ -76,7 +76,7 @@ def _break(case, rank, old, new, weights):
         return old, new, weights
     if case in ("pieces-differ-on-rank-1", "pieces-invalid-on-rank-1") and rank == 1:
         os.environ["EPLB_TRITON_CHUNK_BYTES"] = "256" if case.startswith("pieces-differ") else "lots"  # forked rank
-    if case.startswith(("pieces-", "ranks-per-node-", "staging-")):
+    if case.startswith(("pieces-", "ranks-per-node-", "staging-", "kernel-backend-")):
         return old, new, weights
     if case == "expanded-on-rank-1":
         if rank == 1:
@@ -112,6 +112,8 @@ def _rank_bad_input(rank, world, case):
         options = {"ranks_per_node": 1}
     if case == "staging-too-small-on-rank-1" and rank == 1:
         options = {"staging": torch.empty(8, dtype=torch.uint8)}
+    if case == "kernel-backend-invalid-on-rank-1" and rank == 1:
+        options = {"backend": "cuda"}
     try:
         rearrange_expert_weights_inplace(old, new, spoiled, max_buffer_bytes=budget, timeout_s=20.0, **options)
     except (ValueError, TypeError) as exc:
@@ -149,6 +151,7 @@ def _rank_bad_input(rank, world, case):
         pytest.param("ranks-per-node-differs-on-rank-1", "ValueError", "options differ on rank 1 (vs rank 0): rank 1 has ranks_per_node=1 where rank 0 has ranks_per_node=None", id="ranks-per-node-differs-one-rank"),
         pytest.param("staging-too-small-on-rank-1", "ValueError", "rank 1: staging holds 8 bytes, less than one packed expert", id="staging-too-small-one-rank"),
         pytest.param("zero-layers-on-rank-1", "ValueError", "maps differ on rank 1 (vs rank 0): rank 1 has maps of shape (0, 8)", id="zero-layers-one-rank"),
+        pytest.param("kernel-backend-invalid-on-rank-1", "ValueError", "rank 1: backend must be one of ('auto', 'triton', 'torch'), got 'cuda'", id="kernel-backend-invalid-one-rank"),
     ],
 )
 def test_bad_input_same_error_everywhere_weights_unchanged(distributed, case, kind, message):
@@ -245,8 +248,9 @@ def _worker_weights(case, rank):
 def _rank_worker_construction(rank, world, case):
     weights = _worker_weights(case, rank)
     before = [[t.clone() for t in layer] for layer in weights] if isinstance(weights, list) and weights and isinstance(weights[0], list) else None
+    backend = "cuda" if case == "kernel-backend-invalid-on-rank-1" and rank == 1 else None
     try:
-        TransferWorker(weights, timeout_s=20.0).close()
+        TransferWorker(weights, timeout_s=20.0, backend=backend).close()
     except (TypeError, ValueError) as exc:
         error = (type(exc).__name__, str(exc))
     else:
@@ -263,6 +267,7 @@ def _rank_worker_construction(rank, world, case):
         pytest.param("list-of-tensors", "TypeError", "layer 0: expected a list or tuple of tensors", id="list-of-tensors"),
         pytest.param("non-contiguous-rows-on-rank-1", "ValueError", "rank 1: layer 0, tensor 0: rows are not contiguous", id="non-contiguous-one-rank"),
         pytest.param("other-dtype-on-rank-1", "ValueError", "weight layouts differ on rank 1 (vs rank 0): rank 1 has layer 0, tensor 0: float16", id="other-dtype-one-rank"),
+        pytest.param("kernel-backend-invalid-on-rank-1", "ValueError", "rank 1: backend must be one of ('auto', 'triton', 'torch'), got 'cuda'", id="kernel-backend-invalid-one-rank"),
     ],
 )
 def test_worker_checks_weights_at_construction_on_every_rank(distributed, case, kind, message):

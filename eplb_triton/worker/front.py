@@ -16,6 +16,7 @@ import torch
 
 from ..comm import Communicator
 from ..inputs import agree_inputs, check_worker_inputs, weights_signature
+from ..layout import resolve_backend
 from ..maps import EPGroup, ExpertMap
 from ..pacing import Pacing, TransferProgress, check_pacing
 from ..p2p import P2PTransport, resolve_transport
@@ -171,6 +172,8 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
                 raise TypeError(f"log_progress must be a bool, got {type(log_progress).__name__}")
             pacing = check_pacing(layers_per_step, bytes_per_step, steps_per_layer)
             device = _checked.layouts[0].device if _checked.layouts else None
+            if device is not None:
+                resolve_backend(backend, device)  # a bad pack/unpack backend: refused on every rank
             # the gates must open on the same layers everywhere, and one transport: agreed
             return {**pacing.options(), "transport": resolve_transport(transport, moves, device)}
 
