@@ -56,17 +56,18 @@ def _rank(rank, world, args):
     from eplb_triton.comm import Communicator
     from eplb_triton.layout import ExpertLayout
 
-    from eplb_triton import inputs
+    from eplb_triton import executor, inputs, prepare
 
+    # each function is wrapped where its caller looks it up (the module that imported it)
     for owner, name in [(Communicator, "exchange"), (Communicator, "wait"), (Communicator, "agree"),
                         (Communicator, "confirm"), (Communicator, "_post_coalesced"), (ExpertLayout, "move"),
                         (ExpertLayout, "launch"), (transfer.PassWork, "device_rows"),
                         (transfer.PassWork, "batches"), (transfer.PassWork, "post_batches"),
                         (transfer.PassWork, "apply"), (transfer.PassWork, "count_into"),
                         (transfer.PassWork, "from_view"), (transfer.LayerWork, "run"),
-                        (transfer, "prepare_layers"), (transfer, "plan_from_maps"), (transfer, "schedule_layer"),
-                        (transfer, "upload_rows"), (transfer, "finish_transfer"), (transfer, "_elapsed"),
-                        (transfer, "_mark"), (transfer, "check_inputs"), (transfer, "agree_inputs"),
+                        (transfer, "prepare_layers"), (prepare, "plan_from_maps"), (prepare, "schedule_layer"),
+                        (executor, "upload_rows"), (transfer, "finish_transfer"), (transfer, "_elapsed"),
+                        (executor, "_mark"), (prepare, "check_inputs"), (prepare, "agree_inputs"),
                         (inputs, "check_weights"), (inputs, "normalize_maps")]:
         timed(owner, name)
 
