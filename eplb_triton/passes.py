@@ -49,6 +49,8 @@ def _wire_order(rows_by_peer: dict[int, np.ndarray], peers: list[int], chunk: in
     experts of each peer per piece) when messages are split."""
     if not peers:
         return np.zeros(0, dtype=np.int64)
+    if chunk is None and len(peers) == 1:  # one peer (world 2): its rows as they are, no copy
+        return np.asarray(rows_by_peer[peers[0]], dtype=np.int64)
     if chunk is None:
         return np.concatenate([np.asarray(rows_by_peer[p], dtype=np.int64) for p in peers])
     longest = max(len(rows_by_peer[p]) for p in peers)

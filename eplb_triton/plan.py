@@ -48,6 +48,7 @@ __all__ = [
     "ROUND_KINDS",
     "RearrangementPlan",
     "network_rounds",
+    "rank_views",
     "normalize_elastic_maps",
     "plan_from_maps",
     "plan_layer",
@@ -242,6 +243,54 @@ class LayerPlan:
             dup_src_rows=self.dst_slot[self.dup_delivery[dup_on_rank]] % n,
             dup_dst_rows=self.dup_dst_slot[dup_on_rank] % n,
         )
+
+
+def rank_views(layers: Sequence[LayerPlan], rank: int) -> list[RankPlan]:
+    """:meth:`LayerPlan.rank` of every layer (cached on each), with the numpy work done for all
+    layers at once: one layer's view alone is ~15 numpy calls whatever its size (~50 us of host
+    time per layer on the H200 hosts, a tenth of a layer's transfer). The layers share
+    ``ep_size`` and ``num_local`` (one :class:`RearrangementPlan`)."""
+    todo = [layer for layer in layers if rank not in layer._rank_cache]
+    if len(todo) > 1:
+        n = todo[0].num_local
+        if any(layer.num_local != n or layer.ep_size != todo[0].ep_size for layer in todo):
+            raise ValueError("rank_views needs layers of one plan (same ep_size and num_local)")
+        if not 0 <= rank < todo[0].ep_size:
+            raise ValueError(f"rank {rank} out of range for ep_size {todo[0].ep_size}")
+        count = np.array([layer.src_slot.size for layer in todo])
+        first = _offsets(count)
+        layer_of = np.repeat(np.arange(len(todo)), count)
+        src = np.concatenate([layer.src_slot for layer in todo])
+        dst = np.concatenate([layer.dst_slot for layer in todo])
+        net = np.concatenate([layer.is_network for layer in todo])
+        src_rank, dst_rank = src // n, dst // n
+        # dup fills: the row a fill copies is its delivery's destination (delivery index + layer start)
+        dup_count = np.array([layer.dup_dst_slot.size for layer in todo])
+        dup_dst = np.concatenate([layer.dup_dst_slot for layer in todo])
+        dup_of = np.concatenate([layer.dup_delivery + first[i] for i, layer in enumerate(todo)])
+        dup_layer = np.repeat(np.arange(len(todo)), dup_count)
+        on_rank = dup_dst // n == rank
+
+        def per_layer(mask: np.ndarray, layer_index: np.ndarray, *arrays: np.ndarray) -> list[list[np.ndarray]]:
+            bounds = _offsets(np.bincount(layer_index[mask], minlength=len(todo))).tolist()
+            picked = [a[mask] for a in arrays]  # order kept: a layer's entries stay in its own order
+            return [[a[bounds[i] : bounds[i + 1]] for a in picked] for i in range(len(todo))]
+
+        sends = per_layer(net & (src_rank == rank), layer_of, dst_rank, src % n)
+        recvs = per_layer(net & (dst_rank == rank), layer_of, src_rank, dst % n)
+        local = per_layer(~net & (dst_rank == rank), layer_of, src % n, dst % n)
+        dups = per_layer(on_rank, dup_layer, dst[dup_of] % n, dup_dst % n)
+        for i, layer in enumerate(todo):
+            layer._rank_cache[rank] = RankPlan(
+                rank=rank,
+                send_rows=_split_by_peer(*sends[i]),
+                recv_rows=_split_by_peer(*recvs[i]),
+                local_src_rows=local[i][0],
+                local_dst_rows=local[i][1],
+                dup_src_rows=dups[i][0],
+                dup_dst_rows=dups[i][1],
+            )
+    return [layer.rank(rank) for layer in layers]
 
 
 def _split_by_peer(peer: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:

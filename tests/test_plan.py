@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eplb_triton import plan_rearrangement
-from eplb_triton.plan import plan_layer
+from eplb_triton.plan import plan_layer, rank_views
 from eplb_triton.testing.balancer import placement_sequence
 from eplb_triton.plan import balance_assignment
 
@@ -434,3 +434,47 @@ def test_bad_options(kwargs, exc, match):
     old = np.arange(8)
     with pytest.raises(exc, match=match):
         plan_rearrangement(old, old[::-1].copy(), 4, **kwargs)
+
+
+def _same_view(a, b) -> bool:
+    """RankPlans equal field by field (values, dtypes and per-peer order)."""
+    if a.rank != b.rank or sorted(a.send_rows) != sorted(b.send_rows) or sorted(a.recv_rows) != sorted(b.recv_rows):
+        return False
+    pairs = [(a.send_rows[p], b.send_rows[p]) for p in a.send_rows] + [(a.recv_rows[p], b.recv_rows[p]) for p in a.recv_rows]
+    pairs += [(getattr(a, f), getattr(b, f)) for f in ("local_src_rows", "local_dst_rows", "dup_src_rows", "dup_dst_rows")]
+    return all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in pairs)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(map_cases())
+def test_rank_views_of_all_layers_equal_one_layer_views(case):
+    """The all-layers view (one numpy pass) equals each layer's own view on every rank:
+    replicas, -1 slots, local moves, duplicate fills, worlds of any size."""
+    old, new, ep, _ = case
+    together = plan_rearrangement(old, new, ep)
+    alone = plan_rearrangement(old, new, ep)
+    for rank in range(ep):
+        views = rank_views(together.layers, rank)
+        for layer, view in zip(alone.layers, views):
+            assert _same_view(view, layer._build_rank_view(rank))
+        assert all(rank in layer._rank_cache for layer in together.layers)
+
+
+def test_rank_views_needs_one_plan_and_a_valid_rank():
+    rng = np.random.default_rng(3)
+    a = plan_rearrangement(*make_maps(rng, 2, 2, 4, 8), 2)
+    b = plan_rearrangement(*make_maps(rng, 2, 4, 2, 8), 4)
+    with pytest.raises(ValueError, match="same ep_size and num_local"):
+        rank_views([a.layers[0], b.layers[0]], 0)
+    with pytest.raises(ValueError, match="out of range"):
+        rank_views(a.layers, 2)
+
+
+@pytest.mark.parametrize("ep,layers,num_local", [pytest.param(8, 6, 4, id="ep8-L6"), pytest.param(2, 16, 16, id="ep2-L16")])
+def test_rank_views_large_worlds(ep, layers, num_local):
+    rng = np.random.default_rng(ep * 100 + layers)
+    old, new = make_maps(rng, layers, ep, num_local, ep * num_local - 3)  # replicas and -1 slots
+    together, alone = plan_rearrangement(old, new, ep), plan_rearrangement(old, new, ep)
+    for rank in range(ep):
+        for layer, view in zip(alone.layers, rank_views(together.layers, rank)):
+            assert _same_view(view, layer._build_rank_view(rank))

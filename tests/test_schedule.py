@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from eplb_triton.plan import plan_rearrangement
-from eplb_triton.schedule import _rank_load, schedule_layer, smallest_budget_bytes
+from eplb_triton.schedule import _rank_load, fits_one_pass, schedule_layer, smallest_budget_bytes
 
 
 def check_schedule(layer, capacity, default_budget=False):
@@ -123,3 +123,32 @@ def test_rows_per_rank_is_the_load_table_summed(world):
         new = np.stack([np.where(np.isin(n, o), n, -1) for o, n in zip(old, new)])  # only experts held in that layer
         for layer in plan_rearrangement(old, new, world).layers:
             assert np.array_equal(_rows_per_rank(layer), _rank_load(layer).sum(axis=0))
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_fits_one_pass_decides_as_schedule_layer(world):
+    """The all-layers test takes schedule_layer's one-pass shortcut exactly where it does (and
+    that shortcut is one pass with every delivery and no stash), for budgets from none to more
+    than a layer and the default budget."""
+    from eplb_triton.schedule import _rows_per_rank
+
+    rng = np.random.default_rng(world + 10)
+    for _ in range(20):
+        num_local = int(rng.integers(1, 6))
+        slots = world * num_local
+        old = rng.integers(-1, slots, size=(4, slots))
+        new = rng.integers(-1, slots, size=(4, slots))
+        new[:, 0] = old[:, 0] = 0
+        new = np.stack([np.where(np.isin(n, o), n, -1) for o, n in zip(old, new)])
+        new[1] = old[1]  # a layer that moves nothing
+        layers = plan_rearrangement(old, new, world).layers
+        for capacity in [0, 1, 2, num_local, 2 * num_local + 1]:
+            got = fits_one_pass(layers, [capacity] * len(layers))
+            for layer, fits in zip(layers, got):
+                shortcut = layer.num_deliveries > 0 and capacity >= 1 and _rows_per_rank(layer).max() <= capacity
+                assert bool(fits) == bool(shortcut), (capacity, layer)
+                if fits:
+                    budget = None if capacity == num_local else capacity * 16
+                    schedule = schedule_layer(layer, 16, budget)
+                    assert len(schedule.passes) == 1 and schedule.stash_slots.size == 0
+                    assert np.array_equal(schedule.passes[0], np.arange(layer.num_deliveries))
