@@ -59,7 +59,7 @@ def _rank(rank, world, args):
     from eplb_triton import executor, inputs, prepare
 
     # each function is wrapped where its caller looks it up (the module that imported it)
-    for owner, name in [(Communicator, "exchange"), (Communicator, "wait"), (Communicator, "agree"),
+    for owner, name in [(Communicator, "exchange"), (Communicator, "wait"), (Communicator, "agree_start"),
                         (Communicator, "confirm"), (Communicator, "_post_coalesced"), (ExpertLayout, "move"),
                         (ExpertLayout, "launch"), (transfer.PassWork, "device_rows"),
                         (transfer.PassWork, "batches"), (transfer.PassWork, "post_batches"),
@@ -67,7 +67,7 @@ def _rank(rank, world, args):
                         (transfer.PassWork, "from_view"), (transfer.LayerWork, "run"),
                         (transfer, "prepare_layers"), (prepare, "plan_from_maps"), (prepare, "schedule_layer"),
                         (executor, "upload_rows"), (transfer, "finish_transfer"), (transfer, "_elapsed"),
-                        (executor, "_mark"), (prepare, "check_inputs"), (prepare, "agree_inputs"),
+                        (executor, "_mark"), (prepare, "check_inputs"), (prepare, "agree_inputs_start"),
                         (inputs, "check_weights"), (inputs, "normalize_maps")]:
         timed(owner, name)
 

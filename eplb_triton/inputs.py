@@ -416,4 +416,10 @@ def check_backend_device(comm: Communicator, device: torch.device) -> None:
 def agree_inputs(comm: Communicator, checked: CheckedInputs) -> None:
     """The collective half: every rank raises the same error when any rank's verdict is bad
     or the ranks' maps, weight layouts or options differ (message names ranks and what)."""
-    comm.agree(checked.error, checked.fingerprints, timeout_s=checked.timeout_s, describe=checked.describe)
+    agree_inputs_start(comm, checked)()
+
+
+def agree_inputs_start(comm: Communicator, checked: CheckedInputs) -> Callable[[], None]:
+    """:func:`agree_inputs` posted now; call the result to finish it (it raises then). Between
+    the two, touch no weight: another rank's verdict is not known yet."""
+    return comm.agree_start(checked.error, checked.fingerprints, timeout_s=checked.timeout_s, describe=checked.describe)

@@ -13,7 +13,7 @@ import torch
 
 from .comm import Communicator
 from .executor import LayerWork, staging_view
-from .inputs import CheckedInputs, WeightsSignature, agree_inputs, check_inputs, row_cost
+from .inputs import CheckedInputs, WeightsSignature, agree_inputs_start, check_inputs, row_cost
 from .layout import resolve_backend
 from .p2p import resolve_transport
 from .passes import PassWork
@@ -143,12 +143,15 @@ def prepare_layers(
         expected_weights=expected_weights,
         more_checks=more_checks,
     )
-    agree_inputs(comm, checked)  # raises the same error on every rank; nothing touched yet
+    finish_agreement = agree_inputs_start(comm, checked)
+    plan = _plan_while_agreeing(checked, ranks_per_node)
+    finish_agreement()  # raises the same error on every rank; nothing touched yet
     maps, layouts, kind = checked.maps, checked.layouts, checked.round_kind
     max_buffer_bytes = checked.max_buffer_bytes
     chunk_bytes = checked.extra_options.get("chunk_bytes", 0)
 
-    plan = plan_from_maps(maps, ranks_per_node=ranks_per_node)
+    if plan is None:
+        plan = plan_from_maps(maps, ranks_per_node=ranks_per_node)
     costs = [row_cost(layout, verify) for layout in layouts]
     if max_buffer_bytes is not None and costs and max_buffer_bytes < max(costs):
         # same plan and budget on every rank (agreed above): every rank raises this
@@ -201,6 +204,18 @@ def prepare_layers(
             )
         )
     return layers
+
+
+def _plan_while_agreeing(checked: CheckedInputs, ranks_per_node: int | None) -> RearrangementPlan | None:
+    """The plan of this rank's own (locally valid) maps, made while the agreement is in flight;
+    pure numpy, no weight touched. ``None`` when the local verdict is bad or planning fails: the
+    caller plans again after the agreement, where any error is raised on every rank alike."""
+    if checked.error is not None or checked.maps is None:
+        return None
+    try:
+        return plan_from_maps(checked.maps, ranks_per_node=ranks_per_node)
+    except Exception:  # noqa: BLE001 - raised again after the agreement, by the same call
+        return None
 
 
 def _smallest_budget_text(plan: RearrangementPlan, costs: Sequence[int], verify: bool) -> str:

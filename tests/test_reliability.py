@@ -534,9 +534,12 @@ class _PostingComm:
             def global_rank(self, peer):
                 return peer
 
-            def agree(self, error, fingerprints=0, *, timeout_s=None, describe=None):  # one process: nobody to agree with
-                if error is not None:
-                    raise error
+            def agree_start(self, error, fingerprints=0, *, timeout_s=None, describe=None):  # one process: nobody to agree with
+                def finish():
+                    if error is not None:
+                        raise error
+
+                return finish
 
         return Local(group=object(), rank=rank, world_size=world, backend="gloo")
 
