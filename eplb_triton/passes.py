@@ -19,7 +19,7 @@ import torch
 
 from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
 from .comm import Communicator
-from .layout import ExpertLayout, index_lists
+from .layout import ExpertLayout, index_tensor
 from .plan import RankPlan
 from .stats import TransferStats
 
@@ -28,17 +28,34 @@ __all__ = ["PassWork", "upload_rows"]
 
 def upload_rows(works: Sequence["PassWork"], device: torch.device) -> None:
     """Every row list of ``works`` to ``device`` in one pinned copy (one per call rather than
-    one per pass), cut into views by two ``split`` calls (a slice per list cost ~3 us of host
-    time each: ~0.4 ms for an 8-layer call on the H200 hosts)."""
+    one per pass). Each pass gets its lists as views of that one tensor, made when first asked
+    for (:class:`_RowViews`): a view costs ~2-3 us of host time on the H200 hosts and a pass
+    launches with two of its eight lists in the usual case."""
     lists = [work._row_lists() for work in works]
-    flat, pieces = index_lists([a for row_lists in lists for a in row_lists], device)
-    # the same memory in pairs (send + local sources, local destinations + receives, fills): one launch each
-    pairs = flat.split([a.size + b.size for row_lists in lists for a, b in zip(row_lists[::2], row_lists[1::2])])
-    width, half = len(_ROW_LISTS), len(_ROW_LISTS) // 2
+    arrays = [np.asarray(a, dtype=np.int64) for row_lists in lists for a in row_lists]
+    flat = index_tensor(np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64), device)
+    starts = np.concatenate(([0], np.cumsum([a.size for a in arrays], dtype=np.int64))).tolist()
+    width = len(_ROW_LISTS)
     for i, work in enumerate(works):
-        rows = dict(zip(_ROW_LISTS, pieces[i * width : (i + 1) * width]))
-        rows["send+local_src"], rows["local_dst+recv"] = pairs[i * half], pairs[i * half + 1]
-        work._device_rows = rows
+        at = starts[i * width : (i + 1) * width + 1]
+        spans = {name: (at[k], at[k + 1]) for k, name in enumerate(_ROW_LISTS)}
+        # the same memory in pairs (send + local sources, local destinations + receives): one launch each
+        spans["send+local_src"], spans["local_dst+recv"] = (at[0], at[2]), (at[2], at[4])
+        work._device_rows = _RowViews(flat, spans)
+
+
+class _RowViews(dict):
+    """A pass's row lists on the device, by name: views of one uploaded tensor, each made on
+    first use (``rows[name]``)."""
+
+    def __init__(self, flat: torch.Tensor, spans: dict[str, tuple[int, int]]):
+        super().__init__()
+        self._flat, self._spans = flat, spans
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        start, stop = self._spans[name]
+        view = self[name] = self._flat[start:stop]
+        return view
 
 
 _ROW_LISTS = ("send", "local_src", "local_dst", "recv", "dup_src", "dup_dst")  # in this order in memory
@@ -351,7 +368,6 @@ class PassWork:
         moves' sources there; when it directly follows ``send_buf`` and messages are whole, one
         launch packs both. ``launch_lock`` is held around each launch (not around the posts)."""
         eb, device_rows = self.expert_bytes, self.device_rows(layout.device)
-        rows = device_rows["send"]
         batches = self.batches()
         if local_buf is not None and self.local_src_rows.size:
             adjacent = local_buf.data_ptr() == send_buf.data_ptr() + self.send_rows.size * eb
@@ -368,7 +384,7 @@ class PassWork:
             if sends and pack:
                 first, stop = sends[0][1], sends[-1][1] + sends[-1][2]
                 with launch_lock:
-                    layout.move("pack", send_buf[first * eb : stop * eb], src_rows=rows[first:stop], backend=backend)
+                    layout.move("pack", send_buf[first * eb : stop * eb], src_rows=device_rows["send"][first:stop], backend=backend)
                 if stash is not None and self.stashed_sends.size:  # the blocking path: rows its earlier passes overwrote
                     mine = (self.stashed_sends >= first) & (self.stashed_sends < stop)
                     self._from_stash(send_buf, self.stashed_sends[mine], self.stashed_send_entries[mine], stash)
