@@ -713,7 +713,7 @@ def test_peer_that_stops_calling_step_times_out_on_every_rank():
 
 
 @pytest.mark.parametrize(
-    "point,round_index",
+    "point,pass_index",
     [
         pytest.param("layer_start", 0, id="layer-start"),
         pytest.param("before_send", 0, id="before-first-send"),
@@ -722,11 +722,11 @@ def test_peer_that_stops_calling_step_times_out_on_every_rank():
         pytest.param("before_publish", 0, id="between-layers"),
     ],
 )
-def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, round_index):
-    # a tight budget: every layer runs in several rounds, so "mid-layer" really is mid-layer
+def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, pass_index):
+    # a tight budget: every layer runs in several passes, so "mid-layer" really is mid-layer
     world = 4
     old, new = all_to_all_maps(world, 3)
-    results = run_faults(world, old, new, partial(raise_at, point, 1, round_index, 2, error=injected_naming_the_layer), timeout_s=10.0, max_buffer_bytes=4 * PACKED)
+    results = run_faults(world, old, new, partial(raise_at, point, 1, pass_index, 2, error=injected_naming_the_layer), timeout_s=10.0, max_buffer_bytes=4 * PACKED)
     applied = assert_consistent(results, list(range(world)))
     assert all(l < 1 for l in applied), applied
     for rank, res in enumerate(results):
@@ -739,21 +739,21 @@ def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, rou
 
 
 @pytest.mark.parametrize(
-    "layer,round_index,budget",
+    "layer,pass_index,budget",
     [
         pytest.param(1, 0, None, id="single-round"),
         pytest.param(1, 1, 4 * (PACKED + 16), id="second-round"),
     ],
 )
-def test_verify_catches_corruption_in_flight_and_layer_is_not_applied(layer, round_index, budget):
+def test_verify_catches_corruption_in_flight_and_layer_is_not_applied(layer, pass_index, budget):
     world = 4
     old, new = all_to_all_maps(world, 3)
-    hook = partial(corrupt_in_flight, layer, round_index)
+    hook = partial(corrupt_in_flight, layer, pass_index)
     results = run_faults(world, old, new, hook, verify=True, max_buffer_bytes=budget, timeout_s=10.0)
     applied = assert_consistent(results, list(range(world)))
     assert all(l < layer for l in applied), applied  # the corrupted layer is old on every rank
-    # the hook corrupted the first expert of the last peer's message in that round
-    want_peer, want_expert = corrupted_peer_and_expert(old, new, world, layer, round_index, PACKED + 16, budget)
+    # the hook corrupted the first expert of the last peer's message in that pass
+    want_peer, want_expert = corrupted_peer_and_expert(old, new, world, layer, pass_index, PACKED + 16, budget)
     for rank in range(world):
         error = results[rank]["error"]
         assert error is not None and error["type"] == "ChecksumMismatchError", (rank, error)
@@ -913,7 +913,7 @@ def _rank_nccl_verify(rank, world, corrupt):
         if where == "in_flight" and info["rank"] == 1 and info["layer"] == 1 and info["received"] and not fired:
             peer, data = sorted(info["received"].items())[-1]
             data[7] ^= 0x40
-            fired.append((info["round"], peer))
+            fired.append((info["pass_index"], peer))
 
     transfer.fault_hook = corrupt_first_delivery if corrupt else None
     applied, error = [], None

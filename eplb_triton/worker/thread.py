@@ -176,7 +176,7 @@ class ThreadMixin:
                         layout.pack(work.send_rows, send_buf, backend=backend)
                 sends = _per_peer(send_buf, work.send_peers, work.send_counts, eb)
                 recvs = _per_peer(recv_buf, work.recv_peers, work.recv_counts, eb)
-            hooks.fault("before_send", rank=rank, layer=layer_index, round=number)
+            hooks.fault("before_send", rank=rank, layer=layer_index, pass_index=number)
             job.cursor = (index, number + 1)  # posted (even if posting fails): never re-posted by a drain
             # gloo: blocks this thread (GIL released); NCCL: the worker stream waits, the host does not.
             try:  # posting fails too when a peer's connection is already closed
@@ -194,7 +194,7 @@ class ThreadMixin:
                 job.broken = True  # the group is unusable: no drain
                 raise
             work.count_into(job.stats, len(labels))
-            hooks.fault("in_flight", rank=rank, layer=layer_index, round=number, received=recvs)
+            hooks.fault("in_flight", rank=rank, layer=layer_index, pass_index=number, received=recvs)
             if job.verify and work.recv_rows.size:
                 received = torch.cat(
                     [t[: c * CHECKSUM_BYTES].view(torch.int64) for t, c in zip(
