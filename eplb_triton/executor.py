@@ -3,7 +3,7 @@
 Per layer and pass, on one rank::
 
     staging = [ packed sends, peer by peer | receive buffers, peer by peer | local scratch ]
-    pack(send rows), stage(local sources)  ->  one irecv + one isend per peer (batch_isend_irecv)
+    pack(send rows, local sources)  ->  one irecv + one isend per peer (batch_isend_irecv)
     ->  wait (deadline: timeout_s)  ->  verify checksums  ->  write: local moves, received, duplicates
 
 A layer that runs in several passes saves the old contents of what it overwrites (undo
@@ -166,7 +166,7 @@ class LayerWork:
                         raise
                     exchanges = []
                 else:
-                    work.stage_local(layout, staging, backend)
+                    work.pack_local_sources(layout, staging, backend)
                     work.pack_sends(layout, staging, backend, stash)
                     if hook is not None:
                         hook("before_send", rank=comm.rank, layer=self.index, pass_index=i)

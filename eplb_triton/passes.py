@@ -94,7 +94,7 @@ class PassWork:
     irecv per pass. Without ``verify`` every send row is packed by one launch; with it,
     one launch per peer (the trailers split the buffer).
 
-    Sync-path order (see :meth:`LayerWork.run`): :meth:`pack_sends` and :meth:`stage_local`
+    Sync-path order (see :meth:`LayerWork.run`): :meth:`pack_sends` and :meth:`pack_local_sources`
     only *read* rows; :meth:`post` starts the exchange; after the wait, :meth:`verify_received`
     and :meth:`apply` write rows. So nothing is written before the pass's receives are in.
 
@@ -410,7 +410,7 @@ class PassWork:
                 torch.as_tensor(entries, device=table.device)
             ]
 
-    def stage_local(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
+    def pack_local_sources(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
         """Copy the old rows that local moves read into scratch (reads rows only)."""
         if self.local_src_rows.size:
             rows = self.device_rows(layout.device)["local_src"]
@@ -423,11 +423,11 @@ class PassWork:
     def start(
         self, layout: ExpertLayout, staging: torch.Tensor, comm: Communicator, backend: str | None, stash: torch.Tensor | None = None
     ) -> list:
-        """Pack every peer's rows, stage local sources and start the exchange; returns requests."""
+        """Pack every peer's rows and the local sources and start the exchange; returns requests."""
         if not self.framed:
             send_buf, recv_buf, scratch = self._slices(staging)
             return self.post_batches(layout, send_buf, recv_buf, comm, backend, stash, local_buf=scratch)[0]
-        self.stage_local(layout, staging, backend)
+        self.pack_local_sources(layout, staging, backend)
         self.pack_sends(layout, staging, backend, stash)
         return self.post(staging, comm)
 
@@ -472,7 +472,7 @@ class PassWork:
         self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
     ) -> None:
         """Local moves straight from rows (writes before the receives are in: not atomic;
-        kept for callers of the first API; :meth:`stage_local` + :meth:`apply` replace it)."""
+        kept for callers of the first API; :meth:`pack_local_sources` + :meth:`apply` replace it)."""
         if self.local_dst_rows.size:
             layout.copy_rows(self.local_src_rows, self.local_dst_rows, backend=backend, scratch=self._slices(staging)[2])
         self._local_from_stash(layout, stash, backend)

@@ -76,7 +76,7 @@ def slow_down(worker, seconds, rank_filter=None):
     """Make the worker spend ``seconds`` per layer (stop-aware), to keep a transfer in flight."""
     original = worker._transfer_layer
 
-    def slow(job, index, stage):
+    def slow(job, index, prepared):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if worker._stop:
@@ -84,7 +84,7 @@ def slow_down(worker, seconds, rank_filter=None):
 
                 raise _Stopped
             time.sleep(0.002)
-        return original(job, index, stage)
+        return original(job, index, prepared)
 
     worker._transfer_layer = slow
 
@@ -293,10 +293,10 @@ def _rank_worker_failure(rank, world, old, new, failing_rank, failing_layer):
     if rank == failing_rank:
         original = worker._transfer_layer
 
-        def transfer_or_fail(job, index, stage):
+        def transfer_or_fail(job, index, prepared):
             if index == failing_layer:
                 raise InjectedFailure(f"disk on fire at layer {index}")
-            return original(job, index, stage)
+            return original(job, index, prepared)
 
         worker._transfer_layer = transfer_or_fail
     worker.submit(old, new)

@@ -57,7 +57,7 @@ communicator must not be used by two threads at once).
 Files (one job each; :class:`TransferWorker` is the front end and takes the others as mixins):
 ``front.py`` (construct, ``submit``/``step``/``wait``/``close``, ``progress``), ``thread.py``
 (the worker thread: per-layer transfer, publish, drain, shutdown), ``staging.py`` (slots,
-:class:`_Stage`, ``reserve``, the swap), ``agreement.py`` (the step agreement, sharing
+:class:`_PreparedLayer`, ``reserve``, the swap), ``agreement.py`` (the step agreement, sharing
 failures, probing peers), ``groups.py`` (process groups: pool, rendezvous, rank order) and
 ``hooks.py`` (test seams; the fault hook itself is :data:`eplb_triton.transfer.fault_hook`).
 """

@@ -274,9 +274,9 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             expected_weights=self._weights_signature,
             transport=self.transport,
         )
-        job = self._stage_job(layers)
+        job = self._build_job(layers)
         with self._cond:
-            if not job.stages:
+            if not job.prepared_layers:
                 self._last_stats = job.stats
                 self._last_progress = TransferProgress.of(0, 0, 0, 0, 0, 0.0)
                 return
@@ -308,9 +308,9 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         done = []
         try:
             while job.swapped < ready:
-                stage = job.stages[job.swapped]
-                self._swap(job, stage)
-                done.append(stage.layer.index)
+                prepared = job.prepared_layers[job.swapped]
+                self._swap(job, prepared)
+                done.append(prepared.layer.index)
         except BaseException:  # a failed launch here is not recoverable: stop the thread, no leak
             self._shutdown()
             raise
@@ -319,7 +319,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             if lift:  # agreed: every rank lifts the pace at this step
                 job.gate.lift()
             self._cond.notify_all()
-        if job.swapped == len(job.stages):
+        if job.swapped == len(job.prepared_layers):
             job.finished_at = time.monotonic()
             self._last_stats = job.stats
             self._last_progress = self._progress_of(job)
@@ -392,5 +392,5 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         end = job.finished_at if job.finished_at is not None else time.monotonic()
         stats = job.stats  # counted by the worker thread: at worst one pass behind
         return TransferProgress.of(
-            len(job.stages), done, moved, stats.total_bytes_sent, stats.total_bytes_received, end - job.submitted_at
+            len(job.prepared_layers), done, moved, stats.total_bytes_sent, stats.total_bytes_received, end - job.submitted_at
         )

@@ -1,7 +1,7 @@
 """Staging: each layer's slot plan, the two slots, the send buffer, and the swap.
 
 Until its swap a layer's live rows are only read, so every row this rank writes in a layer is
-staged beforehand as a packed expert holding the row's final content (:class:`_Stage`); two
+staged beforehand as a packed expert holding the row's final content (:class:`_PreparedLayer`); two
 slots double-buffer layers (the next transfers while the current waits for its swap) and one
 send buffer holds a staging pass's sends. ``reserve=True`` allocates the worst case once.
 """
@@ -30,8 +30,9 @@ log = logging.getLogger("eplb_triton.worker")  # one logger for the package (doc
 
 
 @dataclass
-class _Stage:
-    """One layer's staging plan on this rank: the slot holds one packed expert per row written.
+class _PreparedLayer:
+    """One layer prepared for the worker's staging on this rank: the slot holds one packed
+    expert per row written, and these are where each goes.
 
     Slot order: receives of pass 0, pass 1, ... | local-move sources | duplicates.
     """
@@ -55,7 +56,7 @@ class _Stage:
         self.device_lists = out
 
     @classmethod
-    def build(cls, layer: LayerWork, rank: int) -> "_Stage":
+    def build(cls, layer: LayerWork, rank: int) -> "_PreparedLayer":
         eb = layer.layout.expert_bytes
         view = layer.plan.rank(rank)  # the whole layer: local moves and duplicates of all passes
         recv = [work.recv_rows for work in layer.passes]
@@ -95,7 +96,7 @@ class _Slot:
 class _Job:
     """One submitted rearrangement. Counters are guarded by the worker's condition."""
 
-    stages: list[_Stage]
+    prepared_layers: list[_PreparedLayer]
     slots: list[_Slot]
     send_buffer: torch.Tensor
     stats: TransferStats
@@ -167,13 +168,13 @@ class StagingMixin:
         sums = 2 * 16 * rows if self.verify else 0
         return torch.empty(max(2 * slot + budget + sums, 1), dtype=torch.uint8, device=self._device)
 
-    def _stage_job(self, layers: Sequence[LayerWork]) -> _Job:
+    def _build_job(self, layers: Sequence[LayerWork]) -> _Job:
         """Plan every layer's slot, allocate (or reuse) the staging and build the job."""
         rank = self._transfer.rank
-        stages = [_Stage.build(layer, rank) for layer in layers]
-        slot_bytes = max((s.nbytes for s in stages), default=0)
-        send_bytes = max((s.send_bytes for s in stages), default=0)
-        trailers = [_pass_trailer_bytes(w) for s in stages for w in s.layer.passes] if self.verify else []
+        prepared = [_PreparedLayer.build(layer, rank) for layer in layers]
+        slot_bytes = max((s.nbytes for s in prepared), default=0)
+        send_bytes = max((s.send_bytes for s in prepared), default=0)
+        trailers = [_pass_trailer_bytes(w) for s in prepared for w in s.layer.passes] if self.verify else []
         send_sums = max((t[0] for t in trailers), default=0)
         recv_sums = max((t[1] for t in trailers), default=0)
         p2p = self._map_p2p(layers)
@@ -192,7 +193,7 @@ class StagingMixin:
         schedule = None
         if self._pacing.paced:
             schedule = self._pacing.schedule(
-                [layer_gate_bytes(s.layer.plan.traffic, s.layer.layout.expert_bytes) for s in stages]
+                [layer_gate_bytes(s.layer.plan.traffic, s.layer.layout.expert_bytes) for s in prepared]
             )
         start_event = None
         if self._stream is not None:
@@ -201,7 +202,7 @@ class StagingMixin:
             start_event = hooks._cuda.Event()
             start_event.record(hooks._cuda.current_stream(self._device))
         job = _Job(
-            stages=stages,
+            prepared_layers=prepared,
             slots=[_Slot(storage[:slot_bytes]), _Slot(storage[slot_bytes : 2 * slot_bytes])],
             send_buffer=storage[2 * slot_bytes : sums_at] if p2p is None else p2p.buffer,
             stats=stats,
@@ -216,7 +217,7 @@ class StagingMixin:
         )
         log.info(
             "rank %d: submitted %d layers, staging %d bytes (2 x %d slot + %d send)%s",
-            rank, len(stages), storage.numel(), slot_bytes, send_bytes,
+            rank, len(prepared), storage.numel(), slot_bytes, send_bytes,
             f", paced over {schedule[-1] + 1} steps ({self._pacing.options()})" if schedule else "",
         )
         return job
@@ -240,19 +241,19 @@ class StagingMixin:
         self._p2p = P2PTransport.create(self._transfer, device, need, control=self._control, timeout_s=self.timeout_s)
         return self._p2p
 
-    def _swap(self, job: _Job, stage: _Stage) -> None:
+    def _swap(self, job: _Job, prepared: _PreparedLayer) -> None:
         slot = job.slots[job.swapped % 2]
-        if stage.rows.size:
-            layout = stage.layer.layout
+        if prepared.rows.size:
+            layout = prepared.layer.layout
             with self._kernel_lock:
-                if stage.device_rows is not None and resolve_backend(job.backend, self._device) == "triton":
+                if prepared.device_rows is not None and resolve_backend(job.backend, self._device) == "triton":
                     # rows come from the plan (distinct, in range): the unchecked launch is safe
-                    layout.launch("unpack", slot.buffer[: stage.nbytes], dst_rows=stage.device_rows)
-                    stage.device_rows.record_stream(hooks._cuda.current_stream(self._device))
+                    layout.launch("unpack", slot.buffer[: prepared.nbytes], dst_rows=prepared.device_rows)
+                    prepared.device_rows.record_stream(hooks._cuda.current_stream(self._device))
                 else:
-                    layout.unpack(slot.buffer[: stage.nbytes], stage.rows, backend=job.backend)
+                    layout.unpack(slot.buffer[: prepared.nbytes], prepared.rows, backend=job.backend)
         event = None
-        if self._stream is not None and stage.rows.size:
+        if self._stream is not None and prepared.rows.size:
             event = hooks._cuda.Event()
             event.record(hooks._cuda.current_stream(self._device))
         with self._cond:
