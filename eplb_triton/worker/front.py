@@ -1,7 +1,7 @@
 """The serving thread's side of :class:`TransferWorker`: construct, submit, step, wait, close.
 
 The other jobs live in mixins, one file each: :mod:`.groups` (process groups),
-:mod:`.staging` (slots and the swap), :mod:`.agreement` (step agreement, failures) and
+:mod:`.staging` (the staging buffers and the swap), :mod:`.agreement` (step agreement, failures) and
 :mod:`.thread` (the worker thread). The package docstring draws the whole picture.
 """
 
@@ -47,7 +47,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             using ``ep_group``.
         max_buffer_bytes: bounds one staging pass (sends + receives + local moves per rank,
             as in the blocking API), which bounds the send buffer; received rows are kept
-            until their swap in two slots of at most one layer's local rows each.
+            until their swap in two staging buffers of at most one layer's local rows each.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack (as in the
             blocking API).
         timeout_s: the longest any wait on peers may take: the construction (the ranks
@@ -75,7 +75,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             engines; mapped at the first submit that needs it, released by :meth:`close`).
             Same on every rank; one that cannot work is refused here on every rank.
         reserve: allocate the staging every later :meth:`submit` needs here, once, for the
-            worst plan these weights and options allow (two slots of one layer's local rows
+            worst plan these weights and options allow (two staging buffers of one layer's local rows
             packed, plus one pass's send buffer), and keep it: a runtime's profile run then
             counts it and no rebalance allocates staging. Without it (default) each submit
             allocates what its plan needs. A submit with a larger ``max_buffer_bytes`` or

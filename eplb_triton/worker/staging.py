@@ -1,9 +1,10 @@
-"""Staging: each layer's slot plan, the two slots, the send buffer, and the swap.
+"""Staging: each layer prepared for a staging buffer, the two buffers, the send buffer, the swap.
 
 Until its swap a layer's live rows are only read, so every row this rank writes in a layer is
-staged beforehand as a packed expert holding the row's final content (:class:`_PreparedLayer`); two
-slots double-buffer layers (the next transfers while the current waits for its swap) and one
-send buffer holds a staging pass's sends. ``reserve=True`` allocates the worst case once.
+staged beforehand as a packed expert holding the row's final content
+(:class:`_PreparedLayer`); two staging buffers double-buffer layers (the next transfers while
+the current waits for its swap) and one send buffer holds a staging pass's sends.
+``reserve=True`` allocates the worst case once.
 """
 
 from __future__ import annotations
@@ -31,18 +32,18 @@ log = logging.getLogger("eplb_triton.worker")  # one logger for the package (doc
 
 @dataclass
 class _PreparedLayer:
-    """One layer prepared for the worker's staging on this rank: the slot holds one packed
+    """One layer prepared for the worker's staging on this rank: the buffer holds one packed
     expert per row written, and these are where each goes.
 
-    Slot order: receives of pass 0, pass 1, ... | local-move sources | duplicates.
+    Buffer order: receives of pass 0, pass 1, ... | local-move sources | duplicates.
     """
 
     layer: LayerWork
-    rows: np.ndarray  # destination row of each packed expert in the slot, in slot order
-    recv_offsets: list[int]  # byte offset of each pass's receives in the slot
+    rows: np.ndarray  # destination row of each packed expert in the buffer, in buffer order
+    recv_offsets: list[int]  # byte offset of each pass's receives in the buffer
     local_src: np.ndarray
     local_offset: int
-    dup_src_pos: np.ndarray  # slot positions (in experts) copied ...
+    dup_src_pos: np.ndarray  # buffer positions (in experts) copied ...
     dup_dst_pos: np.ndarray  # ... to these positions
     device_rows: torch.Tensor | None = None  # ``rows`` on the GPU, copied by the worker thread
     device_lists: dict[str, torch.Tensor] | None = None  # local sources and duplicate positions, likewise
@@ -87,9 +88,11 @@ class _PreparedLayer:
 
 
 @dataclass
-class _Slot:
+class _StagingBuffer:
+    """One of the two buffers that hold a layer's packed rows from its transfer until its swap."""
+
     buffer: torch.Tensor
-    event: torch.cuda.Event | None = None  # recorded after the last swap that read this slot
+    event: torch.cuda.Event | None = None  # recorded after the last swap that read this buffer
 
 
 @dataclass
@@ -97,7 +100,7 @@ class _Job:
     """One submitted rearrangement. Counters are guarded by the worker's condition."""
 
     prepared_layers: list[_PreparedLayer]
-    slots: list[_Slot]
+    staging_buffers: list[_StagingBuffer]
     send_buffer: torch.Tensor
     stats: TransferStats
     start_event: torch.cuda.Event | None
@@ -155,24 +158,24 @@ class StagingMixin:
     """The :class:`~eplb_triton.worker.TransferWorker` part that allocates staging and swaps."""
 
     def _reserve_storage(self) -> torch.Tensor | None:
-        """The worst case of :meth:`submit`'s storage for these weights and options: two slots
-        of a layer's local rows packed, one pass's sends (at most the pass budget) and, with
+        """The worst case of :meth:`submit`'s storage for these weights and options: two staging
+        buffers of a layer's local rows packed, one pass's sends (at most the pass budget) and, with
         ``verify``, trailers of at most 16 bytes per expert sent and received in a pass."""
         try:
             layouts = [ExpertLayout(tensors) for tensors in self.expert_weights]
         except (TypeError, ValueError, IndexError):
             return None  # malformed weights: submit() reports them on every rank
-        slot = max((lay.num_local * lay.expert_bytes for lay in layouts), default=0)
+        buffer_bytes = max((lay.num_local * lay.expert_bytes for lay in layouts), default=0)
         budget = staging_bound(self.expert_weights, self.max_buffer_bytes, verify=self.verify)
         rows = max((budget // lay.expert_bytes for lay in layouts), default=0)
         sums = 2 * 16 * rows if self.verify else 0
-        return torch.empty(max(2 * slot + budget + sums, 1), dtype=torch.uint8, device=self._device)
+        return torch.empty(max(2 * buffer_bytes + budget + sums, 1), dtype=torch.uint8, device=self._device)
 
     def _build_job(self, layers: Sequence[LayerWork]) -> _Job:
-        """Plan every layer's slot, allocate (or reuse) the staging and build the job."""
+        """Prepare every layer for a staging buffer, allocate (or reuse) the staging and build the job."""
         rank = self._transfer.rank
         prepared = [_PreparedLayer.build(layer, rank) for layer in layers]
-        slot_bytes = max((s.nbytes for s in prepared), default=0)
+        buffer_bytes = max((s.nbytes for s in prepared), default=0)
         send_bytes = max((s.send_bytes for s in prepared), default=0)
         trailers = [_pass_trailer_bytes(w) for s in prepared for w in s.layer.passes] if self.verify else []
         send_sums = max((t[0] for t in trailers), default=0)
@@ -181,12 +184,12 @@ class StagingMixin:
         if p2p is not None:  # sends (and their trailers) live in the symmetric buffer
             send_bytes = send_sums = 0
         # One allocation on the current stream; nothing frees it while the worker may use it.
-        need = 2 * slot_bytes + send_bytes + send_sums + recv_sums
+        need = 2 * buffer_bytes + send_bytes + send_sums + recv_sums
         if self._reserved is not None and self._reserved.numel() >= need:
             storage = self._reserved[:need]  # reserve=True: the previous job's swaps are ordered before start_event
         else:
             storage = torch.empty(need, dtype=torch.uint8, device=self._device)
-        sums_at = 2 * slot_bytes + send_bytes
+        sums_at = 2 * buffer_bytes + send_bytes
         stats = TransferStats.empty(rank, self._transfer.world_size)
         stats.peak_staging_bytes = int(storage.numel())
         # The pace's schedule comes from the global plan: the same on every rank.
@@ -203,8 +206,8 @@ class StagingMixin:
             start_event.record(hooks._cuda.current_stream(self._device))
         job = _Job(
             prepared_layers=prepared,
-            slots=[_Slot(storage[:slot_bytes]), _Slot(storage[slot_bytes : 2 * slot_bytes])],
-            send_buffer=storage[2 * slot_bytes : sums_at] if p2p is None else p2p.buffer,
+            staging_buffers=[_StagingBuffer(storage[:buffer_bytes]), _StagingBuffer(storage[buffer_bytes : 2 * buffer_bytes])],
+            send_buffer=storage[2 * buffer_bytes : sums_at] if p2p is None else p2p.buffer,
             stats=stats,
             start_event=start_event,
             backend=self.backend,
@@ -216,8 +219,8 @@ class StagingMixin:
             p2p=p2p,
         )
         log.info(
-            "rank %d: submitted %d layers, staging %d bytes (2 x %d slot + %d send)%s",
-            rank, len(prepared), storage.numel(), slot_bytes, send_bytes,
+            "rank %d: submitted %d layers, staging %d bytes (2 x %d buffer + %d send)%s",
+            rank, len(prepared), storage.numel(), buffer_bytes, send_bytes,
             f", paced over {schedule[-1] + 1} steps ({self._pacing.options()})" if schedule else "",
         )
         return job
@@ -242,22 +245,22 @@ class StagingMixin:
         return self._p2p
 
     def _swap(self, job: _Job, prepared: _PreparedLayer) -> None:
-        slot = job.slots[job.swapped % 2]
+        staging = job.staging_buffers[job.swapped % 2]
         if prepared.rows.size:
             layout = prepared.layer.layout
             with self._kernel_lock:
                 if prepared.device_rows is not None and resolve_backend(job.backend, self._device) == "triton":
                     # rows come from the plan (distinct, in range): the unchecked launch is safe
-                    layout.launch("unpack", slot.buffer[: prepared.nbytes], dst_rows=prepared.device_rows)
+                    layout.launch("unpack", staging.buffer[: prepared.nbytes], dst_rows=prepared.device_rows)
                     prepared.device_rows.record_stream(hooks._cuda.current_stream(self._device))
                 else:
-                    layout.unpack(slot.buffer[: prepared.nbytes], prepared.rows, backend=job.backend)
+                    layout.unpack(staging.buffer[: prepared.nbytes], prepared.rows, backend=job.backend)
         event = None
         if self._stream is not None and prepared.rows.size:
             event = hooks._cuda.Event()
             event.record(hooks._cuda.current_stream(self._device))
         with self._cond:
             if event is not None:
-                slot.event = event
+                staging.event = event
             job.swapped += 1
             self._cond.notify_all()

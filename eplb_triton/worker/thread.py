@@ -88,7 +88,7 @@ class ThreadMixin:
                 # the layer's other lists come along in the same copy.
                 prepared.upload(self._device)
             if pending is not None and prepared.nbytes and job.swapped < index - 1:
-                self._publish(job, *pending)  # this layer waits for a slot: offer the last one first
+                self._publish(job, *pending)  # this layer waits for a staging buffer: offer the last one first
                 pending = None
             checks = self._transfer_layer(job, index, prepared)
             self._compile_swap(job, index, prepared)
@@ -131,29 +131,29 @@ class ThreadMixin:
         (about 50 ms once per kernel specialisation on an H100)."""
         if prepared.device_rows is None or resolve_backend(job.backend, self._device) != "triton":
             return
-        slot = job.slots[index % 2]
+        staging = job.staging_buffers[index % 2]
         with self._kernel_lock:
-            prepared.layer.layout.launch("unpack", slot.buffer[: prepared.nbytes], dst_rows=prepared.device_rows, compile_only=True)
+            prepared.layer.layout.launch("unpack", staging.buffer[: prepared.nbytes], dst_rows=prepared.device_rows, compile_only=True)
 
     def _transfer_layer(self, job: _Job, index: int, prepared: _PreparedLayer) -> list:
         """Stage every row this rank writes in the layer; reads live weights, writes none.
 
-        Returns, with ``verify``, ``(pass work, slot offset, mismatch flags)`` per pass
+        Returns, with ``verify``, ``(pass work, buffer offset, mismatch flags)`` per pass
         that received experts; the flags are checked once the stream has finished.
         """
         layout, eb, backend = prepared.layer.layout, prepared.layer.layout.expert_bytes, job.backend
         rank, layer_index = self._transfer.rank, prepared.layer.index
-        slot = job.slots[index % 2]
+        staging = job.staging_buffers[index % 2]
         if prepared.nbytes:
-            with self._cond:  # the slot's previous layer (index - 2) must have been swapped
+            with self._cond:  # the buffer's previous layer (index - 2) must have been swapped
                 self._cond.wait_for(lambda: self._stop or job.swapped >= index - 1)
                 if self._stop:
                     raise _Stopped
-                event = slot.event
+                event = staging.event
             if event is not None:
-                self._stream.wait_event(event)  # GPU-side: the swap's unpack has read the slot
+                self._stream.wait_event(event)  # GPU-side: the swap's unpack has read the buffer
         hooks.fault("layer_start", rank=rank, layer=layer_index)
-        buf = slot.buffer[: prepared.nbytes]
+        buf = staging.buffer[: prepared.nbytes]
         if prepared.local_src.size:
             local = buf[prepared.local_offset : prepared.local_offset + prepared.local_src.size * eb]
             with self._kernel_lock:
@@ -205,7 +205,7 @@ class ThreadMixin:
                 with self._kernel_lock:
                     checks.append((number, work, expert_checksums(data, eb) != received))
                 job.stats.verified_experts += int(work.recv_rows.size)
-        if prepared.dup_dst_pos.size:  # replicas: copies of packed experts already in the slot
+        if prepared.dup_dst_pos.size:  # replicas: copies of packed experts already in the buffer
             table = buf.view(-1, eb)
             lists = prepared.device_lists
             if lists is None:
@@ -267,7 +267,7 @@ class ThreadMixin:
 
         Stopping mid-job must not leave a peer blocked in an exchange that expects ours (nor
         leave unmatched ops in the group), so on close() or after a failure the remaining
-        exchanges run anyway: junk sent, received bytes dropped, no slot touched, no swap.
+        exchanges run anyway: junk sent, received bytes dropped, no staging buffer touched, no swap.
         Every rank posts each exchange exactly once, so all of them complete as soon as every
         rank has stopped; a peer that crashed makes them fail at once instead. With
         ``verify`` the junk carries its true checksums, so a peer still transferring does
