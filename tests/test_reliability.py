@@ -494,7 +494,7 @@ class _FakeWork:
 def _nccl_comm():
     from eplb_triton.comm import Communicator
 
-    return Communicator(group=None, rank=0, world_size=4, backend="nccl")  # group None: abort is a no-op
+    return Communicator(group=None, rank=0, world_size=4, dist_backend="nccl")  # group None: abort is a no-op
 
 
 def test_nccl_poll_names_the_pending_peers_at_the_deadline():
@@ -541,7 +541,7 @@ class _PostingComm:
 
                 return finish
 
-        return Local(group=object(), rank=rank, world_size=world, backend="gloo")
+        return Local(group=object(), rank=rank, world_size=world, dist_backend="gloo")
 
 
 def _closed_pair(dead_peer, posted):

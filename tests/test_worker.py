@@ -1175,7 +1175,7 @@ def test_step_agreement_backend_error_without_timeout_is_a_peer_error(monkeypatc
     weights = rank_weights(0, 1, old)
     worker = TransferWorker(weights)
     worker.submit(old, new)
-    worker._control = Communicator(group=object(), rank=0, world_size=2, backend="gloo")  # as if EP were 2
+    worker._control = Communicator(group=object(), rank=0, world_size=2, dist_backend="gloo")  # as if EP were 2
     monkeypatch.setattr(torch.distributed, "all_reduce", closed)
     with pytest.raises(PeerFailedError, match="step agreement: rank 0: .*Connection closed by peer") as info:
         worker.step()
