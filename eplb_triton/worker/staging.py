@@ -110,8 +110,8 @@ class _Job:
     started: bool = False  # the worker thread has picked the job up
     cursor: tuple[int, int] = (0, 0)  # (layer, pass) of the next exchange this rank posts
     verify: bool = False
-    send_sums: torch.Tensor | None = None  # verify: checksum trailers of one pass's sends
-    recv_sums: torch.Tensor | None = None  # verify: checksum trailers of one pass's receives
+    send_trailers: torch.Tensor | None = None  # verify: checksum trailers of one pass's sends
+    recv_trailers: torch.Tensor | None = None  # verify: checksum trailers of one pass's receives
     broken: bool = False  # a peer error: the transfer group is unusable, do not drain
     layer: int | None = None  # the layer the worker thread is transferring (error reports)
     gate: PaceGate = None  # pacing: which layers the worker thread may start (see pacing.py)
@@ -146,7 +146,7 @@ def _fill_send_trailers(job: "_Job", work: PassWork, send_buf: torch.Tensor) -> 
     """Checksum every packed expert in ``send_buf`` into each peer's trailer; returns the trailers."""
     eb = work.expert_bytes
     sums = expert_checksums(send_buf, eb) if send_buf.numel() else None
-    trailers = _trailers(job.send_sums, work.send_peers, work.send_counts)
+    trailers = _trailers(job.send_trailers, work.send_peers, work.send_counts)
     first = 0
     for peer, count in zip(work.send_peers, work.send_counts):
         trailers[peer][: count * CHECKSUM_BYTES].view(torch.int64).copy_(sums[first : first + count])
@@ -168,8 +168,8 @@ class StagingMixin:
         buffer_bytes = max((lay.num_local * lay.expert_bytes for lay in layouts), default=0)
         budget = staging_bound(self.expert_weights, self.max_buffer_bytes, verify=self.verify)
         rows = max((budget // lay.expert_bytes for lay in layouts), default=0)
-        sums = 2 * 16 * rows if self.verify else 0
-        return torch.empty(max(2 * buffer_bytes + budget + sums, 1), dtype=torch.uint8, device=self._device)
+        trailer_room = 2 * 16 * rows if self.verify else 0
+        return torch.empty(max(2 * buffer_bytes + budget + trailer_room, 1), dtype=torch.uint8, device=self._device)
 
     def _build_job(self, layers: Sequence[LayerWork]) -> _Job:
         """Prepare every layer for a staging buffer, allocate (or reuse) the staging and build the job."""
@@ -178,18 +178,18 @@ class StagingMixin:
         buffer_bytes = max((s.nbytes for s in prepared), default=0)
         send_bytes = max((s.send_bytes for s in prepared), default=0)
         trailers = [_pass_trailer_bytes(w) for s in prepared for w in s.layer.passes] if self.verify else []
-        send_sums = max((t[0] for t in trailers), default=0)
-        recv_sums = max((t[1] for t in trailers), default=0)
+        send_trailer_bytes = max((t[0] for t in trailers), default=0)
+        recv_trailer_bytes = max((t[1] for t in trailers), default=0)
         p2p = self._map_p2p(layers)
         if p2p is not None:  # sends (and their trailers) live in the symmetric buffer
-            send_bytes = send_sums = 0
+            send_bytes = send_trailer_bytes = 0
         # One allocation on the current stream; nothing frees it while the worker may use it.
-        need = 2 * buffer_bytes + send_bytes + send_sums + recv_sums
+        need = 2 * buffer_bytes + send_bytes + send_trailer_bytes + recv_trailer_bytes
         if self._reserved is not None and self._reserved.numel() >= need:
             storage = self._reserved[:need]  # reserve=True: the previous job's swaps are ordered before start_event
         else:
             storage = torch.empty(need, dtype=torch.uint8, device=self._device)
-        sums_at = 2 * buffer_bytes + send_bytes
+        trailers_at = 2 * buffer_bytes + send_bytes
         stats = TransferStats.empty(rank, self._transfer.world_size)
         stats.peak_staging_bytes = int(storage.numel())
         # The pace's schedule comes from the global plan: the same on every rank.
@@ -207,13 +207,13 @@ class StagingMixin:
         job = _Job(
             prepared_layers=prepared,
             staging_buffers=[_StagingBuffer(storage[:buffer_bytes]), _StagingBuffer(storage[buffer_bytes : 2 * buffer_bytes])],
-            send_buffer=storage[2 * buffer_bytes : sums_at] if p2p is None else p2p.buffer,
+            send_buffer=storage[2 * buffer_bytes : trailers_at] if p2p is None else p2p.buffer,
             stats=stats,
             start_event=start_event,
             backend=self.backend,
             verify=self.verify,
-            send_sums=storage[sums_at : sums_at + send_sums] if self.verify else None,
-            recv_sums=storage[sums_at + send_sums :] if self.verify else None,
+            send_trailers=storage[trailers_at : trailers_at + send_trailer_bytes] if self.verify else None,
+            recv_trailers=storage[trailers_at + send_trailer_bytes :] if self.verify else None,
             gate=PaceGate(schedule),
             submitted_at=time.monotonic(),
             p2p=p2p,

@@ -198,7 +198,7 @@ class ThreadMixin:
             if job.verify and work.recv_rows.size:
                 received = torch.cat(
                     [t[: c * CHECKSUM_BYTES].view(torch.int64) for t, c in zip(
-                        _trailers(job.recv_sums, work.recv_peers, work.recv_counts).values(), work.recv_counts
+                        _trailers(job.recv_trailers, work.recv_peers, work.recv_counts).values(), work.recv_counts
                     )]
                 )
                 data = buf[offset : offset + work.recv_rows.size * eb]
@@ -232,15 +232,15 @@ class ThreadMixin:
         """
         comm = self._transfer if comm is None else comm
         if job.p2p is not None:  # the trailers right after the data, where peers read them
-            job.send_sums = job.send_buffer[send_buf.numel() :]
+            job.send_trailers = job.send_buffer[send_buf.numel() :]
         requests = comm.exchange(sends, recvs, where=where)
         labels = Communicator.op_labels(sends, recvs)
         if job.verify:
             with self._kernel_lock:
-                sum_sends = _fill_send_trailers(job, work, send_buf)
-            sum_recvs = _trailers(job.recv_sums, work.recv_peers, work.recv_counts)
-            requests = requests + comm.exchange(sum_sends, sum_recvs, where=f"{where}, checksums")
-            labels = labels + Communicator.op_labels(sum_sends, sum_recvs)
+                trailer_sends = _fill_send_trailers(job, work, send_buf)
+            trailer_recvs = _trailers(job.recv_trailers, work.recv_peers, work.recv_counts)
+            requests = requests + comm.exchange(trailer_sends, trailer_recvs, where=f"{where}, checksums")
+            labels = labels + Communicator.op_labels(trailer_sends, trailer_recvs)
         return requests, labels
 
     def _check_received(self, job: _Job, prepared: _PreparedLayer, checks: list) -> None:
