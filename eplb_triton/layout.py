@@ -34,8 +34,9 @@ launch moves ``len(rows)`` experts of every tensor of the layer.
   expert_bytes,)`` contiguous; the tensors as given to the layout (any dtype, contiguous rows,
   any base address).
 * Descriptors: a chunk table ``(chunks_per_expert, 4)`` int64 (chunk address in row 0 =
-  ``data_ptr`` + offset, row stride in bytes, offset in the packed expert, ``2 * bytes +
-  aligned``), built on the host once per layout and chunk size and cached on the device.
+  ``data_ptr`` + offset, row stride in bytes, offset in the packed expert, size flag
+  ``(bytes << 1) | aligned``), built on the host once per layout and chunk size and cached on
+  the device.
 * Copies: 16 bytes per thread access (int32 x 4) where base, stride and row bytes are
   multiples of 16 and the buffer is 16-byte aligned, else one byte per lane; 64-bit addresses
   throughout; a persistent grid of at most ``SMs * programs_per_sm`` programs over chunks of
@@ -283,7 +284,7 @@ class _TritonState:
         from .kernels import rows as kr
 
         self.kernel = kr.move_rows_kernel
-        self.fields = {name: getattr(kr, name).value for name in ("C_BASE", "C_STRIDE", "C_PACKED", "C_LEN", "NUM_FIELDS")}
+        self.fields = {name: getattr(kr, name).value for name in ("C_BASE", "C_STRIDE", "C_PACKED", "C_SIZE_FLAG", "NUM_FIELDS")}
         self.modes = {"pack": kr.MODE_PACK.value, "unpack": kr.MODE_UNPACK.value, "copy": kr.MODE_COPY.value}
         self.interpreted = _interpreted(self.kernel)
         if layout.device.type == "cuda" and self.interpreted:
@@ -394,7 +395,7 @@ def _build_chunk_table(tensors: list[tuple], chunk: int, fields: dict, device: t
         part[:, fields["C_BASE"]] = base + begin
         part[:, fields["C_STRIDE"]] = stride
         part[:, fields["C_PACKED"]] = seg + begin
-        part[:, fields["C_LEN"]] = 2 * np.minimum(chunk, nbytes - begin) + aligned
+        part[:, fields["C_SIZE_FLAG"]] = 2 * np.minimum(chunk, nbytes - begin) + aligned  # (bytes << 1) | aligned
         parts.append(part)
     host = torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, fields["NUM_FIELDS"]), dtype=np.int64))
     if device.type != "cuda":
