@@ -256,9 +256,9 @@ def test_stashed_cycle_in_rounds_verify_and_rollback(verify):
         assert error is not None and states == ["new", "old"], (rank, error, states)
 
 
-def _rank_first_api(rank, world, old, new, verify):
-    """The building blocks in the order of the first API (start, apply_local, wait, apply_received):
-    still correct, for callers such as a worker written against it."""
+def _rank_pass_by_pass(rank, world, old, new, verify):
+    """The building blocks :meth:`LayerWork.run` drives (pack, exchange, wait, verify, write),
+    called one by one outside it: still correct, for callers such as the worker thread."""
     from eplb_triton.comm import Communicator
     from eplb_triton.transfer import prepare_layers
 
@@ -268,19 +268,26 @@ def _rank_first_api(rank, world, old, new, verify):
     layers = prepare_layers(old, new, weights, comm, 1 << 20, verify=verify)
     staging = torch.empty(max(layer.staging_bytes for layer in layers), dtype=torch.uint8)
     for layer in layers:
+        assert not layer.stash_rows.size  # one pass per layer at this budget: nothing read from a stash
         for work in layer.passes:
-            requests = work.start(layer.layout, staging, comm, None)
-            work.apply_local(layer.layout, staging, None)
-            comm.wait(requests)
+            if work.framed:  # verify: whole messages with their checksum trailers
+                work.pack_local_sources(layer.layout, staging, None)
+                work.pack_sends(layer.layout, staging, None)
+                for sends, recvs in work.exchanges(staging):
+                    comm.wait(comm.exchange(sends, recvs))
+            else:  # packs (local sources too) and posts batch by batch
+                send_buf, recv_buf, scratch = work._slices(staging)
+                requests, _, _ = work.post_batches(layer.layout, send_buf, recv_buf, comm, None, local_buf=scratch)
+                comm.wait(requests)
             assert work.verify_received(staging) == []
-            work.apply_received(layer.layout, staging, None)
+            work.apply(layer.layout, staging, None)
     return row_mismatches(weights, old, new, rank)
 
 
 @pytest.mark.parametrize("verify", [False, True], ids=["plain", "verify"])
-def test_building_blocks_in_first_api_order(distributed, verify):
+def test_building_blocks_pass_by_pass(distributed, verify):
     old, new = all_to_all_maps(4, 2)
-    assert distributed(4, _rank_first_api, old, new, verify) == [[]] * 4
+    assert distributed(4, _rank_pass_by_pass, old, new, verify) == [[]] * 4
 
 
 # -- verify ----------------------------------------------------------------------------------
