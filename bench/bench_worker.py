@@ -49,10 +49,10 @@ def hold(worker: TransferWorker) -> None:
 
     original = worker._transfer_layer
 
-    def held(job, index, stage):
+    def held(job, index, prepared):
         while not worker._stop:
             time.sleep(0.001)
-        return original(job, index, stage)  # sees the stop and unwinds the way close() expects
+        return original(job, index, prepared)  # sees the stop and unwinds the way close() expects
 
     worker._transfer_layer = held
 

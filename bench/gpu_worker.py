@@ -211,10 +211,10 @@ def bench_config(name: str, local: int, moved: int, specs: list[TensorSpec], dev
 
 def _hold_worker(worker: TransferWorker, seconds: float) -> None:
     """CPU runs: delay the next layer's transfer so step() finds nothing ready for a while."""
-    def delayed(job, index, stage):
+    def delayed(job, index, prepared):
         time.sleep(seconds)
         del worker._transfer_layer  # once: back to the class's method
-        return worker._transfer_layer(job, index, stage)
+        return worker._transfer_layer(job, index, prepared)
 
     worker._transfer_layer = delayed
 

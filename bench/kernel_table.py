@@ -130,7 +130,7 @@ def measure(cfg: Config, device: torch.device, time_us, tuning: KernelTuning | N
     layout.pack_reference(rows_dev, ref)
     layout.launch("pack", out, src_rows=rows_dev, tuning=tuning)
     res["pack_exact"] = bool(torch.equal(out, ref))
-    res["plan"] = repr(layout.kernel_plan(n, tuning))
+    res["launch_shape"] = repr(layout.launch_shape(n, tuning))
     res["pack_us"] = time_us(lambda: layout.launch("pack", buf, src_rows=rows_dev, tuning=tuning))
     res["unpack_us"] = time_us(lambda: layout.launch("unpack", buf, dst_rows=rows_dev, tuning=tuning))
     if baselines:

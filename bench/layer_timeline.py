@@ -3,7 +3,7 @@
     python bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 4
 
 Uses the transfer's named points (``eplb_triton.transfer.fault_hook``: layer_start, before_send,
-posted, in_flight, round_applied, before_confirm) as probes: at each point the host clock is read
+posted, in_flight, pass_applied, before_confirm) as probes: at each point the host clock is read
 and a CUDA event is recorded on the current stream. Prints, per rank, the host time at each
 point since the call began and the GPU time at which the stream reached it.
 """

@@ -110,7 +110,7 @@ class Communicator:
     group: object | None
     rank: int
     world_size: int
-    backend: str | None
+    dist_backend: str | None  # the torch.distributed backend ("nccl", "gloo"), not the kernel backend
 
     @classmethod
     def from_group(cls, ep_group=None) -> "Communicator":
@@ -122,19 +122,19 @@ class Communicator:
                 f"({ep_group!r:.60}){hint}"
             )
         if ep_group is None and not (dist.is_available() and dist.is_initialized()):
-            return cls(group=None, rank=0, world_size=1, backend=None)
+            return cls(group=None, rank=0, world_size=1, dist_backend=None)
         group = ep_group if ep_group is not None else dist.group.WORLD
         return cls(
             group=group,
             rank=dist.get_rank(group),
             world_size=dist.get_world_size(group),
-            backend=str(dist.get_backend(group)).lower(),
+            dist_backend=str(dist.get_backend(group)).lower(),
         )
 
     @property
     def collective_device(self) -> torch.device:
         """Where small control tensors live: the current GPU for NCCL, else the CPU."""
-        if self.backend == "nccl":
+        if self.dist_backend == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
@@ -204,7 +204,7 @@ class Communicator:
             try:
                 known = str(dist.get_backend(self.group)).lower()
             except (ValueError, RuntimeError, TypeError):  # not a registered group (a test's stand-in)
-                known = self.backend
+                known = self.dist_backend
             self.__dict__["_group_backend_name"] = known
         return known
 
@@ -243,11 +243,11 @@ class Communicator:
             batch_peers = sorted({peer for peer, _ in labels})
             labels = _batch_labels(batch_peers, len(requests))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        if self.backend == "nccl" and deadline is not None:
+        if self.dist_backend == "nccl" and deadline is not None:
             self._poll_until(requests, deadline, labels, where, timeout_s, batch_peers)
         for index, request in enumerate(requests):
             try:
-                if deadline is None or self.backend == "nccl":
+                if deadline is None or self.dist_backend == "nccl":
                     request.wait()  # NCCL: already complete; this only orders the current stream
                 else:
                     left = max(deadline - time.monotonic(), 1e-3)
@@ -293,7 +293,7 @@ class Communicator:
 
     def abort(self) -> None:
         """Abort the NCCL communicator of this group (no-op elsewhere); the group is unusable after."""
-        if self.backend != "nccl" or self.group is None:
+        if self.dist_backend != "nccl" or self.group is None:
             return
         try:
             self.group._get_backend(torch.device("cuda")).abort()

@@ -3,7 +3,7 @@
 Per layer and pass, on one rank::
 
     staging = [ packed sends, peer by peer | receive buffers, peer by peer | local scratch ]
-    pack(send rows), stage(local sources)  ->  one irecv + one isend per peer (batch_isend_irecv)
+    pack(send rows, local sources)  ->  one irecv + one isend per peer (batch_isend_irecv)
     ->  wait (deadline: timeout_s)  ->  verify checksums  ->  write: local moves, received, duplicates
 
 A layer that runs in several passes saves the old contents of what it overwrites (undo
@@ -152,34 +152,34 @@ class LayerWork:
                 mover = comm if transport is None else transport.exchange_for(work.pass_traffic, eb, verify=work.verify)
                 if not work.framed:  # packs and posts batch by batch, then one wait for all
                     if hook is not None:
-                        hook("before_send", rank=comm.rank, layer=self.index, round=i)
+                        hook("before_send", rank=comm.rank, layer=self.index, pass_index=i)
                     send_buf, recv_buf, scratch = work._slices(staging)
                     try:  # posting fails too when a peer's connection is already closed
                         requests, labels, batches = work.post_batches(
                             layout, send_buf, recv_buf, mover, backend, stash, local_buf=scratch, where=where
                         )
                         if hook is not None:
-                            hook("posted", rank=comm.rank, layer=self.index, round=i, step=0, ops=labels)
+                            hook("posted", rank=comm.rank, layer=self.index, pass_index=i, network_round=0, ops=labels)
                         mover.wait(requests, timeout_s=timeout_s, labels=labels, where=where)
                     except PeerError as exc:
                         exc.layer = self.index
                         raise
                     exchanges = []
                 else:
-                    work.stage_local(layout, staging, backend)
+                    work.pack_local_sources(layout, staging, backend)
                     work.pack_sends(layout, staging, backend, stash)
                     if hook is not None:
-                        hook("before_send", rank=comm.rank, layer=self.index, round=i)
+                        hook("before_send", rank=comm.rank, layer=self.index, pass_index=i)
                     exchanges = work.exchanges(staging)
-                for step, (sends, recvs) in enumerate(exchanges):
+                for network_round, (sends, recvs) in enumerate(exchanges):
                     # planner rounds (``rounds=``) run one after the other; nothing is
                     # written until the last one completed
-                    at = where if work.network_rounds is None else f"{where}, network round {step + 1}/{len(exchanges)}"
+                    at = where if work.network_rounds is None else f"{where}, network round {network_round + 1}/{len(exchanges)}"
                     labels = Communicator.op_labels(sends, recvs)
                     try:  # posting fails too when a peer's connection is already closed
                         requests = mover.exchange(sends, recvs, where=at)
                         if hook is not None:
-                            hook("posted", rank=comm.rank, layer=self.index, round=i, step=step, ops=labels)
+                            hook("posted", rank=comm.rank, layer=self.index, pass_index=i, network_round=network_round, ops=labels)
                         mover.wait(requests, timeout_s=timeout_s, labels=labels, where=at)
                     except PeerError as exc:
                         exc.layer = self.index
@@ -187,7 +187,7 @@ class LayerWork:
                     batches.append(len(labels))
                 work.count_into(stats, sum(batches), batches=batches)
                 if hook is not None:  # the received views are only made for a hook
-                    hook("in_flight", rank=comm.rank, layer=self.index, round=i, received=work.recv_messages(staging))
+                    hook("in_flight", rank=comm.rank, layer=self.index, pass_index=i, received=work.recv_messages(staging))
                 if mismatch is None:
                     bad = work.verify_received(staging)
                     stats.verified_experts += int(work.recv_rows.size) if work.verify else 0
@@ -206,7 +206,7 @@ class LayerWork:
                 work.release()
                 committed = i == last
                 if hook is not None:
-                    hook("round_applied", rank=comm.rank, layer=self.index, round=i)
+                    hook("pass_applied", rank=comm.rank, layer=self.index, pass_index=i)
         except BaseException:
             if not committed:
                 rollback()

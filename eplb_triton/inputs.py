@@ -407,9 +407,9 @@ def check_worker_inputs(
 
 
 def check_backend_device(comm: Communicator, device: torch.device) -> None:
-    if comm.world_size > 1 and comm.backend == "gloo" and device.type != "cpu":
+    if comm.world_size > 1 and comm.dist_backend == "gloo" and device.type != "cpu":
         raise ValueError(f"the gloo backend moves CPU tensors; weights are on {device} (use NCCL for GPUs)")
-    if comm.world_size > 1 and comm.backend == "nccl" and device.type != "cuda":
+    if comm.world_size > 1 and comm.dist_backend == "nccl" and device.type != "cuda":
         raise ValueError(f"the NCCL backend moves CUDA tensors; weights are on {device} (use gloo for CPU)")
 
 

@@ -34,8 +34,9 @@ launch moves ``len(rows)`` experts of every tensor of the layer.
   expert_bytes,)`` contiguous; the tensors as given to the layout (any dtype, contiguous rows,
   any base address).
 * Descriptors: a chunk table ``(chunks_per_expert, 4)`` int64 (chunk address in row 0 =
-  ``data_ptr`` + offset, row stride in bytes, offset in the packed expert, ``2 * bytes +
-  aligned``), built on the host once per layout and chunk size and cached on the device.
+  ``data_ptr`` + offset, row stride in bytes, offset in the packed expert, size flag
+  ``(bytes << 1) | aligned``), built on the host once per layout and chunk size and cached on
+  the device.
 * Copies: 16 bytes per thread access (int32 x 4) where base, stride and row bytes are
   multiples of 16 and the buffer is 16-byte aligned, else one byte per lane; 64-bit addresses
   throughout; a persistent grid of at most ``SMs * programs_per_sm`` programs over chunks of
@@ -193,7 +194,7 @@ def _as_index_tensor(rows, host: np.ndarray | None, device: torch.device) -> tor
 
 @dataclass(frozen=True)
 class KernelTuning:
-    """Block sizes of the Triton launch; :meth:`ExpertLayout.kernel_plan` turns them into a grid.
+    """Block sizes of the Triton launch; :meth:`ExpertLayout.launch_shape` turns them into a grid.
 
     The defaults won a sweep of 14 variants on an H100 (bench/KERNEL_NOTES.md, run 3): worst
     median over the four issue configs 95.7% of a same-size ``copy_``, mean 96.7%. The chunk
@@ -225,8 +226,8 @@ def _pow2_floor(x: int) -> int:
 
 
 @dataclass(frozen=True)
-class KernelPlan:
-    """One launch's grid and constexprs."""
+class LaunchShape:
+    """One launch's grid and block sizes (constexprs)."""
 
     programs: int
     chunk: int
@@ -283,7 +284,7 @@ class _TritonState:
         from .kernels import rows as kr
 
         self.kernel = kr.move_rows_kernel
-        self.fields = {name: getattr(kr, name).value for name in ("C_BASE", "C_STRIDE", "C_PACKED", "C_LEN", "NUM_FIELDS")}
+        self.fields = {name: getattr(kr, name).value for name in ("C_BASE", "C_STRIDE", "C_PACKED", "C_SIZE_FLAG", "NUM_FIELDS")}
         self.modes = {"pack": kr.MODE_PACK.value, "unpack": kr.MODE_UNPACK.value, "copy": kr.MODE_COPY.value}
         self.interpreted = _interpreted(self.kernel)
         if layout.device.type == "cuda" and self.interpreted:
@@ -301,8 +302,8 @@ class _TritonState:
         self.tuning = INTERPRETER_TUNING if self.interpreted else DEFAULT_TUNING
         # what the descriptor tables depend on: the same tensors give the same key on every call
         self.key = (str(layout.device), tuple(self.tensors))
-        self.plans: dict[tuple, KernelPlan] = {}
-        self.launches: dict[tuple, tuple | None] = {}  # fast path: launch shape -> runner and args
+        self.shapes: dict[tuple, LaunchShape] = {}
+        self.launches: dict[tuple, tuple | None] = {}  # fast path: (mode, rows, alignments) -> runner and args
         # The compiled kernel takes every parameter positionally: check our order against Triton's.
         names = getattr(self.kernel, "arg_names", None)
         self.fast_launch = (
@@ -316,7 +317,7 @@ class _TritonState:
             len(self.tensors), self.all_aligned, layout.device, self.interpreted,
         )
 
-    def compiled_runner(self, plan: KernelPlan, args: tuple, consts: dict):
+    def compiled_runner(self, shape: LaunchShape, args: tuple, consts: dict):
         """A launcher of the compiled kernel for ``args``' specialisation, skipping Triton's binder.
 
         ``kernel[grid](...)`` re-binds and re-specialises every argument on each call: 80-90 us
@@ -325,11 +326,11 @@ class _TritonState:
         the same properties Triton specialises on (16-byte divisibility of pointers and ints,
         ints equal to 1, 32- vs 64-bit ints), so each variant is compiled by Triton itself.
         """
-        key = (tuple(consts.values()), plan.num_warps, plan.programs, *[_spec(a) for a in args])
+        key = (tuple(consts.values()), shape.num_warps, shape.programs, *[_spec(a) for a in args])
         runner = _COMPILED.get(key)
         if runner is None:
-            compiled = self.kernel.warmup(*args, grid=(plan.programs,), num_warps=plan.num_warps, **consts)
-            runner = _COMPILED[key] = compiled[(plan.programs, 1, 1)]
+            compiled = self.kernel.warmup(*args, grid=(shape.programs,), num_warps=shape.num_warps, **consts)
+            runner = _COMPILED[key] = compiled[(shape.programs, 1, 1)]
         return runner
 
     def chunks_per_expert(self, chunk: int) -> int:
@@ -378,7 +379,7 @@ def _tensor_key(layout: "ExpertLayout") -> tuple:
 
 
 # Triton states by (device, _tensor_key, fast-launch setting): descriptor tables and the launch
-# cache survive the per-call layouts (a fresh state per call cost a kernel_plan, a runner lookup
+# cache survive the per-call layouts (a fresh state per call cost a launch_shape, a runner lookup
 # and a table lookup on every launch: 80 of 80 launches missed in a 10-call qwen3 profile).
 _STATES: dict[tuple, "_TritonState"] = {}
 # Descriptor tables by (device, tensors' (base, stride, row bytes, segment, aligned), chunk).
@@ -394,7 +395,7 @@ def _build_chunk_table(tensors: list[tuple], chunk: int, fields: dict, device: t
         part[:, fields["C_BASE"]] = base + begin
         part[:, fields["C_STRIDE"]] = stride
         part[:, fields["C_PACKED"]] = seg + begin
-        part[:, fields["C_LEN"]] = 2 * np.minimum(chunk, nbytes - begin) + aligned
+        part[:, fields["C_SIZE_FLAG"]] = 2 * np.minimum(chunk, nbytes - begin) + aligned  # (bytes << 1) | aligned
         parts.append(part)
     host = torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, fields["NUM_FIELDS"]), dtype=np.int64))
     if device.type != "cuda":
@@ -567,7 +568,7 @@ class ExpertLayout:
             self._triton_state = _TritonState.of(self)
         return self._triton_state
 
-    def kernel_plan(self, num_rows: int, tuning: KernelTuning | None = None) -> KernelPlan:
+    def launch_shape(self, num_rows: int, tuning: KernelTuning | None = None) -> LaunchShape:
         """Grid and block sizes of a launch moving ``num_rows`` experts."""
         state = self._triton()
         tuning = tuning or state.tuning
@@ -579,7 +580,7 @@ class ExpertLayout:
         programs = max(1, min(chunks, programs_cap))
         if tuning.balance:  # the fewest programs that keep the same number of rounds: equal shares
             programs = -(-chunks // -(-chunks // programs))
-        return KernelPlan(
+        return LaunchShape(
             programs=programs,
             chunk=chunk,
             block_words=min(tuning.block_words, chunk // 4),  # no tile wider than a chunk
@@ -616,7 +617,7 @@ class ExpertLayout:
         dst = dst_rows if dst_rows is not None else rows
         buf_addr = buf.data_ptr() if buf is not None else 0
         if state.fast_launch and tuning is None:
-            # the steady path: everything but the addresses looked up once per shape of launch
+            # the steady path: everything but the addresses looked up once per kind of launch
             # (``compile_only`` makes that entry, so a later launch of this shape only runs)
             key = (mode, num_rows, buf_addr % ALIGN_BYTES, src.data_ptr() % ALIGN_BYTES, dst.data_ptr() % ALIGN_BYTES)
             entry = state.launches.get(key)
@@ -626,44 +627,44 @@ class ExpertLayout:
                 run, table, extra = entry
                 run(table, src, dst, buf_addr, *extra)
             return
-        plan = state.plans.get((num_rows, tuning))
-        if plan is None:  # cached: launches sit on the host's critical path
-            if len(state.plans) > 256:
-                state.plans.clear()
-            plan = state.plans[(num_rows, tuning)] = self.kernel_plan(num_rows, tuning)
-        table = state.chunk_table(plan.chunk)
+        shape = state.shapes.get((num_rows, tuning))
+        if shape is None:  # cached: launches sit on the host's critical path
+            if len(state.shapes) > 256:
+                state.shapes.clear()
+            shape = state.shapes[(num_rows, tuning)] = self.launch_shape(num_rows, tuning)
+        table = state.chunk_table(shape.chunk)
         if table.shape[0] == 0:  # every tensor has zero-byte rows: nothing to move
             return
-        args, consts = self._launch_args(state, plan, mode, table, num_rows, buf_addr, src, dst)
+        args, consts = self._launch_args(state, shape, mode, table, num_rows, buf_addr, src, dst)
         if compile_only:
-            state.kernel.warmup(*args, grid=(plan.programs,), num_warps=plan.num_warps, **consts)
+            state.kernel.warmup(*args, grid=(shape.programs,), num_warps=shape.num_warps, **consts)
         elif state.fast_launch:
-            state.compiled_runner(plan, args, consts)(*args, *consts.values())
+            state.compiled_runner(shape, args, consts)(*args, *consts.values())
         else:
-            state.kernel[(plan.programs,)](*args, num_warps=plan.num_warps, **consts)
+            state.kernel[(shape.programs,)](*args, num_warps=shape.num_warps, **consts)
 
-    def _launch_args(self, state: _TritonState, plan: KernelPlan, mode: str, table, num_rows, buf_addr, src, dst):
+    def _launch_args(self, state: _TritonState, shape: LaunchShape, mode: str, table, num_rows, buf_addr, src, dst):
         buf_aligned = int(buf_addr % ALIGN_BYTES == 0)
         args = (table, src, dst, buf_addr, buf_aligned, num_rows, table.shape[0], self.expert_bytes)
         consts = dict(
             MODE=state.modes[mode],
-            BLOCK=plan.block_words,
-            BYTE_BLOCK=plan.byte_block,
+            BLOCK=shape.block_words,
+            BYTE_BLOCK=shape.byte_block,
             HAS_UNALIGNED=not (state.all_aligned and (buf_aligned or mode == "copy")),
-            STREAMING=plan.streaming,
-            PREFETCH=plan.prefetch,
-            BLOCKED=plan.blocked,
+            STREAMING=shape.streaming,
+            PREFETCH=shape.prefetch,
+            BLOCKED=shape.blocked,
         )
         return args, consts
 
     def _launch_entry(self, state: _TritonState, mode: str, num_rows: int, buf_addr: int, src, dst):
-        """``(runner, table, trailing args)`` of a launch shape, or None when nothing moves."""
-        plan = self.kernel_plan(num_rows)
-        table = state.chunk_table(plan.chunk)
+        """``(runner, table, trailing args)`` of one kind of launch, or None when nothing moves."""
+        shape = self.launch_shape(num_rows)
+        table = state.chunk_table(shape.chunk)
         if table.shape[0] == 0:
             return None
-        args, consts = self._launch_args(state, plan, mode, table, num_rows, buf_addr, src, dst)
-        runner = state.compiled_runner(plan, args, consts)
+        args, consts = self._launch_args(state, shape, mode, table, num_rows, buf_addr, src, dst)
+        runner = state.compiled_runner(shape, args, consts)
         return runner, table, (*args[4:], *consts.values())
 
     # -- torch reference (oracle and CPU path) ------------------------------------------------

@@ -121,8 +121,8 @@ def p2p_unavailable_reason(comm: Communicator, device: torch.device | None) -> s
     None. The node check and the mapping itself are collective (:meth:`P2PTransport.create`)."""
     if comm.world_size == 1:
         return None  # nothing crosses ranks: nothing to map
-    if comm.backend != "nccl":
-        return f"the EP group's backend is {comm.backend!r}; p2p needs a NCCL group on CUDA devices"
+    if comm.dist_backend != "nccl":
+        return f"the EP group's backend is {comm.dist_backend!r}; p2p needs a NCCL group on CUDA devices"
     if device is None or device.type != "cuda":
         return f"the weights are on {device}; p2p needs CUDA devices"
     if symmetric_memory() is None:
@@ -419,7 +419,7 @@ class _PassExchange:
         self.transport = transport
         self.rank = transport.comm.rank
         self.world_size = transport.comm.world_size
-        self.backend = "p2p"
+        self.dist_backend = "p2p"
         self._traffic = traffic
         self._expert_bytes = expert_bytes
         self._verify = verify

@@ -111,9 +111,10 @@ class PassWork:
     irecv per pass. Without ``verify`` every send row is packed by one launch; with it,
     one launch per peer (the trailers split the buffer).
 
-    Sync-path order (see :meth:`LayerWork.run`): :meth:`pack_sends` and :meth:`stage_local`
-    only *read* rows; :meth:`post` starts the exchange; after the wait, :meth:`verify_received`
-    and :meth:`apply` write rows. So nothing is written before the pass's receives are in.
+    Sync-path order (see :meth:`LayerWork.run`): :meth:`post_batches` (or, for framed
+    messages, :meth:`pack_local_sources` and :meth:`pack_sends`, then :meth:`exchanges`) only
+    *read* rows and start the exchange; after the wait, :meth:`verify_received` checks and
+    :meth:`apply` writes rows. So nothing is written before the pass's receives are in.
 
     Rows listed in the layer's stash are read from the stash, not from the live weights:
     ``stashed_sends`` are positions in ``send_rows`` whose packed expert is copied from stash
@@ -339,11 +340,6 @@ class PassWork:
             out.append((part_sends, part_recvs))
         return out
 
-    @property
-    def op_labels(self) -> list[tuple[int, str]]:
-        """``(peer, kind)`` of each request :meth:`post` returns (for error messages)."""
-        return Communicator.op_labels(dict.fromkeys(self.send_peers), dict.fromkeys(self.recv_peers))
-
     # -- pack, post, write ---------------------------------------------------------------
     def post_batches(
         self,
@@ -426,26 +422,11 @@ class PassWork:
                 torch.as_tensor(entries, device=table.device)
             ]
 
-    def stage_local(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
+    def pack_local_sources(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
         """Copy the old rows that local moves read into scratch (reads rows only)."""
         if self.local_src_rows.size:
             rows = self.device_rows(layout.device)["local_src"]
             layout.move("pack", self._slices(staging)[2], src_rows=rows, backend=backend)
-
-    def post(self, staging: torch.Tensor, comm: Communicator) -> list:
-        """Start one irecv + one isend per peer (framed messages); returns the requests (order: :attr:`op_labels`)."""
-        return comm.exchange(self.send_messages(staging), self.recv_messages(staging))
-
-    def start(
-        self, layout: ExpertLayout, staging: torch.Tensor, comm: Communicator, backend: str | None, stash: torch.Tensor | None = None
-    ) -> list:
-        """Pack every peer's rows, stage local sources and start the exchange; returns requests."""
-        if not self.framed:
-            send_buf, recv_buf, scratch = self._slices(staging)
-            return self.post_batches(layout, send_buf, recv_buf, comm, backend, stash, local_buf=scratch)[0]
-        self.stage_local(layout, staging, backend)
-        self.pack_sends(layout, staging, backend, stash)
-        return self.post(staging, comm)
 
     def verify_received(self, staging: torch.Tensor) -> list[tuple[int, int]]:
         """``(peer, index in that peer's message)`` of every received expert whose checksum
@@ -463,7 +444,7 @@ class PassWork:
     def apply(
         self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
     ) -> None:
-        """Write the round: staged local moves, moves from the stash, received rows, then duplicate fills."""
+        """Write the pass: staged local moves, moves from the stash, received rows, then duplicate fills."""
         if not self.verify and self.local_dst_rows.size and self.recv_rows.size:
             # scratch and receives are adjacent: one launch writes both (distinct rows)
             _, recvs, scratch = self._slices(staging)
@@ -484,18 +465,8 @@ class PassWork:
             entries = torch.as_tensor(self.stash_local_entries, device=stash.device)
             layout.unpack(stash.view(-1, eb)[entries].reshape(-1), self.stash_local_dst_rows, backend=backend)
 
-    def apply_local(
-        self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
-    ) -> None:
-        """Local moves straight from rows (writes before the receives are in: not atomic;
-        kept for callers of the first API; :meth:`stage_local` + :meth:`apply` replace it)."""
-        if self.local_dst_rows.size:
-            layout.copy_rows(self.local_src_rows, self.local_dst_rows, backend=backend, scratch=self._slices(staging)[2])
-        self._local_from_stash(layout, stash, backend)
-
     def apply_received(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
-        """Unpack received rows, then duplicate fills (the end of :meth:`apply`; pairs with
-        :meth:`apply_local` in the first API's order)."""
+        """Unpack received rows, then duplicate fills (the end of :meth:`apply`)."""
         view, rows = self.view, self.device_rows(layout.device)
         if self.recv_rows.size and not self.verify:
             layout.move("unpack", self._slices(staging)[1], dst_rows=rows["recv"], backend=backend)  # one launch, all peers

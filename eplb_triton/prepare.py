@@ -109,7 +109,7 @@ def prepare_layers(
     """
     def more_checks(checked: CheckedInputs) -> dict[str, object]:
         # part of the input stage: errors become this rank's verdict; the result is agreed on
-        options: dict[str, object] = {"chunk_bytes": pipeline_chunk_bytes(comm.backend)}  # which ops meet
+        options: dict[str, object] = {"chunk_bytes": pipeline_chunk_bytes(comm.dist_backend)}  # which ops meet
         device = checked.layouts[0].device if checked.layouts else None
         if device is not None:
             resolve_backend(backend, device)  # a bad value raises here, inside the agreed stage

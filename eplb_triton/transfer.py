@@ -38,10 +38,10 @@ checksum trailer).
 
 Testing hook: :data:`fault_hook`, when set, is called as ``fault_hook(point, **info)`` at the
 named points ``layer_start``, ``before_send``, ``posted`` (after each batch of p2p ops is
-issued; ``info["ops"]``: its ``(peer, "send"|"recv")`` labels, ``info["step"]``: the planner
-round, 0 without ``rounds=``), ``in_flight`` (``info["received"]``: the received messages, by
-peer, before they are checked), ``round_applied`` (a pass written) and ``before_confirm``;
-``info["round"]`` is the staging pass's index (the key keeps its old name). It may raise,
+issued; ``info["ops"]``: its ``(peer, "send"|"recv")`` labels, ``info["network_round"]``: the
+planner round inside the pass, 0 without ``rounds=``), ``in_flight`` (``info["received"]``: the
+received messages, by peer, before they are checked), ``pass_applied`` (a pass written) and
+``before_confirm``; ``info["pass_index"]`` is the staging pass's index. It may raise,
 sleep, exit or corrupt ``received`` to simulate failures. It is the one hook of both paths: the
 worker thread calls it too, at the points :func:`eplb_triton.worker.hooks.fault` lists.
 """

@@ -11,8 +11,9 @@ launcher builds once per layout and chunk size:
 * ``C_BASE``: address of the chunk in row 0 of its tensor (tensor base + byte offset in the row),
 * ``C_STRIDE``: the tensor's row stride in bytes,
 * ``C_PACKED``: byte offset of the chunk inside a packed expert (segment offset + offset in row),
-* ``C_LEN``: ``2 * chunk bytes + aligned``, aligned = 1 when base, stride and row bytes are
-  multiples of 16 (the 16-byte path), else 0 (the byte path).
+* ``C_SIZE_FLAG``: the chunk's size and a flag in one field, ``(chunk bytes << 1) | aligned``;
+  aligned = 1 when base, stride and row bytes are multiples of 16 (the 16-byte path), else 0
+  (the byte path).
 
 Tensors are reached through integer addresses cast to pointers, so one launch covers every
 tensor of a layer; this also works under ``TRITON_INTERPRET=1`` on CPU tensors.
@@ -30,7 +31,7 @@ import triton.language as tl
 C_BASE = tl.constexpr(0)
 C_STRIDE = tl.constexpr(1)
 C_PACKED = tl.constexpr(2)
-C_LEN = tl.constexpr(3)
+C_SIZE_FLAG = tl.constexpr(3)  # (bytes << 1) | aligned
 NUM_FIELDS = tl.constexpr(4)
 
 # MODE values.
@@ -73,13 +74,13 @@ def _copy_span_bytes(src_addr, dst_addr, nbytes, BYTE_BLOCK: tl.constexpr):
 
 @triton.jit
 def _chunk_ends(j, chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes, MODE: tl.constexpr):
-    """Source address, destination address and ``2 * bytes + aligned`` of chunk ``j``."""
+    """Source address, destination address and size flag ``(bytes << 1) | aligned`` of chunk ``j``."""
     k = j // chunks_per_expert
     c = j - k * chunks_per_expert
     d = chunk_desc_ptr + c.to(tl.int64) * NUM_FIELDS
     base = tl.load(d + C_BASE)
     stride = tl.load(d + C_STRIDE)
-    len2 = tl.load(d + C_LEN)
+    size_flag = tl.load(d + C_SIZE_FLAG)
     packed = buf_addr + k.to(tl.int64) * expert_bytes + tl.load(d + C_PACKED)
     if MODE == MODE_PACK:
         src = base + tl.load(src_rows_ptr + k) * stride
@@ -90,7 +91,7 @@ def _chunk_ends(j, chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_
     else:
         src = base + tl.load(src_rows_ptr + k) * stride
         dst = base + tl.load(dst_rows_ptr + k) * stride
-    return src, dst, len2
+    return src, dst, size_flag
 
 
 @triton.jit
@@ -125,25 +126,25 @@ def move_rows_kernel(
         j_begin = pid
         j_end = total
         step = nprog
-    src, dst, len2 = _chunk_ends(
+    src, dst, size_flag = _chunk_ends(
         tl.minimum(j_begin, last), chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes,
         MODE,
     )
     for j in range(j_begin, j_end, step):
         if not PREFETCH:
-            src, dst, len2 = _chunk_ends(
+            src, dst, size_flag = _chunk_ends(
                 j, chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes, MODE
             )
-        cur_src, cur_dst, cur_len2 = src, dst, len2
+        cur_src, cur_dst, cur_size_flag = src, dst, size_flag
         if PREFETCH:
             # Issued now, used next iteration: the loads overlap this chunk's copy.
-            src, dst, len2 = _chunk_ends(
+            src, dst, size_flag = _chunk_ends(
                 tl.minimum(j + step, last), chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert,
                 expert_bytes, MODE,
             )
-        nbytes = cur_len2 // 2
+        nbytes = cur_size_flag // 2
         if HAS_UNALIGNED:
-            aligned = cur_len2 & 1
+            aligned = cur_size_flag & 1
             if MODE != MODE_COPY:
                 aligned = aligned & buf_aligned
             if aligned != 0:

@@ -2,7 +2,7 @@
 
 A hook is bound with ``functools.partial`` and installed as ``eplb_triton.transfer.fault_hook``,
 the one hook that both the blocking path and the worker thread call as ``hook(point, **info)`` with
-``info["rank"]`` and, where the point has them, ``info["layer"]`` and ``info["round"]``.
+``info["rank"]`` and, where the point has them, ``info["layer"]`` and ``info["pass_index"]``.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ def injected_naming_the_layer(where: str, layer) -> Injected:
     return Injected(f"injected at {where}, layer {layer}")
 
 
-def raise_at(point, at_layer, at_round, victim, where, *, error=_injected, **info) -> None:
-    """Rank ``victim`` raises ``error(where, at_layer)`` at ``point`` of layer ``at_layer``, round
-    ``at_round`` (a point without rounds counts as round 0)."""
-    if info["rank"] == victim and where == point and info.get("layer") == at_layer and info.get("round", 0) == at_round:
+def raise_at(point, at_layer, at_pass, victim, where, *, error=_injected, **info) -> None:
+    """Rank ``victim`` raises ``error(where, at_layer)`` at ``point`` of layer ``at_layer``, staging
+    pass ``at_pass`` (a point without a pass index counts as pass 0)."""
+    if info["rank"] == victim and where == point and info.get("layer") == at_layer and info.get("pass_index", 0) == at_pass:
         raise error(where, at_layer)
 
 
@@ -66,20 +66,20 @@ def stall_at(point, at_layer, victim, seconds, where, **info) -> None:
         raise RuntimeError("stalled rank gives up")
 
 
-def corrupt_in_flight(at_layer, at_round, where, **info) -> None:
-    """Rank 1 flips one bit of the first expert it received from its last peer in that round."""
-    if info["rank"] == 1 and where == "in_flight" and info["layer"] == at_layer and info["round"] == at_round:
+def corrupt_in_flight(at_layer, at_pass, where, **info) -> None:
+    """Rank 1 flips one bit of the first expert it received from its last peer in that pass."""
+    if info["rank"] == 1 and where == "in_flight" and info["layer"] == at_layer and info["pass_index"] == at_pass:
         peer, data = sorted(info["received"].items())[-1]
         data[7] ^= 0x40
 
 
-def corrupted_peer_and_expert(old, new, world: int, layer: int, round_index: int, cost: int, budget: int | None):
+def corrupted_peer_and_expert(old, new, world: int, layer: int, pass_index: int, cost: int, budget: int | None):
     """``(peer, expert)`` whose bytes :func:`corrupt_in_flight` flips on rank 1: the first expert of
-    the last peer's message in that round, with ``cost`` bytes per expert on the wire and the
-    staging ``budget`` of the run (``None``: one round of ``world`` experts)."""
+    the last peer's message in that pass, with ``cost`` bytes per expert on the wire and the
+    staging ``budget`` of the run (``None``: one pass of ``world`` experts)."""
     plan = plan_rearrangement(old, new, world).layers[layer]
-    rounds = schedule_layer(plan, cost, budget if budget is not None else world * cost).passes
-    assert len(rounds) > round_index
-    view = plan.restrict(rounds[round_index]).rank(1)
+    passes = schedule_layer(plan, cost, budget if budget is not None else world * cost).passes
+    assert len(passes) > pass_index
+    view = plan.restrict(passes[pass_index]).rank(1)
     peer = max(view.recv_rows)
     return peer, int(new[layer, world + view.recv_rows[peer][0]])

@@ -41,7 +41,7 @@ from test_worker import GPU_SPECS
 WORLD, VICTIM, SURVIVOR, FAULT_LAYER, LAYERS = 2, 1, 0, 1, 3
 # With a budget of two experts layer 1 runs in three rounds: the survivor writes a row in round
 # 0 and waits for the victim in round 1, so the blocking path must roll that row back.
-BUDGET_ROWS, FAULT_ROUND = 2, 1
+BUDGET_ROWS, FAULT_PASS = 2, 1
 TIMEOUT_S = 3.0
 REPORT_WITHIN_S = TIMEOUT_S + 5.0
 STALL_S = REPORT_WITHIN_S + 2.0  # the victim wakes up after every survivor must have given up
@@ -69,7 +69,7 @@ def _fault(kind: str, where: str, **info) -> None:
     """Fault hook for both modules: note when layer 1 starts; the victim dies or stalls there."""
     if where == "layer_start" and info.get("layer") == FAULT_LAYER and not _reached_fault_layer:
         _reached_fault_layer.append(time.monotonic())
-    if info["rank"] == VICTIM and where == "before_send" and (info.get("layer"), info.get("round")) == (FAULT_LAYER, FAULT_ROUND):
+    if info["rank"] == VICTIM and where == "before_send" and (info.get("layer"), info.get("pass_index")) == (FAULT_LAYER, FAULT_PASS):
         if kind == "killed":
             os._exit(7)  # the whole process, mid-layer (from the worker thread on that path)
         time.sleep(STALL_S)  # alive, but sends nothing

@@ -193,7 +193,7 @@ def _atomicity_example(example, point, nth, budget_rows) -> bool:
     Checks: the injected error (and nothing else) escapes when the fault fires, a budget
     ``ValueError`` only before any hook ran; layers before the failing one are entirely new,
     layers after it entirely old, the failing layer entirely one or the other (a failure at
-    ``round_applied`` of its last round comes after the layer is complete)."""
+    ``pass_applied`` of its last pass comes after the layer is complete)."""
     from eplb_triton import transfer
 
     old, new, specs, _, verify, seed = example
@@ -257,7 +257,7 @@ def test_fuzz_atomicity_single_rank():
     @settings(max_examples=200, deadline=None, database=None)
     @given(
         st.one_of(examples(1, max_local=10), busy_examples()),
-        st.sampled_from(["layer_start", "before_send", "in_flight", "round_applied"]),
+        st.sampled_from(["layer_start", "before_send", "in_flight", "pass_applied"]),
         st.integers(0, 8),
         st.one_of(st.none(), st.integers(1, 3)),
     )

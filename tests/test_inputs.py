@@ -24,7 +24,7 @@ from eplb_triton.inputs import (
     weights_signature,
 )
 
-ALONE = Communicator(group=None, rank=0, world_size=1, backend=None)
+ALONE = Communicator(group=None, rank=0, world_size=1, dist_backend=None)
 BIG = 2**40
 
 

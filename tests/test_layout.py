@@ -1,4 +1,4 @@
-"""ExpertLayout without kernels: the byte layout, argument checks, backend choice, launch plan,
+"""ExpertLayout without kernels: the byte layout, argument checks, backend choice, launch shape,
 and the torch reference against a per-row loop written independently here."""
 
 from __future__ import annotations
@@ -101,16 +101,16 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
 
 
 @pytest.mark.interpreter
-def test_kernel_plan_limits():
+def test_launch_shape_limits():
     """Chunk within its bounds, a power of two; the grid capped; tiles no wider than a chunk."""
     layout = ExpertLayout(random_tensors([((1000,), torch.uint8), ((48,), torch.uint8)], 8))
     tuning = KernelTuning(block_words=256, programs_per_sm=4, waves=2, min_chunk=64, max_chunk=512)
-    plan = layout.kernel_plan(8, tuning)
-    assert 64 <= plan.chunk <= 512 and plan.chunk & (plan.chunk - 1) == 0
+    shape = layout.launch_shape(8, tuning)
+    assert 64 <= shape.chunk <= 512 and shape.chunk & (shape.chunk - 1) == 0
     state = layout._triton()
-    assert 1 <= plan.programs <= state.sm_count * 4
-    assert plan.block_words * 4 <= plan.chunk
-    one = layout.kernel_plan(1, KernelTuning(min_chunk=16, max_chunk=16, programs_per_sm=1000))
+    assert 1 <= shape.programs <= state.sm_count * 4
+    assert shape.block_words * 4 <= shape.chunk
+    one = layout.launch_shape(1, KernelTuning(min_chunk=16, max_chunk=16, programs_per_sm=1000))
     assert one.programs == -(-1000 // 16) + -(-48 // 16)  # one program per chunk when the cap allows
 
 
@@ -122,7 +122,7 @@ def test_triton_state_is_shared_by_layouts_over_the_same_memory(monkeypatch):
     assert first._triton() is again._triton()
     buf = torch.empty(2 * first.expert_bytes, dtype=torch.uint8)
     first.launch("pack", buf, src_rows=torch.tensor([1, 3]))
-    assert again._triton().plans or again._triton().launches, "the second layout sees the first one's launch"
+    assert again._triton().shapes or again._triton().launches, "the second layout sees the first one's launch"
     # other memory (a copy of the same shapes) gets its own state; so does another launch setting
     moved = ExpertLayout([t.clone() for t in tensors])
     assert moved._triton() is not first._triton()

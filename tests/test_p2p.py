@@ -54,7 +54,7 @@ def test_check_transport_refuses_other_values(value, error):
 
 
 def test_auto_is_the_group_path_unless_the_environment_asks(monkeypatch):
-    gloo = Communicator(group=None, rank=0, world_size=2, backend="gloo")
+    gloo = Communicator(group=None, rank=0, world_size=2, dist_backend="gloo")
     monkeypatch.delenv(p2p.TRANSPORT_ENV, raising=False)
     assert p2p.resolve_transport("auto", gloo, torch.device("cpu")) == "nccl"
     monkeypatch.setenv(p2p.TRANSPORT_ENV, "p2p")  # asked, but it cannot work on gloo: logged, NCCL kept
@@ -64,7 +64,7 @@ def test_auto_is_the_group_path_unless_the_environment_asks(monkeypatch):
         p2p.resolve_transport("auto", gloo, torch.device("cpu"))
     with pytest.raises(ValueError, match="backend is 'gloo'"):
         p2p.resolve_transport("p2p", gloo, torch.device("cpu"))
-    alone = Communicator(group=None, rank=0, world_size=1, backend=None)
+    alone = Communicator(group=None, rank=0, world_size=1, dist_backend=None)
     assert p2p.resolve_transport("p2p", alone, torch.device("cpu")) == "nccl"  # nothing crosses ranks
 
 
@@ -118,7 +118,7 @@ def _rank_views(old, new, world, budget, verify):
     """Every rank's layers, planned in one process (no agreement needed: group None)."""
     out = []
     for rank in range(world):
-        comm = Communicator(group=None, rank=rank, world_size=world, backend="gloo")
+        comm = Communicator(group=None, rank=rank, world_size=world, dist_backend="gloo")
         weights = make_rank_weights(SPECS, old.shape[0], old.shape[1] // world)
         out.append(prepare_layers(old, new, weights, comm, budget, verify=verify))
     return out
@@ -303,7 +303,7 @@ def test_a_pass_past_timeout_s_raises_peer_timeout_naming_layer_and_peer_and_wri
     monkeypatch.setattr(p2p, "_RELEASE_S", 0.05)
     world, rank = 2, 0
     old, new = random_maps(np.random.default_rng(3), 2, world, 4, 6)
-    comm = Communicator(group=None, rank=rank, world_size=world, backend="gloo")
+    comm = Communicator(group=None, rank=rank, world_size=world, dist_backend="gloo")
     weights = rank_weights(rank, world, old, seed=2)
     before = as_bytes(weights)
     layers = prepare_layers(old, new, weights, comm, 2 * PACKED)  # several passes: a rollback is needed
@@ -382,8 +382,8 @@ def test_create_maps_peers_and_a_timeout_releases_the_stuck_barrier(monkeypatch)
     monkeypatch.setattr(torch.cuda, "Stream", _Nothing)
     monkeypatch.setattr(torch.cuda, "stream", _Nothing)
     monkeypatch.delenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", raising=False)
-    comm = Communicator(group=SimpleNamespace(group_name="7"), rank=0, world_size=2, backend="nccl")
-    control = Communicator(group=None, rank=0, world_size=2, backend="gloo")  # agreements pass through
+    comm = Communicator(group=SimpleNamespace(group_name="7"), rank=0, world_size=2, dist_backend="nccl")
+    control = Communicator(group=None, rank=0, world_size=2, dist_backend="gloo")  # agreements pass through
     transport = P2PTransport.create(comm, torch.device("cpu"), 4096, control=control)
     assert fake.calls == [("empty", (4096,), torch.uint8), ("rendezvous", "7")]
     assert os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1", "multicast must be off before the first mapping"

@@ -178,7 +178,7 @@ def test_p2p_equals_nccl_and_expected_on_both_apis():
 
 # -- verify catches a corrupted message ----------------------------------------------------
 def _corrupt(where, **info):
-    if info["rank"] == 1 and where == "in_flight" and info["layer"] == 1 and info["round"] == 0:
+    if info["rank"] == 1 and where == "in_flight" and info["layer"] == 1 and info["pass_index"] == 0:
         _, data = sorted(info["received"].items())[-1]
         data[7] ^= 0x40  # one bit of the first expert received
 

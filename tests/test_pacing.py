@@ -160,8 +160,8 @@ def moving_maps(world: int, num_local: int, moved_per_layer: list[int]) -> tuple
 
 def expected_steps(start: list[int], total: int) -> list[list[int]]:
     """The layers each step() swaps when every step comes once the worker thread has staged all it
-    may: layer ``i`` is staged once ``start[i]`` steps were made and its slot is free (layer
-    ``i - 2`` swapped: two slots)."""
+    may: layer ``i`` is staged once ``start[i]`` steps were made and its staging buffer is free
+    (layer ``i - 2`` swapped: two buffers)."""
     swapped, steps, out = 0, 0, []
     while swapped < total:
         ready = min(sum(1 for s in start if s <= steps), swapped + 2, total)
@@ -195,7 +195,7 @@ def _rank_paced(rank, world, old, new, knobs, verify):
         assert worker.progress.eta_s is None and worker.progress.layers_total == old.shape[0]
         swapped, steps = 0, 0
         while worker.busy:
-            # step once the thread staged everything the pace and the two slots allow (and no more)
+            # step once the thread staged everything the pace and the two staging buffers allow (and no more)
             may = min(sum(1 for s in start if s <= steps), swapped + 2, old.shape[0])
             assert _wait_until(lambda: worker.progress.layers_moved >= may), (rank, steps, worker.progress)
             time.sleep(0.01)  # a thread ignoring the gate would stage more here
@@ -242,7 +242,7 @@ def test_paced_worker_swaps_what_the_pace_allows_on_every_rank(distributed, worl
     for rank, res in enumerate(results):
         assert res["returned"] == first["returned"], f"rank {rank} swapped {res['returned']}, rank 0 {first['returned']}"
         assert res["returned"] == res["expected"], (rank, res["returned"], res["expected"])
-        # before each step the thread had staged exactly what the pace and the slots allow
+        # before each step the thread had staged exactly what the pace and the staging buffers allow
         cumulative = np.cumsum([len(s) for s in res["expected"]]).tolist()
         assert res["staged"] == cumulative, (rank, res["staged"])
         assert res["progress_seen"] == cumulative

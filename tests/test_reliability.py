@@ -152,7 +152,7 @@ def _local_maps():
         pytest.param("layer_start", ["new", "old", "old"], id="between-layers"),
         pytest.param("before_send", ["new", "old", "old"], id="before-send"),
         # after the last (here: only) round is written the layer is committed: no rollback
-        pytest.param("round_applied", ["new", "new", "old"], id="after-commit"),
+        pytest.param("pass_applied", ["new", "new", "old"], id="after-commit"),
     ],
 )
 def test_single_rank_failure_rolls_layer_back(point, states):
@@ -162,7 +162,7 @@ def test_single_rank_failure_rolls_layer_back(point, states):
     hits = []
 
     def hook(where, **info):
-        if where == point and info.get("layer") == 1 and info.get("round", 0) == 0:
+        if where == point and info.get("layer") == 1 and info.get("pass_index", 0) == 0:
             hits.append(info)
             raise RuntimeError(f"injected at {where}")
 
@@ -181,12 +181,12 @@ def test_single_rank_mid_layer_failure_in_rounds_is_rolled_back():
     new = np.stack([old[0][::-1].copy(), old[0][::-1].copy()])  # four 2-cycles per layer
     weights = make_rank_weights(SPECS, 2, 8)
     fill_rank_weights(weights, old, 0)
-    rounds_seen = []
+    passes_seen = []
 
     def hook(where, **info):
-        if where == "round_applied" and info["layer"] == 1:
-            rounds_seen.append(info["round"])
-            if info["round"] == 2:
+        if where == "pass_applied" and info["layer"] == 1:
+            passes_seen.append(info["pass_index"])
+            if info["pass_index"] == 2:
                 raise RuntimeError("injected mid-layer")
 
     transfer.fault_hook = hook
@@ -195,7 +195,7 @@ def test_single_rank_mid_layer_failure_in_rounds_is_rolled_back():
             rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=2 * EXPERT_BYTES)
     finally:
         transfer.fault_hook = None
-    assert rounds_seen == [0, 1, 2]  # rounds 0-2 of 4 were written, then undone
+    assert passes_seen == [0, 1, 2]  # passes 0-2 of 4 were written, then undone
     assert layer_states(weights, old, new, 0) == ["new", "old"]
     # without atomic the same failure leaves the layer half-applied: the undo copy is what helps
     fill_rank_weights(weights, old, 0)
@@ -249,16 +249,16 @@ def test_stashed_cycle_in_rounds_verify_and_rollback(verify):
     for error, states, _, stats in ok:
         assert error is None and states == ["new", "new"]
         assert stats.rounds > 4 and stats.peak_staging_bytes <= budget and stats.peak_undo_bytes > 0
-    hook = partial(raise_at, "round_applied", 1, 2, 0)  # rank 0, layer 1, after its third round
+    hook = partial(raise_at, "pass_applied", 1, 2, 0)  # rank 0, layer 1, after its third pass
     failed = run_with_faults(world, old, new, hook, max_buffer_bytes=budget, verify=verify, timeout_s=TIMEOUT_S)
-    assert failed[0][0][1] == "injected at round_applied"
+    assert failed[0][0][1] == "injected at pass_applied"
     for rank, (error, states, _, _) in enumerate(failed):
         assert error is not None and states == ["new", "old"], (rank, error, states)
 
 
-def _rank_first_api(rank, world, old, new, verify):
-    """The building blocks in the order of the first API (start, apply_local, wait, apply_received):
-    still correct, for callers such as a worker written against it."""
+def _rank_pass_by_pass(rank, world, old, new, verify):
+    """The building blocks :meth:`LayerWork.run` drives (pack, exchange, wait, verify, write),
+    called one by one outside it: still correct, for callers such as the worker thread."""
     from eplb_triton.comm import Communicator
     from eplb_triton.transfer import prepare_layers
 
@@ -268,19 +268,26 @@ def _rank_first_api(rank, world, old, new, verify):
     layers = prepare_layers(old, new, weights, comm, 1 << 20, verify=verify)
     staging = torch.empty(max(layer.staging_bytes for layer in layers), dtype=torch.uint8)
     for layer in layers:
+        assert not layer.stash_rows.size  # one pass per layer at this budget: nothing read from a stash
         for work in layer.passes:
-            requests = work.start(layer.layout, staging, comm, None)
-            work.apply_local(layer.layout, staging, None)
-            comm.wait(requests)
+            if work.framed:  # verify: whole messages with their checksum trailers
+                work.pack_local_sources(layer.layout, staging, None)
+                work.pack_sends(layer.layout, staging, None)
+                for sends, recvs in work.exchanges(staging):
+                    comm.wait(comm.exchange(sends, recvs))
+            else:  # packs (local sources too) and posts batch by batch
+                send_buf, recv_buf, scratch = work._slices(staging)
+                requests, _, _ = work.post_batches(layer.layout, send_buf, recv_buf, comm, None, local_buf=scratch)
+                comm.wait(requests)
             assert work.verify_received(staging) == []
-            work.apply_received(layer.layout, staging, None)
+            work.apply(layer.layout, staging, None)
     return row_mismatches(weights, old, new, rank)
 
 
 @pytest.mark.parametrize("verify", [False, True], ids=["plain", "verify"])
-def test_building_blocks_in_first_api_order(distributed, verify):
+def test_building_blocks_pass_by_pass(distributed, verify):
     old, new = all_to_all_maps(4, 2)
-    assert distributed(4, _rank_first_api, old, new, verify) == [[]] * 4
+    assert distributed(4, _rank_pass_by_pass, old, new, verify) == [[]] * 4
 
 
 # -- verify ----------------------------------------------------------------------------------
@@ -306,24 +313,24 @@ def test_verify_moves_the_right_bytes(budget):
 
 
 @pytest.mark.parametrize(
-    "layer,round_index,budget",
+    "layer,pass_index,budget",
     [
         pytest.param(1, 0, None, id="single-round"),
         pytest.param(1, 1, 4 * (EXPERT_BYTES + 16), id="second-round"),
     ],
 )
-def test_corruption_in_flight_is_caught_and_layer_not_applied(layer, round_index, budget):
+def test_corruption_in_flight_is_caught_and_layer_not_applied(layer, pass_index, budget):
     world = 4
     old, new = all_to_all_maps(world, 3)
-    hook = partial(corrupt_in_flight, layer, round_index)
+    hook = partial(corrupt_in_flight, layer, pass_index)
     results = run_with_faults(world, old, new, hook, verify=True, max_buffer_bytes=budget, timeout_s=10.0)
     for rank, (error, states, _, _) in enumerate(results):
         assert error is not None and error[0] == "ChecksumMismatchError", (rank, error)
         assert f"layer {layer}" in error[1] and "rank 1" in error[1]  # every rank hears about it
         if rank == 1:
             kind, text, err_layer, peer, expert = error
-            # the hook corrupted the first expert of the last peer's message in that round
-            want_peer, want_expert = corrupted_peer_and_expert(old, new, world, layer, round_index, EXPERT_BYTES + 16, budget)
+            # the hook corrupted the first expert of the last peer's message in that pass
+            want_peer, want_expert = corrupted_peer_and_expert(old, new, world, layer, pass_index, EXPERT_BYTES + 16, budget)
             assert (err_layer, peer, expert) == (layer, want_peer, want_expert)
             assert f"expert {want_expert}" in text and f"peer {want_peer}" in text
             assert states == ["new" if l != layer else "old" for l in range(3)]
@@ -408,19 +415,19 @@ def test_stall_before_the_input_agreement_times_out():
 
 
 @pytest.mark.parametrize(
-    "point,round_index,budget,victim_states",
+    "point,pass_index,budget,victim_states",
     [
         pytest.param("layer_start", 0, None, ["new", "old", "old"], id="between-layers"),
         pytest.param("before_send", 0, None, ["new", "old", "old"], id="before-send"),
         pytest.param("in_flight", 0, None, ["new", "old", "old"], id="after-receive"),
-        pytest.param("round_applied", 0, 4 * EXPERT_BYTES, ["new", "old", "old"], id="mid-layer-rounds"),
+        pytest.param("pass_applied", 0, 4 * EXPERT_BYTES, ["new", "old", "old"], id="mid-layer-rounds"),
         pytest.param("before_send", 1, 4 * EXPERT_BYTES, ["new", "old", "old"], id="second-round-before-send"),
     ],
 )
-def test_injected_failure_leaves_every_layer_old_or_new(point, round_index, budget, victim_states):
+def test_injected_failure_leaves_every_layer_old_or_new(point, pass_index, budget, victim_states):
     world = 4
     old, new = all_to_all_maps(world, 3)
-    hook = partial(raise_at, point, 1, round_index, 2)
+    hook = partial(raise_at, point, 1, pass_index, 2)
     results = run_with_faults(world, old, new, hook, timeout_s=TIMEOUT_S, max_buffer_bytes=budget)
     victim_error, victim_layers, _, victim_stats = results[2]
     assert victim_error[1] == f"injected at {point}"
@@ -494,7 +501,7 @@ class _FakeWork:
 def _nccl_comm():
     from eplb_triton.comm import Communicator
 
-    return Communicator(group=None, rank=0, world_size=4, backend="nccl")  # group None: abort is a no-op
+    return Communicator(group=None, rank=0, world_size=4, dist_backend="nccl")  # group None: abort is a no-op
 
 
 def test_nccl_poll_names_the_pending_peers_at_the_deadline():
@@ -541,7 +548,7 @@ class _PostingComm:
 
                 return finish
 
-        return Local(group=object(), rank=rank, world_size=world, backend="gloo")
+        return Local(group=object(), rank=rank, world_size=world, dist_backend="gloo")
 
 
 def _closed_pair(dead_peer, posted):

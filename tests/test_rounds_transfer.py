@@ -35,7 +35,7 @@ def _rank_compare(rank, world, old, new, rounds, budget, verify, seed=0):
 
     def hook(point, **info):
         if point == "posted":
-            batches.append((info["layer"], info["round"], info["step"], info["ops"]))
+            batches.append((info["layer"], info["pass_index"], info["network_round"], info["ops"]))
 
     transfer.fault_hook = hook
     try:
@@ -165,7 +165,7 @@ def _rank_fail_mid_layer(rank, world, old, new, rounds, budget, seed=0):
     hits = []
 
     def hook(point, **info):
-        if point == "round_applied" and info["layer"] == 1 and info["round"] == 0:
+        if point == "pass_applied" and info["layer"] == 1 and info["pass_index"] == 0:
             hits.append(True)
             raise RuntimeError("injected after the first budget round")
 

@@ -133,7 +133,7 @@ def test_rollback_writes_only_changed_rows(backend):
     fired = []
 
     def hook(where, **info):
-        if where == "round_applied" and info["layer"] == 1 and info["round"] == 0:
+        if where == "pass_applied" and info["layer"] == 1 and info["pass_index"] == 0:
             fired.append(info)
             raise _Injected("after layer 1's first round")
 

@@ -76,7 +76,7 @@ def slow_down(worker, seconds, rank_filter=None):
     """Make the worker spend ``seconds`` per layer (stop-aware), to keep a transfer in flight."""
     original = worker._transfer_layer
 
-    def slow(job, index, stage):
+    def slow(job, index, prepared):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if worker._stop:
@@ -84,7 +84,7 @@ def slow_down(worker, seconds, rank_filter=None):
 
                 raise _Stopped
             time.sleep(0.002)
-        return original(job, index, stage)
+        return original(job, index, prepared)
 
     worker._transfer_layer = slow
 
@@ -196,7 +196,7 @@ def test_step_loop_applies_layers_in_order_on_every_rank(distributed, world):
 
 def _rank_double_buffering(rank, world, old, new):
     """Before each step, wait (on the worker's condition, not a sleep) until this rank's worker
-    has staged as far as its two slots allow; record how far ahead it got."""
+    has staged as far as its two staging buffers allow; record how far ahead it got."""
     weights = rank_weights(rank, world, old)
     layers = old.shape[0]
     steps, ahead = [], []
@@ -209,14 +209,14 @@ def _rank_double_buffering(rank, world, old, new):
                     lambda: job.published >= min(job.swapped + 2, layers) or worker._error is not None, timeout=30.0
                 )
                 ahead.append(job.published - job.swapped)
-            assert staged, "the worker did not fill its two slots"
+            assert staged, "the worker did not fill its two staging buffers"
             steps.append(worker.step())
     return steps, ahead, row_mismatches(weights, old, new, rank)
 
 
 def test_double_buffering_keeps_worker_two_layers_ahead(distributed):
-    # With two staging slots the worker stages two layers ahead of the swaps, and no further
-    # (every rank writes every row of every layer here, so every layer needs a slot).
+    # With two staging buffers the worker stages two layers ahead of the swaps, and no further
+    # (every rank writes every row of every layer here, so every layer needs a staging buffer).
     old, new = rotated_maps(6, 2, 3)
     results = distributed(2, _rank_double_buffering, old, new)
     for rank, (steps, ahead, bad) in enumerate(results):
@@ -293,10 +293,10 @@ def _rank_worker_failure(rank, world, old, new, failing_rank, failing_layer):
     if rank == failing_rank:
         original = worker._transfer_layer
 
-        def transfer_or_fail(job, index, stage):
+        def transfer_or_fail(job, index, prepared):
             if index == failing_layer:
                 raise InjectedFailure(f"disk on fire at layer {index}")
-            return original(job, index, stage)
+            return original(job, index, prepared)
 
         worker._transfer_layer = transfer_or_fail
     worker.submit(old, new)
@@ -499,7 +499,7 @@ def test_context_manager_and_single_rank_without_group():
         while worker._job.published < 2 and time.monotonic() < deadline:
             time.sleep(0.001)
         time.sleep(0.05)
-        # two layers are staged (both slots full: the worker waits), yet no weight has changed
+        # two layers are staged (both staging buffers full: the worker waits), yet no weight has changed
         assert worker._job.published == 2
         assert row_mismatches(weights, old, old, 0, seed=1) == []
         assert worker.step() == [0, 1] and worker.busy
@@ -656,7 +656,7 @@ def test_peer_exits_mid_layer_every_survivor_names_layer_and_peer():
 
 def test_peer_exits_between_layers_every_survivor_raises():
     # rank 3 dies once layer 1 is staged everywhere; the survivors' workers may be waiting for a
-    # free slot rather than exchanging, so the step agreement is what notices it
+    # free staging buffer rather than exchanging, so the step agreement is what notices it
     world = 4
     old, new = all_to_all_maps(world, 4)
     results = run_faults(world, old, new, partial(exit_at, "before_publish", 1, 3, lock=_STEP_LOCK), exiting=[3], timeout_s=TIMEOUT_S)
@@ -713,7 +713,7 @@ def test_peer_that_stops_calling_step_times_out_on_every_rank():
 
 
 @pytest.mark.parametrize(
-    "point,round_index",
+    "point,pass_index",
     [
         pytest.param("layer_start", 0, id="layer-start"),
         pytest.param("before_send", 0, id="before-first-send"),
@@ -722,11 +722,11 @@ def test_peer_that_stops_calling_step_times_out_on_every_rank():
         pytest.param("before_publish", 0, id="between-layers"),
     ],
 )
-def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, round_index):
-    # a tight budget: every layer runs in several rounds, so "mid-layer" really is mid-layer
+def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, pass_index):
+    # a tight budget: every layer runs in several passes, so "mid-layer" really is mid-layer
     world = 4
     old, new = all_to_all_maps(world, 3)
-    results = run_faults(world, old, new, partial(raise_at, point, 1, round_index, 2, error=injected_naming_the_layer), timeout_s=10.0, max_buffer_bytes=4 * PACKED)
+    results = run_faults(world, old, new, partial(raise_at, point, 1, pass_index, 2, error=injected_naming_the_layer), timeout_s=10.0, max_buffer_bytes=4 * PACKED)
     applied = assert_consistent(results, list(range(world)))
     assert all(l < 1 for l in applied), applied
     for rank, res in enumerate(results):
@@ -739,21 +739,21 @@ def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, rou
 
 
 @pytest.mark.parametrize(
-    "layer,round_index,budget",
+    "layer,pass_index,budget",
     [
         pytest.param(1, 0, None, id="single-round"),
         pytest.param(1, 1, 4 * (PACKED + 16), id="second-round"),
     ],
 )
-def test_verify_catches_corruption_in_flight_and_layer_is_not_applied(layer, round_index, budget):
+def test_verify_catches_corruption_in_flight_and_layer_is_not_applied(layer, pass_index, budget):
     world = 4
     old, new = all_to_all_maps(world, 3)
-    hook = partial(corrupt_in_flight, layer, round_index)
+    hook = partial(corrupt_in_flight, layer, pass_index)
     results = run_faults(world, old, new, hook, verify=True, max_buffer_bytes=budget, timeout_s=10.0)
     applied = assert_consistent(results, list(range(world)))
     assert all(l < layer for l in applied), applied  # the corrupted layer is old on every rank
-    # the hook corrupted the first expert of the last peer's message in that round
-    want_peer, want_expert = corrupted_peer_and_expert(old, new, world, layer, round_index, PACKED + 16, budget)
+    # the hook corrupted the first expert of the last peer's message in that pass
+    want_peer, want_expert = corrupted_peer_and_expert(old, new, world, layer, pass_index, PACKED + 16, budget)
     for rank in range(world):
         error = results[rank]["error"]
         assert error is not None and error["type"] == "ChecksumMismatchError", (rank, error)
@@ -913,7 +913,7 @@ def _rank_nccl_verify(rank, world, corrupt):
         if where == "in_flight" and info["rank"] == 1 and info["layer"] == 1 and info["received"] and not fired:
             peer, data = sorted(info["received"].items())[-1]
             data[7] ^= 0x40
-            fired.append((info["round"], peer))
+            fired.append((info["pass_index"], peer))
 
     transfer.fault_hook = corrupt_first_delivery if corrupt else None
     applied, error = [], None
@@ -1006,7 +1006,7 @@ def test_gpu_reserve_first_rebalance_allocates_no_staging():
         return delta, stats.peak_staging_bytes, row_mismatches(weights, old, new, 0, seed=6)
 
     delta, staging, bad = first_rebalance(reserve=True)
-    assert bad == [] and staging > 1 << 20  # two slots of 16 rows of 128 KiB, plus sends
+    assert bad == [] and staging > 1 << 20  # two staging buffers of 16 rows of 128 KiB, plus sends
     # only row lists and kernel descriptors (kilobytes) may be allocated along the way
     assert delta < 64 << 10, f"the first rebalance after reserve=True allocated {delta} bytes at peak"
     delta, staging, bad = first_rebalance(reserve=False)
@@ -1052,7 +1052,7 @@ class _FakeCuda:
 def test_worker_orders_its_stream_after_submit_and_each_swap(monkeypatch):
     """The GPU ordering, checked on CPU: the worker stream waits for the event submit()
     recorded on the serving stream before its first read of the weights; it waits for the
-    event of layer l-2's swap before staging layer l into that slot; it records and polls an
+    event of layer l-2's swap before staging layer l into that buffer; it records and polls an
     event on its stream after staging a layer, before publishing it; and every swap records
     an event on the serving stream after its unpack."""
     from eplb_triton.worker import hooks as worker_module
@@ -1096,7 +1096,7 @@ def test_worker_orders_its_stream_after_submit_and_each_swap(monkeypatch):
     assert sorted(swap_event) == list(range(layers))
     for layer in range(layers):
         packs = [i for i, e in enumerate(log) if e == ("pack", "worker", layer)]
-        if layer >= 2:  # the slot held layer - 2: its swap's event must be waited for first
+        if layer >= 2:  # the staging buffer held layer - 2: its swap's event must be waited for first
             assert ("wait", "worker", swap_event[layer - 2]) in log[: packs[0]], layer
         publish = log.index(("before_publish", "worker", layer))
         # publishing waited (polled) for an event recorded on the worker stream after the layer's last pack
@@ -1175,7 +1175,7 @@ def test_step_agreement_backend_error_without_timeout_is_a_peer_error(monkeypatc
     weights = rank_weights(0, 1, old)
     worker = TransferWorker(weights)
     worker.submit(old, new)
-    worker._control = Communicator(group=object(), rank=0, world_size=2, backend="gloo")  # as if EP were 2
+    worker._control = Communicator(group=object(), rank=0, world_size=2, dist_backend="gloo")  # as if EP were 2
     monkeypatch.setattr(torch.distributed, "all_reduce", closed)
     with pytest.raises(PeerFailedError, match="step agreement: rank 0: .*Connection closed by peer") as info:
         worker.step()

@@ -9,15 +9,15 @@ One layer on one rank::
 
     worker thread (own CUDA stream)                   main thread, step() (current stream)
     -------------------------------                   ------------------------------------
-    wait until its staging slot is free
-      (GPU-side wait on the event of the slot's last swap)
-    pack local-move sources into the slot
-    per pass: pack sends -> exchange -> receives land in the slot
-    copy duplicates (replicas) inside the slot
+    wait until its staging buffer is free
+      (GPU-side wait on the event of the buffer's last swap)
+    pack local-move sources into the buffer
+    per pass: pack sends -> exchange -> receives land in the buffer
+    copy duplicates (replicas) inside the buffer
     wait for the worker stream -> publish the layer
                                                       agree on min(published) over all ranks
-                                                      unpack the slot into the live rows
-                                                      record an event: the slot is free again
+                                                      unpack the buffer into the live rows
+                                                      record an event: the buffer is free again
 
 Why a swap is one unpack: until its swap a layer's live rows are only *read* (by serving
 and by the worker), so every row this rank writes in the layer (a network delivery, a local
@@ -28,7 +28,7 @@ order of the blocking path (chains, cycles, stash) is irrelevant here: every rea
 old rows. Passes still split the exchange so the send buffer stays within
 ``max_buffer_bytes``.
 
-Memory per rank: two slots (double buffering: the next layer transfers while the current one
+Memory per rank: two staging buffers (double buffering: the next layer transfers while the current one
 waits for its swap), each holding the rows this rank writes in one layer (at most one layer's
 local rows, packed), plus one send buffer of the largest pass's sends.
 
@@ -41,7 +41,7 @@ peers abandoned. With ``verify`` every peer message is followed by a second, sma
 holding one checksum per expert (:func:`~eplb_triton.checksum.expert_checksums`, padded to
 :func:`~eplb_triton.checksum.trailer_bytes` as in the blocking path); the worker thread
 checks the received experts before publishing the layer. (The trailer cannot share the
-data's message here: received experts land back to back in the slot so that the swap is
+data's message here: received experts land back to back in the staging buffer so that the swap is
 one unpack.)
 
 Pacing (:mod:`eplb_triton.pacing`): with ``layers_per_step``/``bytes_per_step``/
@@ -56,10 +56,11 @@ communicator must not be used by two threads at once).
 
 Files (one job each; :class:`TransferWorker` is the front end and takes the others as mixins):
 ``front.py`` (construct, ``submit``/``step``/``wait``/``close``, ``progress``), ``thread.py``
-(the worker thread: per-layer transfer, publish, drain, shutdown), ``staging.py`` (slots,
-:class:`_Stage`, ``reserve``, the swap), ``agreement.py`` (the step agreement, sharing
-failures, probing peers), ``groups.py`` (process groups: pool, rendezvous, rank order) and
-``hooks.py`` (test seams; the fault hook itself is :data:`eplb_triton.transfer.fault_hook`).
+(the worker thread: per-layer transfer, publish, drain, shutdown), ``staging.py`` (the two
+staging buffers, :class:`_PreparedLayer`, ``reserve``, the swap), ``agreement.py`` (the step
+agreement, sharing failures, probing peers), ``groups.py`` (process groups: pool, rendezvous,
+rank order) and ``hooks.py`` (test seams; the fault hook itself is
+:data:`eplb_triton.transfer.fault_hook`).
 """
 
 from .front import TransferWorker

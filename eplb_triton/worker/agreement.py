@@ -87,7 +87,7 @@ class AgreementMixin:
 
     def _next_layer(self) -> int | None:
         job = self._job
-        return job.stages[job.swapped].layer.index if job is not None and job.swapped < len(job.stages) else None
+        return job.prepared_layers[job.swapped].layer.index if job is not None and job.swapped < len(job.prepared_layers) else None
 
     def _agreement_failed(self, cause: PeerError | None, what: str) -> None:
         """The step agreement failed (a peer exited or stalled): stop and raise on this rank.
@@ -110,8 +110,8 @@ class AgreementMixin:
         error = self._error
         self._shutdown(timeout_s=0.0)
         next_layer = None
-        if job is not None and job.swapped < len(job.stages):
-            next_layer = job.stages[job.swapped].layer.index
+        if job is not None and job.swapped < len(job.prepared_layers):
+            next_layer = job.prepared_layers[job.swapped].layer.index
         text = (
             f"step agreement: rank {self._control.rank} {what} within {self.timeout_s:g} s (timeout_s): a peer exited, "
             "stalled or stopped calling step()"

@@ -1,7 +1,7 @@
 """The serving thread's side of :class:`TransferWorker`: construct, submit, step, wait, close.
 
 The other jobs live in mixins, one file each: :mod:`.groups` (process groups),
-:mod:`.staging` (slots and the swap), :mod:`.agreement` (step agreement, failures) and
+:mod:`.staging` (the staging buffers and the swap), :mod:`.agreement` (step agreement, failures) and
 :mod:`.thread` (the worker thread). The package docstring draws the whole picture.
 """
 
@@ -47,7 +47,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             using ``ep_group``.
         max_buffer_bytes: bounds one staging pass (sends + receives + local moves per rank,
             as in the blocking API), which bounds the send buffer; received rows are kept
-            until their swap in two slots of at most one layer's local rows each.
+            until their swap in two staging buffers of at most one layer's local rows each.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack (as in the
             blocking API).
         timeout_s: the longest any wait on peers may take: the construction (the ranks
@@ -75,7 +75,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             engines; mapped at the first submit that needs it, released by :meth:`close`).
             Same on every rank; one that cannot work is refused here on every rank.
         reserve: allocate the staging every later :meth:`submit` needs here, once, for the
-            worst plan these weights and options allow (two slots of one layer's local rows
+            worst plan these weights and options allow (two staging buffers of one layer's local rows
             packed, plus one pass's send buffer), and keep it: a runtime's profile run then
             counts it and no rebalance allocates staging. Without it (default) each submit
             allocates what its plan needs. A submit with a larger ``max_buffer_bytes`` or
@@ -274,9 +274,9 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             expected_weights=self._weights_signature,
             transport=self.transport,
         )
-        job = self._stage_job(layers)
+        job = self._build_job(layers)
         with self._cond:
-            if not job.stages:
+            if not job.prepared_layers:
                 self._last_stats = job.stats
                 self._last_progress = TransferProgress.of(0, 0, 0, 0, 0, 0.0)
                 return
@@ -308,9 +308,9 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         done = []
         try:
             while job.swapped < ready:
-                stage = job.stages[job.swapped]
-                self._swap(job, stage)
-                done.append(stage.layer.index)
+                prepared = job.prepared_layers[job.swapped]
+                self._swap(job, prepared)
+                done.append(prepared.layer.index)
         except BaseException:  # a failed launch here is not recoverable: stop the thread, no leak
             self._shutdown()
             raise
@@ -319,7 +319,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             if lift:  # agreed: every rank lifts the pace at this step
                 job.gate.lift()
             self._cond.notify_all()
-        if job.swapped == len(job.stages):
+        if job.swapped == len(job.prepared_layers):
             job.finished_at = time.monotonic()
             self._last_stats = job.stats
             self._last_progress = self._progress_of(job)
@@ -392,5 +392,5 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         end = job.finished_at if job.finished_at is not None else time.monotonic()
         stats = job.stats  # counted by the worker thread: at worst one pass behind
         return TransferProgress.of(
-            len(job.stages), done, moved, stats.total_bytes_sent, stats.total_bytes_received, end - job.submitted_at
+            len(job.prepared_layers), done, moved, stats.total_bytes_sent, stats.total_bytes_received, end - job.submitted_at
         )

@@ -136,11 +136,11 @@ class GroupsMixin:
         ep = Communicator.from_group(ep_group)
         if ep.world_size == 1:  # nothing crosses ranks: no collective, no p2p, no new group
             transfer = ep if transfer_group is None else Communicator.from_group(transfer_group)
-            return transfer, _ControlCommunicator(group=ep.group, rank=ep.rank, world_size=1, backend=transfer.backend)
+            return transfer, _ControlCommunicator(group=ep.group, rank=ep.rank, world_size=1, dist_backend=transfer.dist_backend)
         ranks = dist.get_process_group_ranks(ep.group)
         if transfer_group is None:
-            transfer_group = self._new_group(ranks, ep.backend)
-            if ep.backend == "nccl":  # create the NCCL communicator now, not inside the first layer
+            transfer_group = self._new_group(ranks, ep.dist_backend)
+            if ep.dist_backend == "nccl":  # create the NCCL communicator now, not inside the first layer
                 probe = torch.zeros(1, device=self._device)
                 dist.all_reduce(probe, group=transfer_group)
         elif dist.get_process_group_ranks(transfer_group) != ranks:
@@ -150,11 +150,11 @@ class GroupsMixin:
             )
         transfer = Communicator.from_group(transfer_group)
         # The main thread's agreements need a CPU group the worker thread never uses.
-        if ep.backend == "gloo" and ep.group is not transfer_group:
+        if ep.dist_backend == "gloo" and ep.group is not transfer_group:
             control_group = ep.group
         else:
             control_group = self._new_group(ranks, "gloo")
-        control = _ControlCommunicator(group=control_group, rank=ep.rank, world_size=ep.world_size, backend=transfer.backend)
+        control = _ControlCommunicator(group=control_group, rank=ep.rank, world_size=ep.world_size, dist_backend=transfer.dist_backend)
         return transfer, control
 
     def _new_group(self, ranks: list[int], backend: str):

@@ -19,8 +19,8 @@ _cuda = torch.cuda
 
 def fault(point: str, **info) -> None:
     """Call :data:`eplb_triton.transfer.fault_hook` if set. The worker thread's points:
-    ``layer_start`` (rank, layer), ``before_send`` (rank, layer, ``round``: the staging pass), ``in_flight``
-    (rank, layer, round, ``received``: each peer's received packed experts, before they are checked)
+    ``layer_start`` (rank, layer), ``before_send`` (rank, layer, ``pass_index``: the staging pass), ``in_flight``
+    (rank, layer, pass_index, ``received``: each peer's received packed experts, before they are checked)
     and ``before_publish`` (rank, layer). The hook may raise, sleep, exit or corrupt ``received``."""
     hook = transfer.fault_hook
     if hook is not None:

@@ -1,9 +1,10 @@
-"""Staging: each layer's slot plan, the two slots, the send buffer, and the swap.
+"""Staging: each layer prepared for a staging buffer, the two buffers, the send buffer, the swap.
 
 Until its swap a layer's live rows are only read, so every row this rank writes in a layer is
-staged beforehand as a packed expert holding the row's final content (:class:`_Stage`); two
-slots double-buffer layers (the next transfers while the current waits for its swap) and one
-send buffer holds a staging pass's sends. ``reserve=True`` allocates the worst case once.
+staged beforehand as a packed expert holding the row's final content
+(:class:`_PreparedLayer`); two staging buffers double-buffer layers (the next transfers while
+the current waits for its swap) and one send buffer holds a staging pass's sends.
+``reserve=True`` allocates the worst case once.
 """
 
 from __future__ import annotations
@@ -30,18 +31,19 @@ log = logging.getLogger("eplb_triton.worker")  # one logger for the package (doc
 
 
 @dataclass
-class _Stage:
-    """One layer's staging plan on this rank: the slot holds one packed expert per row written.
+class _PreparedLayer:
+    """One layer prepared for the worker's staging on this rank: the buffer holds one packed
+    expert per row written, and these are where each goes.
 
-    Slot order: receives of pass 0, pass 1, ... | local-move sources | duplicates.
+    Buffer order: receives of pass 0, pass 1, ... | local-move sources | duplicates.
     """
 
     layer: LayerWork
-    rows: np.ndarray  # destination row of each packed expert in the slot, in slot order
-    recv_offsets: list[int]  # byte offset of each pass's receives in the slot
+    rows: np.ndarray  # destination row of each packed expert in the buffer, in buffer order
+    recv_offsets: list[int]  # byte offset of each pass's receives in the buffer
     local_src: np.ndarray
     local_offset: int
-    dup_src_pos: np.ndarray  # slot positions (in experts) copied ...
+    dup_src_pos: np.ndarray  # buffer positions (in experts) copied ...
     dup_dst_pos: np.ndarray  # ... to these positions
     device_rows: torch.Tensor | None = None  # ``rows`` on the GPU, copied by the worker thread
     device_lists: dict[str, torch.Tensor] | None = None  # local sources and duplicate positions, likewise
@@ -55,7 +57,7 @@ class _Stage:
         self.device_lists = out
 
     @classmethod
-    def build(cls, layer: LayerWork, rank: int) -> "_Stage":
+    def build(cls, layer: LayerWork, rank: int) -> "_PreparedLayer":
         eb = layer.layout.expert_bytes
         view = layer.plan.rank(rank)  # the whole layer: local moves and duplicates of all passes
         recv = [work.recv_rows for work in layer.passes]
@@ -86,17 +88,19 @@ class _Stage:
 
 
 @dataclass
-class _Slot:
+class _StagingBuffer:
+    """One of the two buffers that hold a layer's packed rows from its transfer until its swap."""
+
     buffer: torch.Tensor
-    event: torch.cuda.Event | None = None  # recorded after the last swap that read this slot
+    event: torch.cuda.Event | None = None  # recorded after the last swap that read this buffer
 
 
 @dataclass
 class _Job:
     """One submitted rearrangement. Counters are guarded by the worker's condition."""
 
-    stages: list[_Stage]
-    slots: list[_Slot]
+    prepared_layers: list[_PreparedLayer]
+    staging_buffers: list[_StagingBuffer]
     send_buffer: torch.Tensor
     stats: TransferStats
     start_event: torch.cuda.Event | None
@@ -106,8 +110,8 @@ class _Job:
     started: bool = False  # the worker thread has picked the job up
     cursor: tuple[int, int] = (0, 0)  # (layer, pass) of the next exchange this rank posts
     verify: bool = False
-    send_sums: torch.Tensor | None = None  # verify: checksum trailers of one pass's sends
-    recv_sums: torch.Tensor | None = None  # verify: checksum trailers of one pass's receives
+    send_trailers: torch.Tensor | None = None  # verify: checksum trailers of one pass's sends
+    recv_trailers: torch.Tensor | None = None  # verify: checksum trailers of one pass's receives
     broken: bool = False  # a peer error: the transfer group is unusable, do not drain
     layer: int | None = None  # the layer the worker thread is transferring (error reports)
     gate: PaceGate = None  # pacing: which layers the worker thread may start (see pacing.py)
@@ -142,7 +146,7 @@ def _fill_send_trailers(job: "_Job", work: PassWork, send_buf: torch.Tensor) -> 
     """Checksum every packed expert in ``send_buf`` into each peer's trailer; returns the trailers."""
     eb = work.expert_bytes
     sums = expert_checksums(send_buf, eb) if send_buf.numel() else None
-    trailers = _trailers(job.send_sums, work.send_peers, work.send_counts)
+    trailers = _trailers(job.send_trailers, work.send_peers, work.send_counts)
     first = 0
     for peer, count in zip(work.send_peers, work.send_counts):
         trailers[peer][: count * CHECKSUM_BYTES].view(torch.int64).copy_(sums[first : first + count])
@@ -154,45 +158,45 @@ class StagingMixin:
     """The :class:`~eplb_triton.worker.TransferWorker` part that allocates staging and swaps."""
 
     def _reserve_storage(self) -> torch.Tensor | None:
-        """The worst case of :meth:`submit`'s storage for these weights and options: two slots
-        of a layer's local rows packed, one pass's sends (at most the pass budget) and, with
+        """The worst case of :meth:`submit`'s storage for these weights and options: two staging
+        buffers of a layer's local rows packed, one pass's sends (at most the pass budget) and, with
         ``verify``, trailers of at most 16 bytes per expert sent and received in a pass."""
         try:
             layouts = [ExpertLayout(tensors) for tensors in self.expert_weights]
         except (TypeError, ValueError, IndexError):
             return None  # malformed weights: submit() reports them on every rank
-        slot = max((lay.num_local * lay.expert_bytes for lay in layouts), default=0)
+        buffer_bytes = max((lay.num_local * lay.expert_bytes for lay in layouts), default=0)
         budget = staging_bound(self.expert_weights, self.max_buffer_bytes, verify=self.verify)
         rows = max((budget // lay.expert_bytes for lay in layouts), default=0)
-        sums = 2 * 16 * rows if self.verify else 0
-        return torch.empty(max(2 * slot + budget + sums, 1), dtype=torch.uint8, device=self._device)
+        trailer_room = 2 * 16 * rows if self.verify else 0
+        return torch.empty(max(2 * buffer_bytes + budget + trailer_room, 1), dtype=torch.uint8, device=self._device)
 
-    def _stage_job(self, layers: Sequence[LayerWork]) -> _Job:
-        """Plan every layer's slot, allocate (or reuse) the staging and build the job."""
+    def _build_job(self, layers: Sequence[LayerWork]) -> _Job:
+        """Prepare every layer for a staging buffer, allocate (or reuse) the staging and build the job."""
         rank = self._transfer.rank
-        stages = [_Stage.build(layer, rank) for layer in layers]
-        slot_bytes = max((s.nbytes for s in stages), default=0)
-        send_bytes = max((s.send_bytes for s in stages), default=0)
-        trailers = [_pass_trailer_bytes(w) for s in stages for w in s.layer.passes] if self.verify else []
-        send_sums = max((t[0] for t in trailers), default=0)
-        recv_sums = max((t[1] for t in trailers), default=0)
+        prepared = [_PreparedLayer.build(layer, rank) for layer in layers]
+        buffer_bytes = max((s.nbytes for s in prepared), default=0)
+        send_bytes = max((s.send_bytes for s in prepared), default=0)
+        trailers = [_pass_trailer_bytes(w) for s in prepared for w in s.layer.passes] if self.verify else []
+        send_trailer_bytes = max((t[0] for t in trailers), default=0)
+        recv_trailer_bytes = max((t[1] for t in trailers), default=0)
         p2p = self._map_p2p(layers)
         if p2p is not None:  # sends (and their trailers) live in the symmetric buffer
-            send_bytes = send_sums = 0
+            send_bytes = send_trailer_bytes = 0
         # One allocation on the current stream; nothing frees it while the worker may use it.
-        need = 2 * slot_bytes + send_bytes + send_sums + recv_sums
+        need = 2 * buffer_bytes + send_bytes + send_trailer_bytes + recv_trailer_bytes
         if self._reserved is not None and self._reserved.numel() >= need:
             storage = self._reserved[:need]  # reserve=True: the previous job's swaps are ordered before start_event
         else:
             storage = torch.empty(need, dtype=torch.uint8, device=self._device)
-        sums_at = 2 * slot_bytes + send_bytes
+        trailers_at = 2 * buffer_bytes + send_bytes
         stats = TransferStats.empty(rank, self._transfer.world_size)
         stats.peak_staging_bytes = int(storage.numel())
         # The pace's schedule comes from the global plan: the same on every rank.
         schedule = None
         if self._pacing.paced:
             schedule = self._pacing.schedule(
-                [layer_gate_bytes(s.layer.plan.traffic, s.layer.layout.expert_bytes) for s in stages]
+                [layer_gate_bytes(s.layer.plan.traffic, s.layer.layout.expert_bytes) for s in prepared]
             )
         start_event = None
         if self._stream is not None:
@@ -201,22 +205,22 @@ class StagingMixin:
             start_event = hooks._cuda.Event()
             start_event.record(hooks._cuda.current_stream(self._device))
         job = _Job(
-            stages=stages,
-            slots=[_Slot(storage[:slot_bytes]), _Slot(storage[slot_bytes : 2 * slot_bytes])],
-            send_buffer=storage[2 * slot_bytes : sums_at] if p2p is None else p2p.buffer,
+            prepared_layers=prepared,
+            staging_buffers=[_StagingBuffer(storage[:buffer_bytes]), _StagingBuffer(storage[buffer_bytes : 2 * buffer_bytes])],
+            send_buffer=storage[2 * buffer_bytes : trailers_at] if p2p is None else p2p.buffer,
             stats=stats,
             start_event=start_event,
             backend=self.backend,
             verify=self.verify,
-            send_sums=storage[sums_at : sums_at + send_sums] if self.verify else None,
-            recv_sums=storage[sums_at + send_sums :] if self.verify else None,
+            send_trailers=storage[trailers_at : trailers_at + send_trailer_bytes] if self.verify else None,
+            recv_trailers=storage[trailers_at + send_trailer_bytes :] if self.verify else None,
             gate=PaceGate(schedule),
             submitted_at=time.monotonic(),
             p2p=p2p,
         )
         log.info(
-            "rank %d: submitted %d layers, staging %d bytes (2 x %d slot + %d send)%s",
-            rank, len(stages), storage.numel(), slot_bytes, send_bytes,
+            "rank %d: submitted %d layers, staging %d bytes (2 x %d buffer + %d send)%s",
+            rank, len(prepared), storage.numel(), buffer_bytes, send_bytes,
             f", paced over {schedule[-1] + 1} steps ({self._pacing.options()})" if schedule else "",
         )
         return job
@@ -240,23 +244,23 @@ class StagingMixin:
         self._p2p = P2PTransport.create(self._transfer, device, need, control=self._control, timeout_s=self.timeout_s)
         return self._p2p
 
-    def _swap(self, job: _Job, stage: _Stage) -> None:
-        slot = job.slots[job.swapped % 2]
-        if stage.rows.size:
-            layout = stage.layer.layout
+    def _swap(self, job: _Job, prepared: _PreparedLayer) -> None:
+        staging = job.staging_buffers[job.swapped % 2]
+        if prepared.rows.size:
+            layout = prepared.layer.layout
             with self._kernel_lock:
-                if stage.device_rows is not None and resolve_backend(job.backend, self._device) == "triton":
+                if prepared.device_rows is not None and resolve_backend(job.backend, self._device) == "triton":
                     # rows come from the plan (distinct, in range): the unchecked launch is safe
-                    layout.launch("unpack", slot.buffer[: stage.nbytes], dst_rows=stage.device_rows)
-                    stage.device_rows.record_stream(hooks._cuda.current_stream(self._device))
+                    layout.launch("unpack", staging.buffer[: prepared.nbytes], dst_rows=prepared.device_rows)
+                    prepared.device_rows.record_stream(hooks._cuda.current_stream(self._device))
                 else:
-                    layout.unpack(slot.buffer[: stage.nbytes], stage.rows, backend=job.backend)
+                    layout.unpack(staging.buffer[: prepared.nbytes], prepared.rows, backend=job.backend)
         event = None
-        if self._stream is not None and stage.rows.size:
+        if self._stream is not None and prepared.rows.size:
             event = hooks._cuda.Event()
             event.record(hooks._cuda.current_stream(self._device))
         with self._cond:
             if event is not None:
-                slot.event = event
+                staging.event = event
             job.swapped += 1
             self._cond.notify_all()

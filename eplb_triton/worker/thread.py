@@ -19,7 +19,7 @@ from ..comm import ChecksumMismatchError, Communicator, PeerError
 from ..layout import index_tensors, resolve_backend
 from ..passes import PassWork, upload_rows
 from . import hooks
-from .staging import _fill_send_trailers, _Job, _per_peer, _Stage, _trailers
+from .staging import _fill_send_trailers, _Job, _per_peer, _PreparedLayer, _trailers
 
 log = logging.getLogger("eplb_triton.worker")  # one logger for the package (documented name)
 
@@ -70,36 +70,36 @@ class ThreadMixin:
         if job.start_event is not None:
             self._stream.wait_event(job.start_event)
         if self._stream is not None:  # every pass's row lists in one copy, on the worker stream
-            upload_rows([work for stage in job.stages for work in stage.layer.passes], self._device)
+            upload_rows([work for prepared in job.prepared_layers for work in prepared.layer.passes], self._device)
         # Layer i+1 is queued on the worker stream before layer i is waited for and published,
         # so the GPU never idles between layers while this thread polls and publishes.
         pending = None
-        for index, stage in enumerate(job.stages):
+        for index, prepared in enumerate(job.prepared_layers):
             if not job.gate.allows(index):  # paced: offer the last layer, then wait for credit
                 if pending is not None:
                     self._publish(job, *pending)
                     pending = None
                 self._wait_gate(job, index)
             begin = time.perf_counter()
-            job.layer = stage.layer.index
+            job.layer = prepared.layer.index
             if self._stream is not None:
                 # The swap's row list goes to the GPU here, on the worker stream (synchronised
                 # before publishing), so step() launches its unpack without host work on the rows;
                 # the layer's other lists come along in the same copy.
-                stage.upload(self._device)
-            if pending is not None and stage.nbytes and job.swapped < index - 1:
-                self._publish(job, *pending)  # this layer waits for a slot: offer the last one first
+                prepared.upload(self._device)
+            if pending is not None and prepared.nbytes and job.swapped < index - 1:
+                self._publish(job, *pending)  # this layer waits for a staging buffer: offer the last one first
                 pending = None
-            checks = self._transfer_layer(job, index, stage)
-            self._compile_swap(job, index, stage)
+            checks = self._transfer_layer(job, index, prepared)
+            self._compile_swap(job, index, prepared)
             if self._stream is None:  # CPU: the transfer already ran; nothing to overlap
-                self._publish(job, index, stage, checks, None, begin)
+                self._publish(job, index, prepared, checks, None, begin)
                 continue
             done = hooks._cuda.Event()
             done.record(self._stream)
             if pending is not None:
                 self._publish(job, *pending)
-            pending = (index, stage, checks, done, begin)
+            pending = (index, prepared, checks, done, begin)
         if pending is not None:
             self._publish(job, *pending)
 
@@ -113,57 +113,57 @@ class ThreadMixin:
             if self._stop:
                 raise _Stopped
 
-    def _publish(self, job: _Job, index: int, stage: _Stage, checks: list, done, begin: float) -> None:
+    def _publish(self, job: _Job, index: int, prepared: _PreparedLayer, checks: list, done, begin: float) -> None:
         """Wait until layer ``index``'s transfer ran (``done``), check it, and offer it to step()."""
-        in_flight, job.layer = job.layer, stage.layer.index  # a failure here is this layer's
+        in_flight, job.layer = job.layer, prepared.layer.index  # a failure here is this layer's
         self._finish_stream(event=done)
         if checks:
-            self._check_received(job, stage, checks)
-        hooks.fault("before_publish", rank=self._transfer.rank, layer=stage.layer.index)
+            self._check_received(job, prepared, checks)
+        hooks.fault("before_publish", rank=self._transfer.rank, layer=prepared.layer.index)
         with self._cond:
             job.stats.layer_times_s.append(time.perf_counter() - begin)
             job.published = index + 1
             self._cond.notify_all()
         job.layer = in_flight
 
-    def _compile_swap(self, job: _Job, index: int, stage: _Stage) -> None:
+    def _compile_swap(self, job: _Job, index: int, prepared: _PreparedLayer) -> None:
         """Compile the swap's unpack here, so the serving thread's first step() does not
         (about 50 ms once per kernel specialisation on an H100)."""
-        if stage.device_rows is None or resolve_backend(job.backend, self._device) != "triton":
+        if prepared.device_rows is None or resolve_backend(job.backend, self._device) != "triton":
             return
-        slot = job.slots[index % 2]
+        staging = job.staging_buffers[index % 2]
         with self._kernel_lock:
-            stage.layer.layout.launch("unpack", slot.buffer[: stage.nbytes], dst_rows=stage.device_rows, compile_only=True)
+            prepared.layer.layout.launch("unpack", staging.buffer[: prepared.nbytes], dst_rows=prepared.device_rows, compile_only=True)
 
-    def _transfer_layer(self, job: _Job, index: int, stage: _Stage) -> list:
+    def _transfer_layer(self, job: _Job, index: int, prepared: _PreparedLayer) -> list:
         """Stage every row this rank writes in the layer; reads live weights, writes none.
 
-        Returns, with ``verify``, ``(pass work, slot offset, mismatch flags)`` per pass
+        Returns, with ``verify``, ``(pass work, buffer offset, mismatch flags)`` per pass
         that received experts; the flags are checked once the stream has finished.
         """
-        layout, eb, backend = stage.layer.layout, stage.layer.layout.expert_bytes, job.backend
-        rank, layer_index = self._transfer.rank, stage.layer.index
-        slot = job.slots[index % 2]
-        if stage.nbytes:
-            with self._cond:  # the slot's previous layer (index - 2) must have been swapped
+        layout, eb, backend = prepared.layer.layout, prepared.layer.layout.expert_bytes, job.backend
+        rank, layer_index = self._transfer.rank, prepared.layer.index
+        staging = job.staging_buffers[index % 2]
+        if prepared.nbytes:
+            with self._cond:  # the buffer's previous layer (index - 2) must have been swapped
                 self._cond.wait_for(lambda: self._stop or job.swapped >= index - 1)
                 if self._stop:
                     raise _Stopped
-                event = slot.event
+                event = staging.event
             if event is not None:
-                self._stream.wait_event(event)  # GPU-side: the swap's unpack has read the slot
+                self._stream.wait_event(event)  # GPU-side: the swap's unpack has read the buffer
         hooks.fault("layer_start", rank=rank, layer=layer_index)
-        buf = slot.buffer[: stage.nbytes]
-        if stage.local_src.size:
-            local = buf[stage.local_offset : stage.local_offset + stage.local_src.size * eb]
+        buf = staging.buffer[: prepared.nbytes]
+        if prepared.local_src.size:
+            local = buf[prepared.local_offset : prepared.local_offset + prepared.local_src.size * eb]
             with self._kernel_lock:
-                if stage.device_lists is not None:
-                    layout.move("pack", local, src_rows=stage.device_lists["local_src"], backend=backend)
+                if prepared.device_lists is not None:
+                    layout.move("pack", local, src_rows=prepared.device_lists["local_src"], backend=backend)
                 else:
-                    layout.pack(stage.local_src, local, backend=backend)
+                    layout.pack(prepared.local_src, local, backend=backend)
         checks = []
-        passes = len(stage.layer.passes)
-        for number, (work, offset) in enumerate(zip(stage.layer.passes, stage.recv_offsets)):
+        passes = len(prepared.layer.passes)
+        for number, (work, offset) in enumerate(zip(prepared.layer.passes, prepared.recv_offsets)):
             if self._stop:
                 raise _Stopped
             send_buf = job.send_buffer[: work.send_rows.size * eb]
@@ -176,7 +176,7 @@ class ThreadMixin:
                         layout.pack(work.send_rows, send_buf, backend=backend)
                 sends = _per_peer(send_buf, work.send_peers, work.send_counts, eb)
                 recvs = _per_peer(recv_buf, work.recv_peers, work.recv_counts, eb)
-            hooks.fault("before_send", rank=rank, layer=layer_index, round=number)
+            hooks.fault("before_send", rank=rank, layer=layer_index, pass_index=number)
             job.cursor = (index, number + 1)  # posted (even if posting fails): never re-posted by a drain
             # gloo: blocks this thread (GIL released); NCCL: the worker stream waits, the host does not.
             try:  # posting fails too when a peer's connection is already closed
@@ -194,22 +194,22 @@ class ThreadMixin:
                 job.broken = True  # the group is unusable: no drain
                 raise
             work.count_into(job.stats, len(labels))
-            hooks.fault("in_flight", rank=rank, layer=layer_index, round=number, received=recvs)
+            hooks.fault("in_flight", rank=rank, layer=layer_index, pass_index=number, received=recvs)
             if job.verify and work.recv_rows.size:
                 received = torch.cat(
                     [t[: c * CHECKSUM_BYTES].view(torch.int64) for t, c in zip(
-                        _trailers(job.recv_sums, work.recv_peers, work.recv_counts).values(), work.recv_counts
+                        _trailers(job.recv_trailers, work.recv_peers, work.recv_counts).values(), work.recv_counts
                     )]
                 )
                 data = buf[offset : offset + work.recv_rows.size * eb]
                 with self._kernel_lock:
                     checks.append((number, work, expert_checksums(data, eb) != received))
                 job.stats.verified_experts += int(work.recv_rows.size)
-        if stage.dup_dst_pos.size:  # replicas: copies of packed experts already in the slot
+        if prepared.dup_dst_pos.size:  # replicas: copies of packed experts already in the buffer
             table = buf.view(-1, eb)
-            lists = stage.device_lists
+            lists = prepared.device_lists
             if lists is None:
-                lists = index_tensors({"dup_src": stage.dup_src_pos, "dup_dst": stage.dup_dst_pos}, buf.device)
+                lists = index_tensors({"dup_src": prepared.dup_src_pos, "dup_dst": prepared.dup_dst_pos}, buf.device)
             table[lists["dup_dst"]] = table[lists["dup_src"]]
         return checks
 
@@ -232,20 +232,20 @@ class ThreadMixin:
         """
         comm = self._transfer if comm is None else comm
         if job.p2p is not None:  # the trailers right after the data, where peers read them
-            job.send_sums = job.send_buffer[send_buf.numel() :]
+            job.send_trailers = job.send_buffer[send_buf.numel() :]
         requests = comm.exchange(sends, recvs, where=where)
         labels = Communicator.op_labels(sends, recvs)
         if job.verify:
             with self._kernel_lock:
-                sum_sends = _fill_send_trailers(job, work, send_buf)
-            sum_recvs = _trailers(job.recv_sums, work.recv_peers, work.recv_counts)
-            requests = requests + comm.exchange(sum_sends, sum_recvs, where=f"{where}, checksums")
-            labels = labels + Communicator.op_labels(sum_sends, sum_recvs)
+                trailer_sends = _fill_send_trailers(job, work, send_buf)
+            trailer_recvs = _trailers(job.recv_trailers, work.recv_peers, work.recv_counts)
+            requests = requests + comm.exchange(trailer_sends, trailer_recvs, where=f"{where}, checksums")
+            labels = labels + Communicator.op_labels(trailer_sends, trailer_recvs)
         return requests, labels
 
-    def _check_received(self, job: _Job, stage: _Stage, checks: list) -> None:
+    def _check_received(self, job: _Job, prepared: _PreparedLayer, checks: list) -> None:
         """Raise :class:`ChecksumMismatchError` for the first received expert whose checksum differs."""
-        rank, layer_index = self._transfer.rank, stage.layer.index
+        rank, layer_index = self._transfer.rank, prepared.layer.index
         for number, work, flags in checks:
             bad = torch.nonzero(flags.cpu()).flatten().tolist()
             if not bad:
@@ -253,10 +253,10 @@ class ThreadMixin:
             position = bad[0]
             peers = np.repeat(np.asarray(work.recv_peers, dtype=np.int64), work.recv_counts)
             peer, row = int(peers[position]), int(work.recv_rows[position])
-            expert = stage.layer.expert_at(rank, row)
+            expert = prepared.layer.expert_at(rank, row)
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             message = (
-                f"layer {layer_index}, pass {number + 1}/{len(stage.layer.passes)}: rank {rank}: checksum mismatch "
+                f"layer {layer_index}, pass {number + 1}/{len(prepared.layer.passes)}: rank {rank}: checksum mismatch "
                 f"for expert {expert} received from peer {peer} (row {row}){more}; layer {layer_index} was not applied"
             )
             log.error("%s", message)
@@ -267,7 +267,7 @@ class ThreadMixin:
 
         Stopping mid-job must not leave a peer blocked in an exchange that expects ours (nor
         leave unmatched ops in the group), so on close() or after a failure the remaining
-        exchanges run anyway: junk sent, received bytes dropped, no slot touched, no swap.
+        exchanges run anyway: junk sent, received bytes dropped, no staging buffer touched, no swap.
         Every rank posts each exchange exactly once, so all of them complete as soon as every
         rank has stopped; a peer that crashed makes them fail at once instead. With
         ``verify`` the junk carries its true checksums, so a peer still transferring does
@@ -280,21 +280,21 @@ class ThreadMixin:
             return
         first_layer, first_pass = job.cursor
         pending = [
-            (stage, number)
-            for stage in job.stages[first_layer:]
-            for number in range(first_pass if stage is job.stages[first_layer] else 0, len(stage.layer.passes))
+            (prepared, number)
+            for prepared in job.prepared_layers[first_layer:]
+            for number in range(first_pass if prepared is job.prepared_layers[first_layer] else 0, len(prepared.layer.passes))
         ]
         try:
             junk_recv = None
-            for stage, number in pending:
+            for prepared, number in pending:
                 if self._abandon:
                     return
-                work, eb = stage.layer.passes[number], stage.layer.layout.expert_bytes
+                work, eb = prepared.layer.passes[number], prepared.layer.layout.expert_bytes
                 need = work.recv_rows.size * eb
                 if junk_recv is None or junk_recv.numel() < need:
                     junk_recv = torch.empty(need, dtype=torch.uint8, device=self._device)
                 send_buf = job.send_buffer[: work.send_rows.size * eb]
-                where = f"drain: layer {stage.layer.index}, pass {number + 1}/{len(stage.layer.passes)}"
+                where = f"drain: layer {prepared.layer.index}, pass {number + 1}/{len(prepared.layer.passes)}"
                 mover = self._mover(job, work)
                 if job.verify:
                     sends = _per_peer(job.send_buffer, work.send_peers, work.send_counts, eb)
@@ -302,7 +302,7 @@ class ThreadMixin:
                     requests, labels = self._post(job, work, send_buf, sends, recvs, where=where, comm=mover)
                 else:  # the same batches as a peer still transferring posts
                     requests, labels, _ = work.post_batches(
-                        stage.layer.layout, send_buf, junk_recv, mover, job.backend, pack=False, where=where
+                        prepared.layer.layout, send_buf, junk_recv, mover, job.backend, pack=False, where=where
                     )
                 mover.wait(requests, timeout_s=self.timeout_s, labels=labels, where=where)
             self._finish_stream(deadline=time.monotonic() + _DRAIN_STREAM_S)
