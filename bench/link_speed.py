@@ -260,6 +260,12 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
         for variant in variants:  # the blocking path again under one environment setting
             label = f"blocking[{variant}]"
             runs[label] = checked(label, _with_env(variant, lambda o, n: rearrange_expert_weights_inplace(o, n, weights)))
+        for factor in cfg["budgets"]:  # the blocking path with a staging budget of `factor` layers
+            budget = int(factor * weights[0][0].shape[0] * expert_bytes)  # the default budget is one layer
+            label = f"blocking[budget={factor:g} layers]"
+            runs[label] = checked(
+                label, lambda o, n, b=budget: rearrange_expert_weights_inplace(o, n, weights, max_buffer_bytes=b)
+            )
         for method, run in runs.items():  # warm-up call of each method, checked bit for bit
             fill_rank_weights(weights, state["current"], rank, 11)
             _timed_call(lambda: run(0), device)
@@ -415,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, nargs="*", default=[], help="extra message-piece sizes (bytes; 0 = whole)")
     parser.add_argument("--variants", nargs="*", default=[], metavar="NAME=VALUE",
                         help="also time the blocking path with this environment variable set (e.g. EPLB_TRITON_DIRECT_POST=0)")
+    parser.add_argument("--budgets", type=float, nargs="*", default=[], metavar="LAYERS",
+                        help="also time the blocking path with max_buffer_bytes of this many layers' local rows "
+                        "(the default budget is 1: a layer that needs more staging runs in several passes)")
     parser.add_argument("--configs", nargs="*", default=list(LAYER_CONFIGS))
     parser.add_argument("--presets", nargs="*", default=list(mg.PRESET_NAMES))
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="rows to time")
@@ -447,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset_scale": 64 if args.quick else 1,
         "chunks": args.chunks,
         "variants": args.variants,
+        "budgets": args.budgets,
         "profile_dir": args.profile_dir,
         "methods": args.methods,
         "transports": args.transport,
