@@ -58,7 +58,7 @@ class _RowViews(dict):
         return view
 
 
-_ROW_LISTS = ("send", "local_src", "local_dst", "recv", "dup_src", "dup_dst")  # in this order in memory
+_ROW_LISTS = ("send", "local_src", "local_dst", "recv", "dup_src", "dup_dst", "direct_src", "direct_dst")  # in this order in memory
 
 
 def _wire_order(rows_by_peer: dict[int, np.ndarray], peers: list[int], chunk: int | None) -> np.ndarray:
@@ -103,6 +103,10 @@ class PassWork:
 
         | sends, peer by peer | local scratch | receives, peer by peer |
 
+    (the local scratch holds the staged local moves' sources; a pass that is a whole layer
+    copies the other local moves row to row, ``direct_src_rows -> direct_dst_rows``, first
+    when it is written)
+
     (sends and local sources are packed by one launch, local moves and receives unpacked by one)
 
     Each peer's message is its packed experts (``count * expert_bytes``); with ``verify`` it
@@ -145,6 +149,10 @@ class PassWork:
     verify: bool = False
     network_rounds: list[tuple[int, int, int, int, int, int]] | None = None
     chunk_experts: int | None = None
+    #: local moves copied row to row when the pass is written, before the received rows
+    #: land (:func:`~eplb_triton.schedule.direct_local_moves`); they take no staging
+    direct_src_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    direct_dst_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     _device_rows: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _batches: list | None = field(default=None, repr=False)
     _totals: tuple[int, int] | None = field(default=None, repr=False)  # bytes of all sends, of all receives
@@ -163,10 +171,13 @@ class PassWork:
         verify: bool = False,
         network_rounds: list[tuple[int, int, int, int, int, int]] | None = None,
         chunk_experts: int | None = None,
+        direct_local: bool = False,
     ) -> "PassWork":
         """``chunk_experts``: split every per-peer message into pieces of that many experts,
         exchanged as separate batches (the wire order becomes piece-major, see :meth:`batches`);
-        ``None`` = whole messages. Only without ``verify`` and ``network_rounds``."""
+        ``None`` = whole messages. Only without ``verify`` and ``network_rounds``.
+        ``direct_local``: the pass is the whole layer (one pass, no stash), so local moves whose
+        source no local move writes are copied row to row instead of staged."""
         if chunk_experts is not None and (verify or network_rounds is not None or chunk_experts < 1):
             raise ValueError("chunk_experts needs verify=False, no planner rounds and a value >= 1")
         send_peers = sorted(view.send_rows)
@@ -178,6 +189,13 @@ class PassWork:
         none = np.zeros(0, dtype=np.int64)
         local_src, local_dst = view.local_src_rows, view.local_dst_rows
         stashed_sends = stashed_send_entries = stash_local_entries = stash_local_dst = none
+        direct_src = direct_dst = none
+        if direct_local and local_src.size:
+            if stash_rows.size:
+                raise ValueError("direct local moves need a pass without stash (the whole layer in one pass)")
+            direct = ~np.isin(local_src, local_dst)  # schedule.direct_local_moves, on this rank's rows
+            direct_src, direct_dst = local_src[direct], local_dst[direct]
+            local_src, local_dst = local_src[~direct], local_dst[~direct]
         if stash_rows.size:  # rows an earlier pass may have overwritten are read from the stash
             send_stashed = np.isin(send_rows, stash_rows)
             local_stashed = np.isin(view.local_src_rows, stash_rows)
@@ -204,6 +222,8 @@ class PassWork:
             verify=verify,
             network_rounds=network_rounds,
             chunk_experts=chunk_experts,
+            direct_src_rows=direct_src,
+            direct_dst_rows=direct_dst,
         )
 
     # -- wire order -------------------------------------------------------------------------
@@ -233,6 +253,7 @@ class PassWork:
         view = self.view
         return (
             self.send_rows, self.local_src_rows, self.local_dst_rows, self.recv_rows, view.dup_src_rows, view.dup_dst_rows,
+            self.direct_src_rows, self.direct_dst_rows,
         )
 
     def device_rows(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -444,7 +465,11 @@ class PassWork:
     def apply(
         self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
     ) -> None:
-        """Write the pass: staged local moves, moves from the stash, received rows, then duplicate fills."""
+        """Write the pass: direct local moves, staged local moves, moves from the stash, received
+        rows, then duplicate fills."""
+        if self.direct_dst_rows.size:  # first: their sources may be overwritten by the writes below
+            rows = self.device_rows(layout.device)
+            layout.move("copy", None, src_rows=rows["direct_src"], dst_rows=rows["direct_dst"], backend=backend)
         if not self.verify and self.local_dst_rows.size and self.recv_rows.size:
             # scratch and receives are adjacent: one launch writes both (distinct rows)
             _, recvs, scratch = self._slices(staging)

@@ -189,7 +189,8 @@ def prepare_layers(
             chunk = _chunk_experts(layout.expert_bytes, chunk_bytes) if network_rounds is None and not verify else None
             works.append(
                 PassWork.from_view(
-                    view, layout.expert_bytes, stash_rows, verify=verify, network_rounds=network_rounds, chunk_experts=chunk
+                    view, layout.expert_bytes, stash_rows, verify=verify, network_rounds=network_rounds, chunk_experts=chunk,
+                    direct_local=whole and not stash_rows.size,  # what schedule_layer counted on
                 )
             )
             works[-1].pass_traffic = sub.traffic

@@ -76,12 +76,16 @@ def simulate(layer, schedule: LayerSchedule, old_row: np.ndarray) -> np.ndarray:
     return np.array(state)
 
 
-def round_rows(layer, members: np.ndarray) -> np.ndarray:
+def round_rows(layer, members: np.ndarray, whole: bool = False) -> np.ndarray:
     """Staging rows each rank needs for the deliveries ``members``: one per row sent over the
-    network, received, or moved locally."""
+    network, received, or moved locally; ``whole`` (the layer in one pass, no stash): a local
+    move whose source no local move writes is copied row to row and needs none."""
     n = layer.num_local
+    local_destinations = {int(d) for d, network in zip(layer.dst_slot, layer.is_network) if not network}
     rows = np.zeros(layer.ep_size, dtype=np.int64)
     for src, dst, network in zip(layer.src_slot[members], layer.dst_slot[members], layer.is_network[members]):
+        if whole and not network and int(src) not in local_destinations:
+            continue
         rows[dst // n] += 1
         if network:
             rows[src // n] += 1
@@ -94,8 +98,9 @@ def check_layer_schedule(layer, schedule: LayerSchedule, old_row, new_row, capac
     every = np.concatenate(schedule.passes) if schedule.passes else np.zeros(0, dtype=np.int64)
     assert np.array_equal(np.sort(every), np.arange(layer.num_deliveries)), "each delivery in exactly one round"
     stash = np.bincount(schedule.stash_slots // layer.num_local, minlength=layer.ep_size)
+    whole = len(schedule.passes) == 1 and not schedule.stash_slots.size
     for k, members in enumerate(schedule.passes):
-        need = round_rows(layer, members) + stash
+        need = round_rows(layer, members, whole) + stash
         assert (need <= capacity).all(), f"round {k} needs {need.tolist()} rows (stash included), budget {capacity}"
     expected = np.where(new_row >= 0, new_row, old_row)
     got = simulate(layer, schedule, old_row)

@@ -1,8 +1,8 @@
 """A peer killed or stalled mid-layer, on gloo and on two GPUs with NCCL (issue 11, defect 4).
 
 Two processes (rank 0 survives, rank 1 is the victim) rearrange three layers, on the blocking
-path and with the background worker, with a staging budget that splits layer 1 into rounds. In
-layer 1's second round the victim either exits (``os._exit`` from the fault hook, before it
+path and with the background worker, with a staging budget that splits layer 1 into passes. In
+layer 1's second pass the victim either exits (``os._exit`` from the fault hook, before it
 sends anything) or stalls past ``timeout_s``. Checked on the survivor:
 
 * it raises ``PeerFailedError``/``PeerTimeoutError`` naming layer 1 and peer 1, within
@@ -30,22 +30,33 @@ import re
 import time
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 
 from eplb_triton.testing.launch import spawn_ranks
 from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights
-from test_reliability import SPECS, all_to_all_maps, layer_states
+from test_reliability import SPECS, layer_states
 from test_worker import GPU_SPECS
 
 WORLD, VICTIM, SURVIVOR, FAULT_LAYER, LAYERS = 2, 1, 0, 1, 3
-# With a budget of two experts layer 1 runs in three rounds: the survivor writes a row in round
-# 0 and waits for the victim in round 1, so the blocking path must roll that row back.
+# With a budget of two experts layer 1 runs in two passes (fault_maps): the survivor writes rows
+# in pass 0 and waits for the victim in pass 1, so the blocking path must roll those rows back.
 BUDGET_ROWS, FAULT_PASS = 2, 1
 TIMEOUT_S = 3.0
 REPORT_WITHIN_S = TIMEOUT_S + 5.0
 STALL_S = REPORT_WITHIN_S + 2.0  # the victim wakes up after every survivor must have given up
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+def fault_maps() -> tuple[np.ndarray, np.ndarray]:
+    """Two ranks of three rows. Layers 0 and 2 swap one expert between the ranks; in layer 1 each
+    rank also shifts two rows down (row 0 -> 1 -> 2, a chain of local moves, the second reading
+    a row the first writes), so at a budget of two rows layer 1 runs in two passes: the local
+    moves first (the survivor writes rows), then the exchange (where the victim fails)."""
+    old = np.tile(np.arange(6), (LAYERS, 1))
+    new = np.array([[3, 1, 2, 0, 4, 5], [3, 0, 1, 0, 3, 4], [3, 1, 2, 0, 4, 5]])
+    return old, new
+
 
 BACKENDS = [
     pytest.param("gloo", id="gloo"),
@@ -90,7 +101,7 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
     gpu = backend.startswith("nccl")
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     transport = "p2p" if backend == "nccl-p2p" else "auto"
-    old, new = all_to_all_maps(world, LAYERS)
+    old, new = fault_maps()
     specs = GPU_SPECS if gpu else SPECS
     weights = make_rank_weights(specs, LAYERS, old.shape[1] // world, device)
     budget = BUDGET_ROWS * sum((spec.row_bytes() + 15) // 16 * 16 for spec in specs)  # packed experts

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from eplb_triton.plan import plan_rearrangement
-from eplb_triton.schedule import _rank_load, fits_one_pass, schedule_layer, smallest_budget_bytes
+from eplb_triton.schedule import _rank_load, direct_local_moves, fits_one_pass, schedule_layer, smallest_budget_bytes
 
 
 def check_schedule(layer, capacity, default_budget=False):
@@ -21,6 +21,8 @@ def check_schedule(layer, capacity, default_budget=False):
         round_of[members] = k
     stash_per_rank = np.bincount(schedule.stash_slots // layer.num_local, minlength=layer.ep_size)
     load = _rank_load(layer)
+    if len(schedule.passes) == 1 and not schedule.stash_slots.size:  # a whole layer copies direct local moves row to row
+        load[direct_local_moves(layer.src_slot, layer.dst_slot, layer.is_network)] = 0
     for members in schedule.passes:
         assert (load[members].sum(axis=0) + stash_per_rank <= capacity).all(), "round over budget"
     writer = np.full(layer.route.size, -1)
@@ -109,9 +111,10 @@ def test_nothing_to_move_needs_no_budget():
 
 
 @pytest.mark.parametrize("world", [2, 3, 8])
-def test_rows_per_rank_is_the_load_table_summed(world):
-    # schedule_layer's one-pass shortcut must decide exactly as the load table does
-    from eplb_triton.schedule import _rows_per_rank
+def test_one_pass_rows_is_the_load_table_summed_without_direct_moves(world):
+    # schedule_layer's one-pass shortcut must decide exactly as the load table does, the
+    # direct local moves (copied row to row, no staging) left out
+    from eplb_triton.schedule import _one_pass_rows
 
     rng = np.random.default_rng(world)
     for _ in range(30):
@@ -122,7 +125,9 @@ def test_rows_per_rank_is_the_load_table_summed(world):
         new[:, 0] = old[:, 0] = 0  # at least one expert held somewhere
         new = np.stack([np.where(np.isin(n, o), n, -1) for o, n in zip(old, new)])  # only experts held in that layer
         for layer in plan_rearrangement(old, new, world).layers:
-            assert np.array_equal(_rows_per_rank(layer), _rank_load(layer).sum(axis=0))
+            load = _rank_load(layer)
+            load[direct_local_moves(layer.src_slot, layer.dst_slot, layer.is_network)] = 0
+            assert np.array_equal(_one_pass_rows(layer), load.sum(axis=0))
 
 
 @pytest.mark.parametrize("world", [2, 3, 8])
@@ -130,7 +135,7 @@ def test_fits_one_pass_decides_as_schedule_layer(world):
     """The all-layers test takes schedule_layer's one-pass shortcut exactly where it does (and
     that shortcut is one pass with every delivery and no stash), for budgets from none to more
     than a layer and the default budget."""
-    from eplb_triton.schedule import _rows_per_rank
+    from eplb_triton.schedule import _one_pass_rows
 
     rng = np.random.default_rng(world + 10)
     for _ in range(20):
@@ -145,7 +150,7 @@ def test_fits_one_pass_decides_as_schedule_layer(world):
         for capacity in [0, 1, 2, num_local, 2 * num_local + 1]:
             got = fits_one_pass(layers, [capacity] * len(layers))
             for layer, fits in zip(layers, got):
-                shortcut = layer.num_deliveries > 0 and capacity >= 1 and _rows_per_rank(layer).max() <= capacity
+                shortcut = layer.num_deliveries > 0 and capacity >= 1 and _one_pass_rows(layer).max() <= capacity
                 assert bool(fits) == bool(shortcut), (capacity, layer)
                 if fits:
                     budget = None if capacity == num_local else capacity * 16

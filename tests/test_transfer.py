@@ -304,3 +304,46 @@ def test_ranks_per_node_follows_the_same_node_plan(distributed):
     assert np.array_equal(got, nodes * (1 - np.eye(4, dtype=np.int64)))
     messages = distributed(2, _rank_per_node, old, new, 3)  # 3 does not divide ep_size=2
     assert messages[0] == messages[1] and "ranks_per_node=3" in messages[0]
+
+
+def _rank_balanced(rank, world, old, new, seed):
+    from eplb_triton import TransferWorker
+
+    weights = make_rank_weights(MIXED_SPECS, old.shape[0], old.shape[1] // world)
+    fill_rank_weights(weights, old, rank, seed)
+    stats = rearrange_expert_weights_inplace(old, new, weights)  # the default budget: one layer
+    blocking = row_mismatches(weights, old, new, rank, seed)
+    fill_rank_weights(weights, old, rank, seed)
+    with TransferWorker(weights) as worker:
+        worker.submit(old, new)
+        worker.wait()
+    return blocking, row_mismatches(weights, old, new, rank, seed), stats.rounds
+
+
+@pytest.mark.parametrize(
+    "world,logical,redundant,seed",
+    [pytest.param(2, 24, 2, 5, id="W2-E24-R2"), pytest.param(4, 32, 8, 5, id="W4-E32-R8"), pytest.param(8, 16, 8, 5, id="W8-E16-R8")],
+)
+def test_balanced_placement_copies_local_moves_row_to_row_in_one_pass(distributed, world, logical, redundant, seed):
+    """Balancer placements move about as many experts locally as over the wire; counting every
+    local move as staged they needed two passes at the default budget. Local moves whose source
+    no local move writes are copied row to row when the pass is written (before the received
+    rows land), so each layer runs in one pass, bit for bit on both APIs."""
+    from eplb_triton.schedule import _rank_load, direct_local_moves, schedule_layer
+    from eplb_triton.testing.balancer import make_placements
+
+    old, new = make_placements(3, logical, world, redundant, seed=seed)
+    plan = plan_rearrangement(old, new, world)
+    eb = packed_expert_bytes(MIXED_SPECS)
+    direct = [int(direct_local_moves(l.src_slot, l.dst_slot, l.is_network).sum()) for l in plan.layers]
+    passes = [len(schedule_layer(layer, eb).passes) for layer in plan.layers]
+    staged_all = [int(_rank_load(layer).sum(axis=0).max()) for layer in plan.layers]  # every local move staged
+    assert min(direct) > 0, direct  # the case this is about
+    # layers that needed two passes with every local move staged, and now run in one
+    assert any(rows > plan.num_local and n == 1 for rows, n in zip(staged_all, passes)), (staged_all, passes)
+    if world == 2:
+        assert passes == [1] * len(plan.layers), passes
+    results = distributed(world, _rank_balanced, old, new, 3)
+    for rank, (blocking, worker, rounds) in enumerate(results):
+        assert blocking == [] and worker == [], (rank, blocking[:5], worker[:5])
+        assert rounds == sum(passes), (rounds, passes)

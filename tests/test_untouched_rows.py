@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
+from eplb_triton import TransferWorker, plan_rearrangement, rearrange_expert_weights_inplace
+from eplb_triton.schedule import schedule_layer
 from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from row_writes import changed_rows, maps_with_unchanged_rows, record_row_writes
 
@@ -127,7 +128,8 @@ def test_rollback_writes_only_changed_rows(backend):
     rewrites rows the layer had written, never an unchanged one."""
     from eplb_triton import transfer
 
-    old, new = _maps(5, 2, 1, 8, 6)
+    old, new = _maps(22, 2, 1, 8, 6)  # layer 1 has a cycle of local moves: three passes at a 2-row budget
+    assert len(schedule_layer(plan_rearrangement(old, new, 1).layers[1], EXPERT_BYTES, 2 * EXPERT_BYTES).passes) > 1
     weights = make_rank_weights(SPECS, 2, 8)
     fill_rank_weights(weights, old, 0, seed=5)
     fired = []

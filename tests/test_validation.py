@@ -539,7 +539,7 @@ def _fuzz_perturbations_rank(rank, world, max_examples):
 
     seen = []
 
-    @settings(max_examples=max_examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(perturbations())
     def check(p):
         share(p)
