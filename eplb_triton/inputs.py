@@ -1,5 +1,8 @@
 """Input checking: one stage that turns a rank's inputs into a verdict every rank agrees on.
 
+(Over 400 lines: the one input stage of both APIs, maps, weights, options and their agreement,
+each check with the message it gives.)
+
 The promise of the public APIs is that bad input raises the same ``ValueError``/``TypeError``
 on every rank before any weight is touched. That needs two things, both here:
 

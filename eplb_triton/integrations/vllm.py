@@ -1,6 +1,9 @@
 """vLLM drop-ins: the functions vLLM's EPLB calls, with vLLM's signatures, moving the data
 with this library (one packed message per peer, Triton pack/unpack on GPUs).
 
+(Over 400 lines: three call forms of three vLLM versions, each documented with the signature it
+matches, and their argument adapters.)
+
 Signatures read (for understanding only; no vLLM code is copied) on 2026-11-30 from the
 stored sources of vllm-project/vllm:
 
