@@ -111,7 +111,7 @@ class LayerPlan:
     exchange schedule *inside* one staging pass: pack every send
     first, exchange round after round, unpack after the last (``restrict(round)`` gives the
     per-rank peers and rows of one round, :meth:`round_peers` the peers only,
-    :meth:`round_steps` the buffer slices). Running a round as a separate read-then-write
+    :meth:`round_slices` the buffer slices). Running a round as a separate read-then-write
     pass would ignore the ordering that :mod:`eplb_triton.schedule` enforces between a row's
     readers and its writer. ``rearrange_expert_weights_inplace(..., rounds=...)`` runs them
     this way inside each staging pass.
@@ -184,7 +184,7 @@ class LayerPlan:
             out.append((int(send_to[0]) if send_to.size else -1, int(recv_from[0]) if recv_from.size else -1))
         return out
 
-    def round_steps(self, rank: int) -> list[tuple[int, np.ndarray, int, np.ndarray]]:
+    def round_slices(self, rank: int) -> list[tuple[int, np.ndarray, int, np.ndarray]]:
         """What ``rank`` exchanges in each of :attr:`rounds`, for running them in a transfer.
 
         One ``(send_peer, send_positions, recv_peer, recv_positions)`` per round (peer -1 and

@@ -27,7 +27,7 @@ def _network_rounds(plan: LayerPlan, rank: int) -> list[tuple[int, int, int, int
     """:attr:`PassWork.network_rounds` of ``rank`` from a plan with network rounds (rounds it is idle in are
     dropped: nobody waits for it there)."""
     out = []
-    for send_peer, send_pos, recv_peer, recv_pos in plan.round_steps(rank):
+    for send_peer, send_pos, recv_peer, recv_pos in plan.round_slices(rank):
         if send_peer < 0 and recv_peer < 0:
             continue
         span = []

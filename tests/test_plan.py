@@ -375,15 +375,15 @@ def check_rounds(layer, kind="pair"):
             assert sorted(sends) == sorted(rows)
         else:  # one round per row sent
             assert sorted(sends) == sorted(p for p, r in rows.items() for _ in range(len(r)))
-        # round_steps: the slices of the per-peer buffers cover each buffer exactly once,
+        # round_slices: the slices of the per-peer buffers cover each buffer exactly once,
         # and a sender's positions are its receiver's positions in the same round
         view = layer.rank(rank)
         sent = {p: [] for p in view.send_rows}
         got = {p: [] for p in view.recv_rows}
-        for (send_peer, send_pos, recv_peer, recv_pos), r in zip(layer.round_steps(rank), rounds):
+        for (send_peer, send_pos, recv_peer, recv_pos), r in zip(layer.round_slices(rank), rounds):
             if send_peer >= 0:
                 sent[send_peer].extend(send_pos.tolist())
-                peer_step = layer.round_steps(send_peer)[[i for i, x in enumerate(rounds) if x is r][0]]
+                peer_step = layer.round_slices(send_peer)[[i for i, x in enumerate(rounds) if x is r][0]]
                 assert peer_step[2] == rank and np.array_equal(peer_step[3], send_pos)
             if recv_peer >= 0:
                 got[recv_peer].extend(recv_pos.tolist())

@@ -291,7 +291,7 @@ def test_building_blocks_pass_by_pass(distributed, verify):
 
 
 # -- verify ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("budget", [pytest.param(None, id="one-round"), pytest.param(4 * (EXPERT_BYTES + 16), id="rounds")])
+@pytest.mark.parametrize("budget", [pytest.param(None, id="one-pass"), pytest.param(4 * (EXPERT_BYTES + 16), id="passes")])
 def test_verify_moves_the_right_bytes(budget):
     world = 4
     old, new = all_to_all_maps(world, 3)
@@ -315,8 +315,8 @@ def test_verify_moves_the_right_bytes(budget):
 @pytest.mark.parametrize(
     "layer,pass_index,budget",
     [
-        pytest.param(1, 0, None, id="single-round"),
-        pytest.param(1, 1, 4 * (EXPERT_BYTES + 16), id="second-round"),
+        pytest.param(1, 0, None, id="single-pass"),
+        pytest.param(1, 1, 4 * (EXPERT_BYTES + 16), id="second-pass"),
     ],
 )
 def test_corruption_in_flight_is_caught_and_layer_not_applied(layer, pass_index, budget):
@@ -420,8 +420,8 @@ def test_stall_before_the_input_agreement_times_out():
         pytest.param("layer_start", 0, None, ["new", "old", "old"], id="between-layers"),
         pytest.param("before_send", 0, None, ["new", "old", "old"], id="before-send"),
         pytest.param("in_flight", 0, None, ["new", "old", "old"], id="after-receive"),
-        pytest.param("pass_applied", 0, 4 * EXPERT_BYTES, ["new", "old", "old"], id="mid-layer-rounds"),
-        pytest.param("before_send", 1, 4 * EXPERT_BYTES, ["new", "old", "old"], id="second-round-before-send"),
+        pytest.param("pass_applied", 0, 4 * EXPERT_BYTES, ["new", "old", "old"], id="mid-layer-passes"),
+        pytest.param("before_send", 1, 4 * EXPERT_BYTES, ["new", "old", "old"], id="second-pass-before-send"),
     ],
 )
 def test_injected_failure_leaves_every_layer_old_or_new(point, pass_index, budget, victim_states):

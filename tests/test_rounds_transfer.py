@@ -98,7 +98,7 @@ def test_rounds_match_default_path(distributed, world, layers, num_local, logica
             schedule = schedule_layer(layer_plan, cost, budget if budget is not None else num_local * cost)
             for i, r in enumerate(schedule.passes):
                 sub = with_rounds(layer_plan.restrict(r), kind)
-                active = [(s, q) for s, _, q, _ in sub.round_steps(rank) if s >= 0 or q >= 0]
+                active = [(s, q) for s, _, q, _ in sub.round_slices(rank) if s >= 0 or q >= 0]
                 expected += [(l, i, s, q) for s, q in active]
         got = [
             (l, i, next((p for p, k in ops if k == "send"), -1), next((p for p, k in ops if k == "recv"), -1))

@@ -33,7 +33,7 @@ def nccl_world1():
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 @pytest.mark.parametrize(
-    "budget", [pytest.param(None, id="one-round"), pytest.param(2, id="budget-2-experts-stash")]
+    "budget", [pytest.param(None, id="one-pass"), pytest.param(2, id="budget-2-experts-stash")]
 )
 def test_local_moves_and_duplicates_on_gpu(nccl_world1, backend, budget):
     rng = np.random.default_rng(0)

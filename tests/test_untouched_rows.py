@@ -67,9 +67,9 @@ def _maps(seed, layers, world, num_local, logical):
 
 CASES = [
     pytest.param(1, {}, id="W1"),
-    pytest.param(1, {"max_buffer_bytes": 2 * EXPERT_BYTES}, id="W1-rounds"),
+    pytest.param(1, {"max_buffer_bytes": 2 * EXPERT_BYTES}, id="W1-passes"),
     pytest.param(2, {}, id="W2"),
-    pytest.param(2, {"max_buffer_bytes": 3 * EXPERT_BYTES, "verify": True}, id="W2-rounds-verify"),
+    pytest.param(2, {"max_buffer_bytes": 3 * EXPERT_BYTES, "verify": True}, id="W2-passes-verify"),
     pytest.param(4, {}, id="W4"),
 ]
 

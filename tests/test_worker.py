@@ -717,7 +717,7 @@ def test_peer_that_stops_calling_step_times_out_on_every_rank():
     [
         pytest.param("layer_start", 0, id="layer-start"),
         pytest.param("before_send", 0, id="before-first-send"),
-        pytest.param("before_send", 1, id="mid-layer-before-second-round"),
+        pytest.param("before_send", 1, id="mid-layer-before-second-pass"),
         pytest.param("in_flight", 1, id="mid-layer-after-second-receive"),
         pytest.param("before_publish", 0, id="between-layers"),
     ],
@@ -741,8 +741,8 @@ def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, pas
 @pytest.mark.parametrize(
     "layer,pass_index,budget",
     [
-        pytest.param(1, 0, None, id="single-round"),
-        pytest.param(1, 1, 4 * (PACKED + 16), id="second-round"),
+        pytest.param(1, 0, None, id="single-pass"),
+        pytest.param(1, 1, 4 * (PACKED + 16), id="second-pass"),
     ],
 )
 def test_verify_catches_corruption_in_flight_and_layer_is_not_applied(layer, pass_index, budget):

@@ -122,18 +122,18 @@ def _hierarchical(load: np.ndarray, num_slots: int, ep_size: int, ranks_per_node
 
 
 def drifting_loads(
-    num_steps: int, num_layers: int, num_experts: int, *, drift: float = 0.15, skew: float = 1.0, seed: int = 0
+    num_rebalances: int, num_layers: int, num_experts: int, *, drift: float = 0.15, skew: float = 1.0, seed: int = 0
 ) -> np.ndarray:
-    """``(num_steps, num_layers, num_experts)`` expert loads: log-normal popularity (``skew``)
+    """``(num_rebalances, num_layers, num_experts)`` expert loads: log-normal popularity (``skew``)
     times a multiplicative random walk with step ``drift`` (log scale)."""
     rng = np.random.default_rng(seed)
     base = rng.normal(0.0, skew, size=(num_layers, num_experts))
-    walk = np.cumsum(rng.normal(0.0, drift, size=(num_steps, num_layers, num_experts)), axis=0)
+    walk = np.cumsum(rng.normal(0.0, drift, size=(num_rebalances, num_layers, num_experts)), axis=0)
     return np.exp(base[None] + walk) * 1000.0
 
 
 def placement_sequence(
-    num_steps: int,
+    num_rebalances: int,
     num_layers: int,
     num_experts: int,
     num_redundant: int,
@@ -144,14 +144,14 @@ def placement_sequence(
     ranks_per_node: int | None = None,
     num_groups: int | None = None,
 ) -> np.ndarray:
-    """``(num_steps, num_layers, num_experts + num_redundant)`` consecutive EPLB-style placements
+    """``(num_rebalances, num_layers, num_experts + num_redundant)`` consecutive EPLB-style placements
     (hierarchical when ``ranks_per_node`` and ``num_groups`` are given)."""
-    loads = drifting_loads(num_steps, num_layers, num_experts, drift=drift, seed=seed)
+    loads = drifting_loads(num_rebalances, num_layers, num_experts, drift=drift, seed=seed)
     slots = num_experts + num_redundant
     return np.stack(
         [
             eplb_placement(loads[t], slots, ep_size, ranks_per_node=ranks_per_node, num_groups=num_groups)
-            for t in range(num_steps)
+            for t in range(num_rebalances)
         ]
     )
 
