@@ -1,6 +1,7 @@
-"""The README's "one Triton launch" claim: a round packs every peer's rows with one launch and
+"""The README's "one Triton launch" claim: a pass packs every peer's rows with one launch and
 unpacks every received row with one (one per peer with ``verify`` on the blocking path); the
-worker packs a round's sends with one launch and swaps a layer in with one.
+worker packs a pass's sends with one launch and swaps a layer in with one; a one-pass layer's
+direct local moves take one copy launch.
 
 Launches are counted at ``ExpertLayout.launch`` (the Triton backend through the interpreter),
 on maps where every row comes from another rank: each rank sends to and receives from every
@@ -77,3 +78,17 @@ def test_one_launch_per_pack_and_unpack(distributed, path, verify, per_layer):
         assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
         assert rounds == LAYERS  # one round per layer: the budget holds a whole layer
         assert counts == {mode: n * LAYERS for mode, n in per_layer.items()}, (rank, counts)
+
+
+def test_direct_local_moves_take_one_copy_launch(distributed):
+    """A one-pass layer with local moves whose source no local move writes copies them row to
+    row with one more launch (no staging): per layer one pack (sends), one copy, one unpack."""
+    # two ranks of three rows: row 0 of each rank is received, its old expert moves locally to
+    # the next row (whose old expert is sent), row 2 stays
+    old = np.tile(np.arange(6), (LAYERS, 1))
+    new = np.tile(np.array([3, 0, 2, 1, 3, 5]), (LAYERS, 1))
+    results = distributed(2, _rank_launches, old, new, "blocking", False)
+    for rank, (counts, rounds, bad) in enumerate(results):
+        assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
+        assert rounds == LAYERS
+        assert counts == {"pack": LAYERS, "copy": LAYERS, "unpack": LAYERS}, (rank, counts)
