@@ -19,8 +19,9 @@ import torch
 
 from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
 from .comm import Communicator
-from .layout import ExpertLayout, index_tensor
+from .layout import ExpertLayout, index_flat
 from .plan import RankPlan
+from .schedule import direct_local_moves
 from .stats import TransferStats
 
 __all__ = ["PassWork", "upload_rows"]
@@ -31,10 +32,7 @@ def upload_rows(works: Sequence["PassWork"], device: torch.device) -> None:
     one per pass). Each pass gets its lists as views of that one tensor, made when first asked
     for (:class:`_RowViews`): a view costs ~2-3 us of host time on the H200 hosts and a pass
     launches with two of its eight lists in the usual case."""
-    lists = [work._row_lists() for work in works]
-    arrays = [np.asarray(a, dtype=np.int64) for row_lists in lists for a in row_lists]
-    flat = index_tensor(np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64), device)
-    starts = np.concatenate(([0], np.cumsum([a.size for a in arrays], dtype=np.int64))).tolist()
+    flat, starts = index_flat([a for work in works for a in work._row_lists()], device)
     width = len(_ROW_LISTS)
     for i, work in enumerate(works):
         at = starts[i * width : (i + 1) * width + 1]
@@ -103,11 +101,9 @@ class PassWork:
 
         | sends, peer by peer | local scratch | receives, peer by peer |
 
-    (the local scratch holds the staged local moves' sources; a pass that is a whole layer
-    copies the other local moves row to row, ``direct_src_rows -> direct_dst_rows``, first
-    when it is written)
-
-    (sends and local sources are packed by one launch, local moves and receives unpacked by one)
+    (sends and the staged local moves' sources are packed by one launch, those local moves and
+    the receives unpacked by one; a pass that is a whole layer copies its other local moves row
+    to row, ``direct_src_rows -> direct_dst_rows``, first when it is written)
 
     Each peer's message is its packed experts (``count * expert_bytes``); with ``verify`` it
     is followed by a trailer of one int64 checksum per expert padded to 16 bytes
@@ -193,7 +189,7 @@ class PassWork:
         if direct_local and local_src.size:
             if stash_rows.size:
                 raise ValueError("direct local moves need a pass without stash (the whole layer in one pass)")
-            direct = ~np.isin(local_src, local_dst)  # schedule.direct_local_moves, on this rank's rows
+            direct = direct_local_moves(local_src, local_dst)  # the rule the schedule counted with
             direct_src, direct_dst = local_src[direct], local_dst[direct]
             local_src, local_dst = local_src[~direct], local_dst[~direct]
         if stash_rows.size:  # rows an earlier pass may have overwritten are read from the stash

@@ -245,6 +245,33 @@ class LayerPlan:
         )
 
 
+@dataclass(frozen=True)
+class StackedDeliveries:
+    """Several layers' deliveries as one set of arrays, for numpy work on all layers at once:
+    ``layer_of[k]`` is delivery ``k``'s layer (index into the given layers), ``first[i]`` where
+    layer ``i``'s deliveries start (and the end)."""
+
+    layer_of: np.ndarray
+    first: np.ndarray
+    src_slot: np.ndarray
+    dst_slot: np.ndarray
+    is_network: np.ndarray
+
+
+def stack_deliveries(layers: Sequence[LayerPlan]) -> StackedDeliveries:
+    """:class:`StackedDeliveries` of ``layers`` (of one plan: same ``ep_size`` and ``num_local``)."""
+    if any(layer.num_local != layers[0].num_local or layer.ep_size != layers[0].ep_size for layer in layers):
+        raise ValueError("layers of one plan needed (same ep_size and num_local)")
+    count = np.array([layer.num_deliveries for layer in layers], dtype=np.int64)
+    return StackedDeliveries(
+        layer_of=np.repeat(np.arange(len(layers)), count),
+        first=_offsets(count),
+        src_slot=np.concatenate([layer.src_slot for layer in layers]),
+        dst_slot=np.concatenate([layer.dst_slot for layer in layers]),
+        is_network=np.concatenate([layer.is_network for layer in layers]),
+    )
+
+
 def rank_views(layers: Sequence[LayerPlan], rank: int) -> list[RankPlan]:
     """:meth:`LayerPlan.rank` of every layer (cached on each), with the numpy work done for all
     layers at once: one layer's view alone is ~15 numpy calls whatever its size (~50 us of host
@@ -253,16 +280,11 @@ def rank_views(layers: Sequence[LayerPlan], rank: int) -> list[RankPlan]:
     todo = [layer for layer in layers if rank not in layer._rank_cache]
     if len(todo) > 1:
         n = todo[0].num_local
-        if any(layer.num_local != n or layer.ep_size != todo[0].ep_size for layer in todo):
-            raise ValueError("rank_views needs layers of one plan (same ep_size and num_local)")
+        stacked = stack_deliveries(todo)
         if not 0 <= rank < todo[0].ep_size:
             raise ValueError(f"rank {rank} out of range for ep_size {todo[0].ep_size}")
-        count = np.array([layer.src_slot.size for layer in todo])
-        first = _offsets(count)
-        layer_of = np.repeat(np.arange(len(todo)), count)
-        src = np.concatenate([layer.src_slot for layer in todo])
-        dst = np.concatenate([layer.dst_slot for layer in todo])
-        net = np.concatenate([layer.is_network for layer in todo])
+        first, layer_of = stacked.first, stacked.layer_of
+        src, dst, net = stacked.src_slot, stacked.dst_slot, stacked.is_network
         src_rank, dst_rank = src // n, dst // n
         # dup fills: the row a fill copies is its delivery's destination (delivery index + layer start)
         dup_count = np.array([layer.dup_dst_slot.size for layer in todo])

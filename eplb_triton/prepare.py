@@ -18,7 +18,7 @@ from .layout import resolve_backend
 from .p2p import resolve_transport
 from .passes import PassWork
 from .plan import LayerPlan, RearrangementPlan, _check_options, plan_from_maps, rank_views, with_rounds
-from .schedule import fits_one_pass, schedule_layer, smallest_budget_bytes
+from .schedule import capacity_rows, fits_one_pass, schedule_layer, smallest_budget_bytes
 
 __all__ = ["CHUNK_ENV", "PIPELINE_CHUNK_BYTES", "pipeline_chunk_bytes", "prepare_layers"]
 
@@ -163,7 +163,7 @@ def prepare_layers(
     # the usual case, decided for every layer at once: one pass with every delivery, no stash
     # (what schedule_layer returns first; its per-layer test and this rank's views cost ~80 us
     # of host time per layer on the H200 hosts when done layer by layer)
-    capacities = [maps.num_local if max_buffer_bytes is None else max_buffer_bytes // cost for cost in costs]
+    capacities = [capacity_rows(maps.num_local, cost, max_buffer_bytes) for cost in costs]
     one_pass = fits_one_pass(plan.layers, capacities).tolist()
     rank_views(plan.layers, comm.rank)  # cached on the layers
     no_stash = np.zeros(0, dtype=np.int64)

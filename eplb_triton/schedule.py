@@ -43,9 +43,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .plan import LayerPlan
+from .plan import LayerPlan, stack_deliveries
 
-__all__ = ["LayerSchedule", "direct_local_moves", "fits_one_pass", "schedule_layer", "smallest_budget_bytes"]
+__all__ = ["LayerSchedule", "capacity_rows", "direct_local_moves", "fits_one_pass", "schedule_layer", "smallest_budget_bytes"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def schedule_layer(layer: LayerPlan, expert_bytes: int, budget_bytes: int | None
     """
     if layer.num_deliveries == 0:
         return LayerSchedule([], np.zeros(0, dtype=np.int64))
-    capacity = layer.num_local if budget_bytes is None else budget_bytes // expert_bytes
+    capacity = capacity_rows(layer.num_local, expert_bytes, budget_bytes)
     one_pass = int(_one_pass_rows(layer).max())
     if capacity >= 1 and one_pass <= capacity:  # the usual case: one pass, no stash
         return _whole(layer)
@@ -93,12 +93,18 @@ def schedule_layer(layer: LayerPlan, expert_bytes: int, budget_bytes: int | None
     return schedule
 
 
+def capacity_rows(num_local: int, expert_bytes: int, budget_bytes: int | None) -> int:
+    """Rows of ``expert_bytes`` a rank may stage per pass: the budget's, or by default one
+    layer (``num_local``)."""
+    return num_local if budget_bytes is None else budget_bytes // expert_bytes
+
+
 def _whole(layer: LayerPlan) -> LayerSchedule:
     """One pass with every delivery, no stash."""
     return LayerSchedule([np.arange(layer.num_deliveries)], np.zeros(0, dtype=np.int64))
 
 
-def direct_local_moves(src_slot: np.ndarray, dst_slot: np.ndarray, is_network: np.ndarray) -> np.ndarray:
+def direct_local_moves(src_slot: np.ndarray, dst_slot: np.ndarray, is_network: np.ndarray | None = None) -> np.ndarray:
     """Which deliveries are local moves copied row to row when their pass is written (one
     launch, before the received rows land): those whose source row no local move writes. Their
     source is read before any write of the pass except that launch's own, whose destinations
@@ -106,7 +112,10 @@ def direct_local_moves(src_slot: np.ndarray, dst_slot: np.ndarray, is_network: n
     with the sends, written with the receives). Only for a layer in one pass without stash: with
     several passes a source may have been overwritten by an earlier pass.
 
-    Works on one layer's arrays, or on several layers' if slots are made unique per layer."""
+    Works on one layer's arrays, on several layers' if slots are made unique per layer, or on
+    one rank's local moves (``is_network=None``: every delivery given is a local move)."""
+    if is_network is None:
+        return ~np.isin(src_slot, dst_slot)
     local = ~is_network
     return local & ~np.isin(src_slot, dst_slot[local])
 
@@ -114,10 +123,19 @@ def direct_local_moves(src_slot: np.ndarray, dst_slot: np.ndarray, is_network: n
 def _one_pass_rows(layer: LayerPlan) -> np.ndarray:
     """Staging rows each rank needs for the whole layer in one pass: sends, receives and the
     local moves that are not :func:`direct_local_moves`."""
-    n, ranks = layer.num_local, layer.ep_size
-    staged = ~direct_local_moves(layer.src_slot, layer.dst_slot, layer.is_network)
-    sends = np.bincount(layer.src_slot[layer.is_network] // n, minlength=ranks)
-    return sends + np.bincount(layer.dst_slot[staged] // n, minlength=ranks)
+    return _one_pass_rows_all([layer])[0]
+
+
+def _one_pass_rows_all(layers: Sequence[LayerPlan]) -> np.ndarray:
+    """``(len(layers), ep_size)``: :func:`_one_pass_rows` of every layer in one numpy pass."""
+    n, ranks, num = layers[0].num_local, layers[0].ep_size, len(layers)
+    stacked = stack_deliveries(layers)
+    layer_of, src, dst, net = stacked.layer_of, stacked.src_slot, stacked.dst_slot, stacked.is_network
+    width = n * ranks  # slots of a layer: layer * width + slot is unique across layers
+    staged = ~direct_local_moves(layer_of * width + src, layer_of * width + dst, net)
+    rows = np.bincount(layer_of[net] * ranks + src[net] // n, minlength=num * ranks)
+    rows += np.bincount(layer_of[staged] * ranks + dst[staged] // n, minlength=num * ranks)
+    return rows.reshape(num, ranks)
 
 
 def fits_one_pass(layers: Sequence[LayerPlan], capacities: Sequence[int]) -> np.ndarray:
@@ -127,18 +145,9 @@ def fits_one_pass(layers: Sequence[LayerPlan], capacities: Sequence[int]) -> np.
     The layers share ``ep_size`` and ``num_local`` (one plan)."""
     if not layers:
         return np.zeros(0, dtype=bool)
-    n, ranks, num = layers[0].num_local, layers[0].ep_size, len(layers)
     count = np.array([layer.num_deliveries for layer in layers], dtype=np.int64)
-    layer_of = np.repeat(np.arange(num), count)
-    src = np.concatenate([layer.src_slot for layer in layers])
-    dst = np.concatenate([layer.dst_slot for layer in layers])
-    net = np.concatenate([layer.is_network for layer in layers])
-    width = n * ranks  # slots of a layer: layer * width + slot is unique across layers
-    staged = ~direct_local_moves(layer_of * width + src, layer_of * width + dst, net)
-    rows = np.bincount(layer_of[net] * ranks + src[net] // n, minlength=num * ranks)
-    rows += np.bincount(layer_of[staged] * ranks + dst[staged] // n, minlength=num * ranks)
     capacity = np.asarray(capacities, dtype=np.int64)
-    return (count > 0) & (capacity >= 1) & (rows.reshape(num, ranks).max(axis=1) <= capacity)
+    return (count > 0) & (capacity >= 1) & (_one_pass_rows_all(layers).max(axis=1) <= capacity)
 
 
 def smallest_budget_bytes(layer: LayerPlan, expert_bytes: int) -> int:
