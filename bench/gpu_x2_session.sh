@@ -17,6 +17,12 @@ for step in ${STEPS:-tests link}; do
       --plot "$OUT/link_speed.png" --markdown "$OUT/link_speed.md" ${LINK_ARGS:-} ;;
     link16) run_step link-speed-16-layers 300 python3 bench/link_speed.py --layers 16 --repeats 5 \
       --configs qwen3-30b-a3b-bf16 tiny-bf16 --presets qwen3-30b-a3b --json "$OUT/link_speed-16layers.json" ;;
+    # two staging slots (layers overlap): a budget of 2 layers next to the default one (issue 12)
+    overlap) run_step link-16-overlap 300 python3 bench/link_speed.py --layers 16 --repeats 5 --budgets 2 \
+      --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b --methods floor per-expert blocking \
+      --json "$OUT/link_speed-overlap-16layers.json" --markdown "$OUT/link_speed-overlap-16layers.md"
+      run_step timeline-overlap 120 python3 bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 16 --budget-layers 2 ;;
+    faults) run_step gpu-fault-tests 300 python3 -m pytest -q -m gpu tests/test_faults_gpu.py tests/test_transfer_gpu.py -p no:cacheprovider -rf ;;
     steps) for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
         run_step "worker-steps-$config" 150 python3 bench/worker_steps.py --config "$config"; done ;;
     pacing) run_step pacing 200 python3 bench/pacing.py --out "$OUT" ${PACING_ARGS:-} ;;

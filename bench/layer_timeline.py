@@ -1,6 +1,6 @@
 """Per-layer timeline of one blocking call on two GPUs (issue 12 diagnosis).
 
-    python bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 4
+    python bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 4 [--budget-layers 2]
 
 Uses the transfer's named points (``eplb_triton.transfer.fault_hook``: layer_start, before_send,
 posted, in_flight, pass_applied, before_confirm) as probes: at each point the host clock is read
@@ -23,6 +23,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from eplb_triton import rearrange_expert_weights_inplace, transfer  # noqa: E402
+from eplb_triton.comm import Communicator  # noqa: E402
+from eplb_triton.layout import ExpertLayout  # noqa: E402
 from eplb_triton.testing.launch import run_ranks  # noqa: E402
 from eplb_triton.testing.machine import machine_line  # noqa: E402
 from eplb_triton.testing.shapes import LAYER_CONFIGS  # noqa: E402
@@ -34,9 +36,12 @@ def _rank(rank, world, args):
     old, new = mg.ref_maps(args["layers"], world, local, moved)
     weights = make_rank_weights(specs, args["layers"], local, "cuda")
     fill_rank_weights(weights, old, rank, 1)
+    budget = None
+    if args["budget_layers"]:  # 2: two layers' staging fit, so layers overlap (run_layers' two slots)
+        budget = int(args["budget_layers"] * local * ExpertLayout(weights[0]).expert_bytes)
     maps = [old, new]
     for _ in range(3):
-        rearrange_expert_weights_inplace(maps[0], maps[1], weights)
+        rearrange_expert_weights_inplace(maps[0], maps[1], weights, max_buffer_bytes=budget)
         maps.reverse()
     probes = []
     spent: dict[str, list[float]] = {}
@@ -53,9 +58,6 @@ def _rank(rank, world, args):
 
         setattr(owner, name, wrapper)
 
-    from eplb_triton.comm import Communicator
-    from eplb_triton.layout import ExpertLayout
-
     from eplb_triton import executor, inputs, prepare
 
     # each function is wrapped where its caller looks it up (the module that imported it)
@@ -65,6 +67,7 @@ def _rank(rank, world, args):
                         (transfer.PassWork, "batches"), (transfer.PassWork, "post_batches"),
                         (transfer.PassWork, "apply"), (transfer.PassWork, "count_into"),
                         (transfer.PassWork, "from_view"), (transfer.LayerWork, "run"),
+                        (transfer.LayerWork, "start"), (transfer.LayerWork, "finish"),
                         (transfer, "prepare_layers"), (prepare, "plan_from_maps"), (prepare, "schedule_layer"),
                         (executor, "upload_rows"), (transfer, "finish_transfer"), (transfer, "_elapsed"),
                         (executor, "_mark"), (prepare, "check_inputs"), (prepare, "agree_inputs_start"),
@@ -84,7 +87,7 @@ def _rank(rank, world, args):
     begin = time.perf_counter()
     transfer.fault_hook = probe
     try:
-        rearrange_expert_weights_inplace(maps[0], maps[1], weights)
+        stats = rearrange_expert_weights_inplace(maps[0], maps[1], weights, max_buffer_bytes=budget)
     finally:
         transfer.fault_hook = None
     end_host = time.perf_counter()
@@ -98,18 +101,20 @@ def _rank(rank, world, args):
     import statistics
 
     costs = {k: (len(v), statistics.median(v)) for k, v in spent.items()}
-    return rows, costs
+    return rows, costs, stats.overlapped_layers
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="qwen3-30b-a3b-bf16", choices=list(LAYER_CONFIGS))
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--budget-layers", type=float, default=None, help="max_buffer_bytes in layers' local rows (default: the library's)")
     args = parser.parse_args()
     print(machine_line(world_size=2, dist_backend="nccl"))
     results = run_ranks(2, _rank, vars(args), backend="nccl", timeout_s=300.0, group_timeout_s=120.0)
     print(f"{args.config}, {args.layers} layers: ms since the call began (host clock | GPU stream)")
-    for rank, (rows, costs) in enumerate(results):
+    for rank, (rows, costs, overlapped) in enumerate(results):
+        print(f"rank {rank}: {overlapped} layers overlapped with the one before")
         print(f"rank {rank}: " + "  ".join(f"{n} {h:.2f}|{g:.2f}" for n, h, g in rows))
         print(f"rank {rank} host us per call (calls, median): " + ", ".join(
             f"{k} {n}x {us:.0f}" for k, (n, us) in sorted(costs.items(), key=lambda kv: -kv[1][1])))

@@ -28,7 +28,7 @@ from .passes import PassWork, upload_rows
 from .plan import LayerPlan
 from .stats import TransferStats
 
-__all__ = ["LayerWork", "run_layers", "staging_view"]
+__all__ = ["LayerWork", "double_staging", "run_layers", "staging_view"]
 
 logger = logging.getLogger("eplb_triton.transfer")  # one logger for the blocking path (documented name)
 
@@ -81,6 +81,13 @@ class LayerWork:
     def has_network(self) -> bool:
         return self.plan.num_network > 0
 
+    @property
+    def overlappable(self) -> bool:
+        """One pass of whole batched messages (no ``verify``, no planner rounds) and no stash:
+        :func:`run_layers` may queue its pack and post while the previous layer is on the wire
+        (:meth:`start`, :meth:`finish`)."""
+        return len(self.passes) == 1 and not self.passes[0].framed and not self.stash_rows.size
+
     def expert_at(self, rank: int, row: int) -> int | None:
         if self.expert_ids is None:
             return None
@@ -116,6 +123,9 @@ class LayerWork:
                 exchange still completed (peers are not left waiting) and the layer was
                 rolled back, so the group is still usable.
         """
+        if transport is None and self.overlappable:
+            self.finish(self.start(staging, comm, backend), comm, backend, stats, timeout_s=timeout_s)
+            return
         layout, eb = self.layout, self.layout.expert_bytes
         if transport is not None and self.stash_rows.size:  # p2p: the sends stay at offset 0, where peers read them
             cut = staging.numel() - self.stash_bytes
@@ -217,6 +227,45 @@ class LayerWork:
         if mismatch is not None:
             raise mismatch
 
+    def start(self, staging: torch.Tensor, comm: Communicator, backend: str | None) -> "_Posted":
+        """An :attr:`overlappable` layer's first half: pack its sends (and staged local
+        sources) into ``staging`` and post its exchange. Reads rows only; nothing waits."""
+        work, where = self.passes[0], f"layer {self.index}, pass 1/1"
+        hook = _fault_hook()
+        if hook is not None:
+            hook("layer_start", rank=comm.rank, layer=self.index)
+            hook("before_send", rank=comm.rank, layer=self.index, pass_index=0)
+        send_buf, recv_buf, scratch = work._slices(staging)
+        try:  # posting fails too when a peer's connection is already closed
+            requests, labels, batches = work.post_batches(
+                self.layout, send_buf, recv_buf, comm, backend, None, local_buf=scratch, where=where
+            )
+        except PeerError as exc:
+            exc.layer = self.index
+            raise
+        if hook is not None:
+            hook("posted", rank=comm.rank, layer=self.index, pass_index=0, network_round=0, ops=labels)
+        return _Posted(staging, requests, labels, batches, where, hook)
+
+    def finish(
+        self, posted: "_Posted", comm: Communicator, backend: str | None, stats: TransferStats, *, timeout_s: float | None = None
+    ) -> None:
+        """The second half of :meth:`start`: wait for the exchange (deadline ``timeout_s``),
+        then write the layer (one pass: nothing to roll back before it is written)."""
+        work, hook = self.passes[0], posted.hook
+        try:
+            comm.wait(posted.requests, timeout_s=timeout_s, labels=posted.labels, where=posted.where)
+        except PeerError as exc:
+            exc.layer = self.index
+            raise
+        work.count_into(stats, sum(posted.batches), batches=posted.batches)
+        if hook is not None:  # the received views are only made for a hook
+            hook("in_flight", rank=comm.rank, layer=self.index, pass_index=0, received=work.recv_messages(posted.staging))
+        work.apply(self.layout, posted.staging, backend)
+        work.release()
+        if hook is not None:
+            hook("pass_applied", rank=comm.rank, layer=self.index, pass_index=0)
+
     def _mismatch_error(self, work: PassWork, bad: list[tuple[int, int]], rank: int, where: str) -> ChecksumMismatchError:
         peer, k = bad[0]
         row = int(work.view.recv_rows[peer][k])
@@ -228,6 +277,18 @@ class LayerWork:
         )
         logger.error("%s", message)
         return ChecksumMismatchError(message, layer=self.index, peer=peer, expert=expert)
+
+
+@dataclass
+class _Posted:
+    """An exchange :meth:`LayerWork.start` posted, for :meth:`LayerWork.finish`."""
+
+    staging: torch.Tensor
+    requests: list
+    labels: list
+    batches: list[int]
+    where: str
+    hook: object
 
 
 def staging_view(staging, device: torch.device) -> torch.Tensor:
@@ -279,8 +340,15 @@ def run_layers(
     atomic: bool = True,
     timeout_s: float | None = None,
     transport: str = "auto",
+    max_buffer_bytes: int | None = None,
 ) -> tuple[list[ChecksumMismatchError], list]:
     """The blocking loop: take the staging (and undo) memory, run every layer in order.
+
+    When the staging budget (``max_buffer_bytes``, the caller's ``staging``, or by default
+    one layer's local rows) holds two layers' staging, consecutive :attr:`~LayerWork.overlappable`
+    layers alternate between two staging slots: layer ``i + 1`` is packed and posted before
+    layer ``i`` is waited for, so its pack runs while layer ``i`` is on the wire and the wire
+    never waits for a pack (:func:`double_staging`).
 
     Returns this rank's checksum errors (those layers rolled back, their exchanges completed)
     and the time marks between layers (:func:`_elapsed` reads them). A peer error stops the
@@ -291,36 +359,92 @@ def run_layers(
     upload_rows([work for layer in layers for work in layer.passes], device)
     peak = max(layer.staging_bytes for layer in layers)
     given = None if staging is None else staging_view(staging, device)  # validated by prepare_layers
+    undo_bytes = max(layer.undo_bytes for layer in layers) if atomic else 0
     p2p = None  # agreed by prepare_layers; the plan (hence has_network) is the same on every rank
     if resolve_transport(transport, comm, device) == "p2p" and any(layer.has_network for layer in layers):
         p2p = acquire_p2p(comm, device, peak, timeout_s=timeout_s)  # collective
         staging = p2p.buffer  # the passes' staging: peers read the sends from it
+        double, taken = False, 0  # the caller's buffer is free for the undo copy
     else:
-        staging = given[:peak] if given is not None else torch.empty(peak, dtype=torch.uint8, device=device)
-    stats.peak_staging_bytes = peak
+        double = double_staging(layers, peak, undo_bytes, given=given, max_buffer_bytes=max_buffer_bytes)
+        size = 2 * peak if double else peak
+        staging = given[:size] if given is not None else torch.empty(size, dtype=torch.uint8, device=device)
+        taken = size
+    slots = (staging[:peak], staging[peak:]) if double else None
+    stats.peak_staging_bytes = staging.numel() if double else peak
     undo = None
-    if atomic:
-        undo_bytes = max(layer.undo_bytes for layer in layers)
-        if undo_bytes and given is not None and given.numel() - peak >= undo_bytes:
-            undo = given[peak : peak + undo_bytes]
-        elif undo_bytes:
+    if undo_bytes:
+        if given is not None and given.numel() - taken >= undo_bytes:
+            undo = given[taken : taken + undo_bytes]
+        else:
             undo = torch.empty(undo_bytes, dtype=torch.uint8, device=device)
+    if atomic:
         stats.peak_undo_bytes = undo_bytes
     errors: list[ChecksumMismatchError] = []
     # Layer times: CUDA events on GPUs (the host queues layer after layer without waiting for
     # the device; a per-layer synchronize stalled the queue), host clocks elsewhere.
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     marks = [_mark(stream)]
-    for layer in layers:
-        try:
-            layer.run(staging, comm, backend, stats, timeout_s=timeout_s, undo=undo, transport=p2p)
-        except ChecksumMismatchError as exc:
-            errors.append(exc)  # exchanges completed: carry on, report after the confirmation
-            stats.failed_layers.append(layer.index)
-        except TransferError as exc:
-            stats.failed_layers.extend(range(layer.index, len(layers)))
-            logger.error("rank %d: rearrangement stopped at layer %d: %s", comm.rank, layer.index, exc)
-            exc.stats = stats  # which layers are new on this rank: those not in failed_layers
-            raise
-        marks.append(_mark(stream))
+    pending: tuple[LayerWork, _Posted] | None = None  # posted, not yet waited for
+    next_slot = 0
+
+    def finish_pending() -> None:
+        nonlocal pending
+        if pending is not None:
+            layer, posted = pending
+            layer.finish(posted, comm, backend, stats, timeout_s=timeout_s)
+            pending = None
+            marks.append(_mark(stream))
+
+    layer = None
+    try:
+        for layer in layers:
+            if double and layer.overlappable and layer.has_network:
+                try:
+                    posted = layer.start(slots[next_slot], comm, backend)
+                except BaseException:
+                    finish_pending()  # the previous layer's exchange is posted everywhere: complete it first
+                    raise
+                next_slot ^= 1
+                stats.overlapped_layers += pending is not None
+                finish_pending()  # the previous layer, whose wire this layer's pack overlapped
+                pending = (layer, posted)
+                continue
+            finish_pending()
+            try:
+                layer.run(staging, comm, backend, stats, timeout_s=timeout_s, undo=undo, transport=p2p)
+            except ChecksumMismatchError as exc:
+                errors.append(exc)  # exchanges completed: carry on, report after the confirmation
+                stats.failed_layers.append(layer.index)
+            marks.append(_mark(stream))
+        finish_pending()
+    except TransferError as exc:
+        # a posted layer that was not written failed too (entirely old on this rank)
+        first = pending[0].index if pending is not None else layer.index
+        stats.failed_layers.extend(range(first, len(layers)))
+        logger.error("rank %d: rearrangement stopped at layer %d: %s", comm.rank, first, exc)
+        exc.stats = stats  # which layers are new on this rank: those not in failed_layers
+        raise
     return errors, marks
+
+
+def double_staging(
+    layers: Sequence[LayerWork],
+    peak: int,
+    undo_bytes: int,
+    *,
+    given: torch.Tensor | None = None,
+    max_buffer_bytes: int | None = None,
+) -> bool:
+    """Whether :func:`run_layers` gives overlappable layers two staging slots of ``peak`` bytes:
+    at least two of them have an exchange, and two slots fit the staging budget (the caller's
+    ``given`` buffer, with the undo copy beside them; else ``max_buffer_bytes``, by default
+    one layer's local rows packed). Ranks may decide differently (``peak`` is this rank's):
+    either way each rank posts its layers' exchanges in layer order."""
+    if sum(layer.overlappable and layer.has_network for layer in layers) < 2:
+        return False
+    if given is not None:
+        return 2 * peak + undo_bytes <= given.numel()
+    if max_buffer_bytes is None:  # the default budget (overlappable layers have no verify trailers)
+        max_buffer_bytes = max(layer.layout.num_local * layer.layout.expert_bytes for layer in layers)
+    return 2 * peak <= max_buffer_bytes

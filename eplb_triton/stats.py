@@ -25,7 +25,8 @@ class TransferStats:
     confirmation (not counted in ``p2p_ops``). ``exchanges``: batches of p2p ops issued (one
     per staging pass with network traffic, or one per network round with ``rounds=``);
     ``max_ops_per_exchange``: the largest batch (at most ``2 * (ep_size - 1)``; at most 2
-    with ``rounds=``).
+    with ``rounds=``). ``overlapped_layers``: layers packed and posted while the layer before
+    them was still on the wire (two staging slots, see :func:`eplb_triton.executor.run_layers`).
     """
 
     rank: int
@@ -44,6 +45,7 @@ class TransferStats:
     control_ops: int = 0
     exchanges: int = 0
     max_ops_per_exchange: int = 0
+    overlapped_layers: int = 0
 
     @classmethod
     def empty(cls, rank: int, ep_size: int) -> "TransferStats":

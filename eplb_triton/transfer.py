@@ -276,7 +276,8 @@ def rearrange_expert_weights_inplace(
     if not layers:
         return stats
     errors, marks = run_layers(
-        layers, comm, backend, stats, staging=staging, atomic=atomic, timeout_s=timeout_s, transport=transport
+        layers, comm, backend, stats, staging=staging, atomic=atomic, timeout_s=timeout_s, transport=transport,
+        max_buffer_bytes=max_buffer_bytes,
     )
     try:  # the confirmation waits for the layers anyway: read their times after it, not before
         finish_transfer(comm, layers, stats, errors, timeout_s=timeout_s)

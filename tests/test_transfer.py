@@ -60,6 +60,9 @@ def test_random_rearrangement(distributed, world, layers, num_local, logical):
     off_diagonal = plan.traffic * (1 - np.eye(world, dtype=np.int64))
     # one round per layer: one isend and one irecv per (sender, receiver) pair with traffic
     assert sum(s.p2p_ops for s in big) == 2 * int(np.count_nonzero(off_diagonal))
+    # two staging slots fit: each layer with traffic that follows one is posted before that one is waited for
+    network = [layer.num_network > 0 for layer in plan.layers]
+    assert [s.overlapped_layers for s in big] == [sum(a and b for a, b in zip(network, network[1:]))] * world
     # bytes from the maps alone: each rank receives every expert its new rows need and its old rows lack, once
     expected = [n * packed_expert_bytes(MIXED_SPECS) for n in expected_received_experts(old, new, world)]
     assert sum(expected) > 0  # the maps move experts over the network
