@@ -22,6 +22,21 @@ for step in ${STEPS:-tests link}; do
       --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b --methods floor per-expert blocking \
       --json "$OUT/link_speed-overlap-16layers.json" --markdown "$OUT/link_speed-overlap-16layers.md"
       run_step timeline-overlap 120 python3 bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 16 --budget-layers 2 ;;
+    # session 5: 4/16/48 layers at the default budget and at 2 layers (two staging slots), the
+    # flight recorder off (host time of a NCCL post), and the kernel timelines of the overlap
+    overlap5) run_step link-4-layers 200 python3 bench/link_speed.py --layers 4 --repeats 7 --budgets 2 \
+      --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b --methods floor per-expert blocking worker \
+      --json "$OUT/link_speed-4layers.json" --markdown "$OUT/link_speed-4layers.md"
+      run_step link-16-layers 200 python3 bench/link_speed.py --layers 16 --repeats 5 --budgets 2 \
+      --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b --methods floor per-expert blocking worker \
+      --json "$OUT/link_speed-16layers.json" --markdown "$OUT/link_speed-16layers.md"
+      run_step link-48-layers 200 python3 bench/link_speed.py --layers 48 --repeats 3 --budgets 2 \
+      --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor per-expert blocking \
+      --json "$OUT/link_speed-48layers.json" --markdown "$OUT/link_speed-48layers.md"
+      run_step link-48-layers-fr-off 120 env TORCH_FR_BUFFER_SIZE=0 TORCH_NCCL_TRACE_BUFFER_SIZE=0 python3 bench/link_speed.py \
+      --layers 48 --repeats 3 --budgets 2 --configs qwen3-30b-a3b-bf16 tiny-bf16 --presets --methods floor blocking
+      for config in qwen3-30b-a3b-bf16 deepseek-v3-fp8; do
+        run_step "trace-$config" 90 python3 bench/overlap_trace.py --config $config --layers 16 --budget-layers 2; done ;;
     faults) run_step gpu-fault-tests 300 python3 -m pytest -q -m gpu tests/test_faults_gpu.py tests/test_transfer_gpu.py -p no:cacheprovider -rf ;;
     steps) for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
         run_step "worker-steps-$config" 150 python3 bench/worker_steps.py --config "$config"; done ;;

@@ -153,6 +153,7 @@ class PassWork:
     _batches: list | None = field(default=None, repr=False)
     _totals: tuple[int, int] | None = field(default=None, repr=False)  # bytes of all sends, of all receives
     _views: tuple | None = field(default=None, repr=False)  # (staging key, its three regions)
+    _messages: tuple | None = field(default=None, repr=False)  # (buffers key, sends, receives, op labels)
     #: the pass's (ep, ep) expert counts, every rank's sends (set by prepare_layers): where
     #: the p2p transport finds each peer's message (:func:`eplb_triton.p2p.message_spans`)
     pass_traffic: np.ndarray | None = field(default=None, repr=False)
@@ -242,6 +243,7 @@ class PassWork:
         allocator reuses their memory only behind those launches on the same stream)."""
         self._device_rows = None
         self._views = None
+        self._messages = None
 
     def _row_lists(self) -> tuple[np.ndarray, ...]:
         """The lists :data:`_ROW_LISTS` names, in its order (so sends and local sources are one
@@ -380,6 +382,8 @@ class PassWork:
         drain's junk, matching a peer's batches op for op). ``local_buf``: also pack the local
         moves' sources there; when it directly follows ``send_buf`` and messages are whole, one
         launch packs both. ``launch_lock`` is held around each launch (not around the posts)."""
+        if self.chunk_experts is None and pack and (stash is None or not self.stashed_sends.size):
+            return self._post_whole(layout, send_buf, recv_buf, comm, backend, local_buf, launch_lock, where)
         eb, device_rows = self.expert_bytes, self.device_rows(layout.device)
         batches = self.batches()
         if local_buf is not None and self.local_src_rows.size:
@@ -407,6 +411,31 @@ class PassWork:
             labels += Communicator.op_labels(out, into)
             ops.append(len(out) + len(into))
         return requests, labels, ops
+
+    def _post_whole(self, layout, send_buf, recv_buf, comm, backend, local_buf, launch_lock, where):
+        """:meth:`post_batches` of whole messages (one batch), the usual case, with less host
+        work per layer: no slicing of whole regions, the per-peer views and op labels made once
+        per staging buffer."""
+        eb, rows = self.expert_bytes, self.device_rows(layout.device)
+        if local_buf is not None and self.local_src_rows.size:
+            if local_buf.data_ptr() == send_buf.data_ptr() + self.send_rows.size * eb:  # adjacent: one launch
+                both = send_buf.as_strided((self.send_rows.size * eb + local_buf.numel(),), (1,))
+                with launch_lock:
+                    layout.move("pack", both, src_rows=rows["send+local_src"], backend=backend)
+            else:
+                with launch_lock:
+                    layout.move("pack", local_buf, src_rows=rows["local_src"], backend=backend)
+                    layout.move("pack", send_buf, src_rows=rows["send"], backend=backend)
+        elif self.send_rows.size:
+            with launch_lock:
+                layout.move("pack", send_buf, src_rows=rows["send"], backend=backend)
+        key = (send_buf.data_ptr(), recv_buf.data_ptr())
+        if self._messages is None or self._messages[0] != key:
+            out = self._per_peer(send_buf, self.send_peers, self.send_counts)
+            into = self._per_peer(recv_buf, self.recv_peers, self.recv_counts)
+            self._messages = (key, out, into, Communicator.op_labels(out, into))
+        _, out, into, labels = self._messages
+        return comm.exchange(out, into, where=where), labels, [len(labels)]
 
     def pack_sends(
         self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
