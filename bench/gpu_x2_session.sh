@@ -9,7 +9,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 for step in ${STEPS:-tests link}; do
   case $step in
-    tests) run_step gpu-tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rf ;;
+    tests) run_step gpu-tests ${TESTS_LIMIT:-360} python3 -m pytest -q -m gpu tests -p no:cacheprovider -rf ;;
     tests1) run_step gpu-tests-one-gpu 240 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rf ;;
     # the CPU suite on this machine's torch/triton: no GPU visible, so conftest turns the interpreter on
     suite) run_step whole-suite ${SUITE_LIMIT:-420} env CUDA_VISIBLE_DEVICES= python3 -m pytest -q tests -p no:cacheprovider -rf ;;
@@ -37,6 +37,13 @@ for step in ${STEPS:-tests link}; do
       --layers 48 --repeats 3 --budgets 2 --configs qwen3-30b-a3b-bf16 tiny-bf16 --presets --methods floor blocking
       for config in qwen3-30b-a3b-bf16 deepseek-v3-fp8; do
         run_step "trace-$config" 90 python3 bench/overlap_trace.py --config $config --layers 16 --budget-layers 2; done ;;
+    # how much of each SM the pack/unpack kernels take while a NCCL kernel runs beside them
+    # (overlapped layers): the grid cap per SM, 16 (default) / 8 / 4
+    ppsm) for programs in ${PPSM_VALUES:-16 8 4}; do
+        run_step "link-16-layers-ppsm$programs" 90 env EPLB_TRITON_PROGRAMS_PER_SM=$programs python3 bench/link_speed.py \
+          --layers 16 --repeats 5 --budgets 2 --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 --presets --methods floor blocking \
+          --json "$OUT/link_speed-ppsm$programs.json"; done
+      run_step trace-deepseek-ppsm8 90 env EPLB_TRITON_PROGRAMS_PER_SM=8 python3 bench/overlap_trace.py --config deepseek-v3-fp8 --layers 16 --budget-layers 2 ;;
     faults) run_step gpu-fault-tests 300 python3 -m pytest -q -m gpu tests/test_faults_gpu.py tests/test_transfer_gpu.py -p no:cacheprovider -rf ;;
     steps) for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
         run_step "worker-steps-$config" 150 python3 bench/worker_steps.py --config "$config"; done ;;

@@ -76,6 +76,15 @@ def _wait_released(tensor: torch.Tensor, references: int) -> None:
         time.sleep(0 if now < deadline - _RELEASE_WAIT_S / 2 else 1e-4)
 
 
+def _request_labels(labels: list | None, count: int) -> tuple[list | None, list[int] | None]:
+    """``(labels, batch_peers)`` for ``count`` requests: coalesced (NCCL) requests each cover
+    every peer of a batch, so a failure names every peer of the call (at world 2, the peer)."""
+    if labels is None or len(labels) == count:
+        return labels, None
+    peers = sorted({peer for peer, _ in labels})
+    return _batch_labels(peers, count), peers
+
+
 def _batch_labels(peers: list[int], count: int) -> list[tuple[int | None, str]]:
     """Labels of ``count`` coalesced requests covering ``peers``: the peer when there is one."""
     return [(peers[0] if len(peers) == 1 else None, "op")] * count
@@ -236,12 +245,15 @@ class Communicator:
         """
         if not requests:
             return
-        batch_peers = None
-        if labels is not None and len(labels) != len(requests):
-            # coalesced (NCCL): one request covers every peer of a batch, so a failure names
-            # every peer of the call (with one peer, as at world 2, that is the peer)
-            batch_peers = sorted({peer for peer, _ in labels})
-            labels = _batch_labels(batch_peers, len(requests))
+        if timeout_s is None and self.dist_backend == "nccl":  # the usual case: only orders the current stream
+            for index, request in enumerate(requests):
+                try:
+                    request.wait()
+                except Exception as exc:  # noqa: BLE001 - backend errors have no common type
+                    labels, batch_peers = _request_labels(labels, len(requests))
+                    raise self._peer_error(exc, index, labels, where, timeout_s, batch_peers) from exc
+            return
+        labels, batch_peers = _request_labels(labels, len(requests))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         if self.dist_backend == "nccl" and deadline is not None:
             self._poll_until(requests, deadline, labels, where, timeout_s, batch_peers)

@@ -50,6 +50,7 @@ launch moves ``len(rows)`` experts of every tensor of the layer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -224,6 +225,22 @@ class KernelTuning:
 
 
 DEFAULT_TUNING = KernelTuning()
+PROGRAMS_PER_SM_ENV = "EPLB_TRITON_PROGRAMS_PER_SM"  # measuring only: the grid cap per SM (read once per set of tensors)
+
+
+def default_tuning() -> KernelTuning:
+    """:data:`DEFAULT_TUNING`, with ``programs_per_sm`` from ``EPLB_TRITON_PROGRAMS_PER_SM`` when set
+    (for benchmarks: how much of each SM the kernels leave to a NCCL kernel running beside them)."""
+    value = os.environ.get(PROGRAMS_PER_SM_ENV)
+    if not value:
+        return DEFAULT_TUNING
+    try:
+        programs = int(value)
+    except ValueError:
+        raise ValueError(f"{PROGRAMS_PER_SM_ENV} must be a positive int, got {value!r}") from None
+    if programs < 1:
+        raise ValueError(f"{PROGRAMS_PER_SM_ENV} must be a positive int, got {value!r}")
+    return dataclasses.replace(DEFAULT_TUNING, programs_per_sm=programs)
 # Under the interpreter every program and tile is a Python step: few programs, big chunks.
 INTERPRETER_TUNING = KernelTuning(programs_per_sm=2, waves=1, min_chunk=64 << 10, max_chunk=1 << 20)
 
@@ -306,7 +323,7 @@ class _TritonState:
         self.all_aligned = all(t[4] for t in self.tensors)
         self.row_bytes_total = sum(layout.row_bytes)
         self.sm_count = _sm_count(layout.device)
-        self.tuning = INTERPRETER_TUNING if self.interpreted else DEFAULT_TUNING
+        self.tuning = INTERPRETER_TUNING if self.interpreted else default_tuning()
         # what the descriptor tables depend on: the same tensors give the same key on every call
         self.key = (str(layout.device), tuple(self.tensors))
         self.shapes: dict[tuple, LaunchShape] = {}

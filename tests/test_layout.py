@@ -128,3 +128,16 @@ def test_triton_state_is_shared_by_layouts_over_the_same_memory(monkeypatch):
     assert moved._triton() is not first._triton()
     monkeypatch.setenv(layout_mod.FAST_LAUNCH_ENV, "0")
     assert ExpertLayout(tensors)._triton() is not first._triton()
+
+
+def test_programs_per_sm_override_for_measurements(monkeypatch):
+    from eplb_triton.layout import DEFAULT_TUNING, PROGRAMS_PER_SM_ENV, default_tuning
+
+    monkeypatch.delenv(PROGRAMS_PER_SM_ENV, raising=False)
+    assert default_tuning() == DEFAULT_TUNING
+    monkeypatch.setenv(PROGRAMS_PER_SM_ENV, "4")
+    assert default_tuning().programs_per_sm == 4 and default_tuning().waves == DEFAULT_TUNING.waves
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv(PROGRAMS_PER_SM_ENV, bad)
+        with pytest.raises(ValueError, match=PROGRAMS_PER_SM_ENV):
+            default_tuning()
