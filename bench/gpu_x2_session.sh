@@ -43,7 +43,12 @@ for step in ${STEPS:-tests link}; do
         run_step "link-16-layers-ppsm$programs" 90 env EPLB_TRITON_PROGRAMS_PER_SM=$programs python3 bench/link_speed.py \
           --layers 16 --repeats 5 --budgets 2 --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 --presets --methods floor blocking \
           --json "$OUT/link_speed-ppsm$programs.json"; done
-      run_step trace-deepseek-ppsm8 90 env EPLB_TRITON_PROGRAMS_PER_SM=8 python3 bench/overlap_trace.py --config deepseek-v3-fp8 --layers 16 --budget-layers 2 ;;
+      for programs in ${PPSM_TRACES:-8}; do
+        run_step trace-deepseek-ppsm$programs 90 env EPLB_TRITON_PROGRAMS_PER_SM=$programs python3 bench/overlap_trace.py \
+          --config deepseek-v3-fp8 --layers 16 --budget-layers 2; done ;;
+    link48) run_step link-48-layers 200 python3 bench/link_speed.py --layers 48 --repeats 3 --budgets 2 \
+      --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor per-expert blocking \
+      --json "$OUT/link_speed-48layers-final.json" --markdown "$OUT/link_speed-48layers-final.md" ;;
     faults) run_step gpu-fault-tests 300 python3 -m pytest -q -m gpu tests/test_faults_gpu.py tests/test_transfer_gpu.py -p no:cacheprovider -rf ;;
     steps) for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
         run_step "worker-steps-$config" 150 python3 bench/worker_steps.py --config "$config"; done ;;
