@@ -390,7 +390,8 @@ def plot(summary: dict, path: str) -> None:
 
     configs = list(summary["configs"])
     first = summary["configs"][configs[0]]["methods"]
-    methods = [m for m in first if m != "floor" and "[" not in m]  # variants stay out of the chart
+    # environment variants stay out of the chart; other staging budgets are shown
+    methods = [m for m in first if m != "floor" and ("[" not in m or "[budget=" in m)]
     fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(methods)
     for j, method in enumerate(methods):

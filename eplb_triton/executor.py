@@ -9,6 +9,13 @@ Per layer and pass, on one rank::
 A layer that runs in several passes saves the old contents of what it overwrites (undo
 buffer) and is rolled back on failure, so after any failure each layer on each rank is
 entirely old or entirely new.
+
+When the budget holds two layers' staging, :func:`run_layers` alternates two slots between
+one-pass layers: ``start(i + 1)`` (pack, post) is queued before ``finish(i)`` (wait, write), so
+on the GPU the pack of layer i+1 runs while layer i is on the wire::
+
+    compute stream:  pack0 pack1 | wait w0, unpack0, pack2 | wait w1, unpack1, pack3 | ...
+    NCCL stream:          w0 ------------> w1 ------------------> w2 ---------------> ...
 """
 
 from __future__ import annotations

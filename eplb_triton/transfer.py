@@ -201,7 +201,9 @@ def rearrange_expert_weights_inplace(
         max_buffer_bytes: staging memory bound per rank (default: one layer's local weights,
             packed, or two experts where a rank holds one: enough for every valid pair of
             maps); a layer that needs more runs in passes. A budget too small for some layer
-            raises ValueError stating the smallest budget that works.
+            raises ValueError stating the smallest budget that works. A budget that holds two
+            layers' staging is used for two slots: layer i+1 is packed and posted while layer
+            i is on the wire (``TransferStats.overlapped_layers``).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack/copy.
         timeout_s: the longest any wait on peers may take (each exchange, the input
             agreement and the final confirmation); ``None`` = the process group's timeout.
