@@ -445,13 +445,15 @@ def double_staging(
 ) -> bool:
     """Whether :func:`run_layers` gives overlappable layers two staging slots of ``peak`` bytes:
     at least two of them have an exchange, and two slots fit the staging budget (the caller's
-    ``given`` buffer, with the undo copy beside them; else ``max_buffer_bytes``, by default
-    one layer's local rows packed). Ranks may decide differently (``peak`` is this rank's):
+    ``given`` buffer, with the undo copy beside them, and ``max_buffer_bytes`` when set; without
+    ``given``, ``max_buffer_bytes``, by default one layer's local rows packed). Ranks may decide differently (``peak`` is this rank's):
     either way each rank posts its layers' exchanges in layer order."""
     if sum(layer.overlappable and layer.has_network for layer in layers) < 2:
         return False
-    if given is not None:
-        return 2 * peak + undo_bytes <= given.numel()
+    if given is not None and 2 * peak + undo_bytes > given.numel():
+        return False
+    if given is not None and max_buffer_bytes is None:  # the caller's buffer is the budget
+        return True
     if max_buffer_bytes is None:  # the default budget (overlappable layers have no verify trailers)
         max_buffer_bytes = max(layer.layout.num_local * layer.layout.expert_bytes for layer in layers)
     return 2 * peak <= max_buffer_bytes

@@ -99,3 +99,10 @@ def test_reserved_default_staging_holds_two_slots(distributed):
 def test_framed_messages_are_not_overlapped(distributed, kwargs):
     stats = run_swap(distributed, [2, 2, 2], max_buffer_bytes=1 << 20, **kwargs)
     assert [s.overlapped_layers for s in stats] == [0, 0]
+
+
+def test_given_staging_larger_than_the_budget_keeps_to_the_budget(distributed):
+    # the caller's buffer holds two slots, max_buffer_bytes only one: the budget wins
+    stats = run_swap(distributed, [3, 3, 3], staging_bytes=12 * EXPERT_BYTES, max_buffer_bytes=11 * EXPERT_BYTES)
+    assert [s.overlapped_layers for s in stats] == [0, 0]
+    assert all(s.peak_staging_bytes <= 11 * EXPERT_BYTES for s in stats)
