@@ -17,7 +17,10 @@ A first rearrangement without faults (and without ``timeout_s``) initialises the
 communicator and compiles the kernels, so neither can eat into the deadlines measured.
 
 The same scenarios run on gloo (CPU, always), on NCCL and with the p2p transport (issue 17;
-``gpu``; two GPUs, one per process, NVLink multicast off in the children).
+``gpu``; two GPUs, one per process, NVLink multicast off in the children). ``blocking-overlapped``
+gives the blocking path room for two staging slots, so layer 1 is posted while layer 0 is still in
+flight: the victim then dies in layer 1's first (only) pass, and a killed victim may take layer 0's
+bytes with it (the survivor names layer 0 or 1 and keeps every layer from it old).
 """
 
 from __future__ import annotations
