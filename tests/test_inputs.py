@@ -328,3 +328,14 @@ def test_check_weights_remembers_checked_tensors_but_still_refuses_changed_ones(
     # a different num_local request is not answered by the remembered verdict
     with pytest.raises(ValueError, match="rows but the maps give num_local = 5"):
         check_weights(good, num_local=5)
+
+
+def test_layout_fingerprint_is_remembered_with_the_tensors_and_follows_them():
+    from eplb_triton.inputs import _checked_weights, _layout_fingerprint
+
+    bf16 = [[torch.zeros(4, 12, dtype=torch.bfloat16)]]
+    layouts, first = _checked_weights(bf16)
+    assert first == _layout_fingerprint(layouts)
+    assert _checked_weights(bf16)[1] == first  # remembered: the same tensors
+    f32 = [[torch.zeros(4, 6, dtype=torch.float32)]]  # the same row bytes, another dtype
+    assert _checked_weights(f32)[1] != first
