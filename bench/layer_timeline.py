@@ -38,7 +38,7 @@ def _rank(rank, world, args):
     fill_rank_weights(weights, old, rank, 1)
     budget = None
     if args["budget_layers"]:  # 2: two layers' staging fit, so layers overlap (run_layers' two slots)
-        budget = int(args["budget_layers"] * local * ExpertLayout(weights[0]).expert_bytes)
+        budget = mg.budget_bytes(weights, args["budget_layers"])
     maps = [old, new]
     for _ in range(3):
         rearrange_expert_weights_inplace(maps[0], maps[1], weights, max_buffer_bytes=budget)

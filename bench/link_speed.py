@@ -261,7 +261,7 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
             label = f"blocking[{variant}]"
             runs[label] = checked(label, _with_env(variant, lambda o, n: rearrange_expert_weights_inplace(o, n, weights)))
         for factor in cfg["budgets"]:  # the blocking path with a staging budget of `factor` layers
-            budget = int(factor * weights[0][0].shape[0] * expert_bytes)  # the default budget is one layer
+            budget = mg.budget_bytes(weights, factor)
             label = f"blocking[budget={factor:g} layers]"
             runs[label] = checked(
                 label, lambda o, n, b=budget: rearrange_expert_weights_inplace(o, n, weights, max_buffer_bytes=b)

@@ -119,6 +119,13 @@ def random_maps(rng: np.random.Generator, layers: int, world: int, num_local: in
     return old, new
 
 
+def budget_bytes(weights, layers: float) -> int:
+    """``max_buffer_bytes`` of ``layers`` layers' local rows, packed (the library's default is 1;
+    2 gives the blocking loop two staging slots on the reference configs)."""
+    layout = ExpertLayout(weights[0])
+    return int(layers * layout.num_local * layout.expert_bytes)
+
+
 def ref_maps(layers: int, world: int, num_local: int, moved: int):
     """Identity -> each rank's first ``moved`` rows take the experts of the same rows on the other
     ranks (row ``i`` from rank ``r + 1 + i % (world - 1)``): a permutation, so every rank sends and

@@ -26,7 +26,6 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from eplb_triton import rearrange_expert_weights_inplace  # noqa: E402
-from eplb_triton.layout import ExpertLayout  # noqa: E402
 from eplb_triton.testing.launch import run_ranks  # noqa: E402
 from eplb_triton.testing.machine import machine_line  # noqa: E402
 from eplb_triton.testing.shapes import LAYER_CONFIGS  # noqa: E402
@@ -63,7 +62,7 @@ def _rank(rank, world, args):
     fill_rank_weights(weights, old, rank, 1)
     budget = None
     if args["budget_layers"]:
-        budget = int(args["budget_layers"] * local * ExpertLayout(weights[0]).expert_bytes)
+        budget = mg.budget_bytes(weights, args["budget_layers"])
     maps = [old, new]
     for _ in range(3):  # warm-up: communicator, kernels compiled
         rearrange_expert_weights_inplace(maps[0], maps[1], weights, max_buffer_bytes=budget)

@@ -245,27 +245,21 @@ class Communicator:
         """
         if not requests:
             return
-        if timeout_s is None and self.dist_backend == "nccl":  # the usual case: only orders the current stream
-            for index, request in enumerate(requests):
-                try:
-                    request.wait()
-                except Exception as exc:  # noqa: BLE001 - backend errors have no common type
-                    labels, batch_peers = _request_labels(labels, len(requests))
-                    raise self._peer_error(exc, index, labels, where, timeout_s, batch_peers) from exc
-            return
-        labels, batch_peers = _request_labels(labels, len(requests))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         if self.dist_backend == "nccl" and deadline is not None:
-            self._poll_until(requests, deadline, labels, where, timeout_s, batch_peers)
+            named, batch_peers = _request_labels(labels, len(requests))
+            self._poll_until(requests, deadline, named, where, timeout_s, batch_peers)
         for index, request in enumerate(requests):
             try:
                 if deadline is None or self.dist_backend == "nccl":
-                    request.wait()  # NCCL: already complete; this only orders the current stream
+                    request.wait()  # NCCL: complete, or without a deadline: this only orders the current stream
                 else:
                     left = max(deadline - time.monotonic(), 1e-3)
                     request.wait(timeout=datetime.timedelta(seconds=left))
             except Exception as exc:  # noqa: BLE001 - backend errors have no common type
-                raise self._peer_error(exc, index, labels, where, timeout_s, batch_peers) from exc
+                # the labels are put in the requests' terms only here (the usual case never fails)
+                named, batch_peers = _request_labels(labels, len(requests))
+                raise self._peer_error(exc, index, named, where, timeout_s, batch_peers) from exc
 
     def _poll_until(self, requests, deadline, labels, where, timeout_s, batch_peers=None) -> None:
         pending = list(range(len(requests)))

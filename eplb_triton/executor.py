@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
+from .inputs import default_budget_bytes
 from .layout import ExpertLayout, resolve_backend
 from .p2p import acquire as acquire_p2p, resolve_transport
 from .passes import PassWork, upload_rows
@@ -454,6 +455,6 @@ def double_staging(
         return False
     if given is not None and max_buffer_bytes is None:  # the caller's buffer is the budget
         return True
-    if max_buffer_bytes is None:  # the default budget (overlappable layers have no verify trailers)
-        max_buffer_bytes = max(layer.layout.num_local * layer.layout.expert_bytes for layer in layers)
+    if max_buffer_bytes is None:  # overlappable layers have no verify trailers
+        max_buffer_bytes = default_budget_bytes([layer.layout for layer in layers], verify=False)
     return 2 * peak <= max_buffer_bytes

@@ -157,6 +157,12 @@ def row_cost(layout: ExpertLayout, verify: bool) -> int:
     return layout.expert_bytes + (16 if verify else 0)
 
 
+def default_budget_bytes(layouts: Sequence[ExpertLayout], verify: bool) -> int:
+    """The staging budget when ``max_buffer_bytes`` is None: the largest layer's local rows,
+    packed (``num_local`` rows: :func:`~eplb_triton.schedule.capacity_rows`' default)."""
+    return max((lay.num_local * row_cost(lay, verify) for lay in layouts), default=0)
+
+
 def check_weights(expert_weights, num_local: int | None = None) -> list[ExpertLayout]:
     """Validate ``expert_weights[layer][i]`` and return one :class:`ExpertLayout` per layer.
 

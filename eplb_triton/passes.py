@@ -386,16 +386,9 @@ class PassWork:
             return self._post_whole(layout, send_buf, recv_buf, comm, backend, local_buf, launch_lock, where)
         eb, device_rows = self.expert_bytes, self.device_rows(layout.device)
         batches = self.batches()
-        if local_buf is not None and self.local_src_rows.size:
-            adjacent = local_buf.data_ptr() == send_buf.data_ptr() + self.send_rows.size * eb
-            if pack and len(batches) == 1 and adjacent and (stash is None or not self.stashed_sends.size):
-                both = send_buf.as_strided((self.send_rows.size * eb + local_buf.numel(),), (1,))
-                with launch_lock:
-                    layout.move("pack", both, src_rows=device_rows["send+local_src"], backend=backend)
-                pack = False  # the sends are packed too
-            else:
-                with launch_lock:
-                    layout.move("pack", local_buf, src_rows=device_rows["local_src"], backend=backend)
+        with_sends = pack and len(batches) == 1 and (stash is None or not self.stashed_sends.size)
+        if self._pack_local_sources(layout, send_buf, local_buf, backend, launch_lock, with_sends=with_sends):
+            pack = False  # the sends are packed too
         requests, labels, ops = [], [], []
         for sends, recvs in batches:
             if sends and pack:
@@ -412,23 +405,30 @@ class PassWork:
             ops.append(len(out) + len(into))
         return requests, labels, ops
 
+    def _pack_local_sources(self, layout, send_buf, local_buf, backend, launch_lock, *, with_sends: bool) -> bool:
+        """Pack the local moves' sources into ``local_buf`` (if any); ``with_sends``: when
+        ``local_buf`` directly follows ``send_buf``, the sends too, in the same launch. Returns
+        whether the sends were packed."""
+        if local_buf is None or not self.local_src_rows.size:
+            return False
+        rows, eb = self.device_rows(layout.device), self.expert_bytes
+        if with_sends and local_buf.data_ptr() == send_buf.data_ptr() + self.send_rows.size * eb:
+            both = send_buf.as_strided((self.send_rows.size * eb + local_buf.numel(),), (1,))
+            with launch_lock:
+                layout.move("pack", both, src_rows=rows["send+local_src"], backend=backend)
+            return True
+        with launch_lock:
+            layout.move("pack", local_buf, src_rows=rows["local_src"], backend=backend)
+        return False
+
     def _post_whole(self, layout, send_buf, recv_buf, comm, backend, local_buf, launch_lock, where):
         """:meth:`post_batches` of whole messages (one batch), the usual case, with less host
         work per layer: no slicing of whole regions, the per-peer views and op labels made once
         per staging buffer."""
-        eb, rows = self.expert_bytes, self.device_rows(layout.device)
-        if local_buf is not None and self.local_src_rows.size:
-            if local_buf.data_ptr() == send_buf.data_ptr() + self.send_rows.size * eb:  # adjacent: one launch
-                both = send_buf.as_strided((self.send_rows.size * eb + local_buf.numel(),), (1,))
-                with launch_lock:
-                    layout.move("pack", both, src_rows=rows["send+local_src"], backend=backend)
-            else:
-                with launch_lock:
-                    layout.move("pack", local_buf, src_rows=rows["local_src"], backend=backend)
-                    layout.move("pack", send_buf, src_rows=rows["send"], backend=backend)
-        elif self.send_rows.size:
+        packed = self._pack_local_sources(layout, send_buf, local_buf, backend, launch_lock, with_sends=True)
+        if not packed and self.send_rows.size:
             with launch_lock:
-                layout.move("pack", send_buf, src_rows=rows["send"], backend=backend)
+                layout.move("pack", send_buf, src_rows=self.device_rows(layout.device)["send"], backend=backend)
         key = (send_buf.data_ptr(), recv_buf.data_ptr())
         if self._messages is None or self._messages[0] != key:
             out = self._per_peer(send_buf, self.send_peers, self.send_counts)

@@ -55,7 +55,7 @@ import torch
 
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
 from .executor import LayerWork, _elapsed, run_layers, staging_view
-from .inputs import row_cost
+from .inputs import default_budget_bytes
 from .layout import ExpertLayout
 from .maps import EPGroup, ExpertMap, RankMapping
 from .passes import PassWork
@@ -97,7 +97,7 @@ def staging_bound(expert_weights: Sequence[Sequence[torch.Tensor]], max_buffer_b
     layouts = [ExpertLayout(tensors) for tensors in expert_weights]
     if max_buffer_bytes is not None:
         return int(max_buffer_bytes)
-    return max((lay.num_local * row_cost(lay, verify) for lay in layouts), default=0)
+    return default_budget_bytes(layouts, verify)
 
 
 def reserve(
