@@ -161,6 +161,12 @@ def _worker_call(worker: TransferWorker, old, new) -> None:
     worker.wait()
 
 
+def _budget_spec(spec: str) -> tuple[float, int | None]:
+    """``"F"`` (a budget of F layers) or ``"F/K"`` (and at most K layers per exchange)."""
+    factor, _, stacked = str(spec).partition("/")
+    return float(factor), (int(stacked) if stacked else None)
+
+
 def _with_env(variant: str, fn):
     """``fn`` run with the environment variable ``NAME=VALUE`` set, restored afterwards."""
     key, _, value = variant.partition("=")
@@ -260,12 +266,14 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
         for variant in variants:  # the blocking path again under one environment setting
             label = f"blocking[{variant}]"
             runs[label] = checked(label, _with_env(variant, lambda o, n: rearrange_expert_weights_inplace(o, n, weights)))
-        for factor in cfg["budgets"]:  # the blocking path with a staging budget of `factor` layers
+        for spec in cfg["budgets"]:  # the blocking path with a staging budget of `factor` layers
+            factor, stacked = _budget_spec(spec)
             budget = mg.budget_bytes(weights, factor)
-            label = f"blocking[budget={factor:g} layers]"
-            runs[label] = checked(
-                label, lambda o, n, b=budget: rearrange_expert_weights_inplace(o, n, weights, max_buffer_bytes=b)
-            )
+            label = f"blocking[budget={factor:g} layers" + ("" if stacked is None else f", {stacked}/exchange") + "]"
+            run = lambda o, n, b=budget: rearrange_expert_weights_inplace(o, n, weights, max_buffer_bytes=b)  # noqa: E731
+            if stacked is not None:
+                run = _with_env(f"EPLB_TRITON_LAYERS_PER_EXCHANGE={stacked}", run)
+            runs[label] = checked(label, run)
         for method, run in runs.items():  # warm-up call of each method, checked bit for bit
             fill_rank_weights(weights, state["current"], rank, 11)
             _timed_call(lambda: run(0), device)
@@ -355,14 +363,14 @@ def summarise(per_rank: list[dict]) -> dict:
 def print_report(summary: dict) -> None:
     print(summary["machine"])
     print("per layer, slowest rank, median [min-max] over calls; x floor = / one batch_isend_irecv of the same bytes")
-    header = f"{'config':28} {'MB/rank':>8} {'method':24} {'ms/layer':>9} {'[min-max]':>17} {'x floor':>8} {'GB/s':>7}"
+    header = f"{'config':28} {'MB/rank':>8} {'method':36} {'ms/layer':>9} {'[min-max]':>17} {'x floor':>8} {'GB/s':>7}"
     print(header)
     for name, c in summary["configs"].items():
         for i, (method, r) in enumerate(c["methods"].items()):
             label = name if i == 0 else ""
             mb = f"{c['MB_per_rank_per_layer']:.1f}" if i == 0 else ""
             spread = f"[{r['min_ms']:.3f}-{r['max_ms']:.3f}]"
-            print(f"{label:28} {mb:>8} {method:24} {r['ms_per_layer']:9.3f} {spread:>17} {r['x_floor']:8.2f} {r['GBps']:7.1f}")
+            print(f"{label:28} {mb:>8} {method:36} {r['ms_per_layer']:9.3f} {spread:>17} {r['x_floor']:8.2f} {r['GBps']:7.1f}")
         bad = [b for ranks in c["bad_rows"] for b in ranks.values()]
         print(f"{'':28} bit-exact: {'yes' if not any(bad) else 'NO: ' + str(c['bad_rows'])}")
 
@@ -422,9 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, nargs="*", default=[], help="extra message-piece sizes (bytes; 0 = whole)")
     parser.add_argument("--variants", nargs="*", default=[], metavar="NAME=VALUE",
                         help="also time the blocking path with this environment variable set (e.g. EPLB_TRITON_DIRECT_POST=0)")
-    parser.add_argument("--budgets", type=float, nargs="*", default=[], metavar="LAYERS",
+    parser.add_argument("--budgets", nargs="*", default=[], metavar="LAYERS[/K]",
                         help="also time the blocking path with max_buffer_bytes of this many layers' local rows "
-                        "(the default budget is 1: a layer that needs more staging runs in several passes)")
+                        "(the default budget is 1: a layer that needs more staging runs in several passes); "
+                        "LAYERS/K: with at most K layers per exchange (EPLB_TRITON_LAYERS_PER_EXCHANGE)")
     parser.add_argument("--configs", nargs="*", default=list(LAYER_CONFIGS))
     parser.add_argument("--presets", nargs="*", default=list(mg.PRESET_NAMES))
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="rows to time")

@@ -36,7 +36,7 @@ from .passes import PassWork, upload_rows
 from .plan import LayerPlan
 from .stats import TransferStats
 
-__all__ = ["LayerWork", "double_staging", "run_layers", "staging_view"]
+__all__ = ["LayerWork", "double_staging", "layer_times", "run_layers", "staging_view"]
 
 logger = logging.getLogger("eplb_triton.transfer")  # one logger for the blocking path (documented name)
 
@@ -61,6 +61,8 @@ class LayerWork:
     """One layer on one rank: its layout, plan, passes and the rows it stashes first.
 
     ``expert_ids`` (the layer's new map, optional) lets errors name logical experts.
+    ``layer_count`` > 1: a stack of the layers ``index, index + 1, ...`` moved by one pass
+    (:mod:`eplb_triton.stacked`; its layout numbers the rows across them).
     """
 
     index: int
@@ -69,6 +71,7 @@ class LayerWork:
     passes: list[PassWork]
     stash_rows: np.ndarray
     expert_ids: np.ndarray | None = None
+    layer_count: int = 1
 
     @property
     def stash_bytes(self) -> int:
@@ -267,6 +270,7 @@ class LayerWork:
             exc.layer = self.index
             raise
         work.count_into(stats, sum(posted.batches), batches=posted.batches)
+        stats.stacked_layers += self.layer_count if self.layer_count > 1 else 0
         if hook is not None:  # the received views are only made for a hook
             hook("in_flight", rank=comm.rank, layer=self.index, pass_index=0, received=work.recv_messages(posted.staging))
         work.apply(self.layout, posted.staging, backend)
@@ -330,6 +334,12 @@ def _mark(stream: "torch.cuda.Stream | None"):
     return time.perf_counter()
 
 
+def layer_times(layers: Sequence[LayerWork], marks: list) -> list[float]:
+    """Seconds per layer from :func:`run_layers`' marks (one per item of ``layers``; a stack's
+    time is shared equally by its layers)."""
+    return [t / layer.layer_count for layer, t in zip(layers, _elapsed(marks)) for _ in range(layer.layer_count)]
+
+
 def _elapsed(marks: list) -> list[float]:
     """Seconds between consecutive :func:`_mark` points (waits for the last CUDA event)."""
     if marks and isinstance(marks[0], torch.cuda.Event):
@@ -358,9 +368,11 @@ def run_layers(
     layer ``i`` is waited for, so its pack runs while layer ``i`` is on the wire and the wire
     never waits for a pack (:func:`double_staging`).
 
+    ``layers`` may hold stacks (:mod:`eplb_triton.stacked`): several layers in one pass.
+
     Returns this rank's checksum errors (those layers rolled back, their exchanges completed)
-    and the time marks between layers (:func:`_elapsed` reads them). A peer error stops the
-    loop and is raised with ``.stats``.
+    and the time marks between the items of ``layers`` (:func:`layer_times` reads them). A peer
+    error stops the loop and is raised with ``.stats``.
     """
     device = layers[0].layout.device
     backend = resolve_backend(backend, device)  # once: per launch it read the environment (checked by prepare_layers)
@@ -414,7 +426,7 @@ def run_layers(
                     finish_pending()  # the previous layer's exchange is posted everywhere: complete it first
                     raise
                 next_slot ^= 1
-                stats.overlapped_layers += pending is not None
+                stats.overlapped_layers += layer.layer_count if pending is not None else 0
                 finish_pending()  # the previous layer, whose wire this layer's pack overlapped
                 pending = (layer, posted)
                 continue
@@ -429,7 +441,7 @@ def run_layers(
     except TransferError as exc:
         # a posted layer that was not written failed too (entirely old on this rank)
         first = pending[0].index if pending is not None else layer.index
-        stats.failed_layers.extend(range(first, len(layers)))
+        stats.failed_layers.extend(range(first, layers[-1].index + layers[-1].layer_count))
         logger.error("rank %d: rearrangement stopped at layer %d: %s", comm.rank, first, exc)
         exc.stats = stats  # which layers are new on this rank: those not in failed_layers
         raise

@@ -319,6 +319,7 @@ class _TritonState:
                 "imported); use backend='torch' or 'auto' there"
             )
         self.device = layout.device
+        self.layers = 1  # layers whose tables stack in chunk_table (eplb_triton.stacked sets more)
         self.tensors = list(_tensor_key(layout))  # (base address, row stride, row bytes, segment offset, aligned)
         self.all_aligned = all(t[4] for t in self.tensors)
         self.row_bytes_total = sum(layout.row_bytes)
@@ -379,7 +380,7 @@ class _TritonState:
 
 FAST_LAUNCH_ENV = "EPLB_TRITON_FAST_LAUNCH"  # "0": launch through kernel[grid](...) as Triton documents
 _COMPILED: dict[tuple, object] = {}  # launchers of compiled move_rows_kernel variants, by specialisation
-_CONSTEXPRS = ("MODE", "BLOCK", "BYTE_BLOCK", "HAS_UNALIGNED", "STREAMING", "PREFETCH", "BLOCKED")
+_CONSTEXPRS = ("MODE", "BLOCK", "BYTE_BLOCK", "HAS_UNALIGNED", "STREAMING", "PREFETCH", "BLOCKED", "LAYERED")
 
 
 def _spec(arg) -> tuple:
@@ -669,7 +670,8 @@ class ExpertLayout:
 
     def _launch_args(self, state: _TritonState, shape: LaunchShape, mode: str, table, num_rows, buf_addr, src, dst):
         buf_aligned = int(buf_addr % ALIGN_BYTES == 0)
-        args = (table, src, dst, buf_addr, buf_aligned, num_rows, table.shape[0], self.expert_bytes)
+        layers = state.layers  # > 1: a stacked layout (eplb_triton.stacked), rows numbered across its layers
+        args = (table, src, dst, buf_addr, buf_aligned, num_rows, table.shape[0] // layers, self.expert_bytes, self.num_local)
         consts = dict(
             MODE=state.modes[mode],
             BLOCK=shape.block_words,
@@ -678,6 +680,7 @@ class ExpertLayout:
             STREAMING=shape.streaming,
             PREFETCH=shape.prefetch,
             BLOCKED=shape.blocked,
+            LAYERED=layers > 1,
         )
         return args, consts
 

@@ -13,12 +13,13 @@ import torch
 
 from .comm import Communicator
 from .executor import LayerWork, staging_view
-from .inputs import CheckedInputs, WeightsSignature, agree_inputs_start, check_inputs, row_cost
+from .inputs import CheckedInputs, WeightsSignature, agree_inputs_start, check_inputs, default_budget_bytes, row_cost
 from .layout import resolve_backend
 from .p2p import resolve_transport
 from .passes import PassWork
 from .plan import LayerPlan, RearrangementPlan, _check_options, plan_from_maps, rank_views, with_rounds
-from .schedule import capacity_rows, fits_one_pass, schedule_layer, smallest_budget_bytes
+from .schedule import capacity_rows, fits_one_pass, one_pass_rows_all, schedule_layer, smallest_budget_bytes
+from .stacked import layers_per_exchange, stack_layers
 
 __all__ = ["CHUNK_ENV", "PIPELINE_CHUNK_BYTES", "pipeline_chunk_bytes", "prepare_layers"]
 
@@ -88,6 +89,7 @@ def prepare_layers(
     expected_weights: WeightsSignature | None = None,
     transport: str = "auto",
     backend: str | None = None,
+    stack: bool = False,
 ) -> list[LayerWork]:
     """Validate everything, agree with every rank, plan and schedule; touches no weight.
 
@@ -104,12 +106,17 @@ def prepare_layers(
     is resolved and agreed here; ``"p2p"`` moves whole messages (no pieces, no ``rounds``).
     ``backend`` (pack/unpack: ``None``/``"auto"``/``"triton"``/``"torch"``) is checked here, so a bad
     value is refused on every rank (a rank may pick another valid one: it is not agreed).
+    ``stack``: join consecutive one-pass layers into stacks that share one exchange where half
+    the agreed budget holds them (:func:`eplb_triton.stacked.stack_layers`; NCCL/gloo only, not
+    with ``verify``, ``rounds`` or message pieces); the result then has fewer items than layers.
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
     def more_checks(checked: CheckedInputs) -> dict[str, object]:
         # part of the input stage: errors become this rank's verdict; the result is agreed on
         options: dict[str, object] = {"chunk_bytes": pipeline_chunk_bytes(comm.dist_backend)}  # which ops meet
+        if stack:  # which layers share a message
+            options["layers_per_exchange"] = layers_per_exchange()
         device = checked.layouts[0].device if checked.layouts else None
         if device is not None:
             resolve_backend(backend, device)  # a bad value raises here, inside the agreed stage
@@ -164,7 +171,8 @@ def prepare_layers(
     # (what schedule_layer returns first; its per-layer test and this rank's views cost ~80 us
     # of host time per layer on the H200 hosts when done layer by layer)
     capacities = [capacity_rows(maps.num_local, cost, max_buffer_bytes) for cost in costs]
-    one_pass = fits_one_pass(plan.layers, capacities).tolist()
+    pass_rows = one_pass_rows_all(plan.layers) if plan.layers else np.zeros((0, maps.ep_size), dtype=np.int64)
+    one_pass = fits_one_pass(plan.layers, capacities, pass_rows).tolist()
     rank_views(plan.layers, comm.rank)  # cached on the layers
     no_stash = np.zeros(0, dtype=np.int64)
     layers = []
@@ -204,6 +212,11 @@ def prepare_layers(
                 expert_ids=maps.new[index],
             )
         )
+    most = checked.extra_options.get("layers_per_exchange", 1)
+    if stack and most > 1 and not verify and kind is None and not chunk_bytes and checked.extra_options.get("transport") != "p2p":
+        # two slots of stacks fit the agreed budget: the same decision on every rank
+        budget = max_buffer_bytes if max_buffer_bytes is not None else default_budget_bytes(layouts, verify=False)
+        layers = stack_layers(layers, pass_rows, one_pass, budget // 2, most)
     return layers
 
 

@@ -45,7 +45,10 @@ import numpy as np
 
 from .plan import LayerPlan, stack_deliveries
 
-__all__ = ["LayerSchedule", "capacity_rows", "direct_local_moves", "fits_one_pass", "schedule_layer", "smallest_budget_bytes"]
+__all__ = [
+    "LayerSchedule", "capacity_rows", "direct_local_moves", "fits_one_pass", "one_pass_rows_all", "schedule_layer",
+    "smallest_budget_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -123,10 +126,10 @@ def direct_local_moves(src_slot: np.ndarray, dst_slot: np.ndarray, is_network: n
 def _one_pass_rows(layer: LayerPlan) -> np.ndarray:
     """Staging rows each rank needs for the whole layer in one pass: sends, receives and the
     local moves that are not :func:`direct_local_moves`."""
-    return _one_pass_rows_all([layer])[0]
+    return one_pass_rows_all([layer])[0]
 
 
-def _one_pass_rows_all(layers: Sequence[LayerPlan]) -> np.ndarray:
+def one_pass_rows_all(layers: Sequence[LayerPlan]) -> np.ndarray:
     """``(len(layers), ep_size)``: :func:`_one_pass_rows` of every layer in one numpy pass."""
     n, ranks, num = layers[0].num_local, layers[0].ep_size, len(layers)
     stacked = stack_deliveries(layers)
@@ -138,16 +141,17 @@ def _one_pass_rows_all(layers: Sequence[LayerPlan]) -> np.ndarray:
     return rows.reshape(num, ranks)
 
 
-def fits_one_pass(layers: Sequence[LayerPlan], capacities: Sequence[int]) -> np.ndarray:
+def fits_one_pass(layers: Sequence[LayerPlan], capacities: Sequence[int], rows: np.ndarray | None = None) -> np.ndarray:
     """For each layer, whether :func:`schedule_layer` takes its usual case (one pass with every
     delivery, no stash) with room for ``capacities[i]`` rows per rank: the same test, for every
     layer in one numpy pass (one layer's test cost ~30 us of host time on the H200 hosts).
-    The layers share ``ep_size`` and ``num_local`` (one plan)."""
+    The layers share ``ep_size`` and ``num_local`` (one plan). ``rows``: their
+    :func:`one_pass_rows_all`, when the caller has it."""
     if not layers:
         return np.zeros(0, dtype=bool)
     count = np.array([layer.num_deliveries for layer in layers], dtype=np.int64)
     capacity = np.asarray(capacities, dtype=np.int64)
-    return (count > 0) & (capacity >= 1) & (_one_pass_rows_all(layers).max(axis=1) <= capacity)
+    return (count > 0) & (capacity >= 1) & ((one_pass_rows_all(layers) if rows is None else rows).max(axis=1) <= capacity)
 
 
 def smallest_budget_bytes(layer: LayerPlan, expert_bytes: int) -> int:

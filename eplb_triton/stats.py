@@ -27,6 +27,8 @@ class TransferStats:
     ``max_ops_per_exchange``: the largest batch (at most ``2 * (ep_size - 1)``; at most 2
     with ``rounds=``). ``overlapped_layers``: layers packed and posted while the layer before
     them was still on the wire (two staging slots, see :func:`eplb_triton.executor.run_layers`).
+    ``stacked_layers``: layers that shared one exchange with other layers (:mod:`eplb_triton.stacked`);
+    ``exchanges`` counts such a stack once.
     """
 
     rank: int
@@ -46,6 +48,7 @@ class TransferStats:
     exchanges: int = 0
     max_ops_per_exchange: int = 0
     overlapped_layers: int = 0
+    stacked_layers: int = 0
 
     @classmethod
     def empty(cls, rank: int, ep_size: int) -> "TransferStats":

@@ -54,7 +54,7 @@ from typing import Callable, Sequence
 import torch
 
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
-from .executor import LayerWork, _elapsed, run_layers, staging_view
+from .executor import LayerWork, layer_times, run_layers, staging_view
 from .inputs import default_budget_bytes
 from .layout import ExpertLayout
 from .maps import EPGroup, ExpertMap, RankMapping
@@ -273,6 +273,7 @@ def rearrange_expert_weights_inplace(
         staging=staging,
         transport=transport,
         backend=backend,
+        stack=True,
     )
     stats = TransferStats.empty(comm.rank, comm.world_size)
     if not layers:
@@ -284,14 +285,14 @@ def rearrange_expert_weights_inplace(
     try:  # the confirmation waits for the layers anyway: read their times after it, not before
         finish_transfer(comm, layers, stats, errors, timeout_s=timeout_s)
     except ChecksumMismatchError as exc:  # every exchange completed: the times can be read
-        stats.layer_times_s = _elapsed(marks)
+        stats.layer_times_s = layer_times(layers, marks)
         exc.stats = stats
         raise
     except TransferError as exc:  # a peer failed: the stream may never reach the last mark
         exc.stats = stats
         raise
-    stats.layer_times_s = _elapsed(marks)
-    for layer, seconds in zip(layers, stats.layer_times_s):
-        logger.debug("rank %d layer %d: %d passes in %.6f s", comm.rank, layer.index, len(layer.passes), seconds)
+    stats.layer_times_s = layer_times(layers, marks)
+    for index, seconds in enumerate(stats.layer_times_s):
+        logger.debug("rank %d layer %d: %.6f s", comm.rank, index, seconds)
     logger.log(logging.INFO if log_traffic else logging.DEBUG, "%s", stats.traffic_summary())
     return stats

@@ -18,6 +18,11 @@ launcher builds once per layout and chunk size:
 Tensors are reached through integer addresses cast to pointers, so one launch covers every
 tensor of a layer; this also works under ``TRITON_INTERPRET=1`` on CPU tensors.
 
+With ``LAYERED``, one launch covers several layers of the same row shapes (a stacked layout):
+the table holds each layer's ``chunks_per_expert`` descriptors one layer after the other, and a
+row number ``r`` means row ``r % layer_rows`` of layer ``r // layer_rows``. A ``COPY`` stays
+inside one layer (its destination row is read in the source row's layer).
+
 A launch moves ``num_rows * chunks_per_expert`` chunks on a persistent grid: program ``pid``
 takes chunks ``pid, pid + nprog, ...`` (or, with ``BLOCKED``, one contiguous run of chunks),
 so large rows are split across programs and small rows batched in one; with ``PREFETCH`` it
@@ -73,24 +78,38 @@ def _copy_span_bytes(src_addr, dst_addr, nbytes, BYTE_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _chunk_ends(j, chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes, MODE: tl.constexpr):
+def _chunk_ends(
+    j, chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes, layer_rows,
+    MODE: tl.constexpr, LAYERED: tl.constexpr,
+):
     """Source address, destination address and size flag ``(bytes << 1) | aligned`` of chunk ``j``."""
     k = j // chunks_per_expert
-    c = j - k * chunks_per_expert
-    d = chunk_desc_ptr + c.to(tl.int64) * NUM_FIELDS
+    c = (j - k * chunks_per_expert).to(tl.int64)
+    if MODE == MODE_UNPACK:
+        row = tl.load(dst_rows_ptr + k)
+    else:
+        row = tl.load(src_rows_ptr + k)
+    if LAYERED:  # row r of the stack: row r % layer_rows of layer r // layer_rows
+        layer = row // layer_rows
+        row = row - layer * layer_rows
+        c = c + layer * chunks_per_expert
+    d = chunk_desc_ptr + c * NUM_FIELDS
     base = tl.load(d + C_BASE)
     stride = tl.load(d + C_STRIDE)
     size_flag = tl.load(d + C_SIZE_FLAG)
     packed = buf_addr + k.to(tl.int64) * expert_bytes + tl.load(d + C_PACKED)
     if MODE == MODE_PACK:
-        src = base + tl.load(src_rows_ptr + k) * stride
+        src = base + row * stride
         dst = packed
     elif MODE == MODE_UNPACK:
         src = packed
-        dst = base + tl.load(dst_rows_ptr + k) * stride
+        dst = base + row * stride
     else:
-        src = base + tl.load(src_rows_ptr + k) * stride
-        dst = base + tl.load(dst_rows_ptr + k) * stride
+        dst_row = tl.load(dst_rows_ptr + k)
+        if LAYERED:
+            dst_row = dst_row - layer * layer_rows
+        src = base + row * stride
+        dst = base + dst_row * stride
     return src, dst, size_flag
 
 
@@ -102,8 +121,9 @@ def move_rows_kernel(
     buf_addr,  # int64 address of the packed buffer (PACK, UNPACK; 0 for COPY)
     buf_aligned,  # 1 if the packed buffer's address is a multiple of 16
     num_rows,
-    chunks_per_expert,
+    chunks_per_expert,  # descriptors per expert of one layer
     expert_bytes,
+    layer_rows,  # LAYERED: rows per layer (num_local)
     MODE: tl.constexpr,
     BLOCK: tl.constexpr,  # int32 words per tile on the 16-byte path
     BYTE_BLOCK: tl.constexpr,  # bytes per tile on the byte path
@@ -111,6 +131,7 @@ def move_rows_kernel(
     STREAMING: tl.constexpr,  # evict-first loads / streaming stores
     PREFETCH: tl.constexpr,  # load the next chunk's descriptor before copying the current one
     BLOCKED: tl.constexpr,  # program pid takes a contiguous run of chunks instead of every nprog-th
+    LAYERED: tl.constexpr,  # rows number the rows of several layers (see the module docstring)
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -128,19 +149,20 @@ def move_rows_kernel(
         step = nprog
     src, dst, size_flag = _chunk_ends(
         tl.minimum(j_begin, last), chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes,
-        MODE,
+        layer_rows, MODE, LAYERED,
     )
     for j in range(j_begin, j_end, step):
         if not PREFETCH:
             src, dst, size_flag = _chunk_ends(
-                j, chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes, MODE
+                j, chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert, expert_bytes, layer_rows,
+                MODE, LAYERED,
             )
         cur_src, cur_dst, cur_size_flag = src, dst, size_flag
         if PREFETCH:
             # Issued now, used next iteration: the loads overlap this chunk's copy.
             src, dst, size_flag = _chunk_ends(
                 tl.minimum(j + step, last), chunk_desc_ptr, src_rows_ptr, dst_rows_ptr, buf_addr, chunks_per_expert,
-                expert_bytes, MODE,
+                expert_bytes, layer_rows, MODE, LAYERED,
             )
         nbytes = cur_size_flag // 2
         if HAS_UNALIGNED:

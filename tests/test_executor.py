@@ -1,14 +1,18 @@
 """The blocking loop's two staging slots (:func:`eplb_triton.executor.run_layers`): when the
 budget holds two layers' staging, layer ``i + 1`` is packed and posted before layer ``i`` is
-waited for. Bit-exact either way; the slots are taken only when they fit the budget."""
+waited for. Bit-exact either way; the slots are taken only when they fit the budget. When half
+the budget holds several layers they share one exchange (:mod:`eplb_triton.stacked`)."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from eplb_triton import rearrange_expert_weights_inplace, reserve
+from eplb_triton.stacked import layers_per_exchange
 from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from map_cases import packed_expert_bytes
 
@@ -106,3 +110,58 @@ def test_given_staging_larger_than_the_budget_keeps_to_the_budget(distributed):
     stats = run_swap(distributed, [3, 3, 3], staging_bytes=12 * EXPERT_BYTES, max_buffer_bytes=11 * EXPERT_BYTES)
     assert [s.overlapped_layers for s in stats] == [0, 0]
     assert all(s.peak_staging_bytes <= 11 * EXPERT_BYTES for s in stats)
+
+
+@pytest.mark.parametrize(
+    "swapped,budget_rows,items",
+    [
+        # 4 rows of staging per layer; half the budget holds two layers: stacks 0-1, 2-3, then 4
+        pytest.param([2, 2, 2, 2, 2], 16, [[0, 1], [2, 3], [4]], id="L5-stacks-of-two"),
+        pytest.param([2, 2, 2, 2, 2], 16 - 1 / EXPERT_BYTES, [[0], [1], [2], [3], [4]], id="L5-a-byte-short"),
+        # a layer without network traffic is never stacked and ends a stack
+        pytest.param([2, 0, 2, 2], 16, [[0], [1], [2, 3]], id="L4-local-layer-between"),
+        # 2 rows per layer: the default budget (one layer's 8 rows) holds stacks of two
+        pytest.param([1] * 6, None, [[0, 1], [2, 3], [4, 5]], id="L6-default-budget"),
+        # at most layers_per_exchange() layers per stack
+        pytest.param([1] * 9, 1 << 20, [[0, 1, 2, 3], [4, 5, 6, 7], [8]], id="L9-at-most-four"),
+    ],
+)
+def test_layers_share_an_exchange_when_half_the_budget_holds_them(distributed, swapped, budget_rows, items):
+    assert layers_per_exchange() == 4  # the items above assume the default
+    budget = None if budget_rows is None else round(budget_rows * EXPERT_BYTES)
+    stats = run_swap(distributed, swapped, max_buffer_bytes=budget)
+    network = [bool(swapped[item[0]]) for item in items]
+    for s in stats:
+        assert s.stacked_layers == sum(len(item) for item in items if len(item) > 1)
+        assert s.exchanges == sum(network)  # one per item with traffic
+        assert s.rounds == len(items)  # one pass per item
+        assert s.overlapped_layers == sum(len(b) for b, x, y in zip(items[1:], network, network[1:]) if x and y)
+        assert len(s.layer_times_s) == len(swapped)
+        largest = max(sum(2 * swapped[i] for i in item) for item in items) * EXPERT_BYTES
+        assert s.peak_staging_bytes == (2 * largest if sum(network) >= 2 else largest)  # two slots
+        if budget is not None:
+            assert s.peak_staging_bytes <= budget
+
+
+def test_one_layer_per_exchange_when_told(distributed, monkeypatch):
+    monkeypatch.setenv("EPLB_TRITON_LAYERS_PER_EXCHANGE", "1")  # the spawned ranks inherit it
+    stats = run_swap(distributed, [1] * 4)
+    assert [(s.stacked_layers, s.exchanges, s.overlapped_layers) for s in stats] == [(0, 4, 3)] * 2
+
+
+def _rank_mismatched_setting(rank, world, old, new):
+    os.environ["EPLB_TRITON_LAYERS_PER_EXCHANGE"] = "1" if rank == 0 else "2"
+    weights = make_rank_weights(SPECS, old.shape[0], NUM_LOCAL)
+    fill_rank_weights(weights, old, rank, 0)
+    try:
+        rearrange_expert_weights_inplace(old, new, weights)
+    except ValueError as exc:
+        return str(exc), row_mismatches(weights, old, old, rank, 0)
+    return None, None
+
+
+def test_layers_per_exchange_must_match_on_every_rank(distributed):
+    old, new = swap_maps(4, [1] * 4)
+    for text, untouched in distributed(2, _rank_mismatched_setting, old, new):
+        assert text is not None and "layers_per_exchange" in text, text
+        assert untouched == []  # refused before any weight was touched

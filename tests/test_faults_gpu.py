@@ -21,6 +21,8 @@ The same scenarios run on gloo (CPU, always), on NCCL and with the p2p transport
 gives the blocking path room for two staging slots, so layer 1 is posted while layer 0 is still in
 flight: the victim then dies in layer 1's first (only) pass, and a killed victim may take layer 0's
 bytes with it (the survivor names layer 0 or 1 and keeps every layer from it old).
+``blocking-stacked`` gives room for stacks of two layers (:mod:`eplb_triton.stacked`: layers 0-1 in
+one exchange, then layer 2): the victim fails as the second stack starts (layer 2).
 """
 
 from __future__ import annotations
@@ -79,11 +81,11 @@ BACKENDS = [
 _reached_fault_layer: list[float] = []  # per process: when this rank reached the faulty layer
 
 
-def _fault(kind: str, fault_pass: int, where: str, **info) -> None:
-    """Fault hook for both modules: note when layer 1 starts; the victim dies or stalls there."""
-    if where == "layer_start" and info.get("layer") == FAULT_LAYER and not _reached_fault_layer:
+def _fault(kind: str, fault_pass: int, fault_layer: int, where: str, **info) -> None:
+    """Fault hook for both modules: note when the faulty layer starts; the victim dies or stalls there."""
+    if where == "layer_start" and info.get("layer") == fault_layer and not _reached_fault_layer:
         _reached_fault_layer.append(time.monotonic())
-    if info["rank"] == VICTIM and where == "before_send" and (info.get("layer"), info.get("pass_index")) == (FAULT_LAYER, fault_pass):
+    if info["rank"] == VICTIM and where == "before_send" and (info.get("layer"), info.get("pass_index")) == (fault_layer, fault_pass):
         if kind == "killed":
             os._exit(7)  # the whole process, mid-layer (from the worker thread on that path)
         time.sleep(STALL_S)  # alive, but sends nothing
@@ -108,9 +110,13 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
     specs = GPU_SPECS if gpu else SPECS
     weights = make_rank_weights(specs, LAYERS, old.shape[1] // world, device)
     budget = BUDGET_ROWS * sum((spec.row_bytes() + 15) // 16 * 16 for spec in specs)  # packed experts
-    fault_pass = FAULT_PASS
+    fault_pass, fault_layer = FAULT_PASS, FAULT_LAYER
     if path == "blocking-overlapped":  # room for two layers' staging: layer 1 is posted while layer 0 is in flight
         path, budget, fault_pass = "blocking", 1 << 24, 0
+        os.environ["EPLB_TRITON_LAYERS_PER_EXCHANGE"] = "1"  # one layer per exchange
+    elif path == "blocking-stacked":  # stacks of layers 0-1 and 2: the victim fails as it starts the second
+        path, budget, fault_pass, fault_layer = "blocking", 1 << 24, 0, 2
+        os.environ["EPLB_TRITON_LAYERS_PER_EXCHANGE"] = "2"
     # warm-up on the same path, without timeout_s: communicator set-up and kernel compilation
     # happen here (the worker's process groups are pooled and reused by the next worker)
     fill_rank_weights(weights, old, rank, seed=11)
@@ -123,7 +129,7 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
     fill_rank_weights(weights, old, rank, seed=11)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    hook = partial(_fault, kind, fault_pass)
+    hook = partial(_fault, kind, fault_pass, fault_layer)
     applied, error, error_at, close_s, closed = [], None, None, None, None
     if path == "blocking":
         transfer.fault_hook = hook
@@ -211,6 +217,7 @@ def _launch(
         pytest.param("blocking", id="blocking"),
         pytest.param("worker", id="worker"),
         pytest.param("blocking-overlapped", id="blocking-overlapped"),
+        pytest.param("blocking-stacked", id="blocking-stacked"),
     ],
 )
 @pytest.mark.parametrize("kind", [pytest.param("killed", id="peer-killed"), pytest.param("stalled", id="peer-stalled")])
@@ -241,6 +248,10 @@ def test_survivor_names_layer_and_peer_keeps_layers_whole_and_exits_cleanly(monk
     elif path == "blocking-overlapped" and kind == "killed":
         # the victim died with layer 0 posted but not waited for: the survivor may miss its bytes
         assert error["layer"] in (0, FAULT_LAYER) and f"layer {error['layer']}" in error["text"], error
+    elif path == "blocking-stacked":
+        # the stack of layers 0-1 may have been in flight (killed), named by its first layer
+        named = (0, 2) if kind == "killed" else (2,)
+        assert error["layer"] in named and f"layer {error['layer']}" in error["text"], error
     else:
         assert error["layer"] == FAULT_LAYER and f"layer {FAULT_LAYER}" in error["text"], error
     assert re.search(rf"peers? \[?{VICTIM}\b", error["text"]), f"the message does not name peer {VICTIM}: {error['text']}"
@@ -266,5 +277,7 @@ def test_survivor_names_layer_and_peer_keeps_layers_whole_and_exits_cleanly(monk
         victim = reports[VICTIM]
         assert victim["error"] is not None, victim
         assert all(state in ("old", "new") for state in victim["states"]), victim["states"]
-        if path.startswith("blocking"):
+        if path == "blocking-stacked":  # it finished the stack of layers 0-1 before raising
+            assert victim["states"] == ["new", "new", "old"], victim["states"]
+        elif path.startswith("blocking"):
             assert victim["states"] == ["new", "old", "old"], victim["states"]

@@ -1,7 +1,8 @@
 """The README's "one Triton launch" claim: a pass packs every peer's rows with one launch and
 unpacks every received row with one (one per peer with ``verify`` on the blocking path); the
 worker packs a pass's sends with one launch and swaps a layer in with one; a one-pass layer's
-direct local moves take one copy launch.
+direct local moves take one copy launch. With room for both layers the blocking path stacks
+them (:mod:`eplb_triton.stacked`): one pass, hence one launch of each kind, for the two.
 
 Launches are counted at ``ExpertLayout.launch`` (the Triton backend through the interpreter),
 on maps where every row comes from another rank: each rank sends to and receives from every
@@ -63,26 +64,36 @@ def _rank_launches(rank, world, old, new, path, verify):
 
 
 @pytest.mark.parametrize(
-    "path,verify,per_layer",
+    "path,verify,per_pass,passes",
     [
-        pytest.param("blocking", False, {"pack": 1, "unpack": 1}, id="blocking"),
-        pytest.param("blocking", True, {"pack": WORLD - 1, "unpack": WORLD - 1}, id="blocking-verify-one-per-peer"),
-        pytest.param("worker", False, {"pack": 1, "unpack": 1}, id="worker"),
-        pytest.param("worker", True, {"pack": 1, "unpack": 1}, id="worker-verify"),
+        pytest.param("blocking", False, {"pack": 1, "unpack": 1}, 1, id="blocking-stacked"),
+        pytest.param("blocking", True, {"pack": WORLD - 1, "unpack": WORLD - 1}, LAYERS, id="blocking-verify-one-per-peer"),
+        pytest.param("worker", False, {"pack": 1, "unpack": 1}, LAYERS, id="worker"),
+        pytest.param("worker", True, {"pack": 1, "unpack": 1}, LAYERS, id="worker-verify"),
     ],
 )
-def test_one_launch_per_pack_and_unpack(distributed, path, verify, per_layer):
+def test_one_launch_per_pack_and_unpack(distributed, path, verify, per_pass, passes):
     old, new = every_row_from_another_rank()
     results = distributed(WORLD, _rank_launches, old, new, path, verify)
     for rank, (counts, rounds, bad) in enumerate(results):
         assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
-        assert rounds == LAYERS  # one round per layer: the budget holds a whole layer
-        assert counts == {mode: n * LAYERS for mode, n in per_layer.items()}, (rank, counts)
+        assert rounds == passes  # the budget holds both layers: one pass per layer, or one for both
+        assert counts == {mode: n * passes for mode, n in per_pass.items()}, (rank, counts)
+
+
+def test_one_launch_per_pack_and_unpack_per_layer_unstacked(distributed, monkeypatch):
+    monkeypatch.setenv("EPLB_TRITON_LAYERS_PER_EXCHANGE", "1")  # the spawned ranks inherit it
+    old, new = every_row_from_another_rank()
+    results = distributed(WORLD, _rank_launches, old, new, "blocking", False)
+    for rank, (counts, rounds, bad) in enumerate(results):
+        assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
+        assert rounds == LAYERS
+        assert counts == {"pack": LAYERS, "unpack": LAYERS}, (rank, counts)
 
 
 def test_direct_local_moves_take_one_copy_launch(distributed):
     """A one-pass layer with local moves whose source no local move writes copies them row to
-    row with one more launch (no staging): per layer one pack (sends), one copy, one unpack."""
+    row with one more launch (no staging): per pass one pack (sends), one copy, one unpack."""
     # two ranks of three rows: row 0 of each rank is received, its old expert moves locally to
     # the next row (whose old expert is sent), row 2 stays
     old = np.tile(np.arange(6), (LAYERS, 1))
@@ -90,5 +101,5 @@ def test_direct_local_moves_take_one_copy_launch(distributed):
     results = distributed(2, _rank_launches, old, new, "blocking", False)
     for rank, (counts, rounds, bad) in enumerate(results):
         assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
-        assert rounds == LAYERS
-        assert counts == {"pack": LAYERS, "copy": LAYERS, "unpack": LAYERS}, (rank, counts)
+        assert rounds == 1  # the two layers stacked
+        assert counts == {"pack": 1, "copy": 1, "unpack": 1}, (rank, counts)

@@ -349,17 +349,23 @@ def test_without_verify_corruption_goes_through():
 
 # -- peer failures ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "point,budget",
+    "point,budget,at_layer",
     [
-        pytest.param("before_send", None, id="before_send"),
-        pytest.param("layer_start", None, id="layer_start"),
-        pytest.param("before_send", 1 << 20, id="overlapped-before_send"),  # two staging slots
+        pytest.param("before_send", None, 1, id="before_send"),
+        pytest.param("layer_start", None, 1, id="layer_start"),
+        pytest.param("before_send", 1 << 20, 1, id="overlapped-before_send"),  # two staging slots
+        # stacks of two layers (0-1, then 2): the peer exits as it starts the second stack
+        pytest.param("before_send", 1 << 20, 2, id="stacked-before_send"),
     ],
 )
-def test_peer_exits_every_survivor_names_layer_and_peer(point, budget):
+def test_peer_exits_every_survivor_names_layer_and_peer(point, budget, at_layer, monkeypatch):
+    # the spawned ranks inherit it: one layer per exchange, or stacks of two
+    monkeypatch.setenv("EPLB_TRITON_LAYERS_PER_EXCHANGE", "2" if at_layer == 2 else "1")
     world = 4
     old, new = all_to_all_maps(world, 3)
-    results = run_with_faults(world, old, new, partial(exit_at, point, 1, 3), timeout_s=TIMEOUT_S, max_buffer_bytes=budget)
+    results = run_with_faults(
+        world, old, new, partial(exit_at, point, at_layer, 3), timeout_s=TIMEOUT_S, max_buffer_bytes=budget
+    )
     assert results[3] is None  # it exited
     for rank in range(3):
         error, states, elapsed, _ = results[rank]
@@ -367,8 +373,9 @@ def test_peer_exits_every_survivor_names_layer_and_peer(point, budget):
         kind, text, layer, peer, _ = error
         assert kind in ("PeerFailedError", "PeerTimeoutError"), text
         # overlapped: the peer died with layer 0 still in flight (posted, not waited for), so a
-        # survivor may miss layer 0's bytes; every layer from the one it names stays old
-        named = (0, 1) if budget else (1,)
+        # survivor may miss layer 0's bytes; every layer from the one it names stays old.
+        # Stacked: the same with the stack of layers 0-1 in flight (named by its first layer)
+        named = {1: (0, 1) if budget else (1,), 2: (0, 2)}[at_layer]
         assert layer in named and peer == 3, text
         assert f"layer {layer}" in text and "peer 3" in text
         assert elapsed < TIMEOUT_S + 3.0
@@ -438,7 +445,8 @@ def test_stall_before_the_input_agreement_times_out():
         pytest.param("pass_applied", 0, 1 << 20, ["new", "new", "old"], id="overlapped-after-write"),
     ],
 )
-def test_injected_failure_leaves_every_layer_old_or_new(point, pass_index, budget, victim_states):
+def test_injected_failure_leaves_every_layer_old_or_new(point, pass_index, budget, victim_states, monkeypatch):
+    monkeypatch.setenv("EPLB_TRITON_LAYERS_PER_EXCHANGE", "1")  # the spawned ranks inherit it
     world = 4
     old, new = all_to_all_maps(world, 3)
     hook = partial(raise_at, point, 1, pass_index, 2)
@@ -458,6 +466,36 @@ def test_injected_failure_leaves_every_layer_old_or_new(point, pass_index, budge
             assert elapsed < 2 * TIMEOUT_S + 3.0
             named.append(error[3])
     assert 2 in named
+
+
+@pytest.mark.parametrize(
+    "point,at_layer,victim_states",
+    [
+        # stacks of two layers: 0-1, then 2 (hooks name a stack by its first layer)
+        pytest.param("in_flight", 0, ["old", "old", "old"], id="stack-after-receive"),  # received, not written
+        pytest.param("pass_applied", 0, ["new", "new", "old"], id="stack-after-write"),
+        pytest.param("layer_start", 2, ["new", "new", "old"], id="between-stacks"),
+    ],
+)
+def test_injected_failure_leaves_every_stacked_layer_old_or_new(point, at_layer, victim_states, monkeypatch):
+    monkeypatch.setenv("EPLB_TRITON_LAYERS_PER_EXCHANGE", "2")  # the spawned ranks inherit it
+    world = 4
+    old, new = all_to_all_maps(world, 3)
+    results = run_with_faults(world, old, new, partial(raise_at, point, at_layer, 0, 2), timeout_s=TIMEOUT_S, max_buffer_bytes=1 << 20)
+    victim_error, victim_layers, _, _ = results[2]
+    assert victim_error[1] == f"injected at {point}"
+    assert victim_layers == victim_states
+    for rank, (error, states, elapsed, stats) in enumerate(results):
+        assert "MIXED" not in states, (rank, states)
+        if rank != 2:
+            assert error is not None and error[0] in ("PeerFailedError", "PeerTimeoutError"), error
+            # a stack is named by its first layer; None: every exchange had completed here (the
+            # victim had posted the next stack too) and the final confirmation found it gone
+            assert error[2] in (0, 2, None), error
+            first_old = 3 if error[2] is None else error[2]
+            assert states == ["new"] * first_old + ["old"] * (3 - first_old), (rank, states)
+            assert stats.failed_layers == list(range(first_old, 3)), stats.failed_layers
+            assert elapsed < 2 * TIMEOUT_S + 3.0
 
 
 # -- logging ---------------------------------------------------------------------------------

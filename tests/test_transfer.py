@@ -8,6 +8,7 @@ import torch
 
 from eplb_triton import plan_rearrangement, rearrange_expert_weights_inplace
 from eplb_triton.layout import ExpertLayout
+from eplb_triton.stacked import layers_per_exchange
 from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from map_cases import expected_received_experts, packed_expert_bytes, random_maps
 
@@ -57,18 +58,41 @@ def test_random_rearrangement(distributed, world, layers, num_local, logical):
     for s in stats:  # never more than 2 * (ep_size - 1) ops per exchange
         assert s.p2p_ops <= 2 * (world - 1) * s.rounds
     big = check_transfer(distributed, world, old, new, max_buffer_bytes=1 << 30)
-    off_diagonal = plan.traffic * (1 - np.eye(world, dtype=np.int64))
-    # one round per layer: one isend and one irecv per (sender, receiver) pair with traffic
-    assert sum(s.p2p_ops for s in big) == 2 * int(np.count_nonzero(off_diagonal))
-    # two staging slots fit: each layer with traffic that follows one is posted before that one is waited for
-    network = [layer.num_network > 0 for layer in plan.layers]
-    assert [s.overlapped_layers for s in big] == [sum(a and b for a, b in zip(network, network[1:]))] * world
+    # room for everything: consecutive layers with traffic share an exchange, up to
+    # layers_per_exchange() of them; the layers without traffic stand alone
+    off_diagonal = 1 - np.eye(world, dtype=np.int64)
+    items = stacks_of(plan, layers_per_exchange())
+    # one pass per item: one isend and one irecv per (sender, receiver) pair with traffic in its layers
+    pairs = [np.count_nonzero(sum(plan.layers[i].traffic for i in item) * off_diagonal) for item in items]
+    assert sum(s.p2p_ops for s in big) == 2 * int(sum(pairs))
+    # one exchange per item on each rank that sends or receives in it
+    talks = [(sum(plan.layers[i].traffic for i in item) * off_diagonal) for item in items]
+    assert [s.exchanges for s in big] == [sum(bool(t[r].any() or t[:, r].any()) for t in talks) for r in range(world)]
+    # two staging slots fit: each item with traffic that follows one is posted before that one is waited for
+    network = [plan.layers[item[0]].num_network > 0 for item in items]
+    overlapped = sum(len(item) for item, a, b in zip(items[1:], network, network[1:]) if a and b)
+    assert [s.overlapped_layers for s in big] == [overlapped] * world
+    assert [s.stacked_layers for s in big] == [sum(len(item) for item in items if len(item) > 1)] * world
     # bytes from the maps alone: each rank receives every expert its new rows need and its old rows lack, once
     expected = [n * packed_expert_bytes(MIXED_SPECS) for n in expected_received_experts(old, new, world)]
     assert sum(expected) > 0  # the maps move experts over the network
     assert [s.total_bytes_received for s in stats] == expected
     assert [s.total_bytes_received for s in big] == expected
     assert sum(s.total_bytes_sent for s in stats) == sum(expected)
+
+
+def stacks_of(plan, most: int) -> list[list[int]]:
+    """The layers :func:`eplb_triton.stacked.stack_layers` joins with room for everything: runs of
+    consecutive layers with network traffic, cut every ``most`` layers."""
+    items: list[list[int]] = []
+    for index, layer in enumerate(plan.layers):
+        stackable = layer.num_network > 0
+        last = items[-1] if items else None
+        if stackable and last and plan.layers[last[0]].num_network > 0 and len(last) < most:
+            last.append(index)
+        else:
+            items.append([index])
+    return items
 
 
 def test_no_change_is_untouched_and_silent(distributed):

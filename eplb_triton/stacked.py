@@ -1,0 +1,234 @@
+"""Several layers moved as one: a stacked layout and a stacked pass.
+
+The blocking loop's host time is paid per exchange, not per byte: each NCCL group post, each
+Triton launch and the Python around them cost the same for one layer as for several (about
+0.3 ms per layer on the H200 hosts, more than a qwen3 layer's wire time). When the staging
+budget holds several layers, :func:`stack_layers` joins consecutive one-pass layers of the same
+row shapes into one :class:`~eplb_triton.executor.LayerWork`: one pack launch, one
+``batch_isend_irecv`` per peer and one unpack launch for all of them.
+
+Rows of a :class:`StackedLayout` are numbered across its layers: row ``s * num_local + r`` is
+row ``r`` of the ``s``-th layer of the stack. Every layer must have the same ``num_local``, the
+same row bytes per tensor (so the same packed expert) and the same device; their tensors are
+separate memory. The Triton kernel reads one descriptor table per layer, stacked
+(``LAYERED``, :mod:`eplb_triton.kernels.rows`); the torch reference splits the rows by layer.
+
+A stacked pass is the layers' passes side by side: each peer's message is the layers' messages
+to that peer, one after the other, in layer order (the same order on both sides, since every
+rank stacks the same layers: the plan and the budget are agreed). It is written only after all
+of its receives are in, so each layer is still entirely old or entirely new.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .layout import ExpertLayout, _STATES, _TABLES, _TABLES_MAX, FAST_LAUNCH_ENV, _build_chunk_table, _TritonState
+from .passes import PassWork
+from .plan import RankPlan
+
+__all__ = [
+    "LAYERS_ENV", "LAYERS_PER_EXCHANGE", "StackedLayout", "layers_per_exchange", "stack_key", "stack_layers", "stack_passes",
+]
+
+#: At most this many layers share one exchange. Placeholder until measured on two GPUs.
+LAYERS_PER_EXCHANGE = 4
+LAYERS_ENV = "EPLB_TRITON_LAYERS_PER_EXCHANGE"  # overrides it (1 = a layer per exchange); must match on every rank
+
+
+def layers_per_exchange() -> int:
+    """The most layers one exchange may carry (:data:`LAYERS_PER_EXCHANGE`, or ``EPLB_TRITON_LAYERS_PER_EXCHANGE``)."""
+    value = os.environ.get(LAYERS_ENV)
+    if not value:
+        return LAYERS_PER_EXCHANGE
+    try:
+        layers = int(value)
+    except ValueError:
+        raise ValueError(f"{LAYERS_ENV} must be a positive int, got {value!r}") from None
+    if layers < 1:
+        raise ValueError(f"{LAYERS_ENV} must be a positive int, got {value!r}")
+    return layers
+
+
+def stack_key(layout: ExpertLayout) -> tuple:
+    """Layouts with equal keys can be stacked: same rows per tensor and bytes per row (the same
+    on every rank: the weight layouts are agreed; a rank's layers share one device)."""
+    return (layout.num_local, tuple(layout.row_bytes))
+
+
+class StackedLayout(ExpertLayout):
+    """The layouts of several layers of equal :func:`stack_key`, rows numbered across them
+    (row ``s * num_local + r`` = row ``r`` of ``layouts[s]``); ``move`` as :class:`ExpertLayout`'s."""
+
+    def __init__(self, layouts: Sequence[ExpertLayout]):
+        first = layouts[0]
+        if any(stack_key(layout) != stack_key(first) or layout.device != first.device for layout in layouts):
+            raise ValueError("stacked layers need the same device, num_local and row bytes per tensor")
+        self.layouts = list(layouts)
+        self.tensors = first.tensors
+        self.device = first.device
+        self.num_local = first.num_local
+        self.row_bytes = first.row_bytes
+        self.segment_offsets = first.segment_offsets
+        self.expert_bytes = first.expert_bytes
+        self._views = None
+        self._triton_state = None
+
+    def __repr__(self) -> str:
+        return f"StackedLayout({len(self.layouts)} layers, num_local={self.num_local}, expert_bytes={self.expert_bytes})"
+
+    def _triton(self) -> _TritonState:
+        if self._triton_state is None:
+            self._triton_state = _StackedTritonState.of(self)
+        return self._triton_state
+
+    def _by_layer(self, rows: torch.Tensor):
+        """``(layout, positions in rows, its local rows)`` of each layer that ``rows`` reach."""
+        layer = rows // self.num_local  # rows are >= 0
+        for s, layout in enumerate(self.layouts):
+            at = (layer == s).nonzero().flatten()
+            if at.numel():
+                yield layout, at, rows[at] - s * self.num_local
+
+    def pack_reference(self, rows: torch.Tensor, packed: torch.Tensor) -> None:
+        table = packed.view(rows.numel(), self.expert_bytes)
+        for layout, at, local in self._by_layer(rows):
+            for view, offset, nbytes in zip(layout._byte_views, self.segment_offsets, self.row_bytes):
+                if nbytes:
+                    table[at, offset : offset + nbytes] = view.index_select(0, local)
+
+    def unpack_reference(self, packed: torch.Tensor, rows: torch.Tensor) -> None:
+        table = packed.view(rows.numel(), self.expert_bytes)
+        for layout, at, local in self._by_layer(rows):
+            layout.unpack_reference(table.index_select(0, at).reshape(-1), local)
+
+    def copy_rows_reference(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+        layer_rows = self.num_local
+        for s, (layout, at, local) in enumerate(self._by_layer(src_rows)):
+            base = (src_rows[at[:1]] // layer_rows) * layer_rows
+            layout.copy_rows_reference(local, dst_rows[at] - base)
+
+
+class _StackedTritonState(_TritonState):
+    """Triton state of a stacked layout: the layers' descriptor tables one after the other."""
+
+    @classmethod
+    def of(cls, layout: StackedLayout) -> "_StackedTritonState":
+        members = tuple(_TritonState.of(member) for member in layout.layouts)
+        key = ("stacked", tuple(member.key for member in members), os.environ.get(FAST_LAUNCH_ENV, "1"))
+        state = _STATES.get(key)
+        if state is None:
+            state = cls(layout, members)
+            if len(_STATES) >= _TABLES_MAX:
+                _STATES.pop(next(iter(_STATES)))  # oldest first
+            _STATES[key] = state
+        return state
+
+    def __init__(self, layout: StackedLayout, members: tuple[_TritonState, ...]):
+        super().__init__(layout.layouts[0])
+        self.layers = len(members)
+        self.members = members
+        self.all_aligned = all(member.all_aligned for member in members)
+        self.key = ("stacked", tuple(member.key for member in members))
+
+    def chunk_table(self, chunk: int) -> torch.Tensor:
+        """``(layers * chunks_per_expert, NUM_FIELDS)``: each layer's table, in stack order."""
+        key = (self.key, chunk)
+        table = _TABLES.get(key)
+        if table is None:
+            tensors = [t for member in self.members for t in member.tensors]
+            table = _build_chunk_table(tensors, chunk, self.fields, self.device)
+            if len(_TABLES) >= _TABLES_MAX:
+                _TABLES.pop(next(iter(_TABLES)))
+            _TABLES[key] = table
+        return table
+
+
+def stack_views(views: Sequence[RankPlan], num_local: int) -> RankPlan:
+    """One rank's plans of several layers as one plan over the stacked rows."""
+    sends: dict[int, list[np.ndarray]] = {}
+    recvs: dict[int, list[np.ndarray]] = {}
+    for s, view in enumerate(views):
+        offset = s * num_local
+        for peer, rows in view.send_rows.items():
+            sends.setdefault(peer, []).append(np.asarray(rows, dtype=np.int64) + offset)
+        for peer, rows in view.recv_rows.items():
+            recvs.setdefault(peer, []).append(np.asarray(rows, dtype=np.int64) + offset)
+
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(v, name), dtype=np.int64) + s * num_local for s, v in enumerate(views)])
+
+    return RankPlan(
+        rank=views[0].rank,
+        send_rows={p: np.concatenate(parts) for p, parts in sends.items()},
+        recv_rows={p: np.concatenate(parts) for p, parts in recvs.items()},
+        local_src_rows=joined("local_src_rows"),
+        local_dst_rows=joined("local_dst_rows"),
+        dup_src_rows=joined("dup_src_rows"),
+        dup_dst_rows=joined("dup_dst_rows"),
+    )
+
+
+def stack_passes(works: Sequence[PassWork], num_local: int) -> PassWork:
+    """The one-pass, stash-free, whole-message passes of several layers as one pass over the
+    stacked rows (row ``s * num_local + r``): per peer, one message of every layer's experts."""
+    view = stack_views([work.view for work in works], num_local)
+    return PassWork.from_view(view, works[0].expert_bytes, direct_local=True)
+
+
+def stack_layers(layers: list, one_pass_rows: np.ndarray, one_pass: Sequence[bool], slot_bytes: int, most: int) -> list:
+    """``layers`` (:class:`~eplb_triton.executor.LayerWork`, in order) with runs of consecutive
+    stackable layers joined into stacks of at most ``most`` layers whose staging fits
+    ``slot_bytes`` on every rank.
+
+    Decided from what every rank knows alike (the plan, the agreed budget and row shapes), so
+    every rank stacks the same layers and the per-peer messages match: ``one_pass_rows``
+    ``(layers, ep_size)`` is every rank's one-pass staging in rows
+    (:func:`~eplb_triton.schedule.one_pass_rows_all`), ``one_pass[i]`` whether layer ``i`` runs in
+    one pass with every delivery and no stash on every rank. A layer is stackable when it is
+    one such pass of whole messages with network traffic."""
+    from .executor import LayerWork  # the executor runs what this module builds
+
+    out: list = []
+    run: list = []
+    run_rows = None
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            passes = stack_passes([layer.passes[0] for layer in run], run[0].layout.num_local)
+            out.append(
+                LayerWork(
+                    index=run[0].index,
+                    layout=StackedLayout([layer.layout for layer in run]),
+                    plan=run[0].plan,  # has network traffic, as every layer of the stack
+                    passes=[passes],
+                    stash_rows=run[0].stash_rows,  # empty
+                    layer_count=len(run),
+                )
+            )
+        run.clear()
+
+    for layer, rows, single in zip(layers, one_pass_rows, one_pass):
+        work = layer.passes[0] if len(layer.passes) == 1 else None
+        stackable = bool(single) and layer.has_network and work is not None and not work.framed and work.chunk_experts is None
+        need = np.asarray(rows, dtype=np.int64) * layer.layout.expert_bytes
+        if run and (
+            not stackable
+            or len(run) >= most
+            or stack_key(layer.layout) != stack_key(run[0].layout)
+            or int((run_rows + need).max()) > slot_bytes
+        ):
+            flush()
+        if stackable:
+            run_rows = need if not run else run_rows + need
+            run.append(layer)
+        else:
+            out.append(layer)
+    flush()
+    return out
