@@ -46,6 +46,15 @@ for step in ${STEPS:-tests link}; do
       for programs in ${PPSM_TRACES:-8}; do
         run_step trace-deepseek-ppsm$programs 90 env EPLB_TRITON_PROGRAMS_PER_SM=$programs python3 bench/overlap_trace.py \
           --config deepseek-v3-fp8 --layers 16 --budget-layers 2; done ;;
+    # session 6: stacked layers (several layers per exchange) at budgets of 2 / 4 / 8 / 16 layers
+    stack) run_step stacked-gpu-tests 120 python3 -m pytest -q -m gpu tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf
+      for layers in ${STACK_LAYERS:-48 16 4}; do
+        run_step "link-$layers-layers-stacked" 150 python3 bench/link_speed.py --layers $layers --repeats ${STACK_REPEATS:-5} \
+          --budgets ${STACK_BUDGETS:-2 4 8 16/8} --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets \
+          --methods floor per-expert blocking --json "$OUT/link_speed-${layers}layers-stacked.json" \
+          --markdown "$OUT/link_speed-${layers}layers-stacked.md"; done
+      for config in ${TRACE_CONFIGS:-qwen3-30b-a3b-bf16 deepseek-v3-fp8}; do
+        run_step "trace-$config-stacked" 90 python3 bench/overlap_trace.py --config $config --layers 16 --budget-layers 8; done ;;
     link48) run_step link-48-layers 200 python3 bench/link_speed.py --layers 48 --repeats 3 --budgets 2 \
       --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor per-expert blocking \
       --json "$OUT/link_speed-48layers-final.json" --markdown "$OUT/link_speed-48layers-final.md" ;;

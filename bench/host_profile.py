@@ -47,8 +47,9 @@ def _rank(rank: int, world: int, args: dict) -> dict:
     weights = make_rank_weights(scaled(specs, args["scale"]), args["layers"], local, device)
     fill_rank_weights(weights, old, rank, 1)
     maps = [old, new]
+    budget = mg.budget_bytes(weights, args["budget_layers"]) if args["budget_layers"] else None
     for _ in range(3):
-        rearrange_expert_weights_inplace(maps[0], maps[1], weights)
+        rearrange_expert_weights_inplace(maps[0], maps[1], weights, max_buffer_bytes=budget)
         maps.reverse()
     comm = Communicator.from_group(None)
     prep = []
@@ -56,7 +57,7 @@ def _rank(rank: int, world: int, args: dict) -> dict:
         _sync(device)
         dist.barrier()
         begin = time.perf_counter()
-        prepare_layers(maps[0], maps[1], weights, comm)
+        prepare_layers(maps[0], maps[1], weights, comm, budget, stack=True)
         prep.append(time.perf_counter() - begin)
     calls = []
     profiler = cProfile.Profile()
@@ -66,7 +67,7 @@ def _rank(rank: int, world: int, args: dict) -> dict:
         begin = time.perf_counter()
         if rank == 0:
             profiler.enable()
-        rearrange_expert_weights_inplace(maps[0], maps[1], weights)
+        rearrange_expert_weights_inplace(maps[0], maps[1], weights, max_buffer_bytes=budget)
         if rank == 0:
             profiler.disable()
         calls.append(time.perf_counter() - begin)
@@ -88,6 +89,7 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--top", type=int, default=35)
     parser.add_argument("--scale", type=int, default=1)
+    parser.add_argument("--budget-layers", type=float, default=None, help="max_buffer_bytes of this many layers' rows")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     cfg = vars(args)

@@ -19,7 +19,7 @@ from .p2p import resolve_transport
 from .passes import PassWork
 from .plan import LayerPlan, RearrangementPlan, _check_options, plan_from_maps, rank_views, with_rounds
 from .schedule import capacity_rows, fits_one_pass, one_pass_rows_all, schedule_layer, smallest_budget_bytes
-from .stacked import layers_per_exchange, stack_layers
+from .stacked import StackedLayout, layers_per_exchange, stack_groups, stack_key, stacked_rank_views
 
 __all__ = ["CHUNK_ENV", "PIPELINE_CHUNK_BYTES", "pipeline_chunk_bytes", "prepare_layers"]
 
@@ -107,7 +107,7 @@ def prepare_layers(
     ``backend`` (pack/unpack: ``None``/``"auto"``/``"triton"``/``"torch"``) is checked here, so a bad
     value is refused on every rank (a rank may pick another valid one: it is not agreed).
     ``stack``: join consecutive one-pass layers into stacks that share one exchange where half
-    the agreed budget holds them (:func:`eplb_triton.stacked.stack_layers`; NCCL/gloo only, not
+    the agreed budget holds them (:func:`eplb_triton.stacked.stack_groups`; NCCL/gloo only, not
     with ``verify``, ``rounds`` or message pieces); the result then has fewer items than layers.
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
@@ -173,10 +173,29 @@ def prepare_layers(
     capacities = [capacity_rows(maps.num_local, cost, max_buffer_bytes) for cost in costs]
     pass_rows = one_pass_rows_all(plan.layers) if plan.layers else np.zeros((0, maps.ep_size), dtype=np.int64)
     one_pass = fits_one_pass(plan.layers, capacities, pass_rows).tolist()
-    rank_views(plan.layers, comm.rank)  # cached on the layers
+    stacks = _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, stack)
+    stacked = {group[0]: (group, view) for group, view in zip(stacks, stacked_rank_views(plan.layers, comm.rank, stacks))}
+    inside = {index for group in stacks for index in group[1:]}
+    alone = [layer for index, layer in enumerate(plan.layers) if index not in inside and index not in stacked]
+    rank_views(alone, comm.rank)  # cached on the layers
     no_stash = np.zeros(0, dtype=np.int64)
     layers = []
     for index, (layout, layer_plan, cost) in enumerate(zip(layouts, plan.layers, costs)):
+        if index in inside:  # part of the stack its first layer builds
+            continue
+        if index in stacked:
+            group, view = stacked[index]
+            layers.append(
+                LayerWork(
+                    index=index,
+                    layout=StackedLayout([layouts[i] for i in group]),
+                    plan=layer_plan,  # has network traffic, as every layer of the stack
+                    passes=[PassWork.from_view(view, layout.expert_bytes, direct_local=True)],
+                    stash_rows=no_stash,
+                    layer_count=len(group),
+                )
+            )
+            continue
         if one_pass[index]:
             passes, stash_rows = [None], no_stash  # None: every delivery
         else:
@@ -212,12 +231,20 @@ def prepare_layers(
                 expert_ids=maps.new[index],
             )
         )
-    most = checked.extra_options.get("layers_per_exchange", 1)
-    if stack and most > 1 and not verify and kind is None and not chunk_bytes and checked.extra_options.get("transport") != "p2p":
-        # two slots of stacks fit the agreed budget: the same decision on every rank
-        budget = max_buffer_bytes if max_buffer_bytes is not None else default_budget_bytes(layouts, verify=False)
-        layers = stack_layers(layers, pass_rows, one_pass, budget // 2, most)
     return layers
+
+
+def _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, stack) -> list[list[int]]:
+    """The layers that share an exchange (:func:`eplb_triton.stacked.stack_groups`): one-pass
+    layers with network traffic, whole messages without ``verify`` or planner rounds, over the
+    EP group's own isend/irecv; stacks of two fit half the agreed budget (two slots)."""
+    most = checked.extra_options.get("layers_per_exchange", 1)
+    if not stack or most < 2 or verify or kind is not None or chunk_bytes or checked.extra_options.get("transport") == "p2p":
+        return []
+    budget = checked.max_buffer_bytes if checked.max_buffer_bytes is not None else default_budget_bytes(layouts, verify=False)
+    stackable = [bool(single) and layer.num_network > 0 for single, layer in zip(one_pass, plan.layers)]
+    staging = pass_rows * np.array([layout.expert_bytes for layout in layouts], dtype=np.int64)[:, None]
+    return stack_groups(stackable, [stack_key(layout) for layout in layouts], staging, budget // 2, most)
 
 
 def _plan_while_agreeing(checked: CheckedInputs, ranks_per_node: int | None) -> RearrangementPlan | None:

@@ -3,9 +3,10 @@
 The blocking loop's host time is paid per exchange, not per byte: each NCCL group post, each
 Triton launch and the Python around them cost the same for one layer as for several (about
 0.3 ms per layer on the H200 hosts, more than a qwen3 layer's wire time). When the staging
-budget holds several layers, :func:`stack_layers` joins consecutive one-pass layers of the same
-row shapes into one :class:`~eplb_triton.executor.LayerWork`: one pack launch, one
-``batch_isend_irecv`` per peer and one unpack launch for all of them.
+budget holds several layers, :func:`stack_groups` picks runs of consecutive one-pass layers of the
+same row shapes, and :func:`~eplb_triton.prepare.prepare_layers` makes each run one
+:class:`~eplb_triton.executor.LayerWork`: one pack launch, one ``batch_isend_irecv`` per peer
+and one unpack launch for all of them.
 
 Rows of a :class:`StackedLayout` are numbered across its layers: row ``s * num_local + r`` is
 row ``r`` of the ``s``-th layer of the stack. Every layer must have the same ``num_local``, the
@@ -28,11 +29,11 @@ import numpy as np
 import torch
 
 from .layout import ExpertLayout, _STATES, _TABLES, _TABLES_MAX, FAST_LAUNCH_ENV, _build_chunk_table, _TritonState
-from .passes import PassWork
-from .plan import RankPlan
+from .plan import LayerPlan, RankPlan, _offsets, _split_by_peer, stack_deliveries
 
 __all__ = [
-    "LAYERS_ENV", "LAYERS_PER_EXCHANGE", "StackedLayout", "layers_per_exchange", "stack_key", "stack_layers", "stack_passes",
+    "LAYERS_ENV", "LAYERS_PER_EXCHANGE", "StackedLayout", "layers_per_exchange", "stack_groups", "stack_key",
+    "stacked_rank_views", "stack_views",
 ]
 
 #: At most this many layers share one exchange. Placeholder until measured on two GPUs.
@@ -148,8 +149,86 @@ class _StackedTritonState(_TritonState):
         return table
 
 
+def stack_groups(
+    stackable: Sequence[bool], keys: Sequence[tuple], staging: np.ndarray, slot_bytes: int, most: int
+) -> list[list[int]]:
+    """Layer indices of each stack: runs of consecutive ``stackable`` layers of equal ``keys``
+    (:func:`stack_key`), at most ``most`` long, whose summed ``staging`` (``(layers, ep_size)``
+    bytes: every rank's) fits ``slot_bytes`` on every rank. Layers that stack with no other are
+    left out. Decided from what every rank knows alike (the plan, the agreed budget and row
+    shapes), so every rank stacks the same layers and the per-peer messages match."""
+    groups: list[list[int]] = []
+    run: list[int] = []
+    total = None
+    for index, ok in enumerate(stackable):
+        need = staging[index]
+        if run and (not ok or len(run) >= most or keys[index] != keys[run[0]] or int((total + need).max()) > slot_bytes):
+            groups.append(run)
+            run = []
+        if ok:
+            total = need if not run else total + need
+            run.append(index)
+    groups.append(run)
+    return [group for group in groups if len(group) > 1]
+
+
+def stacked_rank_views(layers: Sequence[LayerPlan], rank: int, groups: Sequence[Sequence[int]]) -> list[RankPlan]:
+    """This rank's plan of each stack in ``groups`` (indices into ``layers``, one plan: same
+    ``ep_size`` and ``num_local``), rows numbered across the stack (``s * num_local + row`` for
+    its ``s``-th layer), for all stacks in one numpy pass (~15 numpy calls, whatever the count).
+
+    Each peer's rows are its rows of the stack's first layer, then of its second...: in each
+    layer the plan's wire order, so a sender's ``send_rows[q]`` and receiver ``q``'s
+    ``recv_rows[sender]`` list the same experts in the same order."""
+    chosen = [layers[i] for group in groups for i in group]
+    if not chosen:
+        return []
+    n = chosen[0].num_local
+    sizes = np.array([len(group) for group in groups], dtype=np.int64)
+    stack_of = np.repeat(np.arange(len(groups)), sizes)  # per chosen layer
+    offset = (np.arange(sizes.sum()) - np.repeat(_offsets(sizes)[:-1], sizes)) * n  # its rows start
+    stacked = stack_deliveries(chosen)
+    layer_of = stacked.layer_of
+    group, shift = stack_of[layer_of], offset[layer_of]
+    src, dst, net = stacked.src_slot, stacked.dst_slot, stacked.is_network
+    src_rank, dst_rank = src // n, dst // n
+    dup_count = np.array([layer.dup_dst_slot.size for layer in chosen])
+    dup_layer = np.repeat(np.arange(len(chosen)), dup_count)
+    dup_dst = np.concatenate([layer.dup_dst_slot for layer in chosen])
+    dup_of = np.concatenate([layer.dup_delivery + stacked.first[i] for i, layer in enumerate(chosen)])
+
+    def per_stack(mask, stack, peer, *arrays):
+        """``arrays[mask]`` cut by stack, ordered by (stack, peer) keeping the plan's order within."""
+        order = np.flatnonzero(mask)
+        if peer is not None:
+            order = order[np.lexsort((peer[order], stack[order]))]  # stable: layer order kept per peer
+        bounds = _offsets(np.bincount(stack[order], minlength=len(groups))).tolist()
+        picked = [a[order] for a in ((peer,) if peer is not None else ()) + arrays]
+        return [[a[bounds[k] : bounds[k + 1]] for a in picked] for k in range(len(groups))]
+
+    sends = per_stack(net & (src_rank == rank), group, dst_rank, src % n + shift)
+    recvs = per_stack(net & (dst_rank == rank), group, src_rank, dst % n + shift)
+    local = per_stack(~net & (dst_rank == rank), group, None, src % n + shift, dst % n + shift)
+    on_rank = dup_dst // n == rank
+    dup_shift = offset[dup_layer]
+    dups = per_stack(on_rank, stack_of[dup_layer], None, dst[dup_of] % n + dup_shift, dup_dst % n + dup_shift)
+    return [
+        RankPlan(
+            rank=rank,
+            send_rows=_split_by_peer(*sends[k]),
+            recv_rows=_split_by_peer(*recvs[k]),
+            local_src_rows=local[k][0],
+            local_dst_rows=local[k][1],
+            dup_src_rows=dups[k][0],
+            dup_dst_rows=dups[k][1],
+        )
+        for k in range(len(groups))
+    ]
+
+
 def stack_views(views: Sequence[RankPlan], num_local: int) -> RankPlan:
-    """One rank's plans of several layers as one plan over the stacked rows."""
+    """One rank's plans of several layers as one plan over the stacked rows (the plain
+    definition :func:`stacked_rank_views` computes for many stacks at once; tests compare them)."""
     sends: dict[int, list[np.ndarray]] = {}
     recvs: dict[int, list[np.ndarray]] = {}
     for s, view in enumerate(views):
@@ -164,71 +243,10 @@ def stack_views(views: Sequence[RankPlan], num_local: int) -> RankPlan:
 
     return RankPlan(
         rank=views[0].rank,
-        send_rows={p: np.concatenate(parts) for p, parts in sends.items()},
-        recv_rows={p: np.concatenate(parts) for p, parts in recvs.items()},
+        send_rows={p: np.concatenate(sends[p]) for p in sorted(sends)},
+        recv_rows={p: np.concatenate(recvs[p]) for p in sorted(recvs)},
         local_src_rows=joined("local_src_rows"),
         local_dst_rows=joined("local_dst_rows"),
         dup_src_rows=joined("dup_src_rows"),
         dup_dst_rows=joined("dup_dst_rows"),
     )
-
-
-def stack_passes(works: Sequence[PassWork], num_local: int) -> PassWork:
-    """The one-pass, stash-free, whole-message passes of several layers as one pass over the
-    stacked rows (row ``s * num_local + r``): per peer, one message of every layer's experts."""
-    view = stack_views([work.view for work in works], num_local)
-    return PassWork.from_view(view, works[0].expert_bytes, direct_local=True)
-
-
-def stack_layers(layers: list, one_pass_rows: np.ndarray, one_pass: Sequence[bool], slot_bytes: int, most: int) -> list:
-    """``layers`` (:class:`~eplb_triton.executor.LayerWork`, in order) with runs of consecutive
-    stackable layers joined into stacks of at most ``most`` layers whose staging fits
-    ``slot_bytes`` on every rank.
-
-    Decided from what every rank knows alike (the plan, the agreed budget and row shapes), so
-    every rank stacks the same layers and the per-peer messages match: ``one_pass_rows``
-    ``(layers, ep_size)`` is every rank's one-pass staging in rows
-    (:func:`~eplb_triton.schedule.one_pass_rows_all`), ``one_pass[i]`` whether layer ``i`` runs in
-    one pass with every delivery and no stash on every rank. A layer is stackable when it is
-    one such pass of whole messages with network traffic."""
-    from .executor import LayerWork  # the executor runs what this module builds
-
-    out: list = []
-    run: list = []
-    run_rows = None
-
-    def flush() -> None:
-        if len(run) == 1:
-            out.append(run[0])
-        elif run:
-            passes = stack_passes([layer.passes[0] for layer in run], run[0].layout.num_local)
-            out.append(
-                LayerWork(
-                    index=run[0].index,
-                    layout=StackedLayout([layer.layout for layer in run]),
-                    plan=run[0].plan,  # has network traffic, as every layer of the stack
-                    passes=[passes],
-                    stash_rows=run[0].stash_rows,  # empty
-                    layer_count=len(run),
-                )
-            )
-        run.clear()
-
-    for layer, rows, single in zip(layers, one_pass_rows, one_pass):
-        work = layer.passes[0] if len(layer.passes) == 1 else None
-        stackable = bool(single) and layer.has_network and work is not None and not work.framed and work.chunk_experts is None
-        need = np.asarray(rows, dtype=np.int64) * layer.layout.expert_bytes
-        if run and (
-            not stackable
-            or len(run) >= most
-            or stack_key(layer.layout) != stack_key(run[0].layout)
-            or int((run_rows + need).max()) > slot_bytes
-        ):
-            flush()
-        if stackable:
-            run_rows = need if not run else run_rows + need
-            run.append(layer)
-        else:
-            out.append(layer)
-    flush()
-    return out

@@ -1,7 +1,7 @@
 """Stacked layers (:mod:`eplb_triton.stacked`): the stacked layout's pack / unpack / copy against the
 per-layer layouts, byte for byte (torch reference, and the Triton kernel's ``LAYERED`` path on the
 device or through the interpreter), the stacked pass's wire order, and which layers
-:func:`stack_layers` joins."""
+:func:`stack_groups` picks."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from eplb_triton import plan_rearrangement
 from eplb_triton.layout import ExpertLayout
 from eplb_triton.plan import RankPlan
-from eplb_triton.stacked import StackedLayout, layers_per_exchange, stack_key, stack_views
+from eplb_triton.stacked import StackedLayout, layers_per_exchange, stack_groups, stack_key, stack_views, stacked_rank_views
+from map_cases import random_maps
 from test_layout import random_tensors
 
 # odd row bytes (30, 7, 4), a 3-D tensor, mixed dtypes
@@ -122,3 +124,46 @@ def test_layers_per_exchange_from_the_environment(monkeypatch):
         monkeypatch.setenv("EPLB_TRITON_LAYERS_PER_EXCHANGE", bad)
         with pytest.raises(ValueError, match="EPLB_TRITON_LAYERS_PER_EXCHANGE must be a positive int"):
             layers_per_exchange()
+
+
+@pytest.mark.parametrize("world", [pytest.param(2, id="W2"), pytest.param(4, id="W4"), pytest.param(8, id="W8")])
+def test_stacked_views_match_the_layers_views_side_by_side(world):
+    """The one-pass computation of every stack's view equals the layers' own views joined (random
+    maps with replicas and empty slots); every rank's sends to a peer match that peer's receives."""
+    rng = np.random.default_rng(world)
+    old, new = random_maps(rng, 7, world, 4, 3 * world)
+    plan = plan_rearrangement(old, new, world)
+    groups = [[0, 1, 2], [4, 5], [6]]
+    for rank in range(world):
+        got = stacked_rank_views(plan.layers, rank, groups)
+        for group, view in zip(groups, got):
+            want = stack_views([plan.layers[i].rank(rank) for i in group], 4)
+            for name in ("send_rows", "recv_rows"):
+                assert {p: r.tolist() for p, r in getattr(view, name).items()} == {
+                    p: r.tolist() for p, r in getattr(want, name).items()
+                }, (rank, group, name)
+            for name in ("local_src_rows", "local_dst_rows", "dup_src_rows", "dup_dst_rows"):
+                assert getattr(view, name).tolist() == getattr(want, name).tolist(), (rank, group, name)
+    # a sender's rows to q are q's rows from the sender, expert for expert
+    views = [stacked_rank_views(plan.layers, rank, groups) for rank in range(world)]
+    for k, group in enumerate(groups):
+        for a in range(world):
+            for b, rows in views[a][k].send_rows.items():
+                sent = [old[group[r // 4], a * 4 + r % 4] for r in rows]
+                got = [new[group[r // 4], b * 4 + r % 4] for r in views[b][k].recv_rows[a]]
+                assert sent == got, (group, a, b)
+
+
+def test_stack_groups_follow_the_rules():
+    keys = [("a",)] * 5 + [("b",)] * 2
+    staging = np.array([[2, 2]] * 7)  # bytes per rank
+    ok = [True, True, False, True, True, True, True]
+    # a layer that cannot stack and a new row shape end a run; lone layers are left out
+    assert stack_groups(ok, keys, staging, 100, 2) == [[0, 1], [3, 4], [5, 6]]
+    assert stack_groups(ok, keys, staging, 100, 4) == [[0, 1], [3, 4], [5, 6]]
+    assert stack_groups([True] * 5, keys[:5], staging[:5], 100, 2) == [[0, 1], [2, 3]]  # at most 2
+    assert stack_groups([True] * 5, keys[:5], staging[:5], 100, 3) == [[0, 1, 2], [3, 4]]
+    assert stack_groups([True] * 5, keys[:5], staging[:5], 3, 4) == []  # two layers need 4 bytes on each rank
+    # the slot must hold the stack on every rank: here each rank needs 2 of 2 for two layers
+    alternating = np.array([[2, 0], [0, 2], [2, 0]])
+    assert stack_groups([True] * 3, keys[:3], alternating, 2, 4) == [[0, 1]]

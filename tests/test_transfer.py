@@ -82,7 +82,7 @@ def test_random_rearrangement(distributed, world, layers, num_local, logical):
 
 
 def stacks_of(plan, most: int) -> list[list[int]]:
-    """The layers :func:`eplb_triton.stacked.stack_layers` joins with room for everything: runs of
+    """The layers :func:`eplb_triton.stacked.stack_groups` stacks with room for everything: runs of
     consecutive layers with network traffic, cut every ``most`` layers."""
     items: list[list[int]] = []
     for index, layer in enumerate(plan.layers):
