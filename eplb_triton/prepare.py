@@ -237,7 +237,7 @@ def prepare_layers(
 def _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, stack) -> list[list[int]]:
     """The layers that share an exchange (:func:`eplb_triton.stacked.stack_groups`): one-pass
     layers with network traffic, whole messages without ``verify`` or planner rounds, over the
-    EP group's own isend/irecv; stacks of two fit half the agreed budget (two slots)."""
+    EP group's own isend/irecv; each stack fits half the agreed budget (two slots of it fit the budget)."""
     most = checked.extra_options.get("layers_per_exchange", 1)
     if not stack or most < 2 or verify or kind is not None or chunk_bytes or checked.extra_options.get("transport") == "p2p":
         return []

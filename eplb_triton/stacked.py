@@ -36,7 +36,11 @@ __all__ = [
     "stacked_rank_views", "stack_views",
 ]
 
-#: At most this many layers share one exchange. Placeholder until measured on two GPUs.
+#: At most this many layers share one exchange. On two H200 over NVLink (48 layers per call,
+#: bench/results/link_speed-48layers-stacked-h200x2-run20.json), ms per layer at 2 / 4 / 8 layers
+#: per exchange: qwen3-30b-a3b-bf16 0.418 / 0.362 / 0.361, deepseek-v3-fp8 0.706 / 0.691 / 0.703,
+#: tiny-bf16 0.215 / 0.203 / 0.194 (floor 0.287 / 0.601 / 0.113): 4 gets nearly all of it with half
+#: the memory of 8 (a stack takes half the budget: two slots).
 LAYERS_PER_EXCHANGE = 4
 LAYERS_ENV = "EPLB_TRITON_LAYERS_PER_EXCHANGE"  # overrides it (1 = a layer per exchange); must match on every rank
 

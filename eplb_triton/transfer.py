@@ -203,7 +203,12 @@ def rearrange_expert_weights_inplace(
             maps); a layer that needs more runs in passes. A budget too small for some layer
             raises ValueError stating the smallest budget that works. A budget that holds two
             layers' staging is used for two slots: layer i+1 is packed and posted while layer
-            i is on the wire (``TransferStats.overlapped_layers``).
+            i is on the wire (``TransferStats.overlapped_layers``). Where half the budget holds
+            several consecutive one-pass layers of the same row shapes, up to 4 of them share
+            one pack, one exchange and one unpack (``TransferStats.stacked_layers``,
+            :mod:`eplb_triton.stacked`; not with ``verify`` or ``rounds``): on two H200 a
+            budget of 8 layers brought 48 qwen3 layers from 1.59x to 1.26x the time of one
+            NCCL message per layer.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack/copy.
         timeout_s: the longest any wait on peers may take (each exchange, the input
             agreement and the final confirmation); ``None`` = the process group's timeout.
