@@ -56,6 +56,13 @@ for step in ${STEPS:-tests link}; do
       for config in ${TRACE_CONFIGS:-qwen3-30b-a3b-bf16 deepseek-v3-fp8}; do
         run_step "trace-$config-stacked" 90 python3 bench/overlap_trace.py --config $config --layers 16 --budget-layers 8; done
       run_step timeline-stacked 120 python3 bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 16 --budget-layers 8 ;;
+    # session 6, last call: p2p with stacks, and the host with one OpenMP thread (as vLLM's workers run)
+    final6) run_step link-48-layers-p2p 200 python3 bench/link_speed.py --layers 48 --repeats 5 --budgets 2 8 \
+        --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor per-expert blocking \
+        --transport nccl p2p --json "$OUT/link_speed-48layers-p2p.json" --markdown "$OUT/link_speed-48layers-p2p.md"
+      run_step timeline-stacked-omp1 120 env OMP_NUM_THREADS=1 python3 bench/layer_timeline.py --config qwen3-30b-a3b-bf16 \
+        --layers 16 --budget-layers 8
+      run_step timeline-stacked 120 python3 bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 16 --budget-layers 8 ;;
     link48) run_step link-48-layers 200 python3 bench/link_speed.py --layers 48 --repeats 3 --budgets 2 \
       --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor per-expert blocking \
       --json "$OUT/link_speed-48layers-final.json" --markdown "$OUT/link_speed-48layers-final.md" ;;

@@ -274,6 +274,14 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
             if stacked is not None:
                 run = _with_env(f"EPLB_TRITON_LAYERS_PER_EXCHANGE={stacked}", run)
             runs[label] = checked(label, run)
+            if "blocking-p2p" in methods:  # the same budget with transport="p2p"
+                label_p2p = label.replace("blocking[", "blocking-p2p[")
+                run_p2p = lambda o, n, b=budget: rearrange_expert_weights_inplace(  # noqa: E731
+                    o, n, weights, max_buffer_bytes=b, transport="p2p"
+                )
+                if stacked is not None:
+                    run_p2p = _with_env(f"EPLB_TRITON_LAYERS_PER_EXCHANGE={stacked}", run_p2p)
+                runs[label_p2p] = checked(label_p2p, run_p2p)
         for method, run in runs.items():  # warm-up call of each method, checked bit for bit
             fill_rank_weights(weights, state["current"], rank, 11)
             _timed_call(lambda: run(0), device)

@@ -107,8 +107,8 @@ def prepare_layers(
     ``backend`` (pack/unpack: ``None``/``"auto"``/``"triton"``/``"torch"``) is checked here, so a bad
     value is refused on every rank (a rank may pick another valid one: it is not agreed).
     ``stack``: join consecutive one-pass layers into stacks that share one exchange where half
-    the agreed budget holds them (:func:`eplb_triton.stacked.stack_groups`; NCCL/gloo only, not
-    with ``verify``, ``rounds`` or message pieces); the result then has fewer items than layers.
+    the agreed budget holds them (:func:`eplb_triton.stacked.stack_groups`; not with ``verify``,
+    ``rounds`` or message pieces); the result then has fewer items than layers.
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
@@ -185,12 +185,14 @@ def prepare_layers(
             continue
         if index in stacked:
             group, view = stacked[index]
+            work = PassWork.from_view(view, layout.expert_bytes, direct_local=True)
+            work.pass_traffic = sum(plan.layers[i].traffic for i in group)  # p2p: each peer's message, all layers
             layers.append(
                 LayerWork(
                     index=index,
                     layout=StackedLayout([layouts[i] for i in group]),
                     plan=layer_plan,  # has network traffic, as every layer of the stack
-                    passes=[PassWork.from_view(view, layout.expert_bytes, direct_local=True)],
+                    passes=[work],
                     stash_rows=no_stash,
                     layer_count=len(group),
                 )
@@ -236,10 +238,10 @@ def prepare_layers(
 
 def _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, stack) -> list[list[int]]:
     """The layers that share an exchange (:func:`eplb_triton.stacked.stack_groups`): one-pass
-    layers with network traffic, whole messages without ``verify`` or planner rounds, over the
-    EP group's own isend/irecv; each stack fits half the agreed budget (two slots of it fit the budget)."""
+    layers with network traffic, whole messages without ``verify`` or planner rounds; each stack
+    fits half the agreed budget (two slots of it fit the budget)."""
     most = checked.extra_options.get("layers_per_exchange", 1)
-    if not stack or most < 2 or verify or kind is not None or chunk_bytes or checked.extra_options.get("transport") == "p2p":
+    if not stack or most < 2 or verify or kind is not None or chunk_bytes:
         return []
     budget = checked.max_buffer_bytes if checked.max_buffer_bytes is not None else default_budget_bytes(layouts, verify=False)
     stackable = [bool(single) and layer.num_network > 0 for single, layer in zip(one_pass, plan.layers)]

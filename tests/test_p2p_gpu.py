@@ -46,6 +46,8 @@ CONFIGS = [
     ("3d-L4-N8-budget3", [THREE_D] * 4, 4, 8, 12, 3, False),
     ("fp8-L3-N8-verify", [FP8_SCALED] * 3, 3, 8, 11, None, True),
     ("mixed-L3-N6-budget2-verify", [ODD, THREE_D, FP8_SCALED], 3, 6, 8, 2, True),
+    # room for stacks: consecutive layers share one pull per peer (eplb_triton.stacked)
+    ("odd-L6-N6-stacked", [ODD] * 6, 6, 6, 9, 1000, False),
 ]
 
 
@@ -159,6 +161,7 @@ def _rank_configs(rank, world, configs):
             worker_back_rows=back_rows,
             moved=int(stats.total_bytes_received),
             rounds=int(stats.rounds),
+            stacked=int(stats.stacked_layers),
         )
     return out
 
@@ -174,6 +177,7 @@ def test_p2p_equals_nccl_and_expected_on_both_apis():
             assert res["worker_back_rows"] == [], f"{where}: second worker submit {res['worker_back_rows'][:6]}"
     assert all(res["moved"] > 0 for res in results[0].values()), "some config moved nothing over the network"
     assert results[0]["3d-L4-N8-budget3"]["rounds"] > 4, "the small budget should split layers into passes"
+    assert results[0]["odd-L6-N6-stacked"]["stacked"] >= 2, "the large budget should stack layers"
 
 
 # -- verify catches a corrupted message ----------------------------------------------------
