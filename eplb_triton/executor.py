@@ -207,6 +207,7 @@ class LayerWork:
                         raise
                     batches.append(len(labels))
                 work.count_into(stats, sum(batches), batches=batches)
+                stats.stacked_layers += self.layer_count if self.layer_count > 1 else 0  # a stack has one pass
                 if hook is not None:  # the received views are only made for a hook
                     hook("in_flight", rank=comm.rank, layer=self.index, pass_index=i, received=work.recv_messages(staging))
                 if mismatch is None:
