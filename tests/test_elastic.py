@@ -122,7 +122,7 @@ def _rank_elastic(rank, world, old, new, mapping, seed, budget):
     weights = make_rank_weights(SPECS, old.shape[0], num_local)
     fill_rank_weights(weights, maps.old, rank, seed)
     stats = rearrange_expert_weights_inplace(old, new, weights, rank_mapping=mapping, max_buffer_bytes=budget)
-    return row_mismatches(weights, maps.old, maps.new, rank, seed), stats.total_bytes_sent, stats.total_bytes_received
+    return row_mismatches(weights, maps.old, maps.new, rank, seed), stats.total_bytes_sent, stats.total_bytes_received, stats.stacked_layers
 
 
 @pytest.mark.parametrize(
@@ -134,6 +134,9 @@ def _rank_elastic(rank, world, old, new, mapping, seed, budget):
         pytest.param(2, 4, [0, 1], None, id="up-2to4"),
         pytest.param(3, 4, [3, 0, 1], None, id="up-3to4-permuted"),
         pytest.param(2, 4, [2, 0], 400, id="up-2to4-small-budget"),
+        # room for stacks: consecutive layers share one exchange
+        pytest.param(4, 2, [0, -1, -1, 1], 1 << 20, id="down-4to2-stacked"),
+        pytest.param(2, 4, [2, 0], 1 << 20, id="up-2to4-stacked"),
     ],
 )
 def test_elastic_transfer(distributed, old_ep, new_ep, mapping, budget):
@@ -141,8 +144,10 @@ def test_elastic_transfer(distributed, old_ep, new_ep, mapping, budget):
     old, new = elastic_maps(rng, 3, old_ep, new_ep, 3, 7)
     world = max(old_ep, new_ep)
     results = distributed(world, _rank_elastic, old, new, mapping, 1, budget)
-    for rank, (bad, _, _) in enumerate(results):
+    for rank, (bad, _, _, _) in enumerate(results):
         assert bad == [], f"rank {rank}: rows with wrong bytes (layer, tensor, row): {bad[:10]}"
+    if budget == 1 << 20:
+        assert max(r[3] for r in results) >= 2, "layers with traffic should have been stacked"
     m = np.asarray(mapping)
     if new_ep < old_ep:
         for r in np.flatnonzero(m < 0):

@@ -165,3 +165,10 @@ def test_layers_per_exchange_must_match_on_every_rank(distributed):
     for text, untouched in distributed(2, _rank_mismatched_setting, old, new):
         assert text is not None and "layers_per_exchange" in text, text
         assert untouched == []  # refused before any weight was touched
+
+
+def test_stacks_live_in_a_given_staging_buffer(distributed):
+    # the caller's 16 rows are the budget: stacks of two layers (8 rows) in two slots of it
+    stats = run_swap(distributed, [2, 2, 2, 2], staging_bytes=16 * EXPERT_BYTES)
+    assert [(s.stacked_layers, s.exchanges, s.overlapped_layers) for s in stats] == [(4, 2, 2)] * 2
+    assert all(s.peak_staging_bytes == 16 * EXPERT_BYTES for s in stats)

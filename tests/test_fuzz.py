@@ -62,7 +62,8 @@ def examples(draw, world: int, max_local: int = 4):
             max_size=3,
         )
     )
-    budget_rows = draw(st.one_of(st.none(), st.integers(1, 6)))
+    # small budgets split layers into passes; large ones stack layers (eplb_triton.stacked)
+    budget_rows = draw(st.one_of(st.none(), st.integers(1, 6), st.integers(16, 64)))
     verify = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     return np.array(old_rows, dtype=np.int64), np.array(new_rows, dtype=np.int64), specs, budget_rows, verify, seed
