@@ -60,6 +60,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .settings import int_setting
+
 __all__ = ["ALIGN_BYTES", "BACKENDS", "ExpertLayout", "KernelTuning", "resolve_backend"]
 
 log = logging.getLogger(__name__)
@@ -231,16 +233,8 @@ PROGRAMS_PER_SM_ENV = "EPLB_TRITON_PROGRAMS_PER_SM"  # measuring only: the grid 
 def default_tuning() -> KernelTuning:
     """:data:`DEFAULT_TUNING`, with ``programs_per_sm`` from ``EPLB_TRITON_PROGRAMS_PER_SM`` when set
     (for benchmarks: how much of each SM the kernels leave to a NCCL kernel running beside them)."""
-    value = os.environ.get(PROGRAMS_PER_SM_ENV)
-    if not value:
-        return DEFAULT_TUNING
-    try:
-        programs = int(value)
-    except ValueError:
-        raise ValueError(f"{PROGRAMS_PER_SM_ENV} must be a positive int, got {value!r}") from None
-    if programs < 1:
-        raise ValueError(f"{PROGRAMS_PER_SM_ENV} must be a positive int, got {value!r}")
-    return dataclasses.replace(DEFAULT_TUNING, programs_per_sm=programs)
+    programs = int_setting(PROGRAMS_PER_SM_ENV, 0, minimum=1)
+    return dataclasses.replace(DEFAULT_TUNING, programs_per_sm=programs) if programs else DEFAULT_TUNING
 # Under the interpreter every program and tile is a Python step: few programs, big chunks.
 INTERPRETER_TUNING = KernelTuning(programs_per_sm=2, waves=1, min_chunk=64 << 10, max_chunk=1 << 20)
 

@@ -5,7 +5,6 @@ layer's per-rank work (:class:`~eplb_triton.executor.LayerWork` of
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -19,6 +18,7 @@ from .p2p import resolve_transport
 from .passes import PassWork
 from .plan import LayerPlan, RearrangementPlan, _check_options, plan_from_maps, rank_views, with_rounds
 from .schedule import capacity_rows, fits_one_pass, one_pass_rows_all, schedule_layer, smallest_budget_bytes
+from .settings import int_setting
 from .stacked import StackedLayout, layers_per_exchange, stack_groups, stack_key, stacked_rank_views
 
 __all__ = ["CHUNK_ENV", "PIPELINE_CHUNK_BYTES", "pipeline_chunk_bytes", "prepare_layers"]
@@ -56,16 +56,8 @@ def pipeline_chunk_bytes(dist_backend: str | None) -> int:
     NCCL only by default: on gloo the pack is not asynchronous to the wire, so pieces only add
     messages. ``EPLB_TRITON_CHUNK_BYTES`` overrides it for any backend (tests use it on gloo).
     """
-    value = os.environ.get(CHUNK_ENV)
-    if value not in (None, ""):
-        try:
-            chunk = int(value)
-        except ValueError:
-            raise ValueError(f"{CHUNK_ENV} must be an integer number of bytes, got {value!r}") from None
-        if chunk < 0:
-            raise ValueError(f"{CHUNK_ENV} must be >= 0, got {chunk}")
-        return chunk
-    return PIPELINE_CHUNK_BYTES if dist_backend == "nccl" else 0
+    default = PIPELINE_CHUNK_BYTES if dist_backend == "nccl" else 0
+    return int_setting(CHUNK_ENV, default, minimum=0, what="an integer number of bytes")
 
 
 def _chunk_experts(expert_bytes: int, chunk_bytes: int) -> int | None:

@@ -30,6 +30,7 @@ import torch
 
 from .layout import ExpertLayout, _STATES, _TABLES, _TABLES_MAX, FAST_LAUNCH_ENV, _build_chunk_table, _TritonState
 from .plan import LayerPlan, RankPlan, _offsets, _split_by_peer, stack_deliveries
+from .settings import int_setting
 
 __all__ = [
     "LAYERS_ENV", "LAYERS_PER_EXCHANGE", "StackedLayout", "layers_per_exchange", "stack_groups", "stack_key",
@@ -47,16 +48,7 @@ LAYERS_ENV = "EPLB_TRITON_LAYERS_PER_EXCHANGE"  # overrides it (1 = a layer per 
 
 def layers_per_exchange() -> int:
     """The most layers one exchange may carry (:data:`LAYERS_PER_EXCHANGE`, or ``EPLB_TRITON_LAYERS_PER_EXCHANGE``)."""
-    value = os.environ.get(LAYERS_ENV)
-    if not value:
-        return LAYERS_PER_EXCHANGE
-    try:
-        layers = int(value)
-    except ValueError:
-        raise ValueError(f"{LAYERS_ENV} must be a positive int, got {value!r}") from None
-    if layers < 1:
-        raise ValueError(f"{LAYERS_ENV} must be a positive int, got {value!r}")
-    return layers
+    return int_setting(LAYERS_ENV, LAYERS_PER_EXCHANGE, minimum=1)
 
 
 def stack_key(layout: ExpertLayout) -> tuple:
