@@ -274,45 +274,78 @@ def stack_deliveries(layers: Sequence[LayerPlan]) -> StackedDeliveries:
 
 def rank_views(layers: Sequence[LayerPlan], rank: int) -> list[RankPlan]:
     """:meth:`LayerPlan.rank` of every layer (cached on each), with the numpy work done for all
-    layers at once: one layer's view alone is ~15 numpy calls whatever its size (~50 us of host
-    time per layer on the H200 hosts, a tenth of a layer's transfer). The layers share
-    ``ep_size`` and ``num_local`` (one :class:`RearrangementPlan`)."""
+    layers at once (:func:`grouped_rank_views`, one layer per group): one layer's view alone is
+    ~15 numpy calls whatever its size (~50 us of host time per layer on the H200 hosts, a tenth of
+    a layer's transfer). The layers share ``ep_size`` and ``num_local`` (one
+    :class:`RearrangementPlan`)."""
     todo = [layer for layer in layers if rank not in layer._rank_cache]
     if len(todo) > 1:
-        n = todo[0].num_local
-        stacked = stack_deliveries(todo)
-        if not 0 <= rank < todo[0].ep_size:
-            raise ValueError(f"rank {rank} out of range for ep_size {todo[0].ep_size}")
-        first, layer_of = stacked.first, stacked.layer_of
-        src, dst, net = stacked.src_slot, stacked.dst_slot, stacked.is_network
-        src_rank, dst_rank = src // n, dst // n
-        # dup fills: the row a fill copies is its delivery's destination (delivery index + layer start)
-        dup_count = np.array([layer.dup_dst_slot.size for layer in todo])
-        dup_dst = np.concatenate([layer.dup_dst_slot for layer in todo])
-        dup_of = np.concatenate([layer.dup_delivery + first[i] for i, layer in enumerate(todo)])
-        dup_layer = np.repeat(np.arange(len(todo)), dup_count)
-        on_rank = dup_dst // n == rank
-
-        def per_layer(mask: np.ndarray, layer_index: np.ndarray, *arrays: np.ndarray) -> list[list[np.ndarray]]:
-            bounds = _offsets(np.bincount(layer_index[mask], minlength=len(todo))).tolist()
-            picked = [a[mask] for a in arrays]  # order kept: a layer's entries stay in its own order
-            return [[a[bounds[i] : bounds[i + 1]] for a in picked] for i in range(len(todo))]
-
-        sends = per_layer(net & (src_rank == rank), layer_of, dst_rank, src % n)
-        recvs = per_layer(net & (dst_rank == rank), layer_of, src_rank, dst % n)
-        local = per_layer(~net & (dst_rank == rank), layer_of, src % n, dst % n)
-        dups = per_layer(on_rank, dup_layer, dst[dup_of] % n, dup_dst % n)
-        for i, layer in enumerate(todo):
-            layer._rank_cache[rank] = RankPlan(
-                rank=rank,
-                send_rows=_split_by_peer(*sends[i]),
-                recv_rows=_split_by_peer(*recvs[i]),
-                local_src_rows=local[i][0],
-                local_dst_rows=local[i][1],
-                dup_src_rows=dups[i][0],
-                dup_dst_rows=dups[i][1],
-            )
+        for layer, view in zip(todo, grouped_rank_views(todo, rank, [[i] for i in range(len(todo))])):
+            layer._rank_cache[rank] = view
     return [layer.rank(rank) for layer in layers]
+
+
+def grouped_rank_views(layers: Sequence[LayerPlan], rank: int, groups: Sequence[Sequence[int]]) -> list[RankPlan]:
+    """This rank's plan of each group of ``layers`` (indices; one plan: same ``ep_size`` and
+    ``num_local``) as one plan whose rows are numbered across the group (``s * num_local + row``
+    for its ``s``-th layer: a stack, :mod:`eplb_triton.stacked`), for all groups in one numpy pass
+    (~15 numpy calls, whatever the count). A group of one layer is :meth:`LayerPlan.rank`.
+
+    Each peer's rows are its rows of the group's first layer, then of its second...: in each
+    layer the plan's wire order, so a sender's ``send_rows[q]`` and receiver ``q``'s
+    ``recv_rows[sender]`` list the same experts in the same order."""
+    chosen = [layers[i] for group in groups for i in group]
+    if not chosen:
+        return []
+    n = chosen[0].num_local
+    if not 0 <= rank < chosen[0].ep_size:
+        raise ValueError(f"rank {rank} out of range for ep_size {chosen[0].ep_size}")
+    stacked = stack_deliveries(chosen)
+    dup_count = np.array([layer.dup_dst_slot.size for layer in chosen])
+    dup_layer = np.repeat(np.arange(len(chosen)), dup_count)
+    several = len(groups) < len(chosen)  # else one layer per group: no renumbering (rank_views)
+    if several:
+        sizes = np.array([len(group) for group in groups], dtype=np.int64)
+        group_of = np.repeat(np.arange(len(groups)), sizes)  # per chosen layer
+        offset = (np.arange(sizes.sum()) - np.repeat(_offsets(sizes)[:-1], sizes)) * n  # where its rows start
+        group, shift = group_of[stacked.layer_of], offset[stacked.layer_of]
+        dup_group, dup_shift = group_of[dup_layer], offset[dup_layer]
+    else:
+        group, shift, dup_group, dup_shift = stacked.layer_of, 0, dup_layer, 0
+    src, dst, net = stacked.src_slot, stacked.dst_slot, stacked.is_network
+    src_rank, dst_rank = src // n, dst // n
+    # dup fills: the row a fill copies is its delivery's destination (delivery index + layer start)
+    dup_dst = np.concatenate([layer.dup_dst_slot for layer in chosen])
+    dup_of = np.concatenate([layer.dup_delivery + stacked.first[i] for i, layer in enumerate(chosen)])
+
+    def per_group(mask, key, peer, *arrays):
+        """``arrays[mask]`` cut by group, ordered by (group, peer) keeping the plan's order within."""
+        order = mask
+        if peer is not None and several:  # a one-layer group is in peer order already
+            order = np.flatnonzero(mask)
+            order = order[np.lexsort((peer[order], key[order]))]  # stable: layer order kept per peer
+        bounds = _offsets(np.bincount(key[order], minlength=len(groups))).tolist()
+        picked = [a[order] for a in ((peer,) if peer is not None else ()) + arrays]
+        return [[a[bounds[k] : bounds[k + 1]] for a in picked] for k in range(len(groups))]
+
+    src_row, dst_row = src % n + shift, dst % n + shift  # rows of the group
+    into_rank = dst_rank == rank
+    sends = per_group(net & (src_rank == rank), group, dst_rank, src_row)
+    recvs = per_group(net & into_rank, group, src_rank, dst_row)
+    local = per_group(~net & into_rank, group, None, src_row, dst_row)
+    dups = per_group(dup_dst // n == rank, dup_group, None, dst_row[dup_of], dup_dst % n + dup_shift)
+    return [
+        RankPlan(
+            rank=rank,
+            send_rows=_split_by_peer(*sends[k]),
+            recv_rows=_split_by_peer(*recvs[k]),
+            local_src_rows=local[k][0],
+            local_dst_rows=local[k][1],
+            dup_src_rows=dups[k][0],
+            dup_dst_rows=dups[k][1],
+        )
+        for k in range(len(groups))
+    ]
 
 
 def _split_by_peer(peer: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .layout import ExpertLayout, _STATES, _TABLES, _TABLES_MAX, FAST_LAUNCH_ENV, _build_chunk_table, _TritonState
-from .plan import LayerPlan, RankPlan, _offsets, _split_by_peer, stack_deliveries
+from .plan import RankPlan, grouped_rank_views
 from .settings import int_setting
 
 __all__ = [
@@ -168,58 +168,8 @@ def stack_groups(
     return [group for group in groups if len(group) > 1]
 
 
-def stacked_rank_views(layers: Sequence[LayerPlan], rank: int, groups: Sequence[Sequence[int]]) -> list[RankPlan]:
-    """This rank's plan of each stack in ``groups`` (indices into ``layers``, one plan: same
-    ``ep_size`` and ``num_local``), rows numbered across the stack (``s * num_local + row`` for
-    its ``s``-th layer), for all stacks in one numpy pass (~15 numpy calls, whatever the count).
-
-    Each peer's rows are its rows of the stack's first layer, then of its second...: in each
-    layer the plan's wire order, so a sender's ``send_rows[q]`` and receiver ``q``'s
-    ``recv_rows[sender]`` list the same experts in the same order."""
-    chosen = [layers[i] for group in groups for i in group]
-    if not chosen:
-        return []
-    n = chosen[0].num_local
-    sizes = np.array([len(group) for group in groups], dtype=np.int64)
-    stack_of = np.repeat(np.arange(len(groups)), sizes)  # per chosen layer
-    offset = (np.arange(sizes.sum()) - np.repeat(_offsets(sizes)[:-1], sizes)) * n  # its rows start
-    stacked = stack_deliveries(chosen)
-    layer_of = stacked.layer_of
-    group, shift = stack_of[layer_of], offset[layer_of]
-    src, dst, net = stacked.src_slot, stacked.dst_slot, stacked.is_network
-    src_rank, dst_rank = src // n, dst // n
-    dup_count = np.array([layer.dup_dst_slot.size for layer in chosen])
-    dup_layer = np.repeat(np.arange(len(chosen)), dup_count)
-    dup_dst = np.concatenate([layer.dup_dst_slot for layer in chosen])
-    dup_of = np.concatenate([layer.dup_delivery + stacked.first[i] for i, layer in enumerate(chosen)])
-
-    def per_stack(mask, stack, peer, *arrays):
-        """``arrays[mask]`` cut by stack, ordered by (stack, peer) keeping the plan's order within."""
-        order = np.flatnonzero(mask)
-        if peer is not None:
-            order = order[np.lexsort((peer[order], stack[order]))]  # stable: layer order kept per peer
-        bounds = _offsets(np.bincount(stack[order], minlength=len(groups))).tolist()
-        picked = [a[order] for a in ((peer,) if peer is not None else ()) + arrays]
-        return [[a[bounds[k] : bounds[k + 1]] for a in picked] for k in range(len(groups))]
-
-    sends = per_stack(net & (src_rank == rank), group, dst_rank, src % n + shift)
-    recvs = per_stack(net & (dst_rank == rank), group, src_rank, dst % n + shift)
-    local = per_stack(~net & (dst_rank == rank), group, None, src % n + shift, dst % n + shift)
-    on_rank = dup_dst // n == rank
-    dup_shift = offset[dup_layer]
-    dups = per_stack(on_rank, stack_of[dup_layer], None, dst[dup_of] % n + dup_shift, dup_dst % n + dup_shift)
-    return [
-        RankPlan(
-            rank=rank,
-            send_rows=_split_by_peer(*sends[k]),
-            recv_rows=_split_by_peer(*recvs[k]),
-            local_src_rows=local[k][0],
-            local_dst_rows=local[k][1],
-            dup_src_rows=dups[k][0],
-            dup_dst_rows=dups[k][1],
-        )
-        for k in range(len(groups))
-    ]
+#: This rank's view of each stack (:func:`eplb_triton.plan.grouped_rank_views`).
+stacked_rank_views = grouped_rank_views
 
 
 def stack_views(views: Sequence[RankPlan], num_local: int) -> RankPlan:
