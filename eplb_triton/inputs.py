@@ -182,23 +182,25 @@ def _checked_weights(expert_weights, num_local: int | None = None) -> tuple[list
             f"expert_weights must be a list (one entry per layer) of lists of tensors, got {type(expert_weights).__name__}"
         )
     key = _weights_key(expert_weights, num_local)
-    fingerprint = None if key is None else _CHECKED_WEIGHTS.get(key)
-    if fingerprint is not None:  # the same tensors as an earlier call: checked then
-        return [ExpertLayout(tensors, checked=True) for tensors in expert_weights], fingerprint
+    known = None if key is None else _CHECKED_WEIGHTS.get(key)
+    if known is not None:  # the same tensors as an earlier call: checked then, geometry known
+        fingerprint, geometries = known
+        return [ExpertLayout.with_geometry(t, g) for t, g in zip(expert_weights, geometries)], fingerprint
     layouts = _check_weights(expert_weights, num_local)
     fingerprint = _layout_fingerprint(layouts)
     if key is not None:
         if len(_CHECKED_WEIGHTS) >= _CHECKED_WEIGHTS_MAX:
             _CHECKED_WEIGHTS.pop(next(iter(_CHECKED_WEIGHTS)))  # oldest first
-        _CHECKED_WEIGHTS[key] = fingerprint
+        _CHECKED_WEIGHTS[key] = (fingerprint, [layout.geometry for layout in layouts])
     return layouts, fingerprint
 
 
 # Weights that passed check_weights, by everything its checks read (plain values: no tensor is kept
-# alive), with their layouts' fingerprint. A runtime passes the same tensors on every rebalance;
-# checking them again cost ~16 us per tensor (260 us for 8 qwen3 layers on the H200 hosts), the
-# fingerprint ~2 us per tensor locally, the key ~2 us.
-_CHECKED_WEIGHTS: dict[tuple, int] = {}
+# alive), with their layouts' fingerprint and geometry. A runtime passes the same tensors on every
+# rebalance; checking them again cost ~16 us per tensor (260 us for 8 qwen3 layers on the H200
+# hosts), the fingerprint ~2 us per tensor locally, the key ~2 us, a layout's geometry ~7 us per
+# layer of 4 tensors locally.
+_CHECKED_WEIGHTS: dict[tuple, tuple[int, list]] = {}
 _CHECKED_WEIGHTS_MAX = 64
 
 

@@ -460,6 +460,22 @@ class ExpertLayout:
         self._triton_state = None  # descriptor tables, built on first Triton use
 
     @property
+    def geometry(self) -> tuple:
+        """What the layout computed from its tensors' shapes (plain values: keeps no tensor)."""
+        return (self.device, self.num_local, self.row_bytes, self.segment_offsets, self.expert_bytes)
+
+    @classmethod
+    def with_geometry(cls, tensors: Sequence[torch.Tensor], geometry: tuple) -> "ExpertLayout":
+        """A layout of ``tensors`` with the :attr:`geometry` of an earlier layout of the very same
+        tensors (same shapes, strides, dtypes; the caller knows): nothing recomputed."""
+        layout = cls.__new__(cls)
+        layout.tensors = list(tensors)
+        layout.device, layout.num_local, layout.row_bytes, layout.segment_offsets, layout.expert_bytes = geometry
+        layout._views = None
+        layout._triton_state = None
+        return layout
+
+    @property
     def _byte_views(self) -> list[torch.Tensor]:
         """``(num_local, row_bytes)`` uint8 views of the tensors (the torch path's; made on first
         use: four torch ops per tensor are a large part of a layer's host time on the GPU path)."""

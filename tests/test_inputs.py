@@ -339,3 +339,18 @@ def test_layout_fingerprint_is_remembered_with_the_tensors_and_follows_them():
     assert _checked_weights(bf16)[1] == first  # remembered: the same tensors
     f32 = [[torch.zeros(4, 6, dtype=torch.float32)]]  # the same row bytes, another dtype
     assert _checked_weights(f32)[1] != first
+
+
+def test_remembered_layouts_have_the_geometry_of_fresh_ones():
+    from eplb_triton.inputs import _checked_weights
+    from eplb_triton.layout import ExpertLayout
+
+    weights = [[torch.zeros(3, 5, 3, dtype=torch.bfloat16), torch.zeros(3, 7, dtype=torch.uint8)] for _ in range(2)]
+    _checked_weights(weights)
+    again, _ = _checked_weights(weights)  # from the cache
+    for layout, tensors in zip(again, weights):
+        fresh = ExpertLayout(tensors)
+        assert layout.geometry == fresh.geometry and layout.row_bytes == [30, 7]
+        assert all(a is b for a, b in zip(layout.tensors, tensors))
+    weights[1][1] = torch.zeros(3, 9, dtype=torch.uint8)  # another tensor: checked and laid out anew
+    assert _checked_weights(weights)[0][1].row_bytes == [30, 9]
