@@ -84,30 +84,30 @@ class StackedLayout(ExpertLayout):
         return self._triton_state
 
     def _by_layer(self, rows: torch.Tensor):
-        """``(layout, positions in rows, its local rows)`` of each layer that ``rows`` reach."""
+        """``(layout, positions in rows, their local rows, the layer's first stacked row)`` of each
+        layer that ``rows`` reach."""
         layer = rows // self.num_local  # rows are >= 0
         for s, layout in enumerate(self.layouts):
             at = (layer == s).nonzero().flatten()
             if at.numel():
-                yield layout, at, rows[at] - s * self.num_local
+                first = s * self.num_local
+                yield layout, at, rows[at] - first, first
 
     def pack_reference(self, rows: torch.Tensor, packed: torch.Tensor) -> None:
         table = packed.view(rows.numel(), self.expert_bytes)
-        for layout, at, local in self._by_layer(rows):
+        for layout, at, local, _ in self._by_layer(rows):
             for view, offset, nbytes in zip(layout._byte_views, self.segment_offsets, self.row_bytes):
                 if nbytes:
                     table[at, offset : offset + nbytes] = view.index_select(0, local)
 
     def unpack_reference(self, packed: torch.Tensor, rows: torch.Tensor) -> None:
         table = packed.view(rows.numel(), self.expert_bytes)
-        for layout, at, local in self._by_layer(rows):
+        for layout, at, local, _ in self._by_layer(rows):
             layout.unpack_reference(table.index_select(0, at).reshape(-1), local)
 
     def copy_rows_reference(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
-        layer_rows = self.num_local
-        for s, (layout, at, local) in enumerate(self._by_layer(src_rows)):
-            base = (src_rows[at[:1]] // layer_rows) * layer_rows
-            layout.copy_rows_reference(local, dst_rows[at] - base)
+        for layout, at, local, first in self._by_layer(src_rows):  # a copy stays inside its layer
+            layout.copy_rows_reference(local, dst_rows[at] - first)
 
 
 class _StackedTritonState(_TritonState):
