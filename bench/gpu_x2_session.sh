@@ -9,7 +9,10 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 for step in ${STEPS:-tests link}; do
   case $step in
-    tests) run_step gpu-tests ${TESTS_LIMIT:-360} python3 -m pytest -q -m gpu tests -p no:cacheprovider -rf ;;
+    tests) run_step gpu-tests ${TESTS_LIMIT:-560} python3 -m pytest -q -m gpu tests -p no:cacheprovider -rf ;;
+    # the same in two device calls (session 6: the whole suite took ~540 s, near a call's 600 s)
+    testsfaults) run_step gpu-tests-faults 330 python3 -m pytest -q -m gpu tests/test_faults_gpu.py -p no:cacheprovider -rf ;;
+    testsrest) run_step gpu-tests-rest 330 python3 -m pytest -q -m gpu tests --ignore=tests/test_faults_gpu.py -p no:cacheprovider -rf ;;
     tests1) run_step gpu-tests-one-gpu 240 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rf ;;
     # the CPU suite on this machine's torch/triton: no GPU visible, so conftest turns the interpreter on
     suite) run_step whole-suite ${SUITE_LIMIT:-420} env CUDA_VISIBLE_DEVICES= python3 -m pytest -q tests -p no:cacheprovider -rf ;;
