@@ -686,6 +686,8 @@ def _plan_all(
             holders = np.searchsorted(hkey, base + ep_size) - lo
         if policy == "vllm":
             chosen = _vllm_choice(own[net_idx], lo, holders)
+        elif not (holders > 1).any():  # one holder per expert (no replicas): nothing to choose
+            chosen = lo  # what the balancing returns then, without its ~25 numpy calls
         else:
             chosen = _balanced_choice(
                 d_layer[net_idx], d_rank[net_idx], own[net_idx], lo, holders, hrank, num_layers, ep_size, ranks_per_node

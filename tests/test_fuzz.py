@@ -28,8 +28,9 @@ MODES = ["random", "all_same", "permutation", "replicas", "mostly_empty", "uncha
 
 
 @st.composite
-def examples(draw, world: int, max_local: int = 4):
-    """(old, new, specs, budget_rows, verify, seed) for ``world`` ranks."""
+def examples(draw, world: int, max_local: int = 4, large_budgets: bool = False):
+    """(old, new, specs, budget_rows, verify, seed) for ``world`` ranks; ``large_budgets``: budgets
+    of 16-64 rows too, where layers stack (:mod:`eplb_triton.stacked`)."""
     num_local = draw(st.integers(1, max_local))
     layers = draw(st.integers(1, 3))
     slots = world * num_local
@@ -62,8 +63,9 @@ def examples(draw, world: int, max_local: int = 4):
             max_size=3,
         )
     )
-    # small budgets split layers into passes; large ones stack layers (eplb_triton.stacked)
-    budget_rows = draw(st.one_of(st.none(), st.integers(1, 6), st.integers(16, 64)))
+    # small budgets split layers into passes; large ones stack layers
+    sizes = [st.none(), st.integers(1, 6)] + ([st.integers(16, 64)] if large_budgets else [])
+    budget_rows = draw(st.one_of(*sizes))
     verify = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     return np.array(old_rows, dtype=np.int64), np.array(new_rows, dtype=np.int64), specs, budget_rows, verify, seed
@@ -140,7 +142,7 @@ def _fuzz_rank(rank, world, max_examples):
     seen = []
 
     @settings(max_examples=max_examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(examples(world))
+    @given(examples(world, large_budgets=True))
     def check(example):
         share(example)
         verdicts = [None] * world

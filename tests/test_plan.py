@@ -478,3 +478,29 @@ def test_rank_views_large_worlds(ep, layers, num_local):
     for rank in range(ep):
         for layer, view in zip(alone.layers, rank_views(together.layers, rank)):
             assert _same_view(view, layer._build_rank_view(rank))
+
+
+def test_single_holders_skip_the_balancing(monkeypatch):
+    """Where every needed expert has one old holder the sender is forced: no balancing runs, and
+    each network delivery reads the one old slot holding its expert."""
+    import eplb_triton.plan as plan_mod
+
+    calls = []
+    balanced = plan_mod._balanced_choice
+    monkeypatch.setattr(plan_mod, "_balanced_choice", lambda *a: calls.append(1) or balanced(*a))
+    rng = np.random.default_rng(3)
+    old = np.stack([rng.permutation(16) for _ in range(4)])  # no replicas: one holder each
+    new = np.stack([rng.permutation(16) for _ in range(4)])
+    plan = plan_mod.plan_rearrangement(old, new, 4)
+    assert calls == []
+    for l, layer in enumerate(plan.layers):
+        net = layer.is_network
+        assert net.any()
+        expert = new[l, layer.dst_slot[net]]
+        holder = np.argsort(old[l])[expert]  # the slot of each expert in the old map
+        assert layer.src_slot[net].tolist() == holder.tolist()
+    replicas = old.copy()
+    replicas[:, 4] = replicas[:, 0]  # expert old[:, 0] held by ranks 0 and 1: the balancing runs
+    replicas_new = replicas[:, ::-1].copy()
+    plan_mod.plan_rearrangement(replicas, replicas_new, 4)
+    assert calls
