@@ -18,7 +18,8 @@ class TransferStats:
     ``p2p_ops``: isend + irecv ops issued. ``layer_times_s[l]``: wall time of layer ``l`` (the
 layers of a stack share its time equally).
     ``peak_staging_bytes``: the largest staging buffer used at once. ``rounds``: staging
-    passes over all layers (the field keeps its old name; it does not count network rounds).
+    passes over all layers (a stack of layers is one pass; the field keeps its old name; it does
+    not count network rounds).
     ``local_copies``: rows written by local moves and duplicate fills. ``peak_undo_bytes``:
     the rollback buffer (layers that run in several passes). ``verified_experts``: received
     experts whose checksum was checked. ``rollbacks``: layers rolled back after a failure.
