@@ -11,7 +11,6 @@ functions by own and cumulative time (also written to ``--out``).
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import pstats
@@ -30,8 +29,6 @@ import torch.distributed as dist  # noqa: E402
 from eplb_triton import rearrange_expert_weights_inplace  # noqa: E402
 from eplb_triton.comm import Communicator  # noqa: E402
 from eplb_triton.testing.launch import run_ranks  # noqa: E402
-from eplb_triton.testing.shapes import LAYER_CONFIGS, scaled  # noqa: E402
-from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights  # noqa: E402
 from eplb_triton.transfer import prepare_layers  # noqa: E402
 
 
@@ -42,15 +39,7 @@ def _sync(device):
 
 def _rank(rank: int, world: int, args: dict) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if args["backend"] == "nccl" else torch.device("cpu")
-    local, moved, specs = LAYER_CONFIGS[args["config"]]
-    old, new = mg.ref_maps(args["layers"], world, local, moved)
-    weights = make_rank_weights(scaled(specs, args["scale"]), args["layers"], local, device)
-    fill_rank_weights(weights, old, rank, 1)
-    maps = [old, new]
-    budget = mg.budget_bytes(weights, args["budget_layers"]) if args["budget_layers"] else None
-    for _ in range(3):
-        rearrange_expert_weights_inplace(maps[0], maps[1], weights, max_buffer_bytes=budget)
-        maps.reverse()
+    weights, maps, budget = mg.warmed_ref_call(rank, world, args, device, scale=args["scale"])
     comm = Communicator.from_group(None)
     prep = []
     for _ in range(args["calls"]):
@@ -82,14 +71,11 @@ def _rank(rank: int, world: int, args: dict) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = mg.ref_call_parser(__doc__.splitlines()[0], layers=4)
     parser.add_argument("--backend", choices=("nccl", "gloo"), default="nccl")
-    parser.add_argument("--config", default="qwen3-30b-a3b-bf16", choices=list(LAYER_CONFIGS))
-    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--top", type=int, default=35)
     parser.add_argument("--scale", type=int, default=1)
-    parser.add_argument("--budget-layers", type=float, default=None, help="max_buffer_bytes of this many layers' rows")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     cfg = vars(args)

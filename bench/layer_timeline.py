@@ -10,7 +10,6 @@ point since the call began and the GPU time at which the stream reached it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -27,22 +26,11 @@ from eplb_triton.comm import Communicator  # noqa: E402
 from eplb_triton.layout import ExpertLayout  # noqa: E402
 from eplb_triton.testing.launch import run_ranks  # noqa: E402
 from eplb_triton.testing.machine import machine_line  # noqa: E402
-from eplb_triton.testing.shapes import LAYER_CONFIGS  # noqa: E402
-from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights  # noqa: E402
 
 
 def _rank(rank, world, args):
-    local, moved, specs = LAYER_CONFIGS[args["config"]]
-    old, new = mg.ref_maps(args["layers"], world, local, moved)
-    weights = make_rank_weights(specs, args["layers"], local, "cuda")
-    fill_rank_weights(weights, old, rank, 1)
-    budget = None
-    if args["budget_layers"]:  # 2: two layers' staging fit, so layers overlap (run_layers' two slots)
-        budget = mg.budget_bytes(weights, args["budget_layers"])
-    maps = [old, new]
-    for _ in range(3):
-        rearrange_expert_weights_inplace(maps[0], maps[1], weights, max_buffer_bytes=budget)
-        maps.reverse()
+    # --budget-layers 2: two layers' staging fit, so layers overlap (run_layers' two slots)
+    weights, maps, budget = mg.warmed_ref_call(rank, world, args, "cuda")
     probes = []
     spent: dict[str, list[float]] = {}
 
@@ -105,11 +93,7 @@ def _rank(rank, world, args):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="qwen3-30b-a3b-bf16", choices=list(LAYER_CONFIGS))
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--budget-layers", type=float, default=None, help="max_buffer_bytes in layers' local rows (default: the library's)")
-    args = parser.parse_args()
+    args = mg.ref_call_parser(__doc__.splitlines()[0], layers=4).parse_args()
     print(machine_line(world_size=2, dist_backend="nccl"))
     results = run_ranks(2, _rank, vars(args), backend="nccl", timeout_s=300.0, group_timeout_s=120.0)
     print(f"{args.config}, {args.layers} layers: ms since the call began (host clock | GPU stream)")

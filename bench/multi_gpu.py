@@ -126,6 +126,36 @@ def budget_bytes(weights, layers: float) -> int:
     return int(layers * layout.num_local * layout.expert_bytes)
 
 
+def ref_call_parser(description: str, layers: int) -> argparse.ArgumentParser:
+    """A parser with the options :func:`warmed_ref_call` reads: ``--config``, ``--layers`` (default
+    ``layers``) and ``--budget-layers`` (the diagnostic scripts add their own)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="qwen3-30b-a3b-bf16", choices=list(LAYER_CONFIGS))
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument(
+        "--budget-layers", type=float, default=None, help="max_buffer_bytes of this many layers' local rows (default: the library's)"
+    )
+    return parser
+
+
+def warmed_ref_call(rank: int, world: int, args: dict, device, scale: int = 1):
+    """The diagnostic scripts' set-up (``args``: ``config``, ``layers``, ``budget_layers``): the
+    config's reference maps and weights (dimensions divided by ``scale``), ``max_buffer_bytes`` of
+    ``budget_layers`` layers (None: the library's default), and three blocking calls back and
+    forth (communicator set-up, kernels compiled). Returns ``weights, [old, new], budget``, the
+    maps in the order the next call takes them."""
+    local, moved, specs = LAYER_CONFIGS[args["config"]]
+    old, new = ref_maps(args["layers"], world, local, moved)
+    weights = make_rank_weights(scaled(specs, scale), args["layers"], local, device)
+    fill_rank_weights(weights, old, rank, 1)
+    budget = budget_bytes(weights, args["budget_layers"]) if args.get("budget_layers") else None
+    maps = [old, new]
+    for _ in range(3):
+        rearrange_expert_weights_inplace(maps[0], maps[1], weights, max_buffer_bytes=budget)
+        maps.reverse()
+    return weights, maps, budget
+
+
 def ref_maps(layers: int, world: int, num_local: int, moved: int):
     """Identity -> each rank's first ``moved`` rows take the experts of the same rows on the other
     ranks (row ``i`` from rank ``r + 1 + i % (world - 1)``): a permutation, so every rank sends and

@@ -11,7 +11,6 @@ unpack kernels ran while a NCCL kernel was running (their overlap).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -28,8 +27,6 @@ import torch.distributed as dist  # noqa: E402
 from eplb_triton import rearrange_expert_weights_inplace  # noqa: E402
 from eplb_triton.testing.launch import run_ranks  # noqa: E402
 from eplb_triton.testing.machine import machine_line  # noqa: E402
-from eplb_triton.testing.shapes import LAYER_CONFIGS  # noqa: E402
-from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights  # noqa: E402
 
 
 def _kernels(trace_path: str) -> list[tuple[str, float, float]]:
@@ -56,17 +53,7 @@ def _overlap(intervals, others) -> float:
 def _rank(rank, world, args):
     from torch.profiler import ProfilerActivity, profile
 
-    local, moved, specs = LAYER_CONFIGS[args["config"]]
-    old, new = mg.ref_maps(args["layers"], world, local, moved)
-    weights = make_rank_weights(specs, args["layers"], local, "cuda")
-    fill_rank_weights(weights, old, rank, 1)
-    budget = None
-    if args["budget_layers"]:
-        budget = mg.budget_bytes(weights, args["budget_layers"])
-    maps = [old, new]
-    for _ in range(3):  # warm-up: communicator, kernels compiled
-        rearrange_expert_weights_inplace(maps[0], maps[1], weights, max_buffer_bytes=budget)
-        maps.reverse()
+    weights, maps, budget = mg.warmed_ref_call(rank, world, args, "cuda")
     torch.cuda.synchronize()
     dist.barrier()
     torch.cuda.synchronize()
@@ -92,11 +79,7 @@ def _rank(rank, world, args):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="qwen3-30b-a3b-bf16", choices=list(LAYER_CONFIGS))
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--budget-layers", type=float, default=None, help="max_buffer_bytes in layers' local rows")
-    args = parser.parse_args()
+    args = mg.ref_call_parser(__doc__.splitlines()[0], layers=16).parse_args()
     print(machine_line(world_size=2, dist_backend="nccl"))
     results = run_ranks(2, _rank, vars(args), backend="nccl", timeout_s=300.0, group_timeout_s=120.0)
     print(f"{args.config}, {args.layers} layers, budget {args.budget_layers or 'default'} layers")
