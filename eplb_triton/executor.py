@@ -206,8 +206,7 @@ class LayerWork:
                         exc.layer = self.index
                         raise
                     batches.append(len(labels))
-                work.count_into(stats, sum(batches), batches=batches)
-                stats.stacked_layers += self.layer_count if self.layer_count > 1 else 0  # a stack has one pass
+                self._count_pass(work, stats, batches)
                 if hook is not None:  # the received views are only made for a hook
                     hook("in_flight", rank=comm.rank, layer=self.index, pass_index=i, received=work.recv_messages(staging))
                 if mismatch is None:
@@ -270,14 +269,19 @@ class LayerWork:
         except PeerError as exc:
             exc.layer = self.index
             raise
-        work.count_into(stats, sum(posted.batches), batches=posted.batches)
-        stats.stacked_layers += self.layer_count if self.layer_count > 1 else 0
+        self._count_pass(work, stats, posted.batches)
         if hook is not None:  # the received views are only made for a hook
             hook("in_flight", rank=comm.rank, layer=self.index, pass_index=0, received=work.recv_messages(posted.staging))
         work.apply(self.layout, posted.staging, backend)
         work.release()
         if hook is not None:
             hook("pass_applied", rank=comm.rank, layer=self.index, pass_index=0)
+
+    def _count_pass(self, work: PassWork, stats: TransferStats, batches: list[int]) -> None:
+        """Add one completed pass of this layer (or stack: its one pass) to ``stats``."""
+        work.count_into(stats, sum(batches), batches=batches)
+        if self.layer_count > 1:
+            stats.stacked_layers += self.layer_count
 
     def _mismatch_error(self, work: PassWork, bad: list[tuple[int, int]], rank: int, where: str) -> ChecksumMismatchError:
         peer, k = bad[0]

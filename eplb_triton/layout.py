@@ -469,11 +469,15 @@ class ExpertLayout:
         """A layout of ``tensors`` with the :attr:`geometry` of an earlier layout of the very same
         tensors (same shapes, strides, dtypes; the caller knows): nothing recomputed."""
         layout = cls.__new__(cls)
-        layout.tensors = list(tensors)
-        layout.device, layout.num_local, layout.row_bytes, layout.segment_offsets, layout.expert_bytes = geometry
-        layout._views = None
-        layout._triton_state = None
+        layout._adopt(tensors, geometry)
         return layout
+
+    def _adopt(self, tensors: Sequence[torch.Tensor], geometry: tuple) -> None:
+        """Take ``tensors`` and a known :attr:`geometry`, with no views or Triton state yet."""
+        self.tensors = list(tensors)
+        self.device, self.num_local, self.row_bytes, self.segment_offsets, self.expert_bytes = geometry
+        self._views = None
+        self._triton_state = None
 
     @property
     def _byte_views(self) -> list[torch.Tensor]:

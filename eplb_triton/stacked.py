@@ -66,14 +66,7 @@ class StackedLayout(ExpertLayout):
         if any(stack_key(layout) != stack_key(first) or layout.device != first.device for layout in layouts):
             raise ValueError("stacked layers need the same device, num_local and row bytes per tensor")
         self.layouts = list(layouts)
-        self.tensors = first.tensors
-        self.device = first.device
-        self.num_local = first.num_local
-        self.row_bytes = first.row_bytes
-        self.segment_offsets = first.segment_offsets
-        self.expert_bytes = first.expert_bytes
-        self._views = None
-        self._triton_state = None
+        self._adopt(first.tensors, first.geometry)  # one packed expert: the first layer's
 
     def __repr__(self) -> str:
         return f"StackedLayout({len(self.layouts)} layers, num_local={self.num_local}, expert_bytes={self.expert_bytes})"

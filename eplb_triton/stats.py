@@ -16,7 +16,7 @@ class TransferStats:
     ``bytes_sent[p]`` / ``bytes_received[p]``: packed bytes exchanged with EP peer ``p``
     (with ``verify``, the checksum trailers included: what went over the wire).
     ``p2p_ops``: isend + irecv ops issued. ``layer_times_s[l]``: wall time of layer ``l`` (the
-layers of a stack share its time equally).
+    layers of a stack share its time equally).
     ``peak_staging_bytes``: the largest staging buffer used at once. ``rounds``: staging
     passes over all layers (a stack of layers is one pass; the field keeps its old name; it does
     not count network rounds).
