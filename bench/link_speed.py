@@ -274,6 +274,9 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
             if stacked is not None:
                 run = _with_env(f"EPLB_TRITON_LAYERS_PER_EXCHANGE={stacked}", run)
             runs[label] = checked(label, run)
+            for variant in cfg["variants"]:  # the same budget under each environment setting
+                label_variant = f"{label[:-1]}, {variant}]"
+                runs[label_variant] = checked(label_variant, _with_env(variant, run))
             if "blocking-p2p" in methods:  # the same budget with transport="p2p"
                 label_p2p = label.replace("blocking[", "blocking-p2p[")
                 run_p2p = lambda o, n, b=budget: rearrange_expert_weights_inplace(  # noqa: E731
@@ -437,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
     parser.add_argument("--chunks", type=int, nargs="*", default=[], help="extra message-piece sizes (bytes; 0 = whole)")
     parser.add_argument("--variants", nargs="*", default=[], metavar="NAME=VALUE",
-                        help="also time the blocking path with this environment variable set (e.g. EPLB_TRITON_DIRECT_POST=0)")
+                        help="also time the blocking path (and each --budgets row) with this environment variable set "
+                             "(e.g. EPLB_TRITON_DIRECT_POST=0)")
     parser.add_argument("--budgets", nargs="*", default=[], metavar="LAYERS[/K]",
                         help="also time the blocking path with max_buffer_bytes of this many layers' local rows "
                         "(the default budget is 1: a layer that needs more staging runs in several passes); "

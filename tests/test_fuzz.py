@@ -268,4 +268,6 @@ def test_fuzz_atomicity_single_rank():
         outcomes.append(_atomicity_example(example, point, nth, budget_rows))
 
     check()
-    assert sum(outcomes) >= len(outcomes) // 4, f"the fault fired in only {sum(outcomes)} of {len(outcomes)} examples"
+    # not vacuous: the draws are random, and 43-46 of 200 fired in runs that failed a floor of a
+    # quarter (about 50 fire on average): an eighth leaves room for chance, not for a dead hook
+    assert sum(outcomes) >= len(outcomes) // 8, f"the fault fired in only {sum(outcomes)} of {len(outcomes)} examples"
