@@ -59,17 +59,6 @@ for step in ${STEPS:-tests link}; do
       for config in ${TRACE_CONFIGS:-qwen3-30b-a3b-bf16 deepseek-v3-fp8}; do
         run_step "trace-$config-stacked" 90 python3 bench/overlap_trace.py --config $config --layers 16 --budget-layers 8; done
       run_step timeline-stacked 120 python3 bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 16 --budget-layers 8 ;;
-    # session 7: items' work built while earlier exchanges are on the wire, against building it all first
-    defer) run_step defer-gpu-tests 200 python3 -m pytest -q -m gpu tests/test_stacked.py tests/test_launch_counts.py \
-        tests/test_transfer_gpu.py -p no:cacheprovider -rf
-      for layers in ${DEFER_LAYERS:-48 16 4}; do
-        run_step "link-$layers-layers-defer" 150 python3 bench/link_speed.py --layers $layers --repeats ${DEFER_REPEATS:-9} \
-          --budgets ${DEFER_BUDGETS:-8} --variants EPLB_TRITON_DEFER_BUILD=0 --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 \
-          tiny-bf16 --presets --methods floor per-expert blocking --json "$OUT/link_speed-${layers}layers-defer.json" \
-          --markdown "$OUT/link_speed-${layers}layers-defer.md"; done
-      run_step timeline-defer-16 120 python3 bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 16 --budget-layers 8
-      run_step timeline-defer-48 120 python3 bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 48
-      run_step trace-defer 90 python3 bench/overlap_trace.py --config qwen3-30b-a3b-bf16 --layers 16 --budget-layers 8 ;;
     # session 6, last call: p2p with stacks, and the host with one OpenMP thread (as vLLM's workers run)
     final6) run_step link-48-layers-p2p 200 python3 bench/link_speed.py --layers 48 --repeats 5 --budgets 2 8 \
         --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor per-expert blocking \

@@ -57,8 +57,7 @@ def _rank(rank, world, args):
                         (transfer.PassWork, "from_view"), (transfer.LayerWork, "run"),
                         (transfer.LayerWork, "start"), (transfer.LayerWork, "finish"),
                         (transfer, "prepare_layers"), (prepare, "plan_from_maps"), (prepare, "schedule_layer"),
-                        (executor, "upload_rows"), (transfer, "finish_transfer"), (transfer, "layer_times"), (prepare, "grouped_rank_views"),
-                        (prepare, "rank_views"), (prepare._DeferredBuild, "_build"),
+                        (executor, "upload_rows"), (transfer, "finish_transfer"), (transfer, "layer_times"), (prepare, "stacked_rank_views"),
                         (executor, "_mark"), (prepare, "check_inputs"), (prepare, "agree_inputs_start"),
                         (inputs, "check_weights"), (inputs, "normalize_maps")]:
         timed(owner, name)

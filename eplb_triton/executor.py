@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -63,11 +63,6 @@ class LayerWork:
     ``expert_ids`` (the layer's new map, optional) lets errors name logical experts.
     ``layer_count`` > 1: a stack of the layers ``index, index + 1, ...`` moved by one pass
     (:mod:`eplb_triton.stacked`; its layout numbers the rows across them).
-
-    ``deferred`` (set by :func:`~eplb_triton.prepare.prepare_layers` with ``defer=True``):
-    the item is one pass of whole messages with no stash whose :attr:`passes` are built by
-    calling it (with a few other items', in one numpy pass) when :meth:`built` is first asked;
-    until then ``passes`` is empty and ``deferred_staging_bytes`` is its staging, from the plan.
     """
 
     index: int
@@ -77,14 +72,6 @@ class LayerWork:
     stash_rows: np.ndarray
     expert_ids: np.ndarray | None = None
     layer_count: int = 1
-    deferred: Callable[[], None] | None = None
-    deferred_staging_bytes: int = 0
-
-    def built(self) -> "LayerWork":
-        """This item with its :attr:`passes` (built now if they were deferred)."""
-        if self.deferred is not None:
-            self.deferred()  # sets passes and clears deferred, on this item and those built with it
-        return self
 
     @property
     def stash_bytes(self) -> int:
@@ -93,16 +80,12 @@ class LayerWork:
     @property
     def staging_bytes(self) -> int:
         """Stash plus the largest pass's staging."""
-        if self.deferred is not None:
-            return self.deferred_staging_bytes
         return self.stash_bytes + max((r.staging_bytes for r in self.passes), default=0)
 
     @property
     def undo_bytes(self) -> int:
         """Bytes needed to roll this layer back: old contents of the rows written by every
         pass but the last (a single-pass layer needs none)."""
-        if self.deferred is not None:  # one pass
-            return 0
         return sum(r.written_rows.size for r in self.passes[:-1]) * self.layout.expert_bytes
 
     @property
@@ -114,8 +97,6 @@ class LayerWork:
         """One pass of whole batched messages (no ``verify``, no planner rounds) and no stash:
         :func:`run_layers` may queue its pack and post while the previous layer is on the wire
         (:meth:`start`, :meth:`finish`)."""
-        if self.deferred is not None:  # deferred only where this holds
-            return True
         return len(self.passes) == 1 and not self.passes[0].framed and not self.stash_rows.size
 
     def expert_at(self, rank: int, row: int) -> int | None:
@@ -153,7 +134,6 @@ class LayerWork:
                 exchange still completed (peers are not left waiting) and the layer was
                 rolled back, so the group is still usable.
         """
-        self.built()
         if transport is None and self.overlappable:
             self.finish(self.start(staging, comm, backend), comm, backend, stats, timeout_s=timeout_s)
             return
@@ -261,7 +241,6 @@ class LayerWork:
     def start(self, staging: torch.Tensor, comm: Communicator, backend: str | None) -> "_Posted":
         """An :attr:`overlappable` layer's first half: pack its sends (and staged local
         sources) into ``staging`` and post its exchange. Reads rows only; nothing waits."""
-        self.built()
         work, where = self.passes[0], f"layer {self.index}, pass 1/1"
         hook = _fault_hook()
         if hook is not None:
@@ -402,7 +381,7 @@ def run_layers(
     """
     device = layers[0].layout.device
     backend = resolve_backend(backend, device)  # once: per launch it read the environment (checked by prepare_layers)
-    upload_rows([work for layer in layers for work in layer.passes], device)  # deferred items upload when built
+    upload_rows([work for layer in layers for work in layer.passes], device)
     peak = max(layer.staging_bytes for layer in layers)
     given = None if staging is None else staging_view(staging, device)  # validated by prepare_layers
     undo_bytes = max(layer.undo_bytes for layer in layers) if atomic else 0

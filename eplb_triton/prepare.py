@@ -15,13 +15,13 @@ from .executor import LayerWork, staging_view
 from .inputs import CheckedInputs, WeightsSignature, agree_inputs_start, check_inputs, default_budget_bytes, row_cost
 from .layout import resolve_backend
 from .p2p import resolve_transport
-from .passes import PassWork, upload_rows
-from .plan import LayerPlan, RearrangementPlan, _check_options, grouped_rank_views, plan_from_maps, rank_views, with_rounds
+from .passes import PassWork
+from .plan import LayerPlan, RearrangementPlan, _check_options, plan_from_maps, rank_views, with_rounds
 from .schedule import capacity_rows, fits_one_pass, one_pass_rows_all, schedule_layer, smallest_budget_bytes
 from .settings import int_setting
-from .stacked import StackedLayout, layers_per_exchange, stack_groups, stack_key
+from .stacked import StackedLayout, layers_per_exchange, stack_groups, stack_key, stacked_rank_views
 
-__all__ = ["CHUNK_ENV", "DEFER_ENV", "PIPELINE_CHUNK_BYTES", "defer_build", "pipeline_chunk_bytes", "prepare_layers"]
+__all__ = ["CHUNK_ENV", "PIPELINE_CHUNK_BYTES", "pipeline_chunk_bytes", "prepare_layers"]
 
 
 def _network_rounds(plan: LayerPlan, rank: int) -> list[tuple[int, int, int, int, int, int]]:
@@ -60,17 +60,6 @@ def pipeline_chunk_bytes(dist_backend: str | None) -> int:
     return int_setting(CHUNK_ENV, default, minimum=0, what="an integer number of bytes")
 
 
-#: ``"0"``: build every item's work before the first exchange (``defer=False``); for benchmarks'
-#: A/B rows. Rank-local: building later changes no byte on the wire, so ranks may differ.
-DEFER_ENV = "EPLB_TRITON_DEFER_BUILD"
-
-
-def defer_build() -> bool:
-    """Whether the blocking path defers its items' builds (:class:`_DeferredBuild`): yes, unless
-    ``EPLB_TRITON_DEFER_BUILD=0``."""
-    return int_setting(DEFER_ENV, 1, minimum=0, what="0 or 1") != 0
-
-
 def _chunk_experts(expert_bytes: int, chunk_bytes: int) -> int | None:
     """Experts per message piece (at least one), or None for whole messages."""
     return max(1, chunk_bytes // expert_bytes) if chunk_bytes else None
@@ -93,7 +82,6 @@ def prepare_layers(
     transport: str = "auto",
     backend: str | None = None,
     stack: bool = False,
-    defer: bool = False,
 ) -> list[LayerWork]:
     """Validate everything, agree with every rank, plan and schedule; touches no weight.
 
@@ -113,11 +101,6 @@ def prepare_layers(
     ``stack``: join consecutive one-pass layers into stacks that share one exchange where half
     the agreed budget holds them (:func:`eplb_triton.stacked.stack_groups`; not with ``verify``,
     ``rounds`` or message pieces); the result then has fewer items than layers.
-    ``defer``: items of one pass of whole messages without stash (stacks, and layers that fit one
-    pass, without ``verify``, ``rounds`` or message pieces) get their per-rank work built when the
-    loop first needs it (:meth:`LayerWork.built`), a few items at a time (:class:`_DeferredBuild`),
-    so the first exchange is posted before the last layers' work is built. Everything that can
-    raise on bad input still runs here, before the first item.
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
@@ -183,34 +166,29 @@ def prepare_layers(
     pass_rows = one_pass_rows_all(plan.layers) if plan.layers else np.zeros((0, maps.ep_size), dtype=np.int64)
     one_pass = fits_one_pass(plan.layers, capacities, pass_rows).tolist()
     stacks = _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, stack)
+    stacked = {group[0]: (group, view) for group, view in zip(stacks, stacked_rank_views(plan.layers, comm.rank, stacks))}
     inside = {index for group in stacks for index in group[1:]}
-    # items of one pass of whole messages, no stash: deferred, or built here in one numpy pass
-    simple = {group[0]: group for group in stacks}
-    if not verify and kind is None and not chunk_bytes:
-        simple.update({i: [i] for i, single in enumerate(one_pass) if single and i not in inside and i not in simple})
-    rank_views([plan.layers[i] for i, single in enumerate(one_pass) if single and i not in simple and i not in inside], comm.rank)
+    alone = [layer for index, layer in enumerate(plan.layers) if index not in inside and index not in stacked]
+    rank_views(alone, comm.rank)  # cached on the layers
     no_stash = np.zeros(0, dtype=np.int64)
-    layers, waiting = [], []
+    layers = []
     for index, (layout, layer_plan, cost) in enumerate(zip(layouts, plan.layers, costs)):
         if index in inside:  # part of the stack its first layer builds
             continue
-        if index in simple:
-            group = simple[index]
-            stacked = len(group) > 1
-            rows = int(pass_rows[group, comm.rank].sum())  # sends, receives and staged local moves
+        if index in stacked:
+            group, view = stacked[index]
+            work = PassWork.from_view(view, layout.expert_bytes, direct_local=True)
+            work.pass_traffic = sum(plan.layers[i].traffic for i in group)  # p2p: each peer's message, all layers
             layers.append(
                 LayerWork(
                     index=index,
-                    layout=StackedLayout([layouts[i] for i in group]) if stacked else layout,
-                    plan=layer_plan,  # a stack: has network traffic, as every layer of it
-                    passes=[],
+                    layout=StackedLayout([layouts[i] for i in group]),
+                    plan=layer_plan,  # has network traffic, as every layer of the stack
+                    passes=[work],
                     stash_rows=no_stash,
-                    expert_ids=None if stacked else maps.new[index],
                     layer_count=len(group),
-                    deferred_staging_bytes=rows * layout.expert_bytes,
                 )
             )
-            waiting.append((layers[-1], group))
             continue
         if one_pass[index]:
             passes, stash_rows = [None], no_stash  # None: every delivery
@@ -247,57 +225,7 @@ def prepare_layers(
                 expert_ids=maps.new[index],
             )
         )
-    _DeferredBuild.split(plan.layers, comm.rank, waiting, defer)
     return layers
-
-
-class _DeferredBuild:
-    """The per-rank work of several one-pass items (stacks or single layers), built together:
-    their views in one numpy pass (:func:`~eplb_triton.plan.grouped_rank_views`), their passes,
-    and their device rows in one copy (:func:`~eplb_triton.passes.upload_rows`).
-
-    :meth:`split` cuts a call's items into builds of 1, 2, 4, 8... items: the loop posts the
-    first exchange after building one item, and each later build runs on the host while earlier
-    exchanges are on the wire. Called (through :attr:`LayerWork.deferred`) by the first of its
-    items the loop reaches; builds once."""
-
-    def __init__(self, plan_layers: Sequence[LayerPlan], rank: int, items: list[tuple[LayerWork, list[int]]]):
-        self.plan_layers, self.rank, self.items = plan_layers, rank, items
-
-    @classmethod
-    def split(cls, plan_layers, rank: int, items: list[tuple[LayerWork, list[int]]], defer: bool) -> None:
-        """Build ``items`` now (``defer=False``: in one pass, no upload: the loop uploads every
-        item's rows) or attach deferred builds of growing size to them."""
-        if not defer:
-            cls(plan_layers, rank, items)._build(upload=False)
-            return
-        start, size = 0, 1
-        while start < len(items):
-            build = cls(plan_layers, rank, items[start : start + size])
-            for layer, _ in build.items:
-                layer.deferred = build
-            start, size = start + size, 2 * size
-
-    def __call__(self) -> None:
-        self._build(upload=True)
-
-    def _build(self, upload: bool) -> None:
-        items, self.items = self.items, []  # once
-        if not items:
-            return
-        views = grouped_rank_views(self.plan_layers, self.rank, [group for _, group in items])
-        works = []
-        for (layer, group), view in zip(items, views):
-            work = PassWork.from_view(view, layer.layout.expert_bytes, direct_local=True)
-            work.pass_traffic = sum(self.plan_layers[i].traffic for i in group)  # p2p: each peer's message, all layers
-            if work.staging_bytes != layer.deferred_staging_bytes:  # the staging was sized from the plan
-                raise RuntimeError(
-                    f"layer {layer.index}: staging {work.staging_bytes} bytes, the plan said {layer.deferred_staging_bytes}"
-                )
-            layer.passes, layer.deferred = [work], None
-            works.append(work)
-        if upload:
-            upload_rows(works, items[0][0].layout.device)
 
 
 def _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, stack) -> list[list[int]]:

@@ -59,7 +59,7 @@ from .inputs import default_budget_bytes
 from .layout import ExpertLayout
 from .maps import EPGroup, ExpertMap, RankMapping
 from .passes import PassWork
-from .prepare import defer_build, prepare_layers
+from .prepare import prepare_layers
 from .stats import TransferStats
 
 __all__ = [
@@ -279,7 +279,6 @@ def rearrange_expert_weights_inplace(
         transport=transport,
         backend=backend,
         stack=True,
-        defer=defer_build(),
     )
     stats = TransferStats.empty(comm.rank, comm.world_size)
     if not layers:
