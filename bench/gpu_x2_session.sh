@@ -59,6 +59,16 @@ for step in ${STEPS:-tests link}; do
       for config in ${TRACE_CONFIGS:-qwen3-30b-a3b-bf16 deepseek-v3-fp8}; do
         run_step "trace-$config-stacked" 90 python3 bench/overlap_trace.py --config $config --layers 16 --budget-layers 8; done
       run_step timeline-stacked 120 python3 bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 16 --budget-layers 8 ;;
+    # session 7: p2p pulls on a side stream, two slots of the symmetric buffer
+    p2pslots) run_step p2p-gpu-tests ${P2P_TESTS_LIMIT:-280} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
+        tests/test_faults_gpu.py -k "p2p" -p no:cacheprovider -rf
+      for layers in ${P2P_LAYERS:-48 16}; do
+        run_step "link-$layers-layers-p2p-slots" 150 python3 bench/link_speed.py --layers $layers --repeats ${P2P_REPEATS:-7} \
+          --budgets 2 8 --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking \
+          --transport nccl p2p --json "$OUT/link_speed-${layers}layers-p2p-slots.json" \
+          --markdown "$OUT/link_speed-${layers}layers-p2p-slots.md"; done ;;
+    tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
+        tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;
     # session 6, last call: p2p with stacks, and the host with one OpenMP thread (as vLLM's workers run)
     final6) run_step link-48-layers-p2p 200 python3 bench/link_speed.py --layers 48 --repeats 5 --budgets 2 8 \
         --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor per-expert blocking \

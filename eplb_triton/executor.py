@@ -31,7 +31,7 @@ import torch
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
 from .inputs import default_budget_bytes
 from .layout import ExpertLayout, resolve_backend
-from .p2p import acquire as acquire_p2p, resolve_transport
+from .p2p import acquire_slots as acquire_p2p_slots, resolve_transport
 from .passes import PassWork, upload_rows
 from .plan import LayerPlan
 from .stats import TransferStats
@@ -72,6 +72,7 @@ class LayerWork:
     stash_rows: np.ndarray
     expert_ids: np.ndarray | None = None
     layer_count: int = 1
+    stash_anywhere: bool = False  # some rank stashes rows in this layer (the schedule's, the same everywhere)
 
     @property
     def stash_bytes(self) -> int:
@@ -94,10 +95,11 @@ class LayerWork:
 
     @property
     def overlappable(self) -> bool:
-        """One pass of whole batched messages (no ``verify``, no planner rounds) and no stash:
-        :func:`run_layers` may queue its pack and post while the previous layer is on the wire
-        (:meth:`start`, :meth:`finish`)."""
-        return len(self.passes) == 1 and not self.passes[0].framed and not self.stash_rows.size
+        """One pass of whole batched messages (no ``verify``, no planner rounds) and no stash on
+        any rank: :func:`run_layers` may queue its pack and post while the previous layer is on
+        the wire (:meth:`start`, :meth:`finish`). The same on every rank (the p2p transport's
+        slots rely on it)."""
+        return len(self.passes) == 1 and not self.passes[0].framed and not self.stash_rows.size and not self.stash_anywhere
 
     def expert_at(self, rank: int, row: int) -> int | None:
         if self.expert_ids is None:
@@ -170,7 +172,7 @@ class LayerWork:
             for i, work in enumerate(self.passes):
                 where = f"layer {self.index}, pass {i + 1}/{len(self.passes)}"
                 batches = []
-                mover = comm if transport is None else transport.exchange_for(work.pass_traffic, eb, verify=work.verify)
+                mover = comm if transport is None else _p2p_mover(transport, work, staging, eb)
                 if not work.framed:  # packs and posts batch by batch, then one wait for all
                     if hook is not None:
                         hook("before_send", rank=comm.rank, layer=self.index, pass_index=i)
@@ -238,25 +240,28 @@ class LayerWork:
         if mismatch is not None:
             raise mismatch
 
-    def start(self, staging: torch.Tensor, comm: Communicator, backend: str | None) -> "_Posted":
+    def start(self, staging: torch.Tensor, comm: Communicator, backend: str | None, transport=None) -> "_Posted":
         """An :attr:`overlappable` layer's first half: pack its sends (and staged local
-        sources) into ``staging`` and post its exchange. Reads rows only; nothing waits."""
+        sources) into ``staging`` and post its exchange. Reads rows only; nothing waits.
+        ``transport``: a :class:`~eplb_triton.p2p.P2PTransport` whose buffer holds ``staging``
+        (one of its slots), or ``None`` for ``comm``'s own isend/irecv."""
         work, where = self.passes[0], f"layer {self.index}, pass 1/1"
         hook = _fault_hook()
         if hook is not None:
             hook("layer_start", rank=comm.rank, layer=self.index)
             hook("before_send", rank=comm.rank, layer=self.index, pass_index=0)
         send_buf, recv_buf, scratch = work._slices(staging)
+        mover = comm if transport is None else _p2p_mover(transport, work, staging, self.layout.expert_bytes)
         try:  # posting fails too when a peer's connection is already closed
             requests, labels, batches = work.post_batches(
-                self.layout, send_buf, recv_buf, comm, backend, None, local_buf=scratch, where=where
+                self.layout, send_buf, recv_buf, mover, backend, None, local_buf=scratch, where=where
             )
         except PeerError as exc:
             exc.layer = self.index
             raise
         if hook is not None:
             hook("posted", rank=comm.rank, layer=self.index, pass_index=0, network_round=0, ops=labels)
-        return _Posted(staging, requests, labels, batches, where, hook)
+        return _Posted(staging, requests, labels, batches, where, hook, mover, transport)
 
     def finish(
         self, posted: "_Posted", comm: Communicator, backend: str | None, stats: TransferStats, *, timeout_s: float | None = None
@@ -265,7 +270,7 @@ class LayerWork:
         then write the layer (one pass: nothing to roll back before it is written)."""
         work, hook = self.passes[0], posted.hook
         try:
-            comm.wait(posted.requests, timeout_s=timeout_s, labels=posted.labels, where=posted.where)
+            posted.mover.wait(posted.requests, timeout_s=timeout_s, labels=posted.labels, where=posted.where)
         except PeerError as exc:
             exc.layer = self.index
             raise
@@ -274,6 +279,8 @@ class LayerWork:
             hook("in_flight", rank=comm.rank, layer=self.index, pass_index=0, received=work.recv_messages(posted.staging))
         work.apply(self.layout, posted.staging, backend)
         work.release()
+        if posted.transport is not None:
+            posted.transport.mark_used()
         if hook is not None:
             hook("pass_applied", rank=comm.rank, layer=self.index, pass_index=0)
 
@@ -306,6 +313,15 @@ class _Posted:
     batches: list[int]
     where: str
     hook: object
+    mover: object  # what posted it: the Communicator, or a p2p transport's exchange
+    transport: object = None  # the p2p transport, if any
+
+
+def _p2p_mover(transport, work: PassWork, staging: torch.Tensor, expert_bytes: int):
+    """The p2p exchange of ``work``, whose staging starts at ``staging`` inside the transport's
+    buffer (offset 0, or the second slot's: the same on every rank)."""
+    offset = staging.data_ptr() - transport.buffer.data_ptr()
+    return transport.exchange_for(work.pass_traffic, expert_bytes, verify=work.verify, slot_offset=offset)
 
 
 def staging_view(staging, device: torch.device) -> torch.Tensor:
@@ -371,7 +387,8 @@ def run_layers(
     one layer's local rows) holds two layers' staging, consecutive :attr:`~LayerWork.overlappable`
     layers alternate between two staging slots: layer ``i + 1`` is packed and posted before
     layer ``i`` is waited for, so its pack runs while layer ``i`` is on the wire and the wire
-    never waits for a pack (:func:`double_staging`).
+    never waits for a pack (:func:`double_staging`). With ``transport="p2p"`` the two slots are
+    halves of the symmetric buffer, of a size every rank agrees on (:func:`~eplb_triton.p2p.acquire_slots`).
 
     ``layers`` may hold stacks (:mod:`eplb_triton.stacked`): several layers in one pass.
 
@@ -387,9 +404,14 @@ def run_layers(
     undo_bytes = max(layer.undo_bytes for layer in layers) if atomic else 0
     p2p = None  # agreed by prepare_layers; the plan (hence has_network) is the same on every rank
     if resolve_transport(transport, comm, device) == "p2p" and any(layer.has_network for layer in layers):
-        p2p = acquire_p2p(comm, device, peak, timeout_s=timeout_s)  # collective
-        staging = p2p.buffer  # the passes' staging: peers read the sends from it
-        double, taken = False, 0  # the caller's buffer is free for the undo copy
+        # two slots only if every rank can have them, of the largest rank's size: a sender's
+        # messages must lie at the same offset on every rank (collective)
+        wanted = double_staging(layers, peak, undo_bytes, max_buffer_bytes=max_buffer_bytes)
+        p2p, slot, count = acquire_p2p_slots(comm, device, peak, 2 if wanted else 1, timeout_s=timeout_s)
+        double = count == 2
+        staging = p2p.buffer[: 2 * slot] if double else p2p.buffer  # peers read the sends from it
+        peak = slot if double else peak
+        taken = 0  # the caller's buffer is free for the undo copy
     else:
         double = double_staging(layers, peak, undo_bytes, given=given, max_buffer_bytes=max_buffer_bytes)
         size = 2 * peak if double else peak
@@ -426,7 +448,7 @@ def run_layers(
         for layer in layers:
             if double and layer.overlappable and layer.has_network:
                 try:
-                    posted = layer.start(slots[next_slot], comm, backend)
+                    posted = layer.start(slots[next_slot], comm, backend, transport=p2p)
                 except BaseException:
                     finish_pending()  # the previous layer's exchange is posted everywhere: complete it first
                     raise

@@ -9,19 +9,25 @@ other rank (``torch.distributed._symmetric_memory``: one allocation per rank, th
 everywhere, exchanged once), and each receiver copies its messages straight out of the
 senders' buffers (``dst.copy_(peer_view)``: a device-to-device memcpy, no SM).
 
-One exchange (one staging pass of one layer), on the stream the NCCL path would use::
+One exchange (one staging pass of one layer, or a stack)::
 
-    pack sends into MY symmetric send region (offset 0)      (the existing pack launch)
-    barrier  -- every rank packed; every peer has finished reading my previous pass
-    for each peer p that sends to me:
-        my receive region[p]  <-  copy  <-  p's send region[offset of p's message to me]
-    barrier  -- every rank's pulls are done: senders may overwrite their send region
-    unpack / verify as today
+    caller's stream:  pack sends into MY symmetric send region (the slot's offset)
+    side stream (waits for the caller's stream up to that pack):
+        barrier  -- every rank packed; every peer has finished reading my previous pass here
+        for each peer p that sends to me:
+            my receive region[p]  <-  copy  <-  p's send region[offset of p's message to me]
+        barrier  -- every rank's pulls are done: senders may overwrite their send region
+        record an event
+    caller's stream: wait for the event; unpack / verify as today
 
-The barrier is torch's symmetric-memory barrier: a one-block kernel on the current stream
-(``handle.barrier(channel=0)``), so the host never waits for the device per layer; with
-``timeout_s`` the host polls a CUDA event recorded after the exchange against the deadline,
-as :meth:`Communicator.wait` polls NCCL requests.
+The pulls and barriers run on the transport's own side stream, so the caller's packs and
+unpacks of the other slot run beside them: with a budget of two layers' staging the blocking
+loop alternates two slots of the buffer (:func:`acquire_slots` agrees their size and count, so a
+sender's messages lie at the same offset on every rank), packing layer ``i + 1`` while layer
+``i`` is pulled, as the NCCL path does with NCCL's own stream. The barrier is torch's
+symmetric-memory barrier: a one-block kernel (``handle.barrier(channel=0)``), so the host never
+waits for the device per layer; with ``timeout_s`` the host polls the exchange's event against
+the deadline, as :meth:`Communicator.wait` polls NCCL requests.
 
 Where a peer's message lies in its send region is not communicated: every rank holds the
 global plan, and a round's ``traffic`` matrix (experts each rank sends to each other rank)
@@ -75,6 +81,7 @@ __all__ = [
     "TRANSPORT_ENV",
     "P2PTransport",
     "acquire",
+    "acquire_slots",
     "check_transport",
     "largest_send_region",
     "message_spans",
@@ -306,14 +313,24 @@ class P2PTransport:
 
     # -- one round ---------------------------------------------------------------------------
     def exchange_for(
-        self, traffic: np.ndarray | None, expert_bytes: int, *, verify: bool = False, split: bool = False
+        self, traffic: np.ndarray | None, expert_bytes: int, *, verify: bool = False, split: bool = False, slot_offset: int = 0
     ) -> "_PassExchange":
         """The exchange of one round, for code written against :class:`Communicator`
         (``exchange``/``wait``/``rank``/``world_size``): ``traffic`` is the round's plan
-        (:attr:`PassWork.pass_traffic`); see :func:`message_spans` for ``verify``/``split``."""
+        (:attr:`PassWork.pass_traffic`); see :func:`message_spans` for ``verify``/``split``.
+        ``slot_offset``: where in the buffer the round's staging starts (the same on every rank:
+        :func:`acquire_slots`); every sender's messages lie from there."""
         if traffic is None:
             raise RuntimeError("p2p needs the pass's traffic matrix (PassWork.pass_traffic)")
-        return _PassExchange(self, traffic, expert_bytes, verify, split)
+        return _PassExchange(self, traffic, expert_bytes, verify, split, slot_offset)
+
+    def side_stream(self) -> "torch.cuda.Stream":
+        """The stream the pulls and their barriers run on (made on first use): the packs and
+        unpacks of other slots run beside them on the caller's stream."""
+        stream = getattr(self, "_side", None)
+        if stream is None:
+            stream = self._side = torch.cuda.Stream(device=self.device)
+        return stream
 
     def barrier(self) -> None:
         self.handle.barrier()  # channel 0 (_BARRIER_CHANNEL), no device timeout: see _give_up
@@ -334,10 +351,18 @@ class P2PTransport:
         return self._peers[peer][offset : offset + nbytes]
 
     def wait(self, requests: list, *, timeout_s: float | None = None, where: str = "exchange") -> None:
-        """Nothing without ``timeout_s`` (the exchange is ordered on the stream); with it, poll
-        the exchange's event until the deadline, then release and raise PeerTimeoutError."""
-        if not requests or timeout_s is None:
+        """Order the caller's stream after the exchange (it ran on :meth:`side_stream`); with
+        ``timeout_s``, first poll the exchange's event until the deadline, then release and raise
+        PeerTimeoutError (the caller's stream never waited for it)."""
+        if not requests:
             return
+        if timeout_s is not None:
+            self._poll(requests, timeout_s, where)
+        for request in requests:
+            if request.event is not None:
+                torch.cuda.current_stream(self.device).wait_event(request.event)
+
+    def _poll(self, requests: list, timeout_s: float, where: str) -> None:
         deadline = time.monotonic() + timeout_s
         for request in requests:
             while request.event is not None and not request.event.query():
@@ -356,11 +381,17 @@ class P2PTransport:
     def _give_up(self, event: torch.cuda.Event) -> None:
         """Let this rank's stuck barriers finish: write the signal words they wait for (mine,
         from each peer: 1; each peer's, from me: 0, so my own signal can be posted) from a
-        side stream until ``event`` completes or :data:`_RELEASE_S` passed. Marks the
-        transport broken; its memory is kept (a late peer may still write a signal into it)."""
+        side stream until ``event`` completes, and every exchange queued after it on
+        :meth:`side_stream` (two slots: the next layer's is queued already), or until
+        :data:`_RELEASE_S` passed. Marks the transport broken; its memory is kept (a late peer
+        may still write a signal into it)."""
         self.broken = True
         _BROKEN.append(self)
         _drop_cached(self)
+        pulls = getattr(self, "_side", None)
+        if pulls is not None:  # the last exchange queued, not only the one that timed out
+            event = torch.cuda.Event()
+            event.record(pulls)
         get_pad = getattr(self.handle, "get_signal_pad", None)
         if get_pad is None:
             log.error("rank %d: this torch cannot release a stuck p2p barrier; the stream stays blocked", self.comm.rank)
@@ -415,8 +446,11 @@ class _PassExchange:
     :class:`P2PTransport`: the n-th ``exchange`` call of the round pulls span n of
     :func:`message_spans` from every sender."""
 
-    def __init__(self, transport: P2PTransport, traffic: np.ndarray, expert_bytes: int, verify: bool, split: bool):
+    def __init__(
+        self, transport: P2PTransport, traffic: np.ndarray, expert_bytes: int, verify: bool, split: bool, slot_offset: int = 0
+    ):
         self.transport = transport
+        self._slot_offset = int(slot_offset)
         self.rank = transport.comm.rank
         self.world_size = transport.comm.world_size
         self.dist_backend = "p2p"
@@ -438,7 +472,7 @@ class _PassExchange:
         if t.broken or t.closed:
             raise RuntimeError(f"{where}: the p2p transport is {'broken' if t.broken else 'closed'}")
         mine = message_spans(self._traffic, self.rank, eb, verify=self._verify, split=self._split)[call]
-        base = t.buffer.data_ptr()
+        base = t.buffer.data_ptr() + self._slot_offset
         placed = {p: (x.data_ptr() - base, x.numel()) for p, x in sends.items() if x.numel()}
         if placed != mine:  # where peers will read must be where this rank packed
             raise RuntimeError(f"{where}: rank {self.rank}: p2p send layout {placed} differs from the plan's {mine}")
@@ -452,8 +486,19 @@ class _PassExchange:
             )
             if size != dst.numel():
                 raise RuntimeError(f"{where}: rank {self.rank}: {dst.numel()} bytes expected from peer {peer}, plan says {size}")
-            sources[peer] = offset
-        t.barrier()  # every sender packed; every reader of my previous pass is done
+            sources[peer] = self._slot_offset + offset
+        if t.device.type != "cuda":  # CPU stand-ins (tests): in order, on the host
+            return self._pull(recvs, sources)
+        caller = torch.cuda.current_stream(t.device)
+        side = t.side_stream()
+        side.wait_stream(caller)  # the packs queued so far, this exchange's among them
+        with torch.cuda.stream(side):
+            return self._pull(recvs, sources)
+
+    def _pull(self, recvs: dict[int, torch.Tensor], sources: dict[int, int]) -> list:
+        """Barrier, every pull, barrier, on the current stream; the pending exchange."""
+        t = self.transport
+        t.barrier()  # every sender packed; every reader of my previous pass in this slot is done
         for peer, dst in recvs.items():
             if dst.numel():
                 dst.copy_(t.peer_bytes(peer, sources[peer], dst.numel()))  # copy engine, over NVLink
@@ -485,29 +530,42 @@ def _drop_cached(transport: P2PTransport) -> None:
 
 def acquire(comm: Communicator, device: torch.device, nbytes: int, *, timeout_s: float | None = None) -> P2PTransport:
     """The cached transport of ``comm``'s group on ``device``, at least ``nbytes`` on every
-    rank: ``nbytes`` is agreed (MAX all-reduce over ``comm``), and when the cached buffer is
-    smaller, or there is none, every rank re-creates it (collective; the same decision
-    everywhere since the agreed size and the cached sizes are the same everywhere)."""
+    rank: :func:`acquire_slots` with one slot."""
+    return acquire_slots(comm, device, nbytes, 1, timeout_s=timeout_s)[0]
+
+
+def acquire_slots(
+    comm: Communicator, device: torch.device, slot_bytes: int, slots: int, *, timeout_s: float | None = None
+) -> tuple[P2PTransport, int, int]:
+    """The cached transport of ``comm``'s group on ``device`` with room for ``slots`` (1 or 2)
+    staging slots of ``slot_bytes``; returns it with the agreed slot size and count.
+
+    Agreed with one MAX all-reduce over ``comm``: the slot size is every rank's largest (rounded
+    up to 256 bytes, so a slot starts aligned), the count every rank's smallest (two slots only
+    if every rank asked for two), so every rank finds each sender's messages at the same offset.
+    When the cached buffer is smaller, or there is none, every rank re-creates it (collective;
+    the same decision everywhere since the agreed size and the cached sizes are the same)."""
     key = _key(comm, device)
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
     held = 0 if cached is None else cached.nbytes
-    # one all-reduce: the largest need, and the smallest and largest cached size (a rank whose
-    # transport broke has none: then every rank re-creates, so the rendezvous meets)
-    values = torch.tensor([int(nbytes), -held, held], dtype=torch.int64, device=comm.collective_device)
-    need, smallest, largest = comm.all_reduce_max(values, timeout_s=timeout_s).tolist()
-    smallest = -smallest
+    # one all-reduce: the largest slot, the fewest slots, and the smallest and largest cached size
+    # (a rank whose transport broke has none: then every rank re-creates, so the rendezvous meets)
+    values = torch.tensor([int(slot_bytes), -int(slots), -held, held], dtype=torch.int64, device=comm.collective_device)
+    slot, fewest, smallest, largest = comm.all_reduce_max(values, timeout_s=timeout_s).tolist()
+    slot, count, smallest = -(-slot // 256) * 256, -fewest, -smallest
+    need = slot * count
     size = max(_GRANULE, -(-need // _GRANULE) * _GRANULE)
     if cached is not None and smallest == largest and held >= need:
         cached.wait_used()  # a previous call's unpack may still read it on another stream
-        return cached
+        return cached, slot, count
     if cached is not None:
         log.info("rank %d: p2p buffer re-created: %d bytes held (ranks hold %d..%d), %d needed", comm.rank, held, smallest, largest, need)
         cached.close()
     transport = P2PTransport.create(comm, device, size, timeout_s=timeout_s)
     with _CACHE_LOCK:
         _CACHE[key] = transport
-    return transport
+    return transport, slot, count
 
 
 def release_cached() -> None:

@@ -190,6 +190,7 @@ def prepare_layers(
                 )
             )
             continue
+        stash_anywhere = False
         if one_pass[index]:
             passes, stash_rows = [None], no_stash  # None: every delivery
         else:
@@ -198,6 +199,7 @@ def prepare_layers(
             except ValueError as exc:
                 raise ValueError(f"layer {index}: {exc}; {_smallest_budget_text(plan, costs, verify)}") from None
             passes, stash_rows = schedule.passes, schedule.stash_rows(comm.rank, layer_plan.num_local)
+            stash_anywhere = bool(schedule.stash_slots.size)
         works = []
         for r in passes:
             whole = r is None or (len(passes) == 1 and r.size == layer_plan.num_deliveries)
@@ -223,6 +225,7 @@ def prepare_layers(
                 passes=works,
                 stash_rows=stash_rows,
                 expert_ids=maps.new[index],
+                stash_anywhere=stash_anywhere,
             )
         )
     return layers

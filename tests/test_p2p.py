@@ -218,7 +218,9 @@ def _emulate(buffers, barrier, made):
         return made[-1]
 
     P2PTransport.create = staticmethod(create)
-    executor.acquire_p2p = lambda comm, device, nbytes, timeout_s=None: create(comm, device, nbytes)
+    p2p._key = lambda comm, device: ("emulated", 0)  # the real agreement and cache, on CPU
+    p2p._CACHE.clear()
+    p2p._GRANULE = 256  # sizes stay within the emulated buffers
 
 
 def _rank_emulated(rank, world, old, new, budget, verify, buffers, barrier, specs):
@@ -236,6 +238,7 @@ def _rank_emulated(rank, world, old, new, budget, verify, buffers, barrier, spec
         equal=same_bytes(as_bytes(weights), as_bytes(reference)),
         sent=stats.bytes_sent.tolist() == ref_stats.bytes_sent.tolist(),
         barriers=made[-1].barriers if made else 0,
+        overlapped=stats.overlapped_layers,
     )
     weights = make_rank_weights(specs, old.shape[0], old.shape[1] // world)
     fill_rank_weights(weights, old, rank, seed)
@@ -263,6 +266,7 @@ MIXED = [SPECS, [SPECS[0], SPECS[3]], SPECS[1:]]  # per-layer tensor lists: diff
         pytest.param(2, 3, 5, 7, 2, True, False, id="W2-L3-N5-budget2-verify"),
         pytest.param(3, 3, 4, 8, 3, False, True, id="W3-L3-N4-budget3-mixed"),
         pytest.param(3, 2, 4, 9, None, True, True, id="W3-L2-N4-verify-mixed"),
+        pytest.param(3, 5, 4, 8, 16, False, False, id="W3-L5-N4-budget16-two-slots"),
     ],
 )
 def test_emulated_p2p_moves_the_same_bytes_as_the_group_path(distributed, world, layers, num_local, logical, budget_rows, verify, mixed):
@@ -284,6 +288,8 @@ def test_emulated_p2p_moves_the_same_bytes_as_the_group_path(distributed, world,
         assert res["worker_barriers"] > 0 and res["worker_released"]
         if verify:
             assert res["worker_verified"] > 0
+        if budget_rows == 16:  # two slots: each sender's messages at the second slot's offset too
+            assert b["overlapped"] > 0, "the two-slot path was not taken"
     # barriers meet: every rank passed the same number of them
     assert len({r["blocking"]["barriers"] for r in results}) == 1
     assert len({r["worker_barriers"] for r in results}) == 1
