@@ -65,6 +65,41 @@ def _rank(rank, world, _):
                 w.wait()
 
     lines = {}
+    # posting one layer's exchange (1 MiB each way) with 2 ms queued on the stream: host time only
+    comm = Communicator.from_group(None)
+    small_src, small_dst = src[: 1 << 20], dst[: 1 << 20]
+    splits = [0, 0]
+    splits[peer] = small_src.numel()
+    group = dist.group.WORLD
+
+    def library_post():
+        comm.wait(comm.exchange({peer: small_src}, {peer: small_dst}))
+
+    def all_to_all():
+        dist.all_to_all_single(small_dst, small_src, splits, splits, async_op=True).wait()
+
+    def alltoall_base():  # the process group's own method: no Python checks around it
+        opts = dist.AllToAllOptions()
+        group.alltoall_base(small_dst, small_src, splits, splits, opts).wait()
+
+    for name, fn in [("library post (coalesced send+recv) + wait", library_post), ("all_to_all_single + wait", all_to_all),
+                     ("ProcessGroup.alltoall_base + wait", alltoall_base), ("batch_isend_irecv + wait (1 MiB)", None)]:
+        if fn is None:
+            def fn():
+                for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, small_dst, peer), dist.P2POp(dist.isend, small_src, peer)]):
+                    w.wait()
+        try:
+            fn()
+            lines[f"{name}, 2 ms queued"] = _median_us(fn, n=50, busy_us=2000)
+        except Exception as exc:  # noqa: BLE001 - a torch without it: say so
+            print(f"rank {rank}: {name}: {type(exc).__name__}: {exc}")
+            lines[f"{name}, 2 ms queued"] = float("nan")
+    stream = torch.cuda.current_stream()
+
+    def mark():  # what the blocking loop records per item for layer_times_s
+        torch.cuda.Event(enable_timing=True).record(stream)
+
+    lines["CUDA timing event, create + record, 2 ms queued"] = _median_us(mark, n=50, busy_us=2000)
     batch_wait()
     lines["batch_isend_irecv+wait, stream idle"] = _median_us(batch_wait)
     lines["batch_isend_irecv+wait, 2 ms queued on the stream"] = _median_us(batch_wait, busy_us=2000)
@@ -79,7 +114,6 @@ def _rank(rank, world, _):
     layout.move("pack", buf, src_rows=rows)
     lines["one Triton pack launch (8 qwen3 experts)"] = _median_us(lambda: layout.move("pack", buf, src_rows=rows))
     lines["one pinned index upload (8 rows)"] = _median_us(lambda: index_tensor(np.arange(8), torch.device("cuda")))
-    comm = Communicator.from_group(None)
     lines["agreement (all_reduce + .cpu())"] = _median_us(lambda: comm.agree(None, 123))
     lines["prepare_layers, 4 qwen3 layers (agreement included)"] = _median_us(lambda: prepare_layers(old, new, weights, comm))
     return lines

@@ -21,6 +21,7 @@ on the GPU the pack of layer i+1 runs while layer i is on the wire::
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -345,14 +346,25 @@ def staging_view(staging, device: torch.device) -> torch.Tensor:
     return largest.reshape(-1).view(torch.uint8)
 
 
-def _mark(stream: "torch.cuda.Stream | None"):
-    """A point in time on ``stream`` (a CUDA event), or on the host clock when ``stream`` is None.
+_TIMING_EVENTS = threading.local()  # per thread: device -> CUDA timing events, reused by each call
+
+
+def _mark(stream: "torch.cuda.Stream | None", index: int = 0):
+    """A point in time on ``stream`` (the ``index``-th timing event of this thread, re-recorded:
+    a new event and its record took 19.6 us of host time per layer on two H200,
+    bench/results/host-costs-h200x2-run28.log), or on the host clock when ``stream`` is None.
     The caller looks the stream up once: ``torch.cuda.current_stream`` cost ~18 us per layer there."""
-    if stream is not None:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(stream)
-        return event
-    return time.perf_counter()
+    if stream is None:
+        return time.perf_counter()
+    pools = getattr(_TIMING_EVENTS, "pools", None)
+    if pools is None:
+        pools = _TIMING_EVENTS.pools = {}
+    events = pools.setdefault(stream.device, [])
+    while len(events) <= index:
+        events.append(torch.cuda.Event(enable_timing=True))
+    event = events[index]
+    event.record(stream)
+    return event
 
 
 def layer_times(layers: Sequence[LayerWork], marks: list) -> list[float]:
@@ -431,7 +443,7 @@ def run_layers(
     # Layer times: CUDA events on GPUs (the host queues layer after layer without waiting for
     # the device; a per-layer synchronize stalled the queue), host clocks elsewhere.
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    marks = [_mark(stream)]
+    marks = [_mark(stream, 0)]
     pending: tuple[LayerWork, _Posted] | None = None  # posted, not yet waited for
     next_slot = 0
 
@@ -441,7 +453,7 @@ def run_layers(
             layer, posted = pending
             layer.finish(posted, comm, backend, stats, timeout_s=timeout_s)
             pending = None
-            marks.append(_mark(stream))
+            marks.append(_mark(stream, len(marks)))
 
     layer = None
     try:
@@ -463,7 +475,7 @@ def run_layers(
             except ChecksumMismatchError as exc:
                 errors.append(exc)  # exchanges completed: carry on, report after the confirmation
                 stats.failed_layers.append(layer.index)
-            marks.append(_mark(stream))
+            marks.append(_mark(stream, len(marks)))
         finish_pending()
     except TransferError as exc:
         # a posted layer that was not written failed too (entirely old on this rank)
