@@ -172,3 +172,93 @@ def test_stacks_live_in_a_given_staging_buffer(distributed):
     stats = run_swap(distributed, [2, 2, 2, 2], staging_bytes=16 * EXPERT_BYTES)
     assert [(s.stacked_layers, s.exchanges, s.overlapped_layers) for s in stats] == [(4, 2, 2)] * 2
     assert all(s.peak_staging_bytes == 16 * EXPERT_BYTES for s in stats)
+
+
+# -- whole-message exchanges as one all-to-all (Communicator.exchange_all) --------------------
+def _rank_collective(rank, world, old, new, budget, verify, env):
+    """The blocking call with exchange_all allowed on gloo (NCCL only in the library: gloo's
+    alltoall_base takes the same arguments), counting which post each exchange took."""
+    from eplb_triton.comm import Communicator
+    from map_cases import random_maps  # noqa: F401  (the tests' module path is set in the children)
+
+    os.environ.update(env)
+    Communicator.can_exchange_all = lambda self: self.group is not None and self.world_size > 1
+    calls = {"all": 0, "ops": 0}
+    exchange_all, exchange = Communicator.exchange_all, Communicator.exchange
+
+    def counted_all(self, *args, **kwargs):
+        calls["all"] += 1
+        return exchange_all(self, *args, **kwargs)
+
+    def counted_ops(self, sends, recvs, **kwargs):
+        calls["ops"] += bool(sends or recvs)  # a layer with no network calls it with nothing
+        return exchange(self, sends, recvs, **kwargs)
+
+    Communicator.exchange_all, Communicator.exchange = counted_all, counted_ops
+    weights = make_rank_weights(SPECS, old.shape[0], NUM_LOCAL)
+    fill_rank_weights(weights, old, rank, 5)
+    stats = rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget, verify=verify, timeout_s=60.0)
+    return row_mismatches(weights, old, new, rank, 5), calls, stats.exchanges
+
+
+def _pair_swaps(rng, layers: int, world: int):
+    """Each layer swaps two random pairs of slots: one pass at the default budget, and at world
+    4 some ranks have nothing to move in a layer."""
+    old = np.tile(np.arange(world * NUM_LOCAL), (layers, 1))
+    new = old.copy()
+    for layer in new:
+        a, b, c, d = rng.choice(world * NUM_LOCAL, 4, replace=False)
+        layer[[a, b, c, d]] = layer[[b, a, d, c]]
+    return old, new
+
+
+@pytest.mark.parametrize("world", [pytest.param(2, id="W2"), pytest.param(4, id="W4")])
+@pytest.mark.parametrize("budget_rows", [pytest.param(None, id="default-budget"), pytest.param(8 * 2 * NUM_LOCAL, id="stacks")])
+def test_whole_messages_go_as_one_all_to_all_on_every_rank(distributed, world, budget_rows):
+    """Every rank posts every whole-message exchange as one all-to-all, ranks with nothing to
+    move in it too (world 4: some ranks have no traffic in a layer); bit-exact."""
+    from map_cases import random_maps
+
+    rng = np.random.default_rng(world)
+    if budget_rows is None:
+        old, new = _pair_swaps(rng, 6, world)
+    else:
+        old, new = random_maps(rng, 6, world, NUM_LOCAL, 2 * world * NUM_LOCAL // 3, empty_frac=0.05)
+    old[2], new[2] = old[1], old[1]  # a layer that moves nothing: no exchange at all
+    budget = None if budget_rows is None else budget_rows * EXPERT_BYTES
+    results = distributed(world, _rank_collective, old, new, budget, False, {})
+    assert [r[0] for r in results] == [[]] * world
+    alls = [r[1]["all"] for r in results]
+    assert len(set(alls)) == 1 and alls[0] > 0, alls  # the same all-to-alls on every rank
+    for _, calls, _ in results:  # every layer whole: only the final confirmation posts ops
+        assert calls["ops"] == 1, calls
+
+
+def test_collective_post_stays_off_for_framed_messages_and_when_told(distributed):
+    old, new = swap_maps(3, [4, 2, 3])
+    budget = 4 * NUM_LOCAL * EXPERT_BYTES
+    verify = distributed(2, _rank_collective, old, new, budget, True, {})
+    told = distributed(2, _rank_collective, old, new, budget, False, {"EPLB_TRITON_COLLECTIVE_POST": "0"})
+    for rows, calls, _ in verify + told:
+        assert rows == [] and calls["all"] == 0 and calls["ops"] > 1, calls
+
+
+def _rank_collective_mismatch(rank, world, old, new):
+    from eplb_triton.comm import Communicator
+
+    os.environ["EPLB_TRITON_COLLECTIVE_POST"] = "0" if rank == 0 else "1"
+    Communicator.can_exchange_all = lambda self: self.group is not None and self.world_size > 1
+    weights = make_rank_weights(SPECS, old.shape[0], NUM_LOCAL)
+    fill_rank_weights(weights, old, rank, 5)
+    try:
+        rearrange_expert_weights_inplace(old, new, weights, timeout_s=60.0)
+    except ValueError as exc:
+        return str(exc), row_mismatches(weights, old, old, rank, 5)
+    return None, None
+
+
+def test_collective_post_setting_must_match_on_every_rank(distributed):
+    old, new = swap_maps(2, [2, 3])
+    for message, untouched in distributed(2, _rank_collective_mismatch, old, new):
+        assert message is not None and "collective_post" in message, message
+        assert untouched == []
