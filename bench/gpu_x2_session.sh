@@ -67,14 +67,6 @@ for step in ${STEPS:-tests link}; do
           --budgets 2 8 --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking \
           --transport nccl p2p --json "$OUT/link_speed-${layers}layers-p2p-slots.json" \
           --markdown "$OUT/link_speed-${layers}layers-p2p-slots.md"; done ;;
-    # session 7: whole messages as one all-to-all (A/B with EPLB_TRITON_COLLECTIVE_POST=0), reused timing events
-    collective) run_step collective-gpu-tests ${TESTS_LIMIT:-300} python3 -m pytest -q -m gpu tests/test_faults_gpu.py \
-        tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -k "not p2p" -p no:cacheprovider -rf
-      for layers in ${COLLECTIVE_LAYERS:-48 16 4}; do
-        run_step "link-$layers-layers-collective" 150 python3 bench/link_speed.py --layers $layers \
-          --repeats ${COLLECTIVE_REPEATS:-7} --budgets 8 --variants EPLB_TRITON_COLLECTIVE_POST=0 \
-          --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor per-expert blocking \
-          --json "$OUT/link_speed-${layers}layers-collective.json" --markdown "$OUT/link_speed-${layers}layers-collective.md"; done ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

@@ -112,19 +112,6 @@ def _direct_post_enabled(group, device: torch.device) -> bool:
     return known
 
 
-COLLECTIVE_POST_ENV = "EPLB_TRITON_COLLECTIVE_POST"  # "0": whole-message exchanges as coalesced sends and receives
-
-
-def collective_post_setting() -> bool:
-    """Whether the blocking path may post whole-message exchanges as one NCCL all-to-all
-    (:meth:`Communicator.exchange_all`); ``EPLB_TRITON_COLLECTIVE_POST=0`` says no. Must be the
-    same on every rank: :func:`~eplb_triton.prepare.prepare_layers` agrees on it."""
-    value = os.environ.get(COLLECTIVE_POST_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{COLLECTIVE_POST_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
-
-
 @dataclass
 class Communicator:
     """The EP group as seen by one rank. ``group=None`` with no process group = one rank alone."""
@@ -202,36 +189,6 @@ class Communicator:
             if request is not None:
                 requests.append(request)
         return requests
-
-    def can_exchange_all(self) -> bool:
-        """Whether :meth:`exchange_all` works on this group: a NCCL process group with
-        ``alltoall_base`` (the same answer on every rank of the group)."""
-        return (
-            self.group is not None
-            and self.world_size > 1
-            and self._group_backend() == "nccl"
-            and type(self.group) is dist.ProcessGroup
-            and hasattr(self.group, "alltoall_base")
-            and hasattr(dist, "AllToAllOptions")
-        )
-
-    def exchange_all(
-        self, send_buf: torch.Tensor, send_bytes: list[int], recv_buf: torch.Tensor, recv_bytes: list[int], *,
-        where: str = "exchange",
-    ) -> list:
-        """One exchange of whole messages as one NCCL all-to-all: ``send_bytes[r]`` bytes of
-        ``send_buf`` (uint8, rank by rank) go to rank ``r``, ``recv_bytes[r]`` bytes from ``r``
-        land in ``recv_buf``, in rank order (0 for this rank and ranks it moves nothing with).
-        Collective: every rank of the group calls it for the exchange, a rank with nothing to
-        move too. One call on the process group (``alltoall_base``) instead of a coalesced group
-        of sends and receives: post + wait took 99 against 164 us of host time on two H200
-        (bench/results/host-costs-h200x2-run28.log). Returns the request; errors as :meth:`exchange`'s."""
-        try:
-            request = self.group.alltoall_base(recv_buf, send_buf, recv_bytes, send_bytes, dist.AllToAllOptions())
-        except Exception as exc:  # noqa: BLE001 - backend errors have no common type
-            peers = [p for p in range(self.world_size) if p != self.rank and (send_bytes[p] or recv_bytes[p])]
-            raise self._peer_error(exc, 0, _batch_labels(peers, 1), where, None, peers) from exc
-        return [request]
 
     def _post_coalesced(self, posts: list) -> list:
         """Post ``(irecv|isend, tensor, peer)`` ops (peers: ranks of the group) as one NCCL

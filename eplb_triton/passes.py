@@ -157,10 +157,6 @@ class PassWork:
     #: the pass's (ep, ep) expert counts, every rank's sends (set by prepare_layers): where
     #: the p2p transport finds each peer's message (:func:`eplb_triton.p2p.message_spans`)
     pass_traffic: np.ndarray | None = field(default=None, repr=False)
-    #: post the whole-message exchange as one NCCL all-to-all (:meth:`Communicator.exchange_all`),
-    #: on every rank, those with nothing to move too: set by prepare_layers, the same everywhere,
-    #: only where every rank posts whole messages (one pass, no stash anywhere, no verify/rounds/pieces)
-    collective_post: bool = False
 
     @classmethod
     def from_view(
@@ -386,8 +382,6 @@ class PassWork:
         drain's junk, matching a peer's batches op for op). ``local_buf``: also pack the local
         moves' sources there; when it directly follows ``send_buf`` and messages are whole, one
         launch packs both. ``launch_lock`` is held around each launch (not around the posts)."""
-        if self.collective_post and not (self.chunk_experts is None and pack and (stash is None or not self.stashed_sends.size)):
-            raise RuntimeError("a collective post needs whole messages packed from rows")  # every rank must post alike
         if self.chunk_experts is None and pack and (stash is None or not self.stashed_sends.size):
             return self._post_whole(layout, send_buf, recv_buf, comm, backend, local_buf, launch_lock, where)
         eb, device_rows = self.expert_bytes, self.device_rows(layout.device)
@@ -441,13 +435,6 @@ class PassWork:
             into = self._per_peer(recv_buf, self.recv_peers, self.recv_counts)
             self._messages = (key, out, into, Communicator.op_labels(out, into))
         _, out, into, labels = self._messages
-        if self.collective_post and isinstance(comm, Communicator):
-            send_bytes, recv_bytes = [0] * comm.world_size, [0] * comm.world_size
-            for peer, message in out.items():
-                send_bytes[peer] = message.numel()
-            for peer, message in into.items():
-                recv_bytes[peer] = message.numel()
-            return comm.exchange_all(send_buf, send_bytes, recv_buf, recv_bytes, where=where), labels, [len(labels)]
         return comm.exchange(out, into, where=where), labels, [len(labels)]
 
     def pack_sends(

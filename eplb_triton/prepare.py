@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .comm import Communicator, collective_post_setting
+from .comm import Communicator
 from .executor import LayerWork, staging_view
 from .inputs import CheckedInputs, WeightsSignature, agree_inputs_start, check_inputs, default_budget_bytes, row_cost
 from .layout import resolve_backend
@@ -82,7 +82,6 @@ def prepare_layers(
     transport: str = "auto",
     backend: str | None = None,
     stack: bool = False,
-    collective: bool = False,
 ) -> list[LayerWork]:
     """Validate everything, agree with every rank, plan and schedule; touches no weight.
 
@@ -102,10 +101,6 @@ def prepare_layers(
     ``stack``: join consecutive one-pass layers into stacks that share one exchange where half
     the agreed budget holds them (:func:`eplb_triton.stacked.stack_groups`; not with ``verify``,
     ``rounds`` or message pieces); the result then has fewer items than layers.
-    ``collective``: on NCCL, post every exchange of whole messages that every rank posts alike
-    (one-pass layers and stacks, without ``verify``, ``rounds`` or pieces) as one all-to-all
-    (:meth:`~eplb_triton.comm.Communicator.exchange_all`, ``PassWork.collective_post``), unless
-    ``EPLB_TRITON_COLLECTIVE_POST=0``; agreed like the other options.
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
@@ -118,10 +113,6 @@ def prepare_layers(
         if device is not None:
             resolve_backend(backend, device)  # a bad value raises here, inside the agreed stage
         options["transport"] = resolve_transport(transport, comm, device)  # same on every rank
-        # which NCCL calls meet: an all-to-all on one rank and sends on another would never match
-        options["collective_post"] = bool(
-            collective and options["transport"] == "nccl" and comm.can_exchange_all() and collective_post_setting()
-        )
         if options["transport"] == "p2p":  # one pull per peer message: no pieces, no planner rounds
             options["chunk_bytes"] = 0
             if checked.round_kind is not None:
@@ -157,8 +148,6 @@ def prepare_layers(
     maps, layouts, kind = checked.maps, checked.layouts, checked.round_kind
     max_buffer_bytes = checked.max_buffer_bytes
     chunk_bytes = checked.extra_options.get("chunk_bytes", 0)
-    # whole messages posted alike by every rank: one all-to-all each (one-pass items below)
-    collective_post = bool(checked.extra_options.get("collective_post")) and not verify and kind is None and not chunk_bytes
 
     if plan is None:
         plan = plan_from_maps(maps, ranks_per_node=ranks_per_node)
@@ -190,7 +179,6 @@ def prepare_layers(
             group, view = stacked[index]
             work = PassWork.from_view(view, layout.expert_bytes, direct_local=True)
             work.pass_traffic = sum(plan.layers[i].traffic for i in group)  # p2p: each peer's message, all layers
-            work.collective_post = collective_post  # every layer of a stack has network traffic
             layers.append(
                 LayerWork(
                     index=index,
@@ -229,8 +217,6 @@ def prepare_layers(
                 )
             )
             works[-1].pass_traffic = sub.traffic
-            # one pass with every delivery (no stash anywhere): every rank posts it whole
-            works[-1].collective_post = collective_post and one_pass[index] and layer_plan.num_network > 0
         layers.append(
             LayerWork(
                 index=index,

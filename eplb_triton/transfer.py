@@ -279,7 +279,6 @@ def rearrange_expert_weights_inplace(
         transport=transport,
         backend=backend,
         stack=True,
-        collective=True,
     )
     stats = TransferStats.empty(comm.rank, comm.world_size)
     if not layers:
