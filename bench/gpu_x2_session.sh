@@ -67,6 +67,10 @@ for step in ${STEPS:-tests link}; do
           --budgets 2 8 --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking \
           --transport nccl p2p --json "$OUT/link_speed-${layers}layers-p2p-slots.json" \
           --markdown "$OUT/link_speed-${layers}layers-p2p-slots.md"; done ;;
+    # the GPU tests runs 27 and 29 did not cover (session 7's last call)
+    testsother) run_step gpu-tests-other ${TESTS_LIMIT:-300} python3 -m pytest -q -m gpu tests --ignore=tests/test_faults_gpu.py \
+        --ignore=tests/test_p2p_gpu.py --ignore=tests/test_transfer_gpu.py --ignore=tests/test_stacked.py \
+        --ignore=tests/test_launch_counts.py -p no:cacheprovider -rf ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;
