@@ -71,6 +71,12 @@ for step in ${STEPS:-tests link}; do
     testsother) run_step gpu-tests-other ${TESTS_LIMIT:-300} python3 -m pytest -q -m gpu tests --ignore=tests/test_faults_gpu.py \
         --ignore=tests/test_p2p_gpu.py --ignore=tests/test_transfer_gpu.py --ignore=tests/test_stacked.py \
         --ignore=tests/test_launch_counts.py -p no:cacheprovider -rf ;;
+    # session 7: the worker with more staging buffers (TransferWorker(layers_ahead=N))
+    ahead) for layers in ${AHEAD_LAYERS:-16 48}; do
+        run_step "link-$layers-layers-worker-ahead" 150 python3 bench/link_speed.py --layers $layers --repeats 5 \
+          --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking worker \
+          --worker-ahead ${AHEAD_VALUES:-4 16} --json "$OUT/link_speed-${layers}layers-worker-ahead.json" \
+          --markdown "$OUT/link_speed-${layers}layers-worker-ahead.md"; done ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

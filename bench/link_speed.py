@@ -262,6 +262,13 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
             "worker-p2p": checked("worker-p2p", lambda o, n: _worker_call(worker_p2p, o, n)),
         }
         runs = {method: runs[method] for method in methods}  # the rows asked for, in table order
+        extra_workers = []  # the worker with more staging buffers (--worker-ahead): rows worker[ahead=N]
+        for ahead in cfg["worker_ahead"] if worker is not None else []:
+            for suffix, kwargs in [("", {})] + ([("-p2p", {"transport": "p2p"})] if worker_p2p is not None else []):
+                more = TransferWorker(weights, layers_ahead=ahead, **kwargs)
+                extra_workers.append(more)
+                label = f"worker{suffix}[ahead={ahead}]"
+                runs[label] = checked(label, lambda o, n, w=more: _worker_call(w, o, n))
         variants = [f"EPLB_TRITON_CHUNK_BYTES={chunk}" for chunk in cfg["chunks"]] + list(cfg["variants"])
         for variant in variants:  # the blocking path again under one environment setting
             label = f"blocking[{variant}]"
@@ -299,7 +306,7 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
             entry["methods"][method] = {"call_s": times[method]}
         if cfg["profile_dir"]:
             entry["profile"] = _profile(cfg, name, rank, device, weights, state)
-        for closing in (worker, worker_p2p, floor_p2p):
+        for closing in (worker, worker_p2p, floor_p2p, *extra_workers):
             if closing is not None:
                 closing.close()
         if p2p_on:
@@ -442,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="*", default=[], metavar="NAME=VALUE",
                         help="also time the blocking path (and each --budgets row) with this environment variable set "
                              "(e.g. EPLB_TRITON_DIRECT_POST=0)")
+    parser.add_argument("--worker-ahead", type=int, nargs="*", default=[], metavar="N",
+                        help="also time the worker with N staging buffers (TransferWorker(layers_ahead=N); default 2)")
     parser.add_argument("--budgets", nargs="*", default=[], metavar="LAYERS[/K]",
                         help="also time the blocking path with max_buffer_bytes of this many layers' local rows "
                         "(the default budget is 1: a layer that needs more staging runs in several passes); "
@@ -478,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset_scale": 64 if args.quick else 1,
         "chunks": args.chunks,
         "variants": args.variants,
+        "worker_ahead": args.worker_ahead,
         "budgets": args.budgets,
         "profile_dir": args.profile_dir,
         "methods": args.methods,

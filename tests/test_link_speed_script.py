@@ -31,7 +31,8 @@ def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("link_speed")
     proc = _run("--backend", "gloo", "--quick", "--layers", "2", "--repeats", "2", "--configs", "tiny-bf16",
-                "--presets", "qwen3-30b-a3b", "--chunks", "256", "--variants", "EPLB_TRITON_DIRECT_POST=0", "--budgets", "1.5", "--json", str(out / "run.json"))
+                "--presets", "qwen3-30b-a3b", "--chunks", "256", "--variants", "EPLB_TRITON_DIRECT_POST=0", "--budgets", "1.5", "--worker-ahead", "3",
+                "--json", str(out / "run.json"))
     return out, json.loads((out / "run.json").read_text()), proc.stdout
 
 
@@ -40,7 +41,8 @@ def test_every_method_is_bit_exact_and_timed(quick_run):
     configs = result["summary"]["configs"]
     assert list(configs) == ["tiny-bf16", "qwen3-30b-a3b (preset)"]
     for name, config in configs.items():
-        variants = ["blocking[EPLB_TRITON_CHUNK_BYTES=256]", "blocking[EPLB_TRITON_DIRECT_POST=0]", "blocking[budget=1.5 layers]",
+        variants = ["worker[ahead=3]", "blocking[EPLB_TRITON_CHUNK_BYTES=256]", "blocking[EPLB_TRITON_DIRECT_POST=0]",
+                    "blocking[budget=1.5 layers]",
                     "blocking[budget=1.5 layers, EPLB_TRITON_DIRECT_POST=0]"]  # --variants apply to the budget rows too
         assert list(config["methods"]) == METHODS + variants, name
         assert all(b == 0 for rank in config["bad_rows"] for b in rank.values()), config["bad_rows"]

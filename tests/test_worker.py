@@ -194,35 +194,72 @@ def test_step_loop_applies_layers_in_order_on_every_rank(distributed, world):
     assert sum(1 for s in steps0 if s) >= 2, f"expected layers to arrive over several steps: {steps0}"
 
 
-def _rank_double_buffering(rank, world, old, new):
+def _rank_layers_ahead(rank, world, old, new, layers_ahead):
     """Before each step, wait (on the worker's condition, not a sleep) until this rank's worker
-    has staged as far as its two staging buffers allow; record how far ahead it got."""
+    has staged as far as its staging buffers allow; record how far ahead it got."""
     weights = rank_weights(rank, world, old)
     layers = old.shape[0]
     steps, ahead = [], []
-    with TransferWorker(weights) as worker:
+    kwargs = {} if layers_ahead is None else {"layers_ahead": layers_ahead}
+    buffers = 2 if layers_ahead is None else layers_ahead
+    with TransferWorker(weights, **kwargs) as worker:
         worker.submit(old, new)
         while worker.busy:
             job = worker._job
             with worker._cond:
                 staged = worker._cond.wait_for(
-                    lambda: job.published >= min(job.swapped + 2, layers) or worker._error is not None, timeout=30.0
+                    lambda: job.published >= min(job.swapped + buffers, layers) or worker._error is not None, timeout=30.0
                 )
                 ahead.append(job.published - job.swapped)
-            assert staged, "the worker did not fill its two staging buffers"
+            assert staged, "the worker did not fill its staging buffers"
+            time.sleep(0.05)  # room to go further than its buffers allow, if it wrongly could
+            with worker._cond:
+                ahead[-1] = job.published - job.swapped
             steps.append(worker.step())
     return steps, ahead, row_mismatches(weights, old, new, rank)
 
 
-def test_double_buffering_keeps_worker_two_layers_ahead(distributed):
-    # With two staging buffers the worker stages two layers ahead of the swaps, and no further
-    # (every rank writes every row of every layer here, so every layer needs a staging buffer).
+@pytest.mark.parametrize(
+    "layers_ahead,steps,ahead",
+    [
+        pytest.param(None, [[0, 1], [2, 3], [4, 5]], [2, 2, 2], id="default-two"),
+        pytest.param(1, [[0], [1], [2], [3], [4], [5]], [1] * 6, id="one"),
+        pytest.param(4, [[0, 1, 2, 3], [4, 5]], [4, 2], id="four"),
+    ],
+)
+def test_worker_stages_layers_ahead_of_the_swaps_and_no_further(distributed, layers_ahead, steps, ahead):
+    # With N staging buffers the worker stages N layers ahead of the swaps, and no further, so
+    # one step swaps N layers (every rank writes every row of every layer here, so every layer
+    # needs a staging buffer).
     old, new = rotated_maps(6, 2, 3)
-    results = distributed(2, _rank_double_buffering, old, new)
-    for rank, (steps, ahead, bad) in enumerate(results):
+    results = distributed(2, _rank_layers_ahead, old, new, layers_ahead)
+    for rank, (got_steps, got_ahead, bad) in enumerate(results):
         assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
-        assert steps == [[0, 1], [2, 3], [4, 5]], (rank, steps)
-        assert ahead == [2, 2, 2], (rank, ahead)
+        assert got_steps == steps, (rank, got_steps)
+        assert got_ahead == ahead, (rank, got_ahead)
+
+
+def _rank_layers_ahead_refused(rank, world, old, values):
+    weights = rank_weights(rank, world, old)
+    out = []
+    for value in values:
+        try:
+            TransferWorker(weights, layers_ahead=value[rank] if isinstance(value, tuple) else value).close()
+        except (TypeError, ValueError) as exc:
+            out.append((type(exc).__name__, str(exc)))
+        else:
+            out.append(None)
+    return out
+
+
+def test_bad_or_differing_layers_ahead_is_refused_on_every_rank(distributed):
+    old, _ = rotated_maps(2, 2, 3)
+    values = [0, "3", True, (2, 3)]
+    for rank, out in enumerate(distributed(2, _rank_layers_ahead_refused, old, values)):
+        assert out[0][0] == "ValueError" and "layers_ahead must be at least 1" in out[0][1], out[0]
+        assert out[1][0] == "TypeError" and "layers_ahead must be an int" in out[1][1], out[1]
+        assert out[2][0] == "TypeError", out[2]
+        assert out[3][0] == "ValueError" and "layers_ahead" in out[3][1], (rank, out[3])
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -954,9 +991,9 @@ def test_nccl_two_gpus_verify(corrupt):
 
 
 # -- reserve=True: the staging is allocated at construction and every submit uses it ----------
-def _rank_reserved(rank, world, old, new, budget, verify):
+def _rank_reserved(rank, world, old, new, budget, verify, layers_ahead=2):
     weights = rank_weights(rank, world, old, 4)
-    with TransferWorker(weights, max_buffer_bytes=budget, verify=verify, reserve=True) as worker:
+    with TransferWorker(weights, max_buffer_bytes=budget, verify=verify, reserve=True, layers_ahead=layers_ahead) as worker:
         reserved = worker._reserved  # the worker's own reservation (private: checked here only)
         reserved.fill_(0xA5)
         first, state, rng = [], old, np.random.default_rng(5)  # the same maps on every rank
@@ -972,16 +1009,17 @@ def _rank_reserved(rank, world, old, new, budget, verify):
 
 
 @pytest.mark.parametrize(
-    "budget,verify",
+    "budget,verify,layers_ahead",
     [
-        pytest.param(None, False, id="default-budget"),
-        pytest.param(3 * PACKED, False, id="budget3"),
-        pytest.param(3 * (PACKED + 16), True, id="budget3-verify"),
+        pytest.param(None, False, 2, id="default-budget"),
+        pytest.param(3 * PACKED, False, 2, id="budget3"),
+        pytest.param(3 * (PACKED + 16), True, 2, id="budget3-verify"),
+        pytest.param(None, False, 3, id="default-budget-3-ahead"),
     ],
 )
-def test_reserve_allocates_up_front_and_every_submit_uses_it(distributed, budget, verify):
-    old, new = random_maps(np.random.default_rng(77), 2, 2, 6, 8)
-    for rank, (bad, used, fits) in enumerate(distributed(2, _rank_reserved, old, new, budget, verify)):
+def test_reserve_allocates_up_front_and_every_submit_uses_it(distributed, budget, verify, layers_ahead):
+    old, new = random_maps(np.random.default_rng(77), 4, 2, 6, 8)
+    for rank, (bad, used, fits) in enumerate(distributed(2, _rank_reserved, old, new, budget, verify, layers_ahead)):
         assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
         assert fits and used > 0, (rank, fits, used)
 

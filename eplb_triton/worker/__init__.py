@@ -28,9 +28,11 @@ order of the blocking path (chains, cycles, stash) is irrelevant here: every rea
 old rows. Passes still split the exchange so the send buffer stays within
 ``max_buffer_bytes``.
 
-Memory per rank: two staging buffers (double buffering: the next layer transfers while the current one
-waits for its swap), each holding the rows this rank writes in one layer (at most one layer's
-local rows, packed), plus one send buffer of the largest pass's sends.
+Memory per rank: ``layers_ahead`` staging buffers (two by default: double buffering, the next
+layer transfers while the current one waits for its swap), each holding the rows this rank
+writes in one layer (at most one layer's local rows, packed), plus one send buffer of the
+largest pass's sends. More buffers let the worker thread run further ahead of the swaps, so
+one :meth:`~TransferWorker.step` swaps several layers for one agreement.
 
 Reliability (``timeout_s``, ``verify``): every wait of the worker thread on its peers is
 bounded by ``timeout_s`` (:meth:`Communicator.wait`, errors name the layer, pass and peer),
@@ -56,7 +58,7 @@ communicator must not be used by two threads at once).
 
 Files (one job each; :class:`TransferWorker` is the front end and takes the others as mixins):
 ``front.py`` (construct, ``submit``/``step``/``wait``/``close``, ``progress``), ``thread.py``
-(the worker thread: per-layer transfer, publish, drain, shutdown), ``staging.py`` (the two
+(the worker thread: per-layer transfer, publish, drain, shutdown), ``staging.py`` (the
 staging buffers, :class:`_PreparedLayer`, ``reserve``, the swap), ``agreement.py`` (the step
 agreement, sharing failures, probing peers), ``groups.py`` (process groups: pool, rendezvous,
 rank order) and ``hooks.py`` (test seams; the fault hook itself is

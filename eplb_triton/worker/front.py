@@ -47,7 +47,8 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             using ``ep_group``.
         max_buffer_bytes: bounds one staging pass (sends + receives + local moves per rank,
             as in the blocking API), which bounds the send buffer; received rows are kept
-            until their swap in two staging buffers of at most one layer's local rows each.
+            until their swap in ``layers_ahead`` staging buffers of at most one layer's local
+            rows each.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack (as in the
             blocking API).
         timeout_s: the longest any wait on peers may take: the construction (the ranks
@@ -75,8 +76,8 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             engines; mapped at the first submit that needs it, released by :meth:`close`).
             Same on every rank; one that cannot work is refused here on every rank.
         reserve: allocate the staging every later :meth:`submit` needs here, once, for the
-            worst plan these weights and options allow (two staging buffers of one layer's local rows
-            packed, plus one pass's send buffer), and keep it: a runtime's profile run then
+            worst plan these weights and options allow (``layers_ahead`` staging buffers of one layer's
+            local rows packed, plus one pass's send buffer), and keep it: a runtime's profile run then
             counts it and no rebalance allocates staging. Without it (default) each submit
             allocates what its plan needs. A submit with a larger ``max_buffer_bytes`` or
             with ``verify`` turned on after construction allocates again.
@@ -93,6 +94,11 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             :meth:`wait` lifts the pace. Layers that move nothing on any rank are free.
         log_progress: log :attr:`progress` at INFO on the ``eplb_triton.worker`` logger at
             each :meth:`step` that swaps layers.
+        layers_ahead: keyword-only, the most layers the worker thread may have transferred and
+            not yet swapped (2, the default: double buffering); each takes a staging buffer of
+            at most one layer's local rows. More lets one :meth:`step` swap several layers for
+            one agreement when steps come less often than layers finish (a tight loop of
+            ``step()`` calls, or :meth:`wait`). The same on every rank (agreed at construction).
 
     ``max_buffer_bytes`` and ``verify`` are read by each :meth:`submit`: they may be changed
     (the same on every rank) between rearrangements. The pace is fixed at construction.
@@ -160,6 +166,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         steps_per_layer: int | None = None,
         log_progress: bool = False,
         transport: str = "auto",
+        layers_ahead: int = 2,
     ):
         # A non-group ep_group/transfer_group is a TypeError here, before torch.distributed.
         ep = Communicator.from_group(ep_group)
@@ -170,12 +177,16 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             nonlocal pacing
             if not isinstance(log_progress, bool):
                 raise TypeError(f"log_progress must be a bool, got {type(log_progress).__name__}")
+            if isinstance(layers_ahead, bool) or not isinstance(layers_ahead, int):
+                raise TypeError(f"layers_ahead must be an int, got {type(layers_ahead).__name__}")
+            if layers_ahead < 1:
+                raise ValueError(f"layers_ahead must be at least 1, got {layers_ahead}")
             pacing = check_pacing(layers_per_step, bytes_per_step, steps_per_layer)
             device = _checked.layouts[0].device if _checked.layouts else None
             if device is not None:
                 resolve_backend(backend, device)  # a bad pack/unpack backend: refused on every rank
             # the gates must open on the same layers everywhere, and one transport: agreed
-            return {**pacing.options(), "transport": resolve_transport(transport, moves, device)}
+            return {**pacing.options(), "transport": resolve_transport(transport, moves, device), "layers_ahead": layers_ahead}
 
         # Checked like submit()'s input, with the same agreement: every rank raises the same
         # TypeError/ValueError (after the rendezvous below, so no rank is left waiting).
@@ -191,6 +202,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         self.verify = verify
         self._pacing = pacing
         self._log_progress = log_progress
+        self._layers_ahead = layers_ahead
         self._last_progress = TransferProgress()
         self._device = checked.layouts[0].device if checked.layouts else torch.device("cpu")
         self._owned_groups: list = []

@@ -1,9 +1,10 @@
-"""Staging: each layer prepared for a staging buffer, the two buffers, the send buffer, the swap.
+"""Staging: each layer prepared for a staging buffer, the staging buffers, the send buffer, the swap.
 
 Until its swap a layer's live rows are only read, so every row this rank writes in a layer is
 staged beforehand as a packed expert holding the row's final content
-(:class:`_PreparedLayer`); two staging buffers double-buffer layers (the next transfers while
-the current waits for its swap) and one send buffer holds a staging pass's sends.
+(:class:`_PreparedLayer`); ``layers_ahead`` staging buffers (two by default: double
+buffering, the next layer transfers while the current waits for its swap) and one send buffer
+holding a staging pass's sends.
 ``reserve=True`` allocates the worst case once.
 """
 
@@ -89,7 +90,7 @@ class _PreparedLayer:
 
 @dataclass
 class _StagingBuffer:
-    """One of the two buffers that hold a layer's packed rows from its transfer until its swap."""
+    """One of the ``layers_ahead`` buffers that hold a layer's packed rows from its transfer until its swap."""
 
     buffer: torch.Tensor
     event: torch.cuda.Event | None = None  # recorded after the last swap that read this buffer
@@ -158,9 +159,9 @@ class StagingMixin:
     """The :class:`~eplb_triton.worker.TransferWorker` part that allocates staging and swaps."""
 
     def _reserve_storage(self) -> torch.Tensor | None:
-        """The worst case of :meth:`submit`'s storage for these weights and options: two staging
-        buffers of a layer's local rows packed, one pass's sends (at most the pass budget) and, with
-        ``verify``, trailers of at most 16 bytes per expert sent and received in a pass."""
+        """The worst case of :meth:`submit`'s storage for these weights and options: ``layers_ahead``
+        staging buffers of a layer's local rows packed, one pass's sends (at most the pass budget)
+        and, with ``verify``, trailers of at most 16 bytes per expert sent and received in a pass."""
         try:
             layouts = [ExpertLayout(tensors) for tensors in self.expert_weights]
         except (TypeError, ValueError, IndexError):
@@ -169,7 +170,8 @@ class StagingMixin:
         budget = staging_bound(self.expert_weights, self.max_buffer_bytes, verify=self.verify)
         rows = max((budget // lay.expert_bytes for lay in layouts), default=0)
         trailer_room = 2 * 16 * rows if self.verify else 0
-        return torch.empty(max(2 * buffer_bytes + budget + trailer_room, 1), dtype=torch.uint8, device=self._device)
+        ahead = self._layers_ahead
+        return torch.empty(max(ahead * buffer_bytes + budget + trailer_room, 1), dtype=torch.uint8, device=self._device)
 
     def _build_job(self, layers: Sequence[LayerWork]) -> _Job:
         """Prepare every layer for a staging buffer, allocate (or reuse) the staging and build the job."""
@@ -184,12 +186,13 @@ class StagingMixin:
         if p2p is not None:  # sends (and their trailers) live in the symmetric buffer
             send_bytes = send_trailer_bytes = 0
         # One allocation on the current stream; nothing frees it while the worker may use it.
-        need = 2 * buffer_bytes + send_bytes + send_trailer_bytes + recv_trailer_bytes
+        ahead = self._layers_ahead
+        need = ahead * buffer_bytes + send_bytes + send_trailer_bytes + recv_trailer_bytes
         if self._reserved is not None and self._reserved.numel() >= need:
             storage = self._reserved[:need]  # reserve=True: the previous job's swaps are ordered before start_event
         else:
             storage = torch.empty(need, dtype=torch.uint8, device=self._device)
-        trailers_at = 2 * buffer_bytes + send_bytes
+        trailers_at = ahead * buffer_bytes + send_bytes
         stats = TransferStats.empty(rank, self._transfer.world_size)
         stats.peak_staging_bytes = int(storage.numel())
         # The pace's schedule comes from the global plan: the same on every rank.
@@ -206,8 +209,8 @@ class StagingMixin:
             start_event.record(hooks._cuda.current_stream(self._device))
         job = _Job(
             prepared_layers=prepared,
-            staging_buffers=[_StagingBuffer(storage[:buffer_bytes]), _StagingBuffer(storage[buffer_bytes : 2 * buffer_bytes])],
-            send_buffer=storage[2 * buffer_bytes : trailers_at] if p2p is None else p2p.buffer,
+            staging_buffers=[_StagingBuffer(storage[k * buffer_bytes : (k + 1) * buffer_bytes]) for k in range(ahead)],
+            send_buffer=storage[ahead * buffer_bytes : trailers_at] if p2p is None else p2p.buffer,
             stats=stats,
             start_event=start_event,
             backend=self.backend,
@@ -219,8 +222,8 @@ class StagingMixin:
             p2p=p2p,
         )
         log.info(
-            "rank %d: submitted %d layers, staging %d bytes (2 x %d buffer + %d send)%s",
-            rank, len(prepared), storage.numel(), buffer_bytes, send_bytes,
+            "rank %d: submitted %d layers, staging %d bytes (%d x %d buffer + %d send)%s",
+            rank, len(prepared), storage.numel(), ahead, buffer_bytes, send_bytes,
             f", paced over {schedule[-1] + 1} steps ({self._pacing.options()})" if schedule else "",
         )
         return job
@@ -245,7 +248,7 @@ class StagingMixin:
         return self._p2p
 
     def _swap(self, job: _Job, prepared: _PreparedLayer) -> None:
-        staging = job.staging_buffers[job.swapped % 2]
+        staging = job.staging_buffers[job.swapped % len(job.staging_buffers)]
         if prepared.rows.size:
             layout = prepared.layer.layout
             with self._kernel_lock:

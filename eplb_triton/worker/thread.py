@@ -87,7 +87,7 @@ class ThreadMixin:
                 # before publishing), so step() launches its unpack without host work on the rows;
                 # the layer's other lists come along in the same copy.
                 prepared.upload(self._device)
-            if pending is not None and prepared.nbytes and job.swapped < index - 1:
+            if pending is not None and prepared.nbytes and job.swapped < index - len(job.staging_buffers) + 1:
                 self._publish(job, *pending)  # this layer waits for a staging buffer: offer the last one first
                 pending = None
             checks = self._transfer_layer(job, index, prepared)
@@ -131,7 +131,7 @@ class ThreadMixin:
         (about 50 ms once per kernel specialisation on an H100)."""
         if prepared.device_rows is None or resolve_backend(job.backend, self._device) != "triton":
             return
-        staging = job.staging_buffers[index % 2]
+        staging = job.staging_buffers[index % len(job.staging_buffers)]
         with self._kernel_lock:
             prepared.layer.layout.launch("unpack", staging.buffer[: prepared.nbytes], dst_rows=prepared.device_rows, compile_only=True)
 
@@ -143,10 +143,11 @@ class ThreadMixin:
         """
         layout, eb, backend = prepared.layer.layout, prepared.layer.layout.expert_bytes, job.backend
         rank, layer_index = self._transfer.rank, prepared.layer.index
-        staging = job.staging_buffers[index % 2]
+        staging = job.staging_buffers[index % len(job.staging_buffers)]
         if prepared.nbytes:
-            with self._cond:  # the buffer's previous layer (index - 2) must have been swapped
-                self._cond.wait_for(lambda: self._stop or job.swapped >= index - 1)
+            ahead = len(job.staging_buffers)
+            with self._cond:  # the buffer's previous layer (index - ahead) must have been swapped
+                self._cond.wait_for(lambda: self._stop or job.swapped >= index - ahead + 1)
                 if self._stop:
                     raise _Stopped
                 event = staging.event
