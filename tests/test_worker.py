@@ -94,12 +94,13 @@ def worker_threads() -> list[threading.Thread]:
 
 
 # -- async result == expected == blocking result ---------------------------------------------
-def _rank_async_vs_sync(rank, world, old, new, budget, verify):
+def _rank_async_vs_sync(rank, world, old, new, budget, verify, layers_ahead=2):
     seed = 3
     sync_w = rank_weights(rank, world, old, seed)
     sync_stats = rearrange_expert_weights_inplace(old, new, sync_w, max_buffer_bytes=budget, verify=verify)
     weights = rank_weights(rank, world, old, seed)
-    with TransferWorker(weights, max_buffer_bytes=budget, verify=verify, timeout_s=30.0 if verify else None) as worker:
+    timeout_s = 30.0 if verify else None
+    with TransferWorker(weights, max_buffer_bytes=budget, verify=verify, timeout_s=timeout_s, layers_ahead=layers_ahead) as worker:
         worker.submit(old, new)
         stats = worker.wait()
         busy_after = worker.busy
@@ -129,20 +130,22 @@ def _rank_async_vs_sync(rank, world, old, new, budget, verify):
 
 
 @pytest.mark.parametrize(
-    "world,layers,num_local,logical,budget,verify",
+    "world,layers,num_local,logical,budget,verify,ahead",
     [
-        pytest.param(2, 3, 4, 6, None, False, id="W2-L3-N4-E6"),
-        pytest.param(2, 2, 6, 8, 3 * PACKED, False, id="W2-L2-N6-E8-budget3"),
-        pytest.param(4, 4, 3, 9, None, False, id="W4-L4-N3-E9"),
-        pytest.param(4, 2, 4, 10, 4 * PACKED, False, id="W4-L2-N4-E10-budget4"),
-        pytest.param(2, 3, 4, 6, None, True, id="W2-L3-N4-E6-verify"),
-        pytest.param(4, 2, 4, 10, 4 * (PACKED + 16), True, id="W4-L2-N4-E10-budget4-verify"),
+        pytest.param(2, 3, 4, 6, None, False, 2, id="W2-L3-N4-E6"),
+        pytest.param(2, 2, 6, 8, 3 * PACKED, False, 2, id="W2-L2-N6-E8-budget3"),
+        pytest.param(4, 4, 3, 9, None, False, 2, id="W4-L4-N3-E9"),
+        pytest.param(4, 2, 4, 10, 4 * PACKED, False, 2, id="W4-L2-N4-E10-budget4"),
+        pytest.param(2, 3, 4, 6, None, True, 2, id="W2-L3-N4-E6-verify"),
+        pytest.param(4, 2, 4, 10, 4 * (PACKED + 16), True, 2, id="W4-L2-N4-E10-budget4-verify"),
+        pytest.param(4, 6, 3, 9, None, False, 3, id="W4-L6-N3-E9-ahead3"),
+        pytest.param(2, 5, 4, 6, 3 * (PACKED + 16), True, 5, id="W2-L5-N4-E6-budget3-verify-ahead5"),
     ],
 )
-def test_async_equals_sync_and_expected(distributed, world, layers, num_local, logical, budget, verify):
+def test_async_equals_sync_and_expected(distributed, world, layers, num_local, logical, budget, verify, ahead):
     rng = np.random.default_rng(world * 1000 + layers * 100 + num_local)
     old, new = random_maps(rng, layers, world, num_local, logical)
-    results = distributed(world, _rank_async_vs_sync, old, new, budget, verify)
+    results = distributed(world, _rank_async_vs_sync, old, new, budget, verify, ahead)
     for rank, res in enumerate(results):
         assert res["first"] == [], f"rank {rank}: wrong rows (layer, tensor, row) {res['first'][:8]}"
         assert res["second"] == [], f"rank {rank}: wrong rows after a second submit {res['second'][:8]}"
@@ -750,20 +753,24 @@ def test_peer_that_stops_calling_step_times_out_on_every_rank():
 
 
 @pytest.mark.parametrize(
-    "point,pass_index",
+    "point,pass_index,ahead",
     [
-        pytest.param("layer_start", 0, id="layer-start"),
-        pytest.param("before_send", 0, id="before-first-send"),
-        pytest.param("before_send", 1, id="mid-layer-before-second-pass"),
-        pytest.param("in_flight", 1, id="mid-layer-after-second-receive"),
-        pytest.param("before_publish", 0, id="between-layers"),
+        pytest.param("layer_start", 0, 2, id="layer-start"),
+        pytest.param("before_send", 0, 2, id="before-first-send"),
+        pytest.param("before_send", 1, 2, id="mid-layer-before-second-pass"),
+        pytest.param("in_flight", 1, 2, id="mid-layer-after-second-receive"),
+        pytest.param("before_publish", 0, 2, id="between-layers"),
+        pytest.param("in_flight", 1, 3, id="mid-layer-after-second-receive-3-ahead"),
     ],
 )
-def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, pass_index):
+def test_injected_failure_leaves_every_layer_old_or_new_on_every_rank(point, pass_index, ahead):
     # a tight budget: every layer runs in several passes, so "mid-layer" really is mid-layer
     world = 4
     old, new = all_to_all_maps(world, 3)
-    results = run_faults(world, old, new, partial(raise_at, point, 1, pass_index, 2, error=injected_naming_the_layer), timeout_s=10.0, max_buffer_bytes=4 * PACKED)
+    results = run_faults(
+        world, old, new, partial(raise_at, point, 1, pass_index, 2, error=injected_naming_the_layer), timeout_s=10.0,
+        max_buffer_bytes=4 * PACKED, layers_ahead=ahead,
+    )
     applied = assert_consistent(results, list(range(world)))
     assert all(l < 1 for l in applied), applied
     for rank, res in enumerate(results):
