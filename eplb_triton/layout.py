@@ -290,13 +290,7 @@ class _TritonState:
         """The state of ``layout``'s tensors, shared by every layout over the same memory (a
         rearrangement builds new layouts on each call; its launch cache must outlive them)."""
         key = (str(layout.device), _tensor_key(layout), os.environ.get(FAST_LAUNCH_ENV, "1"))
-        state = _STATES.get(key)
-        if state is None:
-            state = cls(layout)
-            if len(_STATES) >= _TABLES_MAX:
-                _STATES.pop(next(iter(_STATES)))  # oldest first
-            _STATES[key] = state
-        return state
+        return _cached(_STATES, key, lambda: cls(layout))
 
     def __init__(self, layout: "ExpertLayout"):
         from .kernels import rows as kr
@@ -315,6 +309,7 @@ class _TritonState:
         self.device = layout.device
         self.layers = 1  # layers whose tables stack in chunk_table (eplb_triton.stacked sets more)
         self.tensors = list(_tensor_key(layout))  # (base address, row stride, row bytes, segment offset, aligned)
+        self.table_tensors = self.tensors  # what chunk_table describes (a stack: every layer's, in order)
         self.all_aligned = all(t[4] for t in self.tensors)
         self.row_bytes_total = sum(layout.row_bytes)
         self.sm_count = _sm_count(layout.device)
@@ -356,20 +351,14 @@ class _TritonState:
         return sum(-(-nbytes // chunk) for _, _, nbytes, _, _ in self.tensors)
 
     def chunk_table(self, chunk: int) -> torch.Tensor:
-        """``(chunks_per_expert, NUM_FIELDS)`` int64 chunk descriptors for ``chunk``-byte chunks.
+        """``(chunks_per_expert, NUM_FIELDS)`` int64 chunk descriptors for ``chunk``-byte chunks
+        (of :attr:`table_tensors`: a stack's state describes each of its layers in turn).
 
         Cached across layouts by the tensors' addresses, strides and sizes (:data:`_TABLES`):
         a rearrangement builds new layouts over the same weights on every call, and building a
         table (plus its host-to-device copy) cost about 1 ms per layer (issue 12's profile).
         """
-        key = (self.key, chunk)
-        table = _TABLES.get(key)
-        if table is None:
-            table = _build_chunk_table(self.tensors, chunk, self.fields, self.device)
-            if len(_TABLES) >= _TABLES_MAX:
-                _TABLES.pop(next(iter(_TABLES)))  # oldest first
-            _TABLES[key] = table
-        return table
+        return _cached(_TABLES, (self.key, chunk), lambda: _build_chunk_table(self.table_tensors, chunk, self.fields, self.device))
 
 
 FAST_LAUNCH_ENV = "EPLB_TRITON_FAST_LAUNCH"  # "0": launch through kernel[grid](...) as Triton documents
@@ -404,6 +393,18 @@ _STATES: dict[tuple, "_TritonState"] = {}
 # Descriptor tables by (device, tensors' (base, stride, row bytes, segment, aligned), chunk).
 _TABLES: dict[tuple, torch.Tensor] = {}
 _TABLES_MAX = 4096  # ~2 tables per layer (pack and unpack chunk sizes) of a 1000-layer model
+
+
+def _cached(cache: dict, key, build):
+    """``cache[key]``, made by ``build()`` on a miss; past :data:`_TABLES_MAX` entries the
+    oldest goes first."""
+    value = cache.get(key)
+    if value is None:
+        value = build()
+        if len(cache) >= _TABLES_MAX:
+            cache.pop(next(iter(cache)))  # oldest first
+        cache[key] = value
+    return value
 
 
 def _build_chunk_table(tensors: list[tuple], chunk: int, fields: dict, device: torch.device) -> torch.Tensor:

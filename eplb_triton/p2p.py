@@ -80,7 +80,6 @@ __all__ = [
     "TRANSPORTS",
     "TRANSPORT_ENV",
     "P2PTransport",
-    "acquire",
     "acquire_slots",
     "check_transport",
     "largest_send_region",
@@ -240,7 +239,7 @@ class P2PTransport:
     """A symmetric staging buffer mapped by every rank of a NCCL group on one host.
 
     Build it with :meth:`create` (collective) or get the cached one of a group with
-    :func:`acquire`; :meth:`exchange_for` gives the Communicator-like object one round's
+    :func:`acquire_slots`; :meth:`exchange_for` gives the Communicator-like object one round's
     exchange calls use; :meth:`close` releases the buffer (local; every rank closes its own).
     """
 
@@ -526,12 +525,6 @@ def _drop_cached(transport: P2PTransport) -> None:
         for key, value in list(_CACHE.items()):
             if value is transport:
                 del _CACHE[key]
-
-
-def acquire(comm: Communicator, device: torch.device, nbytes: int, *, timeout_s: float | None = None) -> P2PTransport:
-    """The cached transport of ``comm``'s group on ``device``, at least ``nbytes`` on every
-    rank: :func:`acquire_slots` with one slot."""
-    return acquire_slots(comm, device, nbytes, 1, timeout_s=timeout_s)[0]
 
 
 def acquire_slots(

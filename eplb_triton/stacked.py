@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .layout import ExpertLayout, _STATES, _TABLES, _TABLES_MAX, FAST_LAUNCH_ENV, _build_chunk_table, _TritonState
+from .layout import ExpertLayout, _STATES, FAST_LAUNCH_ENV, _cached, _TritonState
 from .plan import RankPlan, grouped_rank_views
 from .settings import int_setting
 
@@ -110,13 +110,7 @@ class _StackedTritonState(_TritonState):
     def of(cls, layout: StackedLayout) -> "_StackedTritonState":
         members = tuple(_TritonState.of(member) for member in layout.layouts)
         key = ("stacked", tuple(member.key for member in members), os.environ.get(FAST_LAUNCH_ENV, "1"))
-        state = _STATES.get(key)
-        if state is None:
-            state = cls(layout, members)
-            if len(_STATES) >= _TABLES_MAX:
-                _STATES.pop(next(iter(_STATES)))  # oldest first
-            _STATES[key] = state
-        return state
+        return _cached(_STATES, key, lambda: cls(layout, members))
 
     def __init__(self, layout: StackedLayout, members: tuple[_TritonState, ...]):
         super().__init__(layout.layouts[0])
@@ -124,18 +118,8 @@ class _StackedTritonState(_TritonState):
         self.members = members
         self.all_aligned = all(member.all_aligned for member in members)
         self.key = ("stacked", tuple(member.key for member in members))
-
-    def chunk_table(self, chunk: int) -> torch.Tensor:
-        """``(layers * chunks_per_expert, NUM_FIELDS)``: each layer's table, in stack order."""
-        key = (self.key, chunk)
-        table = _TABLES.get(key)
-        if table is None:
-            tensors = [t for member in self.members for t in member.tensors]
-            table = _build_chunk_table(tensors, chunk, self.fields, self.device)
-            if len(_TABLES) >= _TABLES_MAX:
-                _TABLES.pop(next(iter(_TABLES)))
-            _TABLES[key] = table
-        return table
+        # chunk_table: (layers * chunks_per_expert, NUM_FIELDS), each layer's descriptors in stack order
+        self.table_tensors = [t for member in members for t in member.tensors]
 
 
 def stack_groups(
