@@ -213,11 +213,10 @@ def _rank_layers_ahead(rank, world, old, new, layers_ahead):
                 staged = worker._cond.wait_for(
                     lambda: job.published >= min(job.swapped + buffers, layers) or worker._error is not None, timeout=30.0
                 )
-                ahead.append(job.published - job.swapped)
             assert staged, "the worker did not fill its staging buffers"
             time.sleep(0.05)  # room to go further than its buffers allow, if it wrongly could
             with worker._cond:
-                ahead[-1] = job.published - job.swapped
+                ahead.append(job.published - job.swapped)
             steps.append(worker.step())
     return steps, ahead, row_mismatches(weights, old, new, rank)
 
