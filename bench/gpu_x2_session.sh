@@ -77,6 +77,9 @@ for step in ${STEPS:-tests link}; do
           --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking worker \
           --worker-ahead ${AHEAD_VALUES:-4 16} --json "$OUT/link_speed-${layers}layers-worker-ahead.json" \
           --markdown "$OUT/link_speed-${layers}layers-worker-ahead.md"; done ;;
+    # session 8, first call: the GPU tests of session 7's last mends (never run on GPUs), then 'ahead'
+    tests8) run_step gpu-tests-session8 ${TESTS_LIMIT:-200} python3 -m pytest -q -m gpu tests/test_stacked.py \
+        tests/test_launch_counts.py tests/test_transfer_gpu.py tests/test_worker.py -p no:cacheprovider -rf ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;
