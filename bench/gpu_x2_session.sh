@@ -80,6 +80,17 @@ for step in ${STEPS:-tests link}; do
     # session 8, first call: the GPU tests of session 7's last mends (never run on GPUs), then 'ahead'
     tests8) run_step gpu-tests-session8 ${TESTS_LIMIT:-200} python3 -m pytest -q -m gpu tests/test_stacked.py \
         tests/test_launch_counts.py tests/test_transfer_gpu.py tests/test_worker.py -p no:cacheprovider -rf ;;
+    # session 8: the worker thread queues layers ahead of their publication (as many as its buffers)
+    worker8) run_step gpu-tests-worker ${TESTS_LIMIT:-200} python3 -m pytest -q -m gpu tests/test_worker.py tests/test_pacing.py \
+        tests/test_faults_gpu.py -k "worker or Worker or pac" -p no:cacheprovider -rf
+      for layers in ${AHEAD_LAYERS:-48 16}; do
+        run_step "link-$layers-layers-worker-queued" 150 python3 bench/link_speed.py --layers $layers --repeats 5 \
+          --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking worker \
+          --worker-ahead ${AHEAD_VALUES:-4 16} --transport nccl p2p --json "$OUT/link_speed-${layers}layers-worker-queued.json" \
+          --markdown "$OUT/link_speed-${layers}layers-worker-queued.md"; done
+      for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
+        run_step "worker-phases-$config" 90 python3 bench/worker_steps.py --config "$config" --layers 16 --layers-ahead 16 \
+          --phases --json "$OUT/worker-phases-$config.json"; done ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

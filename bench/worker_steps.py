@@ -6,14 +6,21 @@ For each way of calling ``step()`` (a tight loop, or a sleep between calls as a 
 would leave), and each interpreter switch interval, one worker rearrangement per repeat:
 the whole time per layer, the number of steps, the median host time of one ``step()``, and the
 worker thread's own time per layer (``TransferStats.layer_times_s``, submit to publish).
+
+``--layers-ahead N``: the worker's staging buffers (``TransferWorker(layers_ahead=N)``).
+``--phases``: also the host (wall) time per layer of the worker's methods, per thread, in the
+tight mode (each method wrapped by a timer: ~1 us per call added), to see where a layer's
+host time goes on each thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +37,47 @@ from eplb_triton.testing.machine import machine_line  # noqa: E402
 from eplb_triton.testing.shapes import LAYER_CONFIGS, scaled  # noqa: E402
 from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
 
+# (module, class, method): the worker's host work, per thread (see --phases)
+PHASES = (
+    ("eplb_triton.worker.thread", "ThreadMixin", "_transfer_layer"),
+    ("eplb_triton.worker.thread", "ThreadMixin", "_compile_swap"),
+    ("eplb_triton.worker.thread", "ThreadMixin", "_publish"),
+    ("eplb_triton.worker.thread", "ThreadMixin", "_finish_stream"),
+    ("eplb_triton.worker.thread", "ThreadMixin", "_await_staging_buffer"),
+    ("eplb_triton.worker.staging", "_PreparedLayer", "upload"),
+    ("eplb_triton.passes", "PassWork", "post_batches"),
+    ("eplb_triton.comm", "Communicator", "wait"),
+    ("eplb_triton.worker.front", "TransferWorker", "step"),
+    ("eplb_triton.worker.agreement", "AgreementMixin", "_agree_ready"),
+    ("eplb_triton.worker.staging", "StagingMixin", "_swap"),
+)
+
+
+def _time_phases() -> dict:
+    """Wrap each PHASES method in a wall-clock timer; returns {(thread, method): [seconds, calls]}."""
+    import importlib
+
+    spent = collections.defaultdict(lambda: [0.0, 0])
+    for module, cls, name in PHASES:
+        owner = getattr(importlib.import_module(module), cls)
+        if name not in vars(owner):
+            continue  # this version has no such method
+        original = vars(owner)[name]
+
+        def timed(*args, _original=original, _name=name, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                thread = "worker" if threading.current_thread().name.startswith("eplb-transfer") else "main"
+                cell = spent[(thread, _name)]
+                cell[0] += time.perf_counter() - begin
+                cell[1] += 1
+
+        setattr(owner, name, timed)
+    return spent
+
+
 MODES = (("tight", 0.0, None), ("sleep 0.2 ms", 2e-4, None), ("sleep 1 ms", 1e-3, None), ("tight, switch 0.1 ms", 0.0, 1e-4))
 
 
@@ -41,7 +89,8 @@ def _rank(rank: int, world: int, args: dict) -> dict:
     old, new = mg.ref_maps(args["layers"], world, local, moved)
     weights = make_rank_weights(scaled(specs, args["scale"]), args["layers"], local, device)
     fill_rank_weights(weights, old, rank, 1)
-    worker = TransferWorker(weights)
+    worker = TransferWorker(weights, layers_ahead=args["layers_ahead"])
+    spent = _time_phases() if args["phases"] else None
     maps = [old, new]
     default_interval = sys.getswitchinterval()
     rows = {}
@@ -59,6 +108,8 @@ def _rank(rank: int, world: int, args: dict) -> dict:
     rows["blocking call"] = {"ms_per_layer": statistics.median(blocking) * 1e3}
     for name, pause, interval in MODES:
         sys.setswitchinterval(interval or default_interval)
+        if spent is not None:
+            spent.clear()
         per_layer, counts, step_us, thread, bad = [], [], [], [], 0
         for repeat in range(args["repeats"] + 1):
             sync(); dist.barrier(); sync()
@@ -87,6 +138,10 @@ def _rank(rank: int, world: int, args: dict) -> dict:
             "thread_ms_per_layer": statistics.median(thread) * 1e3,
             "bad_rows": bad,
         }
+        if spent is not None and name == "tight":  # us per layer (timed repeats and the warm-up one)
+            done = args["layers"] * (args["repeats"] + 1)
+            rows["phases, tight"] = {f"{t}:{m}": {"us_per_layer": v[0] / done * 1e6, "calls_per_layer": v[1] / done}
+                                     for (t, m), v in sorted(spent.items())}
     sys.setswitchinterval(default_interval)
     worker.close()
     return rows
@@ -99,17 +154,27 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scale", type=int, default=1)
+    parser.add_argument("--layers-ahead", type=int, default=2, help="TransferWorker(layers_ahead=N)")
+    parser.add_argument("--phases", action="store_true", help="host time per layer of the worker's methods, per thread")
     parser.add_argument("--json", default=None, help="write every rank's rows here")
     args = parser.parse_args()
     results = run_ranks(2, _rank, vars(args), backend=args.backend, timeout_s=600.0, group_timeout_s=300.0)
     print(machine_line("cuda" if args.backend == "nccl" else "cpu", world_size=2, dist_backend=args.backend))
-    print(f"{args.config}, {args.layers} layers per call, median of {args.repeats}; the slowest rank's time")
+    print(f"{args.config}, {args.layers} layers per call, layers_ahead {args.layers_ahead}, median of {args.repeats}; "
+          "the slowest rank's time")
     print(f"{'mode':28s} {'ms/layer':>9s} {'steps':>6s} {'step us':>8s} {'thread ms/layer':>16s}")
     for mode in results[0]:
+        if mode.startswith("phases"):
+            continue
         row = max((r[mode] for r in results), key=lambda x: x["ms_per_layer"])
         print(f"{mode:28s} {row['ms_per_layer']:9.3f} {row.get('steps', 0):6.0f} {row.get('step_us', 0):8.0f} "
               f"{row.get('thread_ms_per_layer', 0):16.3f}")
-    bad = sum(r[mode].get("bad_rows", 0) for r in results for mode in r)
+    for rank, rows in enumerate(results):
+        phases = rows.get("phases, tight")
+        if phases:
+            print(f"rank {rank}, tight mode, host time per layer: " + ", ".join(
+                f"{k} {v['us_per_layer']:.0f} us ({v['calls_per_layer']:.2f} calls)" for k, v in phases.items()))
+    bad = sum(r[mode].get("bad_rows", 0) for r in results for mode in r if not mode.startswith("phases"))
     print(f"bit-exact: {'yes' if bad == 0 else f'NO ({bad} rows wrong)'}")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": vars(args), "ranks": results}, indent=1))

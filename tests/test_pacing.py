@@ -21,7 +21,7 @@ from eplb_triton import TransferWorker
 from eplb_triton.pacing import PaceGate, Pacing, TransferProgress, check_pacing, layer_gate_bytes
 from eplb_triton.plan import plan_rearrangement
 from fault_cases import all_to_all_maps, injected_naming_the_layer, raise_at
-from test_worker import PACKED, SPECS, _FakeCuda, _FakeStream, assert_consistent, run_faults
+from test_worker import PACKED, SPECS, _FakeCuda, _FakeStream, _wait_until, assert_consistent, run_faults
 
 POISON = 0xA5  # staging is filled with this before a submit: a row unpacked from unwritten staging shows
 
@@ -168,15 +168,6 @@ def expected_steps(start: list[int], total: int) -> list[list[int]]:
         out.append(list(range(swapped, ready)))
         swapped, steps = ready, steps + 1
     return out
-
-
-def _wait_until(predicate, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.002)
-    return False
 
 
 # -- paced workers -----------------------------------------------------------------------------------

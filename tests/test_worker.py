@@ -1150,6 +1150,58 @@ def test_worker_orders_its_stream_after_submit_and_each_swap(monkeypatch):
         assert packs[-1] < recorded < publish, (layer, log[packs[0] : publish + 1])
 
 
+def _wait_until(predicate, timeout_s: float = 20.0) -> bool:
+    """Poll ``predicate`` every 2 ms until it holds (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+class _HeldEvent(_FakeEvent):
+    """A fake event that reports its work finished only once the test lets the "GPU" run."""
+
+    def __init__(self, name, log, gpu_runs):
+        super().__init__(name, log)
+        self.gpu_runs = gpu_runs
+
+    def query(self):
+        super().query()
+        return self.gpu_runs.is_set()
+
+
+@pytest.mark.parametrize("layers_ahead", [2, 4])
+def test_worker_queues_layers_ahead_of_publication_up_to_its_buffers(monkeypatch, layers_ahead):
+    """On a GPU the worker thread queues a layer's transfer before earlier layers have finished:
+    while the "GPU" runs nothing, it queues exactly ``layers_ahead`` layers (one per staging
+    buffer; none is swapped, so the next must wait) and publishes none; once the GPU runs,
+    every layer is published, swapped and right. (Session 8: it used to wait for layer i
+    before queueing layer i + 2, whatever its buffers.)"""
+    from eplb_triton.worker import hooks as worker_module
+
+    log, gpu_runs = [], threading.Event()
+    fake = _FakeCuda(log)
+    fake.Event = lambda: _HeldEvent(f"event{len(log)}", log, gpu_runs)
+    monkeypatch.setattr(worker_module, "_cuda", fake)
+    layers = layers_ahead + 3
+    old, new = rotated_maps(layers, 1, 4)  # every layer stages rows: each takes a staging buffer
+    weights = rank_weights(0, 1, old)
+    queued = lambda: sum(1 for e in list(log) if e[:2] == ("record", "worker"))  # noqa: E731
+    with TransferWorker(weights, backend="torch", layers_ahead=layers_ahead) as worker:
+        worker._stream = _FakeStream("worker", log)  # as if on a GPU: the worker has its own stream
+        worker.submit(old, new)
+        assert _wait_until(lambda: queued() >= layers_ahead, 10.0), log
+        time.sleep(0.2)  # room to queue (wrongly) more
+        assert queued() == layers_ahead and worker.progress.layers_moved == 0
+        assert worker.step() == []
+        gpu_runs.set()
+        worker.wait()
+    assert queued() == layers
+    assert row_mismatches(weights, old, new, 0) == []
+
+
 @pytest.mark.interpreter
 def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
     """The swap path a GPU takes, run on CPU with the Triton interpreter: the worker thread

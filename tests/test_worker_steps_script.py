@@ -1,5 +1,5 @@
-"""bench/worker_steps.py on 2 gloo CPU ranks with tiny shapes: every mode timed and bit-exact
-(speed is for the GPU run)."""
+"""bench/worker_steps.py on 2 gloo CPU ranks with tiny shapes: every mode timed and bit-exact,
+and the tight mode's host time per method and thread (speed is for the GPU run)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_cpu_smoke_run_times_every_mode_and_checks_the_bytes(tmp_path):
     out = tmp_path / "steps.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "worker_steps.py"), "--backend", "gloo", "--scale", "64", "--layers", "2",
-         "--repeats", "1", "--json", str(out)],
+         "--repeats", "1", "--layers-ahead", "3", "--phases", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -25,7 +25,10 @@ def test_cpu_smoke_run_times_every_mode_and_checks_the_bytes(tmp_path):
     ranks = json.loads(out.read_text())["ranks"]
     assert len(ranks) == 2
     for rows in ranks:
+        phases = rows.pop("phases, tight")
         assert list(rows)[0] == "blocking call" and len(rows) == 5
+        assert phases["worker:_transfer_layer"]["calls_per_layer"] == 1.0, phases  # one per layer
+        assert phases["main:step"]["calls_per_layer"] >= 0.5 and phases["main:_swap"]["us_per_layer"] > 0, phases
         for mode, row in rows.items():
             assert row["ms_per_layer"] > 0, mode
             if mode != "blocking call":

@@ -1,7 +1,7 @@
 """The worker thread: per layer, stage its rows, exchange, check and publish; drain on stop.
 
-Runs on its own CUDA stream; layer ``i+1`` is queued before layer ``i`` is waited for and
-published. On ``close()`` or a failure the exchanges this rank has not posted yet still run
+Runs on its own CUDA stream; layers are queued there ahead of their publication, as far as
+the ``layers_ahead`` staging buffers allow, and published as they finish. On ``close()`` or a failure the exchanges this rank has not posted yet still run
 with junk (:meth:`ThreadMixin._drain`) so no peer is left blocked.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 
 import numpy as np
 import torch
@@ -71,15 +72,17 @@ class ThreadMixin:
             self._stream.wait_event(job.start_event)
         if self._stream is not None:  # every pass's row lists in one copy, on the worker stream
             upload_rows([work for prepared in job.prepared_layers for work in prepared.layer.passes], self._device)
-        # Layer i+1 is queued on the worker stream before layer i is waited for and published,
-        # so the GPU never idles between layers while this thread polls and publishes.
-        pending = None
+        # Layers are queued on the worker stream ahead of their publication, as far as the
+        # staging buffers allow: a layer is published (its event polled) once it has finished,
+        # checked between queueing later layers, so the GPU never idles while this thread
+        # polls and publishes. Session 8, run 32: publishing each layer before queueing the one
+        # after next kept the worker at ~1.1 ms per layer whatever the buffers (layers_ahead 16).
+        in_flight: deque = deque()  # (index, prepared, checks, done, begin), oldest first
         for index, prepared in enumerate(job.prepared_layers):
-            if not job.gate.allows(index):  # paced: offer the last layer, then wait for credit
-                if pending is not None:
-                    self._publish(job, *pending)
-                    pending = None
+            if not job.gate.allows(index):  # paced: offer what is queued, then wait for credit
+                self._publish_in_flight(job, in_flight)
                 self._wait_gate(job, index)
+            self._publish_in_flight(job, in_flight, only_finished=True)
             begin = time.perf_counter()
             job.layer = prepared.layer.index
             if self._stream is not None:
@@ -87,9 +90,8 @@ class ThreadMixin:
                 # before publishing), so step() launches its unpack without host work on the rows;
                 # the layer's other lists come along in the same copy.
                 prepared.upload(self._device)
-            if pending is not None and prepared.nbytes and job.swapped < index - len(job.staging_buffers) + 1:
-                self._publish(job, *pending)  # this layer waits for a staging buffer: offer the last one first
-                pending = None
+            if prepared.nbytes:
+                self._await_staging_buffer(job, index, in_flight)
             checks = self._transfer_layer(job, index, prepared)
             self._compile_swap(job, index, prepared)
             if self._stream is None:  # CPU: the transfer already ran; nothing to overlap
@@ -97,11 +99,36 @@ class ThreadMixin:
                 continue
             done = hooks._cuda.Event()
             done.record(self._stream)
-            if pending is not None:
-                self._publish(job, *pending)
-            pending = (index, prepared, checks, done, begin)
-        if pending is not None:
-            self._publish(job, *pending)
+            in_flight.append((index, prepared, checks, done, begin))
+        self._publish_in_flight(job, in_flight)
+
+    def _await_staging_buffer(self, job: _Job, index: int, in_flight: deque) -> None:
+        """Wait until layer ``index``'s staging buffer is free: the layer that used it before
+        (``index - layers_ahead``) swapped on the host, and its swap's unpack ordered before
+        this layer's writes on the worker stream. Queued layers that finish meanwhile are
+        published, so one step() may swap them all."""
+        ahead = len(job.staging_buffers)
+        while in_flight and in_flight[0][0] <= index - ahead:  # must be swapped: offered first
+            self._publish(job, *in_flight.popleft())
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or job.swapped >= index - ahead + 1, timeout=_POLL_MAX_S if in_flight else None)
+                if self._stop:
+                    raise _Stopped
+                if job.swapped >= index - ahead + 1:
+                    event = job.staging_buffers[index % ahead].event
+                    break
+            self._publish_in_flight(job, in_flight, only_finished=True)
+        if event is not None:
+            self._stream.wait_event(event)  # GPU-side: the swap's unpack has read the buffer
+
+    def _publish_in_flight(self, job: _Job, in_flight: deque, only_finished: bool = False) -> None:
+        """Publish the queued layers in order: all of them (waiting for each), or with
+        ``only_finished`` those whose transfer has already finished (no wait)."""
+        while in_flight:
+            if only_finished and not in_flight[0][3].query():
+                return
+            self._publish(job, *in_flight.popleft())
 
     def _wait_gate(self, job: _Job, index: int) -> None:
         """Block until the pace lets layer ``index`` start (a step() call or wait()), or stop.
@@ -144,15 +171,6 @@ class ThreadMixin:
         layout, eb, backend = prepared.layer.layout, prepared.layer.layout.expert_bytes, job.backend
         rank, layer_index = self._transfer.rank, prepared.layer.index
         staging = job.staging_buffers[index % len(job.staging_buffers)]
-        if prepared.nbytes:
-            ahead = len(job.staging_buffers)
-            with self._cond:  # the buffer's previous layer (index - ahead) must have been swapped
-                self._cond.wait_for(lambda: self._stop or job.swapped >= index - ahead + 1)
-                if self._stop:
-                    raise _Stopped
-                event = staging.event
-            if event is not None:
-                self._stream.wait_event(event)  # GPU-side: the swap's unpack has read the buffer
         hooks.fault("layer_start", rank=rank, layer=layer_index)
         buf = staging.buffer[: prepared.nbytes]
         if prepared.local_src.size:
