@@ -91,6 +91,13 @@ for step in ${STEPS:-tests link}; do
       for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
         run_step "worker-phases-$config" 90 python3 bench/worker_steps.py --config "$config" --layers 16 --layers-ahead 16 \
           --phases --json "$OUT/worker-phases-$config.json"; done ;;
+    # session 8: pacing over p2p hung in run 33 (stacks printed after 60 s), and the worker alone / with wait()
+    diag8) run_step pacing-p2p-stacks 140 env EPLB_TRITON_DUMP_STACKS_S=${DUMP_S:-60} python3 bench/pacing.py --transport p2p \
+        --timeout 110 --out "$OUT" ${PACING_ARGS:-}
+      for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16}; do
+        for ahead in ${DIAG_AHEAD:-16 2}; do
+          run_step "worker-phases-$config-ahead$ahead" 90 python3 bench/worker_steps.py --config "$config" --layers 16 \
+            --layers-ahead $ahead --phases --json "$OUT/worker-phases-$config-ahead$ahead.json"; done; done ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

@@ -3,7 +3,9 @@
     python bench/worker_steps.py --config qwen3-30b-a3b-bf16 --layers 16
 
 For each way of calling ``step()`` (a tight loop, or a sleep between calls as a serving loop
-would leave), and each interpreter switch interval, one worker rearrangement per repeat:
+would leave; each interpreter switch interval; no loop, ``wait()`` at once; or nothing until the
+worker thread has moved all the layers its buffers allow, then ``wait()``), one worker
+rearrangement per repeat:
 the whole time per layer, the number of steps, the median host time of one ``step()``, and the
 worker thread's own time per layer (``TransferStats.layer_times_s``, submit to publish).
 
@@ -54,10 +56,10 @@ PHASES = (
 
 
 def _time_phases() -> dict:
-    """Wrap each PHASES method in a wall-clock timer; returns {(thread, method): [seconds, calls]}."""
+    """Wrap each PHASES method in a wall-clock timer; returns {(thread, method): [seconds of each call]}."""
     import importlib
 
-    spent = collections.defaultdict(lambda: [0.0, 0])
+    spent = collections.defaultdict(list)
     for module, cls, name in PHASES:
         owner = getattr(importlib.import_module(module), cls)
         if name not in vars(owner):
@@ -70,15 +72,16 @@ def _time_phases() -> dict:
                 return _original(*args, **kwargs)
             finally:
                 thread = "worker" if threading.current_thread().name.startswith("eplb-transfer") else "main"
-                cell = spent[(thread, _name)]
-                cell[0] += time.perf_counter() - begin
-                cell[1] += 1
+                spent[(thread, _name)].append(time.perf_counter() - begin)
 
         setattr(owner, name, timed)
     return spent
 
 
-MODES = (("tight", 0.0, None), ("sleep 0.2 ms", 2e-4, None), ("sleep 1 ms", 1e-3, None), ("tight, switch 0.1 ms", 0.0, 1e-4))
+# (name, pause between step() calls, switch interval); pause None: no step() loop, wait() at once;
+# "alone": no call at all until the worker thread has moved every layer its buffers allow, then wait()
+MODES = (("tight", 0.0, None), ("sleep 0.2 ms", 2e-4, None), ("sleep 1 ms", 1e-3, None), ("tight, switch 0.1 ms", 0.0, 1e-4),
+         ("wait()", None, None), ("alone, then wait()", None, None))
 
 
 def _rank(rank: int, world: int, args: dict) -> dict:
@@ -116,7 +119,11 @@ def _rank(rank: int, world: int, args: dict) -> dict:
             begin = time.perf_counter()
             worker.submit(maps[0], maps[1])
             steps = []
-            while worker.busy:
+            if name.startswith("alone"):  # the thread alone: no step() competes with it for the GIL
+                moved = min(args["layers"], args["layers_ahead"])
+                while worker.progress.layers_moved < moved:
+                    time.sleep(1e-4)
+            while worker.busy and pause is not None:
                 t = time.perf_counter()
                 worker.step()
                 steps.append(time.perf_counter() - t)
@@ -124,9 +131,10 @@ def _rank(rank: int, world: int, args: dict) -> dict:
                     time.sleep(pause)
             stats = worker.wait()
             sync()
+            elapsed = time.perf_counter() - begin
             bad += len(row_mismatches(weights, maps[0], maps[1], rank, 1))  # untimed: every call checked
             if repeat:
-                per_layer.append((time.perf_counter() - begin) / args["layers"])
+                per_layer.append(elapsed / args["layers"])
                 counts.append(len(steps))
                 step_us.append(statistics.median(steps) * 1e6 if steps else 0.0)
                 thread.append(statistics.median(stats.layer_times_s) if stats.layer_times_s else 0.0)
@@ -138,10 +146,13 @@ def _rank(rank: int, world: int, args: dict) -> dict:
             "thread_ms_per_layer": statistics.median(thread) * 1e3,
             "bad_rows": bad,
         }
-        if spent is not None and name == "tight":  # us per layer (timed repeats and the warm-up one)
-            done = args["layers"] * (args["repeats"] + 1)
-            rows["phases, tight"] = {f"{t}:{m}": {"us_per_layer": v[0] / done * 1e6, "calls_per_layer": v[1] / done}
-                                     for (t, m), v in sorted(spent.items())}
+        if spent is not None and name == "tight":  # the median call (one-off compilations left out) x calls per layer
+            done = args["layers"] * (args["repeats"] + 1)  # the timed repeats and the warm-up one
+            rows["phases, tight"] = {
+                f"{t}:{m}": {"median_us": statistics.median(v) * 1e6, "calls_per_layer": len(v) / done,
+                             "us_per_layer": statistics.median(v) * 1e6 * len(v) / done}
+                for (t, m), v in sorted(spent.items())
+            }
     sys.setswitchinterval(default_interval)
     worker.close()
     return rows
@@ -173,7 +184,7 @@ def main() -> int:
         phases = rows.get("phases, tight")
         if phases:
             print(f"rank {rank}, tight mode, host time per layer: " + ", ".join(
-                f"{k} {v['us_per_layer']:.0f} us ({v['calls_per_layer']:.2f} calls)" for k, v in phases.items()))
+                f"{k} {v['us_per_layer']:.0f} us ({v['calls_per_layer']:.2f} calls of {v['median_us']:.0f})" for k, v in phases.items()))
     bad = sum(r[mode].get("bad_rows", 0) for r in results for mode in r if not mode.startswith("phases"))
     print(f"bit-exact: {'yes' if bad == 0 else f'NO ({bad} rows wrong)'}")
     if args.json:

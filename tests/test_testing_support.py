@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 import pytest
 import torch
 import triton
 
+from eplb_triton.testing.launch import run_ranks
 from eplb_triton.testing.machine import machine_line
 from eplb_triton.testing.shapes import LAYER_CONFIGS, PRESETS, scaled
 from eplb_triton.testing.synthetic import TensorSpec
@@ -45,3 +47,17 @@ def test_machine_line_names_the_cpu_and_the_versions(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "(Triton interpreter)" in machine_line("cpu")
     assert machine_line("cpu", world_size=4, dist_backend="gloo").split(",")[0].endswith("(4 gloo ranks)")
+
+
+def _sleeps_past_the_dump(rank, world):
+    time.sleep(0.8)
+    return rank
+
+
+def test_ranks_print_their_stacks_after_the_dump_delay(monkeypatch, capfd):
+    """EPLB_TRITON_DUMP_STACKS_S (diagnosing a hang on a lent machine): each rank prints its
+    threads' stacks once it has run that long, and still returns its result."""
+    monkeypatch.setenv("EPLB_TRITON_DUMP_STACKS_S", "0.2")
+    assert run_ranks(2, _sleeps_past_the_dump) == [0, 1]
+    err = capfd.readouterr().err
+    assert err.count("in _sleeps_past_the_dump") == 2, err[-2000:]

@@ -5,11 +5,15 @@ Test and benchmark support, not part of the runtime API.
 Each rank runs ``fn(rank, world_size, *args)`` in its own process; the group is always
 destroyed, stragglers are killed after ``timeout_s``, and a rank's exception comes back as a
 ``RuntimeError`` carrying that rank's traceback.
+
+Diagnosing a hang: with ``EPLB_TRITON_DUMP_STACKS_S=S`` set, each rank prints the stacks of all
+its threads to its stderr (``faulthandler``) once it has run ``S`` seconds.
 """
 
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import multiprocessing as mp
 import os
 import queue as queue_lib
@@ -19,6 +23,8 @@ import traceback
 from typing import Any, Callable
 
 __all__ = ["free_port", "run_ranks", "spawn_ranks"]
+
+DUMP_STACKS_ENV = "EPLB_TRITON_DUMP_STACKS_S"  # seconds after which each rank prints its threads' stacks
 
 
 def free_port() -> int:
@@ -33,6 +39,9 @@ def _rank_main(rank, world_size, port, backend, group_timeout_s, fn, args, resul
     import torch.distributed as dist
 
     status = None
+    dump_after = os.environ.get(DUMP_STACKS_ENV)
+    if dump_after:
+        faulthandler.dump_traceback_later(float(dump_after), exit=False)
     try:
         torch.set_num_threads(1)
         if backend == "nccl":
@@ -53,6 +62,7 @@ def _rank_main(rank, world_size, port, backend, group_timeout_s, fn, args, resul
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
+    faulthandler.cancel_dump_traceback_later()
     results.put(status)
     results.close()
     results.join_thread()
