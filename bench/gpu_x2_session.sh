@@ -98,6 +98,10 @@ for step in ${STEPS:-tests link}; do
         for ahead in ${DIAG_AHEAD:-16 2}; do
           run_step "worker-phases-$config-ahead$ahead" 90 python3 bench/worker_steps.py --config "$config" --layers 16 \
             --layers-ahead $ahead --phases --json "$OUT/worker-phases-$config-ahead$ahead.json"; done; done ;;
+    # session 8: pacing over p2p three times (run 33 hung once; stacks after DUMP_S), then the worker's numbers
+    hang8) for attempt in 1 2 3; do
+        run_step pacing-p2p-attempt$attempt 100 env EPLB_TRITON_DUMP_STACKS_S=${DUMP_S:-50} python3 bench/pacing.py \
+          --transport p2p --timeout 80 ${PACING_ARGS:-}; done ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

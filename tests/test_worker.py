@@ -1097,8 +1097,8 @@ def test_worker_orders_its_stream_after_submit_and_each_swap(monkeypatch):
     """The GPU ordering, checked on CPU: the worker stream waits for the event submit()
     recorded on the serving stream before its first read of the weights; it waits for the
     event of layer l-2's swap before staging layer l into that buffer; it records and polls an
-    event on its stream after staging a layer, before publishing it; and every swap records
-    an event on the serving stream after its unpack."""
+    event on its stream after staging a layer, before publishing it; and every step records
+    an event on the serving stream after its unpacks."""
     from eplb_triton.worker import hooks as worker_module
     from eplb_triton.layout import ExpertLayout
 
@@ -1130,11 +1130,12 @@ def test_worker_orders_its_stream_after_submit_and_each_swap(monkeypatch):
     start = log[first_record][2]
     worker_ops = [e for e in log if e[1] == "worker"]
     assert worker_ops[0] == ("wait", "worker", start), worker_ops[:3]  # before any read of the weights
-    # each swap: unpack on the serving stream, then an event recorded there
+    # each step's swaps: unpacks on the serving stream, then one event recorded there
     swap_event = {}
     for i, entry in enumerate(log):
         if entry[0] == "unpack" and entry[1] == "main":
-            following = next(e for e in log[i + 1 :] if e[1] == "main")  # the worker thread interleaves
+            # the worker thread interleaves; the step's later unpacks may come first
+            following = next(e for e in log[i + 1 :] if e[1] == "main" and e[0] != "unpack")
             assert following[0] == "record", log[i:]
             swap_event[entry[2]] = following[2]
     assert sorted(swap_event) == list(range(layers))
@@ -1215,18 +1216,19 @@ def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
 
     log = []
 
-    class DeviceRows(torch.Tensor):  # what index_tensors returns on a GPU, with record_stream logged
+    class DeviceRows(torch.Tensor):  # what index_lists returns on a GPU, with record_stream logged
         def record_stream(self, stream):
             log.append(("record_stream", stream.name, tuple(self.tolist())))
 
     from eplb_triton.worker import staging as worker_staging
 
-    original_index_tensors = worker_staging.index_tensors
-    monkeypatch.setattr(
-        worker_staging,
-        "index_tensors",
-        lambda named, device: {k: v.as_subclass(DeviceRows) for k, v in original_index_tensors(named, device).items()},
-    )
+    original_index_lists = worker_staging.index_lists
+
+    def index_lists(lists, device):
+        flat, views = original_index_lists(lists, device)
+        return flat, tuple(v.as_subclass(DeviceRows) for v in views)
+
+    monkeypatch.setattr(worker_staging, "index_lists", index_lists)
     original_launch = ExpertLayout.launch
 
     def launch(self, mode, buf, src_rows=None, dst_rows=None, tuning=None, compile_only=False):

@@ -317,12 +317,8 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             if not self._closed:
                 self._shutdown()
             raise
-        done = []
         try:
-            while job.swapped < ready:
-                prepared = job.prepared_layers[job.swapped]
-                self._swap(job, prepared)
-                done.append(prepared.layer.index)
+            done = self._swap_ready(job, ready) if ready > job.swapped else []
         except BaseException:  # a failed launch here is not recoverable: stop the thread, no leak
             self._shutdown()
             raise

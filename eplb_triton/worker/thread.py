@@ -20,7 +20,7 @@ from ..comm import ChecksumMismatchError, Communicator, PeerError
 from ..layout import index_tensors, resolve_backend
 from ..passes import PassWork, upload_rows
 from . import hooks
-from .staging import _fill_send_trailers, _Job, _per_peer, _PreparedLayer, _trailers
+from .staging import _fill_send_trailers, _Job, _per_peer, _PreparedLayer, _trailers, upload_prepared
 
 log = logging.getLogger("eplb_triton.worker")  # one logger for the package (documented name)
 
@@ -72,6 +72,9 @@ class ThreadMixin:
             self._stream.wait_event(job.start_event)
         if self._stream is not None:  # every pass's row lists in one copy, on the worker stream
             upload_rows([work for prepared in job.prepared_layers for work in prepared.layer.passes], self._device)
+            # and each swap's rows (with the layer's local sources and duplicate positions) in
+            # another, so step() launches its unpack without host work on the rows
+            upload_prepared(job.prepared_layers, self._device)
         # Layers are queued on the worker stream ahead of their publication, as far as the
         # staging buffers allow: a layer is published (its event polled) once it has finished,
         # checked between queueing later layers, so the GPU never idles while this thread
@@ -85,11 +88,6 @@ class ThreadMixin:
             self._publish_in_flight(job, in_flight, only_finished=True)
             begin = time.perf_counter()
             job.layer = prepared.layer.index
-            if self._stream is not None:
-                # The swap's row list goes to the GPU here, on the worker stream (synchronised
-                # before publishing), so step() launches its unpack without host work on the rows;
-                # the layer's other lists come along in the same copy.
-                prepared.upload(self._device)
             if prepared.nbytes:
                 self._await_staging_buffer(job, index, in_flight)
             checks = self._transfer_layer(job, index, prepared)
