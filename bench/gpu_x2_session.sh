@@ -102,6 +102,16 @@ for step in ${STEPS:-tests link}; do
     hang8) for attempt in 1 2 3; do
         run_step pacing-p2p-attempt$attempt 100 env EPLB_TRITON_DUMP_STACKS_S=${DUMP_S:-50} python3 bench/pacing.py \
           --transport p2p --timeout 80 ${PACING_ARGS:-}; done ;;
+    # session 8, last call: kernels loaded at submit (the run-35 deadlock), GPU tests, pacing twice over p2p, once over NCCL
+    final8) run_step gpu-tests-final8 ${TESTS_LIMIT:-150} python3 -m pytest -q -m gpu tests/test_worker.py tests/test_p2p_gpu.py \
+        tests/test_pacing.py -p no:cacheprovider -rf
+      for attempt in 1 2; do
+        run_step pacing-p2p-final$attempt 100 env EPLB_TRITON_DUMP_STACKS_S=${DUMP_S:-50} python3 bench/pacing.py \
+          --transport p2p --timeout 80 --out "$OUT"; done
+      run_step pacing-final 100 env EPLB_TRITON_DUMP_STACKS_S=${DUMP_S:-50} python3 bench/pacing.py --timeout 80 --out "$OUT"
+      run_step link-48-layers-worker-final 120 python3 bench/link_speed.py --layers 48 --repeats 5 \
+        --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking worker --worker-ahead 16 \
+        --json "$OUT/link_speed-48layers-worker-final.json" --markdown "$OUT/link_speed-48layers-worker-final.md" ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

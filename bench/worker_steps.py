@@ -42,7 +42,8 @@ from eplb_triton.testing.synthetic import fill_rank_weights, make_rank_weights, 
 # (module, class, method): the worker's host work, per thread (see --phases)
 PHASES = (
     ("eplb_triton.worker.thread", "ThreadMixin", "_transfer_layer"),
-    ("eplb_triton.worker.thread", "ThreadMixin", "_compile_swap"),
+    ("eplb_triton.worker.staging", "StagingMixin", "_load_kernels"),
+    ("eplb_triton.worker.front", "TransferWorker", "submit"),
     ("eplb_triton.worker.thread", "ThreadMixin", "_publish"),
     ("eplb_triton.worker.thread", "ThreadMixin", "_finish_stream"),
     ("eplb_triton.worker.thread", "ThreadMixin", "_await_staging_buffer"),
@@ -51,7 +52,7 @@ PHASES = (
     ("eplb_triton.comm", "Communicator", "wait"),
     ("eplb_triton.worker.front", "TransferWorker", "step"),
     ("eplb_triton.worker.agreement", "AgreementMixin", "_agree_ready"),
-    ("eplb_triton.worker.staging", "StagingMixin", "_swap"),
+    ("eplb_triton.worker.staging", "StagingMixin", "_swap_ready"),
 )
 
 

@@ -302,6 +302,12 @@ class P2PTransport:
         except Exception as exc:  # noqa: BLE001 - peers that mapped fine learn of it below
             error, transport = ValueError(f"transport='p2p': mapping the peers' buffers failed: {exc}"), None
         control.agree(error, timeout_s=timeout_s)
+        with torch.cuda.device(device):
+            # Load the barrier's kernel here, where every rank is, on the caller's thread: its
+            # first load on a worker thread waits for the running kernels, which may wait for a
+            # peer (CUDA lazy loading; see eplb_triton/worker/staging.py, _load_kernels).
+            transport.barrier()
+            torch.cuda.current_stream(device).synchronize()
         log.info(
             "rank %d: p2p transport on %s: %d ranks map %d-byte symmetric buffers (device %s, symmetric memory "
             "backend %s, multicast disabled=%s)",

@@ -238,6 +238,17 @@ class PassWork:
             self._batches = list(zip(sends + [[]] * (count - len(sends)), recvs + [[]] * (count - len(recvs))))
         return self._batches
 
+    def pack_spans(self) -> list[tuple[int, int]]:
+        """``(first, count)`` in experts of the send region, per pack launch that
+        :meth:`post_batches` makes without local sources: the whole region for whole messages,
+        else one run per batch that sends (the worker loads these kernels ahead: see
+        ``StagingMixin._load_kernels``)."""
+        if not self.send_rows.size:
+            return []
+        if self.chunk_experts is None:
+            return [(0, int(self.send_rows.size))]
+        return [(sends[0][1], sends[-1][1] + sends[-1][2] - sends[0][1]) for sends, _ in self.batches() if sends]
+
     def release(self) -> None:
         """Drop the device row lists once the pass's launches are queued (the caching
         allocator reuses their memory only behind those launches on the same stream)."""

@@ -29,8 +29,19 @@ so large rows are split across programs and small rows batched in one; with ``PR
 loads the next chunk's descriptor before copying the current one.
 """
 
+import inspect
+
 import triton
 import triton.language as tl
+
+# The row lists are views at any 8-byte offset of one uploaded tensor. A variant compiled per
+# 16-byte alignment of them would load a new module at a worker's first launch of such a view,
+# on its thread, which can deadlock beside a kernel waiting for a peer (CUDA lazy loading: see
+# eplb_triton/worker/staging.py, _load_kernels). Older Triton: do_not_specialize covers pointers.
+_ANY_ROW_ALIGNMENT = {
+    ("do_not_specialize_on_alignment" if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
+     else "do_not_specialize"): ["src_rows_ptr", "dst_rows_ptr"]
+}
 
 # Fields of a chunk descriptor; constexpr globals so jit code may read them (`.value` on the host).
 C_BASE = tl.constexpr(0)
@@ -113,7 +124,7 @@ def _chunk_ends(
     return src, dst, size_flag
 
 
-@triton.jit
+@triton.jit(**_ANY_ROW_ALIGNMENT)
 def move_rows_kernel(
     chunk_desc_ptr,  # int64 [chunks_per_expert, NUM_FIELDS]
     src_rows_ptr,  # int64 [num_rows]: source rows (PACK, COPY)

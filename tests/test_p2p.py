@@ -335,6 +335,7 @@ class _FakeHandle:
     def __init__(self, buffer):
         self.buffers = {0: buffer, 1: torch.arange(buffer.numel(), dtype=torch.int64).to(torch.uint8)}
         self.pads = {0: torch.zeros(64, dtype=torch.int32), 1: torch.ones(64, dtype=torch.int32)}  # peer: my signal unread
+        self.barriers = 0
 
     @staticmethod
     def _view(memory, sizes, dtype, storage_offset):  # like torch: ``sizes`` elements from the offset
@@ -348,7 +349,7 @@ class _FakeHandle:
         return self._view(self.pads[rank], sizes, dtype, storage_offset)
 
     def barrier(self, channel=0, timeout_ms=0):
-        pass
+        self.barriers += 1
 
 
 class _FakeSymmMem:
@@ -387,11 +388,14 @@ def test_create_maps_peers_and_a_timeout_releases_the_stuck_barrier(monkeypatch)
     monkeypatch.setattr(torch.cuda, "device", _Nothing)
     monkeypatch.setattr(torch.cuda, "Stream", _Nothing)
     monkeypatch.setattr(torch.cuda, "stream", _Nothing)
+    monkeypatch.setattr(torch.cuda, "current_stream", _Nothing)
     monkeypatch.delenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", raising=False)
     comm = Communicator(group=SimpleNamespace(group_name="7"), rank=0, world_size=2, dist_backend="nccl")
     control = Communicator(group=None, rank=0, world_size=2, dist_backend="gloo")  # agreements pass through
     transport = P2PTransport.create(comm, torch.device("cpu"), 4096, control=control)
     assert fake.calls == [("empty", (4096,), torch.uint8), ("rendezvous", "7")]
+    # one barrier at creation, on the caller's thread: its kernel is loaded there (CUDA lazy loading)
+    assert fake.handle.barriers == 1
     assert os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1", "multicast must be off before the first mapping"
     assert torch.equal(transport.peer_bytes(1, 10, 5), fake.handle.buffers[1][10:15])
     pads = fake.handle.pads

@@ -1205,11 +1205,12 @@ def test_worker_queues_layers_ahead_of_publication_up_to_its_buffers(monkeypatch
 
 @pytest.mark.interpreter
 def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
-    """The swap path a GPU takes, run on CPU with the Triton interpreter: the worker thread
-    copies the swap's rows to the "device" and compiles the swap's unpack (compile only)
-    before publishing each layer; step() launches the unpack unchecked on those rows, which
-    it ties to the serving stream (record_stream); the rows written are exactly the changed
-    ones and hold the new experts."""
+    """The swap path a GPU takes, run on CPU with the Triton interpreter: submit() compiles
+    (compile only) every launch the job makes, on the serving thread, before the worker thread
+    launches anything (a kernel first loaded on the worker thread can deadlock beside a peer's
+    kernels: see StagingMixin._load_kernels); the worker thread copies the swap's rows to the
+    "device"; step() launches the unpack unchecked on those rows, which it ties to the serving
+    stream (record_stream); the rows written are exactly the changed ones and hold the new experts."""
     from eplb_triton.worker import hooks as worker_module
     from eplb_triton.layout import ExpertLayout
     from row_writes import changed_rows, record_row_writes
@@ -1233,7 +1234,9 @@ def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
 
     def launch(self, mode, buf, src_rows=None, dst_rows=None, tuning=None, compile_only=False):
         side = "worker" if threading.current_thread().name.startswith("eplb-transfer") else "main"
-        log.append(("compile" if compile_only else "launch", side, mode, type(dst_rows).__name__))
+        rows = src_rows if src_rows is not None else dst_rows
+        what = (mode, rows.numel(), buf.data_ptr(), buf.numel())  # what selects the compiled variant
+        log.append(("compile" if compile_only else "launch", side, mode, type(dst_rows).__name__, what))
         return original_launch(self, mode, buf, src_rows, dst_rows, tuning, compile_only)
 
     monkeypatch.setattr(ExpertLayout, "launch", launch)
@@ -1252,13 +1255,72 @@ def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
     swaps = [e for e in log if e[:3] == ("launch", "main", "unpack")]
     assert len(swaps) == sum(1 for rows in changed_rows(old, new, 0, 6) if rows)
     assert all(e[3] == "DeviceRows" for e in swaps), swaps  # the unchecked launch on the worker-made rows
-    publishes = [i for i, e in enumerate(log) if e[0] == "before_publish"]
-    compiles = [i for i, e in enumerate(log) if e[:3] == ("compile", "worker", "unpack")]
-    assert len(compiles) == len(swaps) and all(c < p for c, p in zip(compiles, publishes)), log
+    compiles = [i for i, e in enumerate(log) if e[0] == "compile"]
+    launches = [i for i, e in enumerate(log) if e[0] == "launch"]
+    assert compiles and all(log[i][1] == "main" for i in compiles), log  # on the serving thread only
+    first_worker_launch = min(i for i in launches if log[i][1] == "worker")
+    assert max(compiles) < first_worker_launch, log  # all of them before the worker launches anything
+    compiled = {log[i][4] for i in compiles}
+    assert all(log[i][4] in compiled for i in launches), [log[i] for i in launches if log[i][4] not in compiled]
     for i, entry in enumerate(log):  # each unchecked launch is followed by record_stream on the serving stream
         if entry[:3] == ("launch", "main", "unpack"):
             following = next(e for e in log[i + 1 :] if e[1] == "main")
             assert following[0] == "record_stream", log[i:]
+
+
+class _NoStreamRows(torch.Tensor):
+    def record_stream(self, stream):
+        pass
+
+
+def _rank_kernels_loaded_at_submit(rank, world, old, new, verify):
+    from eplb_triton.layout import ExpertLayout
+    from eplb_triton.worker import hooks as worker_module
+
+    log = []
+    original_launch = ExpertLayout.launch
+
+    def launch(self, mode, buf, src_rows=None, dst_rows=None, tuning=None, compile_only=False):
+        side = "worker" if threading.current_thread().name.startswith("eplb-transfer") else "main"
+        rows = src_rows if src_rows is not None else dst_rows
+        log.append((compile_only, side, (mode, rows.numel(), buf.data_ptr(), buf.numel())))
+        return original_launch(self, mode, buf, src_rows, dst_rows, tuning, compile_only)
+
+    ExpertLayout.launch = launch  # a forked rank: nothing to restore
+    worker_module._cuda = _FakeCuda([])
+    from eplb_triton.worker import staging as worker_staging
+
+    index_lists = worker_staging.index_lists
+    worker_staging.index_lists = lambda lists, device: (  # the swap's record_stream on the fake stream: a no-op
+        lambda flat, views: (flat, tuple(v.as_subclass(_NoStreamRows) for v in views)))(*index_lists(lists, device))
+    weights = rank_weights(rank, world, old)
+    with TransferWorker(weights, backend="triton", verify=verify, max_buffer_bytes=3 * PACKED) as worker:
+        worker._stream = _FakeStream("worker", [])  # as if on a GPU: the worker has its own stream
+        worker.submit(old, new)
+        worker.wait()
+    compiled = [i for i, e in enumerate(log) if e[0]]
+    launched = [i for i, e in enumerate(log) if not e[0]]
+    return {
+        "mismatches": row_mismatches(weights, old, new, rank),
+        "compiled_on": {log[i][1] for i in compiled},
+        "compiled_before_worker": max(compiled) < min(i for i in launched if log[i][1] == "worker"),
+        "not_compiled": [log[i] for i in launched if log[i][2] not in {log[j][2] for j in compiled}],
+        "worker_packs": sum(1 for i in launched if log[i][1] == "worker" and log[i][2][0] == "pack"),
+    }
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("verify", [pytest.param(False, id="plain"), pytest.param(True, id="verify")])
+def test_submit_loads_every_kernel_variant_the_job_launches(distributed, verify):
+    """At world 2, with sends, receives, local moves, replicas and several passes: submit()
+    compiles every launch the job makes (same mode, row count and buffer), on the serving
+    thread, before the worker thread launches anything; nothing is compiled later."""
+    old, new = random_maps(np.random.default_rng(4), 3, 2, 6, 9, empty_frac=0.1)
+    for rank, out in enumerate(distributed(2, _rank_kernels_loaded_at_submit, old, new, verify)):
+        assert out["mismatches"] == [], (rank, out["mismatches"])
+        assert out["worker_packs"] > 0, rank  # the worker packed sends: covered below
+        assert out["compiled_on"] == {"main"} and out["compiled_before_worker"], (rank, out)
+        assert out["not_compiled"] == [], (rank, out["not_compiled"])
 
 
 def test_step_agreement_backend_error_without_timeout_is_a_peer_error(monkeypatch):

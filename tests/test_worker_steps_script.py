@@ -28,7 +28,7 @@ def test_cpu_smoke_run_times_every_mode_and_checks_the_bytes(tmp_path):
         phases = rows.pop("phases, tight")
         assert list(rows)[0] == "blocking call" and len(rows) == 7
         assert phases["worker:_transfer_layer"]["calls_per_layer"] == 1.0, phases  # one per layer
-        assert phases["main:step"]["calls_per_layer"] >= 0.5 and phases["main:_swap"]["us_per_layer"] > 0, phases
+        assert phases["main:step"]["calls_per_layer"] >= 0.5 and phases["main:_swap_ready"]["us_per_layer"] > 0, phases
         for mode, row in rows.items():
             assert row["ms_per_layer"] > 0, mode
             if mode != "blocking call":

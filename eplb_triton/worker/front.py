@@ -287,6 +287,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             transport=self.transport,
         )
         job = self._build_job(layers)
+        self._load_kernels(job)  # before the worker thread may launch anything (see there)
         with self._cond:
             if not job.prepared_layers:
                 self._last_stats = job.stats

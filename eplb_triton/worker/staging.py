@@ -235,6 +235,50 @@ class StagingMixin:
         )
         return job
 
+    def _load_kernels(self, job: _Job) -> None:
+        """Compile and load, here on the serving thread, every Triton kernel variant the job's
+        launches will use (on the worker thread and in step()), and run the job's other kernels
+        once (duplicate copies; with ``verify`` the checksums and their comparison).
+
+        CUDA loads a kernel's module at its first launch in a process (lazy loading, torch's
+        default), and a load waits for the kernels running on the device. The worker thread's
+        first launch of a kernel could then wait for a kernel that waits for a peer (a NCCL
+        exchange or a p2p barrier, the serving loop's collectives) while that peer's threads
+        wait in the same way for this rank: a deadlock, seen as a hang of bench/pacing.py over
+        p2p in session 8 (run 33; stacks in run 35: both worker threads in Triton's
+        ``_init_handles``). Loading at submit is safe: every rank submits at the same point of
+        its serving loop, with no exchange of the worker in flight. ``CUDA_MODULE_LOADING=EAGER``
+        in the serving process removes the hazard for every kernel, Triton's and torch's.
+        """
+        if self._stream is None:
+            return
+        triton_moves = resolve_backend(job.backend, self._device) == "triton"
+        most = max((max(p.rows.size, p.local_src.size, *(w.send_rows.size for w in p.layer.passes)) for p in job.prepared_layers), default=0)
+        rows = torch.zeros(max(most, 1), dtype=torch.int64, device=self._device)  # stands in for every row list
+        for index, prepared in enumerate(job.prepared_layers):
+            layout, eb = prepared.layer.layout, prepared.layer.layout.expert_bytes
+            buf = job.staging_buffers[index % len(job.staging_buffers)].buffer[: prepared.nbytes]
+            if triton_moves:
+                launches = [("unpack", buf, prepared.rows.size)]
+                local = prepared.local_src.size
+                launches.append(("pack", buf[prepared.local_offset : prepared.local_offset + local * eb], local))
+                for work in prepared.layer.passes:
+                    for first, count in work.pack_spans():
+                        launches.append(("pack", job.send_buffer[first * eb : (first + count) * eb], count))
+                for mode, target, count in launches:
+                    if count:
+                        rows_arg = {"dst_rows" if mode == "unpack" else "src_rows": rows[:count]}
+                        layout.launch(mode, target, compile_only=True, **rows_arg)
+            if prepared.dup_dst_pos.size:  # the worker's torch copies between packed experts
+                table = buf.view(-1, eb)
+                table[rows[:1]] = table[rows[:1]]
+            if job.verify:
+                for work, offset in zip(prepared.layer.passes, prepared.recv_offsets):
+                    received = expert_checksums(buf[offset : offset + work.recv_rows.size * eb], eb)
+                    _ = received != torch.cat([received[:1], received[1:]])
+                    if work.send_rows.size:
+                        expert_checksums(job.send_buffer[: work.send_rows.size * eb], eb)
+
     def _map_p2p(self, layers: Sequence[LayerWork]) -> P2PTransport | None:
         """This worker's p2p transport, large enough for ``layers`` (collective: the size comes
         from the global plan, so every rank re-maps exactly when the others do), or None when

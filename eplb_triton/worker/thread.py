@@ -91,7 +91,6 @@ class ThreadMixin:
             if prepared.nbytes:
                 self._await_staging_buffer(job, index, in_flight)
             checks = self._transfer_layer(job, index, prepared)
-            self._compile_swap(job, index, prepared)
             if self._stream is None:  # CPU: the transfer already ran; nothing to overlap
                 self._publish(job, index, prepared, checks, None, begin)
                 continue
@@ -150,15 +149,6 @@ class ThreadMixin:
             job.published = index + 1
             self._cond.notify_all()
         job.layer = in_flight
-
-    def _compile_swap(self, job: _Job, index: int, prepared: _PreparedLayer) -> None:
-        """Compile the swap's unpack here, so the serving thread's first step() does not
-        (about 50 ms once per kernel specialisation on an H100)."""
-        if prepared.device_rows is None or resolve_backend(job.backend, self._device) != "triton":
-            return
-        staging = job.staging_buffers[index % len(job.staging_buffers)]
-        with self._kernel_lock:
-            prepared.layer.layout.launch("unpack", staging.buffer[: prepared.nbytes], dst_rows=prepared.device_rows, compile_only=True)
 
     def _transfer_layer(self, job: _Job, index: int, prepared: _PreparedLayer) -> list:
         """Stage every row this rank writes in the layer; reads live weights, writes none.
