@@ -1323,6 +1323,38 @@ def test_submit_loads_every_kernel_variant_the_job_launches(distributed, verify)
         assert out["not_compiled"] == [], (rank, out["not_compiled"])
 
 
+def _rank_warm_up_exchange(rank, world, old, new):
+    from eplb_triton.comm import Communicator
+
+    calls = []
+    exchange = Communicator.exchange
+
+    def logged(self, sends, recvs, *, where="exchange"):
+        calls.append((threading.current_thread().name, where, sorted(sends), sorted(recvs)))
+        return exchange(self, sends, recvs, where=where)
+
+    Communicator.exchange = logged  # a forked rank: nothing to restore
+    weights = rank_weights(rank, world, old)
+    with TransferWorker(weights, timeout_s=30.0) as worker:
+        built = list(calls)
+        worker.submit(old, new)
+        worker.wait()
+    return built, calls[len(built):], row_mismatches(weights, old, new, rank)
+
+
+def test_construction_exchanges_with_every_peer_on_the_serving_thread(distributed):
+    """Constructing a worker runs one tiny exchange with every peer over its transfer group,
+    on the serving thread: NCCL connects each pair and CUDA loads the send/receive kernel
+    there, not in the worker thread's first layer (see StagingMixin._load_kernels)."""
+    world = 3
+    old, new = all_to_all_maps(world, 2)
+    for rank, (built, later, mismatches) in enumerate(distributed(world, _rank_warm_up_exchange, old, new)):
+        peers = [p for p in range(world) if p != rank]
+        assert built == [("MainThread", "TransferWorker construction (warm-up exchange)", peers, peers)], (rank, built)
+        assert later and all(name.startswith("eplb-transfer") for name, *_ in later), (rank, later)
+        assert mismatches == [], rank
+
+
 def test_step_agreement_backend_error_without_timeout_is_a_peer_error(monkeypatch):
     """Without timeout_s the step agreement is a plain all-reduce; a backend error there (a
     peer's closed connection) surfaces as PeerFailedError naming the next layer, not raw."""

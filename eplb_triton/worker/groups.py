@@ -140,15 +140,13 @@ class GroupsMixin:
         ranks = dist.get_process_group_ranks(ep.group)
         if transfer_group is None:
             transfer_group = self._new_group(ranks, ep.dist_backend)
-            if ep.dist_backend == "nccl":  # create the NCCL communicator now, not inside the first layer
-                probe = torch.zeros(1, device=self._device)
-                dist.all_reduce(probe, group=transfer_group)
         elif dist.get_process_group_ranks(transfer_group) != ranks:
             raise ValueError(
                 f"transfer_group must hold the EP ranks in the same order: {dist.get_process_group_ranks(transfer_group)} "
                 f"vs {ranks}"
             )
         transfer = Communicator.from_group(transfer_group)
+        self._warm_up(transfer)
         # The main thread's agreements need a CPU group the worker thread never uses.
         if ep.dist_backend == "gloo" and ep.group is not transfer_group:
             control_group = ep.group
@@ -156,6 +154,20 @@ class GroupsMixin:
             control_group = self._new_group(ranks, "gloo")
         control = _ControlCommunicator(group=control_group, rank=ep.rank, world_size=ep.world_size, dist_backend=transfer.dist_backend)
         return transfer, control
+
+    def _warm_up(self, transfer: Communicator) -> None:
+        """One tiny exchange with every peer over ``transfer``, here on the serving thread: NCCL
+        creates its communicator and each pair's connections, and CUDA loads the send/receive
+        kernel, now rather than in the worker thread's first layer (a kernel's first load waits
+        for the running kernels, which may wait for a peer: see ``StagingMixin._load_kernels``)."""
+        peers = [p for p in range(transfer.world_size) if p != transfer.rank]
+        sends = {p: torch.zeros(16, dtype=torch.uint8, device=self._device) for p in peers}
+        recvs = {p: torch.empty(16, dtype=torch.uint8, device=self._device) for p in peers}
+        where = "TransferWorker construction (warm-up exchange)"
+        requests = transfer.exchange(sends, recvs, where=where)
+        transfer.wait(requests, timeout_s=self.timeout_s, labels=Communicator.op_labels(sends, recvs), where=where)
+        if self._device.type == "cuda":
+            torch.cuda.current_stream(self._device).synchronize()
 
     def _new_group(self, ranks: list[int], backend: str):
         group = _acquire_group(ranks, backend)
