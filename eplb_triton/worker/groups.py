@@ -8,6 +8,7 @@ collective and unbounded in torch, so the ranks first meet through the default s
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import logging
@@ -164,10 +165,12 @@ class GroupsMixin:
         sends = {p: torch.zeros(16, dtype=torch.uint8, device=self._device) for p in peers}
         recvs = {p: torch.empty(16, dtype=torch.uint8, device=self._device) for p in peers}
         where = "TransferWorker construction (warm-up exchange)"
-        requests = transfer.exchange(sends, recvs, where=where)
-        transfer.wait(requests, timeout_s=self.timeout_s, labels=Communicator.op_labels(sends, recvs), where=where)
-        if self._device.type == "cuda":
-            torch.cuda.current_stream(self._device).synchronize()
+        on_device = torch.cuda.device(self._device) if self._device.type == "cuda" else contextlib.nullcontext()
+        with on_device:  # the weights' device, as on the worker thread (the caller's current device may differ)
+            requests = transfer.exchange(sends, recvs, where=where)
+            transfer.wait(requests, timeout_s=self.timeout_s, labels=Communicator.op_labels(sends, recvs), where=where)
+            if self._device.type == "cuda":
+                torch.cuda.current_stream(self._device).synchronize()
 
     def _new_group(self, ranks: list[int], backend: str):
         group = _acquire_group(ranks, backend)
