@@ -38,6 +38,12 @@ def upload_rows(works: Sequence["PassWork"], device: torch.device) -> None:
         work._device_rows = _RowViews(flat, starts, i * width)
 
 
+def _send_run(sends: list[tuple[int, int, int]]) -> tuple[int, int]:
+    """``(first, stop)`` in experts of the send region: one batch's sends ``(peer, first,
+    count)``, one contiguous run that one launch packs."""
+    return sends[0][1], sends[-1][1] + sends[-1][2]
+
+
 class _RowViews(dict):
     """A pass's row lists on the device, by name: views of one uploaded tensor, each made on
     first use (``rows[name]``). ``starts[base + k]`` is where list ``k`` of :data:`_ROW_LISTS`
@@ -247,7 +253,7 @@ class PassWork:
             return []
         if self.chunk_experts is None:
             return [(0, int(self.send_rows.size))]
-        return [(sends[0][1], sends[-1][1] + sends[-1][2] - sends[0][1]) for sends, _ in self.batches() if sends]
+        return [(first, stop - first) for first, stop in (_send_run(sends) for sends, _ in self.batches() if sends)]
 
     def release(self) -> None:
         """Drop the device row lists once the pass's launches are queued (the caching
@@ -403,7 +409,7 @@ class PassWork:
         requests, labels, ops = [], [], []
         for sends, recvs in batches:
             if sends and pack:
-                first, stop = sends[0][1], sends[-1][1] + sends[-1][2]
+                first, stop = _send_run(sends)
                 with launch_lock:
                     layout.move("pack", send_buf[first * eb : stop * eb], src_rows=device_rows["send"][first:stop], backend=backend)
                 if stash is not None and self.stashed_sends.size:  # the blocking path: rows its earlier passes overwrote

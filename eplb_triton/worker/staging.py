@@ -128,6 +128,10 @@ class _Job:
     finished_at: float | None = None  # of the last swap
     p2p: P2PTransport | None = None  # transport="p2p": send_buffer is its symmetric buffer
 
+    def staging_of(self, index: int) -> _StagingBuffer:
+        """The staging buffer of the job's ``index``-th layer (they take turns)."""
+        return self.staging_buffers[index % len(self.staging_buffers)]
+
 
 def _per_peer(buf: torch.Tensor, peers: list[int], counts: list[int], eb: int) -> dict[int, torch.Tensor]:
     out, offset = {}, 0
@@ -257,7 +261,7 @@ class StagingMixin:
         rows = torch.zeros(max(most, 1), dtype=torch.int64, device=self._device)  # stands in for every row list
         for index, prepared in enumerate(job.prepared_layers):
             layout, eb = prepared.layer.layout, prepared.layer.layout.expert_bytes
-            buf = job.staging_buffers[index % len(job.staging_buffers)].buffer[: prepared.nbytes]
+            buf = job.staging_of(index).buffer[: prepared.nbytes]
             if triton_moves:
                 launches = [("unpack", buf, prepared.rows.size)]
                 local = prepared.local_src.size
@@ -275,7 +279,7 @@ class StagingMixin:
             if job.verify:
                 for work, offset in zip(prepared.layer.passes, prepared.recv_offsets):
                     received = expert_checksums(buf[offset : offset + work.recv_rows.size * eb], eb)
-                    _ = received != torch.cat([received[:1], received[1:]])
+                    received.ne(torch.cat([received[:1], received[1:]]))  # the check's comparison
                     if work.send_rows.size:
                         expert_checksums(job.send_buffer[: work.send_rows.size * eb], eb)
 
@@ -305,24 +309,26 @@ class StagingMixin:
         the serving thread's time per layer (run 28). Each buffer is read at most once per step,
         as the worker publishes at most ``layers_ahead`` layers beyond the swapped ones."""
         done, read = [], []
+        triton = resolve_backend(job.backend, self._device) == "triton"
+        stream = hooks._cuda.current_stream(self._device) if self._stream is not None else None
         for number in range(job.swapped, ready):
             prepared = job.prepared_layers[number]
-            staging = job.staging_buffers[number % len(job.staging_buffers)]
+            staging = job.staging_of(number)
             if prepared.rows.size:
                 layout = prepared.layer.layout
                 with self._kernel_lock:
-                    if prepared.device_rows is not None and resolve_backend(job.backend, self._device) == "triton":
+                    if prepared.device_rows is not None and triton:
                         # rows come from the plan (distinct, in range): the unchecked launch is safe
                         layout.launch("unpack", staging.buffer[: prepared.nbytes], dst_rows=prepared.device_rows)
-                        prepared.device_rows.record_stream(hooks._cuda.current_stream(self._device))
+                        prepared.device_rows.record_stream(stream)
                     else:
                         layout.unpack(staging.buffer[: prepared.nbytes], prepared.rows, backend=job.backend)
                 read.append(staging)
             done.append(prepared.layer.index)
         event = None
-        if self._stream is not None and read:
+        if stream is not None and read:
             event = hooks._cuda.Event()
-            event.record(hooks._cuda.current_stream(self._device))
+            event.record(stream)
         with self._cond:  # the events first: the worker reads a buffer's event once it sees the swap
             for staging in read:
                 staging.event = event

@@ -1,8 +1,9 @@
 """The worker thread: per layer, stage its rows, exchange, check and publish; drain on stop.
 
 Runs on its own CUDA stream; layers are queued there ahead of their publication, as far as
-the ``layers_ahead`` staging buffers allow, and published as they finish. On ``close()`` or a failure the exchanges this rank has not posted yet still run
-with junk (:meth:`ThreadMixin._drain`) so no peer is left blocked.
+the ``layers_ahead`` staging buffers allow, and published as they finish. On ``close()`` or a
+failure the exchanges this rank has not posted yet still run with junk
+(:meth:`ThreadMixin._drain`) so no peer is left blocked.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ class ThreadMixin:
         # Layers are queued on the worker stream ahead of their publication, as far as the
         # staging buffers allow: a layer is published (its event polled) once it has finished,
         # checked between queueing later layers, so the GPU never idles while this thread
-        # polls and publishes. Session 8, run 32: publishing each layer before queueing the one
-        # after next kept the worker at ~1.1 ms per layer whatever the buffers (layers_ahead 16).
+        # polls and publishes (it used to publish layer i before queueing layer i + 2 whatever
+        # the buffers; that alone did not pace it: session 8, runs 32-33).
         in_flight: deque = deque()  # (index, prepared, checks, done, begin), oldest first
         for index, prepared in enumerate(job.prepared_layers):
             if not job.gate.allows(index):  # paced: offer what is queued, then wait for credit
@@ -113,7 +114,7 @@ class ThreadMixin:
                 if self._stop:
                     raise _Stopped
                 if job.swapped >= index - ahead + 1:
-                    event = job.staging_buffers[index % ahead].event
+                    event = job.staging_of(index).event
                     break
             self._publish_in_flight(job, in_flight, only_finished=True)
         if event is not None:
@@ -158,7 +159,7 @@ class ThreadMixin:
         """
         layout, eb, backend = prepared.layer.layout, prepared.layer.layout.expert_bytes, job.backend
         rank, layer_index = self._transfer.rank, prepared.layer.index
-        staging = job.staging_buffers[index % len(job.staging_buffers)]
+        staging = job.staging_of(index)
         hooks.fault("layer_start", rank=rank, layer=layer_index)
         buf = staging.buffer[: prepared.nbytes]
         if prepared.local_src.size:
