@@ -112,6 +112,23 @@ for step in ${STEPS:-tests link}; do
       run_step link-48-layers-worker-final 120 python3 bench/link_speed.py --layers 48 --repeats 5 \
         --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking worker --worker-ahead 16 \
         --json "$OUT/link_speed-48layers-worker-final.json" --markdown "$OUT/link_speed-48layers-worker-final.md" ;;
+    # session 9, first call: the GPU tests of session 8's last commits (warm-up exchange, never
+    # run on GPUs), then 48-layer timelines of the blocking path (how much of a call the prefix is)
+    tests9) run_step gpu-tests-session9 ${TESTS_LIMIT:-240} python3 -m pytest -q -m gpu tests/test_worker.py tests/test_p2p_gpu.py \
+        tests/test_pacing.py tests/test_faults_gpu.py -k "worker or Worker or pac or p2p" -p no:cacheprovider -rf ;;
+    timeline48) for config in ${PROF_CONFIGS:-qwen3-30b-a3b-bf16 tiny-bf16 deepseek-v3-fp8}; do
+        for budget in ${TIMELINE_BUDGETS:-0 8}; do
+          run_step "timeline48-$config-b$budget" 90 python3 bench/layer_timeline.py --config "$config" --layers ${PROF_LAYERS:-48} \
+            $([ "$budget" = 0 ] || echo --budget-layers $budget); done; done ;;
+    # session 9: the worker's stacks (several layers per exchange from layers_ahead 4 on), next to
+    # the same worker with one layer per exchange, over NCCL and p2p
+    stack9) run_step gpu-tests-stack9 ${TESTS_LIMIT:-220} python3 -m pytest -q -m gpu tests/test_worker.py tests/test_p2p_gpu.py \
+        tests/test_pacing.py -p no:cacheprovider -rf --durations=8
+      for layers in ${AHEAD_LAYERS:-48 16}; do
+        run_step "link-$layers-layers-worker-stacked" 170 python3 bench/link_speed.py --layers $layers --repeats 5 \
+          --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking worker \
+          --worker-ahead ${AHEAD_VALUES:-8 16} --worker-unstacked --transport nccl p2p \
+          --json "$OUT/link_speed-${layers}layers-worker-stacked.json" --markdown "$OUT/link_speed-${layers}layers-worker-stacked.md"; done ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

@@ -269,6 +269,10 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
                 extra_workers.append(more)
                 label = f"worker{suffix}[ahead={ahead}]"
                 runs[label] = checked(label, lambda o, n, w=more: _worker_call(w, o, n))
+                if cfg["worker_unstacked"] and ahead >= 4:  # the same worker, one layer per exchange
+                    label = f"worker{suffix}[ahead={ahead}, 1/exchange]"
+                    runs[label] = checked(label, _with_env(
+                        "EPLB_TRITON_LAYERS_PER_EXCHANGE=1", lambda o, n, w=more: _worker_call(w, o, n)))
         variants = [f"EPLB_TRITON_CHUNK_BYTES={chunk}" for chunk in cfg["chunks"]] + list(cfg["variants"])
         for variant in variants:  # the blocking path again under one environment setting
             label = f"blocking[{variant}]"
@@ -451,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(e.g. EPLB_TRITON_DIRECT_POST=0)")
     parser.add_argument("--worker-ahead", type=int, nargs="*", default=[], metavar="N",
                         help="also time the worker with N staging buffers (TransferWorker(layers_ahead=N); default 2)")
+    parser.add_argument("--worker-unstacked", action="store_true",
+                        help="with --worker-ahead N >= 4: also time that worker with one layer per exchange "
+                        "(EPLB_TRITON_LAYERS_PER_EXCHANGE=1 at each submit)")
     parser.add_argument("--budgets", nargs="*", default=[], metavar="LAYERS[/K]",
                         help="also time the blocking path with max_buffer_bytes of this many layers' local rows "
                         "(the default budget is 1: a layer that needs more staging runs in several passes); "
@@ -488,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         "chunks": args.chunks,
         "variants": args.variants,
         "worker_ahead": args.worker_ahead,
+        "worker_unstacked": args.worker_unstacked,
         "budgets": args.budgets,
         "profile_dir": args.profile_dir,
         "methods": args.methods,

@@ -500,6 +500,11 @@ class ExpertLayout:
         )
 
     # -- argument checks ------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        """Rows ``pack``/``unpack`` may name: ``num_local`` (a stack of layers has more)."""
+        return self.num_local
+
     def _check_rows(self, rows, what: str, distinct: bool) -> tuple[torch.Tensor, np.ndarray]:
         """Validate ``rows``; returns them as a device int64 tensor and as a host array.
 
@@ -514,8 +519,8 @@ class ExpertLayout:
             raise ValueError(f"{what}: rows must be 1-D, got shape {tuple(host.shape)}")
         if host.size:
             lo, hi = host.min(), host.max()
-            if lo < 0 or hi >= self.num_local:
-                raise ValueError(f"{what}: rows must lie in [0, {self.num_local}), got min {lo} max {hi}")
+            if lo < 0 or hi >= self.num_rows:
+                raise ValueError(f"{what}: rows must lie in [0, {self.num_rows}), got min {lo} max {hi}")
             if distinct and np.unique(host).size != host.size:
                 raise ValueError(f"{what}: destination rows repeat; each row may be written once")
         return _as_index_tensor(rows, host, self.device), host

@@ -82,6 +82,8 @@ def prepare_layers(
     transport: str = "auto",
     backend: str | None = None,
     stack: bool = False,
+    stack_most: int | None = None,
+    stack_slot_bytes: int | None = None,
 ) -> list[LayerWork]:
     """Validate everything, agree with every rank, plan and schedule; touches no weight.
 
@@ -100,7 +102,10 @@ def prepare_layers(
     value is refused on every rank (a rank may pick another valid one: it is not agreed).
     ``stack``: join consecutive one-pass layers into stacks that share one exchange where half
     the agreed budget holds them (:func:`eplb_triton.stacked.stack_groups`; not with ``verify``,
-    ``rounds`` or message pieces); the result then has fewer items than layers.
+    ``rounds`` or message pieces); the result then has fewer items than layers. ``stack_most``
+    (default :func:`~eplb_triton.stacked.layers_per_exchange`) caps the layers per stack and
+    ``stack_slot_bytes`` (default half the budget) caps a stack's staging rows on each rank; both
+    must be the same on every rank (``stack_most`` is agreed).
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
@@ -108,7 +113,7 @@ def prepare_layers(
         # part of the input stage: errors become this rank's verdict; the result is agreed on
         options: dict[str, object] = {"chunk_bytes": pipeline_chunk_bytes(comm.dist_backend)}  # which ops meet
         if stack:  # which layers share a message
-            options["layers_per_exchange"] = layers_per_exchange()
+            options["layers_per_exchange"] = layers_per_exchange() if stack_most is None else stack_most
         device = checked.layouts[0].device if checked.layouts else None
         if device is not None:
             resolve_backend(backend, device)  # a bad value raises here, inside the agreed stage
@@ -165,7 +170,7 @@ def prepare_layers(
     capacities = [capacity_rows(maps.num_local, cost, max_buffer_bytes) for cost in costs]
     pass_rows = one_pass_rows_all(plan.layers) if plan.layers else np.zeros((0, maps.ep_size), dtype=np.int64)
     one_pass = fits_one_pass(plan.layers, capacities, pass_rows).tolist()
-    stacks = _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, stack)
+    stacks = _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, stack, stack_slot_bytes)
     stacked = {group[0]: (group, view) for group, view in zip(stacks, stacked_rank_views(plan.layers, comm.rank, stacks))}
     inside = {index for group in stacks for index in group[1:]}
     alone = [layer for index, layer in enumerate(plan.layers) if index not in inside and index not in stacked]
@@ -231,17 +236,18 @@ def prepare_layers(
     return layers
 
 
-def _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, stack) -> list[list[int]]:
+def _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, stack, slot_bytes=None) -> list[list[int]]:
     """The layers that share an exchange (:func:`eplb_triton.stacked.stack_groups`): one-pass
     layers with network traffic, whole messages without ``verify`` or planner rounds; each stack
-    fits half the agreed budget (two slots of it fit the budget)."""
+    fits ``slot_bytes``, by default half the agreed budget (two slots of it fit the budget)."""
     most = checked.extra_options.get("layers_per_exchange", 1)
     if not stack or most < 2 or verify or kind is not None or chunk_bytes:
         return []
     budget = checked.max_buffer_bytes if checked.max_buffer_bytes is not None else default_budget_bytes(layouts, verify=False)
     stackable = [bool(single) and layer.num_network > 0 for single, layer in zip(one_pass, plan.layers)]
     staging = pass_rows * np.array([layout.expert_bytes for layout in layouts], dtype=np.int64)[:, None]
-    return stack_groups(stackable, [stack_key(layout) for layout in layouts], staging, budget // 2, most)
+    slot = budget // 2 if slot_bytes is None else slot_bytes
+    return stack_groups(stackable, [stack_key(layout) for layout in layouts], staging, slot, most)
 
 
 def _plan_while_agreeing(checked: CheckedInputs, ranks_per_node: int | None) -> RearrangementPlan | None:

@@ -68,6 +68,10 @@ class StackedLayout(ExpertLayout):
         self.layouts = list(layouts)
         self._adopt(first.tensors, first.geometry)  # one packed expert: the first layer's
 
+    @property
+    def num_rows(self) -> int:
+        return self.num_local * len(self.layouts)
+
     def __repr__(self) -> str:
         return f"StackedLayout({len(self.layouts)} layers, num_local={self.num_local}, expert_bytes={self.expert_bytes})"
 

@@ -126,6 +126,7 @@ def _rank_async_vs_sync(rank, world, old, new, budget, verify, layers_ahead=2):
         verified=stats.verified_experts,
         sync_verified=sync_stats.verified_experts,
         threads=len(worker_threads()),
+        stacked=stats.stacked_layers,
     )
 
 
@@ -140,6 +141,10 @@ def _rank_async_vs_sync(rank, world, old, new, budget, verify, layers_ahead=2):
         pytest.param(4, 2, 4, 10, 4 * (PACKED + 16), True, 2, id="W4-L2-N4-E10-budget4-verify"),
         pytest.param(4, 6, 3, 9, None, False, 3, id="W4-L6-N3-E9-ahead3"),
         pytest.param(2, 5, 4, 6, 3 * (PACKED + 16), True, 5, id="W2-L5-N4-E6-budget3-verify-ahead5"),
+        # stacks: several layers per exchange (at most layers_ahead // 2, at most 4)
+        pytest.param(2, 9, 4, 6, None, False, 8, id="W2-L9-N4-E6-ahead8-stacked"),
+        pytest.param(4, 6, 6, 18, 24 * PACKED, False, 4, id="W4-L6-N6-E18-budget24-ahead4-stacked"),
+        pytest.param(2, 6, 6, 8, 11 * PACKED, False, 16, id="W2-L6-N6-E8-budget11-ahead16-stacked"),
     ],
 )
 def test_async_equals_sync_and_expected(distributed, world, layers, num_local, logical, budget, verify, ahead):
@@ -154,6 +159,7 @@ def test_async_equals_sync_and_expected(distributed, world, layers, num_local, l
         assert not res["busy_after"] and res["layers_timed"] == layers
         assert res["verified"] == res["sync_verified"] and (res["verified"] > 0) == (verify and sum(res["received"]) > 0)
         assert res["threads"] == 0, f"rank {rank}: a worker thread outlived close()"
+        assert (res["stacked"] > 0) == (ahead >= 4 and not verify), (rank, res["stacked"])
     expected = [n * PACKED for n in expected_received_experts(old, new, world)]  # from the maps alone
     assert sum(expected) > 0  # the maps move experts over the network
     if not verify:  # with verify, trailers are padded per peer message: that depends on the chosen senders
@@ -201,44 +207,50 @@ def _rank_layers_ahead(rank, world, old, new, layers_ahead):
     """Before each step, wait (on the worker's condition, not a sleep) until this rank's worker
     has staged as far as its staging buffers allow; record how far ahead it got."""
     weights = rank_weights(rank, world, old)
-    layers = old.shape[0]
     steps, ahead = [], []
     kwargs = {} if layers_ahead is None else {"layers_ahead": layers_ahead}
-    buffers = 2 if layers_ahead is None else layers_ahead
     with TransferWorker(weights, **kwargs) as worker:
         worker.submit(old, new)
         while worker.busy:
             job = worker._job
             with worker._cond:
                 staged = worker._cond.wait_for(
-                    lambda: job.published >= min(job.swapped + buffers, layers) or worker._error is not None, timeout=30.0
+                    lambda: job.published >= min(job.swapped + len(job.staging_buffers), len(job.prepared_layers))
+                    or worker._error is not None,
+                    timeout=30.0,
                 )
             assert staged, "the worker did not fill its staging buffers"
             time.sleep(0.05)  # room to go further than its buffers allow, if it wrongly could
             with worker._cond:
-                ahead.append(job.published - job.swapped)
+                ahead.append(job.layers_in(job.published) - job.layers_in(job.swapped))
             steps.append(worker.step())
-    return steps, ahead, row_mismatches(weights, old, new, rank)
+        stacked = worker.wait().stacked_layers
+    return steps, ahead, stacked, row_mismatches(weights, old, new, rank)
 
 
 @pytest.mark.parametrize(
-    "layers_ahead,steps,ahead",
+    "layers_ahead,steps,ahead,stacked",
     [
-        pytest.param(None, [[0, 1], [2, 3], [4, 5]], [2, 2, 2], id="default-two"),
-        pytest.param(1, [[0], [1], [2], [3], [4], [5]], [1] * 6, id="one"),
-        pytest.param(4, [[0, 1, 2, 3], [4, 5]], [4, 2], id="four"),
+        pytest.param(None, [[0, 1], [2, 3], [4, 5]], [2, 2, 2], 0, id="default-two"),
+        pytest.param(1, [[0], [1], [2], [3], [4], [5]], [1] * 6, 0, id="one"),
+        # 4 buffers' worth: two stacks of two layers (one exchange each) in flight
+        pytest.param(4, [[0, 1, 2, 3], [4, 5]], [4, 2], 6, id="four"),
+        # 6: stacks of three, two of them
+        pytest.param(6, [[0, 1, 2, 3, 4, 5]], [6], 6, id="six"),
+        pytest.param(5, [[0, 1, 2, 3], [4, 5]], [4, 2], 6, id="five"),
     ],
 )
-def test_worker_stages_layers_ahead_of_the_swaps_and_no_further(distributed, layers_ahead, steps, ahead):
-    # With N staging buffers the worker stages N layers ahead of the swaps, and no further, so
-    # one step swaps N layers (every rank writes every row of every layer here, so every layer
-    # needs a staging buffer).
+def test_worker_stages_layers_ahead_of_the_swaps_and_no_further(distributed, layers_ahead, steps, ahead, stacked):
+    # With N staging buffers' worth the worker stages N layers ahead of the swaps, and no
+    # further, so one step swaps N layers (every rank writes every row of every layer here,
+    # so every layer needs staging). From N = 4, stacks of N // 2 layers share an exchange.
     old, new = rotated_maps(6, 2, 3)
     results = distributed(2, _rank_layers_ahead, old, new, layers_ahead)
-    for rank, (got_steps, got_ahead, bad) in enumerate(results):
+    for rank, (got_steps, got_ahead, got_stacked, bad) in enumerate(results):
         assert bad == [], f"rank {rank}: wrong rows {bad[:8]}"
         assert got_steps == steps, (rank, got_steps)
         assert got_ahead == ahead, (rank, got_ahead)
+        assert got_stacked == stacked, (rank, got_stacked)
 
 
 def _rank_layers_ahead_refused(rank, world, old, values):
@@ -996,6 +1008,44 @@ def test_nccl_two_gpus_verify(corrupt):
             assert res["equal_to_sync"] and res["verified"] > 0
 
 
+def _rank_stacked_worker(rank, world, transport):
+    torch.cuda.set_device(rank)
+    old, new = random_maps(np.random.default_rng(21), 8, world, 6, 9, empty_frac=0.1)  # replicas, -1 slots
+    weights = make_rank_weights(GPU_SPECS, 8, 6, "cuda")
+    fill_rank_weights(weights, old, rank, seed=6)
+    expected = make_rank_weights(GPU_SPECS, 8, 6, "cuda")
+    fill_rank_weights(expected, old, rank, seed=6)
+    rearrange_expert_weights_inplace(old, new, expected)
+    budget = 24 * packed_expert_bytes(GPU_SPECS)  # every layer in one pass, two per stack at least
+    applied = []
+    with TransferWorker(weights, layers_ahead=8, max_buffer_bytes=budget, transport=transport, timeout_s=60.0) as worker:
+        worker.submit(old, new)
+        while worker.busy:
+            torch.cuda._sleep(200_000)  # "serving" on the main stream
+            applied += worker.step()
+        stats = worker.wait()
+    torch.cuda.synchronize()
+    return dict(
+        bad=row_mismatches(weights, old, new, rank, seed=6),
+        equal_to_sync=same_bytes(as_bytes(weights), as_bytes(expected)),
+        applied=applied,
+        stacked=stats.stacked_layers,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("transport", ["nccl", "p2p"])
+def test_two_gpus_stacked_worker_equals_blocking_and_expected(transport):
+    """layers_ahead=8: consecutive layers share one exchange (stacks); mixed dtypes, odd row
+    bytes, replicas and empty slots; every layer swapped once, in order, bit for bit."""
+    results = run_ranks(2, _rank_stacked_worker, transport, backend="nccl", timeout_s=180.0)
+    for rank, res in enumerate(results):
+        assert res["bad"] == [], (rank, res["bad"][:8])
+        assert res["equal_to_sync"] and res["applied"] == list(range(8)), (rank, res["applied"])
+        assert res["stacked"] > 0, rank
+
+
 # -- reserve=True: the staging is allocated at construction and every submit uses it ----------
 def _rank_reserved(rank, world, old, new, budget, verify, layers_ahead=2):
     weights = rank_weights(rank, world, old, 4)
@@ -1021,6 +1071,8 @@ def _rank_reserved(rank, world, old, new, budget, verify, layers_ahead=2):
         pytest.param(3 * PACKED, False, 2, id="budget3"),
         pytest.param(3 * (PACKED + 16), True, 2, id="budget3-verify"),
         pytest.param(None, False, 3, id="default-budget-3-ahead"),
+        pytest.param(None, False, 8, id="default-budget-8-ahead-stacked"),
+        pytest.param(3 * PACKED, False, 8, id="budget3-8-ahead-stacked"),
     ],
 )
 def test_reserve_allocates_up_front_and_every_submit_uses_it(distributed, budget, verify, layers_ahead):
@@ -1273,7 +1325,7 @@ class _NoStreamRows(torch.Tensor):
         pass
 
 
-def _rank_kernels_loaded_at_submit(rank, world, old, new, verify):
+def _rank_kernels_loaded_at_submit(rank, world, old, new, verify, ahead=2, budget=3 * PACKED):
     from eplb_triton.layout import ExpertLayout
     from eplb_triton.worker import hooks as worker_module
 
@@ -1294,10 +1346,10 @@ def _rank_kernels_loaded_at_submit(rank, world, old, new, verify):
     worker_staging.index_lists = lambda lists, device: (  # the swap's record_stream on the fake stream: a no-op
         lambda flat, views: (flat, tuple(v.as_subclass(_NoStreamRows) for v in views)))(*index_lists(lists, device))
     weights = rank_weights(rank, world, old)
-    with TransferWorker(weights, backend="triton", verify=verify, max_buffer_bytes=3 * PACKED) as worker:
+    with TransferWorker(weights, backend="triton", verify=verify, max_buffer_bytes=budget, layers_ahead=ahead) as worker:
         worker._stream = _FakeStream("worker", [])  # as if on a GPU: the worker has its own stream
         worker.submit(old, new)
-        worker.wait()
+        stacked = worker.wait().stacked_layers
     compiled = [i for i, e in enumerate(log) if e[0]]
     launched = [i for i, e in enumerate(log) if not e[0]]
     return {
@@ -1306,18 +1358,27 @@ def _rank_kernels_loaded_at_submit(rank, world, old, new, verify):
         "compiled_before_worker": max(compiled) < min(i for i in launched if log[i][1] == "worker"),
         "not_compiled": [log[i] for i in launched if log[i][2] not in {log[j][2] for j in compiled}],
         "worker_packs": sum(1 for i in launched if log[i][1] == "worker" and log[i][2][0] == "pack"),
+        "stacked": stacked,
     }
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("verify", [pytest.param(False, id="plain"), pytest.param(True, id="verify")])
-def test_submit_loads_every_kernel_variant_the_job_launches(distributed, verify):
-    """At world 2, with sends, receives, local moves, replicas and several passes: submit()
-    compiles every launch the job makes (same mode, row count and buffer), on the serving
-    thread, before the worker thread launches anything; nothing is compiled later."""
+@pytest.mark.parametrize(
+    "verify,ahead,budget",
+    [
+        pytest.param(False, 2, 3 * PACKED, id="plain"),
+        pytest.param(True, 2, 3 * PACKED, id="verify"),
+        pytest.param(False, 8, 24 * PACKED, id="stacked"),  # stacks: the layered kernel variants
+    ],
+)
+def test_submit_loads_every_kernel_variant_the_job_launches(distributed, verify, ahead, budget):
+    """At world 2, with sends, receives, local moves, replicas and several passes (or stacks):
+    submit() compiles every launch the job makes (same mode, row count and buffer), on the
+    serving thread, before the worker thread launches anything; nothing is compiled later."""
     old, new = random_maps(np.random.default_rng(4), 3, 2, 6, 9, empty_frac=0.1)
-    for rank, out in enumerate(distributed(2, _rank_kernels_loaded_at_submit, old, new, verify)):
+    for rank, out in enumerate(distributed(2, _rank_kernels_loaded_at_submit, old, new, verify, ahead, budget)):
         assert out["mismatches"] == [], (rank, out["mismatches"])
+        assert (out["stacked"] > 0) == (ahead > 2), (rank, out["stacked"])
         assert out["worker_packs"] > 0, rank  # the worker packed sends: covered below
         assert out["compiled_on"] == {"main"} and out["compiled_before_worker"], (rank, out)
         assert out["not_compiled"] == [], (rank, out["not_compiled"])

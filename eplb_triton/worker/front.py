@@ -21,6 +21,7 @@ from ..maps import EPGroup, ExpertMap
 from ..pacing import Pacing, TransferProgress, check_pacing
 from ..p2p import P2PTransport, resolve_transport
 from ..prepare import prepare_layers
+from ..stacked import layers_per_exchange
 from ..stats import TransferStats
 from .agreement import AgreementMixin
 from .groups import GroupsMixin, _rendezvous
@@ -28,6 +29,7 @@ from .staging import StagingMixin, _Job
 from .thread import ThreadMixin
 
 log = logging.getLogger("eplb_triton.worker")  # one logger for the package (documented name)
+_UNBOUNDED_STACK_BYTES = 1 << 62  # the default budget does not bound a stack: layers_ahead does
 
 _WAIT_SLICE_S = 0.05  # wait() re-agrees at least this often, so a failure on a peer is seen
 
@@ -99,6 +101,11 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             at most one layer's local rows. More lets one :meth:`step` swap several layers for
             one agreement when steps come less often than layers finish (a tight loop of
             ``step()`` calls, or :meth:`wait`). The same on every rank (agreed at construction).
+            From 4 on, without ``verify`` or a pace, up to ``min(4, layers_ahead // 2)``
+            consecutive layers of the same row shapes share one exchange (a stack, as in the
+            blocking API: one pack, one message per peer, one unpack at the swap; the staging
+            then holds ``layers_ahead // k`` buffers of ``k`` layers, and the send buffer a
+            stack's sends, bounded by ``max_buffer_bytes`` when that is set).
 
     ``max_buffer_bytes`` and ``verify`` are read by each :meth:`submit`: they may be changed
     (the same on every rank) between rearrangements. The pace is fixed at construction.
@@ -285,6 +292,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             timeout_s=self.timeout_s,
             expected_weights=self._weights_signature,
             transport=self.transport,
+            **self._stack_options(),
         )
         job = self._build_job(layers)
         self._load_kernels(job)  # before the worker thread may launch anything (see there)
@@ -395,11 +403,29 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         if self._closed:
             raise RuntimeError("TransferWorker is closed (close() was called or a transfer failed); create a new one")
 
+    def _stack_most(self) -> int:
+        """The most layers one exchange of the next submit may carry (1: no stacks): stacks
+        need two staging buffers of them, and neither ``verify`` nor a pace (which opens
+        layer by layer)."""
+        if self.verify or self._pacing.paced:
+            return 1
+        return max(1, min(layers_per_exchange(), self._layers_ahead // 2))
+
+    def _stack_options(self) -> dict[str, object]:
+        """:func:`prepare_layers`' stacking arguments for the next submit: at most
+        :meth:`_stack_most` layers per stack, within ``max_buffer_bytes`` per rank when set."""
+        most = self._stack_most()
+        if most < 2:
+            return {}
+        slot = self.max_buffer_bytes if self.max_buffer_bytes is not None else _UNBOUNDED_STACK_BYTES
+        return {"stack": True, "stack_most": most, "stack_slot_bytes": slot}
+
     def _progress_of(self, job: _Job) -> TransferProgress:
         with self._cond:
-            done, moved = job.swapped, job.published
+            done, moved = job.layers_in(job.swapped), job.layers_in(job.published)
         end = job.finished_at if job.finished_at is not None else time.monotonic()
         stats = job.stats  # counted by the worker thread: at worst one pass behind
         return TransferProgress.of(
-            len(job.prepared_layers), done, moved, stats.total_bytes_sent, stats.total_bytes_received, end - job.submitted_at
+            job.layers_in(len(job.prepared_layers)), done, moved, stats.total_bytes_sent, stats.total_bytes_received,
+            end - job.submitted_at,
         )

@@ -52,11 +52,13 @@ class _PreparedLayer:
     @classmethod
     def build(cls, layer: LayerWork, rank: int) -> "_PreparedLayer":
         eb = layer.layout.expert_bytes
-        view = layer.plan.rank(rank)  # the whole layer: local moves and duplicates of all passes
+        # the whole layer: local moves and duplicates of all passes; a stack (one pass) has
+        # them, numbered across its layers, in its pass's view
+        view = layer.passes[0].view if layer.layer_count > 1 else layer.plan.rank(rank)
         recv = [work.recv_rows for work in layer.passes]
         offsets = np.cumsum([0] + [r.size * eb for r in recv]).tolist()
         delivered = np.concatenate(recv + [view.local_dst_rows]).astype(np.int64)
-        position = np.full(layer.layout.num_local, -1, dtype=np.int64)
+        position = np.full(layer.layout.num_local * layer.layer_count, -1, dtype=np.int64)
         position[delivered] = np.arange(delivered.size)
         dup_src_pos = position[view.dup_src_rows]
         if (dup_src_pos < 0).any():  # a plan invariant: duplicates copy rows delivered in this layer
@@ -105,7 +107,8 @@ class _StagingBuffer:
 
 @dataclass
 class _Job:
-    """One submitted rearrangement. Counters are guarded by the worker's condition."""
+    """One submitted rearrangement. Counters are guarded by the worker's condition; they count
+    items of ``prepared_layers``, each one layer or a stack of consecutive layers."""
 
     prepared_layers: list[_PreparedLayer]
     staging_buffers: list[_StagingBuffer]
@@ -127,10 +130,15 @@ class _Job:
     submitted_at: float = 0.0  # time.monotonic() of submit (progress)
     finished_at: float | None = None  # of the last swap
     p2p: P2PTransport | None = None  # transport="p2p": send_buffer is its symmetric buffer
+    layer_ends: list[int] = None  # layer_ends[i]: layers in the first i items (prepared_layers may hold stacks)
 
     def staging_of(self, index: int) -> _StagingBuffer:
-        """The staging buffer of the job's ``index``-th layer (they take turns)."""
+        """The staging buffer of the job's ``index``-th item (they take turns)."""
         return self.staging_buffers[index % len(self.staging_buffers)]
+
+    def layers_in(self, items: int) -> int:
+        """How many layers the job's first ``items`` items hold (a stack holds several)."""
+        return self.layer_ends[items]
 
 
 def _per_peer(buf: torch.Tensor, peers: list[int], counts: list[int], eb: int) -> dict[int, torch.Tensor]:
@@ -182,7 +190,11 @@ class StagingMixin:
         rows = max((budget // lay.expert_bytes for lay in layouts), default=0)
         trailer_room = 2 * 16 * rows if self.verify else 0
         ahead = self._layers_ahead
-        return torch.empty(max(ahead * buffer_bytes + budget + trailer_room, 1), dtype=torch.uint8, device=self._device)
+        # stacks of k layers: ahead // k buffers of k layers (never more than ``ahead`` layers);
+        # the sends of a stack, each layer's within the budget, unless max_buffer_bytes bounds them
+        most = self._stack_most()
+        sends = budget if self.max_buffer_bytes is not None else most * budget
+        return torch.empty(max(ahead * buffer_bytes + sends + trailer_room, 1), dtype=torch.uint8, device=self._device)
 
     def _build_job(self, layers: Sequence[LayerWork]) -> _Job:
         """Prepare every layer for a staging buffer, allocate (or reuse) the staging and build the job."""
@@ -197,7 +209,9 @@ class StagingMixin:
         if p2p is not None:  # sends (and their trailers) live in the symmetric buffer
             send_bytes = send_trailer_bytes = 0
         # One allocation on the current stream; nothing frees it while the worker may use it.
-        ahead = self._layers_ahead
+        # Stacks of k layers take buffers of k layers: layers_ahead // k of them (at least two).
+        stacked = max((s.layer.layer_count for s in prepared), default=1)
+        ahead = self._layers_ahead if stacked == 1 else max(2, self._layers_ahead // stacked)
         need = ahead * buffer_bytes + send_bytes + send_trailer_bytes + recv_trailer_bytes
         if self._reserved is not None and self._reserved.numel() >= need:
             storage = self._reserved[:need]  # reserve=True: the previous job's swaps are ordered before start_event
@@ -231,10 +245,11 @@ class StagingMixin:
             gate=PaceGate(schedule),
             submitted_at=time.monotonic(),
             p2p=p2p,
+            layer_ends=np.cumsum([0] + [s.layer.layer_count for s in prepared]).tolist(),
         )
         log.info(
-            "rank %d: submitted %d layers, staging %d bytes (%d x %d buffer + %d send)%s",
-            rank, len(prepared), storage.numel(), ahead, buffer_bytes, send_bytes,
+            "rank %d: submitted %d layers in %d items, staging %d bytes (%d x %d buffer + %d send)%s",
+            rank, job.layers_in(len(prepared)), len(prepared), storage.numel(), ahead, buffer_bytes, send_bytes,
             f", paced over {schedule[-1] + 1} steps ({self._pacing.options()})" if schedule else "",
         )
         return job
@@ -303,8 +318,8 @@ class StagingMixin:
         return self._p2p
 
     def _swap_ready(self, job: _Job, ready: int) -> list[int]:
-        """Swap layers ``job.swapped`` .. ``ready - 1`` in, on the current stream; returns their
-        indices. One event, recorded after the last unpack, frees every staging buffer they read
+        """Swap items ``job.swapped`` .. ``ready - 1`` in, on the current stream; returns the
+        indices of their layers. One event, recorded after the last unpack, frees every staging buffer they read
         (the worker stream waits for it before reusing one): an event per layer cost ~20 us of
         the serving thread's time per layer (run 28). Each buffer is read at most once per step,
         as the worker publishes at most ``layers_ahead`` layers beyond the swapped ones."""
@@ -324,7 +339,7 @@ class StagingMixin:
                     else:
                         layout.unpack(staging.buffer[: prepared.nbytes], prepared.rows, backend=job.backend)
                 read.append(staging)
-            done.append(prepared.layer.index)
+            done.extend(range(prepared.layer.index, prepared.layer.index + prepared.layer.layer_count))
         event = None
         if stream is not None and read:
             event = hooks._cuda.Event()

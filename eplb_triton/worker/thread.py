@@ -145,8 +145,9 @@ class ThreadMixin:
         if checks:
             self._check_received(job, prepared, checks)
         hooks.fault("before_publish", rank=self._transfer.rank, layer=prepared.layer.index)
+        count = prepared.layer.layer_count  # a stack's time is shared equally by its layers
         with self._cond:
-            job.stats.layer_times_s.append(time.perf_counter() - begin)
+            job.stats.layer_times_s.extend([(time.perf_counter() - begin) / count] * count)
             job.published = index + 1
             self._cond.notify_all()
         job.layer = in_flight
@@ -202,6 +203,8 @@ class ThreadMixin:
                 job.broken = True  # the group is unusable: no drain
                 raise
             work.count_into(job.stats, len(labels))
+            if prepared.layer.layer_count > 1:
+                job.stats.stacked_layers += prepared.layer.layer_count
             hooks.fault("in_flight", rank=rank, layer=layer_index, pass_index=number, received=recvs)
             if job.verify and work.recv_rows.size:
                 received = torch.cat(
