@@ -459,8 +459,20 @@ def plan_from_maps(
 ) -> RearrangementPlan:
     """Plan already validated maps (see :func:`plan_rearrangement` for the options)."""
     _check_options(maps.ep_size, sender_policy, ranks_per_node, rounds)
-    layers = _plan_all(maps.old, maps.new, maps.ep_size, sender_policy, ranks_per_node, rounds)
+    # Layers are planned independently: in runs of at most _PLAN_SLOTS slots (layers x physical)
+    # the numpy temporaries stay small. 48 layers of 256 slots took 2.2 ms in one run and 1.1 ms
+    # in runs of 32 layers on a 2-core CPU (above ~100 KB per array every op paid ~100 us more:
+    # the allocator returns freed memory to the OS and the next array faults it back in).
+    step = max(1, _PLAN_SLOTS // max(maps.num_physical, 1))
+    layers: list[LayerPlan] = []
+    for first in range(0, maps.old.shape[0], step):
+        layers += _plan_all(
+            maps.old[first : first + step], maps.new[first : first + step], maps.ep_size, sender_policy, ranks_per_node, rounds
+        )
     return RearrangementPlan(layers=layers, maps=maps)
+
+
+_PLAN_SLOTS = 8192  # slots (layers x physical) planned in one vectorised run (see plan_from_maps)
 
 
 def plan_layer(
@@ -635,7 +647,9 @@ def _plan_all(
     hl, hp = np.nonzero(old >= 0)
     he = old[hl, hp]
     unstable = (new[hl, hp] != he).astype(np.int64)
-    composite = np.sort(((hl * num_ids + he) * ep_size + rank_of[hp]) * width + hp + num_physical * unstable)
+    # kind="stable" (radix/timsort): the keys come layer by layer, often sorted within a layer,
+    # where numpy's default sort took ~360 us for 12k keys and the stable one 9-260 us (2-core CPU)
+    composite = np.sort(((hl * num_ids + he) * ep_size + rank_of[hp]) * width + hp + num_physical * unstable, kind="stable")
     hkey_all = composite // width
     first = _run_starts(hkey_all) if hkey_all.size else np.zeros(0, dtype=bool)
     hkey = hkey_all[first]  # sorted unique (layer, expert, rank) that an old row holds
@@ -645,7 +659,7 @@ def _plan_all(
     # Slots that need new content, grouped by (layer, rank, expert): the lowest slot is
     # delivered, the others are duplicate fills.
     cl, cp = np.nonzero((new >= 0) & (new != old))
-    need = np.sort(((cl * ep_size + rank_of[cp]) * num_ids + new[cl, cp]) * num_physical + cp)
+    need = np.sort(((cl * ep_size + rank_of[cp]) * num_ids + new[cl, cp]) * num_physical + cp, kind="stable")
     need_key, need_slot = need // num_physical, need % num_physical
     is_first = _run_starts(need_key) if need.size else np.zeros(0, dtype=bool)
     group = np.cumsum(is_first) - 1
@@ -697,7 +711,7 @@ def _plan_all(
     # Order per layer: network deliveries by (src_rank, dst_slot) = wire order, then local
     # ones by dst_slot.
     src_rank = rank_of[src]
-    order = np.argsort(((d_layer * 2 + local) * ep_size + np.where(net, src_rank, 0)) * num_physical + dst)
+    order = np.argsort(((d_layer * 2 + local) * ep_size + np.where(net, src_rank, 0)) * num_physical + dst, kind="stable")
     position = np.empty_like(order)
     position[order] = np.arange(order.size)
     layer_sorted = d_layer[order]

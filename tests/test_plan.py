@@ -504,3 +504,33 @@ def test_single_holders_skip_the_balancing(monkeypatch):
     replicas_new = replicas[:, ::-1].copy()
     plan_mod.plan_rearrangement(replicas, replicas_new, 4)
     assert calls
+
+
+@pytest.mark.parametrize(
+    "ep,layers,num_local,logical,policy,rounds,ranks_per_node",
+    [
+        pytest.param(2, 9, 4, 6, "balanced", False, None, id="W2-L9-replicas"),
+        pytest.param(4, 7, 5, 12, "balanced", "pair", 2, id="W4-L7-rounds-nodes"),
+        pytest.param(8, 5, 3, 20, "vllm", False, None, id="W8-L5-vllm"),
+    ],
+)
+def test_plan_in_runs_of_layers_equals_one_run(monkeypatch, ep, layers, num_local, logical, policy, rounds, ranks_per_node):
+    """plan_from_maps plans at most _PLAN_SLOTS slots at a time (small numpy temporaries); the
+    layers' plans are the same as from one run over every layer (replicas, -1 slots)."""
+    from map_cases import random_maps
+
+    from eplb_triton import plan as plan_module
+    from eplb_triton.maps import normalize_maps
+
+    old, new = random_maps(np.random.default_rng(ep * 100 + layers), layers, ep, num_local, logical)
+    maps = normalize_maps(old, new, ep)
+    whole = plan_module._plan_all(maps.old, maps.new, ep, policy, ranks_per_node, rounds)
+    for slots in (1, 2 * ep * num_local, 3 * ep * num_local):  # one layer, two and three layers per run
+        monkeypatch.setattr(plan_module, "_PLAN_SLOTS", slots)
+        runs = plan_module.plan_from_maps(maps, sender_policy=policy, ranks_per_node=ranks_per_node, rounds=rounds).layers
+        assert len(runs) == layers
+        for a, b in zip(whole, runs):
+            for name in ("route", "traffic", "src_slot", "dst_slot", "is_network", "dup_dst_slot", "dup_delivery"):
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=f"{name} (runs of {slots} slots)")
+            if rounds:
+                assert len(a.rounds) == len(b.rounds) and all(np.array_equal(x, y) for x, y in zip(a.rounds, b.rounds))
