@@ -129,6 +129,15 @@ for step in ${STEPS:-tests link}; do
           --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking worker \
           --worker-ahead ${AHEAD_VALUES:-8 16} --worker-unstacked --transport nccl p2p \
           --json "$OUT/link_speed-${layers}layers-worker-stacked.json" --markdown "$OUT/link_speed-${layers}layers-worker-stacked.md"; done ;;
+    # session 9, last call: the blocking path builds its layers in runs (the next while the one
+    # before is on the wire), next to the same path with every layer built first (PLAN_AHEAD=0)
+    final9) run_step gpu-tests-final9 ${TESTS_LIMIT:-250} python3 -m pytest -q -m gpu tests/test_transfer_gpu.py tests/test_stacked.py \
+        tests/test_faults_gpu.py -k "not gloo and not p2p and (blocking or Blocking or transfer or stack)" -p no:cacheprovider -rf --durations=5
+      for layers in ${FINAL_LAYERS:-48 16}; do
+        run_step "link-$layers-layers-runs" 170 python3 bench/link_speed.py --layers $layers --repeats 5 \
+          --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor per-expert blocking worker \
+          --worker-ahead 16 --budgets 8 --variants EPLB_TRITON_PLAN_AHEAD=0 \
+          --json "$OUT/link_speed-${layers}layers-runs.json" --markdown "$OUT/link_speed-${layers}layers-runs.md"; done ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

@@ -392,6 +392,7 @@ def run_layers(
     timeout_s: float | None = None,
     transport: str = "auto",
     max_buffer_bytes: int | None = None,
+    first_mark: int = 0,
 ) -> tuple[list[ChecksumMismatchError], list]:
     """The blocking loop: take the staging (and undo) memory, run every layer in order.
 
@@ -406,7 +407,9 @@ def run_layers(
 
     Returns this rank's checksum errors (those layers rolled back, their exchanges completed)
     and the time marks between the items of ``layers`` (:func:`layer_times` reads them). A peer
-    error stops the loop and is raised with ``.stats``.
+    error stops the loop and is raised with ``.stats``. ``first_mark``: the first of this
+    thread's timing events the marks use (a caller running several runs of layers before reading
+    any time gives each run its own events).
     """
     device = layers[0].layout.device
     backend = resolve_backend(backend, device)  # once: per launch it read the environment (checked by prepare_layers)
@@ -430,7 +433,7 @@ def run_layers(
         staging = given[:size] if given is not None else torch.empty(size, dtype=torch.uint8, device=device)
         taken = size
     slots = (staging[:peak], staging[peak:]) if double else None
-    stats.peak_staging_bytes = staging.numel() if double else peak
+    stats.peak_staging_bytes = max(stats.peak_staging_bytes, staging.numel() if double else peak)
     undo = None
     if undo_bytes:
         if given is not None and given.numel() - taken >= undo_bytes:
@@ -438,12 +441,12 @@ def run_layers(
         else:
             undo = torch.empty(undo_bytes, dtype=torch.uint8, device=device)
     if atomic:
-        stats.peak_undo_bytes = undo_bytes
+        stats.peak_undo_bytes = max(stats.peak_undo_bytes, undo_bytes)
     errors: list[ChecksumMismatchError] = []
     # Layer times: CUDA events on GPUs (the host queues layer after layer without waiting for
     # the device; a per-layer synchronize stalled the queue), host clocks elsewhere.
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    marks = [_mark(stream, 0)]
+    marks = [_mark(stream, first_mark)]
     pending: tuple[LayerWork, _Posted] | None = None  # posted, not yet waited for
     next_slot = 0
 
@@ -453,7 +456,7 @@ def run_layers(
             layer, posted = pending
             layer.finish(posted, comm, backend, stats, timeout_s=timeout_s)
             pending = None
-            marks.append(_mark(stream, len(marks)))
+            marks.append(_mark(stream, first_mark + len(marks)))
 
     layer = None
     try:
@@ -475,7 +478,7 @@ def run_layers(
             except ChecksumMismatchError as exc:
                 errors.append(exc)  # exchanges completed: carry on, report after the confirmation
                 stats.failed_layers.append(layer.index)
-            marks.append(_mark(stream, len(marks)))
+            marks.append(_mark(stream, first_mark + len(marks)))
         finish_pending()
     except TransferError as exc:
         # a posted layer that was not written failed too (entirely old on this rank)

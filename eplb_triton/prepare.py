@@ -5,6 +5,7 @@ layer's per-rank work (:class:`~eplb_triton.executor.LayerWork` of
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -21,7 +22,10 @@ from .schedule import capacity_rows, fits_one_pass, one_pass_rows_all, schedule_
 from .settings import int_setting
 from .stacked import StackedLayout, layers_per_exchange, stack_groups, stack_key, stacked_rank_views
 
-__all__ = ["CHUNK_ENV", "PIPELINE_CHUNK_BYTES", "pipeline_chunk_bytes", "prepare_layers"]
+__all__ = [
+    "AgreedInputs", "CHUNK_ENV", "PIPELINE_CHUNK_BYTES", "PLAN_AHEAD_ENV", "PLAN_AHEAD_LAYERS", "agree_on_inputs",
+    "layer_runs", "pipeline_chunk_bytes", "plan_ahead_layers", "prepare_layers",
+]
 
 
 def _network_rounds(plan: LayerPlan, rank: int) -> list[tuple[int, int, int, int, int, int]]:
@@ -58,6 +62,34 @@ def pipeline_chunk_bytes(dist_backend: str | None) -> int:
     """
     default = PIPELINE_CHUNK_BYTES if dist_backend == "nccl" else 0
     return int_setting(CHUNK_ENV, default, minimum=0, what="an integer number of bytes")
+
+
+#: The blocking API builds (plans, schedules) the first this many layers before its first
+#: exchange, and each later run of layers (twice as long as the one before) while the previous
+#: run is on the wire, where the budget leaves no error to find later (see agree_on_inputs).
+#: On two H200, 48 layers: the first exchange left 3.8 ms (qwen3-30b-a3b-bf16, budget of 8
+#: layers) to 6.6 ms (tiny-bf16) after the call began, against ~0.3 ms of wire per layer
+#: (bench/results/gpu-session-h200x2-run37.log). A multiple of LAYERS_PER_EXCHANGE, so runs
+#: end where stacks may.
+PLAN_AHEAD_LAYERS = 4
+PLAN_AHEAD_ENV = "EPLB_TRITON_PLAN_AHEAD"  # overrides it (0 = every layer before the first exchange); agreed
+
+
+def plan_ahead_layers() -> int:
+    """The layers built before the first exchange (:data:`PLAN_AHEAD_LAYERS`, or ``EPLB_TRITON_PLAN_AHEAD``)."""
+    return int_setting(PLAN_AHEAD_ENV, PLAN_AHEAD_LAYERS, minimum=0)
+
+
+def layer_runs(total: int, first: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the runs of ``total`` layers: ``first`` layers, then each run twice
+    as long as the one before; one run of every layer when ``first`` is 0 or covers them."""
+    if not first or total <= first:
+        return [(0, total)] if total else []
+    runs, at, size = [], 0, first
+    while at < total:
+        runs.append((at, min(total, at + size)))
+        at, size = at + size, 2 * size
+    return runs
 
 
 def _chunk_experts(expert_bytes: int, chunk_bytes: int) -> int | None:
@@ -109,6 +141,102 @@ def prepare_layers(
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
+    agreed = agree_on_inputs(
+        old_global_expert_indices,
+        new_global_expert_indices,
+        expert_weights,
+        comm,
+        max_buffer_bytes,
+        rank_mapping,
+        verify=verify,
+        timeout_s=timeout_s,
+        rounds=rounds,
+        ranks_per_node=ranks_per_node,
+        staging=staging,
+        expected_weights=expected_weights,
+        transport=transport,
+        backend=backend,
+        stack=stack,
+        stack_most=stack_most,
+        stack_slot_bytes=stack_slot_bytes,
+    )
+    return agreed.build(0, agreed.num_layers)
+
+
+@dataclass
+class AgreedInputs:
+    """Inputs every rank checked and agreed on, planned for the layers of :attr:`planned`
+    (the rest on demand): :meth:`build` makes the :class:`LayerWork` of a range of layers.
+
+    :func:`prepare_layers` builds every layer at once; the blocking API may build them in
+    runs (:meth:`layer_runs`), the next run while the previous one is on the wire.
+    """
+
+    checked: CheckedInputs
+    rank: int
+    verify: bool
+    stack: bool
+    stack_slot_bytes: int | None
+    ranks_per_node: int | None
+    plan: RearrangementPlan | None  # layers [0, planned), made while the agreement was in flight
+    planned: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return 0 if self.checked.maps is None else self.checked.maps.num_layers
+
+    def layer_runs(self) -> list[tuple[int, int]]:
+        """``(first, stop)`` of each run of layers to build and move in turn: the agreed
+        ``plan_ahead`` first layers, then runs twice as long as the one before (each run is
+        built while the one before is on the wire), or every layer at once. The same on every
+        rank (agreed)."""
+        return layer_runs(self.num_layers, self.checked.extra_options.get("plan_ahead", 0))
+
+    def plan_of(self, first: int, stop: int) -> RearrangementPlan:
+        """The plan of layers ``[first, stop)`` (its ``layers[i]`` is layer ``first + i``)."""
+        maps = self.checked.maps
+        if self.plan is not None and first == 0 and stop <= self.planned:
+            return self.plan if stop == self.planned else RearrangementPlan(self.plan.layers[:stop], self.plan.maps)
+        part = maps if (first, stop) == (0, maps.num_layers) else replace(maps, old=maps.old[first:stop], new=maps.new[first:stop])
+        return plan_from_maps(part, ranks_per_node=self.ranks_per_node)
+
+    def build(self, first: int, stop: int) -> list[LayerWork]:
+        """The :class:`LayerWork` items of layers ``[first, stop)`` (stacks inside the range)."""
+        if stop <= first:
+            return []
+        return _build_layers(self, self.plan_of(first, stop), first)
+
+
+def agree_on_inputs(
+    old_global_expert_indices,
+    new_global_expert_indices,
+    expert_weights: Sequence[Sequence[torch.Tensor]],
+    comm: Communicator,
+    max_buffer_bytes: int | None = None,
+    rank_mapping=None,
+    *,
+    verify: bool = False,
+    timeout_s: float | None = None,
+    rounds: bool | str | None = None,
+    ranks_per_node: int | None = None,
+    staging=None,
+    expected_weights: WeightsSignature | None = None,
+    transport: str = "auto",
+    backend: str | None = None,
+    stack: bool = False,
+    stack_most: int | None = None,
+    stack_slot_bytes: int | None = None,
+    plan_ahead: bool = False,
+) -> AgreedInputs:
+    """The first half of :func:`prepare_layers` (same arguments): check the inputs and agree
+    on them with every rank, planning meanwhile; raises the same ValueError/TypeError on every
+    rank when any rank's input is bad. Touches no weight.
+
+    ``plan_ahead``: allow building the layers in runs (:meth:`AgreedInputs.layer_runs`, the
+    first ``EPLB_TRITON_PLAN_AHEAD`` layers planned here) when nothing can fail after this
+    stage: transport ``"nccl"`` and a budget with room for any plan (every layer's local rows).
+    Otherwise every layer is planned here, and a budget too small for some layer raises here.
+    """
     def more_checks(checked: CheckedInputs) -> dict[str, object]:
         # part of the input stage: errors become this rank's verdict; the result is agreed on
         options: dict[str, object] = {"chunk_bytes": pipeline_chunk_bytes(comm.dist_backend)}  # which ops meet
@@ -125,6 +253,8 @@ def prepare_layers(
         if ranks_per_node is not None:
             _check_options(checked.maps.ep_size, "balanced", ranks_per_node)
         options["ranks_per_node"] = ranks_per_node  # it changes the senders: every rank must use the same
+        if plan_ahead:  # which layers share a run, hence a stack: every rank must build the same runs
+            options["plan_ahead"] = plan_ahead_layers()
         if staging is not None and checked.layouts:  # the caller's buffer is the staging: its size is the budget
             held = staging_view(staging, checked.layouts[0].device).numel()
             largest = max(row_cost(lay, verify) for lay in checked.layouts)
@@ -148,14 +278,42 @@ def prepare_layers(
         more_checks=more_checks,
     )
     finish_agreement = agree_inputs_start(comm, checked)
-    plan = _plan_while_agreeing(checked, ranks_per_node)
+    valid = checked.error is None and checked.maps is not None
+    if valid and checked.extra_options.get("plan_ahead", 0) and not _nothing_fails_later(checked):
+        checked.extra_options["plan_ahead"] = 0  # from inputs the agreement checks: the same on every rank
+    ahead = checked.extra_options.get("plan_ahead", 0) if valid else 0
+    planned = min(ahead, checked.maps.num_layers) if ahead else (checked.maps.num_layers if valid else 0)
+    plan = _plan_while_agreeing(checked, ranks_per_node, planned)
     finish_agreement()  # raises the same error on every rank; nothing touched yet
-    maps, layouts, kind = checked.maps, checked.layouts, checked.round_kind
+    return AgreedInputs(
+        checked=checked, rank=comm.rank, verify=verify, stack=stack, stack_slot_bytes=stack_slot_bytes,
+        ranks_per_node=ranks_per_node, plan=plan, planned=planned if plan is not None else 0,
+    )
+
+
+def _nothing_fails_later(checked: CheckedInputs) -> bool:
+    """Whether every layer can be planned and scheduled later without an error: the NCCL
+    transport (p2p takes slots every rank agrees on from all layers) and a budget with room
+    for any plan (the default, or every layer's local rows and two rows at least)."""
+    if checked.extra_options.get("transport", "nccl") != "nccl":
+        return False
+    budget = checked.max_buffer_bytes
+    if budget is None:
+        return True
+    return all(
+        capacity_rows(layout.num_local, row_cost(layout, checked.verify), budget) >= max(layout.num_local, 2)
+        for layout in checked.layouts
+    )
+
+
+def _build_layers(agreed: AgreedInputs, plan: RearrangementPlan, first: int) -> list[LayerWork]:
+    """The :class:`LayerWork` items of ``plan``'s layers, layer ``first + i`` for its ``layers[i]``."""
+    checked, verify, rank = agreed.checked, agreed.verify, agreed.rank
+    maps, kind = checked.maps, checked.round_kind
+    layouts = checked.layouts[first : first + len(plan.layers)]
     max_buffer_bytes = checked.max_buffer_bytes
     chunk_bytes = checked.extra_options.get("chunk_bytes", 0)
 
-    if plan is None:
-        plan = plan_from_maps(maps, ranks_per_node=ranks_per_node)
     costs = [row_cost(layout, verify) for layout in layouts]
     if max_buffer_bytes is not None and costs and max_buffer_bytes < max(costs):
         # same plan and budget on every rank (agreed above): every rank raises this
@@ -170,11 +328,11 @@ def prepare_layers(
     capacities = [capacity_rows(maps.num_local, cost, max_buffer_bytes) for cost in costs]
     pass_rows = one_pass_rows_all(plan.layers) if plan.layers else np.zeros((0, maps.ep_size), dtype=np.int64)
     one_pass = fits_one_pass(plan.layers, capacities, pass_rows).tolist()
-    stacks = _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, stack, stack_slot_bytes)
-    stacked = {group[0]: (group, view) for group, view in zip(stacks, stacked_rank_views(plan.layers, comm.rank, stacks))}
+    stacks = _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, agreed.stack, agreed.stack_slot_bytes)
+    stacked = {group[0]: (group, view) for group, view in zip(stacks, stacked_rank_views(plan.layers, rank, stacks))}
     inside = {index for group in stacks for index in group[1:]}
     alone = [layer for index, layer in enumerate(plan.layers) if index not in inside and index not in stacked]
-    rank_views(alone, comm.rank)  # cached on the layers
+    rank_views(alone, rank)  # cached on the layers
     no_stash = np.zeros(0, dtype=np.int64)
     layers = []
     for index, (layout, layer_plan, cost) in enumerate(zip(layouts, plan.layers, costs)):
@@ -186,7 +344,7 @@ def prepare_layers(
             work.pass_traffic = sum(plan.layers[i].traffic for i in group)  # p2p: each peer's message, all layers
             layers.append(
                 LayerWork(
-                    index=index,
+                    index=first + index,
                     layout=StackedLayout([layouts[i] for i in group]),
                     plan=layer_plan,  # has network traffic, as every layer of the stack
                     passes=[work],
@@ -202,8 +360,8 @@ def prepare_layers(
             try:  # None: the default budget, one layer (two rows with one row per rank), always enough
                 schedule = schedule_layer(layer_plan, cost, max_buffer_bytes)
             except ValueError as exc:
-                raise ValueError(f"layer {index}: {exc}; {_smallest_budget_text(plan, costs, verify)}") from None
-            passes, stash_rows = schedule.passes, schedule.stash_rows(comm.rank, layer_plan.num_local)
+                raise ValueError(f"layer {first + index}: {exc}; {_smallest_budget_text(plan, costs, verify)}") from None
+            passes, stash_rows = schedule.passes, schedule.stash_rows(rank, layer_plan.num_local)
             stash_anywhere = bool(schedule.stash_slots.size)
         works = []
         for r in passes:
@@ -212,8 +370,8 @@ def prepare_layers(
             network_rounds = None
             if kind is not None:
                 sub = with_rounds(sub, kind)
-                network_rounds = _network_rounds(sub, comm.rank)
-            view = sub.rank(comm.rank)
+                network_rounds = _network_rounds(sub, rank)
+            view = sub.rank(rank)
             chunk = _chunk_experts(layout.expert_bytes, chunk_bytes) if network_rounds is None and not verify else None
             works.append(
                 PassWork.from_view(
@@ -224,12 +382,12 @@ def prepare_layers(
             works[-1].pass_traffic = sub.traffic
         layers.append(
             LayerWork(
-                index=index,
+                index=first + index,
                 layout=layout,
                 plan=layer_plan,
                 passes=works,
                 stash_rows=stash_rows,
-                expert_ids=maps.new[index],
+                expert_ids=maps.new[first + index],
                 stash_anywhere=stash_anywhere,
             )
         )
@@ -250,14 +408,18 @@ def _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_byt
     return stack_groups(stackable, [stack_key(layout) for layout in layouts], staging, slot, most)
 
 
-def _plan_while_agreeing(checked: CheckedInputs, ranks_per_node: int | None) -> RearrangementPlan | None:
-    """The plan of this rank's own (locally valid) maps, made while the agreement is in flight;
-    pure numpy, no weight touched. ``None`` when the local verdict is bad or planning fails: the
-    caller plans again after the agreement, where any error is raised on every rank alike."""
+def _plan_while_agreeing(checked: CheckedInputs, ranks_per_node: int | None, layers: int) -> RearrangementPlan | None:
+    """The plan of the first ``layers`` layers of this rank's own (locally valid) maps, made
+    while the agreement is in flight; pure numpy, no weight touched. ``None`` when the local
+    verdict is bad or planning fails: the caller plans again after the agreement, where any
+    error is raised on every rank alike."""
     if checked.error is not None or checked.maps is None:
         return None
+    maps = checked.maps if layers >= checked.maps.num_layers else replace(
+        checked.maps, old=checked.maps.old[:layers], new=checked.maps.new[:layers]
+    )
     try:
-        return plan_from_maps(checked.maps, ranks_per_node=ranks_per_node)
+        return plan_from_maps(maps, ranks_per_node=ranks_per_node)
     except Exception:  # noqa: BLE001 - raised again after the agreement, by the same call
         return None
 

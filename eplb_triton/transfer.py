@@ -59,7 +59,7 @@ from .inputs import default_budget_bytes
 from .layout import ExpertLayout
 from .maps import EPGroup, ExpertMap, RankMapping
 from .passes import PassWork
-from .prepare import prepare_layers
+from .prepare import agree_on_inputs, prepare_layers
 from .stats import TransferStats
 
 __all__ = [
@@ -170,6 +170,11 @@ def finish_transfer(
     )
 
 
+def _run_times(times: list[tuple[list[LayerWork], list]]) -> list[float]:
+    """Seconds per layer of every run (:func:`layer_times` of each run's items and marks)."""
+    return [t for items, marks in times for t in layer_times(items, marks)]
+
+
 def rearrange_expert_weights_inplace(
     old_global_expert_indices: ExpertMap,
     new_global_expert_indices: ExpertMap,
@@ -264,13 +269,13 @@ def rearrange_expert_weights_inplace(
         ChecksumMismatchError: ``verify`` failed somewhere (the group is still usable).
     """
     comm = Communicator.from_group(ep_group)
-    layers = prepare_layers(
+    agreed = agree_on_inputs(
         old_global_expert_indices,
         new_global_expert_indices,
         expert_weights,
         comm,
         max_buffer_bytes,
-        rank_mapping=rank_mapping,
+        rank_mapping,
         verify=verify,
         timeout_s=timeout_s,
         rounds=rounds,
@@ -279,24 +284,43 @@ def rearrange_expert_weights_inplace(
         transport=transport,
         backend=backend,
         stack=True,
+        plan_ahead=True,
     )
     stats = TransferStats.empty(comm.rank, comm.world_size)
+    runs = agreed.layer_runs()
+    # Each run of layers is built (planned, scheduled) while the one before is on the wire:
+    # the host queues a run's exchanges without waiting for them. The first run alone delays
+    # the first exchange; a failure in any run leaves every later layer untouched.
+    layers: list[LayerWork] = []
+    errors: list[ChecksumMismatchError] = []
+    times: list[tuple[list[LayerWork], list]] = []  # (items, marks) per run, read at the end
+    for first, stop in runs:
+        items = agreed.build(first, stop)
+        if not items:
+            continue
+        try:
+            more, marks = run_layers(
+                items, comm, backend, stats, staging=staging, atomic=atomic, timeout_s=timeout_s, transport=transport,
+                max_buffer_bytes=max_buffer_bytes, first_mark=sum(len(m) for _, m in times),
+            )
+        except TransferError:
+            stats.failed_layers.extend(range(stop, agreed.num_layers))  # never started: old everywhere here
+            raise
+        layers += items
+        errors += more
+        times.append((items, marks))
     if not layers:
         return stats
-    errors, marks = run_layers(
-        layers, comm, backend, stats, staging=staging, atomic=atomic, timeout_s=timeout_s, transport=transport,
-        max_buffer_bytes=max_buffer_bytes,
-    )
     try:  # the confirmation waits for the layers anyway: read their times after it, not before
         finish_transfer(comm, layers, stats, errors, timeout_s=timeout_s)
     except ChecksumMismatchError as exc:  # every exchange completed: the times can be read
-        stats.layer_times_s = layer_times(layers, marks)
+        stats.layer_times_s = _run_times(times)
         exc.stats = stats
         raise
     except TransferError as exc:  # a peer failed: the stream may never reach the last mark
         exc.stats = stats
         raise
-    stats.layer_times_s = layer_times(layers, marks)
+    stats.layer_times_s = _run_times(times)
     for index, seconds in enumerate(stats.layer_times_s):
         logger.debug("rank %d layer %d: %.6f s", comm.rank, index, seconds)
     logger.log(logging.INFO if log_traffic else logging.DEBUG, "%s", stats.traffic_summary())

@@ -21,6 +21,13 @@ EXPERT_BYTES = packed_expert_bytes(SPECS)  # 64: rows padded to 16 bytes
 NUM_LOCAL = 8
 
 
+@pytest.fixture(autouse=True)
+def _one_run_of_layers(monkeypatch):
+    """The loop's slots and stacks, with every layer built before the first exchange (the
+    spawned ranks inherit it); test_layers_are_built_in_runs_* turn the runs back on."""
+    monkeypatch.setenv("EPLB_TRITON_PLAN_AHEAD", "0")
+
+
 def swap_maps(layers: int, swapped: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """World 2, ``NUM_LOCAL`` rows per rank: layer ``l`` swaps the first ``swapped[l]`` rows of
     rank 0 with those of rank 1 (0 = the layer only moves one expert locally on each rank)."""
@@ -172,3 +179,50 @@ def test_stacks_live_in_a_given_staging_buffer(distributed):
     stats = run_swap(distributed, [2, 2, 2, 2], staging_bytes=16 * EXPERT_BYTES)
     assert [(s.stacked_layers, s.exchanges, s.overlapped_layers) for s in stats] == [(4, 2, 2)] * 2
     assert all(s.peak_staging_bytes == 16 * EXPERT_BYTES for s in stats)
+
+
+def _rank_runs(rank, world, old, new, budget):
+    from eplb_triton import transfer
+    from eplb_triton.prepare import AgreedInputs
+
+    log = []
+    build = AgreedInputs.build
+
+    def logged_build(self, first, stop):
+        log.append(("build", first, stop))
+        return build(self, first, stop)
+
+    AgreedInputs.build = logged_build  # a spawned rank: nothing to restore
+    transfer.fault_hook = lambda point, **info: log.append((point, info["layer"])) if point == "posted" else None
+    weights = make_rank_weights(SPECS, old.shape[0], NUM_LOCAL)
+    fill_rank_weights(weights, old, rank, 3)
+    stats = rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget)
+    return row_mismatches(weights, old, new, rank, 3), stats, log
+
+
+@pytest.mark.parametrize(
+    "plan_ahead,budget_rows,runs",
+    [
+        # runs of 4, 8, 16 layers: each built once the run before has posted its exchanges
+        pytest.param("4", None, [(0, 4), (4, 12), (12, 13)], id="L13-runs-4-8-1"),
+        pytest.param("2", 1 << 12, [(0, 2), (2, 6), (6, 13)], id="L13-runs-2-4-7-stacked"),
+        pytest.param("0", None, [(0, 13)], id="L13-off"),
+        # a budget without room for every plan (below a layer's local rows): everything first
+        pytest.param("4", NUM_LOCAL - 1, [(0, 13)], id="L13-small-budget-one-run"),
+    ],
+)
+def test_layers_are_built_in_runs_while_the_previous_run_moves(distributed, monkeypatch, plan_ahead, budget_rows, runs):
+    monkeypatch.setenv("EPLB_TRITON_PLAN_AHEAD", plan_ahead)
+    swapped = [2, 1, 2, 2, 0, 2, 1, 2, 2, 2, 1, 2, 2]  # layer 4 moves nothing over the network
+    old, new = swap_maps(len(swapped), swapped)
+    budget = None if budget_rows is None else budget_rows * EXPERT_BYTES
+    for rank, (bad, stats, log) in enumerate(distributed(2, _rank_runs, old, new, budget)):
+        assert bad == [], (rank, bad[:8])
+        builds = [(a, b) for kind, *ab in log if kind == "build" for a, b in [ab]]
+        assert builds == runs, (rank, log)
+        for (first, stop), (after, _) in zip(runs, runs[1:]):  # built after the run before posted all
+            posted = [i for i, e in enumerate(log) if e[0] == "posted" and first <= e[1] < stop]
+            assert not posted or max(posted) < log.index(("build", after, _)), (rank, log)
+        assert len(stats.layer_times_s) == len(swapped) and stats.failed_layers == []
+        if budget_rows == 1 << 12:  # stacks inside runs
+            assert stats.stacked_layers > 0, rank

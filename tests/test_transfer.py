@@ -8,6 +8,7 @@ import torch
 
 from eplb_triton import plan_rearrangement, rearrange_expert_weights_inplace
 from eplb_triton.layout import ExpertLayout
+from eplb_triton.prepare import layer_runs, plan_ahead_layers
 from eplb_triton.stacked import layers_per_exchange
 from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 from map_cases import expected_received_experts, packed_expert_bytes, random_maps
@@ -59,18 +60,24 @@ def test_random_rearrangement(distributed, world, layers, num_local, logical):
         assert s.p2p_ops <= 2 * (world - 1) * s.rounds
     big = check_transfer(distributed, world, old, new, max_buffer_bytes=1 << 30)
     # room for everything: consecutive layers with traffic share an exchange, up to
-    # layers_per_exchange() of them; the layers without traffic stand alone
+    # layers_per_exchange() of them, inside each run of layers built together; the layers
+    # without traffic stand alone
     off_diagonal = 1 - np.eye(world, dtype=np.int64)
-    items = stacks_of(plan, layers_per_exchange())
+    runs = layer_runs(layers, plan_ahead_layers())
+    by_run = [stacks_of(plan, layers_per_exchange(), run) for run in runs]
+    items = [item for run in by_run for item in run]
     # one pass per item: one isend and one irecv per (sender, receiver) pair with traffic in its layers
     pairs = [np.count_nonzero(sum(plan.layers[i].traffic for i in item) * off_diagonal) for item in items]
     assert sum(s.p2p_ops for s in big) == 2 * int(sum(pairs))
     # one exchange per item on each rank that sends or receives in it
     talks = [(sum(plan.layers[i].traffic for i in item) * off_diagonal) for item in items]
     assert [s.exchanges for s in big] == [sum(bool(t[r].any() or t[:, r].any()) for t in talks) for r in range(world)]
-    # two staging slots fit: each item with traffic that follows one is posted before that one is waited for
-    network = [plan.layers[item[0]].num_network > 0 for item in items]
-    overlapped = sum(len(item) for item, a, b in zip(items[1:], network, network[1:]) if a and b)
+    # two staging slots fit: each item with traffic that follows one in its run is posted before
+    # that one is waited for
+    overlapped = 0
+    for run in by_run:
+        network = [plan.layers[item[0]].num_network > 0 for item in run]
+        overlapped += sum(len(item) for item, a, b in zip(run[1:], network, network[1:]) if a and b)
     assert [s.overlapped_layers for s in big] == [overlapped] * world
     assert [s.stacked_layers for s in big] == [sum(len(item) for item in items if len(item) > 1)] * world
     # bytes from the maps alone: each rank receives every expert its new rows need and its old rows lack, once
@@ -81,11 +88,14 @@ def test_random_rearrangement(distributed, world, layers, num_local, logical):
     assert sum(s.total_bytes_sent for s in stats) == sum(expected)
 
 
-def stacks_of(plan, most: int) -> list[list[int]]:
+def stacks_of(plan, most: int, run: tuple[int, int] | None = None) -> list[list[int]]:
     """The layers :func:`eplb_triton.stacked.stack_groups` stacks with room for everything: runs of
-    consecutive layers with network traffic, cut every ``most`` layers."""
+    consecutive layers with network traffic, cut every ``most`` layers (within ``run``, a range of
+    layers built together: :func:`eplb_triton.prepare.layer_runs`)."""
     items: list[list[int]] = []
-    for index, layer in enumerate(plan.layers):
+    first, stop = run if run is not None else (0, len(plan.layers))
+    for index in range(first, stop):
+        layer = plan.layers[index]
         stackable = layer.num_network > 0
         last = items[-1] if items else None
         if stackable and last and plan.layers[last[0]].num_network > 0 and len(last) < most:
