@@ -75,9 +75,13 @@ PLAN_AHEAD_LAYERS = 4
 PLAN_AHEAD_ENV = "EPLB_TRITON_PLAN_AHEAD"  # overrides it (0 = every layer before the first exchange); agreed
 
 
-def plan_ahead_layers() -> int:
-    """The layers built before the first exchange (:data:`PLAN_AHEAD_LAYERS`, or ``EPLB_TRITON_PLAN_AHEAD``)."""
-    return int_setting(PLAN_AHEAD_ENV, PLAN_AHEAD_LAYERS, minimum=0)
+def plan_ahead_layers(dist_backend: str | None) -> int:
+    """The layers built before the first exchange: :data:`PLAN_AHEAD_LAYERS` on NCCL, 0 (all)
+    elsewhere (a gloo exchange blocks the host: nothing would overlap the building; on the
+    2-core CPU runs made 16 tiny layers 1.37 -> 1.95 ms each); ``EPLB_TRITON_PLAN_AHEAD``
+    overrides it for any backend (tests use it on gloo)."""
+    default = PLAN_AHEAD_LAYERS if dist_backend == "nccl" else 0
+    return int_setting(PLAN_AHEAD_ENV, default, minimum=0)
 
 
 def layer_runs(total: int, first: int) -> list[tuple[int, int]]:
@@ -254,7 +258,7 @@ def agree_on_inputs(
             _check_options(checked.maps.ep_size, "balanced", ranks_per_node)
         options["ranks_per_node"] = ranks_per_node  # it changes the senders: every rank must use the same
         if plan_ahead:  # which layers share a run, hence a stack: every rank must build the same runs
-            options["plan_ahead"] = plan_ahead_layers()
+            options["plan_ahead"] = plan_ahead_layers(comm.dist_backend)
         if staging is not None and checked.layouts:  # the caller's buffer is the staging: its size is the budget
             held = staging_view(staging, checked.layouts[0].device).numel()
             largest = max(row_cost(lay, verify) for lay in checked.layouts)

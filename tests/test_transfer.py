@@ -63,7 +63,7 @@ def test_random_rearrangement(distributed, world, layers, num_local, logical):
     # layers_per_exchange() of them, inside each run of layers built together; the layers
     # without traffic stand alone
     off_diagonal = 1 - np.eye(world, dtype=np.int64)
-    runs = layer_runs(layers, plan_ahead_layers())
+    runs = layer_runs(layers, plan_ahead_layers("gloo"))
     by_run = [stacks_of(plan, layers_per_exchange(), run) for run in runs]
     items = [item for run in by_run for item in run]
     # one pass per item: one isend and one irecv per (sender, receiver) pair with traffic in its layers
