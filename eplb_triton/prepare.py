@@ -23,7 +23,8 @@ from .settings import int_setting
 from .stacked import StackedLayout, layers_per_exchange, stack_groups, stack_key, stacked_rank_views
 
 __all__ = [
-    "AgreedInputs", "CHUNK_ENV", "PIPELINE_CHUNK_BYTES", "PLAN_AHEAD_ENV", "PLAN_AHEAD_LAYERS", "agree_on_inputs",
+    "AgreedInputs", "CHUNK_ENV", "PIPELINE_CHUNK_BYTES", "PLAN_AHEAD_ENV", "PLAN_AHEAD_LAYERS", "PLAN_AHEAD_MIN_LAYER_BYTES",
+    "agree_on_inputs",
     "layer_runs", "pipeline_chunk_bytes", "plan_ahead_layers", "prepare_layers",
 ]
 
@@ -73,6 +74,14 @@ def pipeline_chunk_bytes(dist_backend: str | None) -> int:
 #: end where stacks may.
 PLAN_AHEAD_LAYERS = 4
 PLAN_AHEAD_ENV = "EPLB_TRITON_PLAN_AHEAD"  # overrides it (0 = every layer before the first exchange); agreed
+#: ... and only where the first run's busiest rank moves at least this many bytes in a layer: a
+#: run costs the host fixed work (planning, views, the row upload, a drained pipeline at its
+#: end), which pays only where the wire leaves the host idle. Two H200, runs on / off, ms per
+#: layer (bench/results/link_speed-{48,16}layers-runs-h200x2-run39.md): deepseek-v3-fp8 (176 MB
+#: per layer) 0.865 / 0.919 at 48 layers, 0.945 / 0.982 at 16; qwen3-30b-a3b-bf16 (75.5 MB) 0.491
+#: / 0.498 and 0.567 / 0.577 (budget of 8 layers: 0.464 / 0.444 at 16); tiny-bf16 (25 MB) 0.318 /
+#: 0.329 and 0.818 / 0.562.
+PLAN_AHEAD_MIN_LAYER_BYTES = 128 << 20
 
 
 def plan_ahead_layers(dist_backend: str | None) -> int:
@@ -289,10 +298,22 @@ def agree_on_inputs(
     planned = min(ahead, checked.maps.num_layers) if ahead else (checked.maps.num_layers if valid else 0)
     plan = _plan_while_agreeing(checked, ranks_per_node, planned)
     finish_agreement()  # raises the same error on every rank; nothing touched yet
-    return AgreedInputs(
+    agreed = AgreedInputs(
         checked=checked, rank=comm.rank, verify=verify, stack=stack, stack_slot_bytes=stack_slot_bytes,
         ranks_per_node=ranks_per_node, plan=plan, planned=planned if plan is not None else 0,
     )
+    if ahead and ahead < agreed.num_layers and _busiest_layer_bytes(agreed.plan_of(0, planned), checked) < PLAN_AHEAD_MIN_LAYER_BYTES:
+        checked.extra_options["plan_ahead"] = 0  # from the plan, the same on every rank: build everything now
+    return agreed
+
+
+def _busiest_layer_bytes(plan: RearrangementPlan, checked: CheckedInputs) -> int:
+    """The most bytes any rank sends or receives over the network in one of ``plan``'s layers."""
+    most = 0
+    for layer, layout in zip(plan.layers, checked.layouts):
+        network = layer.traffic - np.diag(np.diag(layer.traffic))
+        most = max(most, int(max(network.sum(axis=0).max(), network.sum(axis=1).max())) * layout.expert_bytes)
+    return most
 
 
 def _nothing_fails_later(checked: CheckedInputs) -> bool:

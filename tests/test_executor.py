@@ -181,9 +181,11 @@ def test_stacks_live_in_a_given_staging_buffer(distributed):
     assert all(s.peak_staging_bytes == 16 * EXPERT_BYTES for s in stats)
 
 
-def _rank_runs(rank, world, old, new, budget):
-    from eplb_triton import transfer
+def _rank_runs(rank, world, old, new, budget, min_layer_bytes):
+    from eplb_triton import prepare, transfer
     from eplb_triton.prepare import AgreedInputs
+
+    prepare.PLAN_AHEAD_MIN_LAYER_BYTES = min_layer_bytes  # a spawned rank: nothing to restore
 
     log = []
     build = AgreedInputs.build
@@ -201,22 +203,27 @@ def _rank_runs(rank, world, old, new, budget):
 
 
 @pytest.mark.parametrize(
-    "plan_ahead,budget_rows,runs",
+    "plan_ahead,budget_rows,min_layer_bytes,runs",
     [
         # runs of 4, 8, 16 layers: each built once the run before has posted its exchanges
-        pytest.param("4", None, [(0, 4), (4, 12), (12, 13)], id="L13-runs-4-8-1"),
-        pytest.param("2", 1 << 12, [(0, 2), (2, 6), (6, 13)], id="L13-runs-2-4-7-stacked"),
-        pytest.param("0", None, [(0, 13)], id="L13-off"),
+        pytest.param("4", None, 0, [(0, 4), (4, 12), (12, 13)], id="L13-runs-4-8-1"),
+        pytest.param("2", 1 << 12, 0, [(0, 2), (2, 6), (6, 13)], id="L13-runs-2-4-7-stacked"),
+        pytest.param("0", None, 0, [(0, 13)], id="L13-off"),
         # a budget without room for every plan (below a layer's local rows): everything first
-        pytest.param("4", NUM_LOCAL - 1, [(0, 13)], id="L13-small-budget-one-run"),
+        pytest.param("4", NUM_LOCAL - 1, 0, [(0, 13)], id="L13-small-budget-one-run"),
+        # the first run's busiest layer moves 2 experts per rank: below 3, everything first
+        pytest.param("4", None, 2 * EXPERT_BYTES, [(0, 4), (4, 12), (12, 13)], id="L13-enough-bytes"),
+        pytest.param("4", None, 3 * EXPERT_BYTES, [(0, 13)], id="L13-too-few-bytes-one-run"),
     ],
 )
-def test_layers_are_built_in_runs_while_the_previous_run_moves(distributed, monkeypatch, plan_ahead, budget_rows, runs):
+def test_layers_are_built_in_runs_while_the_previous_run_moves(
+    distributed, monkeypatch, plan_ahead, budget_rows, min_layer_bytes, runs
+):
     monkeypatch.setenv("EPLB_TRITON_PLAN_AHEAD", plan_ahead)
     swapped = [2, 1, 2, 2, 0, 2, 1, 2, 2, 2, 1, 2, 2]  # layer 4 moves nothing over the network
     old, new = swap_maps(len(swapped), swapped)
     budget = None if budget_rows is None else budget_rows * EXPERT_BYTES
-    for rank, (bad, stats, log) in enumerate(distributed(2, _rank_runs, old, new, budget)):
+    for rank, (bad, stats, log) in enumerate(distributed(2, _rank_runs, old, new, budget, min_layer_bytes)):
         assert bad == [], (rank, bad[:8])
         builds = [(a, b) for kind, *ab in log if kind == "build" for a, b in [ab]]
         assert builds == runs, (rank, log)
