@@ -138,6 +138,18 @@ for step in ${STEPS:-tests link}; do
           --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor per-expert blocking worker \
           --worker-ahead 16 --budgets 8 --variants EPLB_TRITON_PLAN_AHEAD=0 \
           --json "$OUT/link_speed-${layers}layers-runs.json" --markdown "$OUT/link_speed-${layers}layers-runs.md"; done ;;
+    # session 9, final numbers: every row of the README's tables (both transports), 48/16/4 layers,
+    # and where the stacked worker's time goes (48 layers, 16 buffers)
+    numbers9) run_step gpu-tests-numbers9 ${TESTS_LIMIT:-150} python3 -m pytest -q -m gpu tests/test_transfer_gpu.py tests/test_stacked.py \
+        -p no:cacheprovider -rf
+      for spec in "48 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets" "16 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b" \
+                  "4 7 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets"; do
+        set -- $spec; layers=$1; repeats=$2; shift 2
+        run_step "link-$layers-layers-final9" 200 python3 bench/link_speed.py --layers $layers --repeats $repeats --configs "$@" \
+          --methods floor per-expert blocking worker --worker-ahead 16 --budgets 8 --transport nccl p2p \
+          --json "$OUT/link_speed-${layers}layers-final9.json" --markdown "$OUT/link_speed-${layers}layers-final9.md"; done
+      run_step worker-phases-stacked 90 python3 bench/worker_steps.py --config qwen3-30b-a3b-bf16 --layers 48 --layers-ahead 16 \
+        --phases --json "$OUT/worker-phases-stacked.json" ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;
