@@ -148,7 +148,7 @@ for step in ${STEPS:-tests link}; do
         run_step "link-$layers-layers-final9" 200 python3 bench/link_speed.py --layers $layers --repeats $repeats --configs "$@" \
           --methods floor per-expert blocking worker --worker-ahead 16 --budgets 8 --transport nccl p2p \
           --json "$OUT/link_speed-${layers}layers-final9.json" --markdown "$OUT/link_speed-${layers}layers-final9.md"; done
-      run_step worker-phases-stacked 90 python3 bench/worker_steps.py --config qwen3-30b-a3b-bf16 --layers 48 --layers-ahead 16 \
+      run_step worker-phases-stacked 120 python3 bench/worker_steps.py --config qwen3-30b-a3b-bf16 --layers 48 --layers-ahead 16 \
         --phases --json "$OUT/worker-phases-stacked.json" ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
