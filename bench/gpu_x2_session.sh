@@ -150,6 +150,13 @@ for step in ${STEPS:-tests link}; do
           --json "$OUT/link_speed-${layers}layers-final9.json" --markdown "$OUT/link_speed-${layers}layers-final9.md"; done
       run_step worker-phases-stacked 120 python3 bench/worker_steps.py --config qwen3-30b-a3b-bf16 --layers 48 --layers-ahead 16 \
         --phases --json "$OUT/worker-phases-stacked.json" ;;
+    # session 9, last: the stacking worker schedules a pass within two layers' rows (balancer
+    # placements in one pass), the presets and the reference configs
+    onepass9) run_step gpu-tests-onepass9 ${TESTS_LIMIT:-120} python3 -m pytest -q -m gpu tests/test_worker.py -p no:cacheprovider -rf
+      run_step link-16-layers-onepass9 200 python3 bench/link_speed.py --layers 16 --repeats 5 \
+        --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b --methods floor blocking worker \
+        --worker-ahead 8 16 --worker-unstacked --json "$OUT/link_speed-16layers-onepass9.json" \
+        --markdown "$OUT/link_speed-16layers-onepass9.md" ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

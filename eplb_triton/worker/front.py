@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..comm import Communicator
-from ..inputs import agree_inputs, check_worker_inputs, weights_signature
+from ..inputs import agree_inputs, check_worker_inputs, default_budget_bytes, weights_signature
 from ..layout import resolve_backend
 from ..maps import EPGroup, ExpertMap
 from ..pacing import Pacing, TransferProgress, check_pacing
@@ -29,7 +29,6 @@ from .staging import StagingMixin, _Job
 from .thread import ThreadMixin
 
 log = logging.getLogger("eplb_triton.worker")  # one logger for the package (documented name)
-_UNBOUNDED_STACK_BYTES = 1 << 62  # the default budget does not bound a stack: layers_ahead does
 
 _WAIT_SLICE_S = 0.05  # wait() re-agrees at least this often, so a failure on a peer is seen
 
@@ -105,7 +104,9 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             consecutive layers of the same row shapes share one exchange (a stack, as in the
             blocking API: one pack, one message per peer, one unpack at the swap; the staging
             then holds ``layers_ahead // k`` buffers of ``k`` layers, and the send buffer a
-            stack's sends, bounded by ``max_buffer_bytes`` when that is set).
+            stack's sends: at most ``k`` layers' local rows, or ``max_buffer_bytes`` when that
+            is set; by default a pass may then hold two layers' local rows, so a layer that
+            sends and receives most of its rows moves in one pass).
 
     ``max_buffer_bytes`` and ``verify`` are read by each :meth:`submit`: they may be changed
     (the same on every rank) between rearrangements. The pace is fixed at construction.
@@ -212,6 +213,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         self._layers_ahead = layers_ahead
         self._last_progress = TransferProgress()
         self._device = checked.layouts[0].device if checked.layouts else torch.device("cpu")
+        self._layer_rows_bytes = default_budget_bytes(checked.layouts or [], verify=False)  # one layer's local rows, packed
         self._owned_groups: list = []
         if ep.world_size > 1:
             _rendezvous(ep, checked.timeout_s)  # bounds group creation by timeout_s
@@ -282,17 +284,18 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
                 "TransferWorker.submit: a rearrangement is still in progress; call step() until busy is False, "
                 "or wait(), before submitting the next one"
             )
+        stacking = self._stack_options()
         layers = prepare_layers(
             old_global_expert_indices,
             new_global_expert_indices,
             self.expert_weights,
             self._control,
-            self.max_buffer_bytes,
+            stacking.pop("max_buffer_bytes", self.max_buffer_bytes),
             verify=self.verify,
             timeout_s=self.timeout_s,
             expected_weights=self._weights_signature,
             transport=self.transport,
-            **self._stack_options(),
+            **stacking,
         )
         job = self._build_job(layers)
         self._load_kernels(job)  # before the worker thread may launch anything (see there)
@@ -413,12 +416,18 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
 
     def _stack_options(self) -> dict[str, object]:
         """:func:`prepare_layers`' stacking arguments for the next submit: at most
-        :meth:`_stack_most` layers per stack, within ``max_buffer_bytes`` per rank when set."""
+        :meth:`_stack_most` (``k``) layers per stack, within ``max_buffer_bytes`` per rank when
+        set. By default a pass may then take two layers' local rows of sends and receives (the
+        receives stay in the staging buffers, so this bounds the sends: a layer that sends and
+        receives most of its rows, as balancer placements do, moves in one pass rather than
+        two) and a stack ``k`` layers' (the send buffer holds at most ``k`` layers' rows)."""
         most = self._stack_most()
         if most < 2:
             return {}
-        slot = self.max_buffer_bytes if self.max_buffer_bytes is not None else _UNBOUNDED_STACK_BYTES
-        return {"stack": True, "stack_most": most, "stack_slot_bytes": slot}
+        if self.max_buffer_bytes is not None:
+            return {"stack": True, "stack_most": most, "stack_slot_bytes": self.max_buffer_bytes}
+        layer = self._layer_rows_bytes
+        return {"stack": True, "stack_most": most, "stack_slot_bytes": most * layer, "max_buffer_bytes": 2 * layer}
 
     def _progress_of(self, job: _Job) -> TransferProgress:
         with self._cond:
