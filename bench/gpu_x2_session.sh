@@ -157,6 +157,9 @@ for step in ${STEPS:-tests link}; do
         --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b --methods floor blocking worker \
         --worker-ahead 8 16 --worker-unstacked --json "$OUT/link_speed-16layers-onepass9.json" \
         --markdown "$OUT/link_speed-16layers-onepass9.md" ;;
+    # session 9: a peer killed or stalled while the worker moves stacks (NCCL and p2p)
+    faults9) run_step gpu-faults-worker-stacked ${TESTS_LIMIT:-300} python3 -m pytest -q -m gpu tests/test_faults_gpu.py \
+        -k "worker-stacked and not gloo" -p no:cacheprovider -rf --durations=4 ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

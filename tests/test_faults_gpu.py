@@ -22,7 +22,8 @@ gives the blocking path room for two staging slots, so layer 1 is posted while l
 flight: the victim then dies in layer 1's first (only) pass, and a killed victim may take layer 0's
 bytes with it (the survivor names layer 0 or 1 and keeps every layer from it old).
 ``blocking-stacked`` gives room for stacks of two layers (:mod:`eplb_triton.stacked`: layers 0-1 in
-one exchange, then layer 2): the victim fails as the second stack starts (layer 2).
+one exchange, then layer 2): the victim fails as the second stack starts (layer 2);
+``worker-stacked`` the same with the worker's stacks (``layers_ahead=4``).
 """
 
 from __future__ import annotations
@@ -117,15 +118,20 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
     elif path == "blocking-stacked":  # stacks of layers 0-1 and 2: the victim fails as it starts the second
         path, budget, fault_pass, fault_layer = "blocking", 1 << 24, 0, 2
         os.environ["EPLB_TRITON_LAYERS_PER_EXCHANGE"] = "2"
+    ahead = 2
+    if path == "worker-stacked":  # the worker's stacks (layers_ahead 4): layers 0-1, then 2, as above
+        path, budget, fault_pass, fault_layer, ahead = "worker", 1 << 24, 0, 2, 4
+        os.environ["EPLB_TRITON_LAYERS_PER_EXCHANGE"] = "2"
     # warm-up on the same path, without timeout_s: communicator set-up and kernel compilation
     # happen here (the worker's process groups are pooled and reused by the next worker)
     fill_rank_weights(weights, old, rank, seed=11)
+    warm_stacked = None
     if path == "blocking":
         rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget, transport=transport)
     else:
-        with TransferWorker(weights, max_buffer_bytes=budget, transport=transport) as warm:
+        with TransferWorker(weights, max_buffer_bytes=budget, transport=transport, layers_ahead=ahead) as warm:
             warm.submit(old, new)
-            warm.wait()
+            warm_stacked = warm.wait().stacked_layers
     fill_rank_weights(weights, old, rank, seed=11)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -141,7 +147,7 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
             transfer.fault_hook = None
     else:
         transfer.fault_hook = hook
-        job = TransferWorker(weights, max_buffer_bytes=budget, timeout_s=TIMEOUT_S, transport=transport)
+        job = TransferWorker(weights, max_buffer_bytes=budget, timeout_s=TIMEOUT_S, transport=transport, layers_ahead=ahead)
         try:
             job.submit(old, new)
             deadline = time.monotonic() + STALL_S + 30.0
@@ -165,6 +171,7 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
     if error_at is not None and _reached_fault_layer:
         after_fault_s = error_at - _reached_fault_layer[0]
     report = dict(
+        warm_stacked=warm_stacked,  # the worker's warm-up on the same settings: layers it stacked
         error=_error_summary(error),
         states=layer_states(weights, old, new, rank, seed=11),
         applied=applied,
@@ -218,6 +225,7 @@ def _launch(
         pytest.param("worker", id="worker"),
         pytest.param("blocking-overlapped", id="blocking-overlapped"),
         pytest.param("blocking-stacked", id="blocking-stacked"),
+        pytest.param("worker-stacked", id="worker-stacked"),
     ],
 )
 @pytest.mark.parametrize("kind", [pytest.param("killed", id="peer-killed"), pytest.param("stalled", id="peer-stalled")])
@@ -241,14 +249,15 @@ def test_survivor_names_layer_and_peer_keeps_layers_whole_and_exits_cleanly(monk
     expected = ("PeerTimeoutError",) if kind == "stalled" else ("PeerFailedError", "PeerTimeoutError")
     assert error["type"] in expected, error
     assert error["peer"] == VICTIM, error
-    if path == "worker" and error["text"].startswith("step agreement"):
+    fault_layer = 2 if path.endswith("-stacked") else FAULT_LAYER
+    if path.startswith("worker") and error["text"].startswith("step agreement"):
         # noticed by the serving thread's agreement before the worker's exchange failed: it
         # names the first layer not swapped (which keeps its old weights)
-        assert error["layer"] == len(report["applied"]) <= FAULT_LAYER, (error, report["applied"])
+        assert error["layer"] == len(report["applied"]) <= fault_layer, (error, report["applied"])
     elif path == "blocking-overlapped" and kind == "killed":
         # the victim died with layer 0 posted but not waited for: the survivor may miss its bytes
         assert error["layer"] in (0, FAULT_LAYER) and f"layer {error['layer']}" in error["text"], error
-    elif path == "blocking-stacked":
+    elif path.endswith("-stacked"):
         # the stack of layers 0-1 may have been in flight (killed), named by its first layer
         named = (0, 2) if kind == "killed" else (2,)
         assert error["layer"] in named and f"layer {error['layer']}" in error["text"], error
@@ -264,7 +273,9 @@ def test_survivor_names_layer_and_peer_keeps_layers_whole_and_exits_cleanly(monk
         first_old = error["layer"]
         assert report["states"] == ["new"] * first_old + ["old"] * (LAYERS - first_old), report["states"]
     else:
-        assert all(layer < FAULT_LAYER for layer in report["applied"]), report["applied"]
+        assert all(layer < fault_layer for layer in report["applied"]), report["applied"]
+        if path == "worker-stacked":  # a stack is swapped whole: layers 0 and 1 together or neither
+            assert report["warm_stacked"] == 2 and report["applied"] in ([], [0, 1]), report
         want = ["new" if layer in report["applied"] else "old" for layer in range(LAYERS)]
         assert report["states"] == want, (report["states"], report["applied"])
         assert report["closed"] and report["close_s"] < 4.0, report
