@@ -6,7 +6,7 @@ layer's per-rank work (:class:`~eplb_triton.executor.LayerWork` of
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -110,69 +110,14 @@ def _chunk_experts(expert_bytes: int, chunk_bytes: int) -> int | None:
     return max(1, chunk_bytes // expert_bytes) if chunk_bytes else None
 
 
-def prepare_layers(
-    old_global_expert_indices,
-    new_global_expert_indices,
-    expert_weights: Sequence[Sequence[torch.Tensor]],
-    comm: Communicator,
-    max_buffer_bytes: int | None = None,
-    rank_mapping=None,
-    *,
-    verify: bool = False,
-    timeout_s: float | None = None,
-    rounds: bool | str | None = None,
-    ranks_per_node: int | None = None,
-    staging=None,
-    expected_weights: WeightsSignature | None = None,
-    transport: str = "auto",
-    backend: str | None = None,
-    stack: bool = False,
-    stack_most: int | None = None,
-    stack_slot_bytes: int | None = None,
-) -> list[LayerWork]:
-    """Validate everything, agree with every rank, plan and schedule; touches no weight.
-
-    ``verify`` and ``rounds`` must be the same on every rank (they change the wire format
-    and which ops meet; the agreement checks them). ``timeout_s`` bounds the agreement
-    collective. ``rounds`` (``True``/``"pair"``/``"expert"``) splits each pass's exchange
-    into planner rounds (:attr:`PassWork.network_rounds`). ``ranks_per_node``: prefer same-node
-    senders (see :func:`~eplb_triton.plan.plan_rearrangement`). ``staging``: a caller-provided
-    buffer (see :func:`rearrange_expert_weights_inplace`); its bytes cap the budget.
-
-    Input checking and the agreement are :mod:`eplb_triton.inputs`; ``expected_weights``
-    refuses tensors replaced since that signature was taken (the background worker).
-    ``transport`` (``"auto"``/``"nccl"``/``"p2p"``, :func:`eplb_triton.p2p.resolve_transport`)
-    is resolved and agreed here; ``"p2p"`` moves whole messages (no pieces, no ``rounds``).
-    ``backend`` (pack/unpack: ``None``/``"auto"``/``"triton"``/``"torch"``) is checked here, so a bad
-    value is refused on every rank (a rank may pick another valid one: it is not agreed).
-    ``stack``: join consecutive one-pass layers into stacks that share one exchange where half
-    the agreed budget holds them (:func:`eplb_triton.stacked.stack_groups`; not with ``verify``,
-    ``rounds`` or message pieces); the result then has fewer items than layers. ``stack_most``
-    (default :func:`~eplb_triton.stacked.layers_per_exchange`) caps the layers per stack and
-    ``stack_slot_bytes`` (default half the budget) caps a stack's staging rows on each rank; both
-    must be the same on every rank (``stack_most`` is agreed).
+def prepare_layers(*args: Any, **kwargs: Any) -> list[LayerWork]:
+    """Validate everything, agree with every rank, plan and schedule every layer; touches no
+    weight. Takes :func:`agree_on_inputs`' arguments; returns one :class:`LayerWork` per layer
+    or stack, in layer order.
 
     Raises the same ValueError/TypeError on every rank when any rank's input is bad.
     """
-    agreed = agree_on_inputs(
-        old_global_expert_indices,
-        new_global_expert_indices,
-        expert_weights,
-        comm,
-        max_buffer_bytes,
-        rank_mapping,
-        verify=verify,
-        timeout_s=timeout_s,
-        rounds=rounds,
-        ranks_per_node=ranks_per_node,
-        staging=staging,
-        expected_weights=expected_weights,
-        transport=transport,
-        backend=backend,
-        stack=stack,
-        stack_most=stack_most,
-        stack_slot_bytes=stack_slot_bytes,
-    )
+    agreed = agree_on_inputs(*args, **kwargs)
     return agreed.build(0, agreed.num_layers)
 
 
@@ -241,14 +186,36 @@ def agree_on_inputs(
     stack_slot_bytes: int | None = None,
     plan_ahead: bool = False,
 ) -> AgreedInputs:
-    """The first half of :func:`prepare_layers` (same arguments): check the inputs and agree
-    on them with every rank, planning meanwhile; raises the same ValueError/TypeError on every
-    rank when any rank's input is bad. Touches no weight.
+    """Check the inputs and agree on them with every rank, planning meanwhile (the first half
+    of :func:`prepare_layers`); raises the same ValueError/TypeError on every rank when any
+    rank's input is bad. Touches no weight.
+
+    ``verify`` and ``rounds`` must be the same on every rank (they change the wire format
+    and which ops meet; the agreement checks them). ``timeout_s`` bounds the agreement
+    collective. ``rounds`` (``True``/``"pair"``/``"expert"``) splits each pass's exchange
+    into planner rounds (:attr:`PassWork.network_rounds`). ``ranks_per_node``: prefer same-node
+    senders (see :func:`~eplb_triton.plan.plan_rearrangement`). ``staging``: a caller-provided
+    buffer (see :func:`rearrange_expert_weights_inplace`); its bytes cap the budget.
+
+    Input checking and the agreement are :mod:`eplb_triton.inputs`; ``expected_weights``
+    refuses tensors replaced since that signature was taken (the background worker).
+    ``transport`` (``"auto"``/``"nccl"``/``"p2p"``, :func:`eplb_triton.p2p.resolve_transport`)
+    is resolved and agreed here; ``"p2p"`` moves whole messages (no pieces, no ``rounds``).
+    ``backend`` (pack/unpack: ``None``/``"auto"``/``"triton"``/``"torch"``) is checked here, so a bad
+    value is refused on every rank (a rank may pick another valid one: it is not agreed).
+    ``stack``: join consecutive one-pass layers into stacks that share one exchange where half
+    the agreed budget holds them (:func:`eplb_triton.stacked.stack_groups`; not with ``verify``,
+    ``rounds`` or message pieces); the result then has fewer items than layers. ``stack_most``
+    (default :func:`~eplb_triton.stacked.layers_per_exchange`) caps the layers per stack and
+    ``stack_slot_bytes`` (default half the budget) caps a stack's staging rows on each rank; both
+    must be the same on every rank (``stack_most`` is agreed).
 
     ``plan_ahead``: allow building the layers in runs (:meth:`AgreedInputs.layer_runs`, the
-    first ``EPLB_TRITON_PLAN_AHEAD`` layers planned here) when nothing can fail after this
-    stage: transport ``"nccl"`` and a budget with room for any plan (every layer's local rows).
-    Otherwise every layer is planned here, and a budget too small for some layer raises here.
+    first :func:`plan_ahead_layers` planned here) when nothing can fail after this stage
+    (transport ``"nccl"``, a budget with room for any plan: every layer's local rows) and the
+    first run's busiest rank moves :data:`PLAN_AHEAD_MIN_LAYER_BYTES` in a layer. Otherwise every
+    layer is planned here; a budget too small for some layer raises in
+    :meth:`AgreedInputs.build`, on every rank, before anything moves.
     """
     def more_checks(checked: CheckedInputs) -> dict[str, object]:
         # part of the input stage: errors become this rank's verdict; the result is agreed on
