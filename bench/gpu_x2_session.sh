@@ -160,6 +160,12 @@ for step in ${STEPS:-tests link}; do
     # session 9: a peer killed or stalled while the worker moves stacks (NCCL and p2p)
     faults9) run_step gpu-faults-worker-stacked ${TESTS_LIMIT:-300} python3 -m pytest -q -m gpu tests/test_faults_gpu.py \
         -k "worker-stacked and not gloo" -p no:cacheprovider -rf --durations=4 ;;
+    # session 9, last call: the default worker (2 buffers) with two layers' rows per pass, next to one
+    pass9) run_step gpu-tests-pass9 ${TESTS_LIMIT:-120} python3 -m pytest -q -m gpu tests/test_worker.py -p no:cacheprovider -rf
+      run_step link-16-layers-pass9 200 python3 bench/link_speed.py --layers 16 --repeats 5 \
+        --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b --methods floor per-expert blocking worker \
+        --worker-variants EPLB_TRITON_WORKER_PASS_LAYERS=1 --json "$OUT/link_speed-16layers-pass9.json" \
+        --markdown "$OUT/link_speed-16layers-pass9.md" ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

@@ -273,6 +273,9 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
                     label = f"worker{suffix}[ahead={ahead}, 1/exchange]"
                     runs[label] = checked(label, _with_env(
                         "EPLB_TRITON_LAYERS_PER_EXCHANGE=1", lambda o, n, w=more: _worker_call(w, o, n)))
+        for variant in cfg["worker_variants"] if worker is not None else []:  # the default worker under a setting
+            label = f"worker[{variant}]"
+            runs[label] = checked(label, _with_env(variant, lambda o, n: _worker_call(worker, o, n)))
         variants = [f"EPLB_TRITON_CHUNK_BYTES={chunk}" for chunk in cfg["chunks"]] + list(cfg["variants"])
         for variant in variants:  # the blocking path again under one environment setting
             label = f"blocking[{variant}]"
@@ -455,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(e.g. EPLB_TRITON_DIRECT_POST=0)")
     parser.add_argument("--worker-ahead", type=int, nargs="*", default=[], metavar="N",
                         help="also time the worker with N staging buffers (TransferWorker(layers_ahead=N); default 2)")
+    parser.add_argument("--worker-variants", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="also time the default worker with this environment variable set at each submit "
+                        "(e.g. EPLB_TRITON_WORKER_PASS_LAYERS=1)")
     parser.add_argument("--worker-unstacked", action="store_true",
                         help="with --worker-ahead N >= 4: also time that worker with one layer per exchange "
                         "(EPLB_TRITON_LAYERS_PER_EXCHANGE=1 at each submit)")
@@ -496,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         "variants": args.variants,
         "worker_ahead": args.worker_ahead,
         "worker_unstacked": args.worker_unstacked,
+        "worker_variants": args.worker_variants,
         "budgets": args.budgets,
         "profile_dir": args.profile_dir,
         "methods": args.methods,

@@ -1436,7 +1436,9 @@ def test_step_agreement_backend_error_without_timeout_is_a_peer_error(monkeypatc
     assert worker.closed and row_mismatches(weights, old, old, 0) == []  # nothing swapped
 
 
-def _rank_full_swap(rank, world, old, new, ahead):
+def _rank_full_swap(rank, world, old, new, ahead, pass_layers):
+    if pass_layers is not None:
+        os.environ["EPLB_TRITON_WORKER_PASS_LAYERS"] = str(pass_layers)  # a spawned rank: nothing to restore
     weights = rank_weights(rank, world, old)
     with TransferWorker(weights, layers_ahead=ahead) as worker:
         worker.submit(old, new)
@@ -1444,14 +1446,23 @@ def _rank_full_swap(rank, world, old, new, ahead):
     return row_mismatches(weights, old, new, rank), stats.rounds, stats.peak_staging_bytes
 
 
-@pytest.mark.parametrize("ahead,passes", [pytest.param(2, "several", id="ahead2"), pytest.param(4, "one", id="ahead4")])
-def test_worker_with_room_moves_a_layer_that_sends_and_receives_every_row_in_one_pass(distributed, ahead, passes):
-    """Every row of both ranks goes to the other rank: sends + receives are two layers' rows.
-    With the default budget (one layer) that takes several passes; from layers_ahead=4 a pass may
-    hold two layers' rows (the receives stay in the staging buffers), so each layer is one pass."""
+@pytest.mark.parametrize(
+    "ahead,pass_layers,passes",
+    [
+        pytest.param(2, None, "one", id="ahead2"),
+        pytest.param(4, None, "one", id="ahead4-stacks"),
+        pytest.param(2, 1, "several", id="ahead2-one-layer-per-pass"),
+        pytest.param(4, 1, "several", id="ahead4-stacks-one-layer-per-pass"),
+    ],
+)
+def test_worker_moves_a_layer_that_sends_and_receives_every_row_in_one_pass(distributed, ahead, pass_layers, passes):
+    """Every row of both ranks goes to the other rank: sends + receives are two layers' rows. By
+    default a worker's pass may hold two layers' rows (the receives wait in the staging buffers),
+    so each layer is one pass; with one layer per pass (EPLB_TRITON_WORKER_PASS_LAYERS=1, the
+    blocking API's default) it takes several."""
     layers, num_local = 3, 6
     old = np.tile(np.arange(2 * num_local), (layers, 1))
     new = np.concatenate([old[:, num_local:], old[:, :num_local]], axis=1)
-    for rank, (bad, rounds, peak) in enumerate(distributed(2, _rank_full_swap, old, new, ahead)):
+    for rank, (bad, rounds, peak) in enumerate(distributed(2, _rank_full_swap, old, new, ahead, pass_layers)):
         assert bad == [], (rank, bad[:8])
         assert (rounds == layers) == (passes == "one") and rounds >= layers, (rank, rounds)

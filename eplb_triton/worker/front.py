@@ -21,6 +21,7 @@ from ..maps import EPGroup, ExpertMap
 from ..pacing import Pacing, TransferProgress, check_pacing
 from ..p2p import P2PTransport, resolve_transport
 from ..prepare import prepare_layers
+from ..settings import int_setting
 from ..stacked import layers_per_exchange
 from ..stats import TransferStats
 from .agreement import AgreementMixin
@@ -29,6 +30,14 @@ from .staging import StagingMixin, _Job
 from .thread import ThreadMixin
 
 log = logging.getLogger("eplb_triton.worker")  # one logger for the package (documented name)
+
+#: Layers' local rows one staging pass of the worker may hold by default (sends and receives;
+#: the receives wait in the staging buffers, so this bounds the send buffer). Balancer placements
+#: send and receive more rows than a layer holds (qwen3-30b-a3b preset: 71-87 of 66 per rank), so
+#: at one layer every layer took two passes: with stacks and two layers, 1.899 against 2.98 ms per
+#: layer (two H200, 16 layers, bench/results/link_speed-16layers-onepass9-h200x2-run41.md).
+PASS_LAYERS = 2
+PASS_LAYERS_ENV = "EPLB_TRITON_WORKER_PASS_LAYERS"  # overrides it (1: one layer, as before session 9)
 
 _WAIT_SLICE_S = 0.05  # wait() re-agrees at least this often, so a failure on a peer is seen
 
@@ -49,7 +58,9 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         max_buffer_bytes: bounds one staging pass (sends + receives + local moves per rank,
             as in the blocking API), which bounds the send buffer; received rows are kept
             until their swap in ``layers_ahead`` staging buffers of at most one layer's local
-            rows each.
+            rows each. Default (None): two layers' local rows per pass (``PASS_LAYERS``), so a
+            layer that sends and receives most of its rows moves in one pass; the send buffer
+            holds what the largest pass sends.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for pack/unpack (as in the
             blocking API).
         timeout_s: the longest any wait on peers may take: the construction (the ranks
@@ -105,8 +116,7 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             blocking API: one pack, one message per peer, one unpack at the swap; the staging
             then holds ``layers_ahead // k`` buffers of ``k`` layers, and the send buffer a
             stack's sends: at most ``k`` layers' local rows, or ``max_buffer_bytes`` when that
-            is set; by default a pass may then hold two layers' local rows, so a layer that
-            sends and receives most of its rows moves in one pass).
+            is set).
 
     ``max_buffer_bytes`` and ``verify`` are read by each :meth:`submit`: they may be changed
     (the same on every rank) between rearrangements. The pace is fixed at construction.
@@ -284,18 +294,18 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
                 "TransferWorker.submit: a rearrangement is still in progress; call step() until busy is False, "
                 "or wait(), before submitting the next one"
             )
-        stacking = self._stack_options()
+        options = self._prepare_options()
         layers = prepare_layers(
             old_global_expert_indices,
             new_global_expert_indices,
             self.expert_weights,
             self._control,
-            stacking.pop("max_buffer_bytes", self.max_buffer_bytes),
+            options.pop("max_buffer_bytes", self.max_buffer_bytes),
             verify=self.verify,
             timeout_s=self.timeout_s,
             expected_weights=self._weights_signature,
             transport=self.transport,
-            **stacking,
+            **options,
         )
         job = self._build_job(layers)
         self._load_kernels(job)  # before the worker thread may launch anything (see there)
@@ -414,20 +424,37 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
             return 1
         return max(1, min(layers_per_exchange(), self._layers_ahead // 2))
 
-    def _stack_options(self) -> dict[str, object]:
-        """:func:`prepare_layers`' stacking arguments for the next submit: at most
-        :meth:`_stack_most` (``k``) layers per stack, within ``max_buffer_bytes`` per rank when
-        set. By default a pass may then take two layers' local rows of sends and receives (the
-        receives stay in the staging buffers, so this bounds the sends: a layer that sends and
-        receives most of its rows, as balancer placements do, moves in one pass rather than
-        two) and a stack ``k`` layers' (the send buffer holds at most ``k`` layers' rows)."""
+    def _pass_layers(self) -> int:
+        """Layers' local rows one staging pass may hold when ``max_buffer_bytes`` is None
+        (:data:`PASS_LAYERS`, or ``EPLB_TRITON_WORKER_PASS_LAYERS``; agreed through the budget
+        it sets)."""
+        return int_setting(PASS_LAYERS_ENV, PASS_LAYERS, minimum=1)
+
+    def _prepare_options(self) -> dict[str, object]:
+        """:func:`prepare_layers`' budget and stacking arguments for the next submit.
+
+        By default (``max_buffer_bytes`` None) a pass may take :meth:`_pass_layers` layers'
+        local rows of sends and receives: the receives wait in the staging buffers, so this
+        bounds the sends, and a layer that sends and receives most of its rows (as balancer
+        placements do) moves in one pass rather than two. Stacks: at most :meth:`_stack_most`
+        (``k``) layers each, within ``max(k, pass layers)`` layers' local rows, or within
+        ``max_buffer_bytes`` when that is set."""
         most = self._stack_most()
-        if most < 2:
-            return {}
+        options: dict[str, object] = {} if most < 2 else {"stack": True, "stack_most": most}
         if self.max_buffer_bytes is not None:
-            return {"stack": True, "stack_most": most, "stack_slot_bytes": self.max_buffer_bytes}
-        layer = self._layer_rows_bytes
-        return {"stack": True, "stack_most": most, "stack_slot_bytes": most * layer, "max_buffer_bytes": 2 * layer}
+            return options | ({"stack_slot_bytes": self.max_buffer_bytes} if options else {})
+        passes = self._pass_layers()
+        options["max_buffer_bytes"] = passes * self._layer_rows_bytes
+        if most >= 2:
+            options["stack_slot_bytes"] = max(most, passes) * self._layer_rows_bytes
+        return options
+
+    def _send_bound(self, budget: int) -> int:
+        """The most bytes one item's sends may take (``reserve=True`` sets them aside), given the
+        budget of ``max_buffer_bytes`` (or one layer's local rows when it is None)."""
+        if self.max_buffer_bytes is not None:
+            return budget
+        return max(self._stack_most(), self._pass_layers()) * budget
 
     def _progress_of(self, job: _Job) -> TransferProgress:
         with self._cond:

@@ -191,10 +191,8 @@ class StagingMixin:
         trailer_room = 2 * 16 * rows if self.verify else 0
         ahead = self._layers_ahead
         # stacks of k layers: ahead // k buffers of k layers (never more than ``ahead`` layers);
-        # by default a stack's staging (so its sends) within k layers' local rows, a single
-        # layer's pass within two (TransferWorker._stack_options), unless max_buffer_bytes is set
-        most = self._stack_most()
-        sends = budget if self.max_buffer_bytes is not None else most * budget
+        # an item's sends within its pass or stack budget (TransferWorker._prepare_options)
+        sends = self._send_bound(budget)
         return torch.empty(max(ahead * buffer_bytes + sends + trailer_room, 1), dtype=torch.uint8, device=self._device)
 
     def _build_job(self, layers: Sequence[LayerWork]) -> _Job:
