@@ -34,8 +34,10 @@ log = logging.getLogger("eplb_triton.worker")  # one logger for the package (doc
 #: Layers' local rows one staging pass of the worker may hold by default (sends and receives;
 #: the receives wait in the staging buffers, so this bounds the send buffer). Balancer placements
 #: send and receive more rows than a layer holds (qwen3-30b-a3b preset: 71-87 of 66 per rank), so
-#: at one layer every layer took two passes: with stacks and two layers, 1.899 against 2.98 ms per
-#: layer (two H200, 16 layers, bench/results/link_speed-16layers-onepass9-h200x2-run41.md).
+#: at one layer every layer took two passes. Two H200, 16 layers, the default worker (2 buffers),
+#: two layers / one (bench/results/link_speed-16layers-pass9-h200x2-run43.md): the preset 1.796 /
+#: 2.520 ms per layer; the reference configs, one pass either way, 1.032 / 1.019 (qwen3-30b-a3b-bf16),
+#: 1.392 / 1.389 (deepseek-v3-fp8), 0.950 / 0.990 (tiny-bf16).
 PASS_LAYERS = 2
 PASS_LAYERS_ENV = "EPLB_TRITON_WORKER_PASS_LAYERS"  # overrides it (1: one layer, as before session 9)
 
