@@ -15,6 +15,7 @@ from .comm import Communicator
 from .executor import LayerWork, staging_view
 from .inputs import CheckedInputs, WeightsSignature, agree_inputs_start, check_inputs, default_budget_bytes, row_cost
 from .layout import resolve_backend
+from .maps import ExpertMaps
 from .p2p import resolve_transport
 from .passes import PassWork
 from .plan import LayerPlan, RearrangementPlan, _check_options, plan_from_maps, rank_views, with_rounds
@@ -151,12 +152,11 @@ class AgreedInputs:
         return layer_runs(self.num_layers, self.checked.extra_options.get("plan_ahead", 0))
 
     def plan_of(self, first: int, stop: int) -> RearrangementPlan:
-        """The plan of layers ``[first, stop)`` (its ``layers[i]`` is layer ``first + i``)."""
-        maps = self.checked.maps
-        if self.plan is not None and first == 0 and stop <= self.planned:
-            return self.plan if stop == self.planned else RearrangementPlan(self.plan.layers[:stop], self.plan.maps)
-        part = maps if (first, stop) == (0, maps.num_layers) else replace(maps, old=maps.old[first:stop], new=maps.new[first:stop])
-        return plan_from_maps(part, ranks_per_node=self.ranks_per_node)
+        """The plan of layers ``[first, stop)`` (its ``layers[i]`` is layer ``first + i``): the
+        one made during the agreement when that is the range, else planned now."""
+        if self.plan is not None and (first, stop) == (0, self.planned):
+            return self.plan
+        return plan_from_maps(_maps_of(self.checked.maps, first, stop), ranks_per_node=self.ranks_per_node)
 
     def build(self, first: int, stop: int) -> list[LayerWork]:
         """The :class:`LayerWork` items of layers ``[first, stop)`` (stacks inside the range)."""
@@ -393,11 +393,12 @@ def _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_byt
     most = checked.extra_options.get("layers_per_exchange", 1)
     if not stack or most < 2 or verify or kind is not None or chunk_bytes:
         return []
-    budget = checked.max_buffer_bytes if checked.max_buffer_bytes is not None else default_budget_bytes(layouts, verify=False)
+    if slot_bytes is None:
+        budget = checked.max_buffer_bytes if checked.max_buffer_bytes is not None else default_budget_bytes(layouts, verify=False)
+        slot_bytes = budget // 2
     stackable = [bool(single) and layer.num_network > 0 for single, layer in zip(one_pass, plan.layers)]
     staging = pass_rows * np.array([layout.expert_bytes for layout in layouts], dtype=np.int64)[:, None]
-    slot = budget // 2 if slot_bytes is None else slot_bytes
-    return stack_groups(stackable, [stack_key(layout) for layout in layouts], staging, slot, most)
+    return stack_groups(stackable, [stack_key(layout) for layout in layouts], staging, slot_bytes, most)
 
 
 def _plan_while_agreeing(checked: CheckedInputs, ranks_per_node: int | None, layers: int) -> RearrangementPlan | None:
@@ -407,13 +408,17 @@ def _plan_while_agreeing(checked: CheckedInputs, ranks_per_node: int | None, lay
     error is raised on every rank alike."""
     if checked.error is not None or checked.maps is None:
         return None
-    maps = checked.maps if layers >= checked.maps.num_layers else replace(
-        checked.maps, old=checked.maps.old[:layers], new=checked.maps.new[:layers]
-    )
     try:
-        return plan_from_maps(maps, ranks_per_node=ranks_per_node)
+        return plan_from_maps(_maps_of(checked.maps, 0, layers), ranks_per_node=ranks_per_node)
     except Exception:  # noqa: BLE001 - raised again after the agreement, by the same call
         return None
+
+
+def _maps_of(maps: ExpertMaps, first: int, stop: int) -> ExpertMaps:
+    """The maps of layers ``[first, stop)`` (``maps`` itself when that is every layer)."""
+    if (first, stop) == (0, maps.num_layers):
+        return maps
+    return replace(maps, old=maps.old[first:stop], new=maps.new[first:stop])
 
 
 def _smallest_budget_text(plan: RearrangementPlan, costs: Sequence[int], verify: bool) -> str:

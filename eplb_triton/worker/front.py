@@ -442,13 +442,15 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         (``k``) layers each, within ``max(k, pass layers)`` layers' local rows, or within
         ``max_buffer_bytes`` when that is set."""
         most = self._stack_most()
-        options: dict[str, object] = {} if most < 2 else {"stack": True, "stack_most": most}
-        if self.max_buffer_bytes is not None:
-            return options | ({"stack_slot_bytes": self.max_buffer_bytes} if options else {})
-        passes = self._pass_layers()
-        options["max_buffer_bytes"] = passes * self._layer_rows_bytes
+        options: dict[str, object] = {}
+        if self.max_buffer_bytes is None:
+            passes = self._pass_layers()
+            options["max_buffer_bytes"] = passes * self._layer_rows_bytes
+            slot = max(most, passes) * self._layer_rows_bytes
+        else:
+            slot = self.max_buffer_bytes
         if most >= 2:
-            options["stack_slot_bytes"] = max(most, passes) * self._layer_rows_bytes
+            options.update(stack=True, stack_most=most, stack_slot_bytes=slot)
         return options
 
     def _send_bound(self, budget: int) -> int:

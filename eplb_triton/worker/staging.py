@@ -208,9 +208,9 @@ class StagingMixin:
         if p2p is not None:  # sends (and their trailers) live in the symmetric buffer
             send_bytes = send_trailer_bytes = 0
         # One allocation on the current stream; nothing frees it while the worker may use it.
-        # Stacks of k layers take buffers of k layers: layers_ahead // k of them (at least two).
-        stacked = max((s.layer.layer_count for s in prepared), default=1)
-        ahead = self._layers_ahead if stacked == 1 else max(2, self._layers_ahead // stacked)
+        # Stacks of k layers take buffers of k layers: layers_ahead // k of them (at least two:
+        # k is at most layers_ahead // 2, TransferWorker._stack_most).
+        ahead = self._layers_ahead // max((s.layer.layer_count for s in prepared), default=1)
         need = ahead * buffer_bytes + send_bytes + send_trailer_bytes + recv_trailer_bytes
         if self._reserved is not None and self._reserved.numel() >= need:
             storage = self._reserved[:need]  # reserve=True: the previous job's swaps are ordered before start_event
