@@ -195,6 +195,13 @@ def _rank_runs(rank, world, old, new, budget, min_layer_bytes):
         return build(self, first, stop)
 
     AgreedInputs.build = logged_build  # a spawned rank: nothing to restore
+    plan = prepare.plan_from_maps
+
+    def logged_plan(maps, **options):
+        log.append(("planned", maps.num_layers))
+        return plan(maps, **options)
+
+    prepare.plan_from_maps = logged_plan
     transfer.fault_hook = lambda point, **info: log.append((point, info["layer"])) if point == "posted" else None
     weights = make_rank_weights(SPECS, old.shape[0], NUM_LOCAL)
     fill_rank_weights(weights, old, rank, 3)
@@ -227,6 +234,8 @@ def test_layers_are_built_in_runs_while_the_previous_run_moves(
         assert bad == [], (rank, bad[:8])
         builds = [(a, b) for kind, *ab in log if kind == "build" for a, b in [ab]]
         assert builds == runs, (rank, log)
+        # each layer planned once: the first run's plan is reused when everything is built at once
+        assert sum(e[1] for e in log if e[0] == "planned") == len(swapped), (rank, log)
         for (first, stop), (after, _) in zip(runs, runs[1:]):  # built after the run before posted all
             posted = [i for i, e in enumerate(log) if e[0] == "posted" and first <= e[1] < stop]
             assert not posted or max(posted) < log.index(("build", after, _)), (rank, log)
