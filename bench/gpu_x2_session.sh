@@ -166,6 +166,21 @@ for step in ${STEPS:-tests link}; do
         --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b --methods floor per-expert blocking worker \
         --worker-variants EPLB_TRITON_WORKER_PASS_LAYERS=1 --json "$OUT/link_speed-16layers-pass9.json" \
         --markdown "$OUT/link_speed-16layers-pass9.md" ;;
+    # session 10: the blocking call plans each layer once and, over NCCL without timeout_s or
+    # verify, returns without waiting for the device (no final confirmation); the confirmation
+    # forced back (EPLB_TRITON_CONFIRM=1) in the same run, 48/16/4 layers, and 4-layer timelines
+    s10) run_step gpu-tests-s10 ${TESTS_LIMIT:-200} python3 -m pytest -q -m gpu tests/test_nonblocking_gpu.py \
+        tests/test_transfer_gpu.py tests/test_stacked.py -p no:cacheprovider -rf
+      for spec in "48 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets" "16 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b" \
+                  "4 7 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets"; do
+        set -- $spec; layers=$1; repeats=$2; shift 2
+        run_step "link-$layers-layers-s10" 200 python3 bench/link_speed.py --layers $layers --repeats $repeats --configs "$@" \
+          --methods floor per-expert blocking --budgets 8 --variants EPLB_TRITON_CONFIRM=1 \
+          --json "$OUT/link_speed-${layers}layers-s10.json" --markdown "$OUT/link_speed-${layers}layers-s10.md"; done
+      for config in qwen3-30b-a3b-bf16 deepseek-v3-fp8; do
+        run_step "timeline-$config-4" 90 python3 bench/layer_timeline.py --config $config --layers 4; done
+      run_step worker-phases-s10 120 python3 bench/worker_steps.py --config qwen3-30b-a3b-bf16 --layers 48 --layers-ahead 16 \
+        --phases --repeats 3 --json "$OUT/worker-phases-s10.json" ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

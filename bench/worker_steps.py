@@ -53,6 +53,14 @@ PHASES = (
     ("eplb_triton.worker.front", "TransferWorker", "step"),
     ("eplb_triton.worker.agreement", "AgreementMixin", "_agree_ready"),
     ("eplb_triton.worker.staging", "StagingMixin", "_swap_ready"),
+    # inside submit(): the module functions as the caller looks them up (class None)
+    ("eplb_triton.worker.front", None, "prepare_layers"),
+    ("eplb_triton.prepare", None, "agree_on_inputs"),
+    ("eplb_triton.prepare", None, "check_inputs"),
+    ("eplb_triton.prepare", None, "_plan_while_agreeing"),
+    ("eplb_triton.prepare", "AgreedInputs", "build"),
+    ("eplb_triton.worker.staging", "StagingMixin", "_build_job"),
+    ("eplb_triton.worker.thread", None, "upload_prepared"),
 )
 
 
@@ -62,7 +70,8 @@ def _time_phases() -> dict:
 
     spent = collections.defaultdict(list)
     for module, cls, name in PHASES:
-        owner = getattr(importlib.import_module(module), cls)
+        owner = importlib.import_module(module)
+        owner = owner if cls is None else getattr(owner, cls)
         if name not in vars(owner):
             continue  # this version has no such method
         original = vars(owner)[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -16,7 +17,8 @@ class TransferStats:
     ``bytes_sent[p]`` / ``bytes_received[p]``: packed bytes exchanged with EP peer ``p``
     (with ``verify``, the checksum trailers included: what went over the wire).
     ``p2p_ops``: isend + irecv ops issued. ``layer_times_s[l]``: wall time of layer ``l`` (the
-    layers of a stack share its time equally).
+    layers of a stack share its time equally); on GPUs the blocking call may return before its
+    layers ran, and the first read of ``layer_times_s`` then waits for them (CUDA events).
     ``peak_staging_bytes``: the largest staging buffer used at once. ``rounds``: staging
     passes over all layers (a stack of layers is one pass; the field keeps its old name; it does
     not count network rounds).
@@ -38,7 +40,7 @@ class TransferStats:
     bytes_sent: np.ndarray
     bytes_received: np.ndarray
     p2p_ops: int = 0
-    layer_times_s: list[float] = field(default_factory=list)
+    _layer_times: list[float] = field(default_factory=list, repr=False)
     peak_staging_bytes: int = 0
     rounds: int = 0
     local_copies: int = 0
@@ -51,6 +53,28 @@ class TransferStats:
     max_ops_per_exchange: int = 0
     overlapped_layers: int = 0
     stacked_layers: int = 0
+    _read_times: Callable[[], list[float]] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def layer_times_s(self) -> list[float]:
+        read, self._read_times = self._read_times, None
+        if read is not None:
+            self._layer_times = read()
+        return self._layer_times
+
+    @layer_times_s.setter
+    def layer_times_s(self, times: list[float]) -> None:
+        self._read_times = None
+        self._layer_times = list(times)
+
+    def defer_layer_times(self, read: Callable[[], list[float]]) -> None:
+        """Let the first read of :attr:`layer_times_s` call ``read()`` (which may wait for the device)."""
+        self._read_times = read
+
+    def __getstate__(self) -> dict:  # pickled or copied: with the times read
+        state = dict(self.__dict__)
+        state["_layer_times"], state["_read_times"] = self.layer_times_s, None
+        return state
 
     @classmethod
     def empty(cls, rank: int, ep_size: int) -> "TransferStats":

@@ -20,7 +20,9 @@ Reliability (see :func:`rearrange_expert_weights_inplace`):
   passes saves the old contents of what it overwrites (undo buffer) and is rolled back on
   failure, so after any failure each layer on each rank is entirely old or entirely new;
 * ``timeout_s`` bounds every wait on peers (:meth:`Communicator.wait`), and a final tiny
-  all-to-all (:meth:`Communicator.confirm`) makes every rank learn about a failure anywhere;
+  all-to-all (:meth:`Communicator.confirm`) makes every rank learn about a failure anywhere
+  (with ``timeout_s``, ``verify`` or gloo; over NCCL without them nothing can report a failure,
+  and the call returns once its work is queued: :func:`_confirms`);
 * ``verify=True`` sends a checksum per expert (:mod:`eplb_triton.checksum`) and checks it
   before anything is written.
 
@@ -54,7 +56,7 @@ from typing import Callable, Sequence
 import torch
 
 from .comm import ChecksumMismatchError, Communicator, PeerError, TransferError
-from .executor import LayerWork, layer_times, run_layers, staging_view
+from .executor import LayerWork, defer_layer_times, layer_times, run_layers, staging_view
 from .inputs import default_budget_bytes
 from .layout import ExpertLayout
 from .maps import EPGroup, ExpertMap, RankMapping
@@ -132,6 +134,7 @@ def finish_transfer(
     errors: Sequence[ChecksumMismatchError] = (),
     *,
     timeout_s: float | None = None,
+    confirm: bool = True,
 ) -> None:
     """The last step of a rearrangement: every rank learns whether every rank succeeded.
 
@@ -139,7 +142,7 @@ def finish_transfer(
     layer moves data over the network, so a rank that died or stalled is named on every rank,
     and a checksum failure on one rank (``errors``: this rank's, its layers already rolled
     back) is raised on all of them. Without network traffic no rank depends on another and
-    nothing is exchanged.
+    nothing is exchanged; nor with ``confirm=False`` (see :func:`_confirms`).
 
     Raises:
         PeerError: a peer did not confirm (dead, stalled, or failed earlier).
@@ -148,7 +151,7 @@ def finish_transfer(
             if it failed).
     """
     failed = bool(errors)
-    if any(layer.has_network for layer in layers) and comm.world_size > 1:
+    if confirm and any(layer.has_network for layer in layers) and comm.world_size > 1:
         fault("before_confirm", rank=comm.rank)
         failed_ranks = comm.confirm(failed, timeout_s=timeout_s, where="final confirmation")
         stats.control_ops += 2 * (comm.world_size - 1)
@@ -173,6 +176,16 @@ def finish_transfer(
 def _run_times(times: list[tuple[list[LayerWork], list]]) -> list[float]:
     """Seconds per layer of every run (:func:`layer_times` of each run's items and marks)."""
     return [t for items, marks in times for t in layer_times(items, marks)]
+
+
+def _confirms(comm: Communicator, timeout_s: float | None, verify: bool, forced: bool = False) -> bool:
+    """Whether the call ends with the final confirmation. Not over NCCL without ``timeout_s``
+    or ``verify``: no rank can fail there but by a NCCL error, which no exchange reports (a
+    dead peer hangs the confirmation as it hangs an exchange, until the group's own timeout),
+    so it would only make the host wait for the device (0.3 ms after the last layer, run 45).
+    The call then returns once every exchange is queued on the stream, as vLLM's does.
+    ``forced``: the agreed ``EPLB_TRITON_CONFIRM=1`` (the behaviour before session 10)."""
+    return forced or timeout_s is not None or verify or comm.dist_backend != "nccl"
 
 
 def rearrange_expert_weights_inplace(
@@ -260,7 +273,11 @@ def rearrange_expert_weights_inplace(
             rank; ``"p2p"`` where it cannot work raises ``ValueError`` on every rank.
 
     Returns:
-        This rank's :class:`TransferStats`.
+        This rank's :class:`TransferStats`. Over NCCL without ``timeout_s`` or ``verify`` the
+        call returns once every layer's work is queued on the current CUDA stream, as torch
+        ops and vLLM's rearrangement do: work queued after it on that stream sees the new
+        weights (another stream must wait for this one); reading ``layer_times_s`` waits
+        for the device. Otherwise it returns after every rank confirmed its layers.
 
     Raises:
         ValueError, TypeError: bad input, raised on every rank before any weight is touched.
@@ -311,8 +328,9 @@ def rearrange_expert_weights_inplace(
         times.append((items, marks))
     if not layers:
         return stats
-    try:  # the confirmation waits for the layers anyway: read their times after it, not before
-        finish_transfer(comm, layers, stats, errors, timeout_s=timeout_s)
+    confirm = _confirms(comm, timeout_s, verify, forced=bool(agreed.checked.extra_options.get("confirm")))
+    try:
+        finish_transfer(comm, layers, stats, errors, timeout_s=timeout_s, confirm=confirm)
     except ChecksumMismatchError as exc:  # every exchange completed: the times can be read
         stats.layer_times_s = _run_times(times)
         exc.stats = stats
@@ -320,8 +338,10 @@ def rearrange_expert_weights_inplace(
     except TransferError as exc:  # a peer failed: the stream may never reach the last mark
         exc.stats = stats
         raise
-    stats.layer_times_s = _run_times(times)
-    for index, seconds in enumerate(stats.layer_times_s):
-        logger.debug("rank %d layer %d: %.6f s", comm.rank, index, seconds)
-    logger.log(logging.INFO if log_traffic else logging.DEBUG, "%s", stats.traffic_summary())
+    # read when asked (CUDA events: after the device ran the layers), not here
+    defer_layer_times(stats, lambda: _run_times(times))
+    if logger.isEnabledFor(logging.DEBUG) or log_traffic:
+        for index, seconds in enumerate(stats.layer_times_s):
+            logger.debug("rank %d layer %d: %.6f s", comm.rank, index, seconds)
+        logger.log(logging.INFO if log_traffic else logging.DEBUG, "%s", stats.traffic_summary())
     return stats

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eplb_triton import TransferWorker
+from eplb_triton import TransferWorker, rearrange_expert_weights_inplace
 from eplb_triton.layout import ExpertLayout
 from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
 
@@ -55,3 +55,55 @@ def test_step_swaps_without_waiting_for_queued_work():
                     worker.step()
             torch.cuda.synchronize()
             assert row_mismatches(weights, current, target, 0) == []
+
+
+def _rank_blocking_call(rank, world, timeout_s, verify):
+    from eplb_triton import transfer
+
+    specs = [TensorSpec((256, 33), torch.bfloat16), TensorSpec((5,), torch.float32)]
+    old = np.arange(2 * 8)[None, :].repeat(3, axis=0)
+    new = np.roll(old, 4, axis=1)  # every layer sends 4 experts each way
+    device = torch.device("cuda", torch.cuda.current_device())
+    weights = make_rank_weights(specs, 3, 8, device)
+    for current, target in ((old, new), (new, old)):  # the first call compiles the kernels
+        fill_rank_weights(weights, current, rank)
+        sleeping = []
+
+        def queue_sleep(point, **info):  # inside the call, after the input agreement's sync
+            if point == "layer_start" and info["layer"] == 2:
+                sleeping.append(_queue_long_kernel())
+
+        transfer.fault_hook = queue_sleep
+        try:
+            stats = rearrange_expert_weights_inplace(current, target, weights, timeout_s=timeout_s, verify=verify)
+        finally:
+            transfer.fault_hook = None
+        waited = sleeping[0].query()
+        torch.cuda.synchronize()
+        times = stats.layer_times_s
+        bad = row_mismatches(weights, current, target, rank)
+    return waited, stats.control_ops, len(times), all(t > 0 for t in times), bad
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize(
+    "timeout_s,verify,forced,confirms",
+    [
+        pytest.param(None, False, "", False, id="nccl-no-timeout-returns-queued"),
+        pytest.param(None, False, "1", True, id="EPLB_TRITON_CONFIRM=1-confirms"),
+        pytest.param(30.0, False, "", True, id="timeout-confirms"),
+        pytest.param(None, True, "", True, id="verify-confirms"),
+    ],
+)
+def test_blocking_call_over_nccl_waits_only_to_confirm(monkeypatch, timeout_s, verify, forced, confirms):
+    from eplb_triton.testing.launch import run_ranks
+
+    monkeypatch.setenv("EPLB_TRITON_CONFIRM", forced)
+
+    for rank, (waited, control_ops, timed, positive, bad) in enumerate(
+        run_ranks(2, _rank_blocking_call, timeout_s, verify, backend="nccl", timeout_s=90.0)
+    ):
+        assert bad == [], (rank, bad[:8])
+        assert waited == confirms, "the call waited for the device" if waited else "the call did not confirm"
+        assert control_ops == (2 if confirms else 0)
+        assert timed == 3 and positive  # read after the call, from its CUDA events

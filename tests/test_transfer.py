@@ -190,6 +190,47 @@ def test_world_size_one_without_process_group():
 
 
 @pytest.mark.parametrize(
+    "dist_backend,timeout_s,verify,forced,confirms",
+    [
+        pytest.param("nccl", None, False, False, False, id="nccl-nothing-to-report"),
+        pytest.param("nccl", None, False, True, True, id="nccl-forced"),
+        pytest.param("nccl", 5.0, False, False, True, id="nccl-timeout"),
+        pytest.param("nccl", None, True, False, True, id="nccl-verify"),
+        pytest.param("gloo", None, False, False, True, id="gloo-errors-come-back"),
+    ],
+)
+def test_final_confirmation_only_where_a_failure_can_be_reported(dist_backend, timeout_s, verify, forced, confirms):
+    from eplb_triton.comm import Communicator
+    from eplb_triton.transfer import _confirms
+
+    comm = Communicator(group=None, rank=0, world_size=2, dist_backend=dist_backend)
+    assert _confirms(comm, timeout_s, verify, forced=forced) == confirms
+
+
+def test_layer_times_are_read_when_asked_or_before_the_next_call():
+    import copy
+    import pickle
+
+    old = np.array([[0, 1, 2, 3]] * 3)
+    new = np.array([[3, 3, 1, -1]] * 3)
+    weights = make_rank_weights(MIXED_SPECS, 3, 4)
+    fill_rank_weights(weights, old, 0)
+    first = rearrange_expert_weights_inplace(old, new, weights)
+    assert first._read_times is not None  # deferred: on GPUs reading them waits for the device
+    assert len(pickle.loads(pickle.dumps(first)).layer_times_s) == 3  # pickled with the times read
+    assert first._read_times is None and len(first.layer_times_s) == 3
+    fill_rank_weights(weights, old, 0)
+    second = rearrange_expert_weights_inplace(old, new, weights)
+    kept = copy.copy(second)  # copies read them too
+    assert kept.layer_times_s == second.layer_times_s and len(kept.layer_times_s) == 3
+    fill_rank_weights(weights, old, 0)
+    third = rearrange_expert_weights_inplace(old, new, weights)
+    fill_rank_weights(weights, old, 0)
+    rearrange_expert_weights_inplace(old, new, weights)  # reuses the timing events of this thread:
+    assert third._read_times is None and len(third.layer_times_s) == 3  # read before that
+
+
+@pytest.mark.parametrize(
     "budget_experts",
     [pytest.param(2, id="budget-2-experts"), pytest.param(3, id="budget-3-experts"), pytest.param(5, id="budget-5-experts")],
 )
