@@ -181,6 +181,17 @@ for step in ${STEPS:-tests link}; do
         run_step "timeline-$config-4" 90 python3 bench/layer_timeline.py --config $config --layers 4; done
       run_step worker-phases-s10 120 python3 bench/worker_steps.py --config qwen3-30b-a3b-bf16 --layers 48 --layers-ahead 16 \
         --phases --repeats 3 --json "$OUT/worker-phases-s10.json" ;;
+    # session 10: messages sent straight from the weights (runs of rows), two slots of receives
+    # at the default budget; packed messages (EPLB_TRITON_DIRECT_SENDS=0) in the same run
+    direct10) run_step gpu-tests-direct10 ${TESTS_LIMIT:-240} python3 -m pytest -q -m gpu tests/test_executor.py \
+        tests/test_nonblocking_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_p2p_gpu.py -k "not stalled" -p no:cacheprovider -rf
+      for spec in "48 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets" "16 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b" \
+                  "4 7 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets"; do
+        set -- $spec; layers=$1; repeats=$2; shift 2
+        run_step "link-$layers-layers-direct10" 200 python3 bench/link_speed.py --layers $layers --repeats $repeats --configs "$@" \
+          --methods floor per-expert blocking --budgets 8 --variants EPLB_TRITON_DIRECT_SENDS=0 \
+          --json "$OUT/link_speed-${layers}layers-direct10.json" --markdown "$OUT/link_speed-${layers}layers-direct10.md"; done
+      run_step timeline-direct10 90 python3 bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 16 ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

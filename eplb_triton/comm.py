@@ -76,6 +76,14 @@ def _wait_released(tensor: torch.Tensor, references: int) -> None:
         time.sleep(0 if now < deadline - _RELEASE_WAIT_S / 2 else 1e-4)
 
 
+Messages = "torch.Tensor | list[torch.Tensor]"  # what exchange() moves to or from one peer
+
+
+def _parts(message) -> tuple | list:
+    """The tensors of one peer's message: one, or a list of them (several ops, in order)."""
+    return message if isinstance(message, (list, tuple)) else (message,)
+
+
 def _request_labels(labels: list | None, count: int) -> tuple[list | None, list[int] | None]:
     """``(labels, batch_peers)`` for ``count`` requests: coalesced (NCCL) requests each cover
     every peer of a batch, so a failure names every peer of the call (at world 2, the peer)."""
@@ -152,8 +160,10 @@ class Communicator:
             return peer
         return dist.get_global_rank(self.group, peer)
 
-    def exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], *, where: str = "exchange") -> list:
+    def exchange(self, sends: dict[int, Messages], recvs: dict[int, Messages], *, where: str = "exchange") -> list:
         """Start one irecv and one isend per peer as one batch; returns the requests to wait on.
+        A peer's value may also be a list of tensors: that many ops to or from it, in order
+        (a message sent straight from the weights, one slice per tensor).
 
         A backend error while posting (gloo raises at once when a peer's connection is
         already closed) comes back as :class:`PeerFailedError` naming the peer, like errors
@@ -166,9 +176,9 @@ class Communicator:
         posts = []  # (irecv or isend, tensor, peer in the group), in the order of op_labels
         for peer in sorted(set(sends) | set(recvs)):
             if peer in recvs:
-                posts.append((dist.irecv, recvs[peer], peer))
+                posts += [(dist.irecv, tensor, peer) for tensor in _parts(recvs[peer])]
             if peer in sends:
-                posts.append((dist.isend, sends[peer], peer))
+                posts += [(dist.isend, tensor, peer) for tensor in _parts(sends[peer])]
         # the group's own backend: a worker's CPU control group says "nccl" for the checks
         # (it speaks for the transfer group) but moves its tensors over gloo
         if self._group_backend() == "nccl":  # coalesced: a posting error has no single peer
@@ -223,9 +233,9 @@ class Communicator:
         labels = []
         for peer in sorted(set(sends) | set(recvs)):
             if peer in recvs:
-                labels.append((peer, "recv"))
+                labels += [(peer, "recv")] * len(_parts(recvs[peer]))
             if peer in sends:
-                labels.append((peer, "send"))
+                labels += [(peer, "send")] * len(_parts(sends[peer]))
         return labels
 
     def wait(

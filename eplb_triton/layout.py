@@ -489,6 +489,12 @@ class ExpertLayout:
         return self._views
 
     @property
+    def dense_rows(self) -> bool:
+        """Whether every tensor's rows follow one another in memory (row stride = row bytes), so
+        any run of consecutive rows is one contiguous block (what a message can send as it is)."""
+        return all(t.shape[0] <= 1 or not nbytes or t.stride(0) * t.element_size() == nbytes for t, nbytes in zip(self.tensors, self.row_bytes))
+
+    @property
     def layer_bytes(self) -> int:
         """Bytes of this rank's rows of the layer (what a layer-sized staging buffer holds)."""
         return sum(self.row_bytes) * self.num_local
@@ -553,6 +559,29 @@ class ExpertLayout:
         rows_t, _ = self._check_rows(rows, "unpack", distinct=True)
         packed = self._check_buffer(buf, rows_t.numel(), "unpack")
         self.move("unpack", packed, dst_rows=rows_t, backend=backend)
+
+    def rows_by_tensor(self, first: int, count: int) -> list[torch.Tensor]:
+        """Rows ``first, ..., first + count - 1`` of each tensor whose rows have bytes, as 1-D
+        uint8 views of the weights (dense rows: :attr:`dense_rows`): the parts of a message sent
+        straight from the weights, in the order :meth:`unpack_by_tensor` reads them."""
+        return [view[first : first + count].reshape(-1) for view, nbytes in zip(self._byte_views, self.row_bytes) if nbytes]
+
+    def unpack_by_tensor(self, buf: torch.Tensor, rows: torch.Tensor, first: int = -1) -> None:
+        """Write ``n = rows.numel()`` rows laid out tensor by tensor in ``buf`` (``n`` rows of
+        tensor 0, then ``n`` rows of tensor 1..., tensors whose rows have no bytes left out: a
+        message sent straight from the weights) into rows ``rows`` (int64 on the weights'
+        device, distinct): with ``first >= 0`` they are ``first, first + 1, ...`` and each tensor
+        takes one ``copy_`` (dense rows), else one ``index_copy_``. Unchecked, no host sync."""
+        count, at = rows.numel(), 0
+        for view, nbytes in zip(self._byte_views, self.row_bytes):
+            if not nbytes:
+                continue
+            part = buf[at : at + count * nbytes].view(count, nbytes)
+            at += count * nbytes
+            if first >= 0:
+                view[first : first + count].copy_(part)
+            else:
+                view.index_copy_(0, rows, part)
 
     def copy_rows(self, src_rows, dst_rows, backend: str | None = None, scratch: torch.Tensor | None = None) -> None:
         """Copy old row ``src_rows[i]`` to row ``dst_rows[i]`` in every tensor.

@@ -38,6 +38,28 @@ def upload_rows(works: Sequence["PassWork"], device: torch.device) -> None:
         work._device_rows = _RowViews(flat, starts, i * width)
 
 
+def _run_first(rows: np.ndarray, what: str = "") -> int:
+    """The first of ``rows`` when they are consecutive ascending rows, else -1 (``what`` set:
+    they must be: the plan said so)."""
+    first = int(rows[0]) if rows.size else -1
+    if rows.size and int(rows[-1]) - first == rows.size - 1 and (rows.size < 3 or bool(np.all(np.diff(rows) == 1))):
+        return first
+    if what:
+        raise AssertionError(f"{what} rows {rows.tolist()} are not one run of consecutive rows")
+    return -1
+
+
+def _by_tensor(message: torch.Tensor, count: int, row_bytes: Sequence[int]) -> list[torch.Tensor]:
+    """A direct message's parts: ``count`` rows of each tensor with rows of any bytes, one
+    tensor after the other (one op each)."""
+    parts, at = [], 0
+    for nbytes in row_bytes:
+        if nbytes:
+            parts.append(message[at : at + count * nbytes])
+            at += count * nbytes
+    return parts
+
+
 def _send_run(sends: list[tuple[int, int, int]]) -> tuple[int, int]:
     """``(first, stop)`` in experts of the send region: one batch's sends ``(peer, first,
     count)``, one contiguous run that one launch packs."""
@@ -163,6 +185,10 @@ class PassWork:
     #: the pass's (ep, ep) expert counts, every rank's sends (set by prepare_layers): where
     #: the p2p transport finds each peer's message (:func:`eplb_triton.p2p.message_spans`)
     pass_traffic: np.ndarray | None = field(default=None, repr=False)
+    #: messages sent straight from the weights (see :meth:`from_view`): the first row of each
+    #: send peer's run; each receive peer's first destination row when they are consecutive, else -1
+    direct_send_first: list[int] | None = None
+    direct_recv_first: list[int] | None = None
 
     @classmethod
     def from_view(
@@ -175,14 +201,23 @@ class PassWork:
         network_rounds: list[tuple[int, int, int, int, int, int]] | None = None,
         chunk_experts: int | None = None,
         direct_local: bool = False,
+        direct_sends: bool = False,
     ) -> "PassWork":
         """``chunk_experts``: split every per-peer message into pieces of that many experts,
         exchanged as separate batches (the wire order becomes piece-major, see :meth:`batches`);
         ``None`` = whole messages. Only without ``verify`` and ``network_rounds``.
         ``direct_local``: the pass is the whole layer (one pass, no stash), so local moves whose
-        source no local move writes are copied row to row instead of staged."""
+        source no local move writes are copied row to row instead of staged.
+        ``direct_sends``: every sender's rows for each receiver are one run of consecutive rows
+        (:func:`~eplb_triton.plan.sends_one_run`, the same on every rank) and the tensors have
+        dense rows: each message goes out as one slice of each tensor's rows, nothing packed, and
+        arrives tensor by tensor (the rows of tensor 0, then of tensor 1...: :meth:`apply`); the
+        pass then takes no staging for its sends. Whole messages, no ``verify``, planner rounds
+        or stash."""
         if chunk_experts is not None and (verify or network_rounds is not None or chunk_experts < 1):
             raise ValueError("chunk_experts needs verify=False, no planner rounds and a value >= 1")
+        if direct_sends and (chunk_experts is not None or verify or network_rounds is not None or (stash_rows is not None and stash_rows.size)):
+            raise ValueError("direct_sends needs whole messages: no chunk_experts, verify, planner rounds or stash")
         send_peers = sorted(view.send_rows)
         recv_peers = sorted(view.recv_rows)
         send_rows = _wire_order(view.send_rows, send_peers, chunk_experts)
@@ -207,7 +242,13 @@ class PassWork:
             stashed_send_entries = np.searchsorted(stash_rows, send_rows[send_stashed])
             stash_local_entries = np.searchsorted(stash_rows, view.local_src_rows[local_stashed])
             stash_local_dst = view.local_dst_rows[local_stashed]
+        direct_send_first = direct_recv_first = None
+        if direct_sends:
+            direct_send_first = [_run_first(view.send_rows[p], "send") for p in send_peers]
+            direct_recv_first = [_run_first(view.recv_rows[p]) for p in recv_peers]
         return cls(
+            direct_send_first=direct_send_first,
+            direct_recv_first=direct_recv_first,
             view=view,
             expert_bytes=expert_bytes,
             send_peers=send_peers,
@@ -288,8 +329,14 @@ class PassWork:
         return self._totals
 
     @property
+    def direct(self) -> bool:
+        """Whether the messages go straight from and to the weights' tensors (:meth:`from_view`)."""
+        return self.direct_send_first is not None
+
+    @property
     def _sends_bytes(self) -> int:
-        return self._message_totals()[0]
+        """Staging bytes of the sends (none when they go straight from the weights)."""
+        return 0 if self.direct_send_first is not None else self._message_totals()[0]
 
     @property
     def _recvs_bytes(self) -> int:
@@ -442,6 +489,8 @@ class PassWork:
         """:meth:`post_batches` of whole messages (one batch), the usual case, with less host
         work per layer: no slicing of whole regions, the per-peer views and op labels made once
         per staging buffer."""
+        if self.direct:
+            return self._post_direct(layout, recv_buf, comm, backend, local_buf, launch_lock, where)
         packed = self._pack_local_sources(layout, send_buf, local_buf, backend, launch_lock, with_sends=True)
         if not packed and self.send_rows.size:
             with launch_lock:
@@ -453,6 +502,33 @@ class PassWork:
             self._messages = (key, out, into, Communicator.op_labels(out, into))
         _, out, into, labels = self._messages
         return comm.exchange(out, into, where=where), labels, [len(labels)]
+
+    def _post_direct(self, layout, recv_buf, comm, backend, local_buf, launch_lock, where):
+        """:meth:`_post_whole` of messages sent straight from the weights: per peer, one slice of
+        each tensor's rows goes out, and each received message lands tensor by tensor in its
+        region of ``recv_buf`` (read back by :meth:`_apply_direct`)."""
+        self._pack_local_sources(layout, recv_buf, local_buf, backend, launch_lock, with_sends=False)
+        key = (recv_buf.data_ptr(), id(layout.tensors[0]))
+        if self._messages is None or self._messages[0] != key:
+            out = {
+                peer: layout.rows_by_tensor(first, count)
+                for peer, first, count in zip(self.send_peers, self.direct_send_first, self.send_counts)
+            }
+            into = {peer: _by_tensor(message, count, layout.row_bytes) for (peer, message), count in zip(
+                self._per_peer(recv_buf, self.recv_peers, self.recv_counts).items(), self.recv_counts)}
+            self._messages = (key, out, into, Communicator.op_labels(out, into))
+        _, out, into, labels = self._messages
+        return comm.exchange(out, into, where=where), labels, [len(labels)]
+
+    def _apply_direct(self, layout: ExpertLayout, recv_buf: torch.Tensor) -> None:
+        """Write the received rows of direct messages, peer by peer (:meth:`ExpertLayout.unpack_by_tensor`:
+        one copy per tensor into consecutive destination rows, else one ``index_copy_``)."""
+        rows, at = self.device_rows(layout.device)["recv"], 0
+        for message, count, first in zip(
+            self._per_peer(recv_buf, self.recv_peers, self.recv_counts).values(), self.recv_counts, self.direct_recv_first
+        ):
+            layout.unpack_by_tensor(message, rows[at : at + count], first)
+            at += count
 
     def pack_sends(
         self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
@@ -512,6 +588,12 @@ class PassWork:
         if self.direct_dst_rows.size:  # first: their sources may be overwritten by the writes below
             rows = self.device_rows(layout.device)
             layout.move("copy", None, src_rows=rows["direct_src"], dst_rows=rows["direct_dst"], backend=backend)
+        if self.direct:  # received tensor by tensor: staged local moves first, then each message
+            if self.local_dst_rows.size:
+                layout.move("unpack", self._slices(staging)[2], dst_rows=self.device_rows(layout.device)["local_dst"], backend=backend)
+            self._apply_direct(layout, self._slices(staging)[1])
+            self._fill_duplicates(layout, backend)
+            return
         if not self.verify and self.local_dst_rows.size and self.recv_rows.size:
             # scratch and receives are adjacent: one launch writes both (distinct rows)
             _, recvs, scratch = self._slices(staging)

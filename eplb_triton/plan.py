@@ -272,6 +272,25 @@ def stack_deliveries(layers: Sequence[LayerPlan]) -> StackedDeliveries:
     )
 
 
+def sends_one_run(layers: Sequence[LayerPlan]) -> np.ndarray:
+    """Per layer: whether it moves anything over the network and every sender's rows for each
+    receiver, in wire order, are one run of consecutive ascending rows (``row, row + 1, ...``),
+    so each tensor's part of every message is one contiguous slice of its rows. The same on every
+    rank (the global plan); one numpy pass over all the layers."""
+    if not layers:
+        return np.zeros(0, dtype=bool)
+    stacked = stack_deliveries(layers)
+    net = stacked.is_network
+    n, ep = layers[0].num_local, layers[0].ep_size
+    layer = stacked.layer_of[net]
+    src = stacked.src_slot[net]
+    key = (layer * ep + src // n) * ep + stacked.dst_slot[net] // n  # one block per (layer, sender, receiver)
+    breaks = (key[1:] == key[:-1]) & (src[1:] - src[:-1] != 1)  # within a block, not the next row
+    broken = np.bincount(layer[1:][breaks], minlength=len(layers)).astype(bool)
+    moves = np.bincount(layer, minlength=len(layers)).astype(bool)
+    return moves & ~broken
+
+
 def rank_views(layers: Sequence[LayerPlan], rank: int) -> list[RankPlan]:
     """:meth:`LayerPlan.rank` of every layer (cached on each), with the numpy work done for all
     layers at once (:func:`grouped_rank_views`, one layer per group): one layer's view alone is

@@ -18,7 +18,7 @@ from .layout import resolve_backend
 from .maps import ExpertMaps
 from .p2p import resolve_transport
 from .passes import PassWork
-from .plan import LayerPlan, RearrangementPlan, _check_options, plan_from_maps, rank_views, with_rounds
+from .plan import LayerPlan, RearrangementPlan, _check_options, plan_from_maps, rank_views, sends_one_run, with_rounds
 from .schedule import capacity_rows, fits_one_pass, one_pass_rows_all, schedule_layer, smallest_budget_bytes
 from .settings import int_setting
 from .stacked import StackedLayout, layers_per_exchange, stack_groups, stack_key, stacked_rank_views
@@ -105,6 +105,10 @@ def layer_runs(total: int, first: int) -> list[tuple[int, int]]:
         at, size = at + size, 2 * size
     return runs
 
+
+#: 0: the blocking call packs every message, also where it could send it straight from the
+#: weights (``agree_on_inputs(direct_sends=True)``); must match on every rank
+DIRECT_SENDS_ENV = "EPLB_TRITON_DIRECT_SENDS"
 
 #: 1: the blocking call always ends with the final confirmation (before session 10 it did over
 #: NCCL without ``timeout_s`` or ``verify`` too, waiting for the device); must match on every rank
@@ -200,6 +204,7 @@ def agree_on_inputs(
     stack_most: int | None = None,
     stack_slot_bytes: int | None = None,
     plan_ahead: bool = False,
+    direct_sends: bool = False,
 ) -> AgreedInputs:
     """Check the inputs and agree on them with every rank, planning meanwhile (the first half
     of :func:`prepare_layers`); raises the same ValueError/TypeError on every rank when any
@@ -225,6 +230,12 @@ def agree_on_inputs(
     ``stack_slot_bytes`` (default half the budget) caps a stack's staging rows on each rank; both
     must be the same on every rank (``stack_most`` is agreed).
 
+    ``direct_sends``: where every sender's rows for each receiver are one run of consecutive
+    rows (:func:`~eplb_triton.plan.sends_one_run`), send each message straight from the weights'
+    rows, nothing packed (:meth:`PassWork.from_view`; one-pass layers outside stacks, the NCCL
+    transport, dense rows, no ``verify``, planner rounds or message pieces);
+    ``EPLB_TRITON_DIRECT_SENDS=0`` turns it off (agreed).
+
     ``plan_ahead``: allow building the layers in runs (:meth:`AgreedInputs.layer_runs`, the
     first :func:`plan_ahead_layers` planned here) when nothing can fail after this stage
     (transport ``"nccl"``, a budget with room for any plan: every layer's local rows) and the
@@ -248,6 +259,8 @@ def agree_on_inputs(
         if ranks_per_node is not None:
             _check_options(checked.maps.ep_size, "balanced", ranks_per_node)
         options["ranks_per_node"] = ranks_per_node  # it changes the senders: every rank must use the same
+        if direct_sends:  # the wire format of some messages: every rank must use the same
+            options["direct_sends"] = int_setting(DIRECT_SENDS_ENV, 1, minimum=0, what="0 or 1")
         if plan_ahead:  # which layers share a run, hence a stack: every rank must build the same runs
             options["plan_ahead"] = plan_ahead_layers(comm.dist_backend)
             # whether the call ends with the final confirmation (eplb_triton.transfer._confirms)
@@ -340,6 +353,7 @@ def _build_layers(agreed: AgreedInputs, plan: RearrangementPlan, first: int) -> 
     stacks = _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, agreed.stack, agreed.stack_slot_bytes)
     stacked = {group[0]: (group, view) for group, view in zip(stacks, stacked_rank_views(plan.layers, rank, stacks))}
     inside = {index for group in stacks for index in group[1:]}
+    direct = _direct_layers(plan, layouts, one_pass, checked, verify, kind, chunk_bytes)
     alone = [layer for index, layer in enumerate(plan.layers) if index not in inside and index not in stacked]
     rank_views(alone, rank)  # cached on the layers
     no_stash = np.zeros(0, dtype=np.int64)
@@ -386,6 +400,7 @@ def _build_layers(agreed: AgreedInputs, plan: RearrangementPlan, first: int) -> 
                 PassWork.from_view(
                     view, layout.expert_bytes, stash_rows, verify=verify, network_rounds=network_rounds, chunk_experts=chunk,
                     direct_local=whole and not stash_rows.size,  # what schedule_layer counted on
+                    direct_sends=bool(direct[index]) and whole and index not in stacked,
                 )
             )
             works[-1].pass_traffic = sub.traffic
@@ -401,6 +416,17 @@ def _build_layers(agreed: AgreedInputs, plan: RearrangementPlan, first: int) -> 
             )
         )
     return layers
+
+
+def _direct_layers(plan, layouts, one_pass, checked, verify, kind, chunk_bytes) -> np.ndarray:
+    """Per layer of ``plan``: whether its messages go straight from the weights (the agreed
+    ``direct_sends`` option; see :func:`agree_on_inputs`). The same on every rank: the global
+    plan, the agreed options and the weights' layouts (agreed by their signature)."""
+    wanted = checked.extra_options.get("direct_sends", 0) and checked.extra_options.get("transport", "nccl") == "nccl"
+    if not wanted or verify or kind is not None or chunk_bytes or not plan.layers:
+        return np.zeros(len(plan.layers), dtype=bool)
+    dense = np.array([layout.dense_rows for layout in layouts], dtype=bool)
+    return sends_one_run(plan.layers) & dense & np.asarray(one_pass, dtype=bool)
 
 
 def _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, stack, slot_bytes=None) -> list[list[int]]:

@@ -15,7 +15,8 @@ class TransferStats:
     """What one rank did during a rearrangement.
 
     ``bytes_sent[p]`` / ``bytes_received[p]``: packed bytes exchanged with EP peer ``p``
-    (with ``verify``, the checksum trailers included: what went over the wire).
+    (with ``verify``, the checksum trailers included: what went over the wire; a message sent
+    straight from the weights carries the rows without the packed layout's padding).
     ``p2p_ops``: isend + irecv ops issued. ``layer_times_s[l]``: wall time of layer ``l`` (the
     layers of a stack share its time equally); on GPUs the blocking call may return before its
     layers ran, and the first read of ``layer_times_s`` then waits for them (CUDA events).
@@ -28,8 +29,9 @@ class TransferStats:
     ``failed_layers``: layers left old on this rank. ``control_ops``: ops of the final
     confirmation (not counted in ``p2p_ops``). ``exchanges``: batches of p2p ops issued (one
     per staging pass with network traffic, or one per network round with ``rounds=``);
-    ``max_ops_per_exchange``: the largest batch (at most ``2 * (ep_size - 1)``; at most 2
-    with ``rounds=``). ``overlapped_layers``: layers packed and posted while the layer before
+    ``max_ops_per_exchange``: the largest batch (at most ``2 * (ep_size - 1)``, times the
+    tensors with row bytes where messages go straight from the weights; at most 2 with
+    ``rounds=``). ``overlapped_layers``: layers packed and posted while the layer before
     them was still on the wire (two staging slots, see :func:`eplb_triton.executor.run_layers`).
     ``stacked_layers``: layers that shared one exchange with other layers (:mod:`eplb_triton.stacked`);
     ``exchanges`` counts such a stack once.

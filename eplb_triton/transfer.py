@@ -302,6 +302,7 @@ def rearrange_expert_weights_inplace(
         backend=backend,
         stack=True,
         plan_ahead=True,
+        direct_sends=True,
     )
     stats = TransferStats.empty(comm.rank, comm.world_size)
     runs = agreed.layer_runs()

@@ -2,8 +2,9 @@
 
 Every write to a layer's rows goes through :class:`~eplb_triton.layout.ExpertLayout`: its
 public ops (``unpack``, ``copy_rows``), the Triton launcher (``launch`` in ``"unpack"`` /
-``"copy"`` mode) and the torch reference ops (``unpack_reference``, ``copy_rows_reference``).
-:func:`record_row_writes` wraps all five on the class, so the recording does not depend on
+``"copy"`` mode), the torch reference ops (``unpack_reference``, ``copy_rows_reference``) and
+``unpack_by_tensor`` (messages sent straight from the weights). :func:`record_row_writes` wraps
+all six on the class, so the recording does not depend on
 which of them transfer.py or worker.py call internally (a refactor that moves from the public
 ops to the launcher, or to the reference ops, is still seen). Arguments are bound by name, so
 a reordered signature is still read correctly. ``pack`` and ``launch("pack")`` only read rows
@@ -33,6 +34,7 @@ _WRITERS = {
     "unpack_reference": ("rows", None),
     "copy_rows_reference": ("dst_rows", None),
     "launch": ("dst_rows", {"unpack", "copy"}),
+    "unpack_by_tensor": ("rows", None),
 }
 
 

@@ -24,8 +24,11 @@ NUM_LOCAL = 8
 @pytest.fixture(autouse=True)
 def _one_run_of_layers(monkeypatch):
     """The loop's slots and stacks, with every layer built before the first exchange (the
-    spawned ranks inherit it); test_layers_are_built_in_runs_* turn the runs back on."""
+    spawned ranks inherit it); test_layers_are_built_in_runs_* turn the runs back on. Packed
+    messages: the swaps here send runs of rows, which would go straight from the weights (and
+    take half the staging); test_direct_* turn that back on."""
     monkeypatch.setenv("EPLB_TRITON_PLAN_AHEAD", "0")
+    monkeypatch.setenv("EPLB_TRITON_DIRECT_SENDS", "0")
 
 
 def swap_maps(layers: int, swapped: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -242,3 +245,105 @@ def test_layers_are_built_in_runs_while_the_previous_run_moves(
         assert len(stats.layer_times_s) == len(swapped) and stats.failed_layers == []
         if budget_rows == 1 << 12:  # stacks inside runs
             assert stats.stacked_layers > 0, rank
+
+
+# -- messages sent straight from the weights (PassWork.from_view(direct_sends=True)) ------------
+def _rank_direct(rank, world, old, new, specs, kwargs):
+    weights = make_rank_weights(specs, old.shape[0], old.shape[1] // world)
+    fill_rank_weights(weights, old, rank, 7)
+    stats = rearrange_expert_weights_inplace(old, new, weights, **kwargs)
+    return row_mismatches(weights, old, new, rank, 7), stats
+
+
+def _scattered_destinations() -> tuple[np.ndarray, np.ndarray]:
+    """One layer, world 2: rank 0's rows 0-2 (one run) go to rank 1's rows 2, 5, 7 (not a run,
+    replicas: rank 0 keeps them); on rank 1 also a local move (row 1 -> row 0), a duplicate of the
+    received expert 0 (row 4) and an emptied slot (row 6)."""
+    old = np.arange(2 * NUM_LOCAL)[None, :]
+    new = old.copy()
+    n = NUM_LOCAL
+    new[0, n + 2], new[0, n + 5], new[0, n + 7] = 0, 1, 2
+    new[0, n + 0], new[0, n + 4], new[0, n + 6] = old[0, n + 1], 0, -1
+    return old, new
+
+
+@pytest.mark.parametrize(
+    "swapped,budget_rows,overlapped",
+    [
+        # receives only: 2 rows of staging per layer, two slots in the default budget (8 rows)
+        pytest.param([2, 2, 2, 2], None, 3, id="L4-default-budget"),
+        # 3 rows per layer: two slots fit the default budget now (packed messages needed 12 rows)
+        pytest.param([3, 3, 3], None, 2, id="L3-two-slots-where-packed-had-one"),
+        # the smallest budget the schedule takes for one pass (sends + receives: it counts the
+        # sends as packed) holds two slots of receives
+        pytest.param([3, 3, 3], 6, 2, id="L3-budget-exactly-two"),
+        pytest.param([1, 0, 2, 2], None, 1, id="L4-local-layer-between"),
+    ],
+)
+def test_direct_sends_take_staging_only_for_receives(distributed, monkeypatch, swapped, budget_rows, overlapped):
+    monkeypatch.setenv("EPLB_TRITON_DIRECT_SENDS", "1")
+    budget = None if budget_rows is None else round(budget_rows * EXPERT_BYTES)
+    stats = run_swap(distributed, swapped, max_buffer_bytes=budget)
+    peak = max(swapped) * EXPERT_BYTES  # the receives of the largest layer
+    network_layers = sum(1 for k in swapped if k)
+    for s in stats:
+        assert s.overlapped_layers == overlapped
+        assert s.peak_staging_bytes == (2 * peak if overlapped else peak)
+        assert s.p2p_ops == 2 * len(SPECS) * network_layers  # one op per tensor each way
+        assert s.total_bytes_sent == sum(swapped) * EXPERT_BYTES  # counted as packed bytes
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        pytest.param(SPECS, id="odd-rows-3d"),
+        pytest.param(SPECS[:1] + [TensorSpec((0,), torch.float32)] + SPECS[1:], id="zero-byte-rows"),
+        pytest.param([TensorSpec((7170,), torch.bfloat16)], id="one-tensor-14340-bytes"),
+    ],
+)
+def test_direct_sends_into_scattered_rows_with_local_moves_and_duplicates(distributed, monkeypatch, specs):
+    monkeypatch.setenv("EPLB_TRITON_DIRECT_SENDS", "1")
+    old, new = _scattered_destinations()
+    results = distributed(2, _rank_direct, old, new, specs, {})
+    tensors = sum(1 for spec in specs if spec.row_bytes())
+    for rank, (bad, stats) in enumerate(results):
+        assert bad == [], (rank, bad[:8])
+        assert stats.p2p_ops == tensors  # rank 0 sends one op per tensor, rank 1 receives them
+        assert stats.local_copies == (2 if rank == 1 else 0)  # the local move and the duplicate
+
+
+@pytest.mark.parametrize(
+    "setting,direct",
+    [pytest.param("1", True, id="on"), pytest.param("0", False, id="EPLB_TRITON_DIRECT_SENDS=0")],
+)
+def test_direct_sends_only_where_every_message_is_a_run_of_rows(distributed, monkeypatch, setting, direct):
+    monkeypatch.setenv("EPLB_TRITON_DIRECT_SENDS", setting)
+    old, new = swap_maps(3, [2, 2, 2])
+    new[1, :2] = new[1, :2][::-1].copy()  # layer 1: rank 1 sends rows 1, 0 (wire order): packed
+    new[1, NUM_LOCAL : NUM_LOCAL + 2] = new[1, NUM_LOCAL : NUM_LOCAL + 2][::-1].copy()
+    results = distributed(2, _rank_direct, old, new, SPECS, {})
+    for rank, (bad, stats) in enumerate(results):
+        assert bad == [], (rank, bad[:8])
+        assert stats.p2p_ops == (2 * len(SPECS) * 2 + 2 if direct else 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_direct_sends_over_nccl_are_bit_exact(monkeypatch):
+    """Two GPUs: swaps and the scattered destinations over NCCL, with the default budget's two
+    slots of receives."""
+    from eplb_triton.testing.launch import run_ranks
+
+    monkeypatch.setenv("EPLB_TRITON_DIRECT_SENDS", "1")
+    for old, new in (swap_maps(4, [3, 2, 3, 1]), _scattered_destinations()):
+        for rank, (bad, stats) in enumerate(run_ranks(2, _rank_direct_gpu, old, new, backend="nccl", timeout_s=90.0)):
+            assert bad == [], (rank, bad[:8])
+            assert stats.p2p_ops > 0 and stats.p2p_ops % len(SPECS) == 0  # one op per tensor
+
+
+def _rank_direct_gpu(rank, world, old, new):
+    device = torch.device("cuda", torch.cuda.current_device())
+    weights = make_rank_weights(SPECS, old.shape[0], NUM_LOCAL, device)
+    fill_rank_weights(weights, old, rank, 7)
+    stats = rearrange_expert_weights_inplace(old, new, weights)
+    return row_mismatches(weights, old, new, rank, 7), stats

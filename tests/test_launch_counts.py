@@ -83,6 +83,7 @@ def test_one_launch_per_pack_and_unpack(distributed, path, verify, per_pass, pas
 
 def test_one_launch_per_pack_and_unpack_per_layer_unstacked(distributed, monkeypatch):
     monkeypatch.setenv("EPLB_TRITON_LAYERS_PER_EXCHANGE", "1")  # the spawned ranks inherit it
+    monkeypatch.setenv("EPLB_TRITON_DIRECT_SENDS", "0")  # packed: runs of rows would skip the pack
     old, new = every_row_from_another_rank()
     results = distributed(WORLD, _rank_launches, old, new, "blocking", False)
     for rank, (counts, rounds, bad) in enumerate(results):

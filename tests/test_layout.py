@@ -141,3 +141,24 @@ def test_programs_per_sm_override_for_measurements(monkeypatch):
         monkeypatch.setenv(PROGRAMS_PER_SM_ENV, bad)
         with pytest.raises(ValueError, match=PROGRAMS_PER_SM_ENV):
             default_tuning()
+
+
+@pytest.mark.parametrize(
+    "rows,first",
+    [pytest.param([2, 3, 4], 2, id="run-one-copy-per-tensor"), pytest.param([4, 0, 2], -1, id="scattered-index-copy")],
+)
+def test_unpack_by_tensor_writes_tensor_major_rows(device, rows, first):
+    specs = SPECS[:2] + [((0,), torch.float32)] + SPECS[2:]  # a tensor whose rows have no bytes: left out
+    tensors = [t.to(device) for t in random_tensors(specs, 5, seed=3)]
+    before = [t.clone() for t in tensors]
+    layout = ExpertLayout(tensors)
+    sources = random_tensors(specs, len(rows), seed=4)  # the message: all rows of tensor 0, then of tensor 1...
+    message = torch.cat([s.reshape(-1).view(torch.uint8) for s in sources]).to(device)
+    assert message.numel() == len(rows) * sum(layout.row_bytes)
+    layout.unpack_by_tensor(message, torch.tensor(rows, device=device), first)
+    for t, b, src in zip(tensors, before, sources):
+        for r in range(5):
+            expected = src[rows.index(r)] if r in rows else b[r]
+            assert torch.equal(row_bytes_of(t.cpu(), r), row_bytes_of(expected.cpu().unsqueeze(0), 0))
+    if first >= 0:  # the sender's side: the same message, read straight from the rows
+        assert torch.equal(torch.cat(layout.rows_by_tensor(first, len(rows))), message)

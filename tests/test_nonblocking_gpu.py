@@ -28,11 +28,13 @@ def test_unpack_with_host_rows_does_not_wait_for_queued_work():
     weights = [torch.randn(16, 64, device="cuda"), torch.randint(0, 9, (16, 3), device="cuda", dtype=torch.int32)]
     layout = ExpertLayout(weights)
     buf = torch.randint(0, 255, (4 * layout.expert_bytes,), dtype=torch.uint8, device="cuda")
-    layout.unpack(buf, np.array([3, 1, 7, 0]))  # compile first
+    packed = torch.empty(2 * layout.expert_bytes, dtype=torch.uint8, device="cuda")
+    layout.unpack(buf, np.array([3, 1, 7, 0]))  # compile both first: a compile inside the window
+    layout.pack(np.array([1, 3]), packed)  # outlasted the sleep on a fresh machine (run 46)
     torch.cuda.synchronize()
     sleeping = _queue_long_kernel()
     layout.unpack(buf, np.array([5, 2, 9, 4]))
-    layout.pack(np.array([5, 2]), torch.empty(2 * layout.expert_bytes, dtype=torch.uint8, device="cuda"))
+    layout.pack(np.array([5, 2]), packed)
     assert not sleeping.query(), "pack/unpack waited for work queued before them"
     torch.cuda.synchronize()
 

@@ -67,7 +67,8 @@ CASES = [
         pytest.param("pair", 3, False, id="pair-budget3"),
     ],
 )
-def test_rounds_match_default_path(distributed, world, layers, num_local, logical, rounds, budget_rows, verify):
+def test_rounds_match_default_path(distributed, monkeypatch, world, layers, num_local, logical, rounds, budget_rows, verify):
+    monkeypatch.setenv("EPLB_TRITON_DIRECT_SENDS", "0")  # the default path's packed messages, as the rounds'
     rng = np.random.default_rng(world * 100 + layers * 10 + num_local)
     old, new = random_maps(rng, layers, world, num_local, logical)
     budget = None if budget_rows is None else budget_rows * (EXPERT_BYTES + (16 if verify else 0))

@@ -8,6 +8,7 @@ import torch
 
 from eplb_triton import plan_rearrangement, rearrange_expert_weights_inplace
 from eplb_triton.layout import ExpertLayout
+from eplb_triton.plan import sends_one_run
 from eplb_triton.prepare import layer_runs, plan_ahead_layers
 from eplb_triton.stacked import layers_per_exchange
 from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches
@@ -56,8 +57,9 @@ def test_random_rearrangement(distributed, world, layers, num_local, logical):
     sent = sum(s.bytes_sent.sum() for s in stats)
     received = sum(s.bytes_received.sum() for s in stats)
     assert sent == received
-    for s in stats:  # never more than 2 * (ep_size - 1) ops per exchange
-        assert s.p2p_ops <= 2 * (world - 1) * s.rounds
+    tensors = len(MIXED_SPECS)  # a message sent straight from the weights: one op per tensor
+    for s in stats:  # never more than 2 * (ep_size - 1) messages per exchange
+        assert s.p2p_ops <= 2 * (world - 1) * s.rounds * tensors
     big = check_transfer(distributed, world, old, new, max_buffer_bytes=1 << 30)
     # room for everything: consecutive layers with traffic share an exchange, up to
     # layers_per_exchange() of them, inside each run of layers built together; the layers
@@ -66,9 +68,12 @@ def test_random_rearrangement(distributed, world, layers, num_local, logical):
     runs = layer_runs(layers, plan_ahead_layers("gloo"))
     by_run = [stacks_of(plan, layers_per_exchange(), run) for run in runs]
     items = [item for run in by_run for item in run]
-    # one pass per item: one isend and one irecv per (sender, receiver) pair with traffic in its layers
+    # one pass per item: one isend and one irecv per (sender, receiver) pair with traffic in its
+    # layers; one per tensor where a layer alone sends every message as one run of rows
     pairs = [np.count_nonzero(sum(plan.layers[i].traffic for i in item) * off_diagonal) for item in items]
-    assert sum(s.p2p_ops for s in big) == 2 * int(sum(pairs))
+    direct = sends_one_run(plan.layers)
+    ops = [tensors if len(item) == 1 and direct[item[0]] else 1 for item in items]
+    assert sum(s.p2p_ops for s in big) == 2 * int(sum(p * k for p, k in zip(pairs, ops)))
     # one exchange per item on each rank that sends or receives in it
     talks = [(sum(plan.layers[i].traffic for i in item) * off_diagonal) for item in items]
     assert [s.exchanges for s in big] == [sum(bool(t[r].any() or t[:, r].any()) for t in talks) for r in range(world)]
@@ -122,7 +127,8 @@ def test_full_swap_between_two_ranks(distributed):
     stats = check_transfer(distributed, 2, old, new)
     assert [s.rounds for s in stats] == [2, 2]
     stats = check_transfer(distributed, 2, old, new, max_buffer_bytes=1 << 20)
-    assert [s.p2p_ops for s in stats] == [2, 2]
+    # each rank sends rows 0-3 and receives into rows 0-3: straight from the weights, one op per tensor each way
+    assert [s.p2p_ops for s in stats] == [2 * len(MIXED_SPECS)] * 2
 
 
 def test_hot_expert_fans_out_to_every_rank(distributed):
