@@ -349,11 +349,18 @@ def _build_layers(agreed: AgreedInputs, plan: RearrangementPlan, first: int) -> 
     # of host time per layer on the H200 hosts when done layer by layer)
     capacities = [capacity_rows(maps.num_local, cost, max_buffer_bytes) for cost in costs]
     pass_rows = one_pass_rows_all(plan.layers) if plan.layers else np.zeros((0, maps.ep_size), dtype=np.int64)
-    one_pass = fits_one_pass(plan.layers, capacities, pass_rows).tolist()
-    stacks = _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, agreed.stack, agreed.stack_slot_bytes)
+    packed_one_pass = fits_one_pass(plan.layers, capacities, pass_rows)
+    stacks = _stacks(plan, layouts, pass_rows, packed_one_pass.tolist(), checked, verify, kind, chunk_bytes, agreed.stack, agreed.stack_slot_bytes)
     stacked = {group[0]: (group, view) for group, view in zip(stacks, stacked_rank_views(plan.layers, rank, stacks))}
     inside = {index for group in stacks for index in group[1:]}
-    direct = _direct_layers(plan, layouts, one_pass, checked, verify, kind, chunk_bytes)
+    # messages straight from the weights take no staging for the sends: such a layer is one pass
+    # where its receives and staged local moves fit (a swap of every row, say, packed in two)
+    direct = _direct_layers(plan, layouts, checked, verify, kind, chunk_bytes)
+    if direct.any():
+        sends = np.stack([layer.traffic.sum(axis=1) - np.diag(layer.traffic) for layer in plan.layers])
+        direct &= fits_one_pass(plan.layers, capacities, pass_rows - sends)
+        direct[sorted(set(stacked) | inside)] = False  # stacks are packed
+    one_pass = (packed_one_pass | direct).tolist()
     alone = [layer for index, layer in enumerate(plan.layers) if index not in inside and index not in stacked]
     rank_views(alone, rank)  # cached on the layers
     no_stash = np.zeros(0, dtype=np.int64)
@@ -418,15 +425,16 @@ def _build_layers(agreed: AgreedInputs, plan: RearrangementPlan, first: int) -> 
     return layers
 
 
-def _direct_layers(plan, layouts, one_pass, checked, verify, kind, chunk_bytes) -> np.ndarray:
-    """Per layer of ``plan``: whether its messages go straight from the weights (the agreed
-    ``direct_sends`` option; see :func:`agree_on_inputs`). The same on every rank: the global
-    plan, the agreed options and the weights' layouts (agreed by their signature)."""
+def _direct_layers(plan, layouts, checked, verify, kind, chunk_bytes) -> np.ndarray:
+    """Per layer of ``plan``: whether its messages may go straight from the weights (the agreed
+    ``direct_sends`` option, see :func:`agree_on_inputs`; the caller adds: in one pass, not in a
+    stack). The same on every rank: the global plan, the agreed options and the weights' layouts
+    (agreed by their signature)."""
     wanted = checked.extra_options.get("direct_sends", 0) and checked.extra_options.get("transport", "nccl") == "nccl"
     if not wanted or verify or kind is not None or chunk_bytes or not plan.layers:
         return np.zeros(len(plan.layers), dtype=bool)
     dense = np.array([layout.dense_rows for layout in layouts], dtype=bool)
-    return sends_one_run(plan.layers) & dense & np.asarray(one_pass, dtype=bool)
+    return sends_one_run(plan.layers) & dense
 
 
 def _stacks(plan, layouts, pass_rows, one_pass, checked, verify, kind, chunk_bytes, stack, slot_bytes=None) -> list[list[int]]:

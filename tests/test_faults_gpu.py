@@ -118,6 +118,8 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
     elif path == "blocking-stacked":  # stacks of layers 0-1 and 2: the victim fails as it starts the second
         path, budget, fault_pass, fault_layer = "blocking", 1 << 24, 0, 2
         os.environ["EPLB_TRITON_LAYERS_PER_EXCHANGE"] = "2"
+    elif path == "blocking":  # packed: sent straight from the weights, layer 1's receives fit one pass
+        os.environ["EPLB_TRITON_DIRECT_SENDS"] = "0"
     ahead = 2
     if path == "worker-stacked":  # the worker's stacks (layers_ahead 4): layers 0-1, then 2, as above
         path, budget, fault_pass, fault_layer, ahead = "worker", 1 << 24, 0, 2, 4

@@ -447,6 +447,8 @@ def test_stall_before_the_input_agreement_times_out():
 )
 def test_injected_failure_leaves_every_layer_old_or_new(point, pass_index, budget, victim_states, monkeypatch):
     monkeypatch.setenv("EPLB_TRITON_LAYERS_PER_EXCHANGE", "1")  # the spawned ranks inherit it
+    if budget == 4 * EXPERT_BYTES:  # packed, in passes: sent straight from the weights it fits one
+        monkeypatch.setenv("EPLB_TRITON_DIRECT_SENDS", "0")
     world = 4
     old, new = all_to_all_maps(world, 3)
     hook = partial(raise_at, point, 1, pass_index, 2)

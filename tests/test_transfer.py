@@ -118,17 +118,21 @@ def test_no_change_is_untouched_and_silent(distributed):
     assert plan_rearrangement(old, old, 4).traffic.sum() == 0
 
 
-def test_full_swap_between_two_ranks(distributed):
+@pytest.mark.parametrize("direct", [pytest.param("1", id="straight-from-the-weights"), pytest.param("0", id="packed")])
+def test_full_swap_between_two_ranks(distributed, monkeypatch, direct):
+    monkeypatch.setenv("EPLB_TRITON_DIRECT_SENDS", direct)
     old = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])
     new = np.array([[4, 5, 6, 7, 0, 1, 2, 3]])
     plan = plan_rearrangement(old, new, 2)
     assert plan.layers[0].traffic.tolist() == [[0, 4], [4, 0]]
-    # default budget = one layer (4 experts): 4 sent + 4 received need two rounds
+    # default budget = one layer (4 experts): 4 packed sends + 4 receives need two passes; sent
+    # straight from the weights (rows 0-3, one run), the 4 receives fit one
     stats = check_transfer(distributed, 2, old, new)
-    assert [s.rounds for s in stats] == [2, 2]
+    assert [s.rounds for s in stats] == ([1, 1] if direct == "1" else [2, 2])
+    assert all(s.peak_staging_bytes <= 4 * packed_expert_bytes(MIXED_SPECS) for s in stats)
     stats = check_transfer(distributed, 2, old, new, max_buffer_bytes=1 << 20)
     # each rank sends rows 0-3 and receives into rows 0-3: straight from the weights, one op per tensor each way
-    assert [s.p2p_ops for s in stats] == [2 * len(MIXED_SPECS)] * 2
+    assert [s.p2p_ops for s in stats] == [2 * len(MIXED_SPECS) if direct == "1" else 2] * 2
 
 
 def test_hot_expert_fans_out_to_every_rank(distributed):
