@@ -185,6 +185,8 @@ for step in ${STEPS:-tests link}; do
     # at the default budget; packed messages (EPLB_TRITON_DIRECT_SENDS=0) in the same run
     direct10) run_step gpu-tests-direct10 ${TESTS_LIMIT:-240} python3 -m pytest -q -m gpu tests/test_executor.py \
         tests/test_nonblocking_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_p2p_gpu.py -k "not stalled" -p no:cacheprovider -rf
+      run_step gpu-faults-direct10 ${TESTS_LIMIT:-150} python3 -m pytest -q -m gpu tests/test_faults_gpu.py \
+        -k "blocking-overlapped and nccl and not p2p" -p no:cacheprovider -rf
       for spec in "48 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets" "16 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b" \
                   "4 7 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets"; do
         set -- $spec; layers=$1; repeats=$2; shift 2
