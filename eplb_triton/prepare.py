@@ -106,9 +106,14 @@ def layer_runs(total: int, first: int) -> list[tuple[int, int]]:
     return runs
 
 
-#: 0: the blocking call packs every message, also where it could send it straight from the
-#: weights (``agree_on_inputs(direct_sends=True)``); must match on every rank
+#: 1: the blocking call sends a message straight from the weights where it can
+#: (``agree_on_inputs(direct_sends=True)``); must match on every rank. Off by default: on two H200
+#: (run 49, ms per layer at the default budget, on / off) it won only on deepseek-v3-fp8 at 48
+#: layers (0.742 / 0.840) and lost on tiny-bf16 (0.397 / 0.272 at 48 layers, 1.039 / 0.809 at 4):
+#: one op per tensor costs ~20 us of host each where the loop is host-bound, and the tiny scale
+#: tensors' ops add latency; qwen3-30b-a3b-bf16 was even (0.438 / 0.440).
 DIRECT_SENDS_ENV = "EPLB_TRITON_DIRECT_SENDS"
+DIRECT_SENDS_DEFAULT = 0
 
 #: 1: the blocking call always ends with the final confirmation (before session 10 it did over
 #: NCCL without ``timeout_s`` or ``verify`` too, waiting for the device); must match on every rank
@@ -233,8 +238,8 @@ def agree_on_inputs(
     ``direct_sends``: where every sender's rows for each receiver are one run of consecutive
     rows (:func:`~eplb_triton.plan.sends_one_run`), send each message straight from the weights'
     rows, nothing packed (:meth:`PassWork.from_view`; one-pass layers outside stacks, the NCCL
-    transport, dense rows, no ``verify``, planner rounds or message pieces);
-    ``EPLB_TRITON_DIRECT_SENDS=0`` turns it off (agreed).
+    transport, dense rows, no ``verify``, planner rounds or message pieces) when
+    ``EPLB_TRITON_DIRECT_SENDS=1`` (agreed; off by default: :data:`DIRECT_SENDS_DEFAULT`).
 
     ``plan_ahead``: allow building the layers in runs (:meth:`AgreedInputs.layer_runs`, the
     first :func:`plan_ahead_layers` planned here) when nothing can fail after this stage
@@ -260,7 +265,7 @@ def agree_on_inputs(
             _check_options(checked.maps.ep_size, "balanced", ranks_per_node)
         options["ranks_per_node"] = ranks_per_node  # it changes the senders: every rank must use the same
         if direct_sends:  # the wire format of some messages: every rank must use the same
-            options["direct_sends"] = int_setting(DIRECT_SENDS_ENV, 1, minimum=0, what="0 or 1")
+            options["direct_sends"] = int_setting(DIRECT_SENDS_ENV, DIRECT_SENDS_DEFAULT, minimum=0, what="0 or 1")
         if plan_ahead:  # which layers share a run, hence a stack: every rank must build the same runs
             options["plan_ahead"] = plan_ahead_layers(comm.dist_backend)
             # whether the call ends with the final confirmation (eplb_triton.transfer._confirms)

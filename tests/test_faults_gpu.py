@@ -112,7 +112,8 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
     weights = make_rank_weights(specs, LAYERS, old.shape[1] // world, device)
     budget = BUDGET_ROWS * sum((spec.row_bytes() + 15) // 16 * 16 for spec in specs)  # packed experts
     fault_pass, fault_layer = FAULT_PASS, FAULT_LAYER
-    if path == "blocking-overlapped":  # room for two layers' staging: layer 1 is posted while layer 0 is in flight
+    if path in ("blocking-overlapped", "blocking-direct"):  # two layers' staging: layer 1 posted while 0 is in flight
+        os.environ["EPLB_TRITON_DIRECT_SENDS"] = "1" if path == "blocking-direct" else "0"  # (single-row messages)
         path, budget, fault_pass = "blocking", 1 << 24, 0
         os.environ["EPLB_TRITON_LAYERS_PER_EXCHANGE"] = "1"  # one layer per exchange
     elif path == "blocking-stacked":  # stacks of layers 0-1 and 2: the victim fails as it starts the second
@@ -226,6 +227,7 @@ def _launch(
         pytest.param("blocking", id="blocking"),
         pytest.param("worker", id="worker"),
         pytest.param("blocking-overlapped", id="blocking-overlapped"),
+        pytest.param("blocking-direct", id="blocking-direct"),  # messages straight from the weights
         pytest.param("blocking-stacked", id="blocking-stacked"),
         pytest.param("worker-stacked", id="worker-stacked"),
     ],
@@ -256,7 +258,7 @@ def test_survivor_names_layer_and_peer_keeps_layers_whole_and_exits_cleanly(monk
         # noticed by the serving thread's agreement before the worker's exchange failed: it
         # names the first layer not swapped (which keeps its old weights)
         assert error["layer"] == len(report["applied"]) <= fault_layer, (error, report["applied"])
-    elif path == "blocking-overlapped" and kind == "killed":
+    elif path in ("blocking-overlapped", "blocking-direct") and kind == "killed":
         # the victim died with layer 0 posted but not waited for: the survivor may miss its bytes
         assert error["layer"] in (0, FAULT_LAYER) and f"layer {error['layer']}" in error["text"], error
     elif path.endswith("-stacked"):
