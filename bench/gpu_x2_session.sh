@@ -194,6 +194,11 @@ for step in ${STEPS:-tests link}; do
           --methods floor per-expert blocking --budgets 8 --variants EPLB_TRITON_DIRECT_SENDS=0 \
           --json "$OUT/link_speed-${layers}layers-direct10.json" --markdown "$OUT/link_speed-${layers}layers-direct10.md"; done
       run_step timeline-direct10 90 python3 bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 16 ;;
+    # session 10, last call: every GPU test but the fault tests, then the blocking fault cases over NCCL
+    final10) run_step gpu-tests-rest-final10 ${TESTS_LIMIT:-330} python3 -m pytest -q -m gpu tests --ignore=tests/test_faults_gpu.py \
+        -p no:cacheprovider -rf --durations=5
+      run_step gpu-faults-blocking-final10 180 python3 -m pytest -q -m gpu tests/test_faults_gpu.py -k "blocking and nccl and not p2p" \
+        -p no:cacheprovider -rf ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;
