@@ -7,6 +7,17 @@ source "$(dirname "$0")/session_common.sh"
 nvidia-smi topo -m 2>&1 | head -5 | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version())" | tee -a "$LOG"
 
+link_ab() {  # tag, NAME=VALUE: the blocking call at 48/16/4 layers, default budget and 8 layers, and under NAME=VALUE
+  local tag=$1 variant=$2 spec layers repeats
+  for spec in "48 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets" \
+              "16 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b" "4 7 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets"; do
+    set -- $spec; layers=$1; repeats=$2; shift 2
+    run_step "link-$layers-layers-$tag" 200 python3 bench/link_speed.py --layers $layers --repeats $repeats --configs "$@" \
+      --methods floor per-expert blocking --budgets 8 --variants "$variant" \
+      --json "$OUT/link_speed-${layers}layers-$tag.json" --markdown "$OUT/link_speed-${layers}layers-$tag.md"
+  done
+}
+
 for step in ${STEPS:-tests link}; do
   case $step in
     tests) run_step gpu-tests ${TESTS_LIMIT:-560} python3 -m pytest -q -m gpu tests -p no:cacheprovider -rf ;;
@@ -171,12 +182,7 @@ for step in ${STEPS:-tests link}; do
     # forced back (EPLB_TRITON_CONFIRM=1) in the same run, 48/16/4 layers, and 4-layer timelines
     s10) run_step gpu-tests-s10 ${TESTS_LIMIT:-200} python3 -m pytest -q -m gpu tests/test_nonblocking_gpu.py \
         tests/test_transfer_gpu.py tests/test_stacked.py -p no:cacheprovider -rf
-      for spec in "48 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets" "16 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b" \
-                  "4 7 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets"; do
-        set -- $spec; layers=$1; repeats=$2; shift 2
-        run_step "link-$layers-layers-s10" 200 python3 bench/link_speed.py --layers $layers --repeats $repeats --configs "$@" \
-          --methods floor per-expert blocking --budgets 8 --variants EPLB_TRITON_CONFIRM=1 \
-          --json "$OUT/link_speed-${layers}layers-s10.json" --markdown "$OUT/link_speed-${layers}layers-s10.md"; done
+      link_ab s10 EPLB_TRITON_CONFIRM=1
       for config in qwen3-30b-a3b-bf16 deepseek-v3-fp8; do
         run_step "timeline-$config-4" 90 python3 bench/layer_timeline.py --config $config --layers 4; done
       run_step worker-phases-s10 120 python3 bench/worker_steps.py --config qwen3-30b-a3b-bf16 --layers 48 --layers-ahead 16 \
@@ -187,12 +193,7 @@ for step in ${STEPS:-tests link}; do
         tests/test_nonblocking_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_p2p_gpu.py -k "not stalled" -p no:cacheprovider -rf
       run_step gpu-faults-direct10 ${TESTS_LIMIT:-150} python3 -m pytest -q -m gpu tests/test_faults_gpu.py \
         -k "blocking-overlapped and nccl and not p2p" -p no:cacheprovider -rf
-      for spec in "48 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets" "16 5 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b" \
-                  "4 7 qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets"; do
-        set -- $spec; layers=$1; repeats=$2; shift 2
-        run_step "link-$layers-layers-direct10" 200 python3 bench/link_speed.py --layers $layers --repeats $repeats --configs "$@" \
-          --methods floor per-expert blocking --budgets 8 --variants EPLB_TRITON_DIRECT_SENDS=0 \
-          --json "$OUT/link_speed-${layers}layers-direct10.json" --markdown "$OUT/link_speed-${layers}layers-direct10.md"; done
+      link_ab direct10 EPLB_TRITON_DIRECT_SENDS=0  # (run 49: direct sends were the default then)
       run_step timeline-direct10 90 python3 bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 16 ;;
     # session 10, last call: every GPU test but the fault tests, then the blocking fault cases over NCCL
     final10) run_step gpu-tests-rest-final10 ${TESTS_LIMIT:-330} python3 -m pytest -q -m gpu tests --ignore=tests/test_faults_gpu.py \
