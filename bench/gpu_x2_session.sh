@@ -200,6 +200,13 @@ for step in ${STEPS:-tests link}; do
         -p no:cacheprovider -rf --durations=5
       run_step gpu-faults-blocking-final10 180 python3 -m pytest -q -m gpu tests/test_faults_gpu.py -k "blocking and nccl and not p2p" \
         -p no:cacheprovider -rf ;;
+    # session 10: issue 17's numbers on today's code: p2p next to NCCL at 48 layers (blocking,
+    # worker with 16 buffers), and the serving loop's slowdown during a worker transfer, both transports
+    p2p10) run_step link-48-layers-p2p10 200 python3 bench/link_speed.py --layers 48 --repeats 5 \
+        --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking worker --worker-ahead 16 \
+        --budgets 8 --transport nccl p2p --json "$OUT/link_speed-48layers-p2p10.json" --markdown "$OUT/link_speed-48layers-p2p10.md"
+      run_step pacing-nccl10 120 python3 bench/pacing.py --timeout 100 --out "$OUT/nccl"
+      run_step pacing-p2p10 120 python3 bench/pacing.py --transport p2p --timeout 100 --out "$OUT/p2p" ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;
