@@ -425,7 +425,10 @@ class Communicator:
         code = 0 if error is None else (2 if isinstance(error, TypeError) else 1)
         values = [int(fingerprints[name]) for name in names]
         payload = torch.tensor([code] + [x for v in values for x in (v, -v)], dtype=torch.int64)
-        finish_reduce = self._all_reduce_max_start(payload.to(self.collective_device), timeout_s=timeout_s)
+        device = self.collective_device
+        if device.type == "cuda":  # pinned: a pageable copy would first wait for all queued work
+            payload = payload.pin_memory().to(device, non_blocking=True)  # (planning runs beside it)
+        finish_reduce = self._all_reduce_max_start(payload.to(device), timeout_s=timeout_s)
 
         def finish() -> None:
             self._agree_finish(finish_reduce().cpu().tolist(), error, fingerprints, names, timeout_s, describe)

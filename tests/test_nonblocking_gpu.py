@@ -39,6 +39,18 @@ def test_unpack_with_host_rows_does_not_wait_for_queued_work():
     torch.cuda.synchronize()
 
 
+def test_input_agreement_posts_without_waiting_for_queued_work():
+    from eplb_triton.comm import Communicator
+
+    comm = Communicator(group=None, rank=0, world_size=1, dist_backend="nccl")  # device payload, no peers
+    comm.agree_start(None, {"inputs": 1})()  # warm-up: the pinned allocator's first block
+    torch.cuda.synchronize()
+    sleeping = _queue_long_kernel()
+    finish = comm.agree_start(None, {"inputs": 7})  # the blocking call plans while this is in flight
+    assert not sleeping.query(), "posting the input agreement waited for work queued before it"
+    finish()  # reading the result waits for the device, as it must
+
+
 def test_step_swaps_without_waiting_for_queued_work():
     old = np.arange(12)[None, :]
     new = np.roll(old, 3, axis=1)
