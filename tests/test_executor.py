@@ -184,11 +184,13 @@ def test_stacks_live_in_a_given_staging_buffer(distributed):
     assert all(s.peak_staging_bytes == 16 * EXPERT_BYTES for s in stats)
 
 
-def _rank_runs(rank, world, old, new, budget, min_layer_bytes):
+def _rank_runs(rank, world, old, new, budget, min_layer_bytes, at_once_slots=None):
     from eplb_triton import prepare, transfer
     from eplb_triton.prepare import AgreedInputs
 
     prepare.PLAN_AHEAD_MIN_LAYER_BYTES = min_layer_bytes  # a spawned rank: nothing to restore
+    if at_once_slots is not None:
+        prepare.PLAN_AT_ONCE_SLOTS = at_once_slots
 
     log = []
     build = AgreedInputs.build
@@ -245,6 +247,24 @@ def test_layers_are_built_in_runs_while_the_previous_run_moves(
         assert len(stats.layer_times_s) == len(swapped) and stats.failed_layers == []
         if budget_rows == 1 << 12:  # stacks inside runs
             assert stats.stacked_layers > 0, rank
+        # small maps: every layer planned in one call, during the agreement (runs only build)
+        assert [e[1] for e in log if e[0] == "planned"] == [len(swapped)], (rank, log)
+
+
+@pytest.mark.parametrize(
+    "min_layer_bytes,planned",
+    [
+        pytest.param(0, [4, 8, 1], id="runs-plan-each-run"),
+        pytest.param(3 * EXPERT_BYTES, [4, 9], id="one-run-plans-the-rest-once"),
+    ],
+)
+def test_large_maps_plan_the_first_run_during_the_agreement(distributed, monkeypatch, min_layer_bytes, planned):
+    monkeypatch.setenv("EPLB_TRITON_PLAN_AHEAD", "4")
+    swapped = [2, 1, 2, 2, 0, 2, 1, 2, 2, 2, 1, 2, 2]
+    old, new = swap_maps(len(swapped), swapped)
+    for rank, (bad, stats, log) in enumerate(distributed(2, _rank_runs, old, new, None, min_layer_bytes, 0)):
+        assert bad == [], (rank, bad[:8])
+        assert [e[1] for e in log if e[0] == "planned"] == planned, (rank, log)
 
 
 # -- messages sent straight from the weights (PassWork.from_view(direct_sends=True)) ------------
