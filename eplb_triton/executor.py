@@ -210,7 +210,7 @@ class LayerWork:
                         exc.layer = self.index
                         raise
                     batches.append(len(labels))
-                self._count_pass(work, stats, batches)
+                self.count_pass(work, stats, batches)
                 if hook is not None:  # the received views are only made for a hook
                     hook("in_flight", rank=comm.rank, layer=self.index, pass_index=i, received=work.recv_messages(staging))
                 if mismatch is None:
@@ -276,7 +276,7 @@ class LayerWork:
         except PeerError as exc:
             exc.layer = self.index
             raise
-        self._count_pass(work, stats, posted.batches)
+        self.count_pass(work, stats, posted.batches)
         if hook is not None:  # the received views are only made for a hook
             hook("in_flight", rank=comm.rank, layer=self.index, pass_index=0, received=work.recv_messages(posted.staging))
         work.apply(self.layout, posted.staging, backend)
@@ -286,8 +286,8 @@ class LayerWork:
         if hook is not None:
             hook("pass_applied", rank=comm.rank, layer=self.index, pass_index=0)
 
-    def _count_pass(self, work: PassWork, stats: TransferStats, batches: list[int]) -> None:
-        """Add one completed pass of this layer (or stack: its one pass) to ``stats``."""
+    def count_pass(self, work: PassWork, stats: TransferStats, batches: list[int]) -> None:
+        """Add one completed pass of this layer (or stack: its one pass) to ``stats`` (both paths)."""
         work.count_into(stats, sum(batches), batches=batches)
         if self.layer_count > 1:
             stats.stacked_layers += self.layer_count

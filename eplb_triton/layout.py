@@ -572,16 +572,23 @@ class ExpertLayout:
         message sent straight from the weights) into rows ``rows`` (int64 on the weights'
         device, distinct): with ``first >= 0`` they are ``first, first + 1, ...`` and each tensor
         takes one ``copy_`` (dense rows), else one ``index_copy_``. Unchecked, no host sync."""
-        count, at = rows.numel(), 0
-        for view, nbytes in zip(self._byte_views, self.row_bytes):
-            if not nbytes:
-                continue
-            part = buf[at : at + count * nbytes].view(count, nbytes)
-            at += count * nbytes
+        count = rows.numel()
+        sized = [(view, nbytes) for view, nbytes in zip(self._byte_views, self.row_bytes) if nbytes]
+        for (view, nbytes), part in zip(sized, self.parts_by_tensor(buf, count)):
             if first >= 0:
-                view[first : first + count].copy_(part)
+                view[first : first + count].copy_(part.view(count, nbytes))
             else:
-                view.index_copy_(0, rows, part)
+                view.index_copy_(0, rows, part.view(count, nbytes))
+
+    def parts_by_tensor(self, buf: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """``buf`` cut as a message of ``count`` rows sent straight from the weights: the rows of
+        each tensor whose rows have bytes, one tensor after the other (one op each)."""
+        parts, at = [], 0
+        for nbytes in self.row_bytes:
+            if nbytes:
+                parts.append(buf[at : at + count * nbytes])
+                at += count * nbytes
+        return parts
 
     def copy_rows(self, src_rows, dst_rows, backend: str | None = None, scratch: torch.Tensor | None = None) -> None:
         """Copy old row ``src_rows[i]`` to row ``dst_rows[i]`` in every tensor.

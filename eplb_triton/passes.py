@@ -49,17 +49,6 @@ def _run_first(rows: np.ndarray, what: str = "") -> int:
     return -1
 
 
-def _by_tensor(message: torch.Tensor, count: int, row_bytes: Sequence[int]) -> list[torch.Tensor]:
-    """A direct message's parts: ``count`` rows of each tensor with rows of any bytes, one
-    tensor after the other (one op each)."""
-    parts, at = [], 0
-    for nbytes in row_bytes:
-        if nbytes:
-            parts.append(message[at : at + count * nbytes])
-            at += count * nbytes
-    return parts
-
-
 def _send_run(sends: list[tuple[int, int, int]]) -> tuple[int, int]:
     """``(first, stop)`` in experts of the send region: one batch's sends ``(peer, first,
     count)``, one contiguous run that one launch packs."""
@@ -514,7 +503,7 @@ class PassWork:
                 peer: layout.rows_by_tensor(first, count)
                 for peer, first, count in zip(self.send_peers, self.direct_send_first, self.send_counts)
             }
-            into = {peer: _by_tensor(message, count, layout.row_bytes) for (peer, message), count in zip(
+            into = {peer: layout.parts_by_tensor(message, count) for (peer, message), count in zip(
                 self._per_peer(recv_buf, self.recv_peers, self.recv_counts).items(), self.recv_counts)}
             self._messages = (key, out, into, Communicator.op_labels(out, into))
         _, out, into, labels = self._messages

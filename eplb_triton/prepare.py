@@ -175,9 +175,8 @@ class AgreedInputs:
         reuse = self.plan.layers[first : min(stop, self.planned)] if self.plan is not None else []
         if not reuse:
             return plan_from_maps(maps, ranks_per_node=self.ranks_per_node)
-        # The first run's plan decided whether to build in runs (agree_on_inputs); when not, the
-        # whole call is built at once: planning those layers again cost 0.45-1.3 ms per 48-layer
-        # call on the H200 hosts (run 45: plan_from_maps twice per call).
+        # Large maps plan the first run during the agreement (PLAN_AT_ONCE_SLOTS); planning those
+        # layers again cost 0.45-1.3 ms per 48-layer call on the H200 hosts (run 45).
         rest = maps.num_layers - len(reuse)
         later = plan_from_maps(_maps_of(maps, len(reuse), maps.num_layers), ranks_per_node=self.ranks_per_node).layers if rest else []
         return RearrangementPlan(layers=list(reuse) + later, maps=maps)
@@ -370,11 +369,12 @@ def _build_layers(agreed: AgreedInputs, plan: RearrangementPlan, first: int) -> 
     inside = {index for group in stacks for index in group[1:]}
     # messages straight from the weights take no staging for the sends: such a layer is one pass
     # where its receives and staged local moves fit (a swap of every row, say, packed in two)
+    # (a stacked layer is built as its stack, packed, whatever this says)
     direct = _direct_layers(plan, layouts, checked, verify, kind, chunk_bytes)
     if direct.any():
-        sends = np.stack([layer.traffic.sum(axis=1) - np.diag(layer.traffic) for layer in plan.layers])
+        traffic = plan.traffic
+        sends = traffic.sum(axis=2) - np.diagonal(traffic, axis1=1, axis2=2)
         direct &= fits_one_pass(plan.layers, capacities, pass_rows - sends)
-        direct[sorted(set(stacked) | inside)] = False  # stacks are packed
     one_pass = (packed_one_pass | direct).tolist()
     alone = [layer for index, layer in enumerate(plan.layers) if index not in inside and index not in stacked]
     rank_views(alone, rank)  # cached on the layers
@@ -422,7 +422,7 @@ def _build_layers(agreed: AgreedInputs, plan: RearrangementPlan, first: int) -> 
                 PassWork.from_view(
                     view, layout.expert_bytes, stash_rows, verify=verify, network_rounds=network_rounds, chunk_experts=chunk,
                     direct_local=whole and not stash_rows.size,  # what schedule_layer counted on
-                    direct_sends=bool(direct[index]) and whole and index not in stacked,
+                    direct_sends=bool(direct[index]),  # one pass (one_pass above), outside stacks
                 )
             )
             works[-1].pass_traffic = sub.traffic

@@ -202,9 +202,7 @@ class ThreadMixin:
                 exc.layer = layer_index
                 job.broken = True  # the group is unusable: no drain
                 raise
-            work.count_into(job.stats, len(labels))
-            if prepared.layer.layer_count > 1:
-                job.stats.stacked_layers += prepared.layer.layer_count
+            prepared.layer.count_pass(work, job.stats, [len(labels)])
             hooks.fault("in_flight", rank=rank, layer=layer_index, pass_index=number, received=recvs)
             if job.verify and work.recv_rows.size:
                 received = torch.cat(
