@@ -116,7 +116,49 @@ def _rank(rank, world, _):
     lines["one pinned index upload (8 rows)"] = _median_us(lambda: index_tensor(np.arange(8), torch.device("cuda")))
     lines["agreement (all_reduce + .cpu())"] = _median_us(lambda: comm.agree(None, 123))
     lines["prepare_layers, 4 qwen3 layers (agreement included)"] = _median_us(lambda: prepare_layers(old, new, weights, comm))
+    lines.update(_p2p_costs(comm, src, dst, peer))
     return lines
+
+
+def _p2p_costs(comm, src, dst, peer) -> dict[str, float]:
+    """The p2p transport's per-exchange calls (session 11: a direct push layer took ~350 us of
+    host): each with 2 ms queued on the stream, so nothing waits for the device."""
+    from eplb_triton.p2p import P2PTransport
+
+    device = src.device
+    transport = P2PTransport.create(comm, device, 4 << 20)
+    remote = transport.peer_bytes(peer, 0, 1 << 20)
+    side = torch.cuda.Stream(device=device)
+    caller = torch.cuda.current_stream(device)
+    event = torch.cuda.Event()
+    event.record()
+
+    def record():
+        torch.cuda.Event().record()
+
+    def in_side():
+        with torch.cuda.stream(side):
+            pass
+
+    costs = {
+        "p2p: transport.barrier() (device barrier kernel)": transport.barrier,
+        "p2p: handle.barrier() alone": transport.handle.barrier,
+        "p2p: 1 MiB copy_ into the peer's buffer": lambda: remote.copy_(src[: 1 << 20]),
+        "p2p: 1 MiB local copy_": lambda: dst[: 1 << 20].copy_(src[: 1 << 20]),
+        "torch.cuda.current_stream(device)": lambda: torch.cuda.current_stream(device),
+        "torch.cuda.current_stream()": torch.cuda.current_stream,
+        "side.wait_stream(caller)": lambda: side.wait_stream(caller),
+        "with torch.cuda.stream(side): pass": in_side,
+        "torch.cuda.Event() + record()": record,
+        "caller.wait_event(event)": lambda: caller.wait_event(event),
+    }
+    out = {}
+    for name, fn in costs.items():
+        fn()
+        out[name] = _median_us(fn, n=50, busy_us=2000)
+    torch.cuda.synchronize()
+    transport.close()
+    return out
 
 
 def main() -> int:

@@ -25,7 +25,8 @@ transport costs at best), ``blocking-p2p`` and ``worker-p2p`` (both APIs with
 Each method's result is checked bit for bit after its warm-up call; the timed calls are interleaved
 (every method once per round, ``--repeats`` rounds), so no method owns a place in the order.
 ``--chunks`` (and ``--variants NAME=VALUE``) also time the
-blocking path at other message-piece sizes (``EPLB_TRITON_CHUNK_BYTES``). ``--profile-dir``
+blocking path at other message-piece sizes (``EPLB_TRITON_CHUNK_BYTES``; a variant also times
+``blocking-p2p`` under its setting when that row is asked for). ``--profile-dir``
 writes a ``torch.profiler`` table of one blocking call per config (rank 0).
 """
 
@@ -280,6 +281,10 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
         for variant in variants:  # the blocking path again under one environment setting
             label = f"blocking[{variant}]"
             runs[label] = checked(label, _with_env(variant, lambda o, n: rearrange_expert_weights_inplace(o, n, weights)))
+            if "blocking-p2p" in methods:  # and with transport="p2p"
+                label = f"blocking-p2p[{variant}]"
+                runs[label] = checked(label, _with_env(
+                    variant, lambda o, n: rearrange_expert_weights_inplace(o, n, weights, transport="p2p")))
         for spec in cfg["budgets"]:  # the blocking path with a staging budget of `factor` layers
             factor, stacked = _budget_spec(spec)
             budget = mg.budget_bytes(weights, factor)
