@@ -281,7 +281,7 @@ class LayerWork:
             hook("in_flight", rank=comm.rank, layer=self.index, pass_index=0, received=work.recv_messages(posted.staging))
         work.apply(self.layout, posted.staging, backend)
         work.release()
-        if posted.transport is not None:
+        if posted.transport is not None and not work.pushed:  # pushed: on the caller's stream (run_layers marks once)
             posted.transport.mark_used()
         if hook is not None:
             hook("pass_applied", rank=comm.rank, layer=self.index, pass_index=0)
@@ -483,6 +483,14 @@ def run_layers(
     layer = None
     try:
         for layer in layers:
+            if double and layer.overlappable and layer.has_network and layer.passes[0].pushed:
+                # on the caller's stream, written before the next layer is packed: the slots
+                # alternate with one barrier per layer (eplb_triton.p2p._PassExchange.push_packed)
+                finish_pending()
+                layer.finish(layer.start(slots[next_slot], comm, backend, transport=p2p), comm, backend, stats, timeout_s=timeout_s)
+                next_slot ^= 1
+                marks.append(_mark(stream, first_mark + len(marks)))
+                continue
             if double and layer.overlappable and layer.has_network:
                 try:
                     posted = layer.start(slots[next_slot], comm, backend, transport=p2p)
@@ -502,6 +510,8 @@ def run_layers(
                 stats.failed_layers.append(layer.index)
             marks.append(_mark(stream, first_mark + len(marks)))
         finish_pending()
+        if p2p is not None:  # the next user of the buffer (maybe on another stream) waits for this
+            p2p.mark_used()
     except TransferError as exc:
         # a posted layer that was not written failed too (entirely old on this rank)
         first = pending[0].index if pending is not None else layer.index

@@ -85,6 +85,7 @@ __all__ = [
     "largest_send_region",
     "message_spans",
     "p2p_unavailable_reason",
+    "receive_spans",
     "release_cached",
     "resolve_transport",
     "send_region_bytes",
@@ -202,6 +203,21 @@ def message_spans(
     return [data, trailers]
 
 
+def receive_spans(traffic: np.ndarray, receiver: int, expert_bytes: int) -> dict[int, tuple[int, int]]:
+    """Where each sender's message to ``receiver`` lands in the receiver's slot in a pushed pass
+    (:attr:`~eplb_triton.passes.PassWork.pushed`): ``{sender: (byte offset, bytes)}``, messages
+    in ascending sender order from the slot's start, ``count * expert_bytes`` each (such a
+    pass's staging starts with its receives)."""
+    column = np.array(np.asarray(traffic)[:, receiver], dtype=np.int64)
+    column[receiver] = 0
+    spans, offset = {}, 0
+    for sender in np.flatnonzero(column):
+        size = int(column[sender]) * expert_bytes
+        spans[int(sender)] = (offset, size)
+        offset += size
+    return spans
+
+
 def send_region_bytes(traffic: np.ndarray, sender: int, expert_bytes: int, *, verify: bool = False) -> int:
     """Bytes of ``sender``'s send region in a round (data and, with ``verify``, trailers)."""
     counts = _sends_of(traffic, sender)
@@ -224,8 +240,11 @@ def largest_send_region(rounds: Sequence[tuple[np.ndarray, int]], *, verify: boo
 class _Pending:
     """What :meth:`_PassExchange.exchange` returns: an event after the exchange's last barrier."""
 
-    event: torch.cuda.Event | None  # None: already complete (a CPU stand-in in tests)
+    event: torch.cuda.Event | None  # None: already complete (a CPU stand-in in tests), or not made yet (in_order)
     peers: list[int]
+    #: the exchange ran on the caller's stream (a pushed pass): nothing to wait for but with a
+    #: deadline, for which :meth:`P2PTransport.wait` records the event then
+    in_order: bool = False
 
 
 def _record_event() -> torch.cuda.Event | None:
@@ -242,6 +261,10 @@ class P2PTransport:
     :func:`acquire_slots`; :meth:`exchange_for` gives the Communicator-like object one round's
     exchange calls use; :meth:`close` releases the buffer (local; every rank closes its own).
     """
+
+    #: the slot offset of the last exchange when it was pushed (:meth:`_PassExchange.push_packed`),
+    #: else None; every call starts at None (:func:`acquire_slots`)
+    pushed_slot: int | None = None
 
     def __init__(self, comm: Communicator, device: torch.device, buffer: torch.Tensor, handle, host: str):
         self.comm = comm
@@ -318,13 +341,20 @@ class P2PTransport:
 
     # -- one round ---------------------------------------------------------------------------
     def exchange_for(
-        self, traffic: np.ndarray | None, expert_bytes: int, *, verify: bool = False, split: bool = False, slot_offset: int = 0
+        self,
+        traffic: np.ndarray | None,
+        expert_bytes: int,
+        *,
+        verify: bool = False,
+        split: bool = False,
+        slot_offset: int = 0,
     ) -> "_PassExchange":
         """The exchange of one round, for code written against :class:`Communicator`
         (``exchange``/``wait``/``rank``/``world_size``): ``traffic`` is the round's plan
         (:attr:`PassWork.pass_traffic`); see :func:`message_spans` for ``verify``/``split``.
         ``slot_offset``: where in the buffer the round's staging starts (the same on every rank:
-        :func:`acquire_slots`); every sender's messages lie from there."""
+        :func:`acquire_slots`); every sender's messages lie from there (a pushed pass: every
+        receiver's messages, :func:`receive_spans`)."""
         if traffic is None:
             raise RuntimeError("p2p needs the pass's traffic matrix (PassWork.pass_traffic)")
         return _PassExchange(self, traffic, expert_bytes, verify, split, slot_offset)
@@ -358,13 +388,19 @@ class P2PTransport:
     def wait(self, requests: list, *, timeout_s: float | None = None, where: str = "exchange") -> None:
         """Order the caller's stream after the exchange (it ran on :meth:`side_stream`); with
         ``timeout_s``, first poll the exchange's event until the deadline, then release and raise
-        PeerTimeoutError (the caller's stream never waited for it)."""
+        PeerTimeoutError (the caller's stream never waited for it). A pushed exchange ran on
+        the caller's stream: only a deadline needs its event (recorded here, right after it)."""
         if not requests:
             return
+        if all(request.in_order for request in requests):
+            if timeout_s is None or self.device.type != "cuda":
+                return
+            for request in requests:
+                request.event = request.event or _record_event()
         if timeout_s is not None:
             self._poll(requests, timeout_s, where)
         for request in requests:
-            if request.event is not None:
+            if request.event is not None and not request.in_order:
                 torch.cuda.current_stream(self.device).wait_event(request.event)
 
     def _poll(self, requests: list, timeout_s: float, where: str) -> None:
@@ -372,7 +408,7 @@ class P2PTransport:
         for request in requests:
             while request.event is not None and not request.event.query():
                 if time.monotonic() > deadline:
-                    self._give_up(request.event)
+                    self._give_up(request.event, in_order=request.in_order)
                     peers = request.peers
                     who = f"peers {peers}"
                     message = (
@@ -383,18 +419,19 @@ class P2PTransport:
                     raise PeerTimeoutError(message, peer=peers[0] if len(peers) == 1 else None)
                 time.sleep(_POLL_S)
 
-    def _give_up(self, event: torch.cuda.Event) -> None:
+    def _give_up(self, event: torch.cuda.Event, *, in_order: bool = False) -> None:
         """Let this rank's stuck barriers finish: write the signal words they wait for (mine,
         from each peer: 1; each peer's, from me: 0, so my own signal can be posted) from a
         side stream until ``event`` completes, and every exchange queued after it on
         :meth:`side_stream` (two slots: the next layer's is queued already), or until
-        :data:`_RELEASE_S` passed. Marks the transport broken; its memory is kept (a late peer
-        may still write a signal into it)."""
+        :data:`_RELEASE_S` passed. ``in_order``: the stuck exchange is a pushed one, on the
+        caller's stream, where nothing is queued after it (``event``). Marks the transport
+        broken; its memory is kept (a late peer may still write a signal into it)."""
         self.broken = True
         _BROKEN.append(self)
         _drop_cached(self)
         pulls = getattr(self, "_side", None)
-        if pulls is not None:  # the last exchange queued, not only the one that timed out
+        if pulls is not None and not in_order:  # the last exchange queued, not only the one that timed out
             event = torch.cuda.Event()
             event.record(pulls)
         get_pad = getattr(self.handle, "get_signal_pad", None)
@@ -449,10 +486,17 @@ class P2PTransport:
 class _PassExchange:
     """One round's ``exchange``/``wait`` as :class:`Communicator` offers them, over a
     :class:`P2PTransport`: the n-th ``exchange`` call of the round pulls span n of
-    :func:`message_spans` from every sender."""
+    :func:`message_spans` from every sender; a pushed pass's :meth:`push_packed` packs each
+    message into its receiver's slot instead."""
 
     def __init__(
-        self, transport: P2PTransport, traffic: np.ndarray, expert_bytes: int, verify: bool, split: bool, slot_offset: int = 0
+        self,
+        transport: P2PTransport,
+        traffic: np.ndarray,
+        expert_bytes: int,
+        verify: bool,
+        split: bool,
+        slot_offset: int = 0,
     ):
         self.transport = transport
         self._slot_offset = int(slot_offset)
@@ -466,6 +510,7 @@ class _PassExchange:
         self._calls = 0
         off_diagonal = np.array(traffic, dtype=np.int64, copy=True)
         np.fill_diagonal(off_diagonal, 0)
+        self._network = off_diagonal  # experts each rank sends each other rank in this round
         self.active = bool(off_diagonal.any())  # the same on every rank: the plan is global
 
     def exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], *, where: str = "exchange") -> list:
@@ -476,6 +521,7 @@ class _PassExchange:
         t, eb = self.transport, self._expert_bytes
         if t.broken or t.closed:
             raise RuntimeError(f"{where}: the p2p transport is {'broken' if t.broken else 'closed'}")
+        t.pushed_slot = None  # the next pushed pass's first barrier is needed again
         mine = message_spans(self._traffic, self.rank, eb, verify=self._verify, split=self._split)[call]
         base = t.buffer.data_ptr() + self._slot_offset
         placed = {p: (x.data_ptr() - base, x.numel()) for p, x in sends.items() if x.numel()}
@@ -499,6 +545,46 @@ class _PassExchange:
         side.wait_stream(caller)  # the packs queued so far, this exchange's among them
         with torch.cuda.stream(side):
             return self._pull(recvs, sources)
+
+    def push_packed(self, layout, work, recvs: dict[int, torch.Tensor], backend: str | None, *, where: str = "exchange") -> list:
+        """A pushed pass (:attr:`PassWork.pushed`), on the caller's stream: the pack kernel writes
+        each peer's rows straight into that peer's slot (:func:`receive_spans`), then a barrier
+        (every message into every slot landed: receivers may unpack, senders overwrite rows).
+
+        A barrier comes first too (every receiver is done with its slot's previous pass) unless
+        the transport's previous exchange, in this call, was a pushed one into the other slot:
+        its barrier came after every rank queued the unpack of this slot's previous pass (the
+        blocking loop writes a pushed layer before packing the next one), so it certifies that.
+        ``recvs``: this rank's receive region by peer, checked against the plan first."""
+        t, eb, me = self.transport, self._expert_bytes, self.rank
+        if t.broken or t.closed:
+            raise RuntimeError(f"{where}: the p2p transport is {'broken' if t.broken else 'closed'}")
+        if not self.active:
+            return []
+        # receive_spans of every receiver at once (ints: ~20 us of host less per layer than numpy per peer)
+        counts = self._network
+        before = (np.cumsum(counts, axis=0) - counts).tolist()  # [s][r]: experts of senders < s in r's slot
+        counts = counts.tolist()
+        base = t.buffer.data_ptr() + self._slot_offset
+        placed = {p: (x.data_ptr() - base, x.numel()) for p, x in recvs.items() if x.numel()}
+        expected = {s: (before[s][me] * eb, counts[s][me] * eb) for s in range(self.world_size) if counts[s][me]}
+        if placed != expected:
+            raise RuntimeError(f"{where}: rank {me}: p2p receive layout {placed} differs from the plan's {expected}")
+        targets, at = [], 0
+        for peer, count in zip(work.send_peers, work.send_counts):
+            if counts[me][peer] != count:
+                raise RuntimeError(f"{where}: rank {me}: {count} experts to push to peer {peer}, the plan says {counts[me][peer]}")
+            targets.append((peer, self._slot_offset + before[me][peer] * eb, at, count))
+            at += count
+        if t.pushed_slot is None or t.pushed_slot == self._slot_offset:
+            t.barrier()
+        rows = work.device_rows(layout.device)["send"] if at else None
+        for peer, offset, first, count in targets:  # SMs write over NVLink: no staging on this side
+            mine = rows if count == at else rows[first : first + count]
+            layout.move("pack", t.peer_bytes(peer, offset, count * eb), src_rows=mine, backend=backend)
+        t.barrier()
+        t.pushed_slot = self._slot_offset
+        return [_Pending(None, sorted(p for p in range(self.world_size) if p != me), in_order=True)]
 
     def _pull(self, recvs: dict[int, torch.Tensor], sources: dict[int, int]) -> list:
         """Barrier, every pull, barrier, on the current stream; the pending exchange."""
@@ -557,6 +643,7 @@ def acquire_slots(
     size = max(_GRANULE, -(-need // _GRANULE) * _GRANULE)
     if cached is not None and smallest == largest and held >= need:
         cached.wait_used()  # a previous call's unpack may still read it on another stream
+        cached.pushed_slot = None
         return cached, slot, count
     if cached is not None:
         log.info("rank %d: p2p buffer re-created: %d bytes held (ranks hold %d..%d), %d needed", comm.rank, held, smallest, largest, need)

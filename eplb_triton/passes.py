@@ -117,6 +117,7 @@ class PassWork:
     Staging layout of a pass (bytes)::
 
         | sends, peer by peer | local scratch | receives, peer by peer |
+        | receives, peer by peer | local scratch |        (a direct or pushed pass: no sends staged)
 
     (sends and the staged local moves' sources are packed by one launch, those local moves and
     the receives unpacked by one; a pass that is a whole layer copies its other local moves row
@@ -178,6 +179,8 @@ class PassWork:
     #: send peer's run; each receive peer's first destination row when they are consecutive, else -1
     direct_send_first: list[int] | None = None
     direct_recv_first: list[int] | None = None
+    #: the p2p transport's pack kernel writes the sends straight into the receivers' slots
+    pushed: bool = False
 
     @classmethod
     def from_view(
@@ -191,6 +194,7 @@ class PassWork:
         chunk_experts: int | None = None,
         direct_local: bool = False,
         direct_sends: bool = False,
+        pushed: bool = False,
     ) -> "PassWork":
         """``chunk_experts``: split every per-peer message into pieces of that many experts,
         exchanged as separate batches (the wire order becomes piece-major, see :meth:`batches`);
@@ -202,11 +206,18 @@ class PassWork:
         dense rows: each message goes out as one slice of each tensor's rows, nothing packed, and
         arrives tensor by tensor (the rows of tensor 0, then of tensor 1...: :meth:`apply`); the
         pass then takes no staging for its sends. Whole messages, no ``verify``, planner rounds
-        or stash."""
+        or stash.
+        ``pushed`` (the p2p transport): the sender's pack kernel writes each message straight
+        into its receiver's slot (:meth:`~eplb_triton.p2p._PassExchange.push_packed`), so the
+        pass takes no staging for its sends either; messages packed as usual. Same limits."""
         if chunk_experts is not None and (verify or network_rounds is not None or chunk_experts < 1):
             raise ValueError("chunk_experts needs verify=False, no planner rounds and a value >= 1")
-        if direct_sends and (chunk_experts is not None or verify or network_rounds is not None or (stash_rows is not None and stash_rows.size)):
-            raise ValueError("direct_sends needs whole messages: no chunk_experts, verify, planner rounds or stash")
+        if (direct_sends or pushed) and (
+            chunk_experts is not None or verify or network_rounds is not None or (stash_rows is not None and stash_rows.size)
+        ):
+            raise ValueError("direct_sends and pushed need whole messages: no chunk_experts, verify, planner rounds or stash")
+        if direct_sends and pushed:
+            raise ValueError("a pass is sent straight from the weights (direct_sends) or pushed packed, not both")
         send_peers = sorted(view.send_rows)
         recv_peers = sorted(view.recv_rows)
         send_rows = _wire_order(view.send_rows, send_peers, chunk_experts)
@@ -236,6 +247,7 @@ class PassWork:
             direct_send_first = [_run_first(view.send_rows[p], "send") for p in send_peers]
             direct_recv_first = [_run_first(view.recv_rows[p]) for p in recv_peers]
         return cls(
+            pushed=pushed,
             direct_send_first=direct_send_first,
             direct_recv_first=direct_recv_first,
             view=view,
@@ -323,9 +335,15 @@ class PassWork:
         return self.direct_send_first is not None
 
     @property
+    def receives_first(self) -> bool:
+        """No staging for the sends (:attr:`direct` or :attr:`pushed`): the staging holds the
+        receives from its start, where a p2p sender finds them (:func:`eplb_triton.p2p.receive_spans`)."""
+        return self.pushed or self.direct_send_first is not None
+
+    @property
     def _sends_bytes(self) -> int:
-        """Staging bytes of the sends (none when they go straight from the weights)."""
-        return 0 if self.direct_send_first is not None else self._message_totals()[0]
+        """Staging bytes of the sends (none when they go straight from the weights or are pushed)."""
+        return 0 if self.receives_first else self._message_totals()[0]
 
     @property
     def _recvs_bytes(self) -> int:
@@ -342,13 +360,20 @@ class PassWork:
         return np.concatenate([self.recv_rows, view.local_dst_rows, view.dup_dst_rows]).astype(np.int64)
 
     def _slices(self, staging: torch.Tensor):
-        """``(sends, receives, local scratch)`` regions of ``staging`` (laid out sends, scratch, receives).
+        """``(sends, receives, local scratch)`` regions of ``staging`` (laid out sends, scratch,
+        receives; a direct or pushed pass: receives, scratch, so every rank's receives start its
+        slot and a p2p sender finds where its message lands from the plan alone).
         The last staging's views are kept: a layer asks for them several times (~8 us each)."""
         key = (staging.data_ptr(), staging.numel())
         if self._views is None or self._views[0] != key:
-            sends_end = self._sends_bytes
-            scratch_end = sends_end + self.local_dst_rows.size * self.expert_bytes
-            views = staging[:sends_end], staging[scratch_end : self.staging_bytes], staging[sends_end:scratch_end]
+            scratch_bytes = self.local_dst_rows.size * self.expert_bytes
+            if self.receives_first:
+                recvs_end = self._recvs_bytes
+                views = staging[:0], staging[:recvs_end], staging[recvs_end : recvs_end + scratch_bytes]
+            else:
+                sends_end = self._sends_bytes
+                scratch_end = sends_end + scratch_bytes
+                views = staging[:sends_end], staging[scratch_end : self.staging_bytes], staging[sends_end:scratch_end]
             self._views = (key, views)
         return self._views[1]
 
@@ -480,6 +505,8 @@ class PassWork:
         per staging buffer."""
         if self.direct:
             return self._post_direct(layout, recv_buf, comm, backend, local_buf, launch_lock, where)
+        if self.pushed:
+            return self._post_pushed(layout, recv_buf, comm, backend, local_buf, launch_lock, where)
         packed = self._pack_local_sources(layout, send_buf, local_buf, backend, launch_lock, with_sends=True)
         if not packed and self.send_rows.size:
             with launch_lock:
@@ -508,6 +535,18 @@ class PassWork:
             self._messages = (key, out, into, Communicator.op_labels(out, into))
         _, out, into, labels = self._messages
         return comm.exchange(out, into, where=where), labels, [len(labels)]
+
+    def _post_pushed(self, layout, recv_buf, mover, backend, local_buf, launch_lock, where):
+        """:meth:`_post_whole` of a pushed pass: the local moves' sources packed into the scratch,
+        then ``mover`` (a p2p exchange) packs each peer's rows into that peer's slot."""
+        self._pack_local_sources(layout, recv_buf, local_buf, backend, launch_lock, with_sends=False)
+        if self._messages is None or self._messages[0] != recv_buf.data_ptr():
+            into = self._per_peer(recv_buf, self.recv_peers, self.recv_counts)
+            self._messages = (recv_buf.data_ptr(), None, into, Communicator.op_labels(dict.fromkeys(self.send_peers), into))
+        _, _, into, labels = self._messages
+        with launch_lock:
+            requests = mover.push_packed(layout, self, into, backend, where=where)
+        return requests, labels, [len(labels)]
 
     def _apply_direct(self, layout: ExpertLayout, recv_buf: torch.Tensor) -> None:
         """Write the received rows of direct messages, peer by peer (:meth:`ExpertLayout.unpack_by_tensor`:
@@ -582,6 +621,11 @@ class PassWork:
                 layout.move("unpack", self._slices(staging)[2], dst_rows=self.device_rows(layout.device)["local_dst"], backend=backend)
             self._apply_direct(layout, self._slices(staging)[1])
             self._fill_duplicates(layout, backend)
+            return
+        if self.pushed:  # receives, then scratch: two launches (they are not in unpack order)
+            if self.local_dst_rows.size:
+                layout.move("unpack", self._slices(staging)[2], dst_rows=self.device_rows(layout.device)["local_dst"], backend=backend)
+            self.apply_received(layout, staging, backend)
             return
         if not self.verify and self.local_dst_rows.size and self.recv_rows.size:
             # scratch and receives are adjacent: one launch writes both (distinct rows)

@@ -115,6 +115,15 @@ def layer_runs(total: int, first: int) -> list[tuple[int, int]]:
 DIRECT_SENDS_ENV = "EPLB_TRITON_DIRECT_SENDS"
 DIRECT_SENDS_DEFAULT = 0
 
+#: 1: over the p2p transport the blocking call's pack kernel writes each one-pass layer's (or
+#: stack's) messages straight into the receivers' slots (``agree_on_inputs(pushed_sends=True)``;
+#: :meth:`eplb_triton.p2p._PassExchange.push_packed`); must match on every rank. 0: packed into
+#: this rank's slot and pulled by copy engines. On two H200 (bench/p2p_pack_remote.py, session 11)
+#: the pack into a peer's buffer ran at the copy engines' pull speed (qwen3-30b-a3b-bf16 layer
+#: 0.223 ms, 0.77x one NCCL message) with one launch and one barrier less per layer.
+P2P_PUSH_ENV = "EPLB_TRITON_P2P_PUSH"
+P2P_PUSH_DEFAULT = 1
+
 #: 1: the blocking call always ends with the final confirmation (before session 10 it did over
 #: NCCL without ``timeout_s`` or ``verify`` too, waiting for the device); must match on every rank
 CONFIRM_ENV = "EPLB_TRITON_CONFIRM"
@@ -209,6 +218,7 @@ def agree_on_inputs(
     stack_slot_bytes: int | None = None,
     plan_ahead: bool = False,
     direct_sends: bool = False,
+    pushed_sends: bool = False,
 ) -> AgreedInputs:
     """Check the inputs and agree on them with every rank, planning meanwhile (the first half
     of :func:`prepare_layers`); raises the same ValueError/TypeError on every rank when any
@@ -237,8 +247,12 @@ def agree_on_inputs(
     ``direct_sends``: where every sender's rows for each receiver are one run of consecutive
     rows (:func:`~eplb_triton.plan.sends_one_run`), send each message straight from the weights'
     rows, nothing packed (:meth:`PassWork.from_view`; one-pass layers outside stacks, the NCCL
-    transport, dense rows, no ``verify``, planner rounds or message pieces) when
+    the NCCL transport, dense rows, no ``verify``, planner rounds or message pieces) when
     ``EPLB_TRITON_DIRECT_SENDS=1`` (agreed; off by default: :data:`DIRECT_SENDS_DEFAULT`).
+
+    ``pushed_sends``: over the p2p transport, one-pass layers (and stacks) whose receives fit
+    the staging are packed straight into the receivers' slots (:data:`P2P_PUSH_ENV`, agreed;
+    :attr:`PassWork.pushed`).
 
     ``plan_ahead``: allow building the layers in runs (:meth:`AgreedInputs.layer_runs`, the
     first :func:`plan_ahead_layers` planned here) when nothing can fail after this stage
@@ -265,6 +279,8 @@ def agree_on_inputs(
         options["ranks_per_node"] = ranks_per_node  # it changes the senders: every rank must use the same
         if direct_sends:  # the wire format of some messages: every rank must use the same
             options["direct_sends"] = int_setting(DIRECT_SENDS_ENV, DIRECT_SENDS_DEFAULT, minimum=0, what="0 or 1")
+        if pushed_sends and options["transport"] == "p2p":  # the wire format: every rank must use the same
+            options["p2p_push"] = int_setting(P2P_PUSH_ENV, P2P_PUSH_DEFAULT, minimum=0, what="0 or 1")
         if plan_ahead:  # which layers share a run, hence a stack: every rank must build the same runs
             options["plan_ahead"] = plan_ahead_layers(comm.dist_backend)
             # whether the call ends with the final confirmation (eplb_triton.transfer._confirms)
@@ -370,12 +386,17 @@ def _build_layers(agreed: AgreedInputs, plan: RearrangementPlan, first: int) -> 
     # messages straight from the weights take no staging for the sends: such a layer is one pass
     # where its receives and staged local moves fit (a swap of every row, say, packed in two)
     # (a stacked layer is built as its stack, packed, whatever this says)
+    # (pushed p2p passes too: packed straight into the receivers' slots)
     direct = _direct_layers(plan, layouts, checked, verify, kind, chunk_bytes)
-    if direct.any():
+    pushed_wanted = bool(checked.extra_options.get("p2p_push", 0)) and not verify and kind is None and not chunk_bytes
+    pushed = np.array([layer.num_network > 0 for layer in plan.layers], dtype=bool) & ~direct & pushed_wanted
+    if direct.any() or pushed.any():
         traffic = plan.traffic
         sends = traffic.sum(axis=2) - np.diagonal(traffic, axis1=1, axis2=2)
-        direct &= fits_one_pass(plan.layers, capacities, pass_rows - sends)
-    one_pass = (packed_one_pass | direct).tolist()
+        receives_fit = fits_one_pass(plan.layers, capacities, pass_rows - sends)
+        direct &= receives_fit
+        pushed &= receives_fit
+    one_pass = (packed_one_pass | direct | pushed).tolist()
     alone = [layer for index, layer in enumerate(plan.layers) if index not in inside and index not in stacked]
     rank_views(alone, rank)  # cached on the layers
     no_stash = np.zeros(0, dtype=np.int64)
@@ -385,7 +406,7 @@ def _build_layers(agreed: AgreedInputs, plan: RearrangementPlan, first: int) -> 
             continue
         if index in stacked:
             group, view = stacked[index]
-            work = PassWork.from_view(view, layout.expert_bytes, direct_local=True)
+            work = PassWork.from_view(view, layout.expert_bytes, direct_local=True, pushed=pushed_wanted)
             work.pass_traffic = sum(plan.layers[i].traffic for i in group)  # p2p: each peer's message, all layers
             layers.append(
                 LayerWork(
@@ -423,6 +444,7 @@ def _build_layers(agreed: AgreedInputs, plan: RearrangementPlan, first: int) -> 
                     view, layout.expert_bytes, stash_rows, verify=verify, network_rounds=network_rounds, chunk_experts=chunk,
                     direct_local=whole and not stash_rows.size,  # what schedule_layer counted on
                     direct_sends=bool(direct[index]),  # one pass (one_pass above), outside stacks
+                    pushed=bool(pushed[index]),
                 )
             )
             works[-1].pass_traffic = sub.traffic
@@ -445,6 +467,8 @@ def _direct_layers(plan, layouts, checked, verify, kind, chunk_bytes) -> np.ndar
     ``direct_sends`` option, see :func:`agree_on_inputs`; the caller adds: in one pass, not in a
     stack). The same on every rank: the global plan, the agreed options and the weights' layouts
     (agreed by their signature)."""
+    # (over p2p, copies from the weights into a peer's slot were tried in session 11: they lost
+    # to pushed passes, and a timed-out rank's queued copies would land in a live peer's staging)
     wanted = checked.extra_options.get("direct_sends", 0) and checked.extra_options.get("transport", "nccl") == "nccl"
     if not wanted or verify or kind is not None or chunk_bytes or not plan.layers:
         return np.zeros(len(plan.layers), dtype=bool)

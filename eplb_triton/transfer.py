@@ -265,10 +265,12 @@ def rearrange_expert_weights_inplace(
             undo copy (layers that need several passes) is taken from what the staging
             leaves free, else allocated. Its contents are overwritten.
         transport: ``"nccl"``: the EP group's own isend/irecv (NCCL on GPUs, gloo on CPU).
-            ``"p2p"``: every rank maps the others' symmetric staging buffer and pulls its
-            messages with the copy engines over NVLink (:mod:`eplb_triton.p2p`; a NCCL group
-            on one node; the staging then lives in that buffer, cached per group and device
-            until :func:`eplb_triton.p2p.release_cached`). ``"auto"`` (default): ``"nccl"``,
+            ``"p2p"``: every rank maps the others' symmetric staging buffer (:mod:`eplb_triton.p2p`;
+            a NCCL group on one node; the staging then lives in that buffer, cached per group
+            and device until :func:`eplb_triton.p2p.release_cached`); a one-pass layer's pack
+            kernel writes each message straight into its receiver's slot over NVLink
+            (``EPLB_TRITON_P2P_PUSH=0``: receivers pull them with the copy engines), each layer
+            written before the next is packed (not counted in ``overlapped_layers``). ``"auto"`` (default): ``"nccl"``,
             or ``"p2p"`` when ``EPLB_TRITON_TRANSPORT=p2p`` and it can work. Same on every
             rank; ``"p2p"`` where it cannot work raises ``ValueError`` on every rank.
 
@@ -303,6 +305,7 @@ def rearrange_expert_weights_inplace(
         stack=True,
         plan_ahead=True,
         direct_sends=True,
+        pushed_sends=True,
     )
     stats = TransferStats.empty(comm.rank, comm.world_size)
     runs = agreed.layer_runs()

@@ -43,3 +43,37 @@ def expected_received_experts(old, new, world: int) -> list[int]:
             sum(int(np.setdiff1d(n[rows][n[rows] >= 0], o[rows][o[rows] >= 0]).size) for o, n in zip(old, new))
         )
     return counts
+
+
+def rotation_maps(layers: int, world: int, num_local: int, moved: int) -> tuple[np.ndarray, np.ndarray]:
+    """Layer ``l``: every rank's first ``moved + l % 2`` rows go to the next rank's rows ``1 ..``
+    (one run of rows per message, each landing one row lower); on every rank the last row takes
+    a replica of its first (a local move) and, in odd layers, row ``num_local - 2`` empties."""
+    old = np.tile(np.arange(world * num_local), (layers, 1))
+    new = old.copy()
+    for l in range(layers):
+        k = moved + l % 2
+        for r in range(world):
+            dst = ((r + 1) % world) * num_local
+            new[l, dst + 1 : dst + 1 + k] = old[l, r * num_local : r * num_local + k]
+        for r in range(world):
+            base = r * num_local
+            new[l, base + num_local - 1] = old[l, base]
+            if l % 2:
+                new[l, base + num_local - 2] = -1
+    return old, new
+
+
+def all_to_all_run_maps(layers: int, world: int, moved: int) -> tuple[np.ndarray, np.ndarray]:
+    """``num_local = (world - 1) * moved + 1``; every rank sends ``moved`` consecutive rows to
+    every other rank (one run each), which lands them in the rows of its ``i``-th sender (the
+    last row stays): every receiver gets a message from every sender."""
+    n = (world - 1) * moved + 1
+    old = np.tile(np.arange(world * n), (layers, 1))
+    new = old.copy()
+    for r in range(world):
+        others = [q for q in range(world) if q != r]
+        for j, q in enumerate(others):
+            i = [s for s in range(world) if s != q].index(r)
+            new[:, q * n + i * moved : q * n + (i + 1) * moved] = old[:, r * n + j * moved : r * n + (j + 1) * moved]
+    return old, new

@@ -23,7 +23,9 @@ flight: the victim then dies in layer 1's first (only) pass, and a killed victim
 bytes with it (the survivor names layer 0 or 1 and keeps every layer from it old).
 ``blocking-stacked`` gives room for stacks of two layers (:mod:`eplb_triton.stacked`: layers 0-1 in
 one exchange, then layer 2): the victim fails as the second stack starts (layer 2);
-``worker-stacked`` the same with the worker's stacks (``layers_ahead=4``).
+``worker-stacked`` the same with the worker's stacks (``layers_ahead=4``). ``blocking-pushed``
+(p2p only): two slots of pushed passes, each layer packed into the receivers' slots and written
+before the next (the other p2p paths pull, ``EPLB_TRITON_P2P_PUSH=0``).
 """
 
 from __future__ import annotations
@@ -112,7 +114,9 @@ def _rank_faulty_run(rank: int, world: int, backend: str, path: str, kind: str, 
     weights = make_rank_weights(specs, LAYERS, old.shape[1] // world, device)
     budget = BUDGET_ROWS * sum((spec.row_bytes() + 15) // 16 * 16 for spec in specs)  # packed experts
     fault_pass, fault_layer = FAULT_PASS, FAULT_LAYER
-    if path in ("blocking-overlapped", "blocking-direct"):  # two layers' staging: layer 1 posted while 0 is in flight
+    # p2p: pulled passes (packed into this rank's slot) but in blocking-pushed
+    os.environ["EPLB_TRITON_P2P_PUSH"] = "1" if path == "blocking-pushed" else "0"
+    if path in ("blocking-overlapped", "blocking-direct", "blocking-pushed"):  # two layers' staging: layer 1 posted while 0 is in flight
         os.environ["EPLB_TRITON_DIRECT_SENDS"] = "1" if path == "blocking-direct" else "0"  # (single-row messages)
         path, budget, fault_pass = "blocking", 1 << 24, 0
         os.environ["EPLB_TRITON_LAYERS_PER_EXCHANGE"] = "1"  # one layer per exchange
@@ -228,12 +232,16 @@ def _launch(
         pytest.param("worker", id="worker"),
         pytest.param("blocking-overlapped", id="blocking-overlapped"),
         pytest.param("blocking-direct", id="blocking-direct"),  # messages straight from the weights
+        # p2p only: each layer packed into the receivers' slots, written before the next is packed
+        pytest.param("blocking-pushed", id="blocking-pushed"),
         pytest.param("blocking-stacked", id="blocking-stacked"),
         pytest.param("worker-stacked", id="worker-stacked"),
     ],
 )
 @pytest.mark.parametrize("kind", [pytest.param("killed", id="peer-killed"), pytest.param("stalled", id="peer-stalled")])
 def test_survivor_names_layer_and_peer_keeps_layers_whole_and_exits_cleanly(monkeypatch, tmp_path, backend, path, kind):
+    if path == "blocking-pushed" and backend != "nccl-p2p":
+        pytest.skip("pushed passes are the p2p transport's (elsewhere the same as blocking-overlapped)")
     for name, value in NCCL_ENV.items():
         monkeypatch.setenv(name, value)  # inherited by the children (NCCL reads them at init)
     deadline_s = 240.0 if backend.startswith("nccl") else 90.0  # NCCL: process spawn, CUDA init, kernel compiles

@@ -29,7 +29,8 @@ from eplb_triton.comm import Communicator
 from eplb_triton.p2p import P2PTransport, check_transport, message_spans, send_region_bytes
 from eplb_triton.testing.synthetic import make_rank_weights, fill_rank_weights, row_mismatches
 from eplb_triton.transfer import prepare_layers
-from map_cases import packed_expert_bytes, random_maps
+from map_cases import all_to_all_run_maps, packed_expert_bytes, random_maps, rotation_maps
+from eplb_triton.testing.synthetic import TensorSpec
 from test_worker import PACKED, SPECS, as_bytes, rank_weights, same_bytes
 
 
@@ -223,9 +224,10 @@ def _emulate(buffers, barrier, made):
     p2p._GRANULE = 256  # sizes stay within the emulated buffers
 
 
-def _rank_emulated(rank, world, old, new, budget, verify, buffers, barrier, specs):
+def _rank_emulated(rank, world, old, new, budget, verify, buffers, barrier, specs, push="1"):
     made = []
     _emulate(buffers, barrier, made)
+    os.environ["EPLB_TRITON_P2P_PUSH"] = push
     seed = 9
     reference = make_rank_weights(specs, old.shape[0], old.shape[1] // world)
     fill_rank_weights(reference, old, rank, seed)
@@ -239,6 +241,7 @@ def _rank_emulated(rank, world, old, new, budget, verify, buffers, barrier, spec
         sent=stats.bytes_sent.tolist() == ref_stats.bytes_sent.tolist(),
         barriers=made[-1].barriers if made else 0,
         overlapped=stats.overlapped_layers,
+        exchanges=stats.exchanges,
     )
     weights = make_rank_weights(specs, old.shape[0], old.shape[1] // world)
     fill_rank_weights(weights, old, rank, seed)
@@ -269,7 +272,12 @@ MIXED = [SPECS, [SPECS[0], SPECS[3]], SPECS[1:]]  # per-layer tensor lists: diff
         pytest.param(3, 5, 4, 8, 16, False, False, id="W3-L5-N4-budget16-two-slots"),
     ],
 )
-def test_emulated_p2p_moves_the_same_bytes_as_the_group_path(distributed, world, layers, num_local, logical, budget_rows, verify, mixed):
+@pytest.mark.parametrize("push", [pytest.param("1", id="pushed"), pytest.param("0", id="pulled")])
+def test_emulated_p2p_moves_the_same_bytes_as_the_group_path(distributed, world, layers, num_local, logical, budget_rows, verify, mixed, push):
+    """Both APIs over the emulated p2p transport equal the group path. ``pushed``
+    (``EPLB_TRITON_P2P_PUSH=1``, the default): the blocking call's one-pass layers are packed
+    straight into the receivers' slots, with one barrier per layer where two slots alternate;
+    ``pulled``: packed into this rank's slot, pulled by the receivers (two barriers per pass)."""
     rng = np.random.default_rng(world * 31 + num_local)
     old, new = random_maps(rng, layers, world, num_local, logical)
     specs = MIXED[:layers] if mixed else SPECS
@@ -277,7 +285,7 @@ def test_emulated_p2p_moves_the_same_bytes_as_the_group_path(distributed, world,
     budget = None if budget_rows is None else budget_rows * row
     buffers = [torch.zeros(1 << 16, dtype=torch.uint8).share_memory_() for _ in range(world)]
     barrier = mp.get_context("fork").Barrier(world)
-    results = distributed(world, _rank_emulated, old, new, budget, verify, buffers, barrier, specs)
+    results = distributed(world, _rank_emulated, old, new, budget, verify, buffers, barrier, specs, push)
     for rank, res in enumerate(results):
         b = res["blocking"]
         assert b["rows"] == [], f"rank {rank}: blocking p2p wrote wrong rows {b['rows'][:6]}"
@@ -288,11 +296,105 @@ def test_emulated_p2p_moves_the_same_bytes_as_the_group_path(distributed, world,
         assert res["worker_barriers"] > 0 and res["worker_released"]
         if verify:
             assert res["worker_verified"] > 0
-        if budget_rows == 16:  # two slots: each sender's messages at the second slot's offset too
+        if budget_rows == 16 and push == "0":  # two slots: each sender's messages at the second slot's offset too
             assert b["overlapped"] > 0, "the two-slot path was not taken"
+    exchanges = max(r["blocking"]["exchanges"] for r in results)  # a pass with network traffic: every rank takes part
+    if push == "1" and budget_rows == 16:  # pushed in alternating slots: one barrier per layer, one more per call
+        assert results[0]["blocking"]["barriers"] == exchanges + 1
+    elif push == "0" or verify:
+        assert results[0]["blocking"]["barriers"] == 2 * exchanges
     # barriers meet: every rank passed the same number of them
     assert len({r["blocking"]["barriers"] for r in results}) == 1
     assert len({r["worker_barriers"] for r in results}) == 1
+
+
+def _rank_emulated_pushed(rank, world, old, new, budget, buffers, barrier, specs, direct):
+    made = []
+    _emulate(buffers, barrier, made)
+    os.environ["EPLB_TRITON_DIRECT_SENDS"] = direct
+    os.environ["EPLB_TRITON_P2P_PUSH"] = "1"
+    seed = 5
+    reference = make_rank_weights(specs, old.shape[0], old.shape[1] // world)
+    fill_rank_weights(reference, old, rank, seed)
+    ref_stats = rearrange_expert_weights_inplace(old, new, reference, max_buffer_bytes=budget, transport="nccl")
+    weights = make_rank_weights(specs, old.shape[0], old.shape[1] // world)
+    fill_rank_weights(weights, old, rank, seed)
+    stats = rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget, transport="p2p")
+    return dict(
+        rows=row_mismatches(weights, old, new, rank, seed),
+        equal=same_bytes(as_bytes(weights), as_bytes(reference)),
+        sent=stats.bytes_sent.tolist() == ref_stats.bytes_sent.tolist(),
+        ops=(stats.p2p_ops, ref_stats.p2p_ops),
+        barriers=made[-1].barriers if made else 0,
+        overlapped=stats.overlapped_layers,
+        peak=stats.peak_staging_bytes,
+    )
+
+
+@pytest.mark.parametrize(
+    "world,layers,num_local,moved,budget_rows,specs",
+    [
+        pytest.param(2, 4, 6, 2, None, SPECS, id="W2-L4-N6-default-budget"),
+        pytest.param(3, 3, 5, 1, 3, SPECS, id="W3-L3-N5-budget3-one-slot"),
+        pytest.param(2, 3, 6, 2, None, SPECS[:1] + [TensorSpec((0,), torch.float32)] + SPECS[1:], id="W2-zero-byte-rows"),
+        pytest.param(4, 2, None, 2, None, SPECS, id="W4-every-rank-to-every-rank"),
+    ],
+)
+@pytest.mark.parametrize("direct", [pytest.param("0", id="packed"), pytest.param("1", id="direct-sends-asked")])
+def test_emulated_p2p_pushed_passes_with_local_moves_replicas_and_empty_slots(distributed, world, layers, num_local, moved, budget_rows, specs, direct):
+    """Pushed passes (``EPLB_TRITON_P2P_PUSH=1``, the default): each sender's pack kernel
+    writes its messages into the receivers' slots; the bytes equal the group path's. Two slots
+    alternate with one barrier per layer (and one per call). ``EPLB_TRITON_DIRECT_SENDS=1``
+    changes nothing over p2p (the group path then sends one op per tensor).
+    ``num_local=None``: :func:`all_to_all_run_maps` (several senders per receiver)."""
+    if num_local is None:
+        old, new = all_to_all_run_maps(layers, world, moved)
+    else:
+        old, new = rotation_maps(layers, world, num_local, moved)
+    row = packed_expert_bytes(specs)
+    budget = None if budget_rows is None else budget_rows * row
+    buffers = [torch.zeros(1 << 16, dtype=torch.uint8).share_memory_() for _ in range(world)]
+    barrier = mp.get_context("fork").Barrier(world)
+    results = distributed(world, _rank_emulated_pushed, old, new, budget, buffers, barrier, specs, direct)
+    tensors = sum(1 for spec in specs if spec.row_bytes())
+    for rank, res in enumerate(results):
+        assert res["rows"] == [], f"rank {rank}: pushed p2p wrote wrong rows {res['rows'][:6]}"
+        assert res["equal"] and res["sent"], f"rank {rank}: pushed p2p differs from the group path"
+        ops, ref_ops = res["ops"]
+        peers = world - 1 if num_local is None else 1
+        # one packed message each way per peer and layer: staging only for the receives, so one
+        # pass per layer where the group path's packed sends may need two
+        assert ops == 2 * peers * layers, f"{ops} ops"
+        assert ref_ops == (2 * peers * tensors * layers if direct == "1" else ref_ops) and ref_ops >= ops
+        received = peers * moved if num_local is None else moved + 1  # rows of the largest layer
+        two_slots = budget_rows is None and 2 * received <= old.shape[1] // world  # receives only: two slots in a layer's budget
+        assert res["barriers"] == (layers + 1 if two_slots else 2 * layers)
+        assert res["overlapped"] == 0  # each layer is written before the next one is packed
+        if two_slots:
+            assert res["peak"] == 2 * (-(-received * row // 256) * 256)  # slots 256-byte aligned
+    assert len({r["barriers"] for r in results}) == 1
+
+
+def test_receive_spans_put_each_senders_message_where_the_receivers_pass_holds_it():
+    """:func:`~eplb_triton.p2p.receive_spans` against each receiver's own direct PassWork, for
+    maps whose messages are runs of rows (rotations with replicas and empty slots; every rank
+    to every rank), worlds 2-8."""
+    from eplb_triton.maps import ExpertMaps
+    from eplb_triton.passes import PassWork
+    from eplb_triton.plan import plan_from_maps, sends_one_run
+
+    cases = [(w, *rotation_maps(2, w, n, k)) for w, n, k in ((2, 6, 2), (3, 5, 1), (4, 7, 3), (8, 4, 1))]
+    cases += [(w, *all_to_all_run_maps(2, w, k)) for w, k in ((3, 2), (4, 1), (8, 2))]
+    for world, old, new in cases:
+        plan = plan_from_maps(ExpertMaps(old, new, world, False))
+        assert sends_one_run(plan.layers).all()
+        for layer in plan.layers:
+            for receiver in range(world):
+                work = PassWork.from_view(layer.rank(receiver), 48, direct_sends=True)
+                staging = torch.empty(work.staging_bytes, dtype=torch.uint8)
+                messages = work.recv_messages(staging)
+                got = {p: (m.data_ptr() - staging.data_ptr(), m.numel()) for p, m in messages.items()}
+                assert got == p2p.receive_spans(layer.traffic, receiver, 48), (world, receiver)
 
 
 # -- the deadline ---------------------------------------------------------------------------------

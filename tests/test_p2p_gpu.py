@@ -180,6 +180,54 @@ def test_p2p_equals_nccl_and_expected_on_both_apis():
     assert results[0]["odd-L6-N6-stacked"]["stacked"] >= 2, "the large budget should stack layers"
 
 
+# -- pushed passes: the pack kernel writes into the receivers' slots (EPLB_TRITON_P2P_PUSH=1) ---
+def _rank_pushed(rank, world, cases):
+    _log_to_stderr()
+    from eplb_triton import rearrange_expert_weights_inplace
+
+    out = {}
+    for name, specs, (old, new), rows in cases:
+        layers, num_local = old.shape[0], old.shape[1] // world
+        budget = _budget([specs], rows, False)
+        reference = make_rank_weights(specs, layers, num_local, "cuda")
+        fill_rank_weights(reference, old, rank, 3)
+        os.environ["EPLB_TRITON_DIRECT_SENDS"] = "0"
+        packed = rearrange_expert_weights_inplace(old, new, reference, max_buffer_bytes=budget, transport="nccl")
+        weights = make_rank_weights(specs, layers, num_local, "cuda")
+        fill_rank_weights(weights, old, rank, 3)
+        stats = rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget, transport="p2p", timeout_s=30.0)
+        torch.cuda.synchronize()
+        out[name] = dict(
+            rows=row_mismatches(weights, old, new, rank, 3),
+            equal=_same(_bytes_of(weights), _bytes_of(reference)),
+            ops=(int(stats.p2p_ops), int(packed.p2p_ops)),
+            overlapped=int(stats.overlapped_layers),
+        )
+    return out
+
+
+def test_p2p_pushed_passes_are_bit_exact():
+    """Pushed passes (the default): each sender's pack kernel writes its messages into the
+    receivers' slots over NVLink. Rotations with local moves, replicas and empty slots, odd
+    rows, 3-D rows and fp8 with scales, in two slots (default budget) and in one (a budget of 3
+    experts); the bytes equal the NCCL transport's packed result."""
+    from map_cases import rotation_maps
+
+    cases = [
+        ("odd-default", ODD, rotation_maps(4, WORLD, 6, 2), None),
+        ("3d-default", THREE_D, rotation_maps(3, WORLD, 8, 3), None),
+        ("fp8-default", FP8_SCALED, rotation_maps(4, WORLD, 8, 1), None),
+        ("fp8-one-slot", FP8_SCALED, rotation_maps(3, WORLD, 6, 1), 3),
+    ]
+    results = run_ranks(WORLD, _rank_pushed, cases, backend="nccl", timeout_s=150.0)
+    for rank, per_case in enumerate(results):
+        for (name, specs, (old, _), rows), res in zip(cases, per_case.values()):
+            assert res["rows"] == [] and res["equal"], f"rank {rank}, {name}: pushed p2p {res['rows'][:6]}"
+            ops, packed_ops = res["ops"]  # one pass per layer (staging for the receives only)
+            assert ops == 2 * old.shape[0] <= packed_ops, f"{name}: {res['ops']} ops"
+            assert res["overlapped"] == 0, f"{name}: {res['overlapped']} overlapped"
+
+
 # -- verify catches a corrupted message ----------------------------------------------------
 def _corrupt(where, **info):
     if info["rank"] == 1 and where == "in_flight" and info["layer"] == 1 and info["pass_index"] == 0:
