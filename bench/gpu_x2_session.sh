@@ -18,6 +18,17 @@ link_ab() {  # tag, NAME=VALUE: the blocking call at 48/16/4 layers, default bud
   done
 }
 
+link_p2p() {  # tag, NAME=VALUE, then "LAYERS REPEATS [link_speed options]" per run: NCCL and p2p rows, and under NAME=VALUE
+  local tag=$1 variant=$2 spec layers repeats
+  shift 2
+  for spec in "$@"; do  # (expanded once: the set below does not change the list)
+    set -- $spec; layers=$1; repeats=$2; shift 2
+    run_step "link-$layers-layers-$tag" 200 python3 bench/link_speed.py --layers $layers --repeats $repeats \
+      --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --transport nccl p2p --variants "$variant" "$@" \
+      --json "$OUT/link_speed-${layers}layers-$tag.json" --markdown "$OUT/link_speed-${layers}layers-$tag.md"
+  done
+}
+
 for step in ${STEPS:-tests link}; do
   case $step in
     tests) run_step gpu-tests ${TESTS_LIMIT:-560} python3 -m pytest -q -m gpu tests -p no:cacheprovider -rf ;;
@@ -207,6 +218,34 @@ for step in ${STEPS:-tests link}; do
         --budgets 8 --transport nccl p2p --json "$OUT/link_speed-48layers-p2p10.json" --markdown "$OUT/link_speed-48layers-p2p10.md"
       run_step pacing-nccl10 120 python3 bench/pacing.py --timeout 100 --out "$OUT/nccl"
       run_step pacing-p2p10 120 python3 bench/pacing.py --transport p2p --timeout 100 --out "$OUT/p2p" ;;
+    # session 11 (run 57): p2p copies straight from the weights (EPLB_TRITON_DIRECT_SENDS=1) next to
+    # the packed p2p and NCCL rows, at 48/16/4 layers (that code was removed: over p2p the setting
+    # no longer changes anything; the pushed passes replaced it)
+    push11) run_step gpu-tests-push11 ${TESTS_LIMIT:-150} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
+        -k "direct or equals or one_by_one" -p no:cacheprovider -rf
+      link_p2p push11 EPLB_TRITON_DIRECT_SENDS=1 "48 5 --presets --methods floor blocking" \
+        "16 5 --presets --methods floor blocking" "4 7 --presets --methods floor blocking" ;;
+    # session 11: p2p passes packed straight into the receivers' slots (EPLB_TRITON_P2P_PUSH=1, the
+    # default) next to pulled ones (=0), NCCL and the floors; the p2p GPU and fault tests first
+    pushed11) run_step gpu-tests-pushed11 ${TESTS_LIMIT:-200} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
+        -p no:cacheprovider -rf
+      run_step gpu-faults-p2p11 ${TESTS_LIMIT:-150} python3 -m pytest -q -m gpu tests/test_faults_gpu.py -k "p2p and blocking" \
+        -p no:cacheprovider -rf
+      rows="--presets qwen3-30b-a3b --methods floor per-expert blocking"
+      link_p2p pushed11 EPLB_TRITON_P2P_PUSH=0 "48 5 $rows --budgets 8" "16 5 $rows" "4 7 $rows" ;;
+    # session 11, after dropping copy-engine sends over p2p: the p2p and p2p fault GPU tests
+    # (blocking-pushed included), 48 layers NCCL / p2p, and the timeline of 16 pushed qwen3 layers
+    pushed11b) run_step gpu-tests-pushed11b ${TESTS_LIMIT:-200} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
+        -p no:cacheprovider -rf
+      run_step gpu-faults-p2p11b ${TESTS_LIMIT:-200} python3 -m pytest -q -m gpu tests/test_faults_gpu.py -k "p2p and blocking" \
+        -p no:cacheprovider -rf
+      run_step link-48-layers-pushed11b 150 python3 bench/link_speed.py --layers 48 --repeats 5 \
+        --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets qwen3-30b-a3b --methods floor blocking --transport nccl p2p \
+        --json "$OUT/link_speed-48layers-pushed11b.json" --markdown "$OUT/link_speed-48layers-pushed11b.md"
+      run_step timeline-pushed11b 60 env EPLB_TRITON_TRANSPORT=p2p python3 bench/layer_timeline.py --config qwen3-30b-a3b-bf16 --layers 16 ;;
+    # session 11, last call: the GPU tests but the fault and p2p ones (those ran in pushed11b)
+    final11) run_step gpu-tests-final11 ${TESTS_LIMIT:-240} python3 -m pytest -q -m gpu tests --ignore=tests/test_faults_gpu.py \
+        --ignore=tests/test_p2p_gpu.py -p no:cacheprovider -rf --durations=5 ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;
