@@ -246,6 +246,16 @@ for step in ${STEPS:-tests link}; do
     # session 11, last call: the GPU tests but the fault and p2p ones (those ran in pushed11b)
     final11) run_step gpu-tests-final11 ${TESTS_LIMIT:-240} python3 -m pytest -q -m gpu tests --ignore=tests/test_faults_gpu.py \
         --ignore=tests/test_p2p_gpu.py -p no:cacheprovider -rf --durations=5 ;;
+    # not run yet (session 11 ran out of device time): issue 17's other rows on today's code:
+    # multi_gpu.py's correctness phase over p2p, the worker (pulls) next to NCCL at 48 layers, and
+    # the serving loop's slowdown during a worker transfer, both transports
+    next12) run_step multi-gpu-p2p 300 env EPLB_TRITON_TRANSPORT=p2p python3 bench/multi_gpu.py --backend nccl --timeout 280 \
+        --json "$OUT/multi_gpu-p2p-w2.json"
+      run_step link-48-layers-worker12 200 python3 bench/link_speed.py --layers 48 --repeats 5 \
+        --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking worker --worker-ahead 16 \
+        --transport nccl p2p --json "$OUT/link_speed-48layers-worker12.json" --markdown "$OUT/link_speed-48layers-worker12.md"
+      run_step pacing-nccl12 120 python3 bench/pacing.py --timeout 100 --out "$OUT/nccl"
+      run_step pacing-p2p12 120 python3 bench/pacing.py --transport p2p --timeout 100 --out "$OUT/p2p" ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;
