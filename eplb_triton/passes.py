@@ -338,7 +338,7 @@ class PassWork:
     def receives_first(self) -> bool:
         """No staging for the sends (:attr:`direct` or :attr:`pushed`): the staging holds the
         receives from its start, where a p2p sender finds them (:func:`eplb_triton.p2p.receive_spans`)."""
-        return self.pushed or self.direct_send_first is not None
+        return self.pushed or self.direct
 
     @property
     def _sends_bytes(self) -> int:
@@ -616,18 +616,7 @@ class PassWork:
         if self.direct_dst_rows.size:  # first: their sources may be overwritten by the writes below
             rows = self.device_rows(layout.device)
             layout.move("copy", None, src_rows=rows["direct_src"], dst_rows=rows["direct_dst"], backend=backend)
-        if self.direct:  # received tensor by tensor: staged local moves first, then each message
-            if self.local_dst_rows.size:
-                layout.move("unpack", self._slices(staging)[2], dst_rows=self.device_rows(layout.device)["local_dst"], backend=backend)
-            self._apply_direct(layout, self._slices(staging)[1])
-            self._fill_duplicates(layout, backend)
-            return
-        if self.pushed:  # receives, then scratch: two launches (they are not in unpack order)
-            if self.local_dst_rows.size:
-                layout.move("unpack", self._slices(staging)[2], dst_rows=self.device_rows(layout.device)["local_dst"], backend=backend)
-            self.apply_received(layout, staging, backend)
-            return
-        if not self.verify and self.local_dst_rows.size and self.recv_rows.size:
+        if not self.verify and not self.receives_first and self.local_dst_rows.size and self.recv_rows.size:
             # scratch and receives are adjacent: one launch writes both (distinct rows)
             _, recvs, scratch = self._slices(staging)
             both = scratch.as_strided((scratch.numel() + recvs.numel(),), (1,))
@@ -639,7 +628,11 @@ class PassWork:
             rows = self.device_rows(layout.device)["local_dst"]
             layout.move("unpack", self._slices(staging)[2], dst_rows=rows, backend=backend)
         self._local_from_stash(layout, stash, backend)
-        self.apply_received(layout, staging, backend)
+        if self.direct:  # received tensor by tensor
+            self._apply_direct(layout, self._slices(staging)[1])
+            self._fill_duplicates(layout, backend)
+        else:
+            self.apply_received(layout, staging, backend)
 
     def _local_from_stash(self, layout: ExpertLayout, stash: torch.Tensor | None, backend: str | None) -> None:
         if self.stash_local_dst_rows.size:

@@ -247,7 +247,7 @@ def agree_on_inputs(
     ``direct_sends``: where every sender's rows for each receiver are one run of consecutive
     rows (:func:`~eplb_triton.plan.sends_one_run`), send each message straight from the weights'
     rows, nothing packed (:meth:`PassWork.from_view`; one-pass layers outside stacks, the NCCL
-    the NCCL transport, dense rows, no ``verify``, planner rounds or message pieces) when
+    transport, dense rows, no ``verify``, planner rounds or message pieces) when
     ``EPLB_TRITON_DIRECT_SENDS=1`` (agreed; off by default: :data:`DIRECT_SENDS_DEFAULT`).
 
     ``pushed_sends``: over the p2p transport, one-pass layers (and stacks) whose receives fit
@@ -383,10 +383,10 @@ def _build_layers(agreed: AgreedInputs, plan: RearrangementPlan, first: int) -> 
     stacks = _stacks(plan, layouts, pass_rows, packed_one_pass.tolist(), checked, verify, kind, chunk_bytes, agreed.stack, agreed.stack_slot_bytes)
     stacked = {group[0]: (group, view) for group, view in zip(stacks, stacked_rank_views(plan.layers, rank, stacks))}
     inside = {index for group in stacks for index in group[1:]}
-    # messages straight from the weights take no staging for the sends: such a layer is one pass
-    # where its receives and staged local moves fit (a swap of every row, say, packed in two)
-    # (a stacked layer is built as its stack, packed, whatever this says)
-    # (pushed p2p passes too: packed straight into the receivers' slots)
+    # messages straight from the weights, and pushed p2p passes (packed into the receivers'
+    # slots), take no staging for the sends: such a layer is one pass where its receives and
+    # staged local moves fit (a swap of every row, say, packed in two). A stacked layer is built
+    # as its stack (pushed where p2p pushes), whatever this says.
     direct = _direct_layers(plan, layouts, checked, verify, kind, chunk_bytes)
     pushed_wanted = bool(checked.extra_options.get("p2p_push", 0)) and not verify and kind is None and not chunk_bytes
     pushed = np.array([layer.num_network > 0 for layer in plan.layers], dtype=bool) & ~direct & pushed_wanted

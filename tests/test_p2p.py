@@ -224,25 +224,33 @@ def _emulate(buffers, barrier, made):
     p2p._GRANULE = 256  # sizes stay within the emulated buffers
 
 
-def _rank_emulated(rank, world, old, new, budget, verify, buffers, barrier, specs, push="1"):
-    made = []
-    _emulate(buffers, barrier, made)
-    os.environ["EPLB_TRITON_P2P_PUSH"] = push
-    seed = 9
+def _blocking_both_ways(rank, world, old, new, budget, verify, specs, seed, made) -> tuple[list, dict]:
+    """The blocking call over the group path (gloo) and over the emulated p2p transport, from the
+    same weights: the group path's result, and the p2p call's rows, bytes, stats and barriers."""
     reference = make_rank_weights(specs, old.shape[0], old.shape[1] // world)
     fill_rank_weights(reference, old, rank, seed)
     ref_stats = rearrange_expert_weights_inplace(old, new, reference, max_buffer_bytes=budget, verify=verify, transport="nccl")
     weights = make_rank_weights(specs, old.shape[0], old.shape[1] // world)
     fill_rank_weights(weights, old, rank, seed)
     stats = rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget, verify=verify, transport="p2p")
-    blocking = dict(
+    return reference, dict(
         rows=row_mismatches(weights, old, new, rank, seed),
         equal=same_bytes(as_bytes(weights), as_bytes(reference)),
         sent=stats.bytes_sent.tolist() == ref_stats.bytes_sent.tolist(),
         barriers=made[-1].barriers if made else 0,
         overlapped=stats.overlapped_layers,
         exchanges=stats.exchanges,
+        ops=(stats.p2p_ops, ref_stats.p2p_ops),
+        peak=stats.peak_staging_bytes,
     )
+
+
+def _rank_emulated(rank, world, old, new, budget, verify, buffers, barrier, specs, push="1"):
+    made = []
+    _emulate(buffers, barrier, made)
+    os.environ["EPLB_TRITON_P2P_PUSH"] = push
+    seed = 9
+    reference, blocking = _blocking_both_ways(rank, world, old, new, budget, verify, specs, seed, made)
     weights = make_rank_weights(specs, old.shape[0], old.shape[1] // world)
     fill_rank_weights(weights, old, rank, seed)
     with TransferWorker(weights, max_buffer_bytes=budget, verify=verify, transport="p2p") as worker:
@@ -313,22 +321,7 @@ def _rank_emulated_pushed(rank, world, old, new, budget, buffers, barrier, specs
     _emulate(buffers, barrier, made)
     os.environ["EPLB_TRITON_DIRECT_SENDS"] = direct
     os.environ["EPLB_TRITON_P2P_PUSH"] = "1"
-    seed = 5
-    reference = make_rank_weights(specs, old.shape[0], old.shape[1] // world)
-    fill_rank_weights(reference, old, rank, seed)
-    ref_stats = rearrange_expert_weights_inplace(old, new, reference, max_buffer_bytes=budget, transport="nccl")
-    weights = make_rank_weights(specs, old.shape[0], old.shape[1] // world)
-    fill_rank_weights(weights, old, rank, seed)
-    stats = rearrange_expert_weights_inplace(old, new, weights, max_buffer_bytes=budget, transport="p2p")
-    return dict(
-        rows=row_mismatches(weights, old, new, rank, seed),
-        equal=same_bytes(as_bytes(weights), as_bytes(reference)),
-        sent=stats.bytes_sent.tolist() == ref_stats.bytes_sent.tolist(),
-        ops=(stats.p2p_ops, ref_stats.p2p_ops),
-        barriers=made[-1].barriers if made else 0,
-        overlapped=stats.overlapped_layers,
-        peak=stats.peak_staging_bytes,
-    )
+    return _blocking_both_ways(rank, world, old, new, budget, False, specs, 5, made)[1]
 
 
 @pytest.mark.parametrize(
@@ -376,21 +369,21 @@ def test_emulated_p2p_pushed_passes_with_local_moves_replicas_and_empty_slots(di
 
 
 def test_receive_spans_put_each_senders_message_where_the_receivers_pass_holds_it():
-    """:func:`~eplb_triton.p2p.receive_spans` against each receiver's own direct PassWork, for
-    maps whose messages are runs of rows (rotations with replicas and empty slots; every rank
-    to every rank), worlds 2-8."""
+    """:func:`~eplb_triton.p2p.receive_spans` against each receiver's own pushed PassWork, for
+    rotations, every rank to every rank, and random maps with replicas and empty slots, worlds 2-8."""
     from eplb_triton.maps import ExpertMaps
     from eplb_triton.passes import PassWork
-    from eplb_triton.plan import plan_from_maps, sends_one_run
+    from eplb_triton.plan import plan_from_maps
 
+    rng = np.random.default_rng(17)
     cases = [(w, *rotation_maps(2, w, n, k)) for w, n, k in ((2, 6, 2), (3, 5, 1), (4, 7, 3), (8, 4, 1))]
     cases += [(w, *all_to_all_run_maps(2, w, k)) for w, k in ((3, 2), (4, 1), (8, 2))]
+    cases += [(w, *random_maps(rng, 2, w, n, n * w - 2)) for w, n in ((2, 5), (4, 3), (8, 4))]
     for world, old, new in cases:
         plan = plan_from_maps(ExpertMaps(old, new, world, False))
-        assert sends_one_run(plan.layers).all()
         for layer in plan.layers:
             for receiver in range(world):
-                work = PassWork.from_view(layer.rank(receiver), 48, direct_sends=True)
+                work = PassWork.from_view(layer.rank(receiver), 48, pushed=True)
                 staging = torch.empty(work.staging_bytes, dtype=torch.uint8)
                 messages = work.recv_messages(staging)
                 got = {p: (m.data_ptr() - staging.data_ptr(), m.numel()) for p, m in messages.items()}
