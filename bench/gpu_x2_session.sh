@@ -249,6 +249,8 @@ for step in ${STEPS:-tests link}; do
     # not run yet (session 11 ran out of device time): issue 17's other rows on today's code:
     # multi_gpu.py's correctness phase over p2p, the worker (pulls) next to NCCL at 48 layers, and
     # the serving loop's slowdown during a worker transfer, both transports
+    # session 12, first call: session 11's review mends (p2p.py, passes.py) on GPUs
+    mends12) run_step gpu-tests-p2p12 200 python3 -m pytest -q -m gpu tests/test_p2p_gpu.py -p no:cacheprovider -rf ;;
     next12) run_step multi-gpu-p2p 300 env EPLB_TRITON_TRANSPORT=p2p python3 bench/multi_gpu.py --backend nccl --timeout 280 \
         --json "$OUT/multi_gpu-p2p-w2.json"
       run_step link-48-layers-worker12 200 python3 bench/link_speed.py --layers 48 --repeats 5 \
