@@ -251,6 +251,20 @@ for step in ${STEPS:-tests link}; do
     # the serving loop's slowdown during a worker transfer, both transports
     # session 12, first call: session 11's review mends (p2p.py, passes.py) on GPUs
     mends12) run_step gpu-tests-p2p12 200 python3 -m pytest -q -m gpu tests/test_p2p_gpu.py -p no:cacheprovider -rf ;;
+    # session 12: warm host costs of the loop's calls and launch variants; where the pushed loop's host time goes
+    hostcost12) run_step host-costs12 120 python3 bench/host_costs.py
+      for spec in "tiny-bf16 48" "qwen3-30b-a3b-bf16 4"; do set -- $spec
+        run_step "host-profile-p2p-$1-$2" 120 env EPLB_TRITON_TRANSPORT=p2p python3 bench/host_profile.py --config $1 \
+          --layers $2 --calls 10 --top 45 --out "$OUT"; done ;;
+    # session 12: one launch for a pushed layer's unpack and the next layer's pack (move_rows_pair_kernel);
+    # its tests, then the blocking call at 48/16/4 layers over NCCL, p2p and p2p with two launches, and multi_gpu.py both ways
+    fused12) run_step gpu-tests-fused12 300 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_p2p_gpu.py \
+        tests/test_faults_gpu.py -k "move_pair or p2p_gpu or pushed" -p no:cacheprovider -rf
+      link_p2p fused12 EPLB_TRITON_PAIR_LAUNCH=0 "48 5 --presets --methods floor per-expert blocking" \
+        "16 5 --presets qwen3-30b-a3b --methods floor per-expert blocking" "4 7 --presets --methods floor per-expert blocking"
+      run_step multi-gpu-nccl12 200 python3 bench/multi_gpu.py --backend nccl --timeout 180 --json "$OUT/multi_gpu-nccl-w2.json"
+      run_step multi-gpu-p2p12 200 env EPLB_TRITON_TRANSPORT=p2p python3 bench/multi_gpu.py --backend nccl --timeout 180 \
+        --json "$OUT/multi_gpu-p2p-w2.json" ;;
     next12) run_step multi-gpu-p2p 300 env EPLB_TRITON_TRANSPORT=p2p python3 bench/multi_gpu.py --backend nccl --timeout 280 \
         --json "$OUT/multi_gpu-p2p-w2.json"
       run_step link-48-layers-worker12 200 python3 bench/link_speed.py --layers 48 --repeats 5 \

@@ -117,7 +117,55 @@ def _rank(rank, world, _):
     lines["agreement (all_reduce + .cpu())"] = _median_us(lambda: comm.agree(None, 123))
     lines["prepare_layers, 4 qwen3 layers (agreement included)"] = _median_us(lambda: prepare_layers(old, new, weights, comm))
     lines.update(_p2p_costs(comm, src, dst, peer))
+    lines.update(_warm_costs(layout, buf, rows))
     return lines
+
+
+def _warm_us(fn, n=200) -> float:
+    """Host time per call of ``fn`` called ``n`` times back to back (caches warm, as in the
+    per-layer loop; ``_median_us`` times one cold call after a barrier)."""
+    fn()
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(n):
+        fn()
+    elapsed = time.perf_counter() - begin
+    torch.cuda.synchronize()
+    return elapsed / n * 1e6
+
+
+def _warm_costs(layout, buf, rows) -> dict[str, float]:
+    """Session 12: the per-layer loop's calls, warm, and ways to launch the pack kernel with
+    less host time (the compiled runner with integer addresses and the stream given)."""
+    layout.move("pack", buf, src_rows=rows)
+    state = layout._triton()
+    run, table, extra = next(v for k, v in state.launches.items() if k[0] == "pack" and v is not None)
+    device = buf.device
+    stream = torch.cuda.current_stream(device)
+    raw = stream.cuda_stream
+    ints = (table.data_ptr(), rows.data_ptr(), rows.data_ptr(), buf.data_ptr())
+    event = torch.cuda.Event(enable_timing=True)
+    costs = {
+        "warm: layout.move('pack') (the library's launch)": lambda: layout.move("pack", buf, src_rows=rows),
+        "warm: compiled runner, tensors": lambda: run(table, rows, rows, ints[3], *extra),
+        "warm: compiled runner, integer addresses": lambda: run(*ints, *extra),
+        "warm: compiled runner, integer addresses, stream given": lambda: run(*ints, *extra, stream=raw),
+        "warm: torch.cuda.current_stream(device)": lambda: torch.cuda.current_stream(device),
+        "warm: torch._C._cuda_getCurrentRawStream(index)": lambda: torch._C._cuda_getCurrentRawStream(device.index),
+        "warm: torch.cuda.current_device()": torch.cuda.current_device,
+        "warm: event.record(stream) (made once)": lambda: event.record(stream),
+        "warm: torch.cuda.Event() + record()": lambda: torch.cuda.Event().record(),
+        "warm: tensor.data_ptr()": buf.data_ptr,
+        "warm: buf[a:b] (a slice)": lambda: buf[64:128],
+    }
+    out = {}
+    for name, fn in costs.items():
+        try:
+            out[name] = _warm_us(fn)
+        except Exception as exc:  # noqa: BLE001 - a Triton whose runner takes no stream=: say so
+            print(f"{name}: {type(exc).__name__}: {exc}")
+            out[name] = float("nan")
+    return out
 
 
 def _p2p_costs(comm, src, dst, peer) -> dict[str, float]:
@@ -156,6 +204,7 @@ def _p2p_costs(comm, src, dst, peer) -> dict[str, float]:
     for name, fn in costs.items():
         fn()
         out[name] = _median_us(fn, n=50, busy_us=2000)
+    out["warm: transport.barrier()"] = _warm_us(transport.barrier)  # every rank calls it as often
     torch.cuda.synchronize()
     transport.close()
     return out

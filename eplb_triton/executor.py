@@ -36,6 +36,7 @@ from .layout import ExpertLayout, resolve_backend
 from .p2p import acquire_slots as acquire_p2p_slots, resolve_transport
 from .passes import PassWork, upload_rows
 from .plan import LayerPlan
+from .settings import int_setting
 from .stats import TransferStats
 
 __all__ = ["LayerWork", "double_staging", "layer_times", "run_layers", "staging_view"]
@@ -242,11 +243,15 @@ class LayerWork:
         if mismatch is not None:
             raise mismatch
 
-    def start(self, staging: torch.Tensor, comm: Communicator, backend: str | None, transport=None) -> "_Posted":
+    def start(
+        self, staging: torch.Tensor, comm: Communicator, backend: str | None, transport=None, *, hold_push: bool = False
+    ) -> "_Posted":
         """An :attr:`overlappable` layer's first half: pack its sends (and staged local
         sources) into ``staging`` and post its exchange. Reads rows only; nothing waits.
         ``transport``: a :class:`~eplb_triton.p2p.P2PTransport` whose buffer holds ``staging``
-        (one of its slots), or ``None`` for ``comm``'s own isend/irecv."""
+        (one of its slots), or ``None`` for ``comm``'s own isend/irecv. ``hold_push``: a pushed
+        pass stops before its pack launches (``posted.mover.held``; the caller finishes it with
+        :meth:`~eplb_triton.p2p._PassExchange.push_held`)."""
         work, where = self.passes[0], f"layer {self.index}, pass 1/1"
         hook = _fault_hook()
         if hook is not None:
@@ -254,6 +259,8 @@ class LayerWork:
             hook("before_send", rank=comm.rank, layer=self.index, pass_index=0)
         send_buf, recv_buf, scratch = work._slices(staging)
         mover = comm if transport is None else _p2p_mover(transport, work, staging, self.layout.expert_bytes)
+        if hold_push:
+            mover.hold = True
         try:  # posting fails too when a peer's connection is already closed
             requests, labels, batches = work.post_batches(
                 self.layout, send_buf, recv_buf, mover, backend, None, local_buf=scratch, where=where
@@ -266,25 +273,41 @@ class LayerWork:
         return _Posted(staging, requests, labels, batches, where, hook, mover, transport)
 
     def finish(
-        self, posted: "_Posted", comm: Communicator, backend: str | None, stats: TransferStats, *, timeout_s: float | None = None
-    ) -> None:
-        """The second half of :meth:`start`: wait for the exchange (deadline ``timeout_s``),
-        then write the layer (one pass: nothing to roll back before it is written)."""
+        self,
+        posted: "_Posted",
+        comm: Communicator,
+        backend: str | None,
+        stats: TransferStats,
+        *,
+        timeout_s: float | None = None,
+        waited: bool = False,
+        pack_beside: tuple | None = None,
+    ) -> bool:
+        """The second half of :meth:`start`: wait for the exchange (deadline ``timeout_s``;
+        ``waited``: :meth:`wait` did), then write the layer (one pass: nothing to roll back
+        before it is written). ``pack_beside``: another layer's pack, launched with this layer's
+        receive unpack where that is one launch (:meth:`PassWork.apply`); returns whether it was."""
         work, hook = self.passes[0], posted.hook
-        try:
-            posted.mover.wait(posted.requests, timeout_s=timeout_s, labels=posted.labels, where=posted.where)
-        except PeerError as exc:
-            exc.layer = self.index
-            raise
+        if not waited:
+            self.wait(posted, timeout_s=timeout_s)
         self.count_pass(work, stats, posted.batches)
         if hook is not None:  # the received views are only made for a hook
             hook("in_flight", rank=comm.rank, layer=self.index, pass_index=0, received=work.recv_messages(posted.staging))
-        work.apply(self.layout, posted.staging, backend)
+        paired = work.apply(self.layout, posted.staging, backend, pack_beside=pack_beside)
         work.release()
         if posted.transport is not None and not work.pushed:  # pushed: on the caller's stream (run_layers marks once)
             posted.transport.mark_used()
         if hook is not None:
             hook("pass_applied", rank=comm.rank, layer=self.index, pass_index=0)
+        return paired
+
+    def wait(self, posted: "_Posted", *, timeout_s: float | None = None) -> None:
+        """Wait for the exchange :meth:`start` posted (deadline ``timeout_s``)."""
+        try:
+            posted.mover.wait(posted.requests, timeout_s=timeout_s, labels=posted.labels, where=posted.where)
+        except PeerError as exc:
+            exc.layer = self.index
+            raise
 
     def count_pass(self, work: PassWork, stats: TransferStats, batches: list[int]) -> None:
         """Add one completed pass of this layer (or stack: its one pass) to ``stats`` (both paths)."""
@@ -317,6 +340,20 @@ class _Posted:
     hook: object
     mover: object  # what posted it: the Communicator, or a p2p transport's exchange
     transport: object = None  # the p2p transport, if any
+    held_unpack: bool = False  # a pushed layer whose unpack waits for the next layer's pack (run_layers)
+
+
+#: "0": a pushed layer's unpack and the next layer's pack stay two launches (measuring only)
+PAIR_LAUNCH_ENV = "EPLB_TRITON_PAIR_LAUNCH"
+
+
+def _pack_beside(held) -> tuple | None:
+    """A held push (``(layout, [(peer's region, rows)])``, :meth:`~eplb_triton.p2p._PassExchange.push_packed`)
+    as :meth:`PassWork.apply`'s ``pack_beside``, when it is one launch (into one peer)."""
+    if held is None or len(held[1]) != 1:
+        return None
+    layout, [(region, rows)] = held
+    return layout, region, rows
 
 
 def _p2p_mover(transport, work: PassWork, staging: torch.Tensor, expert_bytes: int):
@@ -471,6 +508,7 @@ def run_layers(
     marks = [_mark(stream, first_mark)]
     pending: tuple[LayerWork, _Posted] | None = None  # posted, not yet waited for
     next_slot = 0
+    pair_launches = int_setting(PAIR_LAUNCH_ENV, 1, minimum=0, what="0 or 1") != 0  # rank-local: nothing to agree
 
     def finish_pending() -> None:
         nonlocal pending
@@ -484,12 +522,37 @@ def run_layers(
     try:
         for layer in layers:
             if double and layer.overlappable and layer.has_network and layer.passes[0].pushed:
-                # on the caller's stream, written before the next layer is packed: the slots
-                # alternate with one barrier per layer (eplb_triton.p2p._PassExchange.push_packed)
-                finish_pending()
-                layer.finish(layer.start(slots[next_slot], comm, backend, transport=p2p), comm, backend, stats, timeout_s=timeout_s)
+                # On the caller's stream; the slots alternate with one barrier per layer
+                # (eplb_triton.p2p._PassExchange.push_packed). Layer i's unpack and layer i+1's
+                # pack are one launch after barrier i (both slots' peers are done with them
+                # then); layer i+1's barrier follows, so every rank wrote layer i before any
+                # rank packs layer i+2 into that slot.
+                held = pending if pending is not None and pending[1].held_unpack else None
+                if held is None:
+                    finish_pending()
+                else:
+                    held[0].wait(held[1], timeout_s=timeout_s)  # before anything more is queued behind its barrier
+                try:
+                    posted = layer.start(slots[next_slot], comm, backend, transport=p2p, hold_push=True)
+                except BaseException:
+                    if held is not None:
+                        pending = None
+                        held[0].finish(held[1], comm, backend, stats, waited=True)  # its barrier passed: write it
+                        marks.append(_mark(stream, first_mark + len(marks)))
+                    raise
                 next_slot ^= 1
-                marks.append(_mark(stream, first_mark + len(marks)))
+                mover = posted.mover
+                paired = False
+                if held is not None:
+                    beside = _pack_beside(mover.held) if pair_launches else None
+                    paired = held[0].finish(held[1], comm, backend, stats, waited=True, pack_beside=beside)
+                    pending = None
+                    stats.overlapped_layers += layer.layer_count if paired else 0
+                    marks.append(_mark(stream, first_mark + len(marks)))
+                if mover.held is not None:
+                    mover.push_held(backend, packed=paired)
+                posted.held_unpack = True
+                pending = (layer, posted)
                 continue
             if double and layer.overlappable and layer.has_network:
                 try:

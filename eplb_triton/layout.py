@@ -296,6 +296,7 @@ class _TritonState:
         from .kernels import rows as kr
 
         self.kernel = kr.move_rows_kernel
+        self.pair_kernel = kr.move_rows_pair_kernel  # eplb_triton.layout.move_pair
         self.fields = {name: getattr(kr, name).value for name in ("C_BASE", "C_STRIDE", "C_PACKED", "C_SIZE_FLAG", "NUM_FIELDS")}
         self.modes = {"pack": kr.MODE_PACK.value, "unpack": kr.MODE_UNPACK.value, "copy": kr.MODE_COPY.value}
         self.interpreted = _interpreted(self.kernel)
@@ -331,7 +332,7 @@ class _TritonState:
             len(self.tensors), self.all_aligned, layout.device, self.interpreted,
         )
 
-    def compiled_runner(self, shape: LaunchShape, args: tuple, consts: dict):
+    def compiled_runner(self, shape: LaunchShape, args: tuple, consts: dict, kernel=None):
         """A launcher of the compiled kernel for ``args``' specialisation, skipping Triton's binder.
 
         ``kernel[grid](...)`` re-binds and re-specialises every argument on each call: 80-90 us
@@ -340,10 +341,11 @@ class _TritonState:
         the same properties Triton specialises on (16-byte divisibility of pointers and ints,
         ints equal to 1, 32- vs 64-bit ints), so each variant is compiled by Triton itself.
         """
-        key = (tuple(consts.values()), shape.num_warps, shape.programs, *[_spec(a) for a in args])
+        kernel = self.kernel if kernel is None else kernel
+        key = (kernel.__name__, tuple(consts.values()), shape.num_warps, shape.programs, *[_spec(a) for a in args])
         runner = _COMPILED.get(key)
         if runner is None:
-            compiled = self.kernel.warmup(*args, grid=(shape.programs,), num_warps=shape.num_warps, **consts)
+            compiled = kernel.warmup(*args, grid=(shape.programs,), num_warps=shape.num_warps, **consts)
             runner = _COMPILED[key] = compiled[(shape.programs, 1, 1)]
         return runner
 
@@ -427,6 +429,28 @@ def _build_chunk_table(tensors: list[tuple], chunk: int, fields: dict, device: t
         table = host.pin_memory().to(device, non_blocking=True)
     upload.synchronize()
     return table
+
+
+def _launch_shape(state: "_TritonState", tuning: KernelTuning, total_bytes: int, chunks_of) -> LaunchShape:
+    """Grid and block sizes of a launch moving ``total_bytes`` on ``state``'s device;
+    ``chunks_of(chunk)``: how many chunks of at most ``chunk`` bytes that is."""
+    programs_cap = state.sm_count * tuning.programs_per_sm
+    chunk = _pow2_floor(max(total_bytes // max(programs_cap * tuning.waves, 1), 1))
+    chunk = max(ALIGN_BYTES, min(max(chunk, tuning.min_chunk), tuning.max_chunk))
+    chunks = chunks_of(chunk)
+    programs = max(1, min(chunks, programs_cap))
+    if tuning.balance:  # the fewest programs that keep the same number of rounds: equal shares
+        programs = -(-chunks // -(-chunks // programs))
+    return LaunchShape(
+        programs=programs,
+        chunk=chunk,
+        block_words=min(tuning.block_words, chunk // 4),  # no tile wider than a chunk
+        byte_block=tuning.byte_block,
+        num_warps=tuning.num_warps,
+        streaming=tuning.streaming,
+        prefetch=tuning.prefetch,
+        blocked=tuning.blocked,
+    )
 
 
 class ExpertLayout:
@@ -652,25 +676,8 @@ class ExpertLayout:
     def launch_shape(self, num_rows: int, tuning: KernelTuning | None = None) -> LaunchShape:
         """Grid and block sizes of a launch moving ``num_rows`` experts."""
         state = self._triton()
-        tuning = tuning or state.tuning
-        programs_cap = state.sm_count * tuning.programs_per_sm
-        total = num_rows * state.row_bytes_total
-        chunk = _pow2_floor(max(total // max(programs_cap * tuning.waves, 1), 1))
-        chunk = max(ALIGN_BYTES, min(max(chunk, tuning.min_chunk), tuning.max_chunk))
-        chunks = num_rows * state.chunks_per_expert(chunk)
-        programs = max(1, min(chunks, programs_cap))
-        if tuning.balance:  # the fewest programs that keep the same number of rounds: equal shares
-            programs = -(-chunks // -(-chunks // programs))
-        return LaunchShape(
-            programs=programs,
-            chunk=chunk,
-            block_words=min(tuning.block_words, chunk // 4),  # no tile wider than a chunk
-            byte_block=tuning.byte_block,
-            num_warps=tuning.num_warps,
-            streaming=tuning.streaming,
-            prefetch=tuning.prefetch,
-            blocked=tuning.blocked,
-        )
+        return _launch_shape(state, tuning or state.tuning, num_rows * state.row_bytes_total,
+                             lambda chunk: num_rows * state.chunks_per_expert(chunk))
 
     def launch(
         self,
@@ -767,3 +774,93 @@ class ExpertLayout:
         for view, nbytes in zip(self._byte_views, self.row_bytes):
             if nbytes:
                 view.index_copy_(0, dst_rows, view.index_select(0, src_rows))
+
+
+# Pair launches by (both states' keys, modes, row counts, alignments): (runner, tables, consts).
+_PAIRS: dict[tuple, tuple | None] = {}
+
+
+def move_pair(
+    first: ExpertLayout,
+    first_mode: str,
+    first_buf: torch.Tensor,
+    first_rows: torch.Tensor,
+    second: ExpertLayout,
+    second_mode: str,
+    second_buf: torch.Tensor,
+    second_rows: torch.Tensor,
+    backend: str | None = None,
+    tuning: KernelTuning | None = None,
+) -> None:
+    """``first.move(first_mode, first_buf, rows)`` and the same of ``second``, as one Triton
+    launch (``move_rows_pair_kernel``) where both are plain layers on one device; else two moves.
+
+    Modes ``"pack"`` (rows: sources) or ``"unpack"`` (rows: destinations); rows checked and on
+    the weights' device, as for :meth:`ExpertLayout.move`. Nothing orders the two parts: they
+    must not touch the same memory (one layer's unpack beside another layer's pack). Saves one
+    launch's host time (11-17 us warm, 28-56 us in the loop on the H200 hosts: bench/host_costs.py run 66, layer_timeline.py run 63) and lets the
+    two share the SMs. ``tuning``: block sizes (tests; default the layouts')."""
+    if first_mode not in ("pack", "unpack") or second_mode not in ("pack", "unpack"):
+        raise ValueError(f"move_pair moves 'pack' or 'unpack' parts, not {first_mode!r}/{second_mode!r}")
+    na, nb = first_rows.numel(), second_rows.numel()
+    pair = na and nb and resolve_backend(backend, first.device) == "triton" and first.device == second.device
+    if pair:
+        a, b = first._triton(), second._triton()
+        pair = a.layers == 1 and b.layers == 1
+    if pair:
+        entry = _pair_entry(first, first_mode, first_buf, first_rows, second, second_mode, second_buf, second_rows, tuning)
+        pair = entry is not None
+    if not pair:
+        for layout, mode, buf, rows in ((first, first_mode, first_buf, first_rows), (second, second_mode, second_buf, second_rows)):
+            layout.move(mode, buf, **{"src_rows" if mode == "pack" else "dst_rows": rows}, backend=backend)
+        return
+    run, table_a, table_b, programs, consts = entry
+    args = (
+        table_a, first_rows, first_buf.data_ptr(), int(first_buf.data_ptr() % ALIGN_BYTES == 0), na, table_a.shape[0], first.expert_bytes,
+        table_b, second_rows, second_buf.data_ptr(), int(second_buf.data_ptr() % ALIGN_BYTES == 0), nb, table_b.shape[0],
+        second.expert_bytes,
+    )
+    if run is not None:
+        run(*args, *consts.values())
+    else:
+        first._triton().pair_kernel[(programs,)](*args, num_warps=consts.pop("num_warps"), **consts)
+
+
+def _pair_entry(first, first_mode, first_buf, first_rows, second, second_mode, second_buf, second_rows, tuning):
+    """``(runner or None, table A, table B, programs, consts)`` of a pair launch, cached; None
+    when a layout has zero-byte rows (nothing to move there: two moves handle it)."""
+    a, b = first._triton(), second._triton()
+    na, nb = first_rows.numel(), second_rows.numel()
+    aligned = tuple(t.data_ptr() % ALIGN_BYTES for t in (first_buf, second_buf, first_rows, second_rows))
+    key = (a.key, b.key, a.fast_launch, first_mode, second_mode, na, nb, aligned, tuning)
+    if key in _PAIRS:
+        entry = _PAIRS[key]
+        return None if entry is None else (*entry[:4], dict(entry[4]))
+    shape = _launch_shape(a, tuning or a.tuning, na * a.row_bytes_total + nb * b.row_bytes_total,
+                          lambda chunk: na * a.chunks_per_expert(chunk) + nb * b.chunks_per_expert(chunk))
+    table_a, table_b = a.chunk_table(shape.chunk), b.chunk_table(shape.chunk)
+    entry = None
+    if table_a.shape[0] and table_b.shape[0]:
+        buf_aligned = aligned[0] == 0 and aligned[1] == 0
+        consts = dict(
+            MODE_A=a.modes[first_mode],
+            MODE_B=a.modes[second_mode],
+            BLOCK=shape.block_words,
+            BYTE_BLOCK=shape.byte_block,
+            HAS_UNALIGNED=not (a.all_aligned and b.all_aligned and buf_aligned),
+            STREAMING=shape.streaming,
+        )
+        run = None
+        if a.fast_launch:
+            args = (
+                table_a, first_rows, first_buf.data_ptr(), int(aligned[0] == 0), na, table_a.shape[0], first.expert_bytes,
+                table_b, second_rows, second_buf.data_ptr(), int(aligned[1] == 0), nb, table_b.shape[0], second.expert_bytes,
+            )
+            run = a.compiled_runner(shape, args, consts, kernel=a.pair_kernel)
+        else:
+            consts["num_warps"] = shape.num_warps
+        entry = (run, table_a, table_b, shape.programs, consts)
+    if len(_PAIRS) >= _TABLES_MAX:
+        _PAIRS.pop(next(iter(_PAIRS)))
+    _PAIRS[key] = entry
+    return None if entry is None else (*entry[:4], dict(entry[4]))

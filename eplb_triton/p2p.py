@@ -518,6 +518,11 @@ class _PassExchange:
         self._calls = 0
         self._network = _network_of(traffic)
         self.active = bool(self._network.any())  # the same on every rank: the plan is global
+        #: :meth:`push_packed` stops before its pack launches (the caller may launch them with
+        #: another layer's unpack) and leaves ``held = (layout, [(peer's region, rows)])``
+        #: for :meth:`push_held`
+        self.hold = False
+        self.held = None
 
     def exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], *, where: str = "exchange") -> list:
         call = self._calls
@@ -560,8 +565,10 @@ class _PassExchange:
         A barrier comes first too (every receiver is done with its slot's previous pass) unless
         the transport's previous exchange, in this call, was a pushed one into the other slot:
         its barrier came after every rank queued the unpack of this slot's previous pass (the
-        blocking loop writes a pushed layer before packing the next one), so it certifies that.
-        ``recvs``: this rank's receive region by peer, checked against the plan first."""
+        blocking loop queues a pushed layer's unpack before the next layer's barrier: alone, or in
+        one launch with the next layer's pack), so it certifies that.
+        ``recvs``: this rank's receive region by peer, checked against the plan first. With
+        :attr:`hold` set, stops before the pack launches (see :meth:`push_held`)."""
         t, eb, me = self.transport, self._expert_bytes, self.rank
         if t.broken or t.closed:
             raise RuntimeError(f"{where}: the p2p transport is {'broken' if t.broken else 'closed'}")
@@ -582,12 +589,25 @@ class _PassExchange:
         if t.pushed_slot is None or t.pushed_slot == self._slot_offset:
             t.barrier()
         rows = work.device_rows(layout.device)["send"] if at else None
-        for peer, offset, first, count in targets:  # SMs write over NVLink: no staging on this side
-            mine = rows if count == at else rows[first : first + count]
-            layout.move("pack", t.peer_bytes(peer, offset, count * eb), src_rows=mine, backend=backend)
+        # SMs write over NVLink: no staging on this side
+        packs = [(t.peer_bytes(peer, offset, count * eb), rows if count == at else rows[first : first + count])
+                 for peer, offset, first, count in targets]
+        self.held = (layout, packs)
+        if not self.hold:
+            self.push_held(backend)
+        return [_Pending(None, sorted(p for p in range(self.world_size) if p != me), in_order=True)]
+
+    def push_held(self, backend: str | None, *, packed: bool = False) -> None:
+        """The rest of :meth:`push_packed`: the pack launches (unless ``packed``: the caller
+        launched them, :func:`eplb_triton.layout.move_pair`), then the barrier."""
+        layout, packs = self.held
+        if not packed:
+            for remote, rows in packs:
+                layout.move("pack", remote, src_rows=rows, backend=backend)
+        self.held = None
+        t = self.transport
         t.barrier()
         t.pushed_slot = self._slot_offset
-        return [_Pending(None, sorted(p for p in range(self.world_size) if p != me), in_order=True)]
 
     def _pull(self, recvs: dict[int, torch.Tensor], sources: dict[int, int]) -> list:
         """Barrier, every pull, barrier, on the current stream; the pending exchange."""

@@ -19,7 +19,7 @@ import torch
 
 from .checksum import CHECKSUM_BYTES, expert_checksums, trailer_bytes
 from .comm import Communicator
-from .layout import ExpertLayout, index_flat
+from .layout import ExpertLayout, index_flat, move_pair
 from .plan import RankPlan
 from .schedule import direct_local_moves
 from .stats import TransferStats
@@ -609,10 +609,16 @@ class PassWork:
         return bad
 
     def apply(
-        self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None
-    ) -> None:
+        self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, stash: torch.Tensor | None = None,
+        *, pack_beside: tuple | None = None,
+    ) -> bool:
         """Write the pass: direct local moves, staged local moves, moves from the stash, received
-        rows, then duplicate fills."""
+        rows, then duplicate fills.
+
+        ``pack_beside``: ``(layout, packed region, source rows)`` of another layer's pack, which
+        writes none of the memory this pass reads or writes; it is launched with this pass's
+        receive unpack where that is one launch (:func:`~eplb_triton.layout.move_pair`). Returns
+        whether it was (else the caller launches it)."""
         if self.direct_dst_rows.size:  # first: their sources may be overwritten by the writes below
             rows = self.device_rows(layout.device)
             layout.move("copy", None, src_rows=rows["direct_src"], dst_rows=rows["direct_dst"], backend=backend)
@@ -623,7 +629,7 @@ class PassWork:
             layout.move("unpack", both, dst_rows=self.device_rows(layout.device)["local_dst+recv"], backend=backend)
             self._local_from_stash(layout, stash, backend)
             self._fill_duplicates(layout, backend)
-            return
+            return False
         if self.local_dst_rows.size:
             rows = self.device_rows(layout.device)["local_dst"]
             layout.move("unpack", self._slices(staging)[2], dst_rows=rows, backend=backend)
@@ -631,8 +637,8 @@ class PassWork:
         if self.direct:  # received tensor by tensor
             self._apply_direct(layout, self._slices(staging)[1])
             self._fill_duplicates(layout, backend)
-        else:
-            self.apply_received(layout, staging, backend)
+            return False
+        return self.apply_received(layout, staging, backend, pack_beside=pack_beside)
 
     def _local_from_stash(self, layout: ExpertLayout, stash: torch.Tensor | None, backend: str | None) -> None:
         if self.stash_local_dst_rows.size:
@@ -640,16 +646,26 @@ class PassWork:
             entries = torch.as_tensor(self.stash_local_entries, device=stash.device)
             layout.unpack(stash.view(-1, eb)[entries].reshape(-1), self.stash_local_dst_rows, backend=backend)
 
-    def apply_received(self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None) -> None:
-        """Unpack received rows, then duplicate fills (the end of :meth:`apply`)."""
+    def apply_received(
+        self, layout: ExpertLayout, staging: torch.Tensor, backend: str | None, *, pack_beside: tuple | None = None
+    ) -> bool:
+        """Unpack received rows, then duplicate fills (the end of :meth:`apply`, which says
+        what ``pack_beside`` is; returns whether it was launched)."""
         view, rows = self.view, self.device_rows(layout.device)
+        paired = False
         if self.recv_rows.size and not self.verify:
-            layout.move("unpack", self._slices(staging)[1], dst_rows=rows["recv"], backend=backend)  # one launch, all peers
+            if pack_beside is not None:  # one launch: this unpack and another layer's pack
+                other, region, src_rows = pack_beside
+                move_pair(layout, "unpack", self._slices(staging)[1], rows["recv"], other, "pack", region, src_rows, backend)
+                paired = True
+            else:
+                layout.move("unpack", self._slices(staging)[1], dst_rows=rows["recv"], backend=backend)  # one launch, all peers
         elif self.recv_rows.size:
             for peer, message in self.recv_messages(staging).items():
                 peer_rows = view.recv_rows[peer]
                 layout.unpack(self._split(message, len(peer_rows))[0], peer_rows, backend=backend)
         self._fill_duplicates(layout, backend)
+        return paired
 
     def _fill_duplicates(self, layout: ExpertLayout, backend: str | None) -> None:
         if self.view.dup_dst_rows.size:

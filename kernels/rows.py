@@ -27,6 +27,9 @@ A launch moves ``num_rows * chunks_per_expert`` chunks on a persistent grid: pro
 takes chunks ``pid, pid + nprog, ...`` (or, with ``BLOCKED``, one contiguous run of chunks),
 so large rows are split across programs and small rows batched in one; with ``PREFETCH`` it
 loads the next chunk's descriptor before copying the current one.
+
+``move_rows_pair_kernel`` runs two such moves of two layers (say one layer's unpack and the
+next layer's pack) as one launch: one launch less of host time, and the two share the SMs.
 """
 
 import inspect
@@ -42,6 +45,8 @@ _ANY_ROW_ALIGNMENT = {
     ("do_not_specialize_on_alignment" if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
      else "do_not_specialize"): ["src_rows_ptr", "dst_rows_ptr"]
 }
+
+_ANY_PAIR_ROW_ALIGNMENT = {key: ["rows_a_ptr", "rows_b_ptr"] for key in _ANY_ROW_ALIGNMENT}
 
 # Fields of a chunk descriptor; constexpr globals so jit code may read them (`.value` on the host).
 C_BASE = tl.constexpr(0)
@@ -186,3 +191,73 @@ def move_rows_kernel(
                 _copy_span_bytes(cur_src, cur_dst, nbytes, BYTE_BLOCK)
         else:
             _copy_span_words(cur_src, cur_dst, nbytes, BLOCK, STREAMING)
+
+
+@triton.jit
+def _pair_chunk_ends(
+    j, total_a,
+    desc_a_ptr, rows_a_ptr, buf_a_addr, buf_a_aligned, cpe_a, expert_bytes_a,
+    desc_b_ptr, rows_b_ptr, buf_b_addr, buf_b_aligned, cpe_b, expert_bytes_b,
+    MODE_A: tl.constexpr, MODE_B: tl.constexpr,
+):
+    """:func:`_chunk_ends` of chunk ``j`` of a pair launch (part A's chunks, then part B's), and
+    whether that part's packed buffer is 16-byte aligned."""
+    if j < total_a:
+        src, dst, size_flag = _chunk_ends(
+            j, desc_a_ptr, rows_a_ptr, rows_a_ptr, buf_a_addr, cpe_a, expert_bytes_a, 1, MODE_A, False
+        )
+        buf_aligned = buf_a_aligned
+    else:
+        src, dst, size_flag = _chunk_ends(
+            j - total_a, desc_b_ptr, rows_b_ptr, rows_b_ptr, buf_b_addr, cpe_b, expert_bytes_b, 1, MODE_B, False
+        )
+        buf_aligned = buf_b_aligned
+    return src, dst, size_flag, buf_aligned
+
+
+@triton.jit(**_ANY_PAIR_ROW_ALIGNMENT)
+def move_rows_pair_kernel(
+    desc_a_ptr,  # int64 [cpe_a, NUM_FIELDS]: part A's layout (one layer)
+    rows_a_ptr,  # int64 [rows_a]: part A's rows (UNPACK: destinations, PACK: sources)
+    buf_a_addr,  # int64 address of part A's packed buffer
+    buf_a_aligned,
+    rows_a,
+    cpe_a,
+    expert_bytes_a,
+    desc_b_ptr,  # part B: the same fields, of another layer
+    rows_b_ptr,
+    buf_b_addr,
+    buf_b_aligned,
+    rows_b,
+    cpe_b,
+    expert_bytes_b,
+    MODE_A: tl.constexpr,  # MODE_PACK or MODE_UNPACK (no COPY)
+    MODE_B: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BYTE_BLOCK: tl.constexpr,
+    HAS_UNALIGNED: tl.constexpr,
+    STREAMING: tl.constexpr,
+):
+    """Two moves in one launch, on one persistent grid: part A (``rows_a`` experts of one
+    layer) and part B (``rows_b`` of another), e.g. one layer's unpack beside the next layer's
+    pack. The parts must not overlap in memory (nothing orders them). Chunks are taken as in
+    :func:`move_rows_kernel` (every nprog-th, no prefetch), part A's first."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    total_a = rows_a * cpe_a
+    total = total_a + rows_b * cpe_b
+    for j in range(pid, total, nprog):
+        src, dst, size_flag, buf_aligned = _pair_chunk_ends(
+            j, total_a,
+            desc_a_ptr, rows_a_ptr, buf_a_addr, buf_a_aligned, cpe_a, expert_bytes_a,
+            desc_b_ptr, rows_b_ptr, buf_b_addr, buf_b_aligned, cpe_b, expert_bytes_b,
+            MODE_A, MODE_B,
+        )
+        nbytes = size_flag // 2
+        if HAS_UNALIGNED:
+            if (size_flag & 1 & buf_aligned) != 0:
+                _copy_span_words(src, dst, nbytes, BLOCK, STREAMING)
+            else:
+                _copy_span_bytes(src, dst, nbytes, BYTE_BLOCK)
+        else:
+            _copy_span_words(src, dst, nbytes, BLOCK, STREAMING)

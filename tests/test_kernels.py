@@ -309,3 +309,72 @@ def test_int64_offsets_past_2gib():
     keep = big[2].clone()
     layout.copy_rows([2], [1], backend="triton")
     assert torch.equal(big[1], keep)
+
+
+# -- two moves in one launch (layout.move_pair: one layer's unpack beside the next one's pack) ----
+def _part(specs, num_local, rows, mode, device, seed, buf_offset):
+    """One part of a pair launch and its reference: tensors, the packed buffer (random bytes
+    to unpack, or poisoned to pack into, ``buf_offset`` bytes into a larger buffer), and the
+    expected tensors and buffer after the move."""
+    tensors = random_layer(specs, num_local, device, seed=seed)
+    layout = ExpertLayout(tensors)
+    need = len(rows) * layout.expert_bytes
+    if mode == "unpack":
+        buf = random_bytes(buf_offset + need + 19, _gen(seed + 100)).to(device)
+    else:
+        buf = torch.full((buf_offset + need + 19,), POISON, dtype=torch.uint8, device=device)
+    rows_t = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=device)
+    want_tensors, want_buf = clone_layer(tensors), buf.clone()
+    ref = ExpertLayout(want_tensors)
+    if mode == "unpack":
+        ref.unpack_reference(want_buf[buf_offset : buf_offset + need], rows_t)
+    else:
+        ref.pack_reference(rows_t, want_buf[buf_offset : buf_offset + need])
+    return layout, buf[buf_offset:], rows_t, (tensors, buf), (want_tensors, want_buf)
+
+
+PAIR_MODES = [
+    pytest.param(("unpack", "pack"), id="unpack+pack"),
+    pytest.param(("pack", "unpack"), id="pack+unpack"),
+    pytest.param(("pack", "pack"), id="pack+pack"),
+]
+
+
+@pytest.mark.parametrize("modes", PAIR_MODES)
+@pytest.mark.parametrize(
+    "specs_a,specs_b,offsets",
+    [
+        pytest.param(ODD, MIXED_3D, (0, 0), id="odd+3d-fp8"),
+        pytest.param(ALIGNED, ALIGNED, (0, 0), id="aligned+aligned"),
+        pytest.param(ALIGNED, MIXED_3D, (0, 3), id="aligned+3d-buffer+3B"),
+    ],
+)
+@pytest.mark.parametrize("tuning", [None, TINY_CHUNKS], ids=["default-chunks", "64B-chunks"])
+def test_move_pair_matches_two_reference_moves(device, specs_a, specs_b, offsets, modes, tuning):
+    """Both parts of one launch equal the reference ops byte for byte: tensors (unpack) and
+    buffers (pack: poisoned first; spare bytes after the packed rows stay untouched)."""
+    from eplb_triton.layout import move_pair
+
+    rows = {"unpack": ([3, 0, 4], [6, 1]), "pack": ([4, 4, 0, 2], [6, 0, 6])}
+    part_a = _part(specs_a, 5, rows[modes[0]][0], modes[0], device, seed=1, buf_offset=offsets[0])
+    part_b = _part(specs_b, 7, rows[modes[1]][1], modes[1], device, seed=2, buf_offset=offsets[1])
+    (la, buf_a, rows_a, got_a, want_a), (lb, buf_b, rows_b, got_b, want_b) = part_a, part_b
+    move_pair(la, modes[0], buf_a, rows_a, lb, modes[1], buf_b, rows_b, backend="triton", tuning=tuning)
+    for (tensors, buf), (want_tensors, want_buf) in ((got_a, want_a), (got_b, want_b)):
+        assert_same_bytes(tensors, want_tensors)
+        assert_same_bytes([buf], [want_buf])
+
+
+def test_move_pair_with_an_empty_part_or_a_copy(device):
+    """An empty part leaves one move (no pair launch); ``copy`` is not a pair mode."""
+    from eplb_triton.layout import move_pair
+
+    (la, buf_a, rows_a, got_a, want_a) = _part(ODD, 5, [2, 1], "unpack", device, seed=3, buf_offset=0)
+    (lb, buf_b, _, got_b, _) = _part(ALIGNED, 4, [0], "pack", device, seed=4, buf_offset=0)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    before = got_b[1].clone()
+    move_pair(la, "unpack", buf_a, rows_a, lb, "pack", buf_b, empty, backend="triton")
+    assert_same_bytes(got_a[0], want_a[0])
+    assert_same_bytes([got_b[1]], [before])
+    with pytest.raises(ValueError, match="'pack' or 'unpack'"):
+        move_pair(la, "copy", buf_a, rows_a, lb, "pack", buf_b, empty)

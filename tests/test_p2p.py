@@ -316,28 +316,35 @@ def test_emulated_p2p_moves_the_same_bytes_as_the_group_path(distributed, world,
     assert len({r["worker_barriers"] for r in results}) == 1
 
 
-def _rank_emulated_pushed(rank, world, old, new, budget, buffers, barrier, specs, direct):
+def _rank_emulated_pushed(rank, world, old, new, budget, buffers, barrier, specs, direct, backend):
     made = []
     _emulate(buffers, barrier, made)
     os.environ["EPLB_TRITON_DIRECT_SENDS"] = direct
     os.environ["EPLB_TRITON_P2P_PUSH"] = "1"
+    if backend is not None:  # the Triton kernels through the interpreter (conftest set TRITON_INTERPRET=1)
+        os.environ["EPLB_TRITON_BACKEND"] = backend
     return _blocking_both_ways(rank, world, old, new, budget, False, specs, 5, made)[1]
 
 
 @pytest.mark.parametrize(
-    "world,layers,num_local,moved,budget_rows,specs",
+    "world,layers,num_local,moved,budget_rows,specs,backend",
     [
-        pytest.param(2, 4, 6, 2, None, SPECS, id="W2-L4-N6-default-budget"),
-        pytest.param(3, 3, 5, 1, 3, SPECS, id="W3-L3-N5-budget3-one-slot"),
-        pytest.param(2, 3, 6, 2, None, SPECS[:1] + [TensorSpec((0,), torch.float32)] + SPECS[1:], id="W2-zero-byte-rows"),
-        pytest.param(4, 2, None, 2, None, SPECS, id="W4-every-rank-to-every-rank"),
+        pytest.param(2, 4, 6, 2, None, SPECS, None, id="W2-L4-N6-default-budget"),
+        pytest.param(2, 3, 6, 2, None, SPECS, "triton", id="W2-L3-N6-default-budget-triton"),
+        pytest.param(3, 3, 5, 1, 3, SPECS, None, id="W3-L3-N5-budget3-one-slot"),
+        pytest.param(2, 3, 6, 2, None, SPECS[:1] + [TensorSpec((0,), torch.float32)] + SPECS[1:], None, id="W2-zero-byte-rows"),
+        pytest.param(4, 2, None, 2, None, SPECS, None, id="W4-every-rank-to-every-rank"),
     ],
 )
 @pytest.mark.parametrize("direct", [pytest.param("0", id="packed"), pytest.param("1", id="direct-sends-asked")])
-def test_emulated_p2p_pushed_passes_with_local_moves_replicas_and_empty_slots(distributed, world, layers, num_local, moved, budget_rows, specs, direct):
+def test_emulated_p2p_pushed_passes_with_local_moves_replicas_and_empty_slots(
+    distributed, world, layers, num_local, moved, budget_rows, specs, backend, direct
+):
     """Pushed passes (``EPLB_TRITON_P2P_PUSH=1``, the default): each sender's pack kernel
     writes its messages into the receivers' slots; the bytes equal the group path's. Two slots
-    alternate with one barrier per layer (and one per call). ``EPLB_TRITON_DIRECT_SENDS=1``
+    alternate with one barrier per layer (and one per call); where a rank pushes to one peer,
+    each layer's unpack and the next layer's pack are one launch (counted as overlapped;
+    ``triton``: the pair kernel itself, through the interpreter). ``EPLB_TRITON_DIRECT_SENDS=1``
     changes nothing over p2p (the group path then sends one op per tensor).
     ``num_local=None``: :func:`all_to_all_run_maps` (several senders per receiver)."""
     if num_local is None:
@@ -348,7 +355,7 @@ def test_emulated_p2p_pushed_passes_with_local_moves_replicas_and_empty_slots(di
     budget = None if budget_rows is None else budget_rows * row
     buffers = [torch.zeros(1 << 16, dtype=torch.uint8).share_memory_() for _ in range(world)]
     barrier = mp.get_context("fork").Barrier(world)
-    results = distributed(world, _rank_emulated_pushed, old, new, budget, buffers, barrier, specs, direct)
+    results = distributed(world, _rank_emulated_pushed, old, new, budget, buffers, barrier, specs, direct, backend)
     tensors = sum(1 for spec in specs if spec.row_bytes())
     for rank, res in enumerate(results):
         assert res["rows"] == [], f"rank {rank}: pushed p2p wrote wrong rows {res['rows'][:6]}"
@@ -362,7 +369,9 @@ def test_emulated_p2p_pushed_passes_with_local_moves_replicas_and_empty_slots(di
         received = peers * moved if num_local is None else moved + 1  # rows of the largest layer
         two_slots = budget_rows is None and 2 * received <= old.shape[1] // world  # receives only: two slots in a layer's budget
         assert res["barriers"] == (layers + 1 if two_slots else 2 * layers)
-        assert res["overlapped"] == 0  # each layer is written before the next one is packed
+        # one peer: layer i's unpack and layer i+1's pack are one launch; else each layer is
+        # written before the next one is packed
+        assert res["overlapped"] == (layers - 1 if two_slots and peers == 1 else 0)
         if two_slots:
             assert res["peak"] == 2 * (-(-received * row // 256) * 256)  # slots 256-byte aligned
     assert len({r["barriers"] for r in results}) == 1
