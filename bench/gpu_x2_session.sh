@@ -265,6 +265,9 @@ for step in ${STEPS:-tests link}; do
       run_step multi-gpu-nccl12 200 python3 bench/multi_gpu.py --backend nccl --timeout 180 --json "$OUT/multi_gpu-nccl-w2.json"
       run_step multi-gpu-p2p12 200 env EPLB_TRITON_TRANSPORT=p2p python3 bench/multi_gpu.py --backend nccl --timeout 180 \
         --json "$OUT/multi_gpu-p2p-w2.json" ;;
+    # the pair launch's GPU tests alone (fused12's log did not come back)
+    fusedtests12) run_step gpu-tests-fused12 400 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_p2p_gpu.py \
+        tests/test_faults_gpu.py tests/test_launch_counts.py -k "move_pair or p2p_gpu or pushed or launch_counts" -p no:cacheprovider -rA ;;
     next12) run_step multi-gpu-p2p 300 env EPLB_TRITON_TRANSPORT=p2p python3 bench/multi_gpu.py --backend nccl --timeout 280 \
         --json "$OUT/multi_gpu-p2p-w2.json"
       run_step link-48-layers-worker12 200 python3 bench/link_speed.py --layers 48 --repeats 5 \
