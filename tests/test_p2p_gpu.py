@@ -186,7 +186,8 @@ def _rank_pushed(rank, world, cases):
     from eplb_triton import rearrange_expert_weights_inplace
 
     out = {}
-    for name, specs, (old, new), rows in cases:
+    for name, specs, (old, new), rows, pair in cases:
+        os.environ["EPLB_TRITON_PAIR_LAUNCH"] = str(int(pair))
         layers, num_local = old.shape[0], old.shape[1] // world
         budget = _budget([specs], rows, False)
         reference = make_rank_weights(specs, layers, num_local, "cuda")
@@ -210,22 +211,26 @@ def test_p2p_pushed_passes_are_bit_exact():
     """Pushed passes (the default): each sender's pack kernel writes its messages into the
     receivers' slots over NVLink. Rotations with local moves, replicas and empty slots, odd
     rows, 3-D rows and fp8 with scales, in two slots (default budget) and in one (a budget of 3
-    experts); the bytes equal the NCCL transport's packed result."""
+    experts); the bytes equal the NCCL transport's packed result. In two slots each layer's
+    unpack and the next layer's pack are one launch (move_rows_pair_kernel; counted as
+    overlapped), or two with ``EPLB_TRITON_PAIR_LAUNCH=0``."""
     from map_cases import rotation_maps
 
     cases = [
-        ("odd-default", ODD, rotation_maps(4, WORLD, 6, 2), None),
-        ("3d-default", THREE_D, rotation_maps(3, WORLD, 8, 3), None),
-        ("fp8-default", FP8_SCALED, rotation_maps(4, WORLD, 8, 1), None),
-        ("fp8-one-slot", FP8_SCALED, rotation_maps(3, WORLD, 6, 1), 3),
+        ("odd-default", ODD, rotation_maps(4, WORLD, 6, 2), None, True),
+        ("odd-default-two-launches", ODD, rotation_maps(4, WORLD, 6, 2), None, False),
+        ("3d-default", THREE_D, rotation_maps(3, WORLD, 8, 3), None, True),
+        ("fp8-default", FP8_SCALED, rotation_maps(4, WORLD, 8, 1), None, True),
+        ("fp8-one-slot", FP8_SCALED, rotation_maps(3, WORLD, 6, 1), 3, True),
     ]
     results = run_ranks(WORLD, _rank_pushed, cases, backend="nccl", timeout_s=150.0)
     for rank, per_case in enumerate(results):
-        for (name, specs, (old, _), rows), res in zip(cases, per_case.values()):
+        for (name, specs, (old, _), rows, pair), res in zip(cases, per_case.values()):
             assert res["rows"] == [] and res["equal"], f"rank {rank}, {name}: pushed p2p {res['rows'][:6]}"
             ops, packed_ops = res["ops"]  # one pass per layer (staging for the receives only)
             assert ops == 2 * old.shape[0] <= packed_ops, f"{name}: {res['ops']} ops"
-            assert res["overlapped"] == 0, f"{name}: {res['overlapped']} overlapped"
+            paired = old.shape[0] - 1 if rows is None and pair else 0  # one peer: every layer but the first
+            assert res["overlapped"] == paired, f"{name}: {res['overlapped']} overlapped, expected {paired}"
 
 
 # -- verify catches a corrupted message ----------------------------------------------------
