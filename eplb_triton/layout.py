@@ -776,7 +776,7 @@ class ExpertLayout:
                 view.index_copy_(0, dst_rows, view.index_select(0, src_rows))
 
 
-# Pair launches by (both states' keys, modes, row counts, alignments): (runner, tables, consts).
+# Pair launches by (both states' keys, modes, row counts, alignments, tuning).
 _PAIRS: dict[tuple, tuple | None] = {}
 
 
@@ -798,69 +798,67 @@ def move_pair(
     Modes ``"pack"`` (rows: sources) or ``"unpack"`` (rows: destinations); rows checked and on
     the weights' device, as for :meth:`ExpertLayout.move`. Nothing orders the two parts: they
     must not touch the same memory (one layer's unpack beside another layer's pack). Saves one
-    launch's host time (11-17 us warm, 28-56 us in the loop on the H200 hosts: bench/host_costs.py run 66, layer_timeline.py run 63) and lets the
-    two share the SMs. ``tuning``: block sizes (tests; default the layouts')."""
+    launch's host time (11-17 us warm, ~52 us inside the loop on the H200 hosts: host_costs.py
+    run 66, layer_timeline.py run 63) and lets the two share the SMs. ``tuning``: block sizes
+    (tests; default the layouts')."""
     if first_mode not in ("pack", "unpack") or second_mode not in ("pack", "unpack"):
         raise ValueError(f"move_pair moves 'pack' or 'unpack' parts, not {first_mode!r}/{second_mode!r}")
-    na, nb = first_rows.numel(), second_rows.numel()
-    pair = na and nb and resolve_backend(backend, first.device) == "triton" and first.device == second.device
-    if pair:
-        a, b = first._triton(), second._triton()
-        pair = a.layers == 1 and b.layers == 1
-    if pair:
-        entry = _pair_entry(first, first_mode, first_buf, first_rows, second, second_mode, second_buf, second_rows, tuning)
-        pair = entry is not None
-    if not pair:
-        for layout, mode, buf, rows in ((first, first_mode, first_buf, first_rows), (second, second_mode, second_buf, second_rows)):
+    parts = ((first, first_mode, first_buf, first_rows), (second, second_mode, second_buf, second_rows))
+    entry = None
+    if first_rows.numel() and second_rows.numel() and first.device == second.device:
+        if resolve_backend(backend, first.device) == "triton" and first._triton().layers == second._triton().layers == 1:
+            entry = _pair_entry(parts, tuning)
+    if entry is None:
+        for layout, mode, buf, rows in parts:
             layout.move(mode, buf, **{"src_rows" if mode == "pack" else "dst_rows": rows}, backend=backend)
         return
-    run, table_a, table_b, programs, consts = entry
-    args = (
-        table_a, first_rows, first_buf.data_ptr(), int(first_buf.data_ptr() % ALIGN_BYTES == 0), na, table_a.shape[0], first.expert_bytes,
-        table_b, second_rows, second_buf.data_ptr(), int(second_buf.data_ptr() % ALIGN_BYTES == 0), nb, table_b.shape[0],
-        second.expert_bytes,
-    )
+    run, tables, programs, consts = entry
+    args = _pair_args(parts, tables)
     if run is not None:
         run(*args, *consts.values())
     else:
-        first._triton().pair_kernel[(programs,)](*args, num_warps=consts.pop("num_warps"), **consts)
+        first._triton().pair_kernel[(programs,)](*args, **consts)
 
 
-def _pair_entry(first, first_mode, first_buf, first_rows, second, second_mode, second_buf, second_rows, tuning):
-    """``(runner or None, table A, table B, programs, consts)`` of a pair launch, cached; None
-    when a layout has zero-byte rows (nothing to move there: two moves handle it)."""
+def _pair_args(parts, tables) -> tuple:
+    """``move_rows_pair_kernel``'s arguments before its constexprs: per part, its table, rows,
+    buffer address and alignment, row count, chunks per expert and expert bytes."""
+    args = ()
+    for (layout, _, buf, rows), table in zip(parts, tables):
+        address = buf.data_ptr()
+        args += (table, rows, address, int(address % ALIGN_BYTES == 0), rows.numel(), table.shape[0], layout.expert_bytes)
+    return args
+
+
+def _pair_entry(parts, tuning):
+    """``(runner or None, (table A, table B), programs, constexprs)`` of a pair launch, cached
+    (a runner on the fast path; else the constexprs include ``num_warps``); None when a layout
+    has zero-byte rows (two moves handle that)."""
+    (first, first_mode, _, first_rows), (second, second_mode, _, second_rows) = parts
     a, b = first._triton(), second._triton()
     na, nb = first_rows.numel(), second_rows.numel()
-    aligned = tuple(t.data_ptr() % ALIGN_BYTES for t in (first_buf, second_buf, first_rows, second_rows))
+    aligned = tuple(t.data_ptr() % ALIGN_BYTES for part in parts for t in (part[2], part[3]))
     key = (a.key, b.key, a.fast_launch, first_mode, second_mode, na, nb, aligned, tuning)
-    if key in _PAIRS:
-        entry = _PAIRS[key]
-        return None if entry is None else (*entry[:4], dict(entry[4]))
-    shape = _launch_shape(a, tuning or a.tuning, na * a.row_bytes_total + nb * b.row_bytes_total,
-                          lambda chunk: na * a.chunks_per_expert(chunk) + nb * b.chunks_per_expert(chunk))
-    table_a, table_b = a.chunk_table(shape.chunk), b.chunk_table(shape.chunk)
-    entry = None
-    if table_a.shape[0] and table_b.shape[0]:
-        buf_aligned = aligned[0] == 0 and aligned[1] == 0
-        consts = dict(
-            MODE_A=a.modes[first_mode],
-            MODE_B=a.modes[second_mode],
-            BLOCK=shape.block_words,
-            BYTE_BLOCK=shape.byte_block,
-            HAS_UNALIGNED=not (a.all_aligned and b.all_aligned and buf_aligned),
-            STREAMING=shape.streaming,
-        )
-        run = None
-        if a.fast_launch:
-            args = (
-                table_a, first_rows, first_buf.data_ptr(), int(aligned[0] == 0), na, table_a.shape[0], first.expert_bytes,
-                table_b, second_rows, second_buf.data_ptr(), int(aligned[1] == 0), nb, table_b.shape[0], second.expert_bytes,
+    if key not in _PAIRS:
+        shape = _launch_shape(a, tuning or a.tuning, na * a.row_bytes_total + nb * b.row_bytes_total,
+                              lambda chunk: na * a.chunks_per_expert(chunk) + nb * b.chunks_per_expert(chunk))
+        tables = a.chunk_table(shape.chunk), b.chunk_table(shape.chunk)
+        entry = None
+        if tables[0].shape[0] and tables[1].shape[0]:
+            consts = dict(
+                MODE_A=a.modes[first_mode],
+                MODE_B=a.modes[second_mode],
+                BLOCK=shape.block_words,
+                BYTE_BLOCK=shape.byte_block,
+                HAS_UNALIGNED=not (a.all_aligned and b.all_aligned and aligned[0] == aligned[2] == 0),
+                STREAMING=shape.streaming,
             )
-            run = a.compiled_runner(shape, args, consts, kernel=a.pair_kernel)
-        else:
-            consts["num_warps"] = shape.num_warps
-        entry = (run, table_a, table_b, shape.programs, consts)
-    if len(_PAIRS) >= _TABLES_MAX:
-        _PAIRS.pop(next(iter(_PAIRS)))
-    _PAIRS[key] = entry
-    return None if entry is None else (*entry[:4], dict(entry[4]))
+            if a.fast_launch:
+                run = a.compiled_runner(shape, _pair_args(parts, tables), consts, kernel=a.pair_kernel)
+            else:
+                run, consts = None, {**consts, "num_warps": shape.num_warps}
+            entry = (run, tables, shape.programs, consts)
+        if len(_PAIRS) >= _TABLES_MAX:
+            _PAIRS.pop(next(iter(_PAIRS)))
+        _PAIRS[key] = entry
+    return _PAIRS[key]
