@@ -268,6 +268,13 @@ for step in ${STEPS:-tests link}; do
     # the pair launch's GPU tests alone (fused12's log did not come back)
     fusedtests12) run_step gpu-tests-fused12 400 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_launch_counts.py -k "move_pair or p2p_gpu or pushed or launch_counts" -p no:cacheprovider -rA ;;
+    # session 12, last call: every GPU test but the fault tests, the blocking fault tests over NCCL
+    # (LayerWork.finish/wait and the launcher changed for every path), and 48 layers with the preset
+    final12) run_step gpu-tests-final12 260 python3 -m pytest -q -m gpu tests --ignore=tests/test_faults_gpu.py \
+        -p no:cacheprovider -rf --durations=5
+      run_step gpu-faults-blocking12 230 python3 -m pytest -q -m gpu tests/test_faults_gpu.py -k "blocking and not p2p" \
+        -p no:cacheprovider -rf
+      link_p2p final12 EPLB_TRITON_PAIR_LAUNCH=0 "48 5 --presets qwen3-30b-a3b --methods floor per-expert blocking" ;;
     next12) run_step multi-gpu-p2p 300 env EPLB_TRITON_TRANSPORT=p2p python3 bench/multi_gpu.py --backend nccl --timeout 280 \
         --json "$OUT/multi_gpu-p2p-w2.json"
       run_step link-48-layers-worker12 200 python3 bench/link_speed.py --layers 48 --repeats 5 \
