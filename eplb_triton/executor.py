@@ -16,6 +16,12 @@ on the GPU the pack of layer i+1 runs while layer i is on the wire::
 
     compute stream:  pack0 pack1 | wait w0, unpack0, pack2 | wait w1, unpack1, pack3 | ...
     NCCL stream:          w0 ------------> w1 ------------------> w2 ---------------> ...
+
+Pushed p2p passes (:attr:`PassWork.pushed`) run on the caller's stream alone, one device
+barrier per layer, and write layer i together with layer i+1's pack (one launch:
+:func:`~eplb_triton.layout.move_pair`)::
+
+    caller's stream:  pack0 -> peers | barrier0 | unpack0 + pack1 -> peers | barrier1 | unpack1 + pack2 | ...
 """
 
 from __future__ import annotations
