@@ -275,6 +275,13 @@ for step in ${STEPS:-tests link}; do
       run_step gpu-faults-blocking12 230 python3 -m pytest -q -m gpu tests/test_faults_gpu.py -k "blocking and not p2p" \
         -p no:cacheprovider -rf
       link_p2p final12 EPLB_TRITON_PAIR_LAUNCH=0 "48 5 --presets qwen3-30b-a3b --methods floor per-expert blocking" ;;
+    # with a deadline the pushed loop waits for each barrier before it queues the next launch: what that costs
+    timeout12) run_step link-48-layers-timeout12 200 python3 bench/link_speed.py --layers 48 --repeats 5 \
+        --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking --transport nccl p2p \
+        --timeouts 30 --json "$OUT/link_speed-48layers-timeout12.json" --markdown "$OUT/link_speed-48layers-timeout12.md"
+      run_step link-4-layers-timeout12 120 python3 bench/link_speed.py --layers 4 --repeats 7 \
+        --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking --transport nccl p2p \
+        --timeouts 30 --json "$OUT/link_speed-4layers-timeout12.json" --markdown "$OUT/link_speed-4layers-timeout12.md" ;;
     next12) run_step multi-gpu-p2p 300 env EPLB_TRITON_TRANSPORT=p2p python3 bench/multi_gpu.py --backend nccl --timeout 280 \
         --json "$OUT/multi_gpu-p2p-w2.json"
       run_step link-48-layers-worker12 200 python3 bench/link_speed.py --layers 48 --repeats 5 \

@@ -285,6 +285,13 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
                 label = f"blocking-p2p[{variant}]"
                 runs[label] = checked(label, _with_env(
                     variant, lambda o, n: rearrange_expert_weights_inplace(o, n, weights, transport="p2p")))
+        for seconds in cfg["timeouts"]:  # the blocking path with a deadline (p2p: each barrier waited for)
+            label = f"blocking[timeout_s={seconds:g}]"
+            runs[label] = checked(label, lambda o, n, t=seconds: rearrange_expert_weights_inplace(o, n, weights, timeout_s=t))
+            if "blocking-p2p" in methods:
+                label = f"blocking-p2p[timeout_s={seconds:g}]"
+                runs[label] = checked(label, lambda o, n, t=seconds: rearrange_expert_weights_inplace(
+                    o, n, weights, transport="p2p", timeout_s=t))
         for spec in cfg["budgets"]:  # the blocking path with a staging budget of `factor` layers
             factor, stacked = _budget_spec(spec)
             budget = mg.budget_bytes(weights, factor)
@@ -469,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-unstacked", action="store_true",
                         help="with --worker-ahead N >= 4: also time that worker with one layer per exchange "
                         "(EPLB_TRITON_LAYERS_PER_EXCHANGE=1 at each submit)")
+    parser.add_argument("--timeouts", type=float, nargs="*", default=[], metavar="SECONDS",
+                        help="also time the blocking path (and blocking-p2p) with timeout_s=SECONDS")
     parser.add_argument("--budgets", nargs="*", default=[], metavar="LAYERS[/K]",
                         help="also time the blocking path with max_buffer_bytes of this many layers' local rows "
                         "(the default budget is 1: a layer that needs more staging runs in several passes); "
@@ -509,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         "worker_unstacked": args.worker_unstacked,
         "worker_variants": args.worker_variants,
         "budgets": args.budgets,
+        "timeouts": args.timeouts,
         "profile_dir": args.profile_dir,
         "methods": args.methods,
         "transports": args.transport,
