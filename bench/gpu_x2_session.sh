@@ -282,6 +282,9 @@ for step in ${STEPS:-tests link}; do
       run_step link-4-layers-timeout12 120 python3 bench/link_speed.py --layers 4 --repeats 7 \
         --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --presets --methods floor blocking --transport nccl p2p \
         --timeouts 30 --json "$OUT/link_speed-4layers-timeout12.json" --markdown "$OUT/link_speed-4layers-timeout12.md" ;;
+    # the deadline's poll spins first (comm.poll_pause): stalled-peer tests, then timeout12 again
+    spin12) run_step gpu-stalled12 120 python3 -m pytest -q -m gpu tests/test_p2p_gpu.py tests/test_faults_gpu.py \
+        -k "stalled and blocking" -p no:cacheprovider -rf ;;
     next12) run_step multi-gpu-p2p 300 env EPLB_TRITON_TRANSPORT=p2p python3 bench/multi_gpu.py --backend nccl --timeout 280 \
         --json "$OUT/multi_gpu-p2p-w2.json"
       run_step link-48-layers-worker12 200 python3 bench/link_speed.py --layers 48 --repeats 5 \

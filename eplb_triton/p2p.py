@@ -74,7 +74,7 @@ import numpy as np
 import torch
 
 from .checksum import trailer_bytes
-from .comm import Communicator, PeerTimeoutError
+from .comm import Communicator, PeerTimeoutError, poll_pause
 
 __all__ = [
     "TRANSPORTS",
@@ -97,7 +97,6 @@ TRANSPORTS = ("auto", "nccl", "p2p")
 #: ``"auto"`` resolves to this transport when set (``nccl`` or ``p2p``); must match on every rank
 TRANSPORT_ENV = "EPLB_TRITON_TRANSPORT"
 _BARRIER_CHANNEL = 0
-_POLL_S = 2e-4  # the poll of comm.wait for NCCL requests
 _RELEASE_S = 2.0  # how long a timed-out rank keeps releasing its stuck barriers
 _GRANULE = 2 << 20  # buffer sizes are rounded up to this: fewer re-creations as plans vary
 
@@ -412,7 +411,8 @@ class P2PTransport:
                 torch.cuda.current_stream(self.device).wait_event(request.event)
 
     def _poll(self, requests: list, timeout_s: float, where: str) -> None:
-        deadline = time.monotonic() + timeout_s
+        begin = time.monotonic()
+        deadline = begin + timeout_s
         for request in requests:
             while request.event is not None and not request.event.query():
                 if time.monotonic() > deadline:
@@ -425,7 +425,7 @@ class P2PTransport:
                     )
                     log.error("%s", message)
                     raise PeerTimeoutError(message, peer=peers[0] if len(peers) == 1 else None)
-                time.sleep(_POLL_S)
+                poll_pause(time.monotonic() - begin)
 
     def _give_up(self, event: torch.cuda.Event, *, in_order: bool = False) -> None:
         """Let this rank's stuck barriers finish: write the signal words they wait for (mine,
