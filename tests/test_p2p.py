@@ -332,6 +332,7 @@ def _rank_emulated_pushed(rank, world, old, new, budget, buffers, barrier, specs
         pytest.param(2, 4, 6, 2, None, SPECS, None, id="W2-L4-N6-default-budget"),
         pytest.param(2, 3, 6, 2, None, SPECS, "triton", id="W2-L3-N6-default-budget-triton"),
         pytest.param(3, 3, 5, 1, 3, SPECS, None, id="W3-L3-N5-budget3-one-slot"),
+        pytest.param(3, 4, 6, 2, None, SPECS, None, id="W3-L4-N6-default-budget"),
         pytest.param(2, 3, 6, 2, None, SPECS[:1] + [TensorSpec((0,), torch.float32)] + SPECS[1:], None, id="W2-zero-byte-rows"),
         pytest.param(4, 2, None, 2, None, SPECS, None, id="W4-every-rank-to-every-rank"),
     ],
