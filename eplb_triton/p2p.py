@@ -29,6 +29,13 @@ symmetric-memory barrier: a one-block kernel (``handle.barrier(channel=0)``), so
 waits for the device per layer; with ``timeout_s`` the host polls the exchange's event against
 the deadline, as :meth:`Communicator.wait` polls NCCL requests.
 
+A pushed pass (the blocking call's one-pass layers, :attr:`PassWork.pushed`, the default) moves
+the bytes with SMs instead, all on the caller's stream: the pack kernel writes each peer's rows
+straight into that peer's slot (:func:`receive_spans`: receives in ascending sender order from
+the slot's start), then one barrier; with two slots that one barrier per layer also frees the
+slot for the layer after next (:meth:`_PassExchange.push_packed`), and the blocking loop writes
+layer ``i`` with layer ``i + 1``'s pack in one launch (:func:`eplb_triton.layout.move_pair`).
+
 Where a peer's message lies in its send region is not communicated: every rank holds the
 global plan, and a round's ``traffic`` matrix (experts each rank sends to each other rank)
 fixes every sender's layout (messages in ascending receiver order, each ``count *
@@ -52,8 +59,10 @@ mapped, since a late peer may still touch it) and raises :class:`PeerTimeoutErro
 the layer (and the peer when the group has two ranks).
 
 When ``"auto"`` picks it (:func:`resolve_transport`): for now only when asked through the
-environment (``EPLB_TRITON_TRANSPORT=p2p``): "auto" keeps NCCL until GPU measurements say
-otherwise. ``"p2p"`` needs a NCCL group on CUDA devices of one host with symmetric memory in
+environment (``EPLB_TRITON_TRANSPORT=p2p``). The blocking call is faster over p2p on every config
+measured (run 67), the worker is not (run 65), and without ``timeout_s`` a dead peer leaves a
+barrier spinning for good where NCCL's watchdog would end the process: picking p2p by default
+needs an agreed one-node probe per group and a deadline, not built yet. ``"p2p"`` needs a NCCL group on CUDA devices of one host with symmetric memory in
 this torch, and refuses anything else with the same ``ValueError`` on every rank before any
 weight is touched. NVLink multicast stays off: ``TORCH_SYMM_MEM_DISABLE_MULTICAST`` is set to
 1 before the first allocation unless the caller set it.
