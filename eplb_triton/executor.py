@@ -346,7 +346,6 @@ class _Posted:
     hook: object
     mover: object  # what posted it: the Communicator, or a p2p transport's exchange
     transport: object = None  # the p2p transport, if any
-    held_unpack: bool = False  # a pushed layer whose unpack waits for the next layer's pack (run_layers)
 
 
 #: "0": a pushed layer's unpack and the next layer's pack stay two launches (measuring only)
@@ -516,13 +515,16 @@ def run_layers(
     next_slot = 0
     pair_launches = int_setting(PAIR_LAUNCH_ENV, 1, minimum=0, what="0 or 1") != 0  # rank-local: nothing to agree
 
-    def finish_pending() -> None:
+    def finish_pending(*, waited: bool = False, pack_beside: tuple | None = None) -> bool:
+        """Write the pending layer, if any (``LayerWork.finish``); whether ``pack_beside`` went with it."""
         nonlocal pending
+        paired = False
         if pending is not None:
             layer, posted = pending
-            layer.finish(posted, comm, backend, stats, timeout_s=timeout_s)
+            paired = layer.finish(posted, comm, backend, stats, timeout_s=timeout_s, waited=waited, pack_beside=pack_beside)
             pending = None
             marks.append(_mark(stream, first_mark + len(marks)))
+        return paired
 
     layer = None
     try:
@@ -533,31 +535,25 @@ def run_layers(
                 # pack are one launch after barrier i (both slots' peers are done with them
                 # then); layer i+1's barrier follows, so every rank wrote layer i before any
                 # rank packs layer i+2 into that slot.
-                held = pending if pending is not None and pending[1].held_unpack else None
-                if held is None:
-                    finish_pending()
+                # A pending pushed layer (its unpack held back) is waited for before anything more
+                # is queued behind its barrier; any other pending layer is written first.
+                held = pending is not None and pending[0].passes[0].pushed
+                if held:
+                    pending[0].wait(pending[1], timeout_s=timeout_s)
                 else:
-                    held[0].wait(held[1], timeout_s=timeout_s)  # before anything more is queued behind its barrier
+                    finish_pending()
                 try:
                     posted = layer.start(slots[next_slot], comm, backend, transport=p2p, hold_push=True)
                 except BaseException:
-                    if held is not None:
-                        pending = None
-                        held[0].finish(held[1], comm, backend, stats, waited=True)  # its barrier passed: write it
-                        marks.append(_mark(stream, first_mark + len(marks)))
+                    finish_pending(waited=held)  # its barrier passed: write it
                     raise
                 next_slot ^= 1
                 mover = posted.mover
-                paired = False
-                if held is not None:
-                    beside = _pack_beside(mover.held) if pair_launches else None
-                    paired = held[0].finish(held[1], comm, backend, stats, waited=True, pack_beside=beside)
-                    pending = None
-                    stats.overlapped_layers += layer.layer_count if paired else 0
-                    marks.append(_mark(stream, first_mark + len(marks)))
+                beside = _pack_beside(mover.held) if pair_launches else None
+                paired = finish_pending(waited=held, pack_beside=beside)
+                stats.overlapped_layers += layer.layer_count if paired else 0
                 if mover.held is not None:
                     mover.push_held(backend, packed=paired)
-                posted.held_unpack = True
                 pending = (layer, posted)
                 continue
             if double and layer.overlappable and layer.has_network:

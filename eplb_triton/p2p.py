@@ -62,10 +62,11 @@ When ``"auto"`` picks it (:func:`resolve_transport`): for now only when asked th
 environment (``EPLB_TRITON_TRANSPORT=p2p``). The blocking call is faster over p2p on every config
 measured (run 67), the worker is not (run 65), and without ``timeout_s`` a dead peer leaves a
 barrier spinning for good where NCCL's watchdog would end the process: picking p2p by default
-needs an agreed one-node probe per group and a deadline, not built yet. ``"p2p"`` needs a NCCL group on CUDA devices of one host with symmetric memory in
-this torch, and refuses anything else with the same ``ValueError`` on every rank before any
-weight is touched. NVLink multicast stays off: ``TORCH_SYMM_MEM_DISABLE_MULTICAST`` is set to
-1 before the first allocation unless the caller set it.
+needs an agreed one-node probe per group and a deadline, not built yet. ``"p2p"`` needs a NCCL
+group on CUDA devices of one host with symmetric memory in this torch, and refuses anything
+else with the same ``ValueError`` on every rank before any weight is touched. NVLink multicast
+stays off: ``TORCH_SYMM_MEM_DISABLE_MULTICAST`` is set to 1 before the first allocation unless
+the caller set it.
 """
 
 from __future__ import annotations
