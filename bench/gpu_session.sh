@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One device call on a single GPU: install, GPU tests, demo and benchmarks.
 # Full logs go to $OUT/session.log, JSON results to $OUT/*.json; a short tail is printed.
-#   bash bench/gpu_session.sh     (STEPS="tests worker demo e2e" by default; also: kernels multigpu)
+#   bash bench/gpu_session.sh     (STEPS="tests worker demo e2e" by default; also: kernels multigpu workerprof)
 source "$(dirname "$0")/session_common.sh"
 
 for step in ${STEPS:-tests worker demo e2e}; do
   case $step in
     tests) run_step gpu-tests 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
     worker) run_step worker-bench 200 python3 bench/gpu_worker.py --json "$OUT/gpu_worker.json" ;;
+    workerprof) TAIL=8 run_step worker-profile 300 python3 bench/gpu_worker.py --profile --json "$OUT/gpu_worker.json" ;;
     demo) run_step demo 200 python3 -m eplb_triton demo --dist-backend nccl --world-size 1 --preset deepseek-v3 --layers 2 \
       --rebalances 2 --no-progress ;;
     e2e)

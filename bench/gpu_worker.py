@@ -24,8 +24,14 @@ Measured, per config (medians over ``--repeats``):
 * ``copy_same_us``: a ``copy_`` of the same byte count under ``do_bench`` (cold L2);
 * ``step_host_swap_us`` / ``step_host_idle_us``: host time of a ``step()`` call that swaps
   a layer / that finds nothing ready while a transfer is in flight (the serving thread pays
-  this every forward pass). One rank: no agreement collective is included; with EP > 1 add
+  this every forward pass). The swap is timed right after the host waited for the worker
+  (sleeping 50 us at a time): a cold host;
+* ``step_host_swap_busy_us``: the same swap right after the host queued ``SERVING_LAUNCHES``
+  small kernels, as a serving loop's forward pass leaves it (separate repeats). One rank: no agreement collective is included; with EP > 1 add
   one gloo ``all_reduce`` of two int64 (see bench/bench_worker.py for its CPU cost).
+
+``--profile``: also run the swapping ``step()`` calls under ``cProfile`` (timed apart from the
+table's numbers, which stay unprofiled) and print each config's 25 costliest functions.
 
 Prints a ``Machine:`` line and a table; writes JSON to ``$OUT/gpu_worker.json`` when ``OUT``
 is set, else ``bench/results/gpu_worker.json`` (``--json`` overrides).
@@ -34,8 +40,11 @@ is set, else ``bench/results/gpu_worker.json`` (``--json`` overrides).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -53,6 +62,7 @@ from eplb_triton.testing.shapes import LAYER_CONFIGS, scaled  # noqa: E402
 from eplb_triton.testing.synthetic import TensorSpec, fill_rank_weights, make_rank_weights, row_mismatches  # noqa: E402
 
 SLEEP_CYCLES = 2_000_000  # ~1 ms of GPU time: covers step()'s host-side launch latency
+SERVING_LAUNCHES = 200  # small kernels queued before a "busy" swap: a forward pass's launches
 L2_FLUSH_BYTES = 256 << 20  # written before every timed swap and copy: larger than any GPU's L2 (H200: 50 MB)
 
 
@@ -117,7 +127,9 @@ def bench_config(name: str, local: int, moved: int, specs: list[TensorSpec], dev
     flat_src = torch.empty(moved * row_bytes, dtype=torch.uint8, device=device).random_()
     flat_dst = torch.empty_like(flat_src)
     flush = torch.empty(L2_FLUSH_BYTES if device.type == "cuda" else 0, dtype=torch.uint8, device=device)
-    gpu_ms, copy_ms, host_swap, host_busy_idle, host_idle, bad = [], [], [], [], [], 0
+    gpu_ms, copy_ms, host_swap, host_busy_idle, host_idle, host_swap_busy, bad = [], [], [], [], [], [], 0
+    serving = torch.zeros(64, device=device)
+    profiler = cProfile.Profile() if args.profile else None
     with TransferWorker(weights, backend=args.backend, verify=args.verify, timeout_s=args.timeout_s) as worker:
         state = a
         for it in range(args.warmup + args.repeats):
@@ -147,6 +159,26 @@ def bench_config(name: str, local: int, moved: int, specs: list[TensorSpec], dev
             assert done == [0], done
             _sync(device)
             bad += len(row_mismatches(weights, a, target, 0, seed=1))
+            if it >= args.warmup:  # the same swap once more, after the host queued a "forward pass"
+                state, target = target, state
+                worker.submit(state, target)
+                _wait_published(worker, 1)
+                for _ in range(SERVING_LAUNCHES):
+                    serving.add_(1.0)
+                begin = time.perf_counter()
+                assert worker.step() == [0]
+                host_swap_busy.append(time.perf_counter() - begin)
+                _sync(device)
+                bad += len(row_mismatches(weights, a, target, 0, seed=1))
+            if profiler is not None and it >= args.warmup:  # the same swap once more, profiled
+                state, target = target, state
+                worker.submit(state, target)
+                _wait_published(worker, 1)
+                profiler.enable()
+                assert worker.step() == [0]
+                profiler.disable()
+                _sync(device)
+                bad += len(row_mismatches(weights, a, target, 0, seed=1))
             if it >= args.warmup:
                 host_swap.append(host)
                 if device.type == "cuda":
@@ -189,6 +221,10 @@ def bench_config(name: str, local: int, moved: int, specs: list[TensorSpec], dev
     bandwidth_floor_us = swap_bytes / args.bandwidth * 1e6
     floor_us = statistics.median(copy_ms) * 1e3
     swap_gpu_us = statistics.median(gpu_ms) * 1e3 if gpu_ms else float("nan")
+    if profiler is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        print(f"--- {name}: the swapping step() under cProfile, {args.repeats} calls, by own time", text.getvalue(), sep="\n")
     return {
         "config": name,
         "local": local,
@@ -202,6 +238,9 @@ def bench_config(name: str, local: int, moved: int, specs: list[TensorSpec], dev
         "unpack_vs_floor": unpack_us / floor_us,
         "copy_same_us": copy_same_us,
         "step_host_swap_us": _median_us(host_swap),
+        "step_host_swap_us_range": [min(host_swap) * 1e6, max(host_swap) * 1e6] if host_swap else None,
+        "step_host_swap_busy_us": _median_us(host_swap_busy),
+        "step_host_swap_busy_us_range": [min(host_swap_busy) * 1e6, max(host_swap_busy) * 1e6] if host_swap_busy else None,
         "step_host_busy_idle_us": _median_us(host_busy_idle),
         "step_host_not_busy_us": _median_us(host_idle),
         "busy_idle_samples": len(host_busy_idle),
@@ -229,6 +268,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--backend", default=None, choices=[None, "auto", "triton", "torch"])
     parser.add_argument("--verify", action="store_true", help="TransferWorker(verify=True): checksums on the worker stream")
     parser.add_argument("--timeout-s", type=float, default=None, help="TransferWorker(timeout_s=...)")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the swapping step() per config")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -259,13 +299,13 @@ def main(argv=None) -> dict:
           f"copy bandwidth {args.bandwidth / 1e9:.0f} GB/s (read+write)")
     header = (
         f"{'config':<20} {'moved':>5} {'swap MB':>8} {'swap GPU us':>11} {'floor us':>9} {'x floor':>7} {'bw floor us':>11} "
-        f"{'unpack us':>9} {'copy us':>8} {'step host swap us':>17} {'step host none us':>17} {'idle us':>7} {'bad':>4}"
+        f"{'unpack us':>9} {'copy us':>8} {'step host swap us':>17} {'busy swap us':>12} {'step host none us':>17} {'idle us':>7} {'bad':>4}"
     )
     print(header)
     for r in rows:
         print(
             f"{r['config']:<20} {r['moved']:>5} {r['swap_MB']:>8.2f} {r['swap_gpu_us']:>11.1f} {r['floor_us']:>9.1f} "
-            f"{r['swap_vs_floor']:>7.2f} {r['bandwidth_floor_us']:>11.1f} {r['unpack_us']:>9.1f} {r['copy_same_us']:>8.1f} {r['step_host_swap_us']:>17.1f} "
+            f"{r['swap_vs_floor']:>7.2f} {r['bandwidth_floor_us']:>11.1f} {r['unpack_us']:>9.1f} {r['copy_same_us']:>8.1f} {r['step_host_swap_us']:>17.1f} {r['step_host_swap_busy_us']:>12.1f} "
             f"{r['step_host_busy_idle_us']:>17.1f} {r['step_host_not_busy_us']:>7.1f} {r['bad_rows']:>4}"
         )
     out = args.json

@@ -51,11 +51,12 @@ launch moves ``len(rows)`` experts of every tensor of the layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -707,10 +708,7 @@ class ExpertLayout:
         if state.fast_launch and tuning is None:
             # the steady path: everything but the addresses looked up once per kind of launch
             # (``compile_only`` makes that entry, so a later launch of this shape only runs)
-            key = (mode, num_rows, buf_addr % ALIGN_BYTES, src.data_ptr() % ALIGN_BYTES, dst.data_ptr() % ALIGN_BYTES)
-            entry = state.launches.get(key)
-            if entry is None:
-                entry = state.launches[key] = self._launch_entry(state, mode, num_rows, buf_addr, src, dst)
+            entry = self._fast_entry(state, mode, num_rows, buf_addr, src, dst)
             if entry is not None and not compile_only:
                 run, table, extra = entry
                 run(table, src, dst, buf_addr, *extra)
@@ -730,6 +728,48 @@ class ExpertLayout:
             state.compiled_runner(shape, args, consts)(*args, *consts.values())
         else:
             state.kernel[(shape.programs,)](*args, num_warps=shape.num_warps, **consts)
+
+    def launcher(
+        self,
+        mode: str,
+        buf: torch.Tensor | None,
+        src_rows: torch.Tensor | None = None,
+        dst_rows: torch.Tensor | None = None,
+    ) -> Callable[[], None] | None:
+        """:meth:`launch` of these exact arguments as a callable taking none, or None where the
+        launch is not compiled yet or does not take the steady path (then call :meth:`launch`).
+
+        The callable launches on the stream current when it is called; it keeps ``src_rows``
+        and ``dst_rows`` alive but not ``buf`` (its address only: the caller keeps it). Finding
+        no compiled launch compiles nothing: a thread that must not load kernels (the worker's,
+        see ``TransferWorker._load_kernels``) can bind launches compiled elsewhere. Saves the
+        launch's lookups (key, addresses) on the host's critical path: ``step()``'s swap.
+        """
+        state = self._triton()
+        rows = src_rows if src_rows is not None else dst_rows
+        if not state.fast_launch or rows is None:
+            return None
+        if rows.numel() == 0:
+            return _nothing
+        src = src_rows if src_rows is not None else rows
+        dst = dst_rows if dst_rows is not None else rows
+        buf_addr = buf.data_ptr() if buf is not None else 0
+        key = _fast_key(mode, rows.numel(), buf_addr, src, dst)
+        if key not in state.launches:
+            return None
+        entry = state.launches[key]
+        if entry is None:  # every tensor has zero-byte rows: nothing moves
+            return _nothing
+        run, table, extra = entry
+        return functools.partial(run, table, src, dst, buf_addr, *extra)
+
+    def _fast_entry(self, state: _TritonState, mode: str, num_rows: int, buf_addr: int, src, dst):
+        """The cached ``(runner, table, trailing args)`` of this kind of launch (made now if new)."""
+        key = _fast_key(mode, num_rows, buf_addr, src, dst)
+        entry = state.launches.get(key)
+        if entry is None and key not in state.launches:
+            entry = state.launches[key] = self._launch_entry(state, mode, num_rows, buf_addr, src, dst)
+        return entry
 
     def _launch_args(self, state: _TritonState, shape: LaunchShape, mode: str, table, num_rows, buf_addr, src, dst):
         buf_aligned = int(buf_addr % ALIGN_BYTES == 0)
@@ -774,6 +814,15 @@ class ExpertLayout:
         for view, nbytes in zip(self._byte_views, self.row_bytes):
             if nbytes:
                 view.index_copy_(0, dst_rows, view.index_select(0, src_rows))
+
+
+def _fast_key(mode: str, num_rows: int, buf_addr: int, src: torch.Tensor, dst: torch.Tensor) -> tuple:
+    """What a steady-path launch is cached by: the mode, the rows and the addresses' alignment."""
+    return (mode, num_rows, buf_addr % ALIGN_BYTES, src.data_ptr() % ALIGN_BYTES, dst.data_ptr() % ALIGN_BYTES)
+
+
+def _nothing() -> None:
+    """A bound launch that moves nothing (:meth:`ExpertLayout.launcher`)."""
 
 
 # Pair launches by (both states' keys, modes, row counts, alignments, tuning).

@@ -378,3 +378,34 @@ def test_move_pair_with_an_empty_part_or_a_copy(device):
     assert_same_bytes([got_b[1]], [before])
     with pytest.raises(ValueError, match="'pack' or 'unpack'"):
         move_pair(la, "copy", buf_a, rows_a, lb, "pack", buf_b, empty)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("specs", LAYERS)
+def test_bound_launch_equals_launch(specs):
+    """``ExpertLayout.launcher``: None until the launch is compiled (it compiles nothing), then a
+    callable moving exactly what ``launch`` moves, on the stream current when called."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    device = torch.device("cuda", torch.cuda.current_device())
+    tensors = random_layer(specs, 9, device, seed=21)
+    layout = ExpertLayout(tensors)
+    rows = torch.tensor([7, 0, 4, 2], dtype=torch.int64, device=device)
+    buf = random_bytes(4 * layout.expert_bytes + 5, _gen(22)).to(device)[1:]  # 1 byte off alignment
+    assert layout.launcher("unpack", buf, dst_rows=rows[:3]) is None  # never launched with 3 rows here
+    layout.launch("unpack", buf, dst_rows=rows, compile_only=True)
+    bound = layout.launcher("unpack", buf, dst_rows=rows)
+    assert callable(bound)
+    expected = clone_layer(tensors)
+    ExpertLayout(expected).unpack_reference(buf[: 4 * layout.expert_bytes], rows)
+    before = clone_layer(tensors)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # ~25 ms: the launch must queue behind this, on the side stream
+        bound()
+    meanwhile = [t.cpu() for t in tensors]  # on the default stream, while the side stream sleeps
+    side.synchronize()
+    assert_same_bytes(meanwhile, before)  # not launched on the default stream
+    assert_same_bytes(tensors, expected)
+    assert layout.launcher("unpack", buf, dst_rows=rows[:0])() is None  # no rows: nothing to launch

@@ -952,6 +952,43 @@ def test_gpu_swaps_while_main_stream_reads_weights_nccl_world1():
         dist.destroy_process_group()
 
 
+@pytest.mark.gpu
+def test_gpu_step_swaps_through_bound_launches(monkeypatch):
+    """step() launches each swap through the launch the worker thread bound (no launcher lookup
+    on the serving thread), from the first rebalance on; bit for bit, on a side stream too."""
+    from eplb_triton.layout import ExpertLayout
+
+    main_launches = []
+    original_launch = ExpertLayout.launch
+
+    def launch(self, mode, *args, **kwargs):
+        if threading.current_thread() is threading.main_thread() and not kwargs.get("compile_only"):
+            main_launches.append(mode)
+        return original_launch(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ExpertLayout, "launch", launch)
+    rng = np.random.default_rng(3)
+    layers, num_local = 5, 10
+    state = np.stack([rng.permutation(num_local) for _ in range(layers)])
+    weights = make_rank_weights(GPU_SPECS, layers, num_local, "cuda")
+    fill_rank_weights(weights, state, 0, seed=9)
+    side = torch.cuda.Stream()
+    with TransferWorker(weights) as worker:
+        for number in range(3):  # the third on a side stream (the serving stream may change)
+            target = np.stack([rng.choice(np.unique(row), num_local) for row in state])  # replicas of held experts
+            with torch.cuda.stream(side if number == 2 else torch.cuda.current_stream()):
+                worker.submit(state, target)
+                applied = []
+                while worker.busy:
+                    torch.cuda._sleep(200_000)
+                    applied += worker.step()
+            torch.cuda.synchronize()
+            assert applied == list(range(layers))
+            assert row_mismatches(weights, state, target, 0, seed=9) == [], number
+            state = expected_after(state, target, range(layers))
+    assert main_launches == [], main_launches  # every swap bound; submit only compiles
+
+
 def _rank_nccl_verify(rank, world, corrupt):
     torch.cuda.set_device(rank)
     old, new = all_to_all_maps(world, 3)
@@ -1261,8 +1298,9 @@ def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
     (compile only) every launch the job makes, on the serving thread, before the worker thread
     launches anything (a kernel first loaded on the worker thread can deadlock beside a peer's
     kernels: see StagingMixin._load_kernels); the worker thread copies the swap's rows to the
-    "device"; step() launches the unpack unchecked on those rows, which it ties to the serving
-    stream (record_stream); the rows written are exactly the changed ones and hold the new experts."""
+    "device"; step() launches the unpack unchecked on those rows, which the first swap ties to
+    the serving stream (record_stream: it covers the job's whole row block, so later swaps on the
+    same stream need none); the rows written are exactly the changed ones and hold the new experts."""
     from eplb_triton.worker import hooks as worker_module
     from eplb_triton.layout import ExpertLayout
     from row_writes import changed_rows, record_row_writes
@@ -1292,16 +1330,20 @@ def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
         return original_launch(self, mode, buf, src_rows, dst_rows, tuning, compile_only)
 
     monkeypatch.setattr(ExpertLayout, "launch", launch)
-    monkeypatch.setattr(worker_module, "_cuda", _FakeCuda(log))
+    fake_cuda = _FakeCuda(log)
+    monkeypatch.setattr(worker_module, "_cuda", fake_cuda)
     monkeypatch.setattr(transfer, "fault_hook", lambda where, **info: log.append((where, "worker", info["layer"])) if where == "before_publish" else None)
     layers = 3
     old, new = random_maps(np.random.default_rng(21), layers, 1, 6, 5, empty_frac=0.0)
     weights = rank_weights(0, 1, old)
+    switched_at = None
     with record_row_writes() as writes:
         with TransferWorker(weights, backend="triton") as worker:
             worker._stream = _FakeStream("worker", log)
             worker.submit(old, new)
-            worker.wait()
+            while worker.busy:
+                if worker.step() and switched_at is None:  # later swaps run on another serving stream
+                    fake_cuda.main, switched_at = _FakeStream("side", log), len(log)
     assert row_mismatches(weights, old, new, 0) == []
     assert writes.per_layer(weights) == changed_rows(old, new, 0, 6)
     swaps = [e for e in log if e[:3] == ("launch", "main", "unpack")]
@@ -1314,10 +1356,11 @@ def test_worker_gpu_swap_path_runs_on_cpu_through_the_fake_stream(monkeypatch):
     assert max(compiles) < first_worker_launch, log  # all of them before the worker launches anything
     compiled = {log[i][4] for i in compiles}
     assert all(log[i][4] in compiled for i in launches), [log[i] for i in launches if log[i][4] not in compiled]
-    for i, entry in enumerate(log):  # each unchecked launch is followed by record_stream on the serving stream
-        if entry[:3] == ("launch", "main", "unpack"):
-            following = next(e for e in log[i + 1 :] if e[1] == "main")
-            assert following[0] == "record_stream", log[i:]
+    first_swap = next(i for i, e in enumerate(log) if e[:3] == ("launch", "main", "unpack"))
+    following = next(e for e in log[first_swap + 1 :] if e[1] == "main")
+    assert following[0] == "record_stream", log[first_swap:]  # the job's rows tied to the serving stream
+    assert any(e[:3] == ("launch", "main", "unpack") for e in log[switched_at:]), log  # a swap on "side"
+    assert [e[1] for e in log if e[0] == "record_stream"] == ["main", "side"], log  # once per job and stream
 
 
 class _NoStreamRows(torch.Tensor):

@@ -281,7 +281,14 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         swapped / moved / total, bytes exchanged, time elapsed and an estimate of the time
         left (:class:`~eplb_triton.pacing.TransferProgress`). Local and cheap."""
         job = self._job
-        return self._last_progress if job is None else self._progress_of(job)
+        if job is not None:
+            return self._progress_of(job)
+        if not isinstance(self._last_progress, TransferProgress):  # a finished job's numbers, summed up when asked
+            stats, total, elapsed_s = self._last_progress
+            self._last_progress = TransferProgress.of(
+                total, total, total, stats.total_bytes_sent, stats.total_bytes_received, elapsed_s
+            )
+        return self._last_progress
 
     def submit(self, old_global_expert_indices: ExpertMap, new_global_expert_indices: ExpertMap) -> None:
         """Start rearranging from the old to the new maps; returns once the work is queued.
@@ -354,7 +361,8 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         if job.swapped == len(job.prepared_layers):
             job.finished_at = time.monotonic()
             self._last_stats = job.stats
-            self._last_progress = self._progress_of(job)
+            # made a TransferProgress when asked (progress): 15-30 us less host time in this step()
+            self._last_progress = (job.stats, job.layers_in(len(job.prepared_layers)), job.finished_at - job.submitted_at)
             self._job = None
         if done:
             log.debug("rank %d: swapped layers %s", self._transfer.rank, done)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ class _PreparedLayer:
     dup_dst_pos: np.ndarray  # ... to these positions
     device_rows: torch.Tensor | None = None  # ``rows`` on the GPU, copied by the worker thread
     device_lists: dict[str, torch.Tensor] | None = None  # local sources and duplicate positions, likewise
+    swap_launch: Callable[[], None] | None = None  # the swap's unpack, bound (bind_swaps)
 
     @classmethod
     def build(cls, layer: LayerWork, rank: int) -> "_PreparedLayer":
@@ -85,16 +86,41 @@ class _PreparedLayer:
 _DEVICE_LISTS = ("rows", "local_src", "dup_src", "dup_dst")  # _PreparedLayer.device_lists, in this order
 
 
+_PAD = np.zeros(1, dtype=np.int64)
+_NO_PAD = np.zeros(0, dtype=np.int64)
+
+
 def upload_prepared(prepared_layers: Sequence[_PreparedLayer], device: torch.device) -> None:
     """Every layer's swap rows, local sources and duplicate positions to ``device`` in one
     pinned copy, as views per layer (``device_rows``, ``device_lists``). One copy per layer cost
-    the worker thread 135-356 us of host time per layer on the H200 hosts (session 8, run 34)."""
-    lists = [a for p in prepared_layers for a in (p.rows, p.local_src, p.dup_src_pos, p.dup_dst_pos)]
-    views = index_lists(lists, device)[1]
+    the worker thread 135-356 us of host time per layer on the H200 hosts (session 8, run 34).
+    Each list starts 16 bytes aligned (odd ones padded by one row), as the row lists that
+    :meth:`StagingMixin._load_kernels` compiles the launches with: the swaps' launches are
+    then found compiled (:func:`bind_swaps`)."""
+    lists = [
+        part
+        for p in prepared_layers
+        for a in (p.rows, p.local_src, p.dup_src_pos, p.dup_dst_pos)
+        for part in (a, _PAD if a.size % 2 else _NO_PAD)
+    ]
+    views = index_lists(lists, device)[1][::2]
     width = len(_DEVICE_LISTS)
     for i, prepared in enumerate(prepared_layers):
         prepared.device_lists = dict(zip(_DEVICE_LISTS, views[i * width : (i + 1) * width]))
         prepared.device_rows = prepared.device_lists["rows"] if prepared.rows.size else None
+
+
+def bind_swaps(job: "_Job", device: torch.device) -> None:
+    """Give each prepared layer its swap's unpack as a callable (``swap_launch``, see
+    :meth:`ExpertLayout.launcher`) where the Triton backend swaps and the launch is compiled:
+    ``step()`` then only calls it. Run on the worker thread after :func:`upload_prepared`;
+    compiles nothing there (a launch found uncompiled is left to ``step()``)."""
+    if resolve_backend(job.backend, device) != "triton":
+        return
+    for index, prepared in enumerate(job.prepared_layers):
+        if prepared.device_rows is not None:
+            buffer = job.staging_of(index).buffer
+            prepared.swap_launch = prepared.layer.layout.launcher("unpack", buffer[: prepared.nbytes], dst_rows=prepared.device_rows)
 
 
 @dataclass
@@ -131,6 +157,7 @@ class _Job:
     finished_at: float | None = None  # of the last swap
     p2p: P2PTransport | None = None  # transport="p2p": send_buffer is its symmetric buffer
     layer_ends: list[int] = None  # layer_ends[i]: layers in the first i items (prepared_layers may hold stacks)
+    rows_stream: object = None  # the stream the device rows were last recorded on (_swap_ready)
 
     def staging_of(self, index: int) -> _StagingBuffer:
         """The staging buffer of the job's ``index``-th item (they take turns)."""
@@ -321,22 +348,28 @@ class StagingMixin:
         indices of their layers. One event, recorded after the last unpack, frees every staging buffer they read
         (the worker stream waits for it before reusing one): an event per layer cost ~20 us of
         the serving thread's time per layer (run 28). Each buffer is read at most once per step,
-        as the worker publishes at most ``layers_ahead`` layers beyond the swapped ones."""
+        as the worker publishes at most ``layers_ahead`` layers beyond the swapped ones.
+
+        The serving thread's host time is the product here: a bound launch (:func:`bind_swaps`)
+        and one ``record_stream`` per job and stream (it marks the whole uploaded row block).
+        """
         done, read = [], []
-        triton = resolve_backend(job.backend, self._device) == "triton"
         stream = hooks._cuda.current_stream(self._device) if self._stream is not None else None
         for number in range(job.swapped, ready):
             prepared = job.prepared_layers[number]
             staging = job.staging_of(number)
             if prepared.rows.size:
-                layout = prepared.layer.layout
                 with self._kernel_lock:
-                    if prepared.device_rows is not None and triton:
-                        # rows come from the plan (distinct, in range): the unchecked launch is safe
-                        layout.launch("unpack", staging.buffer[: prepared.nbytes], dst_rows=prepared.device_rows)
-                        prepared.device_rows.record_stream(stream)
+                    if prepared.swap_launch is not None:
+                        prepared.swap_launch()
+                        device_rows = True
                     else:
-                        layout.unpack(staging.buffer[: prepared.nbytes], prepared.rows, backend=job.backend)
+                        device_rows = self._swap_unbound(job, prepared, staging)
+                if device_rows and stream != job.rows_stream:
+                    # the rows were uploaded on the worker stream: keep their block from reuse
+                    # until this stream has read them (the allocator tracks the whole block)
+                    prepared.device_rows.record_stream(stream)
+                    job.rows_stream = stream
                 read.append(staging)
             done.extend(range(prepared.layer.index, prepared.layer.index + prepared.layer.layer_count))
         event = None
@@ -349,3 +382,14 @@ class StagingMixin:
             job.swapped = ready
             self._cond.notify_all()
         return done
+
+    def _swap_unbound(self, job: _Job, prepared: _PreparedLayer, staging: _StagingBuffer) -> bool:
+        """A swap's unpack without a bound launch (the torch backend, or a launch not compiled
+        when the worker bound the job's swaps); returns whether it read the device rows."""
+        layout = prepared.layer.layout
+        if prepared.device_rows is not None and resolve_backend(job.backend, self._device) == "triton":
+            # rows come from the plan (distinct, in range): the unchecked launch is safe
+            layout.launch("unpack", staging.buffer[: prepared.nbytes], dst_rows=prepared.device_rows)
+            return True
+        layout.unpack(staging.buffer[: prepared.nbytes], prepared.rows, backend=job.backend)
+        return False

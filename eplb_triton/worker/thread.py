@@ -21,7 +21,7 @@ from ..comm import ChecksumMismatchError, Communicator, PeerError
 from ..layout import index_tensors, resolve_backend
 from ..passes import PassWork, upload_rows
 from . import hooks
-from .staging import _fill_send_trailers, _Job, _per_peer, _PreparedLayer, _trailers, upload_prepared
+from .staging import _fill_send_trailers, _Job, _per_peer, _PreparedLayer, _trailers, bind_swaps, upload_prepared
 
 log = logging.getLogger("eplb_triton.worker")  # one logger for the package (documented name)
 
@@ -76,6 +76,7 @@ class ThreadMixin:
             # and each swap's rows (with the layer's local sources and duplicate positions) in
             # another, so step() launches its unpack without host work on the rows
             upload_prepared(job.prepared_layers, self._device)
+            bind_swaps(job, self._device)
         # Layers are queued on the worker stream ahead of their publication, as far as the
         # staging buffers allow: a layer is published (its event polled) once it has finished,
         # checked between queueing later layers, so the GPU never idles while this thread
