@@ -4,9 +4,10 @@
 
 * ``step()`` when idle (no rearrangement): the cost on every forward pass outside EPLB;
 * ``step()`` while a transfer is in flight but no layer is ready, one rank and two gloo ranks
-  (the latter is one gloo ``all_reduce`` on the control group: the agreement every EP rank
-  pays per call while busy), also with ``timeout_s`` (the agreement is then polled against
-  a deadline and carries the ranks' entry times);
+  (the latter is the agreement every EP rank pays per call while busy: the shared-memory step
+  board on one host, or one gloo ``all_reduce`` on the control group with
+  ``EPLB_TRITON_STEP_BOARD=0``), also with ``timeout_s`` (the agreement then waits against a
+  deadline and carries the ranks' entry times);
 * ``step()`` that swaps one layer (small shapes, CPU: the unpack dominates);
 * a whole one-rank rearrangement through the worker (also with ``verify``) vs the blocking call.
 
@@ -91,19 +92,25 @@ def _peer_steps(rank: int, world: int, port: int, calls: int, timeout_s: float |
 
 
 @pytest.mark.parametrize(
-    "world,timeout_s",
+    "world,timeout_s,board",
     [
-        pytest.param(1, None, id="W1"),
-        pytest.param(2, None, id="W2-gloo"),
-        pytest.param(2, 30.0, id="W2-gloo-timeout"),
+        pytest.param(1, None, False, id="W1"),
+        pytest.param(2, None, False, id="W2-gloo"),
+        pytest.param(2, 30.0, False, id="W2-gloo-timeout"),
+        pytest.param(2, None, True, id="W2-board"),
+        pytest.param(2, 30.0, True, id="W2-board-timeout"),
     ],
 )
-def test_step_nothing_ready(benchmark, world, timeout_s):
+def test_step_nothing_ready(benchmark, world, timeout_s, board, monkeypatch):
     rounds = 300
     peers = []
+    # the step agreement: the shared-memory board (the default on one host) or the gloo all-reduce
+    monkeypatch.setenv("EPLB_TRITON_STEP_BOARD", "1" if board else "0")  # before the peers fork
     if world > 1:
         port = free_port()
-        ctx = mp.get_context("fork")
+        # spawned, not forked: this process (rank 0) used process groups in earlier cases, and a
+        # forked peer inherited their gloo state (its threads are not forked): peers crashed or hung
+        ctx = mp.get_context("spawn")
         peers = [ctx.Process(target=_peer_steps, args=(r, world, port, rounds, timeout_s), daemon=True) for r in range(1, world)]
         for proc in peers:
             proc.start()
@@ -116,7 +123,7 @@ def test_step_nothing_ready(benchmark, world, timeout_s):
             worker.submit(old, new)
             # every rank calls step() exactly `rounds` times: the calls pair up collectively
             result = benchmark.pedantic(worker.step, rounds=rounds, iterations=1, warmup_rounds=0)
-            assert result == [] and worker.busy
+            assert result == [] and worker.busy and (worker._board is not None) == (board and world > 1)
     finally:
         if world > 1:
             dist.destroy_process_group()

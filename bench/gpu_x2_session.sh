@@ -292,6 +292,15 @@ for step in ${STEPS:-tests link}; do
         --transport nccl p2p --json "$OUT/link_speed-48layers-worker12.json" --markdown "$OUT/link_speed-48layers-worker12.md"
       run_step pacing-nccl12 120 python3 bench/pacing.py --timeout 100 --out "$OUT/nccl"
       run_step pacing-p2p12 120 python3 bench/pacing.py --transport p2p --timeout 100 --out "$OUT/p2p" ;;
+    # session 13: the worker's GPU and fault tests (bound swap launches, the shared-memory step
+    # board), then the worker at 48 layers over both transports, with the board and with gloo
+    session13) run_step gpu-tests13 300 python3 -m pytest -q -m gpu tests/test_worker.py tests/test_kernels.py \
+        tests/test_nonblocking_gpu.py tests/test_p2p_gpu.py -p no:cacheprovider -rf
+      for board in 1 0; do
+        run_step link-48-layers-worker13-board$board 200 env EPLB_TRITON_STEP_BOARD=$board python3 bench/link_speed.py \
+          --layers 48 --repeats 5 --configs qwen3-30b-a3b-bf16 deepseek-v3-fp8 tiny-bf16 --methods floor blocking worker \
+          --worker-ahead 16 --transport nccl p2p --json "$OUT/link_speed-48layers-worker13-board$board.json" \
+          --markdown "$OUT/link_speed-48layers-worker13-board$board.md"; done ;;
     hostcosts) run_step host-costs 120 python3 bench/host_costs.py ;;
     tests7) run_step gpu-tests-session7 ${TESTS_LIMIT:-540} python3 -m pytest -q -m gpu tests/test_p2p_gpu.py \
         tests/test_faults_gpu.py tests/test_transfer_gpu.py tests/test_stacked.py tests/test_launch_counts.py -p no:cacheprovider -rf ;;

@@ -89,6 +89,15 @@ def slow_down(worker, seconds, rank_filter=None):
     worker._transfer_layer = slow
 
 
+@pytest.fixture(params=[pytest.param(True, id="board"), pytest.param(False, id="gloo")])
+def step_board(request, monkeypatch):
+    """Both step agreements: the shared-memory board (the default on one host) and the gloo
+    all-reduce (``EPLB_TRITON_STEP_BOARD=0``, inherited by the forked ranks)."""
+    if not request.param:
+        monkeypatch.setenv("EPLB_TRITON_STEP_BOARD", "0")
+    return request.param
+
+
 def worker_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("eplb-transfer")]
 
@@ -171,6 +180,7 @@ def _rank_step_loop(rank, world, old, new, worker_delay_s, step_sleep_s):
     weights = rank_weights(rank, world, old)
     steps, applied, untouched_before_step = [], [], True
     with TransferWorker(weights) as worker:
+        on_board = worker._board is not None
         slow_down(worker, worker_delay_s)
         worker.submit(old, new)
         while worker.busy:
@@ -187,16 +197,17 @@ def _rank_step_loop(rank, world, old, new, worker_delay_s, step_sleep_s):
             changed = [l for l in range(old.shape[0]) if not same_bytes([as_bytes(weights)[l]], [before[l]])]
             assert set(changed) <= set(done), f"layers {changed} changed but step returned {done}"
         assert worker.step() == []  # idle: no collective, nothing to do
-    return steps, untouched_before_step
+    return steps, untouched_before_step, on_board
 
 
 @pytest.mark.parametrize("world", [pytest.param(2, id="W2"), pytest.param(4, id="W4")])
-def test_step_loop_applies_layers_in_order_on_every_rank(distributed, world):
+def test_step_loop_applies_layers_in_order_on_every_rank(distributed, world, step_board):
     layers = 6
     old, new = random_maps(np.random.default_rng(world), layers, world, 4, 6)
     results = distributed(world, _rank_step_loop, old, new, 0.02, 0.003)
     steps0 = results[0][0]
-    for rank, (steps, untouched) in enumerate(results):
+    for rank, (steps, untouched, on_board) in enumerate(results):
+        assert on_board == step_board, rank  # one host: the board unless turned off
         assert steps == steps0, f"rank {rank} swapped {steps}, rank 0 swapped {steps0}"
         assert untouched, f"rank {rank}: weights changed outside step()"
     assert [l for s in steps0 for l in s] == list(range(layers))
@@ -383,7 +394,7 @@ def _rank_worker_failure(rank, world, old, new, failing_rank, failing_layer):
 
 
 @pytest.mark.parametrize("world", [pytest.param(2, id="W2"), pytest.param(4, id="W4")])
-def test_worker_failure_surfaces_on_every_rank(distributed, world):
+def test_worker_failure_surfaces_on_every_rank(distributed, world, step_board):
     old, new = rotated_maps(5, world, 2)
     results = distributed(world, _rank_worker_failure, old, new, 1, 2)
     applied0 = results[0]["applied"]
@@ -705,7 +716,7 @@ def test_peer_exits_mid_layer_every_survivor_names_layer_and_peer():
         assert results[rank]["elapsed"] < TIMEOUT_S + 4.0, results[rank]["elapsed"]  # not the group's 20 s
 
 
-def test_peer_exits_between_layers_every_survivor_raises():
+def test_peer_exits_between_layers_every_survivor_raises(step_board):
     # rank 3 dies once layer 1 is staged everywhere; the survivors' workers may be waiting for a
     # free staging buffer rather than exchanging, so the step agreement is what notices it
     world = 4
@@ -742,7 +753,7 @@ def test_stalled_peer_worker_times_out_on_every_rank():
             assert 0.8 * TIMEOUT_S < results[rank]["elapsed"] < 2 * TIMEOUT_S + 2.0, results[rank]["elapsed"]
 
 
-def test_peer_that_stops_calling_step_times_out_on_every_rank():
+def test_peer_that_stops_calling_step_times_out_on_every_rank(step_board):
     # rank 3's worker is fine, but its serving thread stops calling step() for a while
     world = 4
     old, new = all_to_all_maps(world, 3)

@@ -16,6 +16,7 @@ One layer on one rank::
     copy duplicates (replicas) inside the buffer
     wait for the worker stream -> publish the layer
                                                       agree on min(published) over all ranks
+                                                        (shared-memory board on one host, else gloo)
                                                       unpack the buffer into the live rows
                                                       record an event: the buffer is free again
 
@@ -60,7 +61,8 @@ Files (one job each; :class:`TransferWorker` is the front end and takes the othe
 ``front.py`` (construct, ``submit``/``step``/``wait``/``close``, ``progress``), ``thread.py``
 (the worker thread: per-layer transfer, publish, drain, shutdown), ``staging.py`` (the
 staging buffers, :class:`_PreparedLayer`, ``reserve``, the swap), ``agreement.py`` (the step
-agreement, sharing failures, probing peers), ``groups.py`` (process groups: pool, rendezvous,
+agreement, sharing failures, probing peers), ``board.py`` (that agreement over shared memory
+where every rank runs on one host: microseconds instead of a gloo all-reduce), ``groups.py`` (process groups: pool, rendezvous,
 rank order) and ``hooks.py`` (test seams; the fault hook itself is
 :data:`eplb_triton.transfer.fault_hook`).
 """

@@ -63,6 +63,8 @@ class AgreementMixin:
             if failed:
                 self._raise_failure()
             return ready, lift
+        if self._board is not None:
+            return self._agree_on_board(ready, failed, lift)
         now_us = int(time.time() * 1e6)  # wall clock: comparable across hosts (NTP)
         flags = torch.tensor([-ready, int(failed), now_us, -now_us, int(lift)], dtype=torch.int64)
         if self.timeout_s is None:
@@ -84,6 +86,25 @@ class AgreementMixin:
         if any_failed:
             self._raise_failure()
         return ready, bool(flags[4])
+
+    def _agree_on_board(self, ready: int, failed: bool, lift: bool) -> tuple[int, bool]:
+        """:meth:`_agree_ready` over the shared-memory :class:`~eplb_triton.worker.board.StepBoard`
+        (one host), with the same outcomes: without ``timeout_s`` it waits until every rank posted
+        or a missing rank's process is gone (:class:`PeerFailedError`, as a closed gloo connection
+        was); with it, the same bound, spread check and probe as the all-reduce."""
+        comm = self._control
+        limit = None if self.timeout_s is None else self.timeout_s + _agreement_grace_s(self.timeout_s)
+        try:
+            ready, any_failed, any_lift, spread_s = self._board.agree(ready, failed, lift, timeout_s=limit)
+        except PeerError as exc:
+            if self.timeout_s is None:
+                raise PeerFailedError(f"step agreement: rank {comm.rank}: {exc}", layer=self._next_layer(), peer=exc.peer) from exc
+            self._agreement_failed(exc, "got no answer from every rank")
+        if self.timeout_s is not None and spread_s > self.timeout_s:
+            self._agreement_failed(None, f"found the ranks reached it {spread_s:.2f} s apart, so the earliest gave up")
+        if any_failed:
+            self._raise_failure()
+        return ready, any_lift
 
     def _next_layer(self) -> int | None:
         job = self._job

@@ -25,6 +25,7 @@ from ..settings import int_setting
 from ..stacked import layers_per_exchange
 from ..stats import TransferStats
 from .agreement import AgreementMixin
+from .board import StepBoard
 from .groups import GroupsMixin, _rendezvous
 from .staging import StagingMixin, _Job
 from .thread import ThreadMixin
@@ -235,6 +236,8 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
         except (TypeError, ValueError):
             self._release_owned_groups()  # the agreement completed: the groups are healthy
             raise
+        # step()'s agreement over shared memory where every rank can map it (one host), else gloo
+        self._board = StepBoard.create(self._control, timeout_s=checked.timeout_s)
         # submit() refuses tensors replaced since (see the class docstring)
         self._weights_signature = weights_signature(expert_weights)
         self._stream = torch.cuda.Stream(device=self._device) if self._device.type == "cuda" else None

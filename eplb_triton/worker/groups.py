@@ -37,11 +37,11 @@ def _acquire_group(ranks: list[int], backend: str):
     created and closed alike on all of them)."""
     live = dist.distributed_c10d._world.pg_group_ranks
     with _GROUP_POOL_LOCK:
+        for key, groups in _GROUP_POOL.items():  # forget groups destroyed since (e.g. with the default group)
+            _GROUP_POOL[key] = [group for group in groups if group in live]
         free = _GROUP_POOL.get((tuple(ranks), backend), [])
-        while free:
-            group = free.pop()
-            if group in live:  # skip groups destroyed since (e.g. with the default group)
-                return group
+        if free:
+            return free.pop()
     # Only the EP ranks take part (several EP groups may build workers at once).
     return dist.new_group(ranks, backend=backend, use_local_synchronization=True, **_keep_rank_order(ranks))
 

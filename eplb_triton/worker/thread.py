@@ -351,6 +351,8 @@ class ThreadMixin:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
         self._closed = True
+        if self._board is not None:  # only step() reads it, on this (the serving) thread
+            self._board.close()
         if self._thread.is_alive():
             log.warning(
                 "rank %d: the transfer thread is still draining after %.1f s (a peer has not closed yet?); "
