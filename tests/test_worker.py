@@ -1000,6 +1000,21 @@ def test_gpu_step_swaps_through_bound_launches(monkeypatch):
     assert main_launches == [], main_launches  # every swap bound; submit only compiles
 
 
+@pytest.mark.gpu
+def test_gpu_cached_current_stream_follows_the_current_stream():
+    """The swap's stream lookup (``hooks.current_stream``, cached by torch's stream id) names the
+    stream torch calls current, on the default stream and inside ``torch.cuda.stream(side)``."""
+    from eplb_triton.worker import hooks
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    side = torch.cuda.Stream(device=device)
+    first = hooks.current_stream(device)
+    assert first == torch.cuda.current_stream(device) and hooks.current_stream(device) is first  # cached
+    with torch.cuda.stream(side):
+        assert hooks.current_stream(device) == side and hooks.current_stream(device).cuda_stream == side.cuda_stream
+    assert hooks.current_stream(device) is first
+
+
 def _rank_nccl_verify(rank, world, corrupt):
     torch.cuda.set_device(rank)
     old, new = all_to_all_maps(world, 3)

@@ -352,15 +352,10 @@ class TransferWorker(GroupsMixin, StagingMixin, AgreementMixin, ThreadMixin):
                 self._shutdown()
             raise
         try:
-            done = self._swap_ready(job, ready) if ready > job.swapped else []
+            done = self._swap_ready(job, ready, lift)  # and the step's pace credit
         except BaseException:  # a failed launch here is not recoverable: stop the thread, no leak
             self._shutdown()
             raise
-        with self._cond:  # one more collective step: the pace's credit (the same count on every rank)
-            job.gate.on_step()
-            if lift:  # agreed: every rank lifts the pace at this step
-                job.gate.lift()
-            self._cond.notify_all()
         if job.swapped == len(job.prepared_layers):
             job.finished_at = time.monotonic()
             self._last_stats = job.stats

@@ -343,27 +343,32 @@ class StagingMixin:
         self._p2p = P2PTransport.create(self._transfer, device, need, control=self._control, timeout_s=self.timeout_s)
         return self._p2p
 
-    def _swap_ready(self, job: _Job, ready: int) -> list[int]:
-        """Swap items ``job.swapped`` .. ``ready - 1`` in, on the current stream; returns the
-        indices of their layers. One event, recorded after the last unpack, frees every staging buffer they read
+    def _swap_ready(self, job: _Job, ready: int, lift: bool = False) -> list[int]:
+        """Swap items ``job.swapped`` .. ``ready - 1`` in, on the current stream (none when
+        ``ready`` is not beyond them), then count the step for the pace (and lift it, agreed);
+        returns the indices of the layers swapped. One event, recorded after the last unpack,
+        frees every staging buffer they read
         (the worker stream waits for it before reusing one): an event per layer cost ~20 us of
         the serving thread's time per layer (run 28). Each buffer is read at most once per step,
         as the worker publishes at most ``layers_ahead`` layers beyond the swapped ones.
 
-        The serving thread's host time is the product here: a bound launch (:func:`bind_swaps`)
-        and one ``record_stream`` per job and stream (it marks the whole uploaded row block).
+        The serving thread's host time is the product here: a bound launch (:func:`bind_swaps`;
+        it compiles nothing, so it needs no kernel lock), one ``record_stream`` per job and
+        stream (it marks the whole uploaded row block), a cached stream object and one
+        condition round for the swap and the pace together.
         """
         done, read = [], []
-        stream = hooks._cuda.current_stream(self._device) if self._stream is not None else None
+        swapping = ready > job.swapped
+        stream = hooks.current_stream(self._device) if self._stream is not None and swapping else None
         for number in range(job.swapped, ready):
             prepared = job.prepared_layers[number]
             staging = job.staging_of(number)
             if prepared.rows.size:
-                with self._kernel_lock:
-                    if prepared.swap_launch is not None:
-                        prepared.swap_launch()
-                        device_rows = True
-                    else:
+                if prepared.swap_launch is not None:
+                    prepared.swap_launch()
+                    device_rows = True
+                else:
+                    with self._kernel_lock:
                         device_rows = self._swap_unbound(job, prepared, staging)
                 if device_rows and stream != job.rows_stream:
                     # the rows were uploaded on the worker stream: keep their block from reuse
@@ -379,7 +384,11 @@ class StagingMixin:
         with self._cond:  # the events first: the worker reads a buffer's event once it sees the swap
             for staging in read:
                 staging.event = event
-            job.swapped = ready
+            if swapping:
+                job.swapped = ready
+            job.gate.on_step()  # one more collective step: the pace's credit (the same count on every rank)
+            if lift:  # agreed: every rank lifts the pace at this step
+                job.gate.lift()
             self._cond.notify_all()
         return done
 
