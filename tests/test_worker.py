@@ -1505,6 +1505,44 @@ def test_step_agreement_backend_error_without_timeout_is_a_peer_error(monkeypatc
     assert worker.closed and row_mismatches(weights, old, old, 0) == []  # nothing swapped
 
 
+class _SilentBoard:
+    """A step board whose peer never posts: each wait runs out at the limit it is given."""
+
+    def __init__(self):
+        self.limits = []
+
+    def agree(self, ready, failed, lift, *, timeout_s=None):
+        from eplb_triton.comm import PeerTimeoutError
+
+        self.limits.append(timeout_s)
+        raise PeerTimeoutError(f"step board: rank 0 waited {timeout_s:g} s for rank(s) [1] to post step 1", peer=1)
+
+    def close(self):
+        pass
+
+
+def test_step_board_without_timeout_waits_at_most_the_groups_default(monkeypatch):
+    """Without timeout_s the board waits as long as the gloo all-reduce it replaces would have
+    (torch's default group timeout), then raises PeerTimeoutError naming the peer and the next
+    layer, and swaps nothing."""
+    import datetime
+
+    import torch.distributed as dist
+    from eplb_triton.comm import Communicator, PeerTimeoutError
+
+    old, new = random_maps(np.random.default_rng(3), 3, 1, 4, 4, empty_frac=0.0)
+    weights = rank_weights(0, 1, old)
+    worker = TransferWorker(weights)
+    worker.submit(old, new)
+    worker._control = Communicator(group=object(), rank=0, world_size=2, dist_backend="gloo")  # as if EP were 2
+    worker._board = board = _SilentBoard()
+    monkeypatch.setattr(dist, "default_pg_timeout", datetime.timedelta(seconds=7))
+    with pytest.raises(PeerTimeoutError, match="step agreement: rank 0: .*rank\\(s\\) \\[1\\]") as info:
+        worker.step()
+    assert board.limits == [7.0] and (info.value.layer, info.value.peer) == (0, 1), (board.limits, info.value)
+    assert worker.closed and row_mismatches(weights, old, old, 0) == []  # nothing swapped
+
+
 def _rank_full_swap(rank, world, old, new, ahead, pass_layers):
     if pass_layers is not None:
         os.environ["EPLB_TRITON_WORKER_PASS_LAYERS"] = str(pass_layers)  # a spawned rank: nothing to restore

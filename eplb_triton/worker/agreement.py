@@ -91,14 +91,19 @@ class AgreementMixin:
         """:meth:`_agree_ready` over the shared-memory :class:`~eplb_triton.worker.board.StepBoard`
         (one host), with the same outcomes: without ``timeout_s`` it waits until every rank posted
         or a missing rank's process is gone (:class:`PeerFailedError`, as a closed gloo connection
-        was); with it, the same bound, spread check and probe as the all-reduce."""
+        was), at most gloo's default group timeout (:class:`PeerTimeoutError`); with it, the same
+        bound, spread check and probe as the all-reduce."""
         comm = self._control
-        limit = None if self.timeout_s is None else self.timeout_s + _agreement_grace_s(self.timeout_s)
+        if self.timeout_s is None:  # as long as the gloo all-reduce would have waited (its group's default)
+            limit = dist.default_pg_timeout.total_seconds()
+        else:
+            limit = self.timeout_s + _agreement_grace_s(self.timeout_s)
         try:
             ready, any_failed, any_lift, spread_s = self._board.agree(ready, failed, lift, timeout_s=limit)
         except PeerError as exc:
             if self.timeout_s is None:
-                raise PeerFailedError(f"step agreement: rank {comm.rank}: {exc}", layer=self._next_layer(), peer=exc.peer) from exc
+                cls = PeerTimeoutError if isinstance(exc, PeerTimeoutError) else PeerFailedError
+                raise cls(f"step agreement: rank {comm.rank}: {exc}", layer=self._next_layer(), peer=exc.peer) from exc
             self._agreement_failed(exc, "got no answer from every rank")
         if self.timeout_s is not None and spread_s > self.timeout_s:
             self._agreement_failed(None, f"found the ranks reached it {spread_s:.2f} s apart, so the earliest gave up")
