@@ -19,9 +19,10 @@ word), and reads a peer's slot once both words carry the step's number. Rank ``r
 ``k`` into slot ``k % 2``: it cannot reach step ``k + 2`` before every rank posted step ``k + 1``,
 which each does only after reading step ``k``, so no slot is overwritten while being read.
 
-A peer that never posts: with ``timeout_s`` the wait gives up (:class:`PeerTimeoutError` naming
-the ranks missing); without, it waits as the all-reduce would, but a peer whose process is gone
-(``/proc``: exited, or a zombie) ends it with :class:`PeerFailedError` naming that peer.
+A peer that never posts: the wait gives up after ``timeout_s`` (:class:`PeerTimeoutError` naming
+the ranks missing; the worker passes its own ``timeout_s``, or torch's default group timeout as
+the all-reduce had), and a peer whose process is gone (``/proc``: exited, or a zombie) ends it
+at once with :class:`PeerFailedError` naming that peer.
 
 Made by :meth:`StepBoard.create`, collectively, where every rank can open the file rank 0 made
 (the same host and ``/dev/shm``) and see every peer's process (the same PID namespace); else
