@@ -59,6 +59,7 @@ TORCH_DIST_211: dict[str, tuple[str, ...] | None] = {
     "ProcessGroup": None,
     "group": None,  # dist.group.WORLD
     "distributed_c10d": None,  # worker.py reads _world.pg_group_ranks (there since torch 2.0)
+    "default_pg_timeout": None,  # a timedelta: the step board's longest wait without timeout_s
 }
 
 # torch.X calls that pass keywords: the keywords torch 2.11 accepts (positional use is not checked).

@@ -32,7 +32,7 @@ def current_stream(device: torch.device):
     if stream is None:
         if len(_STREAMS) >= 64:  # streams come and go (a runtime's side streams): keep it small
             _STREAMS.clear()
-        stream = _STREAMS[ids] = torch.cuda.Stream(stream_id=ids[0], device_index=ids[1], device_type=ids[2])
+        stream = _STREAMS[ids] = _cuda.current_stream(device)  # the Stream object of those ids
     return stream
 
 
