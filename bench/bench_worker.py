@@ -9,7 +9,9 @@
   ``EPLB_TRITON_STEP_BOARD=0``), also with ``timeout_s`` (the agreement then waits against a
   deadline and carries the ranks' entry times);
 * ``step()`` that swaps one layer (small shapes, CPU: the unpack dominates);
-* a whole one-rank rearrangement through the worker (also with ``verify``) vs the blocking call.
+* a whole one-rank rearrangement through the worker (also with ``verify``) vs the blocking call;
+* a whole two-rank worker rearrangement (16 small layers, ``step()`` in a tight loop) with the
+  shared-memory step board and with the gloo all-reduce.
 
 GPU figures (swap GPU time vs a copy floor, host time of ``step()``) come from
 ``bench/gpu_worker.py``.
@@ -174,3 +176,64 @@ def test_whole_rearrangement_one_rank(benchmark, method):
         benchmark.pedantic(once, rounds=10, iterations=1, warmup_rounds=1)
     current, _ = state["maps"]
     assert row_mismatches(weights, a, current, 0) == []
+
+
+WHOLE_LAYERS = 16
+
+
+def _two_rank_maps(world: int):
+    """16 layers of 8 rows per rank; each rebalance rolls every layer's experts by one row (every
+    row rewritten, a quarter of them across ranks)."""
+    old = np.tile(np.arange(8 * world), (WHOLE_LAYERS, 1))
+    return old, np.roll(old, 2, axis=1)
+
+
+def _peer_rearranges(rank: int, world: int, port: int, calls: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    old, new = _two_rank_maps(world)
+    weights = make_rank_weights([TensorSpec((64,), torch.float32)], WHOLE_LAYERS, 8)
+    fill_rank_weights(weights, old, rank)
+    maps = (old, new)
+    with TransferWorker(weights) as worker:
+        for _ in range(calls):
+            worker.submit(*maps)
+            while worker.busy:  # a serving loop: step() until every layer is swapped
+                worker.step()
+            maps = maps[::-1]
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("board", [pytest.param(True, id="W2-board"), pytest.param(False, id="W2-gloo")])
+def test_whole_rearrangement_two_ranks_step_loop(benchmark, board, monkeypatch):
+    """A whole worker rearrangement of 16 small layers at world 2, the serving thread calling
+    step() in a tight loop: where the step agreement's cost shows end to end (the board, the
+    default on one host, against gloo's all-reduce)."""
+    rounds = 10
+    monkeypatch.setenv("EPLB_TRITON_STEP_BOARD", "1" if board else "0")  # before the peer starts
+    port = free_port()
+    peer = mp.get_context("spawn").Process(target=_peer_rearranges, args=(1, 2, port, rounds + 1), daemon=True)
+    peer.start()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        old, new = _two_rank_maps(2)
+        weights = make_rank_weights([TensorSpec((64,), torch.float32)], WHOLE_LAYERS, 8)
+        fill_rank_weights(weights, old, 0)
+        state = {"maps": (old, new)}
+        with TransferWorker(weights) as worker:
+            assert (worker._board is not None) == board
+
+            def once():
+                worker.submit(*state["maps"])
+                while worker.busy:
+                    worker.step()
+                state["maps"] = state["maps"][::-1]
+
+            benchmark.pedantic(once, rounds=rounds, iterations=1, warmup_rounds=1)
+        current, _ = state["maps"]
+        assert row_mismatches(weights, old, current, 0) == []
+    finally:
+        dist.destroy_process_group()
+        peer.join(timeout=30)
