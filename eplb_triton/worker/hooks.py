@@ -23,8 +23,8 @@ _get_current_stream = getattr(torch._C, "_cuda_getCurrentStream", None)  # priva
 
 def current_stream(device: torch.device):
     """``_cuda.current_stream(device)``, with the Stream object cached by torch's stream id:
-    ``torch.cuda.current_stream`` builds a new one per call, 18-36 us of a swapping ``step()``'s
-    host time on the H200 host (run 74; 6-16 us in a tight loop)."""
+    ``torch.cuda.current_stream`` builds a new one per call: 18-36 us of a swapping ``step()``'s
+    host time on an H200 host (session 13's instrumented swap; 6-16 us in a tight loop)."""
     if _cuda is not torch.cuda or _get_current_stream is None or device.index is None:
         return _cuda.current_stream(device)
     ids = _get_current_stream(device.index)  # (stream id, device index, device type)
