@@ -63,10 +63,21 @@ class AgreementMixin:
             if failed:
                 self._raise_failure()
             return ready, lift
-        if self._board is not None:
-            return self._agree_on_board(ready, failed, lift)
+        agree = self._agree_on_board if self._board is not None else self._agree_on_group
+        ready, any_failed, any_lift, spread_s = agree(ready, failed, lift)
+        if self.timeout_s is not None and spread_s > self.timeout_s:
+            self._agreement_failed(None, f"found the ranks reached it {spread_s:.2f} s apart, so the earliest gave up")
+        if any_failed:
+            self._raise_failure()
+        return ready, any_lift
+
+    def _agree_on_group(self, ready: int, failed: bool, lift: bool) -> tuple[int, bool, bool, float]:
+        """``(min ready, any failed, any lift, entry spread in s)`` by one MAX all-reduce on the
+        gloo control group (the spread only with ``timeout_s``; 0 without)."""
+        comm = self._control
         now_us = int(time.time() * 1e6)  # wall clock: comparable across hosts (NTP)
         flags = torch.tensor([-ready, int(failed), now_us, -now_us, int(lift)], dtype=torch.int64)
+        spread_s = 0.0
         if self.timeout_s is None:
             try:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=comm.group)
@@ -78,38 +89,27 @@ class AgreementMixin:
             except PeerError as exc:
                 self._agreement_failed(exc, "got no answer from every rank")
             spread_s = (int(flags[2]) + int(flags[3])) / 1e6
-            if spread_s > self.timeout_s:
-                self._agreement_failed(
-                    None, f"found the ranks reached it {spread_s:.2f} s apart, so the earliest gave up"
-                )
-        ready, any_failed = -int(flags[0]), bool(flags[1])
-        if any_failed:
-            self._raise_failure()
-        return ready, bool(flags[4])
+        return -int(flags[0]), bool(flags[1]), bool(flags[4]), spread_s
 
-    def _agree_on_board(self, ready: int, failed: bool, lift: bool) -> tuple[int, bool]:
-        """:meth:`_agree_ready` over the shared-memory :class:`~eplb_triton.worker.board.StepBoard`
+    def _agree_on_board(self, ready: int, failed: bool, lift: bool) -> tuple[int, bool, bool, float]:
+        """:meth:`_agree_on_group` over the shared-memory :class:`~eplb_triton.worker.board.StepBoard`
         (one host), with the same outcomes: without ``timeout_s`` it waits until every rank posted
         or a missing rank's process is gone (:class:`PeerFailedError`, as a closed gloo connection
         was), at most gloo's default group timeout (:class:`PeerTimeoutError`); with it, the same
-        bound, spread check and probe as the all-reduce."""
+        bound and probe as the all-reduce."""
         comm = self._control
         if self.timeout_s is None:  # as long as the gloo all-reduce would have waited (its group's default)
             limit = dist.default_pg_timeout.total_seconds()
         else:
             limit = self.timeout_s + _agreement_grace_s(self.timeout_s)
         try:
-            ready, any_failed, any_lift, spread_s = self._board.agree(ready, failed, lift, timeout_s=limit)
+            return self._board.agree(ready, failed, lift, timeout_s=limit)
         except PeerError as exc:
             if self.timeout_s is None:
                 cls = PeerTimeoutError if isinstance(exc, PeerTimeoutError) else PeerFailedError
                 raise cls(f"step agreement: rank {comm.rank}: {exc}", layer=self._next_layer(), peer=exc.peer) from exc
             self._agreement_failed(exc, "got no answer from every rank")
-        if self.timeout_s is not None and spread_s > self.timeout_s:
-            self._agreement_failed(None, f"found the ranks reached it {spread_s:.2f} s apart, so the earliest gave up")
-        if any_failed:
-            self._raise_failure()
-        return ready, any_lift
+            raise  # not reached: _agreement_failed raises
 
     def _next_layer(self) -> int | None:
         job = self._job
